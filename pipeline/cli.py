@@ -1,0 +1,217 @@
+"""The `leakpipe` command. Heavy libraries (torch, diffusers, zarr) are imported inside commands
+that need them, so `status`, `manifest` and no-op reruns start fast."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import UserError
+from pipeline.workspace import Workspace
+
+
+def _workspace_options(fn):
+    @click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
+                  default=".", show_default=True, help="Workspace folder (holds manifests/ and cache/).")
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Config TOML (default: WORKSPACE/leakpipe.toml if present).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(workspace, config_file, overrides, **kwargs):
+        ws = Workspace(workspace)
+        try:
+            cfg = ws.config(config_file, overrides)
+            return fn(ws=ws, cfg=cfg, **kwargs)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="leakpipe")
+def main():
+    """leakpipe: which generator made this image? (Proto-LeakNet as a checksum-tracked pipeline)"""
+
+
+# ---------------------------------------------------------------- manifests
+@main.group()
+def manifest():
+    """Build and inspect manifests (manifests/NAME.csv)."""
+
+
+@manifest.command("build")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", "split", required=True, help="Manifest name, e.g. closed, closed-pp, open.")
+@click.option("--partition", type=click.Choice(["auto", "ratio", "file", "none"]), default="auto",
+              show_default=True, help="auto: ROOT/Split.json if present, else seeded ratios.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Split JSON {train|val|test: {class: [file names]}} (the authors' format).")
+@click.option("--ratios", default="0.5,0.2,0.3", show_default=True, help="train,val,test per class.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
+@_workspace_options
+def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant):
+    """Scan a folder-per-generator tree ROOT/<generator>/<images> into manifests/SPLIT.csv."""
+    from pipeline import manifest as mf
+
+    tree = mf.scan_tree(root)
+    if partition == "auto":
+        split_file = split_file or (root / "Split.json" if (root / "Split.json").exists() else None)
+        partition = "file" if split_file else "ratio"
+    if partition == "file":
+        if split_file is None:
+            raise click.UsageError("--partition file needs --split-file (or ROOT/Split.json)")
+        parts, problems = mf.partition_from_split_file(tree, split_file)
+        if problems:
+            raise mf.ManifestError(str(split_file), problems)
+    elif partition == "ratio":
+        try:
+            parts = mf.partition_by_ratio(tree, tuple(float(x) for x in ratios.split(",")), seed)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ratios") from None
+    else:
+        parts = None
+    rows, unassigned = mf.build_rows(tree, parts, variant)
+    out = ws.manifest(split)
+    mf.write_manifest(out, root, rows)
+    m = mf.read_manifest(out)
+    _print_summary(mf.summary(m), out)
+    if unassigned:
+        _log(f"note: {len(unassigned)} images are not listed in {split_file} and were left out, "
+             f"e.g. {unassigned[0]}")
+
+
+def _print_summary(s: dict, path) -> None:
+    click.echo(f"{path}: {s['rows']} rows, root {s['root']}")
+    for key in ("by_label", "by_partition", "by_variant"):
+        click.echo(f"  {key[3:]:<10} " + "  ".join(f"{k}={v}" for k, v in s[key].items()))
+
+
+@manifest.command("show")
+@click.argument("name")
+@_workspace_options
+def manifest_show(ws, cfg, name):
+    """Row counts per label, partition and variant of manifests/NAME.csv."""
+    from pipeline import manifest as mf
+
+    _print_summary(mf.summary(mf.read_manifest(ws.manifest(name))), ws.manifest(name))
+
+
+# ---------------------------------------------------------------- stage one
+@main.command()
+@click.option("--split", "splits", multiple=True, required=True, help="Manifest name (repeatable).")
+@click.option("--vae", "vae_source", help="Hub id, diffusers folder or .safetensors (vae.source).")
+@click.option("--skip-bad", is_flag=True, help="Accept the split without unreadable images.")
+@_workspace_options
+def encode(ws, cfg, splits, vae_source, skip_bad):
+    """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
+    from stages import encode as stage
+
+    if vae_source:
+        cfg.vae.source = vae_source
+    for split in splits:
+        result = stage.run(ws, split, cfg, skip_bad=skip_bad, log=_log)
+        click.echo(result.summary())
+
+
+# ---------------------------------------------------------------- ledger
+@main.command()
+@_workspace_options
+def status(ws, cfg):
+    """Every stage's state: up to date, or stale and why."""
+    from stages import encode as enc
+
+    stale = 0
+    for split in ws.splits():
+        try:
+            up, reasons = enc.status(ws, split, cfg)
+        except UserError as exc:
+            up, reasons = False, [str(exc).splitlines()[0]]
+        stale += not up
+        click.echo(f"encode {split:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
+    if not ws.splits():
+        click.echo(f"no manifests in {ws.manifests}; start with `leakpipe manifest build`")
+
+
+@main.command()
+@_workspace_options
+def verify(ws, cfg):
+    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes."""
+    from pipeline import ledger
+
+    locks = sorted(ws.cache.rglob("*.lock.json"))
+    problems = []
+    for lock_path in locks:
+        lock = ledger.read_lock(lock_path)
+        if lock is None:
+            problems.append(f"unreadable lock file: {lock_path}")
+            continue
+        found = ledger.verify(lock_path, lock, deep=True)
+        click.echo(f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
+                   + ("ok" if not found else f"{len(found)} problem(s)"))
+        problems += found
+    for p in problems:
+        click.echo(f"  {p}")
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s); rerun the stage to repair them "
+                                   "(it rewrites whatever does not verify)")
+    click.echo(f"verified {len(locks)} lock(s): all checksums match")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@_workspace_options
+def gc(ws, cfg, dry_run):
+    """Remove latent stores that no lock of the current config refers to."""
+    import shutil
+
+    from stages import encode as enc
+
+    keep = set()
+    for split in ws.splits():
+        try:
+            keep.add(enc.plan(ws, split, cfg).store.resolve())
+        except UserError:
+            pass
+    for lock_path in ws.cache.glob("runs/*/*.lock.json"):
+        keep.update(Path(s).resolve() for s in json.loads(lock_path.read_text()).get("stores", []))
+    for store in sorted(ws.cache.glob("latents/*/*.zarr")):
+        if store.resolve() in keep:
+            continue
+        click.echo(("would remove " if dry_run else "removing ") + str(store))
+        if not dry_run:
+            shutil.rmtree(store)
+            for extra in (".lock.json", ".writer.lock"):
+                store.with_name(store.stem + extra).unlink(missing_ok=True)
+
+
+@main.command("config")
+@_workspace_options
+def config_show(ws, cfg):
+    """Print the effective config (defaults + leakpipe.toml + --set) as TOML."""
+    from pipeline.config import canonical_hash, to_toml
+
+    click.echo(to_toml(cfg))
+    click.echo(f"# canonical hash {canonical_hash(cfg.to_dict())}")
+
+
+def run():  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One dataclass tree for every setting: defaults in code, `leakpipe.toml` on top, `--set` last.
+
+Each stage fingerprints only the sections that change its outputs (see `section_hash`), so
+execution knobs such as batch size or worker count never invalidate a cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from pipeline.errors import UserError
+
+
+class ConfigError(UserError):
+    """A setting the user can fix: names the key, what was given and what is accepted."""
+
+
+@dataclass
+class VaeConfig:
+    source: str = "stabilityai/stable-diffusion-2-1-base"  # Hub id, diffusers folder or .safetensors
+    subfolder: str = "vae"  # inside a Hub repo or pipeline folder; ignored for single files
+    config: str = ""  # local config.json (or folder) for a single .safetensors; default: SD2.1's
+    revision: str = ""  # Hub revision; empty = the cached/default one
+    dtype: str = "float32"  # compute dtype: float32 | float16 | bfloat16
+
+
+@dataclass
+class PreprocessConfig:
+    size: int = 256  # output is size x size
+    resize: str = "shorter"  # shorter: shorter side to `size`, then crop | none: crop only
+    crop: str = "center"  # center | none (image must then already be size x size)
+    max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+
+
+@dataclass
+class StoreConfig:
+    dtype: str = "float32"  # stored dtype of mean and logvar: float32 | float16
+    chunk_rows: int = 64  # rows per Zarr chunk: the unit of work and of writing
+
+
+@dataclass
+class EncodeConfig:
+    """Execution only: never part of a fingerprint."""
+
+    batch_size: int = 16
+    num_workers: int = 2  # image-decoding processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+
+@dataclass
+class Config:
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "vae.dtype": ("float32", "float16", "bfloat16"),
+    "preprocess.resize": ("shorter", "none"),
+    "preprocess.crop": ("center", "none"),
+    "store.dtype": ("float32", "float16"),
+}
+
+
+def canonical_hash(obj) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def section_hash(cfg: Config, *names: str) -> str:
+    return canonical_hash({n: dataclasses.asdict(getattr(cfg, n)) for n in names})
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _field_type(section, name: str):
+    hints = typing.get_type_hints(type(section))
+    return hints[name]
+
+
+def _coerce(key: str, raw, typ):
+    """Convert `raw` (a string from --set, or a TOML value) to `typ`, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            low = str(raw).strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ in (int, float):
+            if isinstance(raw, bool):
+                raise ValueError
+            value = typ(raw)
+            if typ is int and isinstance(raw, float) and raw != int(raw):
+                raise ValueError
+            return value
+        if typ is str:
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+        if origin in (list, tuple):
+            (inner,) = set(typing.get_args(typ)) - {Ellipsis}
+            if isinstance(raw, str):
+                text = raw.strip()
+                items = json.loads(text) if text.startswith("[") else [
+                    p for p in text.split(",") if p.strip()]
+            else:
+                items = list(raw)
+            return [_coerce(key, item, inner) for item in items]
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported type {typ}")
+    raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}")
+
+
+def set_value(cfg: Config, key: str, raw) -> None:
+    """Set dotted `key` to `raw` with type checking; unknown keys list the valid ones."""
+    keys = valid_keys(cfg)
+    if key not in keys:
+        raise ConfigError(f"unknown setting {key!r}. Valid keys:\n  " + "\n  ".join(keys))
+    section_name, name = key.split(".", 1)
+    section = getattr(cfg, section_name)
+    value = _coerce(key, raw, _field_type(section, name))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    setattr(section, name, value)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r} (for example --set vae.dtype=float16)")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(path: Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then `key=value` overrides, in that order."""
+    cfg = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level {section!r} must be a [section] table")
+            for name, value in values.items():
+                try:
+                    set_value(cfg, f"{section}.{name}", value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
+    for item in overrides:
+        set_value(cfg, *parse_override(item))
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The full config as TOML (for `leakpipe config show` and run records)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            lines.append(f"{name} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""The batched encode engine: decode in worker processes, VAE on the device, writes in a thread.
+
+Batches never straddle a chunk, and each chunk is written once all its pending rows are done, so
+the batches of a chunk are the same whether a run is fresh or resumed after a crash (bitwise
+identical results on CPU) and a chunk has exactly one writer.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import latent_store
+from pipeline.config import PreprocessConfig
+from pipeline.images import BadImage, load_image, to_model_range
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Row index -> (row, uint8 HWC image or None, error message or None)."""
+
+    def __init__(self, paths: list[Path], cfg: PreprocessConfig):
+        self.paths, self.cfg = paths, cfg
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        try:
+            return row, load_image(self.paths[row], self.cfg), None
+        except BadImage as exc:
+            return row, None, str(exc)
+
+
+def collate(items):
+    ok = [(r, img) for r, img, err in items if err is None]
+    failed = [(r, err) for r, _, err in items if err is not None]
+    rows = torch.tensor([r for r, _ in ok], dtype=torch.long)
+    images = torch.from_numpy(np.stack([img for _, img in ok])) if ok else None
+    return rows, images, failed
+
+
+def plan_batches(pending: np.ndarray, chunk_rows: int, batch_size: int) -> list[list[int]]:
+    """Pending rows grouped by chunk, each chunk cut into batches of at most `batch_size`."""
+    batches = []
+    chunks = pending // chunk_rows
+    for c in np.unique(chunks):
+        rows = pending[chunks == c].tolist()
+        batches += [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return batches
+
+
+@dataclass
+class ChunkWriter:
+    """Collects encoded rows per chunk; a background thread writes each chunk once it is complete."""
+
+    group: object
+    chunk_rows: int
+    n_rows: int
+    row_hashes: np.ndarray
+    pending: np.ndarray
+    failures: list = field(default_factory=list)
+
+    def __post_init__(self):
+        chunks = self.pending // self.chunk_rows
+        self._left = {int(c): int(n) for c, n in zip(*np.unique(chunks, return_counts=True))}
+        self._parts: dict[int, list] = {c: [] for c in self._left}
+        self._queue: queue.Queue = queue.Queue(maxsize=2)  # bounds memory; blocks compute if disk lags
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def add(self, rows: np.ndarray, mean: np.ndarray, logvar: np.ndarray, failed) -> None:
+        self.failures += failed
+        for r, _ in failed:
+            self._done(int(r) // self.chunk_rows, None)
+        for k, r in enumerate(rows):
+            self._done(int(r) // self.chunk_rows, (int(r), mean[k], logvar[k]))
+        if self._error:
+            raise self._error
+
+    def _done(self, chunk: int, item) -> None:
+        if item is not None:
+            self._parts[chunk].append(item)
+        self._left[chunk] -= 1
+        if self._left[chunk] == 0:
+            self._queue.put((chunk, self._parts.pop(chunk)))
+
+    def _drain(self) -> None:
+        while (job := self._queue.get()) is not None:
+            chunk, parts = job
+            if parts and self._error is None:
+                try:
+                    self._write(chunk, parts)
+                except BaseException as exc:  # re-raised in the main thread by add()/close()
+                    self._error = exc
+
+    def _write(self, chunk: int, parts: list) -> None:
+        start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows)
+        rows = np.array([p[0] for p in parts])
+        latents = {"mean": np.stack([p[1] for p in parts]), "logvar": np.stack([p[2] for p in parts])}
+        latent_store.write_chunk(self.group, start, stop, rows, latents, self.row_hashes[rows])
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error:
+            raise self._error
+
+
+def encode_pending(vae, device, paths: list[Path], pending: np.ndarray, writer: ChunkWriter,
+                   cfg: PreprocessConfig, batch_size: int, num_workers: int, store_dtype: str,
+                   progress=None) -> None:
+    """Encode every pending row into the writer's store; bad files go to writer.failures."""
+    batches = plan_batches(pending, writer.chunk_rows, batch_size)
+    loader = torch.utils.data.DataLoader(
+        ImageRows(paths, cfg), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        persistent_workers=False)
+    dtype = next(vae.parameters()).dtype
+    try:
+        for rows, images, failed in loader:
+            mean = logvar = np.zeros((0,))
+            if images is not None:
+                with torch.inference_mode():
+                    x = to_model_range(images.to(device, non_blocking=True)).to(dtype)
+                    post = vae.encode(x).latent_dist
+                    mean = post.mean.float().cpu().numpy().astype(store_dtype)
+                    logvar = post.logvar.float().cpu().numpy().astype(store_dtype)
+            writer.add(rows.numpy(), mean, logvar, failed)
+            if progress is not None:
+                progress.update(len(rows) + len(failed))
+    finally:
+        writer.close()

@@ -1,0 +1,104 @@
+"""Image decoding and preprocessing (SPEC section 3.1), in numpy so decode workers need no torch.
+
+Conversions, in order:
+- the first frame of animated images (GIF, APNG, WebP, multi-page TIFF);
+- EXIF orientation applied (`ImageOps.exif_transpose`);
+- alpha (RGBA, LA, PA, palette with transparency) composited on white;
+- palette (P) expanded to RGB; CMYK converted with Pillow's plain formula (no ICC profile);
+- 16-bit and 32-bit integer grayscale (I;16, I) scaled by 1/257 to 8 bits; float (F) clipped to 0..255;
+- grayscale (L, 1) replicated to three channels;
+- resize so the shorter side is `size` (bicubic with antialiasing), then a centred size x size crop.
+The result is uint8 HWC RGB; `to_model_range` maps it to [-1, 1] on the compute device.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.config import PreprocessConfig
+from pipeline.errors import UserError
+
+
+class BadImage(UserError):
+    """An input file that cannot be used; the message says why (path added by the caller)."""
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if Path(path).stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except UnidentifiedImageError:
+        raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"decompression bomb guard: {exc}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage(f"decompression bomb guard: {w}x{h} = {w * h} pixels exceeds "
+                       f"preprocess.max_pixels={max_pixels}")
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"truncated or corrupt image data ({exc})") from None
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, per the module docstring."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    size = cfg.size
+    if cfg.resize == "shorter":
+        w, h = im.size
+        scale = size / min(w, h)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        if new != im.size:
+            im = im.resize(new, Image.Resampling.BICUBIC, reducing_gap=None)
+    w, h = im.size
+    if cfg.crop == "center":
+        left, top = (w - size) // 2, (h - size) // 2
+        if left < 0 or top < 0:
+            raise BadImage(f"image is {w}x{h}, smaller than preprocess.size={size} and resize=none")
+        im = im.crop((left, top, left + size, top + size))
+    elif (w, h) != (size, size):
+        raise BadImage(f"image is {w}x{h}; with crop=none it must be exactly {size}x{size}")
+    return im
+
+
+def load_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
+    """Decode and preprocess one file to uint8 HWC RGB of shape (size, size, 3); raises BadImage."""
+    try:
+        im = _open(Path(path), cfg.max_pixels)
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(resize_crop(to_rgb(im), cfg), dtype=np.uint8)
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"cannot decode: {exc}") from None
+
+
+def to_model_range(batch_uint8):
+    """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float in [-1, 1] (SPEC 3.1)."""
+    return batch_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

@@ -1,0 +1,159 @@
+"""The Zarr v3 latent cache of one split and one encoder (SPEC section 3).
+
+Layout of `cache/latents/<split>/<fp12>.zarr`:
+    mean         (N, C, h, w)  posterior mean, unscaled, float32 (or store.dtype)
+    logvar       (N, C, h, w)  posterior log-variance, unscaled
+    source_hash  (N, 16) uint8 blake2b-128 of the image file the row was encoded from
+Rows are aligned with the manifest (row i = manifest row i) and chunked along N.
+A row is valid iff source_hash[i] equals the manifest row's file hash (all-zero = never written).
+Latents of a chunk are written before its hashes, so a crash can only lose unfinished work.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.hashing import HASH_BYTES
+
+STORE_FORMAT = 1
+LATENT_ARRAYS = ("mean", "logvar")
+
+
+def hash_rows(hex_hashes: list[str]) -> np.ndarray:
+    """Hex digests -> (N, 16) uint8, the on-disk form of `source_hash`."""
+    if not hex_hashes:
+        return np.zeros((0, HASH_BYTES), np.uint8)
+    return np.frombuffer(bytes.fromhex("".join(hex_hashes)), np.uint8).reshape(-1, HASH_BYTES).copy()
+
+
+def chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)]
+
+
+def open_store(path: Path | str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode)
+
+
+def create(path: Path, n_rows: int, latent_shape: tuple, chunk_rows: int, dtype: str,
+           attrs: dict) -> zarr.Group:
+    group = zarr.open_group(str(path), mode="w")
+    for name in LATENT_ARRAYS:
+        group.create_array(name, shape=(n_rows, *latent_shape), chunks=(chunk_rows, *latent_shape),
+                           dtype=dtype, fill_value=0)
+    group.create_array("source_hash", shape=(n_rows, HASH_BYTES), chunks=(chunk_rows, HASH_BYTES),
+                       dtype="uint8", fill_value=0)
+    group.attrs.update({"leakpipe_store": STORE_FORMAT, **attrs})
+    return group
+
+
+def valid_rows(group: zarr.Group, want: np.ndarray) -> np.ndarray:
+    """Boolean (N,): stored hash equals the wanted hash (and is not the all-zero 'never written')."""
+    have = group["source_hash"][:]
+    if have.shape != want.shape:
+        return np.zeros(len(want), bool)
+    return np.all(have == want, axis=1) & np.any(want != 0, axis=1)
+
+
+def _source_index(old_hashes: np.ndarray) -> dict[bytes, int]:
+    return {h.tobytes(): j for j, h in enumerate(old_hashes) if h.any()}
+
+
+def plan_layout(old_hashes: np.ndarray, new_hashes: np.ndarray, old_chunk: int, chunk_rows: int):
+    """How to align an existing store with a new manifest.
+
+    Returns ("in_place", None) when every reusable row already sits at its new index (rows only
+    appended, dropped from the end, or changed in place): a resize suffices. Otherwise
+    ("relayout", src) with src[i] = old row to copy into new row i, or -1.
+    """
+    index = _source_index(old_hashes)
+    src = np.array([index.get(h.tobytes(), -1) for h in new_hashes], dtype=np.int64)
+    stays = np.arange(len(new_hashes))
+    in_place = old_chunk == chunk_rows and all(
+        s == -1 or s == i or (i < len(old_hashes) and np.array_equal(old_hashes[i], new_hashes[i]))
+        for i, s in zip(stays, src))
+    return ("in_place", None) if in_place else ("relayout", src)
+
+
+def _resize(group: zarr.Group, n_rows: int) -> None:
+    old_n = group["source_hash"].shape[0]
+    for name in (*LATENT_ARRAYS, "source_hash"):
+        arr = group[name]
+        arr.resize((n_rows, *arr.shape[1:]))
+    if n_rows > old_n:  # edge chunks may hold stale bytes past the old end: mark the new rows unwritten
+        group["source_hash"][old_n:n_rows] = 0
+
+
+def _relayout(path: Path, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> int:
+    """Copy reusable rows into a fresh store in the new order, then swap it in. Returns rows copied."""
+    tmp, backup = path.with_name(path.name + ".relayout"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    latent_shape = old["mean"].shape[1:]
+    new = create(tmp, len(src), latent_shape, chunk_rows, str(old["mean"].dtype), dict(old.attrs))
+    old_data = {name: old[name] for name in (*LATENT_ARRAYS, "source_hash")}
+    for start, stop in chunk_bounds(len(src), chunk_rows):
+        take = src[start:stop]
+        keep = np.nonzero(take >= 0)[0]
+        if len(keep) == 0:
+            continue
+        for name in (*LATENT_ARRAYS, "source_hash"):  # hashes last, as in every write
+            block = np.zeros((stop - start, *old_data[name].shape[1:]), old_data[name].dtype)
+            block[keep] = old_data[name].get_orthogonal_selection((take[keep],))
+            new[name][start:stop] = block
+    path.rename(backup)
+    tmp.rename(path)
+    shutil.rmtree(backup)
+    return int((src >= 0).sum())
+
+
+def recover(path: Path) -> None:
+    """Finish or undo a relayout that a crash interrupted."""
+    backup = path.with_name(path.name + ".old")
+    if backup.exists():
+        if path.exists():
+            shutil.rmtree(backup)
+        else:
+            backup.rename(path)
+    shutil.rmtree(path.with_name(path.name + ".relayout"), ignore_errors=True)
+
+
+def prepare(path: Path, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str,
+            attrs: dict) -> tuple[zarr.Group, int]:
+    """Open (or create) the store aligned with the manifest's rows; returns (group, rows copied)."""
+    path = Path(path)
+    recover(path)
+    if not (path / "zarr.json").exists():
+        return create(path, len(hashes), latent_shape, chunk_rows, dtype, attrs), 0
+    group = open_store(path, "r+")
+    old_hashes = group["source_hash"][:]
+    mode, src = plan_layout(old_hashes, hashes, group["mean"].chunks[0], chunk_rows)
+    copied = 0
+    if mode == "in_place":
+        if len(old_hashes) != len(hashes):
+            _resize(group, len(hashes))
+    else:
+        copied = _relayout(path, group, src, chunk_rows)
+        group = open_store(path, "r+")
+    group.attrs.update(attrs)
+    return group, copied
+
+
+def write_chunk(group: zarr.Group, start: int, stop: int, rows: np.ndarray,
+                latents: dict[str, np.ndarray], row_hashes: np.ndarray) -> None:
+    """Write `rows` (absolute indices inside [start, stop)) of one chunk: latents first, then hashes.
+
+    The whole chunk is rewritten (read-modify-write) so each chunk file is replaced atomically and
+    rows of the chunk that are already valid keep their bytes.
+    """
+    local = rows - start
+    full = len(local) == stop - start
+    for name in LATENT_ARRAYS:
+        arr = group[name]
+        block = np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else arr[start:stop]
+        block[local] = latents[name]
+        arr[start:stop] = block
+    hashes = group["source_hash"][start:stop]
+    hashes[local] = row_hashes
+    group["source_hash"][start:stop] = hashes

@@ -1,0 +1,217 @@
+"""Manifests: one CSV row per image (path, label, partition, variant, and optional extra columns).
+
+File format:
+
+    # leakpipe manifest v1
+    # root: ../data/closed          (relative to this file's folder, or absolute)
+    path,label,partition,variant
+    sd21/0001.png,sd21,train,raw
+
+The row key is `path`; the content key is the file's hash (computed by the stages, not stored).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_text
+from pipeline.config import canonical_hash
+from pipeline.errors import UserError
+
+REQUIRED = ("path", "label", "partition", "variant")
+PARTITIONS = ("train", "val", "test", "")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+HEADER = "# leakpipe manifest v1"
+
+
+class ManifestError(UserError):
+    """Every problem found in a manifest, one per line, with line numbers."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
+
+
+@dataclass
+class Manifest:
+    name: str
+    root: Path
+    rows: list[dict] = field(default_factory=list)
+    columns: tuple[str, ...] = REQUIRED
+    source: Path | None = None
+    first_line: int = 4  # file line of rows[0], for messages
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[str]:
+        return [r[name] for r in self.rows]
+
+    def abspath(self, i: int) -> Path:
+        return self.root / self.rows[i]["path"]
+
+    def line(self, i: int) -> int:
+        return self.first_line + i
+
+    def rows_hash(self) -> str:
+        """Hash of the rows (all columns, in order): changes when anything in the file changes."""
+        return canonical_hash([[r[c] for c in self.columns] for r in self.rows])
+
+    def labels(self) -> list[str]:
+        """Sorted class names of the rows that have a partition (the closed-set classes)."""
+        return sorted({r["label"] for r in self.rows})
+
+
+def manifest_path(manifests_dir: Path, name: str) -> Path:
+    return Path(manifests_dir) / f"{name}.csv"
+
+
+def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -> Manifest:
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(str(path), ["file does not exist; build it with "
+                                        "`leakpipe manifest build ROOT --split NAME`"])
+    lines = path.read_text().splitlines()
+    comments = {}
+    n_comment = 0
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        n_comment += 1
+        key, _, value = line[1:].partition(":")
+        comments[key.strip()] = value.strip()
+    root_text = comments.get("root", ".")
+    root = Path(root_text) if os.path.isabs(root_text) else (path.parent / root_text)
+    reader = csv.DictReader(io.StringIO("\n".join(lines[n_comment:])))
+    columns = tuple(reader.fieldnames or ())
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise ManifestError(str(path), [f"line {n_comment + 1}: missing column(s) {', '.join(missing)};"
+                                        f" the header must name {', '.join(REQUIRED)}"])
+    rows = [{c: (v or "").strip() for c, v in r.items() if c is not None} for r in reader]
+    m = Manifest(name=path.stem, root=root.resolve(), rows=rows, columns=columns, source=path,
+                 first_line=n_comment + 2)
+    if validate:
+        problems = validation_problems(m, check_files)
+        if problems:
+            raise ManifestError(str(path), problems)
+    return m
+
+
+def validation_problems(m: Manifest, check_files: bool = True) -> list[str]:
+    """All problems at once: duplicates, unknown partitions, empty labels, escaping or missing paths."""
+    problems = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(m.rows):
+        where = f"line {m.line(i)}"
+        p = row["path"]
+        if not p:
+            problems.append(f"{where}: empty path")
+            continue
+        if p in seen:
+            problems.append(f"{where}: duplicate path {p!r} (first on line {seen[p]})")
+        seen.setdefault(p, m.line(i))
+        if not row["label"]:
+            problems.append(f"{where}: empty label for {p!r}")
+        if row["partition"] not in PARTITIONS:
+            problems.append(f"{where}: unknown partition {row['partition']!r} for {p!r}; "
+                            f"expected train, val, test or empty")
+        full = (m.root / p).resolve()
+        if os.path.isabs(p) or not full.is_relative_to(m.root):
+            problems.append(f"{where}: path {p!r} escapes the manifest root {m.root}")
+        elif check_files and not full.is_file():
+            problems.append(f"{where}: file not found: {full}")
+    return problems
+
+
+def write_manifest(path: Path, root: Path, rows: list[dict], columns=REQUIRED) -> None:
+    path = Path(path)
+    root_rel = os.path.relpath(Path(root).resolve(), path.parent.resolve())
+    buf = io.StringIO()
+    buf.write(f"{HEADER}\n# root: {root_rel}\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n",
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def scan_tree(root: Path) -> dict[str, list[str]]:
+    """{label: [relative paths]} for a folder-per-generator tree (nested folders included)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(str(root), ["not a folder; expected ROOT/<generator>/<images>"])
+    tree = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f.relative_to(root).as_posix() for f in d.rglob("*")
+                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            tree[d.name] = files
+    if not tree:
+        raise ManifestError(str(root), [f"no images ({', '.join(IMAGE_SUFFIXES)}) in any "
+                                        "sub-folder; expected ROOT/<generator>/<images>"])
+    return tree
+
+
+def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0) -> dict:
+    """{path: partition}, a seeded shuffle per class split train/val/test by `ratios`."""
+    if len(ratios) != 3 or abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:
+        raise ValueError(f"ratios must be three non-negative numbers summing to 1, got {ratios}")
+    out = {}
+    for label, files in tree.items():
+        order = list(files)
+        random.Random(f"{seed}:{label}").shuffle(order)
+        n_train = round(len(order) * ratios[0])
+        n_val = round(len(order) * ratios[1])
+        for k, p in enumerate(order):
+            out[p] = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+    return out
+
+
+def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> tuple[dict, list[str]]:
+    """({path: partition}, problems) from the authors' Split.json: {part: {class: [file names]}}."""
+    data = json.loads(Path(split_file).read_text())
+    by_name = {(label, Path(p).name): p for label, files in tree.items() for p in files}
+    out, problems = {}, []
+    for part, classes in data.items():
+        if part not in ("train", "val", "test"):
+            problems.append(f"{split_file}: unknown partition {part!r}")
+            continue
+        for label, names in classes.items():
+            for name in names:
+                p = by_name.get((label, Path(name).name))
+                if p is None:
+                    problems.append(f"{split_file}: {part}/{label}/{name} is not in the tree")
+                elif p in out:
+                    problems.append(f"{split_file}: {label}/{name} is in both {out[p]} and {part}")
+                else:
+                    out[p] = part
+    return out, problems
+
+
+def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw"):
+    """Rows for every image; with a split file, images it does not list are left out (and counted)."""
+    rows, unassigned = [], []
+    for label, files in tree.items():
+        for p in files:
+            if partitions is None:
+                rows.append({"path": p, "label": label, "partition": "", "variant": variant})
+            elif p in partitions:
+                rows.append({"path": p, "label": label, "partition": partitions[p], "variant": variant})
+            else:
+                unassigned.append(p)
+    return rows, unassigned
+
+
+def summary(m: Manifest) -> dict:
+    return {"rows": len(m), "root": str(m.root),
+            "by_label": dict(sorted(Counter(m.column("label")).items())),
+            "by_partition": dict(sorted(Counter(r["partition"] or "(none)" for r in m.rows).items())),
+            "by_variant": dict(sorted(Counter(m.column("variant")).items()))}

@@ -1,0 +1,47 @@
+"""Where things live in a workspace (a folder holding manifests/, cache/ and leakpipe.toml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, load_config
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.cache / "file-hashes.json"
+
+    def manifest(self, split: str) -> Path:
+        return self.manifests / f"{split}.csv"
+
+    def latents_dir(self, split: str) -> Path:
+        return self.cache / "latents" / split
+
+    def latent_store(self, split: str, encoder_fp: str) -> Path:
+        return self.latents_dir(split) / f"{encoder_fp[:12]}.zarr"
+
+    def failures_csv(self, split: str) -> Path:
+        return self.cache / "latents" / f"{split}.failures.csv"
+
+    def splits(self) -> list[str]:
+        return sorted(p.stem for p in self.manifests.glob("*.csv"))
+
+    def config(self, config_file: Path | None = None, overrides=()) -> Config:
+        if config_file is None and (self.root / "leakpipe.toml").exists():
+            config_file = self.root / "leakpipe.toml"
+        return load_config(config_file, overrides)

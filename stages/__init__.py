@@ -1,0 +1,1 @@
+"""Orchestration of the three stages: one run() each, no math."""

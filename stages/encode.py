@@ -1,0 +1,185 @@
+"""Stage one: encode a manifest's images into the latent store, only rows not yet valid."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import ledger, vae as vae_lib
+from pipeline.atomic import atomic_write_text
+from pipeline.config import Config, canonical_hash
+from pipeline.errors import UserError
+from pipeline.hashing import HashCache
+from pipeline.locking import exclusive
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.workspace import Workspace
+
+CODE_VERSION = "encode-1"  # bump when the stored bytes for the same inputs would change
+
+
+class EncodeFailures(UserError):
+    pass
+
+
+@dataclass
+class EncodeResult:
+    split: str
+    store: Path
+    rows: int
+    encoded: int = 0
+    copied: int = 0
+    reused: int = 0
+    failures: list = field(default_factory=list)
+    seconds: float = 0.0
+    up_to_date: bool = False
+    failures_csv: Path | None = None
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            return f"encode {self.split}: up to date ({self.rows} rows), nothing to do -> {self.store}"
+        rate = self.encoded / self.seconds if self.seconds else 0.0
+        text = (f"encode {self.split}: {self.rows} rows: {self.encoded} encoded ({rate:.1f} img/s), "
+                f"{self.reused} already valid, {self.copied} reused by copy, "
+                f"{len(self.failures)} failed -> {self.store}")
+        if self.failures:
+            text += f"\n  failures listed in {self.failures_csv}"
+        return text
+
+
+@dataclass
+class EncodePlan:
+    """Everything `encode` and `status` need to know without loading a model."""
+
+    manifest: Manifest
+    source: vae_lib.VaeSource
+    encoder_fp: str
+    file_hashes: list[str]
+    store: Path
+    lock: Path
+    inputs: dict
+
+
+def plan(ws: Workspace, split: str, cfg: Config, hashes: HashCache | None = None) -> EncodePlan:
+    manifest = read_manifest(ws.manifest(split))
+    hashes = hashes or HashCache(ws.hash_cache)
+    source = vae_lib.resolve(cfg.vae)
+    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
+    file_hashes = [hashes.hash(manifest.abspath(i)) for i in range(len(manifest))]
+    hashes.save()
+    store = ws.latent_store(split, encoder_fp)
+    inputs = {"rows": canonical_hash([[r["path"], h] for r, h in zip(manifest.rows, file_hashes)]),
+              "encoder": encoder_fp, "chunk_rows": cfg.store.chunk_rows, "code": CODE_VERSION}
+    return EncodePlan(manifest, source, encoder_fp, file_hashes, store,
+                      store.with_name(store.stem + ".lock.json"), inputs)
+
+
+def row_changes(p: EncodePlan) -> str:
+    """What changed in the rows since the lock, in words (for `status`)."""
+    lock = ledger.read_lock(p.lock)
+    if lock is None or "rows" not in lock:
+        return ""
+    old = dict(lock["rows"])
+    new = dict(zip((r["path"] for r in p.manifest.rows), p.file_hashes))
+    added = len(new.keys() - old.keys())
+    removed = len(old.keys() - new.keys())
+    changed = sum(1 for k in new.keys() & old.keys() if new[k] != old[k])
+    return f"{added} rows added, {removed} removed, {changed} files changed"
+
+
+def _latent_shape(source: vae_lib.VaeSource, size: int) -> tuple[int, int, int]:
+    cfg = vae_lib.model_config(source)
+    factor = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return cfg.get("latent_channels", 4), size // factor, size // factor
+
+
+def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["line", "path", "reason"])
+    for row, reason in sorted(failures):
+        out.writerow([manifest.line(row), str(manifest.abspath(row)), reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
+    import numpy as np
+    from tqdm import tqdm
+
+    from pipeline import latent_store
+    from pipeline.encoding import ChunkWriter, encode_pending
+
+    want = latent_store.hash_rows(p.file_hashes)
+    attrs = {"split": p.manifest.name, "encoder_fingerprint": p.encoder_fp, "vae": p.source.label,
+             "vae_config": vae_lib.model_config(p.source), "preprocess": cfg.preprocess.__dict__,
+             "compute_dtype": cfg.vae.dtype}
+    group, result.copied = latent_store.prepare(
+        p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows,
+        cfg.store.dtype, attrs)
+    valid = latent_store.valid_rows(group, want)
+    pending = np.nonzero(~valid)[0]
+    result.reused = int(valid.sum()) - result.copied
+    if len(pending) == 0:
+        return
+    device = vae_lib.resolve_device(cfg.encode.device)
+    log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with "
+        f"{p.source.label} on {device}")
+    model = vae_lib.load_vae(p.source, cfg.vae.dtype, device)
+    writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
+    paths = [p.manifest.abspath(i) for i in range(len(want))]
+    start = time.perf_counter()
+    with tqdm(total=len(pending), unit="img", desc=f"encode {p.manifest.name}", disable=None) as bar:
+        encode_pending(model, device, paths, pending, writer, cfg.preprocess, cfg.encode.batch_size,
+                       cfg.encode.num_workers, cfg.store.dtype, progress=bar)
+    result.seconds = time.perf_counter() - start
+    result.failures = writer.failures
+    result.encoded = len(pending) - len(writer.failures)
+
+
+def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=print) -> EncodeResult:
+    """Bring `cache/latents/<split>/<fp12>.zarr` up to date with `manifests/<split>.csv`."""
+    p = plan(ws, split, cfg)
+    result = EncodeResult(split, p.store, len(p.manifest))
+    with exclusive(p.store.with_name(p.store.stem + ".writer.lock"), f"latent store {p.store}"):
+        up, _ = ledger.stage_state(p.lock, p.inputs)
+        if up:
+            result.up_to_date = True
+            return result
+        _encode(p, cfg, result, log)
+        failures_csv = ws.failures_csv(split)
+        if result.failures:
+            _write_failures(failures_csv, result.failures, p.manifest)
+            result.failures_csv = failures_csv
+            if not skip_bad:
+                raise EncodeFailures(
+                    f"{len(result.failures)} of {result.rows} images could not be read; every other "
+                    f"row was encoded. See {failures_csv} (line, path, reason). Fix or remove those "
+                    "rows and rerun, or pass --skip-bad to accept the split without them.")
+        else:
+            failures_csv.unlink(missing_ok=True)
+        rows = [[r["path"], h] for r, h in zip(p.manifest.rows, p.file_hashes)]
+        bad = sorted(p.manifest.rows[r]["path"] for r, _ in result.failures)
+        ledger.write_lock(p.lock, "encode", p.inputs, p.store, split=split, rows=rows,
+                          skipped_bad=bad, vae=p.source.label)
+    return result
+
+
+def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
+    p = plan(ws, split, cfg)
+    up, reasons = ledger.stage_state(p.lock, p.inputs)
+    if not up and any(r.startswith("rows") for r in reasons) and (words := row_changes(p)):
+        reasons = [r + f": {words}" if r.startswith("rows") else r for r in reasons]
+    if not up and ledger.read_lock(p.lock) is None:
+        others = [q.name for q in p.store.parent.glob("*.lock.json")]
+        if others:
+            reasons = [f"no store for the current encoder ({p.encoder_fp[:12]}); other encoders "
+                       f"have stores here: {', '.join(others)} (vae, preprocess or dtype changed)"]
+    return up, reasons
+
+
+def describe(ws: Workspace, split: str, cfg: Config) -> dict:
+    p = plan(ws, split, cfg)
+    return {"store": str(p.store), "encoder_fingerprint": p.encoder_fp, "rows": len(p.manifest),
+            "vae": p.source.label, "lock": json.loads(p.lock.read_text()) if p.lock.exists() else None}
