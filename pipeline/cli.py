@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -213,5 +212,5 @@ def config_show(ws, cfg):
     click.echo(f"# canonical hash {canonical_hash(cfg.to_dict())}")
 
 
-def run():  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`
+    main()

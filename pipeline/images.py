@@ -90,7 +90,7 @@ def load_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
     try:
         im = _open(Path(path), cfg.max_pixels)
         im = ImageOps.exif_transpose(im)
-        return np.asarray(resize_crop(to_rgb(im), cfg), dtype=np.uint8)
+        return np.array(resize_crop(to_rgb(im), cfg), dtype=np.uint8)
     except BadImage:
         raise
     except FileNotFoundError:

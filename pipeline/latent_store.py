@@ -109,7 +109,12 @@ def _relayout(path: Path, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> 
 
 
 def recover(path: Path) -> None:
-    """Finish or undo a relayout that a crash interrupted."""
+    """Finish or undo a relayout that a crash interrupted; drop a killed writer's partial chunks.
+
+    Called only under the store's writer lock, so every `*.partial` file is an orphan.
+    """
+    for orphan in path.rglob("*.partial") if path.exists() else ():
+        orphan.unlink()
     backup = path.with_name(path.name + ".old")
     if backup.exists():
         if path.exists():

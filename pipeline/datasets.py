@@ -1,0 +1,109 @@
+"""Writing image trees and their manifests: the synthetic benchmark and post-processed copies.
+
+Work is spread over worker processes, one image per task; every image is seeded by its own
+identity (generator, index or path, step), so the bytes do not depend on worker count or order.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline import manifest as mf
+from pipeline import postprocess, synth
+
+PP_COLUMNS = (*mf.REQUIRED, "ops")
+
+
+@dataclass
+class SynthSpec:
+    n_closed: int = 10
+    n_open: int = 10
+    per_generator: int = 100
+    size: int = 256
+    difficulty: float = 1.0
+    seed: int = 0
+    steps: tuple[int, ...] = (1, 2, 3)
+
+
+def _pool_map(fn, tasks: list, workers: int) -> None:
+    if workers <= 1 or len(tasks) < 8:
+        for t in tasks:
+            fn(t)
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        for _ in pool.imap_unordered(fn, tasks, chunksize=8):
+            pass
+
+
+def _save_png(arr_or_image, path: Path) -> None:
+    im = arr_or_image if isinstance(arr_or_image, Image.Image) else Image.fromarray(arr_or_image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, "PNG", compress_level=1)
+
+
+def _synth_task(task) -> None:
+    fp, seed, index, size, path = task
+    _save_png(synth.synth_image(fp, seed, index, size), path)
+
+
+def _pp_task(task) -> None:
+    src, dst, ops = task
+    with Image.open(src) as im:
+        _save_png(postprocess.apply_ops(im, ops), dst)
+
+
+def generator_names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i:02d}" for i in range(n)]
+
+
+def write_generators(root: Path, names: list[str], spec: SynthSpec, workers: int) -> None:
+    tasks = []
+    for name in names:
+        fp = synth.make_fingerprint(name, spec.seed, spec.difficulty)
+        tasks += [(fp, spec.seed, i, spec.size, root / name / f"{i:05d}.png")
+                  for i in range(spec.per_generator)]
+    _pool_map(_synth_task, tasks, workers)
+
+
+def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None,
+                     workers: int) -> list[dict]:
+    """Post-processed copies of `m`'s rows (of one partition, or all) under out/step<k>/<path>."""
+    rows, tasks = [], []
+    for row in m.rows:
+        if partition is not None and row["partition"] != partition:
+            continue
+        for step in steps:
+            ops = postprocess.draw_ops(step, synth.rng_for(seed, "postprocess", step, row["path"]))
+            rel = f"step{step}/{row['path']}"
+            rel = str(Path(rel).with_suffix(".png"))
+            rows.append({**row, "path": rel, "variant": f"step{step}", "ops": ops})
+            tasks.append((m.root / row["path"], out / rel, ops))
+    _pool_map(_pp_task, tasks, workers)
+    return rows
+
+
+def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | None = None) -> dict:
+    """closed/, closed-pp/ and open/ image trees under `out`, manifests in `manifests`."""
+    workers = workers or os.cpu_count() or 1
+    out = Path(out)
+    closed, opened = generator_names("closed", spec.n_closed), generator_names("open", spec.n_open)
+    write_generators(out / "closed", closed, spec, workers)
+    tree = mf.scan_tree(out / "closed")
+    rows, _ = mf.build_rows(tree, mf.partition_by_ratio(tree, seed=spec.seed))
+    mf.write_manifest(mf.manifest_path(manifests, "closed"), out / "closed", rows)
+    written = {"closed": len(rows)}
+    if spec.steps:
+        m = mf.read_manifest(mf.manifest_path(manifests, "closed"))
+        pp = postprocess_rows(m, out / "closed-pp", spec.steps, spec.seed, "test", workers)
+        mf.write_manifest(mf.manifest_path(manifests, "closed-pp"), out / "closed-pp", pp, PP_COLUMNS)
+        written["closed-pp"] = len(pp)
+    if opened:
+        write_generators(out / "open", opened, spec, workers)
+        rows, _ = mf.build_rows(mf.scan_tree(out / "open"), None)
+        mf.write_manifest(mf.manifest_path(manifests, "open"), out / "open", rows)
+        written["open"] = len(rows)
+    return written

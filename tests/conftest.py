@@ -1,0 +1,60 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.vae import save_random_vae
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+# 2 blocks: latents are 4 x size/2 x size/2; tiny and fast on CPU
+TINY_BLOCKS = (8, 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    return save_random_vae(tmp_path_factory.mktemp("vae") / "tiny", TINY_BLOCKS, seed=0)
+
+
+def write_images(root: Path, labels=("a", "b"), n=6, size=(40, 48), seed=0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in labels:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            p = root / label / f"{i:03d}.png"
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
+            out.append(p)
+    return out
+
+
+TOML = """[vae]
+source = "{vae}"
+[preprocess]
+size = 32
+[store]
+chunk_rows = 4
+[encode]
+num_workers = 0
+batch_size = 3
+"""
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_vae) -> Path:
+    """A workspace with a tiny VAE, 2 generators x 6 images and the `closed` manifest built."""
+    write_images(tmp_path / "data")
+    (tmp_path / "leakpipe.toml").write_text(TOML.format(vae=tiny_vae))
+    result = cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")
+    assert result.exit_code == 0, result.output
+    return tmp_path
+
+
+def cli(ws: Path, *args: str):
+    """Run `leakpipe ARGS -C ws` in-process (every command takes -C)."""
+    return CliRunner().invoke(main, [*args, "-C", str(ws)], catch_exceptions=False)
+

@@ -1,0 +1,190 @@
+"""Stage one: store contents, incremental cases, failures, locks."""
+import shutil
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import ledger, vae as vae_lib
+from pipeline.images import load_image, to_model_range
+from pipeline.locking import Busy, exclusive
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.workspace import Workspace
+from stages import encode as stage
+from tests.conftest import cli, write_images
+
+
+def run(ws_path, **kw):
+    ws = Workspace(ws_path)
+    return stage.run(ws, "closed", ws.config(None, kw.pop("overrides", ())), log=lambda m: None, **kw)
+
+
+def store_of(result):
+    return zarr.open_group(str(result.store), mode="r")
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts images passed through the VAE, to prove what was (not) encoded."""
+    seen = {"images": 0, "loads": 0}
+    real_load = vae_lib.load_vae
+
+    def load(*a, **k):
+        seen["loads"] += 1
+        model = real_load(*a, **k)
+        real_encode = model.encode
+
+        def encode(x):
+            seen["images"] += len(x)
+            return real_encode(x)
+        model.encode = encode
+        return model
+    monkeypatch.setattr(vae_lib, "load_vae", load)
+    return seen
+
+
+def test_store_holds_unscaled_moments_readable_by_zarr_and_dask(ws, tiny_vae):
+    res = run(ws)
+    assert res.encoded == 12 and not res.failures
+    g = store_of(res)
+    assert g["mean"].shape == (12, 4, 16, 16) and g["mean"].chunks == (4, 4, 16, 16)
+    assert g["mean"].dtype == np.float32 and g["source_hash"].shape == (12, 16)
+    assert g.attrs["encoder_fingerprint"].startswith(res.store.stem)
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    model = vae_lib.load_vae(vae_lib.resolve(ws_config(ws).vae))
+    img = torch.from_numpy(load_image(m.abspath(5), ws_config(ws).preprocess))[None]
+    with torch.no_grad():
+        post = model.encode(to_model_range(img)).latent_dist
+    np.testing.assert_allclose(g["mean"][5], post.mean[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g["logvar"][5], post.logvar[0].numpy(), rtol=1e-5, atol=1e-6)
+    lazy = da.from_zarr(str(res.store), component="mean")
+    assert lazy.chunks[0] == (4, 4, 4)
+    np.testing.assert_array_equal(lazy[5].compute(), g["mean"][5])
+
+
+def ws_config(ws):
+    return Workspace(ws).config()
+
+
+def test_unchanged_rerun_does_no_model_work(ws, counting):
+    run(ws)
+    assert counting == {"images": 12, "loads": 1}
+    res = run(ws)
+    assert res.up_to_date and counting == {"images": 12, "loads": 1}
+    r = cli(ws, "encode", "--split", "closed")
+    assert "up to date" in r.output and "nothing to do" in r.output
+
+
+def test_added_rows_encode_only_the_new_rows(ws, counting):
+    run(ws)
+    before = store_of(run(ws))["mean"][:]
+    write_images(ws / "data", labels=("c",), n=3, seed=5)
+    cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
+    counting["images"] = 0
+    res = run(ws)
+    assert counting["images"] == 3 and res.encoded == 3
+    g = store_of(res)
+    assert g["mean"].shape[0] == 15
+    np.testing.assert_array_equal(g["mean"][:12], before)  # a, b rows come first and are untouched
+
+
+def test_reordered_and_removed_rows_are_copied_not_reencoded(ws, counting):
+    first = run(ws)
+    old = store_of(first)
+    by_hash = {old["source_hash"][i].tobytes(): old["mean"][i] for i in range(12)}
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    rows = list(reversed(m.rows))[:-2]  # reverse, drop two
+    write_manifest(ws / "manifests" / "closed.csv", m.root, rows)
+    counting["images"] = 0
+    res = run(ws)
+    assert counting["images"] == 0 and res.copied == 10 and res.encoded == 0
+    g = store_of(res)
+    assert g["mean"].shape[0] == 10
+    for i in range(10):
+        np.testing.assert_array_equal(g["mean"][i], by_hash[g["source_hash"][i].tobytes()])
+    assert run(ws).up_to_date
+
+
+def test_changed_file_bytes_reencode_only_that_row(ws, counting):
+    run(ws)
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    write_images(ws / "data", labels=("a",), n=1, seed=99)  # overwrites a/000.png
+    counting["images"] = 0
+    res = run(ws)
+    assert counting["images"] == 1 and res.encoded == 1
+
+
+def test_status_names_the_changed_input(ws):
+    run(ws)
+    ok, _ = stage.status(Workspace(ws), "closed", ws_config(ws))
+    assert ok
+    write_images(ws / "data", labels=("a",), n=1, seed=98)
+    ok, reasons = stage.status(Workspace(ws), "closed", ws_config(ws))
+    assert not ok and "0 rows added, 0 removed, 1 files changed" in reasons[0]
+    r = cli(ws, "status")
+    assert "STALE" in r.output and "1 files changed" in r.output
+
+
+def test_changed_encoder_or_preprocessing_encodes_every_row_into_a_new_store(ws, counting, tmp_path):
+    first = run(ws)
+    counting["images"] = 0
+    res = run(ws, overrides=["preprocess.resize=none"])
+    assert counting["images"] == 12 and res.store != first.store and first.store.exists()
+    other = vae_lib.save_random_vae(tmp_path / "other-vae", (8, 16), seed=3)
+    counting["images"] = 0
+    res2 = run(ws, overrides=[f"vae.source={other}"])
+    assert counting["images"] == 12 and res2.store not in (first.store, res.store)
+    assert stage.status(Workspace(ws), "closed", ws_config(ws))[0]  # old store kept, still current
+    cfg = Workspace(ws).config(None, ["preprocess.resize=none", "preprocess.size=16"])
+    ok, reasons = stage.status(Workspace(ws), "closed", cfg)
+    assert not ok and "no store for the current encoder" in reasons[0]
+
+
+def test_bad_images_are_reported_and_the_rest_encoded(ws):
+    (ws / "data" / "b" / "zero.png").write_bytes(b"")
+    (ws / "data" / "b" / "text.png").write_text("hello")
+    cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
+    r = cli(ws, "encode", "--split", "closed")
+    assert r.exit_code != 0 and "2 of 14 images could not be read" in r.output
+    failures = (ws / "cache" / "latents" / "closed.failures.csv").read_text()
+    assert "zero.png,empty file" in failures and "text.png,not an image" in failures
+    g = zarr.open_group(str(next((ws / "cache" / "latents" / "closed").glob("*.zarr"))), mode="r")
+    assert (g["source_hash"][:].any(axis=1)).sum() == 12
+    r = cli(ws, "encode", "--split", "closed", "--skip-bad")
+    assert r.exit_code == 0 and "2 failed" in r.output
+    assert "up to date" in cli(ws, "encode", "--split", "closed", "--skip-bad").output
+
+
+def test_verify_finds_corruption_missing_chunks_and_partials(ws):
+    res = run(ws)
+    assert cli(ws, "verify").exit_code == 0
+    chunk = next(p for p in (res.store / "mean").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    (res.store / "mean" / "c" / "0.partial").write_bytes(b"x")
+    shutil.rmtree(res.store / "logvar" / "c")
+    r = cli(ws, "verify")
+    assert r.exit_code != 0
+    assert "checksum mismatch (corrupted)" in r.output and "orphaned partial" in r.output
+    assert r.output.count("missing:") == 3
+
+
+def test_second_concurrent_encode_is_refused_and_stale_lock_recovered(ws):
+    res = run(ws)
+    lock = res.store.with_name(res.store.stem + ".writer.lock")
+    with exclusive(lock, "test"):
+        write_images(ws / "data", labels=("a",), n=1, seed=7)
+        with pytest.raises(Busy, match="in use by another leakpipe process"):
+            run(ws)
+    lock.write_text("pid 999999 on somewhere since long ago")  # left by a killed process
+    assert run(ws).encoded == 1
+
+
+def test_lock_records_rows_and_checksums(ws):
+    res = run(ws)
+    lock = ledger.read_lock(res.store.with_name(res.store.stem + ".lock.json"))
+    assert lock["stage"] == "encode" and len(lock["rows"]) == 12
+    assert "source_hash/zarr.json" in lock["outputs"]

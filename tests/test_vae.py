@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import Config, VaeConfig
+from pipeline.hashing import HashCache
+from pipeline.vae import VaeError, encoder_fingerprint, load_vae, resolve, save_random_vae
+
+
+def _encode(vae, x):
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean
+
+
+def test_folder_and_single_file_give_the_same_model(tiny_vae, tmp_path):
+    folder = load_vae(resolve(VaeConfig(source=str(tiny_vae))))
+    single = tmp_path / "vae.safetensors"
+    save_file(folder.state_dict(), single)
+    src = resolve(VaeConfig(source=str(single), config=str(tiny_vae / "config.json")))
+    assert src.kind == "single_file"
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_encode(folder, x), _encode(load_vae(src), x))
+    assert not any(p.requires_grad for p in folder.parameters()) and not folder.training
+
+
+def test_pipeline_folder_with_vae_subfolder(tiny_vae, tmp_path):
+    import shutil
+    shutil.copytree(tiny_vae, tmp_path / "pipe" / "vae")
+    assert resolve(VaeConfig(source=str(tmp_path / "pipe"))).location == tmp_path / "pipe" / "vae"
+
+
+def test_offline_hub_id_gives_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(VaeError, match="not in the local Hugging Face cache.*--vae PATH"):
+        resolve(VaeConfig(source="stabilityai/stable-diffusion-2-1-base"))
+
+
+def test_pickle_and_missing_sources_are_refused(tmp_path):
+    (tmp_path / "vae.ckpt").write_bytes(b"x")
+    with pytest.raises(VaeError, match="never loads pickle"):
+        resolve(VaeConfig(source=str(tmp_path / "vae.ckpt")))
+    with pytest.raises(VaeError, match="does not exist"):
+        resolve(VaeConfig(source="./nowhere/vae"))
+
+
+def test_fingerprint_tracks_weights_config_and_preprocessing(tiny_vae, tmp_path):
+    hashes = HashCache(tmp_path / "h.json")
+    cfg = Config()
+    cfg.vae.source = str(tiny_vae)
+    base = encoder_fingerprint(cfg, resolve(cfg.vae), hashes)
+    other = save_random_vae(tmp_path / "other", (8, 16), seed=1)
+    cfg2 = Config()
+    cfg2.vae.source = str(other)
+    assert encoder_fingerprint(cfg2, resolve(cfg2.vae), hashes) != base
+    cfg.preprocess.size = 64
+    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes) != base
+    cfg.preprocess.size = 256
+    cfg.encode.batch_size = 99  # execution only
+    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes) == base
+
+
+def test_full_sd21_architecture_gives_4x32x32(tmp_path):
+    folder = save_random_vae(tmp_path / "sd21", (128, 256, 512, 512), norm_num_groups=32,
+                             layers_per_block=2)
+    cfg = json.loads((folder / "config.json").read_text())
+    packaged = json.loads((resolve(VaeConfig(source=str(folder))).config_path).read_text())
+    assert cfg["block_out_channels"] == [128, 256, 512, 512] == packaged["block_out_channels"]
+    vae = load_vae(resolve(VaeConfig(source=str(folder))))
+    n_encoder = sum(p.numel() for p in vae.encoder.parameters()) + \
+        sum(p.numel() for p in vae.quant_conv.parameters())
+    assert 34_000_000 < n_encoder < 35_000_000  # SD2.1's encoder has 34.2 M parameters
+    post = vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist
+    assert post.mean.shape == (1, 4, 32, 32) and post.logvar.shape == (1, 4, 32, 32)
