@@ -131,6 +131,93 @@ def encode(ws, cfg, splits, vae_source, skip_bad):
         click.echo(result.summary())
 
 
+# ---------------------------------------------------------------- data
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if any(s < 1 for s in steps):
+        raise click.BadParameter("steps start at 1")
+    return steps
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder [default: WORKSPACE/data/synth].")
+@click.option("--closed", "n_closed", default=10, show_default=True, help="Known generators.")
+@click.option("--open", "n_open", default=10, show_default=True, help="Unseen generators.")
+@click.option("--per-generator", default=100, show_default=True, help="Images per generator.")
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--difficulty", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Fingerprint strength is 1/difficulty.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
+@click.option("--workers", default=0, help="Worker processes [default: all cores].")
+@_workspace_options
+def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers):
+    """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
+    import time
+
+    from pipeline.datasets import SynthSpec, write_benchmark
+
+    out = out or ws.root / "data" / "synth"
+    spec = SynthSpec(n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps))
+    start = time.perf_counter()
+    written = write_benchmark(out, ws.manifests, spec, workers or None)
+    took = time.perf_counter() - start
+    click.echo(f"synth: {sum(written.values())} images in {took:.1f} s under {out}")
+    for name, n in written.items():
+        click.echo(f"  manifests/{name}.csv: {n} rows")
+
+
+@main.command()
+@click.option("--split", required=True, help="Manifest to copy from.")
+@click.option("--partition", default="test", show_default=True, help="Rows to copy ('all' for every row).")
+@click.option("--steps", default="1,2,3", show_default=True)
+@click.option("--name", help="Output manifest [default: SPLIT-pp].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder [default: WORKSPACE/data/NAME].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=0, help="Worker processes [default: all cores].")
+@_workspace_options
+def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
+    """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest."""
+    import os
+
+    from pipeline import manifest as mf
+    from pipeline.datasets import PP_COLUMNS, postprocess_rows
+
+    m = mf.read_manifest(ws.manifest(split))
+    name = name or f"{split}-pp"
+    out = out or ws.root / "data" / name
+    rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition,
+                            workers or os.cpu_count() or 1)
+    if not rows:
+        raise click.ClickException(f"no rows of {ws.manifest(split)} have partition {partition!r}")
+    mf.write_manifest(ws.manifest(name), out, rows, PP_COLUMNS)
+    click.echo(f"postprocess: {len(rows)} images under {out} -> {ws.manifest(name)}")
+
+
+@main.command()
+@click.option("--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of "
+              "the seeded random demo VAE.")
+@click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
+              default="demo", show_default=True, help="Workspace folder for the demo.")
+@_user_errors
+def demo(vae_source, workspace):
+    """Synthetic benchmark + every stage, end to end, small enough for a laptop CPU."""
+    import time
+
+    from stages import demo as stage
+
+    start = time.perf_counter()
+    ws = Workspace(workspace)
+    lines = stage.run(ws, lambda: ws.config(), vae_source, log=_log)
+    click.echo("\n".join(lines))
+    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}")
+
+
 # ---------------------------------------------------------------- ledger
 @main.command()
 @_workspace_options
