@@ -1,0 +1,74 @@
+"""The model: ResNet layouts, shapes, attention, and the prototype posterior (Eq. 5-11)."""
+import pytest
+import torch
+
+from pipeline.model import ProtoLeakNet, ResNet
+
+# torchvision's resnet18/50/101 have 11,689,512 / 25,557,032 / 44,549,160 parameters with a
+# 1000-class fc on 3-channel input; without the fc (512*1000+1000 or 2048*1000+1000) that is:
+BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet50": 23_508_032, "resnet101": 42_500_160}
+
+
+@pytest.mark.parametrize("name", BACKBONE_PARAMS)
+def test_resnet_parameter_counts_match_torchvision(name):
+    net = ResNet(name, in_channels=3)
+    assert sum(p.numel() for p in net.parameters()) == BACKBONE_PARAMS[name]
+
+
+def test_first_conv_takes_the_feature_channels():
+    net = ResNet("resnet18", in_channels=8)
+    assert net.conv1.weight.shape == (64, 8, 7, 7)
+    assert net(torch.randn(2, 8, 32, 32)).shape == (2, 512)
+
+
+def test_shapes_attention_and_gating():
+    torch.manual_seed(0)
+    m = ProtoLeakNet(n_classes=5, embed_dim=16, prototypes_per_class=3).eval()
+    out = m(torch.randn(4, 3, 8, 16, 16))
+    assert out.logits.shape == (4, 5) and out.h_t.shape == (4, 3, 16) and out.a_t.shape == (4, 3)
+    assert out.distances.shape == (4, 5, 3)
+    torch.testing.assert_close(out.a_t.sum(1), torch.ones(4))
+    torch.testing.assert_close(out.h_bar, (out.a_t.unsqueeze(-1) * out.h_t).sum(1))
+    assert ((out.w > 0) & (out.w < 1)).all()
+
+
+def test_backbone_is_shared_across_timesteps():
+    torch.manual_seed(0)
+    m = ProtoLeakNet(n_classes=2, embed_dim=8).eval()
+    f = torch.randn(1, 3, 8, 16, 16)
+    f[:, 2] = f[:, 0]
+    h = m.embed_timesteps(f)
+    torch.testing.assert_close(h[:, 0], h[:, 2])
+
+
+def test_prototype_posterior_equals_direct_equations():
+    torch.manual_seed(1)
+    m = ProtoLeakNet(n_classes=3, embed_dim=6, prototypes_per_class=2, tau=0.7).eval()
+    out = m(torch.randn(2, 3, 8, 16, 16))
+    pi = torch.softmax(out.logits, dim=1)
+    for b in range(2):
+        s = []
+        for c in range(3):
+            d = [float((out.w[b] * (out.h_bar[b] - m.prototypes[c, k]) ** 2).sum()) for k in range(2)]
+            s.append(-0.7 * torch.log(torch.tensor(d).neg().div(0.7).exp().sum()))
+        direct = torch.softmax(-torch.stack(s), dim=0)
+        torch.testing.assert_close(pi[b], direct.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_nearest_prototype_wins():
+    m = ProtoLeakNet(n_classes=2, embed_dim=4, prototypes_per_class=1, gating=False).eval()
+    with torch.no_grad():
+        m.prototypes.zero_()
+        m.prototypes[1] += 10.0
+    from pipeline.model import class_logits, prototype_distances, soft_min_distance
+    h = torch.zeros(1, 4)  # sits on class 0's prototype
+    d = prototype_distances(h, torch.ones(1, 4), m.prototypes)
+    assert class_logits(soft_min_distance(d, 1.0)).argmax().item() == 0
+
+
+def test_ablation_heads():
+    lin = ProtoLeakNet(n_classes=3, embed_dim=8, prototypes=False, gating=False).eval()
+    out = lin(torch.randn(2, 3, 8, 16, 16))
+    assert out.distances is None and out.logits.shape == (2, 3) and bool((out.w == 1).all())
+    learn = ProtoLeakNet(n_classes=3, embed_dim=8, tau_learnable=True, tau=2.0)
+    assert learn.log_tau.requires_grad and float(learn.tau) == pytest.approx(2.0)
