@@ -131,6 +131,17 @@ def encode(ws, cfg, splits, vae_source, skip_bad):
         click.echo(result.summary())
 
 
+# ---------------------------------------------------------------- stage two
+@main.command()
+@click.option("--run", "run_name", default="default", show_default=True, help="Run name (ablations).")
+@_workspace_options
+def train(ws, cfg, run_name):
+    """Stage two: train from the latent cache, resume if interrupted, embed every encoded split."""
+    from stages import train as stage
+
+    click.echo(stage.run(ws, cfg, run_name, log=_log).summary())
+
+
 # ---------------------------------------------------------------- data
 def _steps(text: str) -> tuple[int, ...]:
     try:
@@ -235,6 +246,11 @@ def status(ws, cfg):
         click.echo(f"encode {split:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
     if not ws.splits():
         click.echo(f"no manifests in {ws.manifests}; start with `leakpipe manifest build`")
+    from stages import train as tr
+
+    for run in tr.runs(ws):
+        up, reasons = tr.status(ws, run)
+        click.echo(f"train  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
 
 
 @main.command()

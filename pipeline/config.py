@@ -52,11 +52,71 @@ class EncodeConfig:
 
 
 @dataclass
+class LatentConfig:
+    scale: float = 0.18215  # s of Eq. 1
+    scale_mode: str = "multiply"  # multiply (authors' code) | divide (Eq. 1 as printed)
+    sample: bool = False  # draw z0 from the posterior instead of taking its mean
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"  # cosine (squaredcos_cap_v2) | linear | scaled_linear
+    num_steps: int = 1000
+    timesteps: list[int] = field(default_factory=lambda: [0, 5, 10])  # T
+
+
+@dataclass
+class FeaturesConfig:
+    dct_k: int = 8  # k of DCT_low
+    dct_map: str = "coeffs"  # coeffs | lowpass
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
+    embed_dim: int = 128  # D
+    prototypes: bool = True  # false: linear softmax head
+    prototypes_per_class: int = 4  # M
+    gating: bool = True  # false: w = 1
+    tau: float = 1.0
+    tau_learnable: bool = False
+
+
+@dataclass
+class TrainConfig:
+    split: str = "closed"  # manifest whose train/val partitions train the model
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # AdamW
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    patience: int = 5  # epochs without a better validation macro AUC before stopping
+    seed: int = 0  # initialisation, shuffling and training noise
+    eval_seed: int = 1234  # noise for statistics, validation and embeddings (per image)
+    shuffle_chunks: int = 32  # rows are shuffled within windows of this many store chunks
+
+
+@dataclass
+class ComputeConfig:
+    """Execution only: never part of a fingerprint."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    memory_budget_gb: float = 4.0  # latents above this are streamed by chunks, not loaded
+    eval_batch_size: int = 256
+
+
+@dataclass
 class Config:
     vae: VaeConfig = field(default_factory=VaeConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,7 +127,13 @@ CHOICES = {
     "preprocess.resize": ("shorter", "none"),
     "preprocess.crop": ("center", "none"),
     "store.dtype": ("float32", "float16"),
+    "latent.scale_mode": ("multiply", "divide"),
+    "diffusion.schedule": ("cosine", "linear", "scaled_linear"),
+    "features.dct_map": ("coeffs", "lowpass"),
+    "model.backbone": ("resnet18", "resnet50", "resnet101"),
 }
+# Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
+TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
 
 def canonical_hash(obj) -> str:

@@ -34,16 +34,21 @@ def _output_files(root: Path):
                 yield full.relative_to(root).as_posix(), full
 
 
-def checksums(root: Path) -> dict[str, dict]:
-    """{relative path: {size, blake2b}} for every finished file under `root` (a folder or a file)."""
-    return {rel: {"size": full.stat().st_size, "blake2b": hash_file(full)}
-            for rel, full in sorted(_output_files(root))}
+def checksums(root: Path, files: list[Path] | None = None) -> dict[str, dict]:
+    """{relative path: {size, blake2b}} for every finished file under `root` (a folder or a file),
+    or for the listed `files` (relative to `root`)."""
+    pairs = _output_files(root) if files is None else \
+        ((Path(f).relative_to(root).as_posix(), Path(f)) for f in files)
+    return {rel: {"size": full.stat().st_size, "blake2b": hash_file(full)} for rel, full in sorted(pairs)}
 
 
-def write_lock(lock_path: Path, stage: str, inputs: dict, outputs: Path, **extra) -> dict:
+def write_lock(lock_path: Path, stage: str, inputs: dict, outputs: Path | list[Path], **extra) -> dict:
+    """`outputs`: a folder or file (everything in it), or a list of files next to the lock."""
+    root = Path(lock_path).parent if isinstance(outputs, list) else Path(outputs)
+    files = outputs if isinstance(outputs, list) else None
     lock = {"format": LOCK_FORMAT, "stage": stage, "fingerprint": fingerprint(inputs),
-            "inputs": inputs, "outputs_root": os.path.relpath(outputs, Path(lock_path).parent),
-            "outputs": checksums(outputs), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+            "inputs": inputs, "outputs_root": os.path.relpath(root, Path(lock_path).parent),
+            "outputs": checksums(root, files), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     atomic_write_json(lock_path, lock)
     return lock
 

@@ -10,7 +10,7 @@ from pipeline.datasets import SynthSpec, write_benchmark
 from pipeline.workspace import Workspace
 from stages import encode
 
-DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=1.0, seed=0)
+DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.3, seed=0)
 DEMO_VAE_BLOCKS = (32, 64, 64, 64)  # SD2.1's layout at a quarter of its width: 1/8 latents, 4 ch
 RANDOM_VAE_NOTE = ("NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
                    "(no pretrained VAE can be shipped or downloaded here); pass --vae for the real one.")

@@ -1,0 +1,122 @@
+"""Stage two's data path: rows of a latent store, in memory or streamed, and per-batch features.
+
+Rows are visited in windows of `shuffle_chunks` store chunks (chunk order and row order inside a
+window both shuffled), the same order whether the latents are in memory or streamed, so the memory
+budget never changes a result. Features are built on the training device per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import diffusion, features, latent_store
+from pipeline.config import Config
+
+
+class LatentRows:
+    """Selected rows (`rows`, store indices) of a latent store, with integer labels."""
+
+    def __init__(self, store_path, rows: np.ndarray, labels: np.ndarray, budget_bytes: float):
+        self.group = latent_store.open_store(store_path)
+        self.rows, self.labels = np.asarray(rows, np.int64), np.asarray(labels, np.int64)
+        self.chunk_rows = self.group["mean"].chunks[0]
+        self.latent_shape = tuple(self.group["mean"].shape[1:])
+        self.hashes = self.group["source_hash"].get_orthogonal_selection((self.rows,)) \
+            if len(self.rows) else np.zeros((0, 16), np.uint8)
+        need = 2 * len(self.rows) * int(np.prod(self.latent_shape)) * 4
+        self.in_memory = need <= budget_bytes
+        self._cache = self._read(np.arange(len(self.rows))) if self.in_memory else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        idx = self.rows[positions]
+        return {k: self.group[k].get_orthogonal_selection((idx,)).astype(np.float32)
+                for k in ("mean", "logvar")}
+
+    def windows(self, seed: int | None, window_chunks: int) -> list[np.ndarray]:
+        """Positions grouped in windows; seed None = store order in one pass (evaluation)."""
+        positions = np.arange(len(self.rows))
+        if seed is None:
+            return [positions[k:k + 4096] for k in range(0, len(positions), 4096)]
+        rng = np.random.default_rng(seed)
+        chunk_of = self.rows // self.chunk_rows
+        chunks = rng.permutation(np.unique(chunk_of))
+        out = []
+        for k in range(0, len(chunks), window_chunks):
+            sel = positions[np.isin(chunk_of, chunks[k:k + window_chunks])]
+            out.append(rng.permutation(sel))
+        return out
+
+    def batches(self, batch_size: int, seed: int | None, window_chunks: int = 32):
+        """Yields (positions, mean, logvar, labels) as numpy, window by window."""
+        for window in self.windows(seed, window_chunks):
+            data = None if self.in_memory else self._read(np.sort(window))
+            where = None if self.in_memory else {p: i for i, p in enumerate(np.sort(window))}
+            for k in range(0, len(window), batch_size):
+                pos = window[k:k + batch_size]
+                if self.in_memory:
+                    m, lv = self._cache["mean"][pos], self._cache["logvar"][pos]
+                else:
+                    local = np.array([where[p] for p in pos])
+                    m, lv = data["mean"][local], data["logvar"][local]
+                yield pos, m, lv, self.labels[pos]
+
+
+def eval_noise(hashes: np.ndarray, eval_seed: int, shape: tuple) -> torch.Tensor:
+    """Seeded noise per image, keyed by its content hash: the same image always gets the same eps,
+    whatever its row, batch or split. (B, 16) uint8 -> (B, *shape)."""
+    out = torch.empty((len(hashes), *shape))
+    g = torch.Generator()
+    for i, h in enumerate(hashes):
+        g.manual_seed((int.from_bytes(bytes(h[:8]), "little") ^ eval_seed) & (2 ** 63 - 1))
+        out[i] = torch.randn(shape, generator=g)
+    return out
+
+
+@dataclass
+class FeatureBuilder:
+    """z0 moments -> standardised f_t on the device (Eq. 1-4 and the standardisation)."""
+
+    cfg: Config
+    device: torch.device
+    mean: torch.Tensor | None = None  # (T, 2C) feature statistics
+    std: torch.Tensor | None = None
+
+    def __post_init__(self):
+        abar = diffusion.alphas_cumprod(self.cfg.diffusion.schedule, self.cfg.diffusion.num_steps)
+        alpha, sigma = diffusion.alpha_sigma(abar, self.cfg.diffusion.timesteps)
+        self.alpha, self.sigma = alpha.float().to(self.device), sigma.float().to(self.device)
+
+    @property
+    def n_timesteps(self) -> int:
+        return len(self.cfg.diffusion.timesteps)
+
+    def noise_shape(self, latent_shape: tuple) -> tuple:
+        """One eps per timestep, plus one for the posterior sample when latent.sample is on."""
+        return (self.n_timesteps + int(self.cfg.latent.sample), *latent_shape)
+
+    def __call__(self, mean: np.ndarray, logvar: np.ndarray, eps: torch.Tensor,
+                 standardise: bool = True) -> torch.Tensor:
+        """eps (B, T [+1 if latent.sample], C, h, w): diffusion noise, then the posterior sample's."""
+        m = torch.from_numpy(mean).to(self.device, non_blocking=True)
+        lv = torch.from_numpy(logvar).to(self.device, non_blocking=True)
+        eps = eps.to(self.device, non_blocking=True)
+        t = self.n_timesteps
+        z0 = diffusion.latent_z0(m, lv, self.cfg.latent.scale, self.cfg.latent.scale_mode,
+                                 eps[:, t] if self.cfg.latent.sample else None)
+        f = features.features(diffusion.diffuse(z0, eps[:, :t], self.alpha, self.sigma),
+                              self.cfg.features.dct_k, self.cfg.features.dct_map)
+        return features.standardise(f, self.mean, self.std) if standardise else f
+
+    def fit_statistics(self, data: LatentRows, batch_size: int) -> None:
+        """Per-timestep, per-channel mean and std of f_t over `data`, with its seeded eval noise."""
+        stats = features.RunningStats()
+        shape = self.noise_shape(data.latent_shape)
+        for pos, m, lv, _ in data.batches(batch_size, seed=None):
+            stats.update(self(m, lv, eval_noise(data.hashes[pos], self.cfg.train.eval_seed, shape),
+                              standardise=False))
+        self.mean, self.std = (x.to(self.device) for x in stats.result())

@@ -1,0 +1,79 @@
+"""One training epoch and batched prediction: the loop of Eq. 12, nothing else."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import FeatureBuilder, LatentRows, eval_noise
+
+
+def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int, batch_size: int,
+                seed: int, window: int, grad_clip: float, progress=None) -> dict:
+    """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch)."""
+    model.train()
+    device = build.device
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+    shape = build.noise_shape(data.latent_shape)
+    total = correct = loss_sum = 0
+    for pos, m, lv, y in data.batches(batch_size, seed=seed * 1_000_003 + epoch, window_chunks=window):
+        if len(pos) < 2:  # BatchNorm needs more than one sample
+            continue
+        eps = torch.randn((len(pos), *shape), generator=gen, device=device)
+        labels = torch.from_numpy(y).to(device)
+        out = model(build(m, lv, eps))
+        loss = F.cross_entropy(out.logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        total += len(pos)
+        correct += int((out.logits.argmax(1) == labels).sum())
+        loss_sum += loss.item() * len(pos)
+        if progress is not None:
+            progress.update(len(pos))
+            progress.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_size: int,
+                          max_batches: int = 100) -> None:
+    """Recompute BatchNorm running statistics with the final weights of the epoch ("precise BN").
+
+    With few steps per epoch the exponential running averages (momentum 0.1) are still dominated
+    by their initial values and by early weights, so eval-mode outputs disagree with train mode;
+    an exact average over up to `max_batches` batches fixes that at the cost of one forward pass.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    shape = build.noise_shape(data.latent_shape)
+    for k, (pos, m, lv, _) in enumerate(data.batches(batch_size, seed=None)):
+        if k == max_batches:
+            break
+        if len(pos) > 1:
+            model(build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape)))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+
+
+@torch.inference_mode()
+def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int) -> dict[str, np.ndarray]:
+    """Outputs for every row of `data`, in its order, with each image's seeded eval noise."""
+    model.eval()
+    shape = build.noise_shape(data.latent_shape)
+    parts: dict[str, list] = {k: [] for k in ("logits", "h_bar", "w", "a_t", "d_min")}
+    for pos, m, lv, _ in data.batches(batch_size, seed=None):
+        out = model(build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape)))
+        parts["logits"].append(out.logits.float().cpu())
+        parts["h_bar"].append(out.h_bar.float().cpu())
+        parts["w"].append(out.w.float().cpu())
+        parts["a_t"].append(out.a_t.float().cpu())
+        d = out.distances.amin(-1) if out.distances is not None else -out.logits
+        parts["d_min"].append(d.float().cpu())
+    return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in parts.items()}
