@@ -1,0 +1,122 @@
+"""Stage-two speed, measured side by side in one run.
+
+    python benchmarks/train.py [--device cpu|cuda] [--batch 32] [--images 32]
+
+(a) a training step with the on-the-fly feature path (noise, diffusion, DCT, standardisation)
+    against a model-only step on precomputed features: the feature path's overhead;
+(b) one epoch from the latent cache against the same epoch with the SD2.1-architecture VAE in the
+    loop (decode, encode, then the same step), as the authors' code trains, at 256x256.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import vae as vae_lib  # noqa: E402
+from pipeline.config import Config, VaeConfig  # noqa: E402
+from pipeline.data import FeatureBuilder  # noqa: E402
+from pipeline.images import to_model_range  # noqa: E402
+from stages.train import build_model  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def _once(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--images", type=int, default=32, help="epoch size for (b)")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device} ({name}); torch {torch.__version__}; batch {args.batch}", flush=True)
+    cfg = Config()
+    torch.manual_seed(0)
+    model = build_model(cfg, 10).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
+    b = args.batch
+    mean = np.random.default_rng(0).normal(size=(b, 4, 32, 32)).astype(np.float32)
+    logvar = np.full_like(mean, -5.0)
+    y = torch.randint(0, 10, (b,), device=device)
+    feats = build(mean, logvar, torch.randn(b, 3, 4, 32, 32))
+
+    def step(f):
+        loss = F.cross_entropy(model(f).logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def with_features():
+        step(build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device)))
+
+    # interleaved, medians: sequential blocks drift by +-25% on a busy 2-core machine
+    samples = {"model-only": [], "full": [], "features": []}
+    for fn in (lambda: step(feats), with_features):
+        fn()
+    for _ in range(args.repeats):
+        for key, fn in (("model-only", lambda: step(feats)), ("full", with_features),
+                        ("features", lambda: build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device)))):
+            samples[key].append(_once(fn, device))
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    print(f"(a) medians of {args.repeats} interleaved: model-only step {med['model-only'] * 1e3:.1f} ms, "
+          f"with feature path {med['full'] * 1e3:.1f} ms (overhead {100 * (med['full'] / med['model-only'] - 1):.1f}%); "
+          f"feature path alone {med['features'] * 1e3:.2f} ms = {100 * med['features'] / med['model-only']:.1f}% "
+          "of a step (goal <= 5%)", flush=True)
+
+    tmp = Path("/tmp/leakpipe-bench-train")
+    vae_dir = vae_lib.save_random_vae(tmp / "sd21", (128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
+    vae = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), "float32", device)
+    images = torch.randint(0, 255, (args.images, 256, 256, 3), dtype=torch.uint8)
+    n_batches = max(1, args.images // b)
+
+    def epoch_cache():
+        for _ in range(n_batches):
+            with_features()
+
+    def epoch_vae():
+        for k in range(n_batches):
+            x = to_model_range(images[k * b:(k + 1) * b].to(device))
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+            m = post.mean.cpu().numpy()
+            step(build(m, post.logvar.cpu().numpy(), torch.randn((len(m), 3, 4, 32, 32), device=device)))
+
+    t_cache = timed(epoch_cache, device, 3)
+    t_vae = timed(epoch_vae, device, 1)
+    print(f"(b) epoch of {n_batches * b} images: from cache {t_cache:.2f} s, VAE in the loop {t_vae:.2f} s: "
+          f"{t_vae / t_cache:.0f}x faster (goal >= 100x)")
+
+
+if __name__ == "__main__":
+    main()
