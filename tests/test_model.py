@@ -49,7 +49,7 @@ def test_prototype_posterior_equals_direct_equations():
     for b in range(2):
         s = []
         for c in range(3):
-            d = [float((out.w[b] * (out.h_bar[b] - m.prototypes[c, k]) ** 2).sum()) for k in range(2)]
+            d = [float((out.w[b] * (out.h_bar[b] - m.prototypes[c, k]) ** 2).sum().detach()) for k in range(2)]
             s.append(-0.7 * torch.log(torch.tensor(d).neg().div(0.7).exp().sum()))
         direct = torch.softmax(-torch.stack(s), dim=0)
         torch.testing.assert_close(pi[b], direct.float(), rtol=1e-4, atol=1e-6)
