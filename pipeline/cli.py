@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import click
@@ -168,8 +171,6 @@ def _steps(text: str) -> tuple[int, ...]:
 @_workspace_options
 def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers):
     """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
-    import time
-
     from pipeline.datasets import SynthSpec, write_benchmark
 
     out = out or ws.root / "data" / "synth"
@@ -194,8 +195,6 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 @_workspace_options
 def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
     """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest."""
-    import os
-
     from pipeline import manifest as mf
     from pipeline.datasets import PP_COLUMNS, postprocess_rows
 
@@ -218,8 +217,6 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 @_user_errors
 def demo(vae_source, workspace):
     """Synthetic benchmark + every stage, end to end, small enough for a laptop CPU."""
-    import time
-
     from stages import demo as stage
 
     start = time.perf_counter()
@@ -283,8 +280,6 @@ def verify(ws, cfg):
 @_workspace_options
 def gc(ws, cfg, dry_run):
     """Remove latent stores that no lock of the current config refers to."""
-    import shutil
-
     from stages import encode as enc
 
     keep = set()

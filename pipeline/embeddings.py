@@ -8,6 +8,7 @@ Attributes: classes, timesteps, model and latent fingerprints.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,6 @@ ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min")
 def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray],
           attrs: dict) -> None:
     """Write to a temporary group, then rename: readers never see a half-written store."""
-    import shutil
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

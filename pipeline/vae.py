@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +126,6 @@ def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache) -> str:
 
 def _from_single_file(cls, src: VaeSource, torch_dtype):
     """diffusers reads the config from a folder's config.json; give it one, never the Hub."""
-    import shutil
-    import tempfile
-
     if src.config_path.name == "config.json":
         return cls.from_single_file(str(src.location), config=str(src.config_path.parent),
                                     local_files_only=True, torch_dtype=torch_dtype)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +177,3 @@ def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
                        f"have stores here: {', '.join(others)} (vae, preprocess or dtype changed)"]
     return up, reasons
 
-
-def describe(ws: Workspace, split: str, cfg: Config) -> dict:
-    p = plan(ws, split, cfg)
-    return {"store": str(p.store), "encoder_fingerprint": p.encoder_fp, "rows": len(p.manifest),
-            "vae": p.source.label, "lock": json.loads(p.lock.read_text()) if p.lock.exists() else None}

@@ -95,7 +95,7 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     from tqdm import tqdm
 
     from pipeline import metrics
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_tensors
+    from pipeline.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
     from pipeline.data import FeatureBuilder, LatentRows
     from pipeline.training import predict, recalibrate_batchnorm, train_epoch
     from pipeline.vae import resolve_device
@@ -140,9 +140,7 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
         state["epoch"] = epoch
         save_checkpoint(ckpt_dir, model, opt, stats, state)
     result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
-    best = ckpt_dir / "best.safetensors"
-    from pipeline.checkpoint import load_tensors
-    tensors, _ = load_tensors(best)
+    tensors, _ = load_tensors(ckpt_dir / "best.safetensors")
     save_tensors(out / "model.safetensors", tensors,
                  {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
                   "val_macro_auc": state["best_auc"]})
