@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +56,33 @@ def ws(tmp_path, tiny_vae) -> Path:
     result = cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")
     assert result.exit_code == 0, result.output
     return tmp_path
+
+
+SLOWED = """
+import sys, time, importlib
+module, name, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+mod = importlib.import_module(module)
+real = getattr(mod, name)
+def slow(*a, **k):
+    real(*a, **k)
+    time.sleep(pause)
+setattr(mod, name, slow)
+exec(sys.argv[4])
+"""
+
+
+def kill_midway(slowed: str, pause: float, body: str, ready, timeout: float = 120) -> None:
+    """Run `body` in a subprocess with `slowed` ("module.function") sleeping `pause` s after each
+    call, SIGKILL it as soon as `ready()` is true, and check it was still running then."""
+    module, name = slowed.rsplit(".", 1)
+    proc = subprocess.Popen([sys.executable, "-c", SLOWED, module, name, str(pause), body],
+                            cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the subprocess finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def cli(ws: Path, *args: str):

@@ -71,4 +71,4 @@ def test_ablation_heads():
     out = lin(torch.randn(2, 3, 8, 16, 16))
     assert out.distances is None and out.logits.shape == (2, 3) and bool((out.w == 1).all())
     learn = ProtoLeakNet(n_classes=3, embed_dim=8, tau_learnable=True, tau=2.0)
-    assert learn.log_tau.requires_grad and float(learn.tau) == pytest.approx(2.0)
+    assert learn.log_tau.requires_grad and float(learn.tau.detach()) == pytest.approx(2.0)

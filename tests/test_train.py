@@ -1,12 +1,5 @@
 """Stage two on a tiny VAE and a small synthetic benchmark: learning, idempotence, determinism,
 streaming, embeddings and resume after SIGKILL."""
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-
 import numpy as np
 import pytest
 from safetensors.torch import load_file
@@ -17,7 +10,7 @@ from pipeline.manifest import read_manifest
 from pipeline.vae import save_random_vae
 from pipeline.workspace import Workspace
 from stages import encode, train
-from tests.conftest import TINY_BLOCKS, cli
+from tests.conftest import TINY_BLOCKS, cli, kill_midway
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
 
@@ -98,35 +91,15 @@ def test_embeddings_for_every_encoded_split(tws):
     assert "val_macro_auc" in history
 
 
-RESUME = textwrap.dedent("""
-    import sys, time
-    from pipeline import checkpoint
-    from pipeline.workspace import Workspace
-    from stages import train
-    real = checkpoint.save_checkpoint
-    def slow(*a, **k):
-        real(*a, **k)
-        time.sleep(1.0)
-    checkpoint.save_checkpoint = slow
-    ws = Workspace(sys.argv[1])
-    train.run(ws, ws.config(None, sys.argv[3:]), sys.argv[2], log=print)
-""")
-
-
 def test_resume_after_sigkill_matches_uninterrupted(tws):
     sets = [*FAST, "train.epochs=4"]
     train_run(tws, "whole", "train.epochs=4")
     ckpt = train.run_dir(Workspace(tws), "cut") / "checkpoint" / "checkpoint.json"
-    proc = subprocess.Popen([sys.executable, "-c", RESUME, str(tws), "cut", *sets], cwd=os.getcwd(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and '"epoch": 2' in ckpt.read_text():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_midway("pipeline.checkpoint.save_checkpoint", 1.0,
+                f"from pipeline.workspace import Workspace\nfrom stages import train\n"
+                f"ws = Workspace({str(tws)!r})\n"
+                f"train.run(ws, ws.config(None, {sets!r}), 'cut', log=print)",
+                ready=lambda: ckpt.exists() and '"epoch": 2' in ckpt.read_text())
     assert not (ckpt.parent.parent / "model.safetensors").exists()
     result = train_run(tws, "cut", "train.epochs=4")
     assert result.resumed_from == 2 and result.epochs == 4
