@@ -145,6 +145,40 @@ def train(ws, cfg, run_name):
     click.echo(stage.run(ws, cfg, run_name, log=_log).summary())
 
 
+# ---------------------------------------------------------------- stage three
+@main.command()
+@click.option("--run", "run_name", default="default", show_default=True, help="Run to score.")
+@click.option("--dual", is_flag=True, help="Also report the paper's 'dual' open-set setting (not a "
+              "detector: it uses each sample's ground-truth domain).")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
+@_workspace_options
+def score(ws, cfg, run_name, dual, as_json):
+    """Stage three: metrics, open-set KDE, report.md and figures from the run's embeddings."""
+    from stages import score as stage
+
+    if dual:
+        cfg.score.dual = True
+    result = stage.run(ws, cfg, run_name, log=_log)
+    click.echo(json.dumps(result.metrics, indent=1) if as_json else result.summary())
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--run", "run_name", default="default", show_default=True, help="A scored run.")
+@click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_workspace_options
+def attribute(ws, cfg, images, run_name, top, as_json):
+    """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
+    from stages import attribute as stage
+
+    results = stage.run(ws, list(images), run_name, top)
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    else:
+        click.echo(stage.format_text(results, stage.train.run_config(stage.train.run_dir(ws, run_name)).diffusion.timesteps))
+
+
 # ---------------------------------------------------------------- data
 def _steps(text: str) -> tuple[int, ...]:
     try:
@@ -248,6 +282,11 @@ def status(ws, cfg):
     for run in tr.runs(ws):
         up, reasons = tr.status(ws, run)
         click.echo(f"train  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
+        if (tr.run_dir(ws, run) / "score.lock.json").exists():
+            from stages import score as sc
+
+            up, reasons = sc.status(ws, cfg, run)
+            click.echo(f"score  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
 
 
 @main.command()

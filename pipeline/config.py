@@ -97,6 +97,23 @@ class TrainConfig:
 
 
 @dataclass
+class ScoreConfig:
+    closed: str = "closed"  # manifest whose train rows fit the comparators and whose test rows are scored
+    postprocessed: str = "closed-pp"  # post-processed test copies (variant column: step1, step2, ...)
+    open: str = "open"  # unseen generators for the open-set analysis
+    maha_floor: float = 1e-3  # Eq. 13 epsilon, relative to the mean per-dimension training variance
+    kde_bandwidth: float = 0.0  # 0: cross-validated over kde_grid x the embeddings' scale
+    kde_grid: list[float] = field(default_factory=lambda: [round(10 ** (-1.5 + k / 6), 5) for k in range(13)])
+    kde_folds: int = 5
+    kde_dtype: str = "float64"  # float64 | float32
+    kde_embedding: str = "h_bar"  # what `attribute` flags unseen generators with: h_bar | gated (h_bar * w)
+    unseen_tpr: float = 0.95  # the unseen threshold keeps this fraction of closed validation images
+    dual: bool = False  # the paper's "dual" open-set setting (uses ground truth; not a detector)
+    embedding_map: str = "pca"  # pca | tsne
+    seed: int = 0  # KDE folds, t-SNE
+
+
+@dataclass
 class ComputeConfig:
     """Execution only: never part of a fingerprint."""
 
@@ -116,6 +133,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict:
@@ -131,6 +149,9 @@ CHOICES = {
     "diffusion.schedule": ("cosine", "linear", "scaled_linear"),
     "features.dct_map": ("coeffs", "lowpass"),
     "model.backbone": ("resnet18", "resnet50", "resnet101"),
+    "score.kde_dtype": ("float64", "float32"),
+    "score.kde_embedding": ("h_bar", "gated"),
+    "score.embedding_map": ("pca", "tsne"),
 }
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
 TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")

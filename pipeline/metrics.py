@@ -1,21 +1,90 @@
-"""Attribution metrics as pure numpy functions (Eq. 18-20)."""
+"""Attribution and open-set metrics as pure numpy functions (Eq. 18-20).
+
+Conventions: `positive` marks the class whose score should be high (for the open set: closed-set
+samples, scored by their KDE log-density). An AUC is undefined without both positives and
+negatives; it is then NaN (documented), never an exception, so one empty class cannot stop a report.
+"""
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import gaussian_kde, rankdata
+
+
+def _check(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    if scores.shape != positive.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and positive {positive.shape} must be equal 1-D shapes")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+    return scores, positive
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve: P(score_pos > score_neg) + P(tie) / 2 (Mann-Whitney, ties averaged).
-
-    NaN when there are no positives or no negatives (documented: the AUC is undefined there).
-    """
-    positive = np.asarray(positive, bool)
+    """AUROC = P(score_pos > score_neg) + P(tie) / 2 (Mann-Whitney with averaged ranks); NaN if a side is empty."""
+    scores, positive = _check(scores, positive)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(np.asarray(scores, np.float64))
+    ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray):
+    """(fpr, tpr, thresholds) at every distinct score, highest first, starting at (0, 0) with +inf.
+
+    The same points as scikit-learn's `roc_curve(..., drop_intermediate=False)`; NaN rates for an
+    empty side.
+    """
+    scores, positive = _check(scores, positive)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, int)
+    tps, fps = np.cumsum(p)[last], np.cumsum(~p)[last]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.r_[0, tps] / (tps[-1] if len(tps) and tps[-1] else np.nan)
+        fpr = np.r_[0, fps] / (fps[-1] if len(fps) and fps[-1] else np.nan)
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def eer(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Eq. 19: the error rate where the false-positive rate equals the false-negative rate,
+    linearly interpolated between the two ROC points that bracket the crossing."""
+    fpr, tpr, _ = roc_curve(scores, positive)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        return float("nan")
+    fnr = 1 - tpr
+    diff = fnr - fpr  # decreasing from 1 to -1 along the curve
+    k = int(np.argmax(diff <= 0))
+    if k == 0 or diff[k] == 0:
+        return float(fpr[k])
+    t = diff[k - 1] / (diff[k - 1] - diff[k])
+    return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+
+
+def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, tpr_target: float = 0.95) -> float:
+    """The smallest false-positive rate among thresholds that keep at least `tpr_target` true positives."""
+    fpr, tpr, _ = roc_curve(scores, positive)
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        return float("nan")
+    return float(fpr[tpr >= tpr_target - 1e-12].min())
+
+
+def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
+    """Eq. 20: overlap integral of min(f_a, f_b) of two 1-D score densities (Gaussian KDEs, Scott's
+    rule) on one shared grid spanning both samples; 1 = identical, 0 = disjoint. NaN if either has < 2 values."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    densities = []
+    for x in (a, b):
+        if np.ptp(x) == 0:  # a constant sample has no KDE; give it a narrow bump
+            x = x + np.linspace(-1e-6, 1e-6, len(x)) * max(1.0, abs(x[0]))
+        densities.append(gaussian_kde(x))
+    lo = min(a.min(), b.min()) - 4 * max(d.factor * d.dataset.std() for d in densities)
+    hi = max(a.max(), b.max()) + 4 * max(d.factor * d.dataset.std() for d in densities)
+    grid = np.linspace(lo, hi, grid_points)
+    fa, fb = densities[0](grid), densities[1](grid)
+    return float(np.clip(np.trapezoid(np.minimum(fa, fb), grid), 0.0, 1.0))
 
 
 def per_class_auc(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -33,4 +102,33 @@ def macro_auc(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
 
 
 def top1(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose highest score is their label (NaN for no rows)."""
     return float((scores.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def closed_set(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    """Every closed-set number for one scorer: top-1, per-class and macro AUC, confusion matrix.
+
+    A test set with fewer than two classes has no one-vs-rest AUC: macro AUC is then NaN.
+    """
+    aucs = per_class_auc(scores, labels, n_classes) if len(labels) else np.full(n_classes, np.nan)
+    present = ~np.isnan(aucs)
+    return {"n": int(len(labels)), "top1": top1(scores, labels),
+            "macro_auc": float(aucs[present].mean()) if present.any() else float("nan"),
+            "per_class_auc": aucs.tolist(),
+            "confusion": confusion_matrix(scores.argmax(1), labels, n_classes).tolist() if len(labels)
+            else np.zeros((n_classes, n_classes), int).tolist()}
+
+
+def open_set(closed_scores: np.ndarray, open_scores: np.ndarray) -> dict:
+    """AUROC, EER, OVL and FPR at 95% TPR of closed (positive) against open samples."""
+    scores = np.r_[closed_scores, open_scores]
+    positive = np.r_[np.ones(len(closed_scores), bool), np.zeros(len(open_scores), bool)]
+    return {"n_closed": int(len(closed_scores)), "n_open": int(len(open_scores)),
+            "auroc": roc_auc(scores, positive), "eer": eer(scores, positive),
+            "ovl": ovl(closed_scores, open_scores), "fpr_at_95tpr": fpr_at_tpr(scores, positive, 0.95)}

@@ -1,0 +1,108 @@
+"""Stage three's evaluation on saved embeddings: closed set per variant, open set, calibration.
+
+Everything here takes arrays and returns numbers (and the arrays the figures need); reading the
+stores and writing the report happen in stages/score.py and pipeline/report.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.kde import GaussianKDE
+from pipeline.mahalanobis import Mahalanobis
+
+DUAL_WARNING = ("the 'dual' open-set setting scores closed samples with gated embeddings and open "
+                "samples with ungated ones, so it uses each sample's ground-truth domain: it is not a "
+                "detector and its numbers cannot be compared with a deployable method")
+
+
+@dataclass
+class Split:
+    """The valid rows of one embedded split: arrays from the store plus manifest columns."""
+
+    name: str
+    arrays: dict  # h_bar, w, a_t, logits, pi, d_min: (n, ...)
+    labels: np.ndarray  # str
+    partition: np.ndarray
+    variant: np.ndarray
+    n_invalid: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, mask: np.ndarray) -> "Split":
+        return Split(self.name, {k: v[mask] for k, v in self.arrays.items()}, self.labels[mask],
+                     self.partition[mask], self.variant[mask])
+
+    def embedding(self, kind: str) -> np.ndarray:
+        """h_bar (gating off) or h_bar * w (gating on)."""
+        h = self.arrays["h_bar"].astype(np.float64)
+        return h * self.arrays["w"] if kind == "gated" else h
+
+
+def label_index(split: Split, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(split.labels) - index.keys())
+    if unknown:
+        raise ValueError(f"{split.name}: labels not among the trained classes: {', '.join(unknown)}")
+    return np.array([index[c] for c in split.labels], np.int64)
+
+
+def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float) -> dict:
+    """Per variant: the model's head and the Mahalanobis comparator fitted on the training embeddings."""
+    maha = Mahalanobis(len(classes), floor).fit(train.embedding("h_bar"), label_index(train, classes))
+    out = {}
+    for variant, s in tests.items():
+        y = label_index(s, classes)
+        out[variant] = {"head": metrics.closed_set(s.arrays["logits"].astype(np.float64), y, len(classes)),
+                        "mahalanobis": metrics.closed_set(maha.score(s.embedding("h_bar")), y, len(classes))}
+    return out
+
+
+@dataclass
+class OpenSet:
+    """KDE open-set analysis: per embedding kind, the fitted KDE and the log-densities."""
+
+    kdes: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)  # kind -> {"closed": ..., "open": ...}
+    metrics: dict = field(default_factory=dict)
+
+
+def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
+    kde = GaussianKDE(bandwidth=cfg.kde_bandwidth or None, grid_factors=tuple(cfg.kde_grid),
+                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype)
+    return kde.fit(train.embedding(kind))
+
+
+def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
+    """Eq. 16-17, 19-20: closed test (positive) vs open samples, gating off and on (and dual if asked)."""
+    res = OpenSet()
+    for name, kind in (("gating_off", "h_bar"), ("gating_on", "gated")):
+        kde = kde_for(train, kind, cfg)
+        res.kdes[name] = kde
+        res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
+                            "open": kde.score_samples(opened.embedding(kind))}
+        res.metrics[name] = {**metrics.open_set(res.scores[name]["closed"], res.scores[name]["open"]),
+                             "bandwidth": kde.bandwidth_, "cv": kde.cv}
+    if cfg.dual:
+        closed, opened_ = res.scores["gating_on"]["closed"], res.scores["gating_off"]["open"]
+        res.metrics["dual"] = {**metrics.open_set(closed, opened_), "warning": DUAL_WARNING}
+    return res
+
+
+def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str, tpr: float) -> dict:
+    """The log-density below which an image is flagged as from an unseen generator: the (1 - tpr)
+    quantile of closed validation images, so `tpr` of known-generator images pass."""
+    scores = kde.score_samples(val.embedding(kind))
+    if len(scores) == 0:
+        raise ValueError("no validation embeddings to calibrate the unseen-generator threshold on")
+    return {"embedding": kind, "bandwidth": kde.bandwidth_, "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
+            "target_tpr": tpr, "n_val": int(len(scores))}
+
+
+def attention_by_class(s: Split, classes: list[str]) -> list[list[float]]:
+    """Mean temporal attention a_t per class (rows) and timestep (columns), Eq. 14."""
+    y = label_index(s, classes)
+    return [s.arrays["a_t"][y == c].mean(0).tolist() if (y == c).any() else [] for c in range(len(classes))]

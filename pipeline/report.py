@@ -1,0 +1,208 @@
+"""The score report: figures (matplotlib, Agg) and report.md with tables laid out like the paper's
+Tables 1-3 (closed-set attribution, robustness to post-processing, open set)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_write_text
+
+FIGURES = ("confusion.png", "roc.png", "embedding_map.png", "kde_scores.png", "postprocessing.png",
+           "attention.png")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+
+
+def _colours(n: int):
+    """Distinct colours: tab10 up to 10 classes (tab20 pairs light and dark shades of one hue)."""
+    cmap = _plt().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(c % cmap.N) for c in range(n)]
+
+
+def confusion_figure(confusion: list, classes: list[str], title: str, path: Path) -> None:
+    plt = _plt()
+    cm = np.asarray(confusion, float)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * n, 1.2 + 0.5 * n))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted generator")
+    ax.set_ylabel("true generator")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true generator's images")
+    _save(fig, path)
+
+
+def roc_figure(scores: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    from pipeline import metrics
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colours = _colours(len(classes))
+    for c, name in enumerate(classes):
+        if not (labels == c).any() or (labels == c).all():
+            continue
+        fpr, tpr, _ = metrics.roc_curve(scores[:, c], labels == c)
+        ax.plot(fpr, tpr, color=colours[c], lw=1.3,
+                label=f"{name} (AUC {metrics.roc_auc(scores[:, c], labels == c):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(fontsize=7, loc="lower right", ncol=1 + len(classes) // 12)
+    _save(fig, path)
+
+
+def project_2d(x: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """PCA (by SVD) or t-SNE to two dimensions."""
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(2, init="pca", random_state=seed, perplexity=min(30, max(5, len(x) // 4))).fit_transform(x)
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: list[str], opened: np.ndarray,
+                     method: str, seed: int, path: Path) -> None:
+    plt = _plt()
+    xy = project_2d(np.concatenate([closed, opened]), method, seed)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    colours = _colours(len(classes))
+    if len(opened):
+        o = xy[len(closed):]
+        ax.scatter(o[:, 0], o[:, 1], s=9, marker="x", color="0.6", lw=0.7, label="open (unseen)")
+    for c, name in enumerate(classes):
+        p = xy[:len(closed)][closed_labels == c]
+        ax.scatter(p[:, 0], p[:, 1], s=10, color=colours[c], label=name)
+    ax.set(xlabel=f"{method.upper()} 1", ylabel=f"{method.upper()} 2",
+           title=f"embeddings h_bar of the closed test set and the open set ({method.upper()})")
+    ax.legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
+    _save(fig, path)
+
+
+def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: Path) -> None:
+    plt = _plt()
+    kinds = [k for k in ("gating_off", "gating_on") if k in scores]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        closed, opened = scores[kind]["closed"], scores[kind]["open"]
+        both = np.concatenate([closed, opened])
+        bins = np.linspace(np.percentile(both, 0.5), both.max(), 40)
+        ax.hist(np.clip(closed, bins[0], None), bins, alpha=0.6, density=True, label="closed test (known)")
+        ax.hist(np.clip(opened, bins[0], None), bins, alpha=0.6, density=True, label="open (unseen)")
+        m = open_metrics[kind]
+        if threshold and threshold["embedding"] == ("gated" if kind == "gating_on" else "h_bar"):
+            ax.axvline(threshold["log_density_threshold"], color="k", ls="--", lw=1, label="unseen threshold")
+        ax.set(xlabel="KDE log-density", ylabel="density",
+               title=f"{kind.replace('_', ' ')}: AUROC {m['auroc']:.3f}, EER {m['eer']:.3f}, OVL {m['ovl']:.3f}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def postprocessing_figure(closed: dict, n_classes: int, path: Path) -> None:
+    plt = _plt()
+    variants = list(closed)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.axhline(1 / n_classes, color="0.5", ls=":", lw=1, label=f"chance (1/{n_classes})")
+    for scorer, style in (("head", "o-"), ("mahalanobis", "s--")):
+        ax.plot(variants, [closed[v][scorer]["top1"] for v in variants], style,
+                label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)")
+    ax.set(xlabel="post-processing", ylabel="top-1 accuracy", ylim=(0, 1.02),
+           title="attribution accuracy by post-processing step")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def attention_figure(a_t: list, classes: list[str], timesteps: list[int], path: Path) -> None:
+    plt = _plt()
+    rows = [(c, v) for c, v in zip(classes, a_t) if v]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 2), 4))
+    width = 0.8 / len(timesteps)
+    for j, t in enumerate(timesteps):
+        ax.bar(np.arange(len(rows)) + (j - (len(timesteps) - 1) / 2) * width, [v[j] for _, v in rows],
+               width, label=f"t = {t}")
+    ax.set_xticks(range(len(rows)), [c for c, _ in rows], rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="mean attention weight a_t", ylim=(0, 1), title="temporal attention by generator (Eq. 14)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- report.md
+def _f(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def report_markdown(m: dict) -> str:
+    lines = [f"# leakpipe report: run `{m['run']}`", ""]
+    if m.get("notes"):
+        lines += [f"> {n}" for n in m["notes"]] + [""]
+    lines += [f"Generators ({len(m['classes'])}): {', '.join(m['classes'])}. Timesteps T = {m['timesteps']}. "
+              f"Head: {m['head']}.", ""]
+    closed = m["closed"]
+    lines += ["## Table 1. Closed-set attribution (test partition, raw images)", "",
+              "| scorer | n | top-1 | macro AUC |", "|---|---:|---:|---:|"]
+    for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
+        r = closed["raw"][scorer]
+        lines.append(f"| {name} | {r['n']} | {_f(r['top1'])} | {_f(r['macro_auc'])} |")
+    lines += ["", "Per-class one-vs-rest AUC (head / Mahalanobis):", "",
+              "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
+    for c, name in enumerate(m["classes"]):
+        cells = [f"{_f(closed[v]['head']['per_class_auc'][c])} / {_f(closed[v]['mahalanobis']['per_class_auc'][c])}"
+                 for v in closed]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC)", "",
+              "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
+    for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{_f(closed[v][scorer]['top1'])} / {_f(closed[v][scorer]['macro_auc'])}" for v in closed) + " |")
+    lines += ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
+    if m.get("open"):
+        lines += ["| embedding | n closed | n open | bandwidth | AUROC | EER | OVL | FPR@95%TPR |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for kind, r in m["open"].items():
+            bw = _f(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
+            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {_f(r['auroc'])} | "
+                         f"{_f(r['eer'])} | {_f(r['ovl'])} | {_f(r['fpr_at_95tpr'])} |")
+        if "dual" in m["open"]:
+            lines += ["", f"**Warning:** {m['open']['dual']['warning']}."]
+        u = m.get("unseen_threshold")
+        if u:
+            lines += ["", f"Unseen-generator threshold for `leakpipe attribute`: log-density "
+                      f"{u['log_density_threshold']:.3f} on `{u['embedding']}` (keeps {u['target_tpr']:.0%} of "
+                      f"{u['n_val']} closed validation images; on the open set it flags "
+                      f"{_f(u.get('open_flagged'))} of images, on the closed test {_f(u.get('closed_test_passed'))} pass)."]
+    else:
+        lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
+    lines += ["", "## Figures", ""]
+    for fig in m["figures"]:
+        lines += [f"![{fig}](figures/{fig})", ""]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, m: dict) -> None:
+    atomic_write_text(path, report_markdown(m))

@@ -1,0 +1,141 @@
+"""`leakpipe attribute IMAGE...`: one-off attribution with the three-level explanation (Eq. 14-15).
+
+Uses a scored run: its VAE config encodes the images exactly as stage one would (same preprocessing,
+same stored dtype), each image gets the seeded eval noise of its content hash, and the unseen-generator
+threshold and KDE bandwidth come from the run's metrics.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.workspace import Workspace
+from stages import score, train
+
+
+def load_images(paths: list[Path], cfg) -> np.ndarray:
+    """All images as (N, H, W, 3) uint8, or one error naming every bad path."""
+    from pipeline.images import BadImage, load_image
+
+    images, problems = [], []
+    for p in paths:
+        if not Path(p).is_file():
+            problems.append(f"{p}: no such file")
+            continue
+        try:
+            images.append(load_image(p, cfg.preprocess))
+        except BadImage as exc:
+            problems.append(str(exc) if str(p) in str(exc) else f"{p}: {exc}")
+    if problems:
+        raise UserError(f"{len(problems)} of {len(paths)} inputs cannot be attributed:\n  " + "\n  ".join(problems))
+    return np.stack(images)
+
+
+def encode_images(images: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
+    """z0 moments (mean, logvar) as stage one stores them (same dtype round trip)."""
+    import torch
+
+    from pipeline import vae as vae_lib
+    from pipeline.images import to_model_range
+
+    vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae), cfg.vae.dtype, device)
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        post = vae.encode(to_model_range(torch.from_numpy(images).to(device)).to(dtype)).latent_dist
+    return tuple(x.float().cpu().numpy().astype(cfg.store.dtype).astype(np.float32)
+                 for x in (post.mean, post.logvar))
+
+
+def comparators(ws: Workspace, out: Path, m: dict):
+    """Mahalanobis and the unseen KDE, fitted on the run's closed training embeddings."""
+    from pipeline.evaluate import label_index
+    from pipeline.kde import GaussianKDE
+    from pipeline.mahalanobis import Mahalanobis
+
+    cfg = ws.config()
+    closed, _ = score.load_split(ws, out, cfg.score.closed)
+    tr = closed.select(closed.partition == "train")
+    maha = Mahalanobis(len(m["classes"]), cfg.score.maha_floor).fit(tr.embedding("h_bar"),
+                                                                   label_index(tr, m["classes"]))
+    u = m["unseen_threshold"]
+    kde = GaussianKDE(bandwidth=u["bandwidth"], dtype=cfg.score.kde_dtype).fit(tr.embedding(u["embedding"]))
+    return maha, kde
+
+
+def explain(out, classes: list[str], tau: float, top: int) -> list[dict]:
+    """Per image: a_t, the top gated features (by w), the winning prototype and its responsibility."""
+    from pipeline.model import responsibilities
+
+    rows = []
+    for i in range(len(out.logits)):
+        w, h = out.w[i], out.h_bar[i]
+        idx = w.argsort(descending=True)[:top]
+        e = {"a_t": out.a_t[i].tolist(),
+             "top_gated_features": [{"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])} for d in idx]}
+        if out.distances is not None:
+            c = int(out.logits[i].argmax())
+            pi_cm = responsibilities(out.distances[i], tau)
+            m = int(pi_cm[c].argmax())
+            e["winning_prototype"] = {"generator": classes[c], "index": m, "responsibility": float(pi_cm[c, m]),
+                                      "distance": float(out.distances[i, c, m])}
+        rows.append(e)
+    return rows
+
+
+def run(ws: Workspace, paths: list[Path], run: str = "default", top: int = 3) -> list[dict]:
+    import torch
+
+    from pipeline import latent_store
+    from pipeline.data import eval_noise
+    from pipeline.hashing import hash_file
+    from pipeline.vae import resolve_device
+
+    out = train.run_dir(ws, run)
+    if not (out / "metrics.json").exists():
+        raise UserError(f"run {run!r} has not been scored ({out / 'metrics.json'} is missing); "
+                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
+    m = json.loads((out / "metrics.json").read_text())
+    device = resolve_device(ws.config().compute.device)
+    model, build, classes, cfg = train.load_trained(out, device)
+    images = load_images(paths, cfg)
+    mean, logvar = encode_images(images, cfg, device)
+    hashes = latent_store.hash_rows([hash_file(Path(p)) for p in paths])
+    with torch.inference_mode():
+        o = model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
+        o = type(o)(**{k: (v.float().cpu() if v is not None else None) for k, v in vars(o).items()})
+    maha, kde = comparators(ws, out, m)
+    u = m["unseen_threshold"]
+    emb = o.h_bar.double().numpy()
+    maha_s = maha.score(emb)
+    log_density = kde.score_samples(emb * o.w.double().numpy() if u["embedding"] == "gated" else emb)
+    probs = torch.softmax(o.logits, 1)
+    results = []
+    for i, (p, why) in enumerate(zip(paths, explain(o, classes, cfg.model.tau, top))):
+        order = probs[i].argsort(descending=True)[:top]
+        results.append({
+            "image": str(p), "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
+            "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
+            "kde_log_density": float(log_density[i]), "unseen_threshold": u["log_density_threshold"],
+            "unseen_generator": bool(log_density[i] < u["log_density_threshold"]), "explanation": why})
+    return results
+
+
+def format_text(results: list[dict], timesteps: list[int]) -> str:
+    lines = []
+    for r in results:
+        flag = "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
+        lines += [r["image"],
+                  "  top: " + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
+                  f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
+                  f"  KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: {flag}",
+                  "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
+                  "  top gated features: " + ", ".join(f"#{f['dim']} (w {f['w']:.2f})"
+                                                       for f in r["explanation"]["top_gated_features"])]
+        p = r["explanation"].get("winning_prototype")
+        if p:
+            lines.append(f"  winning prototype: {p['generator']} #{p['index']} "
+                         f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Metrics against scikit-learn (random scores, ties, perfect separation, edge cases)."""
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from pipeline import metrics
+
+
+def cases():
+    r = np.random.default_rng(0)
+    yield "random", r.normal(size=200), r.random(200) < 0.3
+    yield "heavy ties", r.integers(0, 4, 150).astype(float), r.random(150) < 0.5
+    yield "perfect", np.r_[np.arange(10.0), 100 + np.arange(5.0)], np.r_[np.zeros(10, bool), np.ones(5, bool)]
+    yield "inverted", np.r_[np.arange(10.0), -100 + np.arange(5.0)], np.r_[np.zeros(10, bool), np.ones(5, bool)]
+    yield "all tied", np.ones(20), np.arange(20) % 3 == 0
+
+
+@pytest.mark.parametrize("name,scores,positive", list(cases()), ids=[c[0] for c in cases()])
+def test_roc_matches_sklearn(name, scores, positive):
+    assert metrics.roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    fpr, tpr, thr = metrics.roc_curve(scores, positive)
+    f2, t2, th2 = roc_curve(positive, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f2)
+    np.testing.assert_allclose(tpr, t2)
+    np.testing.assert_allclose(thr, th2)
+    # the trapezoid under our curve is the rank AUC (ties count one half)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(scores, positive), abs=1e-12)
+
+
+def test_eer_and_fpr95_on_known_cases():
+    sep = np.r_[np.zeros(10), np.ones(10)], np.r_[np.zeros(10, bool), np.ones(10, bool)]
+    assert metrics.eer(*sep) == 0.0 and metrics.fpr_at_tpr(*sep) == 0.0
+    assert metrics.eer(-sep[0], sep[1]) == 1.0 and metrics.fpr_at_tpr(-sep[0], sep[1]) == 1.0
+    # identical distributions (all tied): EER 0.5 at the chance diagonal, FPR@95 = 1
+    tied = np.ones(40), np.arange(40) % 2 == 0
+    assert metrics.eer(*tied) == pytest.approx(0.5) and metrics.fpr_at_tpr(*tied) == 1.0
+
+
+def test_eer_is_where_fpr_equals_fnr():
+    r = np.random.default_rng(1)
+    s = np.r_[r.normal(1, 1, 4000), r.normal(0, 1, 4000)]
+    pos = np.r_[np.ones(4000, bool), np.zeros(4000, bool)]
+    fpr, tpr, _ = roc_curve(pos, s)
+    k = np.argmin(np.abs(fpr - (1 - tpr)))
+    assert metrics.eer(s, pos) == pytest.approx((fpr[k] + 1 - tpr[k]) / 2, abs=2e-3)
+    # two unit Gaussians one sigma apart: EER = Phi(-0.5) = 0.3085
+    assert metrics.eer(s, pos) == pytest.approx(0.3085, abs=0.015)
+    # FPR at 95% TPR for the same pair: threshold 1 - 1.645, FPR = 1 - Phi(-0.645) = 0.7405
+    assert metrics.fpr_at_tpr(s, pos) == pytest.approx(0.7405, abs=0.02)
+
+
+def test_ovl_of_known_densities():
+    r = np.random.default_rng(2)
+    a, b = r.normal(0, 1, 5000), r.normal(1, 1, 5000)
+    assert metrics.ovl(a, b) == pytest.approx(2 * 0.3085, abs=0.03)  # 2 Phi(-d/2)
+    assert metrics.ovl(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.ovl(a, a + 100) < 1e-6
+    assert np.isnan(metrics.ovl(a[:1], b))
+    assert 0 <= metrics.ovl(np.ones(5), np.ones(5) * 2) <= 1  # constant samples do not crash
+
+
+def test_absent_class_and_single_class():
+    y = np.array([0, 0, 1, 1])
+    s = np.random.default_rng(0).random((4, 3))
+    aucs = metrics.per_class_auc(s, y, 3)
+    assert np.isnan(aucs[2]) and not np.isnan(aucs[:2]).any()  # class 2 absent: documented NaN
+    assert metrics.macro_auc(s, y, 3) == pytest.approx(aucs[:2].mean())
+    single = metrics.closed_set(s, np.zeros(4, int), 3)  # one class only: no AUC, no crash
+    assert np.isnan(single["macro_auc"]) and single["top1"] == (s.argmax(1) == 0).mean()
+    with pytest.raises(ValueError, match="at least two classes"):
+        metrics.macro_auc(s, np.zeros(4, int), 3)
+    empty = metrics.closed_set(np.zeros((0, 3)), np.zeros(0, int), 3)
+    assert empty["n"] == 0 and np.isnan(empty["top1"])
+    assert np.isnan(metrics.roc_auc(np.ones(3), np.ones(3, bool)))
+    assert np.isnan(metrics.eer(np.ones(3), np.ones(3, bool)))
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.roc_auc(np.array([0.1, np.nan]), np.array([True, False]))
+    with pytest.raises(ValueError, match="shapes"):
+        metrics.roc_curve(np.ones(3), np.ones(2, bool))
+
+
+def test_confusion_and_closed_set_match_sklearn():
+    r = np.random.default_rng(3)
+    s, y = r.random((300, 5)), r.integers(0, 5, 300)
+    got = metrics.closed_set(s, y, 5)
+    np.testing.assert_array_equal(got["confusion"], confusion_matrix(y, s.argmax(1), labels=range(5)))
+    assert got["macro_auc"] == pytest.approx(np.mean([roc_auc_score(y == c, s[:, c]) for c in range(5)]))
+    assert got["top1"] == (s.argmax(1) == y).mean()
+    o = metrics.open_set(r.normal(1, 1, 50), r.normal(0, 1, 70))
+    assert set(o) == {"n_closed", "n_open", "auroc", "eer", "ovl", "fpr_at_95tpr"}
