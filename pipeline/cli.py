@@ -179,6 +179,45 @@ def attribute(ws, cfg, images, run_name, top, as_json):
         click.echo(stage.format_text(results, stage.train.run_config(stage.train.run_dir(ws, run_name)).diffusion.timesteps))
 
 
+@main.command()
+@click.option("--only", help="Comma-separated ablations [default: all of them].")
+@click.option("--list", "list_only", is_flag=True, help="List the ablations and their settings.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Comparison table [default: WORKSPACE/cache/sweep.md].")
+@_workspace_options
+def sweep(ws, cfg, only, list_only, out):
+    """Ablations of the paper's Tables 3-5 over one latent cache: train + score each, then compare."""
+    from stages import sweep as stage
+
+    names = stage.select(only)
+    if list_only:
+        for n in names:
+            click.echo(f"{n:<14} {' '.join(stage.ABLATIONS[n]) or '(workspace config)'}")
+        return
+    params = click.get_current_context().params  # the workspace's --config and --set come first
+    holder = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]),
+                       names, log=_log)
+    table = stage.compare(ws, names, holder)
+    out = out or ws.cache / "sweep.md"
+    stage.write_compare(out, table)
+    click.echo(table + f"-> {out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the table (markdown) here.")
+@_workspace_options
+def compare(ws, cfg, runs, out):
+    """Top-1 and macro AUC (head, Mahalanobis), post-processing and open set, one row per scored RUN."""
+    from stages import sweep as stage
+
+    table = stage.compare(ws, list(runs))
+    if out:
+        stage.write_compare(out, table)
+    click.echo(table + (f"-> {out}" if out else ""))
+
+
 # ---------------------------------------------------------------- data
 def _steps(text: str) -> tuple[int, ...]:
     try:
@@ -248,16 +287,26 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
               "the seeded random demo VAE.")
 @click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
               default="demo", show_default=True, help="Workspace folder for the demo.")
+@click.option("--closed", "n_closed", type=int, help="Known generators [default: 10].")
+@click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
+@click.option("--per-generator", type=int, help="Images per generator [default: 40].")
+@click.option("--size", type=int, help="Image side in pixels [default: 128].")
+@click.option("--epochs", default=15, show_default=True, help="Training epochs.")
 @_user_errors
-def demo(vae_source, workspace):
-    """Synthetic benchmark + every stage, end to end, small enough for a laptop CPU."""
+def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
+    """Synthetic benchmark + every stage (encode, train, score), end to end, on a laptop CPU.
+
+    Sizes and epochs apply when the workspace is first created; a rerun does only what is missing.
+    """
     from stages import demo as stage
 
     start = time.perf_counter()
     ws = Workspace(workspace)
-    lines = stage.run(ws, lambda: ws.config(), vae_source, log=_log)
+    spec = stage.spec_with(n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
+    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs, log=_log)
     click.echo("\n".join(lines))
-    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}")
+    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
+               f"report {ws.cache / 'runs' / 'default' / 'report.md'}")
 
 
 # ---------------------------------------------------------------- ledger

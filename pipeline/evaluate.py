@@ -51,12 +51,13 @@ def label_index(split: Split, classes: list[str]) -> np.ndarray:
 
 
 def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float) -> dict:
-    """Per variant: the model's head and the Mahalanobis comparator fitted on the training embeddings."""
+    """Per variant: the model's head (scores: the posterior pi) and the Mahalanobis comparator (scores:
+    s_c of Eq. 13) fitted on the training embeddings."""
     maha = Mahalanobis(len(classes), floor).fit(train.embedding("h_bar"), label_index(train, classes))
     out = {}
     for variant, s in tests.items():
         y = label_index(s, classes)
-        out[variant] = {"head": metrics.closed_set(s.arrays["logits"].astype(np.float64), y, len(classes)),
+        out[variant] = {"head": metrics.closed_set(metrics.softmax(s.arrays["logits"].astype(np.float64)), y, len(classes)),
                         "mahalanobis": metrics.closed_set(maha.score(s.embedding("h_bar")), y, len(classes))}
     return out
 

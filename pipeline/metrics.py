@@ -87,6 +87,17 @@ def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
     return float(np.clip(np.trapezoid(np.minimum(fa, fb), grid), 0.0, 1.0))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax: the class posterior pi from logits.
+
+    One-vs-rest AUCs of a softmax head are computed on pi, not on logits: a logit column ranks samples
+    mostly by how far each is from *every* prototype, which says little about its class (on the demo:
+    top-1 0.78 with a logit macro AUC of 0.62).
+    """
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def per_class_auc(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """One-vs-rest AUC of column c against label == c, for every class (NaN if c is absent)."""
     return np.array([roc_auc(scores[:, c], labels == c) for c in range(n_classes)])

@@ -169,7 +169,7 @@ def report_markdown(m: dict) -> str:
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
         r = closed["raw"][scorer]
         lines.append(f"| {name} | {r['n']} | {_f(r['top1'])} | {_f(r['macro_auc'])} |")
-    lines += ["", "Per-class one-vs-rest AUC (head / Mahalanobis):", "",
+    lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
               "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for c, name in enumerate(m["classes"]):
         cells = [f"{_f(closed[v]['head']['per_class_auc'][c])} / {_f(closed[v]['mahalanobis']['per_class_auc'][c])}"

@@ -185,4 +185,15 @@ def save_random_vae(folder: Path, block_out_channels=(32, 64, 64, 64), seed: int
                         block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
                         norm_num_groups=groups, sample_size=256)
     vae.save_pretrained(str(folder), safe_serialization=True)
+    (Path(folder) / RANDOM_MARKER).write_text(f"seeded random weights (seed {seed}) written by leakpipe; "
+                                             "not a pretrained VAE\n")
     return Path(folder)
+
+
+RANDOM_MARKER = "LEAKPIPE_RANDOM_WEIGHTS.txt"
+
+
+def is_random(cfg: VaeConfig) -> bool:
+    """True for a VAE written by save_random_vae (demo, tests): reports must say so."""
+    p = Path(cfg.source).expanduser()
+    return (p / RANDOM_MARKER).exists() or (p.is_file() and (p.parent / RANDOM_MARKER).exists())

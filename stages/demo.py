@@ -1,14 +1,14 @@
 """`leakpipe demo`: a small synthetic benchmark through every stage, end to end, on a CPU."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from pipeline import vae as vae_lib
-from pipeline.config import Config
 from pipeline.datasets import SynthSpec, write_benchmark
 from pipeline.workspace import Workspace
-from stages import encode, train
+from stages import encode, score, train
 
 DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
 # difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
@@ -28,12 +28,13 @@ num_workers = 1
 embed_dim = 64
 prototypes_per_class = 2
 [train]
-epochs = 8
+epochs = {epochs}
 batch_size = 32
 """
 
 
-def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, log=print) -> None:
+def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15,
+          log=print) -> None:
     """Synthetic data, manifests, the demo VAE and leakpipe.toml (each only if missing)."""
     if not ws.manifest("closed").exists():
         start = time.perf_counter()
@@ -45,15 +46,22 @@ def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, lo
             vae_lib.save_random_vae(Path(vae_source), DEMO_VAE_BLOCKS, seed=0)
     toml = ws.root / "leakpipe.toml"
     if not toml.exists():
-        toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size))
+        toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs))
 
 
-def run(ws: Workspace, cfg_loader, vae_source: str | None = None, log=print) -> list[str]:
-    """Run every stage; returns the summary lines."""
-    setup(ws, vae_source, log=log)
-    cfg: Config = cfg_loader()
-    lines = [RANDOM_VAE_NOTE] if vae_source is None else []
+def spec_with(**changes) -> SynthSpec:
+    """The demo's spec with some fields changed (None keeps the default)."""
+    return dataclasses.replace(DEMO_SPEC, **{k: v for k, v in changes.items() if v is not None})
+
+
+def run(ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpec = DEMO_SPEC,
+        epochs: int = 15, log=print) -> list[str]:
+    """Every stage (each does nothing if up to date); returns the summary lines."""
+    setup(ws, vae_source, spec, epochs, log=log)
+    cfg = cfg_loader()
+    lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae) else []
     for split in ("closed", "closed-pp", "open"):
         lines.append(encode.run(ws, split, cfg, log=log).summary())
     lines.append(train.run(ws, cfg, "default", log=log).summary())
+    lines.append(score.run(ws, cfg, "default", log=log).summary())
     return lines

@@ -15,7 +15,9 @@ from pipeline.locking import exclusive
 from pipeline.workspace import Workspace
 from stages import train
 
-CODE_VERSION = "score-1"
+CODE_VERSION = "score-2"
+RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
+                   "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy.")
 
 
 @dataclass
@@ -91,7 +93,11 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     """(metrics, figure data)."""
     from pipeline import evaluate as ev
 
+    from pipeline.vae import is_random
+
     names = splits_of(cfg)
+    if is_random(train.run_config(run_dir).vae):
+        notes = [RANDOM_VAE_NOTE, *notes]
     closed, attrs = load_split(ws, run_dir, names["closed"])
     classes = attrs["classes"]
     by_part = {p: closed.select(closed.partition == p) for p in ("train", "val", "test")}
@@ -142,7 +148,7 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
     y = label_index(test, classes)
     report.confusion_figure(m["closed"]["raw"]["head"]["confusion"], classes,
                             f"confusion, closed test (raw), {m['head']} head", fig_dir / "confusion.png")
-    report.roc_figure(test.arrays["logits"], y, classes, "one-vs-rest ROC, closed test (raw)", fig_dir / "roc.png")
+    report.roc_figure(test.arrays["pi"], y, classes, "one-vs-rest ROC, closed test (raw)", fig_dir / "roc.png")
     opened = figs["open"].embedding("h_bar") if figs["open"] is not None else np.zeros((0, test.arrays["h_bar"].shape[1]))
     report.embedding_figure(test.embedding("h_bar"), y, classes, opened, cfg.score.embedding_map, cfg.score.seed,
                             fig_dir / "embedding_map.png")

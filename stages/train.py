@@ -15,7 +15,7 @@ from pipeline.locking import exclusive
 from pipeline.workspace import Workspace
 from stages import encode
 
-CODE_VERSION = "train-1"
+CODE_VERSION = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
 EMBED_VERSION = "embed-1"
 
 
@@ -103,6 +103,10 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     tr_rows, tr_y, va_rows, va_y, classes = _rows(p)
     budget = cfg.compute.memory_budget_gb * 2 ** 30
     train_data, val_data = (LatentRows(p.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
+    side = min(train_data.latent_shape[-2:])
+    if cfg.features.dct_k > side:
+        raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds the latent side {side} of "
+                        f"{p.store}; lower features.dct_k or encode larger images (preprocess.size)")
     device = resolve_device(cfg.compute.device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, len(classes)).to(device)
@@ -130,7 +134,7 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
                               cfg.train.shuffle_chunks, cfg.train.grad_clip, bar)
         recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size)
         val = predict(model, val_data, build, cfg.compute.eval_batch_size)
-        auc = metrics.macro_auc(val["logits"], va_y, len(classes))
+        auc = metrics.macro_auc(metrics.softmax(val["logits"]), va_y, len(classes))
         state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
                                  "val_acc": metrics.top1(val["logits"], va_y)})
         log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val macro AUC {auc:.4f}")

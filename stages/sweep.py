@@ -1,0 +1,132 @@
+"""Ablations over one latent cache (paper Tables 3-5) and the comparison table of runs.
+
+Each ablation is a run name with `--set` overrides on top of the workspace config. Nothing is
+encoded: training reads the cache, and an ablation whose training config equals that of a run
+already trained on the same cache is not trained again (it is reported as that run).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline import ledger
+from pipeline.atomic import atomic_write_text
+from pipeline.config import TRAIN_SECTIONS, Config
+from pipeline.errors import UserError
+from pipeline.workspace import Workspace
+from stages import score, train
+
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    # Table 3: components
+    "full": (),
+    "no-prototypes": ("model.prototypes=false",),
+    "no-gating": ("model.gating=false",),
+    "neither": ("model.prototypes=false", "model.gating=false"),
+    "M2": ("model.prototypes_per_class=2",),
+    "M4": ("model.prototypes_per_class=4",),
+    "M6": ("model.prototypes_per_class=6",),
+    # Table 4: backbones
+    "resnet50": ("model.backbone=resnet50",),
+    "resnet101": ("model.backbone=resnet101",),
+    # Table 5: timesteps, schedules, DCT map
+    "T0": ("diffusion.timesteps=0",),
+    "T0-5": ("diffusion.timesteps=0,5",),
+    "T0-10-20": ("diffusion.timesteps=0,10,20",),
+    "T0-25-50": ("diffusion.timesteps=0,25,50",),
+    "linear": ("diffusion.schedule=linear",),
+    "scaled-linear": ("diffusion.schedule=scaled_linear",),
+    "dct-lowpass": ("features.dct_map=lowpass",),
+}
+
+
+def select(names: str | None) -> list[str]:
+    if not names:
+        return list(ABLATIONS)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in ABLATIONS]
+    if unknown:
+        raise UserError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
+    return chosen
+
+
+def trained_as(ws: Workspace, cfg: Config, prefer: str) -> str | None:
+    """A run (`prefer` first) that is up to date for exactly this training config and cache."""
+    _, enc_lock = train.upstream(ws, cfg.train.split, cfg)
+    inputs = train.train_inputs(enc_lock, cfg)
+    for r in [prefer, *(r for r in train.runs(ws) if r != prefer)]:
+        if ledger.stage_state(train.run_dir(ws, r) / "train.lock.json", inputs)[0]:
+            return r
+    return None
+
+
+def run(ws: Workspace, config_for, names: list[str], log=print) -> dict[str, str]:
+    """Train and score each ablation; returns {ablation: run that holds its results}.
+
+    `config_for(overrides)` gives the workspace config with the ablation's overrides applied. An
+    ablation whose training config and cache match a run that is already trained (under its own
+    name or another, such as `default`) reuses that run.
+    """
+    holder = {}
+    for name in names:
+        cfg: Config = config_for(ABLATIONS[name])
+        existing = trained_as(ws, cfg, name)
+        if existing and existing != name:
+            holder[name] = existing
+            log(f"sweep {name}: same training config and cache as run {existing!r}; not trained again")
+        else:
+            holder[name] = name
+            log(f"sweep {name}: {' '.join(ABLATIONS[name]) or 'workspace config'}")
+            log(train.run(ws, cfg, name, log=log).summary())
+        score.run(ws, cfg, holder[name], log=log)
+    return holder
+
+
+# ---------------------------------------------------------------- compare
+def _differences(cfgs: dict[str, dict]) -> dict[str, str]:
+    """Per run, the training settings in which it differs from the first run (the baseline)."""
+    base = next(iter(cfgs.values()))
+    keys = sorted({f"{s}.{k}" for c in cfgs.values() for s in TRAIN_SECTIONS for k in c.get(s, {})})
+    return {run: ", ".join(f"{k}={json.dumps(_get(c, k))}" for k in keys if _get(c, k) != _get(base, k))
+            for run, c in cfgs.items()}
+
+
+def _get(cfg: dict, key: str):
+    section, name = key.split(".", 1)
+    return cfg.get(section, {}).get(name)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def compare(ws: Workspace, runs: list[str], aliases: dict[str, str] | None = None) -> str:
+    """A markdown table of top-1 and macro AUC (head and Mahalanobis), worst post-processing step
+    and open-set AUROC for each run, with its settings that differ from the first run's; raises
+    naming every run that has not been scored."""
+    aliases = aliases or {r: r for r in runs}
+    missing = [r for r in runs if not (train.run_dir(ws, aliases[r]) / "metrics.json").exists()]
+    if missing:
+        raise UserError(f"not scored: {', '.join(missing)}; run `leakpipe score --run RUN` for each")
+    metrics = {r: json.loads((train.run_dir(ws, aliases[r]) / "metrics.json").read_text()) for r in runs}
+    cfgs = {r: json.loads((train.run_dir(ws, aliases[r]) / "config.json").read_text()) for r in runs}
+    diffs = _differences(cfgs)
+    lines = ["| run | differs in | top-1 | macro AUC | Mahalanobis top-1 | worst post-proc. top-1 | "
+             "open AUROC (gating off / on) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        m = metrics[r]
+        raw = m["closed"]["raw"]
+        pp = [v["head"]["top1"] for k, v in m["closed"].items() if k != "raw"]
+        o = m.get("open", {})
+        same = f" (= {aliases[r]})" if aliases[r] != r else ""
+        lines.append(f"| {r}{same} | {diffs[r] or '-'} | {_f(raw['head']['top1'])} | {_f(raw['head']['macro_auc'])} | "
+                     f"{_f(raw['mahalanobis']['top1'])} | {_f(min(pp)) if pp else 'n/a'} | "
+                     f"{_f(o.get('gating_off', {}).get('auroc'))} / {_f(o.get('gating_on', {}).get('auroc'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_compare(path: Path, table: str) -> None:
+    """Write the table unless the file already holds it (a rerun that changes nothing touches nothing)."""
+    path = Path(path)
+    if not (path.exists() and path.read_text() == table):
+        atomic_write_text(path, table)

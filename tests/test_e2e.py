@@ -1,0 +1,106 @@
+"""End to end: every documented command in a temporary workspace on a tiny synthetic set, then
+everything again, which must do no work (no file under cache/ changes)."""
+import json
+
+import pytest
+
+from tests.conftest import TOML, cli
+
+TRAIN = ["--set", "train.epochs=2", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2",
+         "--set", "train.batch_size=8"]
+
+
+def ok(ws, *args):
+    r = cli(ws, *args)
+    assert r.exit_code == 0, f"leakpipe {' '.join(args)}:\n{r.output}"
+    return r.output
+
+
+def snapshot(ws):
+    """Size and mtime of every file under cache/ except the flock files (their holder note is
+    rewritten by each writer that takes them)."""
+    return {str(p.relative_to(ws)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted((ws / "cache").rglob("*")) if p.is_file() and not p.name.endswith("writer.lock")}
+
+
+def every_command(ws, photos):
+    out = {}
+    ok(ws, "synth", "--closed", "3", "--open", "2", "--per-generator", "12", "--size", "32",
+       "--difficulty", "0.1", "--steps", "", "--workers", "1") if not (ws / "manifests").exists() else None
+    if not (ws / "manifests" / "closed-pp.csv").exists():
+        ok(ws, "postprocess", "--split", "closed", "--steps", "1,2", "--workers", "1")
+    out["build"] = ok(ws, "manifest", "build", str(photos), "--split", "photos", "--partition", "none")
+    out["show"] = ok(ws, "manifest", "show", "closed")
+    out["encode"] = ok(ws, "encode", "--split", "closed", "--split", "closed-pp", "--split", "open",
+                       "--split", "photos")
+    out["train"] = ok(ws, "train", *TRAIN)
+    out["score"] = ok(ws, "score", *TRAIN)
+    out["json"] = cli(ws, "score", "--json", *TRAIN).stdout
+    out["attribute"] = cli(ws, "attribute", str(next(photos.rglob("*.png"))), "--json").stdout
+    out["sweep"] = ok(ws, "sweep", "--only", "full,no-gating", *TRAIN)
+    out["compare"] = ok(ws, "compare", "default", "no-gating", "--out", str(ws / "compare.md"))
+    out["status"] = ok(ws, "status", *TRAIN)
+    out["verify"] = ok(ws, "verify")
+    out["gc"] = ok(ws, "gc", "--dry-run", *TRAIN)
+    out["config"] = ok(ws, "config", *TRAIN)
+    return out
+
+
+@pytest.fixture
+def e2e_ws(tmp_path, tiny_vae):
+    (tmp_path / "leakpipe.toml").write_text(TOML.format(vae=tiny_vae))
+    photos = tmp_path / "photos" / "unknown"
+    photos.mkdir(parents=True)
+    from PIL import Image
+    import numpy as np
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), np.uint8)).save(photos / f"{i}.png")
+    return tmp_path
+
+
+def test_every_command_then_nothing_to_do(e2e_ws):
+    ws = e2e_ws
+    first = every_command(ws, ws / "photos")
+    assert "closed00=12" in first["show"].replace(" ", "") or "closed00" in first["show"]
+    assert first["encode"].count("encoded") == 4
+    assert "validation macro AUC" in first["train"] and "report:" in first["score"]
+    m = json.loads(first["json"])
+    assert list(m["closed"]) == ["raw", "step1", "step2"] and "gating_on" in m["open"]
+    a = json.loads(first["attribute"])
+    assert len(a) == 1 and a[0]["top"][0]["generator"].startswith("closed")
+    assert "sweep full: same training config and cache as run 'default'; not trained again" in first["sweep"]
+    assert "| full (= default) | - |" in first["sweep"] and "| no-gating | model.gating=false |" in first["sweep"]
+    assert "| default | - |" in first["compare"] and "model.gating=false" in first["compare"]
+    assert (ws / "compare.md").read_text() in first["compare"]
+    assert "STALE" not in first["status"] and first["status"].count("up to date") == 4 + 2 * 2
+    assert "all checksums match" in first["verify"]
+    assert "[model]" in first["config"]
+    for run in ("default", "no-gating"):
+        assert (ws / "cache" / "runs" / run / "report.md").exists()
+
+    before = snapshot(ws)
+    again = every_command(ws, ws / "photos")
+    after = snapshot(ws)
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}  # nothing rewritten
+    assert after == before
+    assert again["encode"].count("up to date") == 4
+    assert "up to date" in again["train"] and "up to date" in again["score"]
+    assert "train no-gating: up to date" in again["sweep"] and "not trained again" in again["sweep"]
+    assert again["compare"] == first["compare"]
+
+
+def test_demo_small_end_to_end(tmp_path):
+    """The demo with a small spec: every stage, the random-VAE note, a report; a rerun does nothing."""
+    demo = ["demo", "--closed", "2", "--open", "2", "--per-generator", "10", "--size", "64", "--epochs", "2"]
+    r = cli(tmp_path, *demo)
+    assert r.exit_code == 0, r.output
+    assert "seeded random weights" in r.output and "report" in r.output
+    report = (tmp_path / "cache" / "runs" / "default" / "report.md").read_text()
+    assert "seeded random weights" in report and "Table 3" in report
+    before = snapshot(tmp_path)
+    r = cli(tmp_path, *demo)
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    assert snapshot(tmp_path) == before
+    r = cli(tmp_path, "train", "--run", "small-latents", "--set", "features.dct_k=9")
+    assert r.exit_code != 0 and "features.dct_k = 9 exceeds the latent side 8" in r.output
