@@ -122,13 +122,19 @@ def manifest_show(ws, cfg, name):
 @click.option("--split", "splits", multiple=True, required=True, help="Manifest name (repeatable).")
 @click.option("--vae", "vae_source", help="Hub id, diffusers folder or .safetensors (vae.source).")
 @click.option("--skip-bad", is_flag=True, help="Accept the split without unreadable images.")
+@click.option("--workers", type=int, help="Encode on a local dask cluster of N worker processes.")
+@click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
 @_workspace_options
-def encode(ws, cfg, splits, vae_source, skip_bad):
+def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
     from stages import encode as stage
 
     if vae_source:
         cfg.vae.source = vae_source
+    if workers is not None:
+        cfg.encode.workers = workers
+    if scheduler:
+        cfg.encode.scheduler = scheduler
     for split in splits:
         result = stage.run(ws, split, cfg, skip_bad=skip_bad, log=_log)
         click.echo(result.summary())

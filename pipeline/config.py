@@ -49,6 +49,9 @@ class EncodeConfig:
     batch_size: int = 16
     num_workers: int = 2  # image-decoding processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    torch_threads: int = 0  # intra-op CPU threads for the VAE; 0 = torch's default (dask workers: 1)
+    workers: int = 0  # > 0: a local dask.distributed cluster of this many worker processes
+    scheduler: str = ""  # address of an existing dask scheduler, e.g. tcp://10.0.0.1:8786
 
 
 @dataclass

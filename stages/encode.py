@@ -125,16 +125,32 @@ def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
     device = vae_lib.resolve_device(cfg.encode.device)
     log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with "
         f"{p.source.label} on {device}")
-    model = vae_lib.load_vae(p.source, cfg.vae.dtype, device)
-    writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
     paths = [p.manifest.abspath(i) for i in range(len(want))]
     start = time.perf_counter()
     with tqdm(total=len(pending), unit="img", desc=f"encode {p.manifest.name}", disable=None) as bar:
-        encode_pending(model, device, paths, pending, writer, cfg.preprocess, cfg.encode.batch_size,
-                       cfg.encode.num_workers, cfg.store.dtype, progress=bar)
+        if cfg.encode.workers or cfg.encode.scheduler:
+            from pipeline import distributed
+
+            with distributed.connect(cfg.encode.workers, cfg.encode.scheduler) as client:
+                log(f"encode {p.manifest.name}: on dask {client.scheduler.address}, "
+                    f"{len(client.scheduler_info()['workers'])} workers")
+                _, result.failures = distributed.encode_pending(client, p.source, cfg, p.store, paths,
+                                                                pending, want, bar)
+        else:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(cfg.encode.torch_threads or threads)
+            try:
+                model = vae_lib.load_vae(p.source, cfg.vae.dtype, device)
+                writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
+                encode_pending(model, device, paths, pending, writer, cfg.preprocess, cfg.encode.batch_size,
+                               cfg.encode.num_workers, cfg.store.dtype, progress=bar)
+            finally:
+                torch.set_num_threads(threads)
+            result.failures = writer.failures
     result.seconds = time.perf_counter() - start
-    result.failures = writer.failures
-    result.encoded = len(pending) - len(writer.failures)
+    result.encoded = len(pending) - len(result.failures)
 
 
 def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=print) -> EncodeResult:
