@@ -148,7 +148,10 @@ def train(ws, cfg, run_name):
     """Stage two: train from the latent cache, resume if interrupted, embed every encoded split."""
     from stages import train as stage
 
-    click.echo(stage.run(ws, cfg, run_name, log=_log).summary())
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    result = stage.run(ws, cfg, run_name, log=_log if main_rank else (lambda msg: None))
+    if main_rank:
+        click.echo(result.summary())
 
 
 # ---------------------------------------------------------------- stage three

@@ -6,34 +6,42 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import FeatureBuilder, LatentRows, eval_noise
+from pipeline.ddp import Ddp
 
 
 def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int, batch_size: int,
-                seed: int, window: int, grad_clip: float, progress=None) -> dict:
-    """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch)."""
+                seed: int, window: int, grad_clip: float, progress=None, ddp: Ddp = Ddp()) -> dict:
+    """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch).
+
+    Under DDP each rank takes its shard of every global batch (and of its eps); the loss is the
+    shard's sum over the global batch size, times the world size, so DDP's gradient average is the
+    gradient of the global batch's mean loss.
+    """
     model.train()
     device = build.device
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
     shape = build.noise_shape(data.latent_shape)
     total = correct = loss_sum = 0
     for pos, m, lv, y in data.batches(batch_size, seed=seed * 1_000_003 + epoch, window_chunks=window):
-        if len(pos) < 2:  # BatchNorm needs more than one sample
+        if len(pos) < 2 * ddp.world:  # BatchNorm needs more than one sample per rank
             continue
         eps = torch.randn((len(pos), *shape), generator=gen, device=device)
-        labels = torch.from_numpy(y).to(device)
-        out = model(build(m, lv, eps))
-        loss = F.cross_entropy(out.logits, labels)
+        part = ddp.shard(len(pos))
+        labels = torch.from_numpy(y[part]).to(device)
+        out = model(build(m[part], lv[part], eps[part]))
+        loss = F.cross_entropy(out.logits, labels, reduction="sum") * (ddp.world / len(pos))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        total += len(pos)
+        total += len(labels)
         correct += int((out.logits.argmax(1) == labels).sum())
-        loss_sum += loss.item() * len(pos)
+        loss_sum += loss.item() * len(pos) / ddp.world
         if progress is not None:
             progress.update(len(pos))
             progress.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    loss_sum, correct, total = ddp.sum([loss_sum, correct, total])
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
 

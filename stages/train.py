@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +99,8 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     from pipeline import metrics
     from pipeline.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
     from pipeline.data import FeatureBuilder, LatentRows
+    from pipeline import ddp as ddp_lib
     from pipeline.training import predict, recalibrate_batchnorm, train_epoch
-    from pipeline.vae import resolve_device
 
     tr_rows, tr_y, va_rows, va_y, classes = _rows(p)
     budget = cfg.compute.memory_budget_gb * 2 ** 30
@@ -107,9 +109,11 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     if cfg.features.dct_k > side:
         raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds the latent side {side} of "
                         f"{p.store}; lower features.dct_k or encode larger images (preprocess.size)")
-    device = resolve_device(cfg.compute.device)
+    ddp, device = ddp_lib.setup(cfg.compute.device)
+    log = log if ddp.is_main else (lambda msg: None)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, len(classes)).to(device)
+    wrapped = ddp_lib.wrap(build_model(cfg, len(classes)).to(device), ddp, device)
+    model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
@@ -125,25 +129,33 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
         build.fit_statistics(train_data, cfg.compute.eval_batch_size)
     stats = {"feature_mean": build.mean, "feature_std": build.std}
     log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
+        + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
         + ("" if train_data.in_memory else " (streaming latents by chunk)"))
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if epoch - state["best_epoch"] > cfg.train.patience and state["best_epoch"]:
             break
-        with tqdm(total=len(tr_rows), unit="img", desc=f"epoch {epoch}", disable=None, leave=False) as bar:
-            fit = train_epoch(model, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
-                              cfg.train.shuffle_chunks, cfg.train.grad_clip, bar)
+        with tqdm(total=len(tr_rows), unit="img", desc=f"epoch {epoch}", disable=None if ddp.is_main else True,
+                  leave=False) as bar:
+            fit = train_epoch(wrapped, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
+                              cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp)
         recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size)
         val = predict(model, val_data, build, cfg.compute.eval_batch_size)
         auc = metrics.macro_auc(metrics.softmax(val["logits"]), va_y, len(classes))
         state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
                                  "val_acc": metrics.top1(val["logits"], va_y)})
         log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val macro AUC {auc:.4f}")
-        if auc > state["best_auc"]:
+        best = auc > state["best_auc"]
+        if best:
             state["best_auc"], state["best_epoch"] = auc, epoch
-            save_tensors(ckpt_dir / "best.safetensors", {**model.state_dict(), **stats})
         state["epoch"] = epoch
-        save_checkpoint(ckpt_dir, model, opt, stats, state)
+        if ddp.is_main:  # every rank holds the same weights; one writes them
+            if best:
+                save_tensors(ckpt_dir / "best.safetensors", {**model.state_dict(), **stats})
+            save_checkpoint(ckpt_dir, model, opt, stats, state)
+        ddp.barrier()
     result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
+    if not ddp.is_main:
+        return
     tensors, _ = load_tensors(ckpt_dir / "best.safetensors")
     save_tensors(out / "model.safetensors", tensors,
                  {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
@@ -158,7 +170,8 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
     result = TrainResult(run, out)
     inputs = train_inputs(enc_lock, cfg)
     lock_path = out / "train.lock.json"
-    with exclusive(out / ".writer.lock", f"run {run}"):
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 locks and writes
+    with exclusive(out / ".writer.lock", f"run {run}") if main else nullcontext():
         up, reasons = ledger.stage_state(lock_path, inputs)
         if up:
             result.up_to_date = True
@@ -168,11 +181,13 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
             start = time.perf_counter()
             _fit(p, cfg, out, ledger.fingerprint(inputs), result, log)
             result.seconds = time.perf_counter() - start
-            atomic_write_json(out / "config.json", cfg.to_dict())
-            ledger.write_lock(lock_path, "train", inputs,
-                              [out / "model.safetensors", out / "config.json", out / "history.json"],
-                              stores=[str(p.store)], run=run)
-        embed_all(ws, run, log)
+            if main:
+                atomic_write_json(out / "config.json", cfg.to_dict())
+                ledger.write_lock(lock_path, "train", inputs,
+                                  [out / "model.safetensors", out / "config.json", out / "history.json"],
+                                  stores=[str(p.store)], run=run)
+        if main:
+            embed_all(ws, run, log)
     return result
 
 
