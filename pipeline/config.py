@@ -102,7 +102,8 @@ class TrainConfig:
 @dataclass
 class ScoreConfig:
     closed: str = "closed"  # manifest whose train rows fit the comparators and whose test rows are scored
-    postprocessed: str = "closed-pp"  # post-processed test copies (variant column: step1, step2, ...)
+    # manifests of post-processed test copies (variant column: step1, step2, ...), one or several
+    postprocessed: list[str] = field(default_factory=lambda: ["closed-pp"])
     open: str = "open"  # unseen generators for the open-set analysis
     maha_floor: float = 1e-3  # Eq. 13 epsilon, relative to the mean per-dimension training variance
     kde_bandwidth: float = 0.0  # 0: cross-validated over kde_grid x the embeddings' scale

@@ -43,8 +43,10 @@ class ScoreResult:
         return "\n".join(lines)
 
 
-def splits_of(cfg: Config) -> dict[str, str]:
-    return {"closed": cfg.score.closed, "postprocessed": cfg.score.postprocessed, "open": cfg.score.open}
+def splits_of(cfg: Config) -> list[tuple[str, str]]:
+    """(role, split) of every split that score reads."""
+    return [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
+            ("open", cfg.score.open)]
 
 
 def load_split(ws: Workspace, run_dir: Path, split: str):
@@ -72,13 +74,13 @@ def score_inputs(run_dir: Path, available: list[str], cfg: Config) -> dict:
 
 def _available(ws: Workspace, run_dir: Path, cfg: Config, log) -> tuple[list[str], list[str]]:
     """Embed what is missing or stale, then return (splits with embeddings, notes on missing ones)."""
-    names = splits_of(cfg)
-    if not ws.manifest(names["closed"]).exists():
-        raise UserError(f"no manifest {ws.manifest(names['closed'])}: score needs the closed split")
-    wanted = [s for s in names.values() if ws.manifest(s).exists()]
+    closed = cfg.score.closed
+    if not ws.manifest(closed).exists():
+        raise UserError(f"no manifest {ws.manifest(closed)}: score needs the closed split")
+    wanted = [s for _, s in splits_of(cfg) if ws.manifest(s).exists()]
     train.embed_all(ws, run_dir.name, log, splits=wanted)
     have, notes = [], []
-    for role, split in names.items():
+    for role, split in splits_of(cfg):
         if (run_dir / "embeddings" / f"{split}.lock.json").exists():
             have.append(split)
         elif role == "closed":
@@ -95,15 +97,19 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
 
     from pipeline.vae import is_random
 
-    names = splits_of(cfg)
+    names = {"closed": cfg.score.closed, "open": cfg.score.open}
     if is_random(train.run_config(run_dir).vae):
         notes = [RANDOM_VAE_NOTE, *notes]
     closed, attrs = load_split(ws, run_dir, names["closed"])
     classes = attrs["classes"]
     by_part = {p: closed.select(closed.partition == p) for p in ("train", "val", "test")}
     tests = {"raw": by_part["test"]}
-    if names["postprocessed"] in have:
-        pp, _ = load_split(ws, run_dir, names["postprocessed"])
+    for name in (s for s in cfg.score.postprocessed if s in have):
+        pp, _ = load_split(ws, run_dir, name)
+        clash = sorted(set(pp.variant) & tests.keys())
+        if clash:
+            raise UserError(f"{ws.manifest(name)}: variant(s) {', '.join(clash)} also come from another "
+                            "scored manifest; give each post-processing step its own variant name")
         tests.update({v: pp.select(pp.variant == v) for v in sorted(set(pp.variant))})
     if len(by_part["test"]) == 0:
         raise UserError(f"{ws.manifest(names['closed'])} has no valid test rows to score")
@@ -198,5 +204,5 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
 
 def status(ws: Workspace, cfg: Config, run: str) -> tuple[bool, list[str]]:
     out = train.run_dir(ws, run)
-    names = [s for s in splits_of(cfg).values() if (out / "embeddings" / f"{s}.lock.json").exists()]
+    names = [s for _, s in splits_of(cfg) if (out / "embeddings" / f"{s}.lock.json").exists()]
     return ledger.stage_state(out / "score.lock.json", score_inputs(out, names, cfg))

@@ -149,3 +149,21 @@ def test_attribute_and_score_errors(sws, tmp_path):
     assert r.exit_code != 0 and "leakpipe score --run nope" in r.output
     r = cli(sws, "score", "--run", "nope")
     assert r.exit_code != 0 and "leakpipe train --run nope" in r.output
+
+
+def test_post_processed_steps_from_several_manifests(sws):
+    """WILD ships one folder per step: score.postprocessed takes several manifests."""
+    lines = (sws / "manifests" / "closed-pp.csv").read_text().splitlines(keepends=True)
+    head = [ln for ln in lines if ln.startswith("#")] + [next(ln for ln in lines if ln.startswith("path"))]
+    body = [ln for ln in lines if ln not in head]
+    for name, step in (("pp-a", "step1"), ("pp-b", "step2")):
+        (sws / "manifests" / f"{name}.csv").write_text("".join(head + [ln for ln in body if f",{step}," in ln]))
+        assert cli(sws, "encode", "--split", name).exit_code == 0
+    m = json.loads(score(sws, "--set", "score.postprocessed=pp-a,pp-b", "--json").stdout)
+    default = json.loads(score(sws, "--json").stdout)
+    assert list(m["closed"]) == ["raw", "step1", "step2"]
+    assert m["closed"]["step2"] == default["closed"]["step2"]
+    r = cli(sws, "score", *SETS, "--set", "score.postprocessed=pp-a,closed-pp")
+    assert r.exit_code != 0 and "variant(s) step1 also come from another" in r.output
+    for name in ("pp-a", "pp-b"):
+        (sws / "manifests" / f"{name}.csv").unlink()
