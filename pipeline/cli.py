@@ -148,7 +148,9 @@ def train(ws, cfg, run_name):
     """Stage two: train from the latent cache, resume if interrupted, embed every encoded split."""
     from stages import train as stage
 
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    from pipeline.ddp import launched_rank
+
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     result = stage.run(ws, cfg, run_name, log=_log if main_rank else (lambda msg: None))
     if main_rank:
         click.echo(result.summary())
@@ -181,7 +183,7 @@ def attribute(ws, cfg, images, run_name, top, as_json):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
     from stages import attribute as stage
 
-    results = stage.run(ws, list(images), run_name, top)
+    results = stage.run(ws, cfg, list(images), run_name, top)
     if as_json:
         click.echo(json.dumps(results, indent=1))
     else:

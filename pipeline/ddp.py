@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+
+def launched_rank() -> int:
+    """This process's rank under torchrun (0 otherwise); cheap, no torch import."""
+    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -35,26 +37,34 @@ class Ddp:
 
     def barrier(self) -> None:
         if self.active:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def sum(self, values: list[float]) -> list[float]:
         """Sum over ranks (float64), for epoch statistics."""
         if not self.active:
             return values
+        import torch
+        import torch.distributed as dist
+
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
 
 
-def setup(device_name: str) -> tuple[Ddp, torch.device]:
-    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+def setup(device_name: str):
+    """(Ddp, device): join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    import torch
+    import torch.distributed as dist
+
     from pipeline.vae import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world == 1:
         return Ddp(), device
-    ctx = Ddp(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = Ddp(launched_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
@@ -63,8 +73,10 @@ def setup(device_name: str) -> tuple[Ddp, torch.device]:
     return ctx, device
 
 
-def wrap(model: torch.nn.Module, ctx: Ddp, device: torch.device) -> torch.nn.Module:
+def wrap(model, ctx: Ddp, device):
     """DistributedDataParallel around `model` (SyncBatchNorm on CUDA); the model itself otherwise."""
+    import torch
+
     if not ctx.active:
         return model
     if device.type == "cuda":
@@ -72,5 +84,7 @@ def wrap(model: torch.nn.Module, ctx: Ddp, device: torch.device) -> torch.nn.Mod
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model):
+    import torch
+
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -46,24 +46,11 @@ class VaePlugin(WorkerPlugin):
         self.vae = vae_lib.load_vae(self.source, self.dtype, self.torch_device)
 
 
-def _encode_batch(vae, device, images: np.ndarray, store_dtype: str):
-    """One batch through the VAE: (mean, logvar) as stored."""
-    import torch
-
-    from pipeline.images import to_model_range
-
-    with torch.inference_mode():
-        x = to_model_range(torch.from_numpy(images).to(device)).to(next(vae.parameters()).dtype)
-        post = vae.encode(x).latent_dist
-        return (post.mean.float().cpu().numpy().astype(store_dtype),
-                post.logvar.float().cpu().numpy().astype(store_dtype))
-
-
 def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list[str],
                  row_hashes: np.ndarray, preprocess, batch_size: int, store_dtype: str) -> dict:
     """Worker task: encode `rows` of the chunk [start, stop) and write the chunk. Returns the rows
     written with their hashes (hex) and the rows that failed with the reason."""
-    from pipeline import latent_store
+    from pipeline import encoding, latent_store
     from pipeline.images import BadImage, load_image
 
     plugin = get_worker().plugins[PLUGIN]
@@ -77,7 +64,7 @@ def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list
             except BadImage as exc:
                 failed.append((r, str(exc)))
         if batch:
-            m, lv = _encode_batch(plugin.vae, plugin.torch_device, np.stack(images), store_dtype)
+            m, lv = encoding.encode_batch(plugin.vae, plugin.torch_device, np.stack(images), store_dtype)
             done += batch
             means.append(m)
             logvars.append(lv)

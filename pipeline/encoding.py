@@ -111,6 +111,17 @@ class ChunkWriter:
             raise self._error
 
 
+def encode_batch(vae, device, images, store_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W, 3) uint8 images (numpy or torch) -> (mean, logvar) of the posterior as stored."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    with torch.inference_mode():
+        x = to_model_range(images.to(device, non_blocking=True)).to(next(vae.parameters()).dtype)
+        post = vae.encode(x).latent_dist
+        return (post.mean.float().cpu().numpy().astype(store_dtype),
+                post.logvar.float().cpu().numpy().astype(store_dtype))
+
+
 def encode_pending(vae, device, paths: list[Path], pending: np.ndarray, writer: ChunkWriter,
                    cfg: PreprocessConfig, batch_size: int, num_workers: int, store_dtype: str,
                    progress=None) -> None:
@@ -120,16 +131,11 @@ def encode_pending(vae, device, paths: list[Path], pending: np.ndarray, writer: 
         ImageRows(paths, cfg), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
         persistent_workers=False)
-    dtype = next(vae.parameters()).dtype
     try:
         for rows, images, failed in loader:
             mean = logvar = np.zeros((0,))
             if images is not None:
-                with torch.inference_mode():
-                    x = to_model_range(images.to(device, non_blocking=True)).to(dtype)
-                    post = vae.encode(x).latent_dist
-                    mean = post.mean.float().cpu().numpy().astype(store_dtype)
-                    logvar = post.logvar.float().cpu().numpy().astype(store_dtype)
+                mean, logvar = encode_batch(vae, device, images, store_dtype)
             writer.add(rows.numpy(), mean, logvar, failed)
             if progress is not None:
                 progress.update(len(rows) + len(failed))

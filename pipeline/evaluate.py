@@ -13,6 +13,10 @@ from pipeline import metrics
 from pipeline.kde import GaussianKDE
 from pipeline.mahalanobis import Mahalanobis
 
+# the open-set settings and the embedding each one uses (Eq. 16-17 on h_bar, or on h_bar * w)
+GATING = {"gating_off": "h_bar", "gating_on": "gated"}
+SETTING_OF = {kind: setting for setting, kind in GATING.items()}
+
 DUAL_WARNING = ("the 'dual' open-set setting scores closed samples with gated embeddings and open "
                 "samples with ungated ones, so it uses each sample's ground-truth domain: it is not a "
                 "detector and its numbers cannot be compared with a deployable method")
@@ -37,9 +41,12 @@ class Split:
                      self.partition[mask], self.variant[mask])
 
     def embedding(self, kind: str) -> np.ndarray:
-        """h_bar (gating off) or h_bar * w (gating on)."""
-        h = self.arrays["h_bar"].astype(np.float64)
-        return h * self.arrays["w"] if kind == "gated" else h
+        return embedding(self.arrays["h_bar"].astype(np.float64), self.arrays["w"], kind)
+
+
+def embedding(h_bar: np.ndarray, w: np.ndarray, kind: str) -> np.ndarray:
+    """h_bar (kind "h_bar", gating off) or h_bar * w (kind "gated", gating on)."""
+    return h_bar * w if kind == "gated" else h_bar
 
 
 def label_index(split: Split, classes: list[str]) -> np.ndarray:
@@ -80,7 +87,7 @@ def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
 def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
     """Eq. 16-17, 19-20: closed test (positive) vs open samples, gating off and on (and dual if asked)."""
     res = OpenSet()
-    for name, kind in (("gating_off", "h_bar"), ("gating_on", "gated")):
+    for name, kind in GATING.items():
         kde = kde_for(train, kind, cfg)
         res.kdes[name] = kde
         res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),

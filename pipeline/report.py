@@ -104,6 +104,8 @@ def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: lis
 
 
 def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: Path) -> None:
+    from pipeline.evaluate import GATING
+
     plt = _plt()
     kinds = [k for k in ("gating_off", "gating_on") if k in scores]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
@@ -114,7 +116,7 @@ def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: P
         ax.hist(np.clip(closed, bins[0], None), bins, alpha=0.6, density=True, label="closed test (known)")
         ax.hist(np.clip(opened, bins[0], None), bins, alpha=0.6, density=True, label="open (unseen)")
         m = open_metrics[kind]
-        if threshold and threshold["embedding"] == ("gated" if kind == "gating_on" else "h_bar"):
+        if threshold and GATING[kind] == threshold["embedding"]:
             ax.axvline(threshold["log_density_threshold"], color="k", ls="--", lw=1, label="unseen threshold")
         ax.set(xlabel="KDE log-density", ylabel="density",
                title=f"{kind.replace('_', ' ')}: AUROC {m['auroc']:.3f}, EER {m['eer']:.3f}, OVL {m['ovl']:.3f}")
@@ -153,7 +155,8 @@ def attention_figure(a_t: list, classes: list[str], timesteps: list[int], path: 
 
 
 # ---------------------------------------------------------------- report.md
-def _f(x, digits=3) -> str:
+def fmt(x, digits=3) -> str:
+    """A number for a table, 'n/a' for None or NaN."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -168,26 +171,26 @@ def report_markdown(m: dict) -> str:
               "| scorer | n | top-1 | macro AUC |", "|---|---:|---:|---:|"]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
         r = closed["raw"][scorer]
-        lines.append(f"| {name} | {r['n']} | {_f(r['top1'])} | {_f(r['macro_auc'])} |")
+        lines.append(f"| {name} | {r['n']} | {fmt(r['top1'])} | {fmt(r['macro_auc'])} |")
     lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
               "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for c, name in enumerate(m["classes"]):
-        cells = [f"{_f(closed[v]['head']['per_class_auc'][c])} / {_f(closed[v]['mahalanobis']['per_class_auc'][c])}"
+        cells = [f"{fmt(closed[v]['head']['per_class_auc'][c])} / {fmt(closed[v]['mahalanobis']['per_class_auc'][c])}"
                  for v in closed]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC)", "",
               "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
         lines.append(f"| {name} | " + " | ".join(
-            f"{_f(closed[v][scorer]['top1'])} / {_f(closed[v][scorer]['macro_auc'])}" for v in closed) + " |")
+            f"{fmt(closed[v][scorer]['top1'])} / {fmt(closed[v][scorer]['macro_auc'])}" for v in closed) + " |")
     lines += ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
     if m.get("open"):
         lines += ["| embedding | n closed | n open | bandwidth | AUROC | EER | OVL | FPR@95%TPR |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for kind, r in m["open"].items():
-            bw = _f(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
-            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {_f(r['auroc'])} | "
-                         f"{_f(r['eer'])} | {_f(r['ovl'])} | {_f(r['fpr_at_95tpr'])} |")
+            bw = fmt(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
+            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {fmt(r['auroc'])} | "
+                         f"{fmt(r['eer'])} | {fmt(r['ovl'])} | {fmt(r['fpr_at_95tpr'])} |")
         if "dual" in m["open"]:
             lines += ["", f"**Warning:** {m['open']['dual']['warning']}."]
         u = m.get("unseen_threshold")
@@ -195,7 +198,7 @@ def report_markdown(m: dict) -> str:
             lines += ["", f"Unseen-generator threshold for `leakpipe attribute`: log-density "
                       f"{u['log_density_threshold']:.3f} on `{u['embedding']}` (keeps {u['target_tpr']:.0%} of "
                       f"{u['n_val']} closed validation images; on the open set it flags "
-                      f"{_f(u.get('open_flagged'))} of images, on the closed test {_f(u.get('closed_test_passed'))} pass)."]
+                      f"{fmt(u.get('open_flagged'))} of images, on the closed test {fmt(u.get('closed_test_passed'))} pass)."]
     else:
         lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
     lines += ["", "## Figures", ""]

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace
+from pipeline.evaluate import embedding
 from stages import score, train
 
 
@@ -35,27 +36,20 @@ def load_images(paths: list[Path], cfg) -> np.ndarray:
 
 
 def encode_images(images: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
-    """z0 moments (mean, logvar) as stage one stores them (same dtype round trip)."""
-    import torch
-
+    """z0 moments (mean, logvar) exactly as stage one stores and stage two reads them."""
     from pipeline import vae as vae_lib
-    from pipeline.images import to_model_range
+    from pipeline.encoding import encode_batch
 
     vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae), cfg.vae.dtype, device)
-    dtype = next(vae.parameters()).dtype
-    with torch.inference_mode():
-        post = vae.encode(to_model_range(torch.from_numpy(images).to(device)).to(dtype)).latent_dist
-    return tuple(x.float().cpu().numpy().astype(cfg.store.dtype).astype(np.float32)
-                 for x in (post.mean, post.logvar))
+    return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
 
 
-def comparators(ws: Workspace, out: Path, m: dict):
+def comparators(ws: Workspace, cfg, out: Path, m: dict):
     """Mahalanobis and the unseen KDE, fitted on the run's closed training embeddings."""
     from pipeline.evaluate import label_index
     from pipeline.kde import GaussianKDE
     from pipeline.mahalanobis import Mahalanobis
 
-    cfg = ws.config()
     closed, _ = score.load_split(ws, out, cfg.score.closed)
     tr = closed.select(closed.partition == "train")
     maha = Mahalanobis(len(m["classes"]), cfg.score.maha_floor).fit(tr.embedding("h_bar"),
@@ -85,7 +79,9 @@ def explain(out, classes: list[str], tau: float, top: int) -> list[dict]:
     return rows
 
 
-def run(ws: Workspace, paths: list[Path], run: str = "default", top: int = 3) -> list[dict]:
+def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int = 3) -> list[dict]:
+    """`ws_cfg` (the workspace config) gives the device and the score settings; the model, VAE and
+    preprocessing come from the run's own config."""
     import torch
 
     from pipeline import latent_store
@@ -98,7 +94,7 @@ def run(ws: Workspace, paths: list[Path], run: str = "default", top: int = 3) ->
         raise UserError(f"run {run!r} has not been scored ({out / 'metrics.json'} is missing); "
                         f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
     m = json.loads((out / "metrics.json").read_text())
-    device = resolve_device(ws.config().compute.device)
+    device = resolve_device(ws_cfg.compute.device)
     model, build, classes, cfg = train.load_trained(out, device)
     images = load_images(paths, cfg)
     mean, logvar = encode_images(images, cfg, device)
@@ -106,11 +102,11 @@ def run(ws: Workspace, paths: list[Path], run: str = "default", top: int = 3) ->
     with torch.inference_mode():
         o = model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
         o = type(o)(**{k: (v.float().cpu() if v is not None else None) for k, v in vars(o).items()})
-    maha, kde = comparators(ws, out, m)
+    maha, kde = comparators(ws, ws_cfg, out, m)
     u = m["unseen_threshold"]
     emb = o.h_bar.double().numpy()
     maha_s = maha.score(emb)
-    log_density = kde.score_samples(emb * o.w.double().numpy() if u["embedding"] == "gated" else emb)
+    log_density = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
     probs = torch.softmax(o.logits, 1)
     results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, cfg.model.tau, top))):

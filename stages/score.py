@@ -1,6 +1,7 @@
 """Stage three: evaluate a trained run from its saved embeddings (metrics.json, report.md, figures)."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +95,12 @@ def _available(ws: Workspace, run_dir: Path, cfg: Config, log) -> tuple[list[str
 def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: list[str]) -> tuple[dict, dict]:
     """(metrics, figure data)."""
     from pipeline import evaluate as ev
-
     from pipeline.vae import is_random
 
-    names = {"closed": cfg.score.closed, "open": cfg.score.open}
-    if is_random(train.run_config(run_dir).vae):
+    run_cfg = train.run_config(run_dir)
+    if is_random(run_cfg.vae):
         notes = [RANDOM_VAE_NOTE, *notes]
-    closed, attrs = load_split(ws, run_dir, names["closed"])
+    closed, attrs = load_split(ws, run_dir, cfg.score.closed)
     classes = attrs["classes"]
     by_part = {p: closed.select(closed.partition == p) for p in ("train", "val", "test")}
     tests = {"raw": by_part["test"]}
@@ -112,20 +112,20 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
                             "scored manifest; give each post-processing step its own variant name")
         tests.update({v: pp.select(pp.variant == v) for v in sorted(set(pp.variant))})
     if len(by_part["test"]) == 0:
-        raise UserError(f"{ws.manifest(names['closed'])} has no valid test rows to score")
+        raise UserError(f"{ws.manifest(cfg.score.closed)} has no valid test rows to score")
     try:
         m = {"run": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
-             "head": "prototypes" if train.run_config(run_dir).model.prototypes else "linear",
+             "head": "prototypes" if run_cfg.model.prototypes else "linear",
              "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor),
              "attention": ev.attention_by_class(by_part["test"], classes),
-             "invalid_rows": {names["closed"]: closed.n_invalid}}
+             "invalid_rows": {cfg.score.closed: closed.n_invalid}}
     except ValueError as exc:
         raise UserError(f"run {run_dir.name}: {exc}") from None
     figs = {"test": by_part["test"], "classes": classes, "open": None}
     kind = cfg.score.kde_embedding
-    key = "gating_on" if kind == "gated" else "gating_off"
-    if names["open"] in have:
-        opened, _ = load_split(ws, run_dir, names["open"])
+    key = ev.SETTING_OF[kind]
+    if cfg.score.open in have:
+        opened, _ = load_split(ws, run_dir, cfg.score.open)
         res = ev.open_set(by_part["train"], by_part["test"], opened, cfg.score)
         m["open"], kde = res.metrics, res.kdes[key]
         figs.update(open=opened, kde_scores=res.scores)
@@ -135,7 +135,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     try:
         unseen = ev.calibrate_unseen(kde, by_part["val"], kind, cfg.score.unseen_tpr)
     except ValueError as exc:
-        raise UserError(f"{ws.manifest(names['closed'])}: {exc}") from None
+        raise UserError(f"{ws.manifest(cfg.score.closed)}: {exc}") from None
     if "kde_scores" in figs:
         s = figs["kde_scores"][key]
         unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
@@ -145,7 +145,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
 
 
 def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]:
-    from pipeline import report
+    from pipeline import metrics, report
     from pipeline.evaluate import label_index
 
     fig_dir = run_dir / "figures"
@@ -154,7 +154,7 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
     y = label_index(test, classes)
     report.confusion_figure(m["closed"]["raw"]["head"]["confusion"], classes,
                             f"confusion, closed test (raw), {m['head']} head", fig_dir / "confusion.png")
-    report.roc_figure(test.arrays["pi"], y, classes, "one-vs-rest ROC, closed test (raw)", fig_dir / "roc.png")
+    report.roc_figure(metrics.softmax(test.arrays["logits"].astype(np.float64)), y, classes, "one-vs-rest ROC, closed test (raw)", fig_dir / "roc.png")
     opened = figs["open"].embedding("h_bar") if figs["open"] is not None else np.zeros((0, test.arrays["h_bar"].shape[1]))
     report.embedding_figure(test.embedding("h_bar"), y, classes, opened, cfg.score.embedding_map, cfg.score.seed,
                             fig_dir / "embedding_map.png")
@@ -174,14 +174,12 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
 
 def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreResult:
     """Embed missing or stale splits, then evaluate (or do nothing if metrics are up to date)."""
-    import json
-
     out = train.run_dir(ws, run)
     if not (out / "model.safetensors").exists():
         raise UserError(f"run {run!r} has no trained model in {out}; run `leakpipe train --run {run}` first")
-    if not train.status(ws, run)[0]:
-        log(f"score {run}: note: the run's training is stale ({'; '.join(train.status(ws, run)[1])}); "
-            "scoring the model it has")
+    trained_up, why = train.status(ws, run)
+    if not trained_up:
+        log(f"score {run}: note: the run's training is stale ({'; '.join(why)}); scoring the model it has")
     with exclusive(out / ".writer.lock", f"run {run}"):
         have, notes = _available(ws, out, cfg, log)
         inputs = score_inputs(out, have, cfg)

@@ -7,11 +7,11 @@ already trained on the same cache is not trained again (it is reported as that r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from pipeline import ledger
 from pipeline.atomic import atomic_write_text
+from pipeline.report import fmt as _f
 from pipeline.config import TRAIN_SECTIONS, Config
 from pipeline.errors import UserError
 from pipeline.workspace import Workspace
@@ -94,10 +94,6 @@ def _differences(cfgs: dict[str, dict]) -> dict[str, str]:
 def _get(cfg: dict, key: str):
     section, name = key.split(".", 1)
     return cfg.get(section, {}).get(name)
-
-
-def _f(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def compare(ws: Workspace, runs: list[str], aliases: dict[str, str] | None = None) -> str:

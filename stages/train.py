@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from pipeline import ledger
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TRAIN_SECTIONS, Config, load_config, section_hash
+from pipeline.ddp import launched_rank
 from pipeline.errors import UserError
 from pipeline.hashing import hash_file
 from pipeline.locking import exclusive
@@ -170,7 +170,7 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
     result = TrainResult(run, out)
     inputs = train_inputs(enc_lock, cfg)
     lock_path = out / "train.lock.json"
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 locks and writes
+    main = launched_rank() == 0  # under torchrun, rank 0 locks and writes
     with exclusive(out / ".writer.lock", f"run {run}") if main else nullcontext():
         up, reasons = ledger.stage_state(lock_path, inputs)
         if up:

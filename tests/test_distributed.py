@@ -56,10 +56,10 @@ def test_two_workers_write_the_same_store(dws):
 def _slow_batches():  # runs on each worker: the kill must land while chunks are still pending
     import time as _time
 
-    import pipeline.distributed as d
+    import pipeline.encoding as e
 
-    real = d._encode_batch
-    d._encode_batch = lambda *a: (_time.sleep(0.4), real(*a))[1]
+    real = e.encode_batch
+    e.encode_batch = lambda *a: (_time.sleep(0.4), real(*a))[1]
 
 
 def test_killed_worker_process_still_gives_every_row(dws):
