@@ -97,8 +97,9 @@ def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: lis
     for c, name in enumerate(classes):
         p = xy[:len(closed)][closed_labels == c]
         ax.scatter(p[:, 0], p[:, 1], s=10, color=colours[c], label=name)
-    ax.set(xlabel=f"{method.upper()} 1", ylabel=f"{method.upper()} 2",
-           title=f"embeddings h_bar of the closed test set and the open set ({method.upper()})")
+    name = {"pca": "PCA", "tsne": "t-SNE"}[method]
+    ax.set(xlabel=f"{name} 1", ylabel=f"{name} 2",
+           title=f"embeddings h_bar of the closed test set and the open set ({name})")
     ax.legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, path)
 
