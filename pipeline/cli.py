@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -378,25 +377,29 @@ def verify(ws, cfg):
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
 @_workspace_options
 def gc(ws, cfg, dry_run):
-    """Remove latent stores that no lock of the current config refers to."""
+    """Remove latent stores (in cache/latents/ and under store.url) that neither the current config
+    nor any run refers to."""
+    from pipeline import storage
     from stages import encode as enc
 
     keep = set()
     for split in ws.splits():
         try:
-            keep.add(enc.plan(ws, split, cfg).store.resolve())
+            keep.add(enc.plan(ws, split, cfg).store)
         except UserError:
             pass
     for lock_path in ws.cache.glob("runs/*/*.lock.json"):
-        keep.update(Path(s).resolve() for s in json.loads(lock_path.read_text()).get("stores", []))
-    for store in sorted(ws.cache.glob("latents/*/*.zarr")):
-        if store.resolve() in keep:
+        keep.update(storage.normalize(s) for s in json.loads(lock_path.read_text()).get("stores", []))
+    roots = [str(ws.cache / "latents")] + ([cfg.store.url] if cfg.store.url else [])
+    for store in sorted({s for root in roots for s in storage.glob(root, "*/*.zarr")}):
+        if store in keep:
             continue
-        click.echo(("would remove " if dry_run else "removing ") + str(store))
+        click.echo(("would remove " if dry_run else "removing ") + store)
         if not dry_run:
-            shutil.rmtree(store)
-            for extra in (".lock.json", ".writer.lock"):
-                store.with_name(store.stem + extra).unlink(missing_ok=True)
+            storage.remove(store)
+            split, name = store.rstrip("/").split("/")[-2:]
+            for kind in ("lock.json", "writer.lock"):
+                ws.store_lock(split, name[:-len(".zarr")], kind).unlink(missing_ok=True)
 
 
 @main.command("config")

@@ -40,6 +40,9 @@ class PreprocessConfig:
 class StoreConfig:
     dtype: str = "float32"  # stored dtype of mean and logvar: float32 | float16
     chunk_rows: int = 64  # rows per Zarr chunk: the unit of work and of writing
+    # where latent stores go: empty = <workspace>/cache/latents; else a folder or an fsspec URL
+    # (s3://bucket/prefix, gs://..., file:///...). Locks stay in the workspace. Not fingerprinted.
+    url: str = ""
 
 
 @dataclass

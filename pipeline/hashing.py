@@ -11,12 +11,16 @@ from pipeline.atomic import atomic_write_json
 HASH_BYTES = 16  # blake2b-128: the `source_hash` width in the latent store
 
 
-def hash_file(path: Path | str, block: int = 1 << 20) -> str:
+def hash_stream(fh, block: int = 1 << 20) -> str:
     h = hashlib.blake2b(digest_size=HASH_BYTES)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
+    while chunk := fh.read(block):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def hash_file(path: Path | str) -> str:
+    with open(path, "rb") as fh:
+        return hash_stream(fh)
 
 
 class HashCache:

@@ -1,6 +1,6 @@
 """The Zarr v3 latent cache of one split and one encoder (SPEC section 3).
 
-Layout of `cache/latents/<split>/<fp12>.zarr`:
+Layout of `cache/latents/<split>/<fp12>.zarr` (or `<store.url>/<split>/<fp12>.zarr`):
     mean         (N, C, h, w)  posterior mean, unscaled, float32 (or store.dtype)
     logvar       (N, C, h, w)  posterior log-variance, unscaled
     source_hash  (N, 16) uint8 blake2b-128 of the image file the row was encoded from
@@ -10,12 +10,12 @@ Latents of a chunk are written before its hashes, so a crash can only lose unfin
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from pipeline import storage
 from pipeline.hashing import HASH_BYTES
 
 STORE_FORMAT = 1
@@ -33,13 +33,14 @@ def chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)]
 
 
-def open_store(path: Path | str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(str(path), mode=mode)
+def open_store(location: str | Path, mode: str = "r") -> zarr.Group:
+    """The store at a local path or an fsspec URL (see `pipeline.storage`)."""
+    return zarr.open_group(storage.normalize(location), mode=mode)
 
 
-def create(path: Path, n_rows: int, latent_shape: tuple, chunk_rows: int, dtype: str,
+def create(location: str, n_rows: int, latent_shape: tuple, chunk_rows: int, dtype: str,
            attrs: dict) -> zarr.Group:
-    group = zarr.open_group(str(path), mode="w")
+    group = open_store(location, "w")
     for name in LATENT_ARRAYS:
         group.create_array(name, shape=(n_rows, *latent_shape), chunks=(chunk_rows, *latent_shape),
                            dtype=dtype, fill_value=0)
@@ -86,10 +87,10 @@ def _resize(group: zarr.Group, n_rows: int) -> None:
         group["source_hash"][old_n:n_rows] = 0
 
 
-def _relayout(path: Path, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> int:
+def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> int:
     """Copy reusable rows into a fresh store in the new order, then swap it in. Returns rows copied."""
-    tmp, backup = path.with_name(path.name + ".relayout"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, done = location + ".relayout", location + ".relayout.done"
+    storage.remove(tmp)
     latent_shape = old["mean"].shape[1:]
     new = create(tmp, len(src), latent_shape, chunk_rows, str(old["mean"].dtype), dict(old.attrs))
     old_data = {name: old[name] for name in (*LATENT_ARRAYS, "source_hash")}
@@ -102,36 +103,47 @@ def _relayout(path: Path, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> 
             block = np.zeros((stop - start, *old_data[name].shape[1:]), old_data[name].dtype)
             block[keep] = old_data[name].get_orthogonal_selection((take[keep],))
             new[name][start:stop] = block
-    path.rename(backup)
-    tmp.rename(path)
-    shutil.rmtree(backup)
+    with storage.open_file(done, "wb") as fh:  # from here on the new layout wins, even after a crash
+        fh.write(b"relayout complete")
+    _swap_in(location)
     return int((src >= 0).sum())
 
 
-def recover(path: Path) -> None:
+def _swap_in(location: str) -> None:
+    """Replace the store by its complete `.relayout` copy. Every step can be redone after a crash:
+    the `.relayout.done` marker goes only once the store is whole, the copy only after that."""
+    tmp, done = location + ".relayout", location + ".relayout.done"
+    storage.remove(location)
+    if storage.is_local(location):
+        storage.move(tmp, location)
+    else:  # object stores have no rename: copy, hashes last, so no row looks valid before its latents
+        storage.copy_tree(tmp, location, last="source_hash")
+    storage.remove(done)
+    storage.remove(tmp)
+
+
+def recover(location: str) -> None:
     """Finish or undo a relayout that a crash interrupted; drop a killed writer's partial chunks.
 
     Called only under the store's writer lock, so every `*.partial` file is an orphan.
     """
-    for orphan in path.rglob("*.partial") if path.exists() else ():
-        orphan.unlink()
-    backup = path.with_name(path.name + ".old")
-    if backup.exists():
-        if path.exists():
-            shutil.rmtree(backup)
-        else:
-            backup.rename(path)
-    shutil.rmtree(path.with_name(path.name + ".relayout"), ignore_errors=True)
+    for orphan in storage.glob(location, "**/*.partial"):
+        storage.remove(orphan)
+    tmp, done = location + ".relayout", location + ".relayout.done"
+    if storage.exists(done) and storage.exists(tmp):
+        _swap_in(location)
+    storage.remove(done)
+    storage.remove(tmp)
 
 
-def prepare(path: Path, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str,
+def prepare(location: str, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str,
             attrs: dict) -> tuple[zarr.Group, int]:
     """Open (or create) the store aligned with the manifest's rows; returns (group, rows copied)."""
-    path = Path(path)
-    recover(path)
-    if not (path / "zarr.json").exists():
-        return create(path, len(hashes), latent_shape, chunk_rows, dtype, attrs), 0
-    group = open_store(path, "r+")
+    location = storage.normalize(location)
+    recover(location)
+    if not storage.exists(storage.join(location, "zarr.json")):
+        return create(location, len(hashes), latent_shape, chunk_rows, dtype, attrs), 0
+    group = open_store(location, "r+")
     old_hashes = group["source_hash"][:]
     mode, src = plan_layout(old_hashes, hashes, group["mean"].chunks[0], chunk_rows)
     copied = 0
@@ -139,8 +151,8 @@ def prepare(path: Path, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int
         if len(old_hashes) != len(hashes):
             _resize(group, len(hashes))
     else:
-        copied = _relayout(path, group, src, chunk_rows)
-        group = open_store(path, "r+")
+        copied = _relayout(location, group, src, chunk_rows)
+        group = open_store(location, "r+")
     group.attrs.update(attrs)
     return group, copied
 

@@ -10,9 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.atomic import atomic_write_json
 from pipeline.config import canonical_hash
-from pipeline.hashing import hash_file
+from pipeline.hashing import hash_stream
 
 LOCK_FORMAT = 1
 _SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json")
@@ -22,32 +23,33 @@ def fingerprint(inputs: dict) -> str:
     return canonical_hash(inputs)
 
 
-def _output_files(root: Path):
-    root = Path(root)
-    if root.is_file():
-        yield root.name, root
-        return
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if not name.endswith(_SKIP_SUFFIXES):
-                full = Path(dirpath) / name
-                yield full.relative_to(root).as_posix(), full
+def _hash(location: str) -> str:
+    with storage.open_file(location) as fh:
+        return hash_stream(fh)
 
 
-def checksums(root: Path, files: list[Path] | None = None) -> dict[str, dict]:
-    """{relative path: {size, blake2b}} for every finished file under `root` (a folder or a file),
-    or for the listed `files` (relative to `root`)."""
-    pairs = _output_files(root) if files is None else \
-        ((Path(f).relative_to(root).as_posix(), Path(f)) for f in files)
-    return {rel: {"size": full.stat().st_size, "blake2b": hash_file(full)} for rel, full in sorted(pairs)}
+def checksums(root: Path | str, files: list[Path] | None = None) -> dict[str, dict]:
+    """{relative path: {size, blake2b}} for every finished file under the folder `root` (local or
+    at an fsspec URL), or for the listed local `files` (relative to `root`)."""
+    root = storage.normalize(root)
+    if files is None:
+        sizes = {rel: n for rel, n in storage.files(root).items() if not rel.endswith(_SKIP_SUFFIXES)}
+    else:
+        sizes = {Path(f).relative_to(root).as_posix(): Path(f).stat().st_size for f in files}
+    return {rel: {"size": n, "blake2b": _hash(storage.join(root, rel))} for rel, n in sorted(sizes.items())}
 
 
-def write_lock(lock_path: Path, stage: str, inputs: dict, outputs: Path | list[Path], **extra) -> dict:
-    """`outputs`: a folder or file (everything in it), or a list of files next to the lock."""
-    root = Path(lock_path).parent if isinstance(outputs, list) else Path(outputs)
+def _root_record(root: str, lock_dir: Path) -> str:
+    """Local outputs are recorded relative to the lock (the workspace can move); URLs as they are."""
+    return root if storage.is_url(root) else os.path.relpath(root, lock_dir)
+
+
+def write_lock(lock_path: Path, stage: str, inputs: dict, outputs: Path | str | list[Path], **extra) -> dict:
+    """`outputs`: a folder (everything in it; local or a URL), or a list of files next to the lock."""
+    root = str(Path(lock_path).parent) if isinstance(outputs, list) else storage.normalize(outputs)
     files = outputs if isinstance(outputs, list) else None
     lock = {"format": LOCK_FORMAT, "stage": stage, "fingerprint": fingerprint(inputs),
-            "inputs": inputs, "outputs_root": os.path.relpath(root, Path(lock_path).parent),
+            "inputs": inputs, "outputs_root": _root_record(root, Path(lock_path).parent),
             "outputs": checksums(root, files), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     atomic_write_json(lock_path, lock)
     return lock
@@ -63,8 +65,10 @@ def read_lock(lock_path: Path) -> dict | None:
     return lock if lock.get("format") == LOCK_FORMAT else None
 
 
-def outputs_root(lock_path: Path, lock: dict) -> Path:
-    return (Path(lock_path).parent / lock["outputs_root"]).resolve()
+def outputs_root(lock_path: Path, lock: dict) -> str:
+    """Where the lock's outputs are: an absolute local path or a URL."""
+    root = lock["outputs_root"]
+    return root if storage.is_url(root) else storage.normalize(Path(lock_path).parent / root)
 
 
 def changed_inputs(lock: dict | None, inputs: dict) -> list[str]:
@@ -83,25 +87,29 @@ def changed_inputs(lock: dict | None, inputs: dict) -> list[str]:
 def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
     """Problems with a lock's outputs: missing, resized, (deep) corrupted files, orphaned partials."""
     root = outputs_root(lock_path, lock)
+    have = storage.files(root)
     problems = []
     for rel, want in lock["outputs"].items():
-        full = root / rel if root.is_dir() else root
-        if not full.exists():
+        full, size = storage.join(root, rel), have.get(rel)
+        if size is None:
             problems.append(f"missing: {full}")
-        elif full.stat().st_size != want["size"]:
-            problems.append(f"size changed: {full} ({want['size']} -> {full.stat().st_size} bytes)")
-        elif deep and hash_file(full) != want["blake2b"]:
+        elif size != want["size"]:
+            problems.append(f"size changed: {full} ({want['size']} -> {size} bytes)")
+        elif deep and _hash(full) != want["blake2b"]:
             problems.append(f"checksum mismatch (corrupted): {full}")
-    if root.is_dir():
-        problems += [f"orphaned partial write (killed writer; safe to delete): {p}"
-                     for p in sorted(root.rglob("*.partial"))]
+    problems += [f"orphaned partial write (killed writer; safe to delete): {storage.join(root, rel)}"
+                 for rel in sorted(have) if rel.endswith(".partial")]
     return problems
 
 
-def stage_state(lock_path: Path, inputs: dict) -> tuple[bool, list[str]]:
-    """(up to date?, reasons if not). Cheap: sizes only, no content hashing."""
+def stage_state(lock_path: Path, inputs: dict, outputs: Path | str | None = None) -> tuple[bool, list[str]]:
+    """(up to date?, reasons if not). Cheap: sizes only, no content hashing. `outputs`: where the
+    outputs should be now; a lock whose outputs are elsewhere (store.url changed) is stale."""
     lock = read_lock(lock_path)
     reasons = changed_inputs(lock, inputs)
+    if not reasons and outputs is not None and outputs_root(lock_path, lock) != storage.normalize(outputs):
+        reasons = [f"outputs moved: the lock's are at {outputs_root(lock_path, lock)}, the config "
+                   f"wants them at {storage.normalize(outputs)}"]
     if not reasons:
         reasons = verify(lock_path, lock, deep=False)
     return not reasons, reasons

@@ -26,7 +26,7 @@ class EncodeFailures(UserError):
 @dataclass
 class EncodeResult:
     split: str
-    store: Path
+    store: str  # local path or URL
     rows: int
     encoded: int = 0
     copied: int = 0
@@ -56,8 +56,9 @@ class EncodePlan:
     source: vae_lib.VaeSource
     encoder_fp: str
     file_hashes: list[str]
-    store: Path
-    lock: Path
+    store: str  # local path or URL (store.url)
+    lock: Path  # always local
+    writer_lock: Path
     inputs: dict
 
 
@@ -68,11 +69,10 @@ def plan(ws: Workspace, split: str, cfg: Config, hashes: HashCache | None = None
     encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
     file_hashes = [hashes.hash(manifest.abspath(i)) for i in range(len(manifest))]
     hashes.save()
-    store = ws.latent_store(split, encoder_fp)
     inputs = {"rows": canonical_hash([[r["path"], h] for r, h in zip(manifest.rows, file_hashes)]),
               "encoder": encoder_fp, "chunk_rows": cfg.store.chunk_rows, "code": CODE_VERSION}
-    return EncodePlan(manifest, source, encoder_fp, file_hashes, store,
-                      store.with_name(store.stem + ".lock.json"), inputs)
+    return EncodePlan(manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
+                      ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
 
 
 def row_changes(p: EncodePlan) -> str:
@@ -154,11 +154,15 @@ def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
 
 
 def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=print) -> EncodeResult:
-    """Bring `cache/latents/<split>/<fp12>.zarr` up to date with `manifests/<split>.csv`."""
+    """Bring `cache/latents/<split>/<fp12>.zarr` (or the store under store.url) up to date with
+    `manifests/<split>.csv`."""
     p = plan(ws, split, cfg)
+    if cfg.encode.workers and p.store.startswith("memory://"):
+        raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
+                        "see; encode.workers starts worker processes. Use a folder or an object store URL.")
     result = EncodeResult(split, p.store, len(p.manifest))
-    with exclusive(p.store.with_name(p.store.stem + ".writer.lock"), f"latent store {p.store}"):
-        up, _ = ledger.stage_state(p.lock, p.inputs)
+    with exclusive(p.writer_lock, f"latent store {p.store}"):
+        up, _ = ledger.stage_state(p.lock, p.inputs, p.store)
         if up:
             result.up_to_date = True
             return result
@@ -183,11 +187,11 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
 
 def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
     p = plan(ws, split, cfg)
-    up, reasons = ledger.stage_state(p.lock, p.inputs)
+    up, reasons = ledger.stage_state(p.lock, p.inputs, p.store)
     if not up and any(r.startswith("rows") for r in reasons) and (words := row_changes(p)):
         reasons = [r + f": {words}" if r.startswith("rows") else r for r in reasons]
     if not up and ledger.read_lock(p.lock) is None:
-        others = [q.name for q in p.store.parent.glob("*.lock.json")]
+        others = [q.name for q in p.lock.parent.glob("*.lock.json")]
         if others:
             reasons = [f"no store for the current encoder ({p.encoder_fp[:12]}); other encoders "
                        f"have stores here: {', '.join(others)} (vae, preprocess or dtype changed)"]

@@ -48,7 +48,7 @@ def run_dir(ws: Workspace, run: str) -> Path:
 def upstream(ws: Workspace, split: str, cfg: Config):
     """The split's encode plan and lock; raises if stage one is not up to date for it."""
     p = encode.plan(ws, split, cfg)
-    up, reasons = ledger.stage_state(p.lock, p.inputs)
+    up, reasons = ledger.stage_state(p.lock, p.inputs, p.store)
     if not up:
         raise UserError(f"the latent cache of {split!r} is not up to date ({'; '.join(reasons)}); "
                         f"run `leakpipe encode --split {split}` first")

@@ -1,5 +1,6 @@
 """Stage one: store contents, incremental cases, failures, locks."""
 import shutil
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -51,7 +52,7 @@ def test_store_holds_unscaled_moments_readable_by_zarr_and_dask(ws, tiny_vae):
     g = store_of(res)
     assert g["mean"].shape == (12, 4, 16, 16) and g["mean"].chunks == (4, 4, 16, 16)
     assert g["mean"].dtype == np.float32 and g["source_hash"].shape == (12, 16)
-    assert g.attrs["encoder_fingerprint"].startswith(res.store.stem)
+    assert g.attrs["encoder_fingerprint"].startswith(Path(res.store).stem)
     m = read_manifest(ws / "manifests" / "closed.csv")
     model = vae_lib.load_vae(vae_lib.resolve(ws_config(ws).vae))
     img = torch.from_numpy(load_image(m.abspath(5), ws_config(ws).preprocess))[None]
@@ -109,7 +110,6 @@ def test_reordered_and_removed_rows_are_copied_not_reencoded(ws, counting):
 
 def test_changed_file_bytes_reencode_only_that_row(ws, counting):
     run(ws)
-    m = read_manifest(ws / "manifests" / "closed.csv")
     write_images(ws / "data", labels=("a",), n=1, seed=99)  # overwrites a/000.png
     counting["images"] = 0
     res = run(ws)
@@ -131,7 +131,7 @@ def test_changed_encoder_or_preprocessing_encodes_every_row_into_a_new_store(ws,
     first = run(ws)
     counting["images"] = 0
     res = run(ws, overrides=["preprocess.resize=none"])
-    assert counting["images"] == 12 and res.store != first.store and first.store.exists()
+    assert counting["images"] == 12 and res.store != first.store and Path(first.store).exists()
     other = vae_lib.save_random_vae(tmp_path / "other-vae", (8, 16), seed=3)
     counting["images"] = 0
     res2 = run(ws, overrides=[f"vae.source={other}"])
@@ -160,12 +160,12 @@ def test_bad_images_are_reported_and_the_rest_encoded(ws):
 def test_verify_finds_corruption_missing_chunks_and_partials(ws):
     res = run(ws)
     assert cli(ws, "verify").exit_code == 0
-    chunk = next(p for p in (res.store / "mean").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in (Path(res.store) / "mean").rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    (res.store / "mean" / "c" / "0.partial").write_bytes(b"x")
-    shutil.rmtree(res.store / "logvar" / "c")
+    (Path(res.store) / "mean" / "c" / "0.partial").write_bytes(b"x")
+    shutil.rmtree(Path(res.store) / "logvar" / "c")
     r = cli(ws, "verify")
     assert r.exit_code != 0
     assert "checksum mismatch (corrupted)" in r.output and "orphaned partial" in r.output
@@ -174,7 +174,7 @@ def test_verify_finds_corruption_missing_chunks_and_partials(ws):
 
 def test_second_concurrent_encode_is_refused_and_stale_lock_recovered(ws):
     res = run(ws)
-    lock = res.store.with_name(res.store.stem + ".writer.lock")
+    lock = Path(res.store).with_name(Path(res.store).stem + ".writer.lock")
     with exclusive(lock, "test"):
         write_images(ws / "data", labels=("a",), n=1, seed=7)
         with pytest.raises(Busy, match="in use by another leakpipe process"):
@@ -185,6 +185,6 @@ def test_second_concurrent_encode_is_refused_and_stale_lock_recovered(ws):
 
 def test_lock_records_rows_and_checksums(ws):
     res = run(ws)
-    lock = ledger.read_lock(res.store.with_name(res.store.stem + ".lock.json"))
+    lock = ledger.read_lock(Path(res.store).with_name(Path(res.store).stem + ".lock.json"))
     assert lock["stage"] == "encode" and len(lock["rows"]) == 12
     assert "source_hash/zarr.json" in lock["outputs"]
