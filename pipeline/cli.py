@@ -390,7 +390,7 @@ def gc(ws, cfg, dry_run):
             pass
     for lock_path in ws.cache.glob("runs/*/*.lock.json"):
         keep.update(storage.normalize(s) for s in json.loads(lock_path.read_text()).get("stores", []))
-    roots = [str(ws.cache / "latents")] + ([cfg.store.url] if cfg.store.url else [])
+    roots = {ws.stores_root(), ws.stores_root(cfg.store.url)}
     for store in sorted({s for root in roots for s in storage.glob(root, "*/*.zarr")}):
         if store in keep:
             continue

@@ -32,16 +32,19 @@ class Workspace:
     def latents_dir(self, split: str) -> Path:
         return self.cache / "latents" / split
 
-    def latent_store(self, split: str, encoder_fp: str, url: str = "") -> str:
-        """The store's location: under cache/latents/, or under `url` (store.url) when set."""
+    def stores_root(self, url: str = "") -> str:
+        """Where latent stores go: cache/latents/, or `url` (store.url); a relative folder is
+        relative to the workspace, as manifests are."""
         from pipeline import storage
 
-        name = f"{encoder_fp[:12]}.zarr"
         if not url:
-            return str(self.latents_dir(split) / name)
-        if not storage.is_url(url):  # a relative folder is relative to the workspace, as manifests are
-            url = str(self.root / Path(url).expanduser())
-        return storage.join(url, split, name)
+            return str(self.cache / "latents")
+        return url if storage.is_url(url) else str(self.root / Path(url).expanduser())
+
+    def latent_store(self, split: str, encoder_fp: str, url: str = "") -> str:
+        from pipeline import storage
+
+        return storage.join(self.stores_root(url), split, f"{encoder_fp[:12]}.zarr")
 
     def store_lock(self, split: str, encoder_fp: str, kind: str = "lock.json") -> Path:
         """The store's lock file (or writer lock): always local, next to where a local store goes."""

@@ -156,12 +156,16 @@ def test_verify_and_gc_reach_url_stores(ws, url):
     assert not storage.exists(stray) and storage.exists(res.store)
 
 
-def test_file_url_is_the_local_path(ws, tmp_path):
-    res = run(ws, f"store.url=file://{tmp_path}/stores")
-    assert res.store == str(tmp_path / "stores" / "closed" / Path(res.store).name)
+def test_file_url_and_relative_folder_are_the_local_path(ws, monkeypatch, tmp_path):
+    res = run(ws, f"store.url=file://{ws}/stores")
+    assert res.store == str(ws / "stores" / "closed" / Path(res.store).name)
     assert isinstance(zarr.open_group(res.store, mode="r").store, zarr.storage.LocalStore)
     assert lock_of(ws, res)["outputs_root"] == "../../../stores/closed/" + Path(res.store).name
-    assert run(ws, f"store.url={tmp_path}/stores").up_to_date  # the same location written as a path
+    monkeypatch.chdir(tmp_path.parent)  # relative to the workspace, wherever the command runs
+    assert run(ws, f"store.url={ws}/stores").up_to_date and run(ws, "store.url=stores").up_to_date
+    zarr.open_group(str(ws / "stores" / "closed" / "0123456789ab.zarr"), mode="w")
+    r = cli(ws, "gc", "--set", "store.url=stores")
+    assert f"removing {ws}/stores/closed/0123456789ab.zarr" in r.output and res.store not in r.output
 
 
 def test_memory_store_with_worker_processes_is_refused(ws, url):
