@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location)
@@ -37,6 +39,21 @@ def filesystem(location: str):
     if not is_url(location):
         return fsspec.filesystem("file"), location
     return fsspec.core.url_to_fs(location)
+
+
+def probe(location: str) -> None:
+    """Fail early, with what to check, when a URL store cannot be reached (no backend package, no
+    credentials, wrong endpoint, no network); local folders are created on demand."""
+    if not is_url(location):
+        return
+    try:
+        fs, path = filesystem(location)
+        fs.exists(path)
+    except Exception as exc:  # backends raise their own types (botocore, google.auth, aiohttp...)
+        raise UserError(
+            f"cannot reach the latent store {location}: {exc}. Check store.url, the credentials in "
+            "this environment (and on every dask worker), FSSPEC_S3_ENDPOINT_URL for S3-compatible "
+            "servers, and that the backend is installed (pip install s3fs / gcsfs / adlfs)") from None
 
 
 def is_local(location: str) -> bool:

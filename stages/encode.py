@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import ledger, vae as vae_lib
+from pipeline import ledger, storage, vae as vae_lib
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, canonical_hash
 from pipeline.errors import UserError
@@ -160,6 +160,7 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
     if cfg.encode.workers and p.store.startswith("memory://"):
         raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
+    storage.probe(p.store)
     result = EncodeResult(split, p.store, len(p.manifest))
     with exclusive(p.writer_lock, f"latent store {p.store}"):
         up, _ = ledger.stage_state(p.lock, p.inputs, p.store)
@@ -187,6 +188,7 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
 
 def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
     p = plan(ws, split, cfg)
+    storage.probe(p.store)
     up, reasons = ledger.stage_state(p.lock, p.inputs, p.store)
     if not up and any(r.startswith("rows") for r in reasons) and (words := row_changes(p)):
         reasons = [r + f": {words}" if r.startswith("rows") else r for r in reasons]

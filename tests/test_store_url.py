@@ -168,6 +168,13 @@ def test_file_url_and_relative_folder_are_the_local_path(ws, monkeypatch, tmp_pa
     assert f"removing {ws}/stores/closed/0123456789ab.zarr" in r.output and res.store not in r.output
 
 
+def test_an_unreachable_store_is_an_error_the_user_can_act_on(ws):
+    with pytest.raises(UserError, match=r"cannot reach the latent store nosuch://bucket/x/closed/.*Check store.url"):
+        run(ws, "store.url=nosuch://bucket/x")
+    r = cli(ws, "status", "--set", "store.url=nosuch://bucket/x")
+    assert r.exit_code == 0 and "STALE: cannot reach the latent store" in r.output
+
+
 def test_memory_store_with_worker_processes_is_refused(ws, url):
     with pytest.raises(UserError, match="memory store, which only this process can see"):
         run(ws, f"store.url={url}", "encode.workers=2")
