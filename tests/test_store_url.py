@@ -1,6 +1,7 @@
-"""Latent stores at fsspec URLs (store.url): zarr's memory store stands in for object storage (no
-rename, one atomic PUT per object), `file://` for the local URL form. The same bytes as a local
-store, the same idempotence, relayouts that survive a crash, verify and gc, dask and training."""
+"""Latent stores at fsspec URLs (store.url): zarr's memory store and a local S3 server (moto) stand
+in for object storage (no rename, one atomic PUT per object), `file://` for the local URL form. The
+same bytes as a local store, the same idempotence, relayouts that survive a crash, verify and gc,
+dask worker processes; training from a URL store is in test_train."""
 import uuid
 from pathlib import Path
 
