@@ -8,6 +8,7 @@ whole chunk is idempotent, and each chunk file is replaced atomically.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,9 +94,14 @@ def connect(workers: int, scheduler: str):
     import torch
 
     resources = {"GPU": 1} if 0 < workers <= torch.cuda.device_count() else None
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, resources=resources,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        yield client
+    environ = dict(os.environ)
+    try:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, resources=resources,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client
+    finally:  # LocalCluster leaves OMP_NUM_THREADS=1 (and more) in this process's environment,
+        os.environ.clear()  # which every later subprocess would inherit
+        os.environ.update(environ)
 
 
 def gpu_workers(client) -> bool:

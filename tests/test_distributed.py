@@ -43,8 +43,10 @@ def dws(ws, tmp_path):
 
 def test_two_workers_write_the_same_store(dws):
     ws, want = dws
+    environ = dict(os.environ)
     r = cli(ws, "encode", "--split", "closed", "--workers", "2")
     assert r.exit_code == 0, r.output
+    assert dict(os.environ) == environ  # LocalCluster's OMP_NUM_THREADS=1 must not leak to later work
     assert "on dask" in r.output and "2 workers" in r.output and "32 encoded" in r.output
     store = next((ws / "cache" / "latents" / "closed").glob("*.zarr"))
     got = arrays(store)
