@@ -87,9 +87,14 @@ def _resize(group: zarr.Group, n_rows: int) -> None:
         group["source_hash"][old_n:n_rows] = 0
 
 
+def _relayout_paths(location: str) -> tuple[str, str]:
+    """(the new layout being built, the marker that says it is complete)."""
+    return location + ".relayout", location + ".relayout.done"
+
+
 def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> int:
     """Copy reusable rows into a fresh store in the new order, then swap it in. Returns rows copied."""
-    tmp, done = location + ".relayout", location + ".relayout.done"
+    tmp, done = _relayout_paths(location)
     storage.remove(tmp)
     latent_shape = old["mean"].shape[1:]
     new = create(tmp, len(src), latent_shape, chunk_rows, str(old["mean"].dtype), dict(old.attrs))
@@ -112,9 +117,9 @@ def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) 
 def _swap_in(location: str) -> None:
     """Replace the store by its complete `.relayout` copy. Every step can be redone after a crash:
     the `.relayout.done` marker goes only once the store is whole, the copy only after that."""
-    tmp, done = location + ".relayout", location + ".relayout.done"
+    tmp, done = _relayout_paths(location)
     storage.remove(location)
-    if storage.is_local(location):
+    if not storage.is_url(location):  # a local rename is atomic
         storage.move(tmp, location)
     else:  # object stores have no rename: copy, hashes last, so no row looks valid before its latents
         storage.copy_tree(tmp, location, last="source_hash")
@@ -129,7 +134,7 @@ def recover(location: str) -> None:
     """
     for orphan in storage.glob(location, "**/*.partial"):
         storage.remove(orphan)
-    tmp, done = location + ".relayout", location + ".relayout.done"
+    tmp, done = _relayout_paths(location)
     if storage.exists(done) and storage.exists(tmp):
         _swap_in(location)
     storage.remove(done)

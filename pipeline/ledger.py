@@ -107,9 +107,10 @@ def stage_state(lock_path: Path, inputs: dict, outputs: Path | str | None = None
     outputs should be now; a lock whose outputs are elsewhere (store.url changed) is stale."""
     lock = read_lock(lock_path)
     reasons = changed_inputs(lock, inputs)
-    if not reasons and outputs is not None and outputs_root(lock_path, lock) != storage.normalize(outputs):
-        reasons = [f"outputs moved: the lock's are at {outputs_root(lock_path, lock)}, the config "
-                   f"wants them at {storage.normalize(outputs)}"]
+    if not reasons and outputs is not None:
+        was, now = outputs_root(lock_path, lock), storage.normalize(outputs)
+        if was != now:
+            reasons = [f"outputs moved: the lock's are at {was}, the config wants them at {now}"]
     if not reasons:
         reasons = verify(lock_path, lock, deep=False)
     return not reasons, reasons

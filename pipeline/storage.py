@@ -56,11 +56,6 @@ def probe(location: str) -> None:
             "servers, and that the backend is installed (pip install s3fs / gcsfs / adlfs)") from None
 
 
-def is_local(location: str) -> bool:
-    """True where a rename is atomic (a local file system)."""
-    return not is_url(location)
-
-
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
     return fs.exists(path)
@@ -74,11 +69,9 @@ def remove(location: str) -> None:
 
 
 def files(location: str) -> dict[str, int]:
-    """{path relative to the folder `location`: size} of every object under it, in one listing
-    call, which on object storage is far cheaper than one request per file."""
+    """{path relative to the folder `location`: size} of every object under it ({} if none), in one
+    listing call, which on object storage is far cheaper than one request per file."""
     fs, root = filesystem(location)
-    if not fs.exists(root):
-        return {}
     prefix = root.rstrip("/") + "/"
     return {p[len(prefix):]: int(info["size"]) for p, info in fs.find(root, detail=True).items()
             if p.startswith(prefix)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import Config, load_config
 
 
@@ -35,15 +36,11 @@ class Workspace:
     def stores_root(self, url: str = "") -> str:
         """Where latent stores go: cache/latents/, or `url` (store.url); a relative folder is
         relative to the workspace, as manifests are."""
-        from pipeline import storage
-
         if not url:
             return str(self.cache / "latents")
         return url if storage.is_url(url) else str(self.root / Path(url).expanduser())
 
     def latent_store(self, split: str, encoder_fp: str, url: str = "") -> str:
-        from pipeline import storage
-
         return storage.join(self.stores_root(url), split, f"{encoder_fp[:12]}.zarr")
 
     def store_lock(self, split: str, encoder_fp: str, kind: str = "lock.json") -> Path:

@@ -160,10 +160,9 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
     if cfg.encode.workers and p.store.startswith("memory://"):
         raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
-    storage.probe(p.store)
     result = EncodeResult(split, p.store, len(p.manifest))
     with exclusive(p.writer_lock, f"latent store {p.store}"):
-        up, _ = ledger.stage_state(p.lock, p.inputs, p.store)
+        up, _ = state(p)
         if up:
             result.up_to_date = True
             return result
@@ -186,10 +185,15 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
     return result
 
 
+def state(p: EncodePlan) -> tuple[bool, list[str]]:
+    """(up to date?, reasons) of the store; an unreachable URL store is a UserError."""
+    storage.probe(p.store)
+    return ledger.stage_state(p.lock, p.inputs, p.store)
+
+
 def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
     p = plan(ws, split, cfg)
-    storage.probe(p.store)
-    up, reasons = ledger.stage_state(p.lock, p.inputs, p.store)
+    up, reasons = state(p)
     if not up and any(r.startswith("rows") for r in reasons) and (words := row_changes(p)):
         reasons = [r + f": {words}" if r.startswith("rows") else r for r in reasons]
     if not up and ledger.read_lock(p.lock) is None:

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import ledger, storage
+from pipeline import ledger
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TRAIN_SECTIONS, Config, load_config, section_hash
 from pipeline.ddp import launched_rank
@@ -48,8 +48,7 @@ def run_dir(ws: Workspace, run: str) -> Path:
 def upstream(ws: Workspace, split: str, cfg: Config):
     """The split's encode plan and lock; raises if stage one is not up to date for it."""
     p = encode.plan(ws, split, cfg)
-    storage.probe(p.store)
-    up, reasons = ledger.stage_state(p.lock, p.inputs, p.store)
+    up, reasons = encode.state(p)
     if not up:
         raise UserError(f"the latent cache of {split!r} is not up to date ({'; '.join(reasons)}); "
                         f"run `leakpipe encode --split {split}` first")
