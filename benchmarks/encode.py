@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import vae as vae_lib  # noqa: E402
-from pipeline.config import Config, VaeConfig  # noqa: E402
-from pipeline.images import load_image, to_model_range  # noqa: E402
-from pipeline.manifest import build_rows, scan_tree, write_manifest  # noqa: E402
-from pipeline.workspace import Workspace  # noqa: E402
-from stages import encode as stage  # noqa: E402
+from leakpipe.pipeline.engine import vae as vae_lib  # noqa: E402
+from leakpipe.pipeline.config import Config, VaeConfig  # noqa: E402
+from leakpipe.pipeline.engine.images import load_image, to_model_range  # noqa: E402
+from leakpipe.pipeline.manifest import build_rows, scan_tree, write_manifest  # noqa: E402
+from leakpipe.pipeline.workspace import Workspace  # noqa: E402
+from leakpipe.stages import encode as stage  # noqa: E402
 
 SD21 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
 
@@ -124,7 +124,7 @@ def noop(rows: int, tmp: Path) -> list[str]:
     vae_dir = vae_lib.save_random_vae(tmp / "tiny-vae", (8, 16), seed=0)
     make_workspace(ws, data, vae_dir, preprocess={"size": 16}, encode={"batch_size": 256, "num_workers": 1},
                    store={"chunk_rows": 256})
-    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--split", "bench", "-C", str(ws)]
+    cmd = [sys.executable, "-m", "leakpipe.pipeline.cli", "encode", "--split", "bench", "-C", str(ws)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     first = time.perf_counter() - t

@@ -17,7 +17,7 @@ import torch
 from scipy.special import logsumexp
 from sklearn.neighbors import KernelDensity
 
-from pipeline.kde import GaussianKDE
+from leakpipe.pipeline.math.kde import GaussianKDE
 
 
 def direct(q, x, h):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.cli import main as cli_main
-from pipeline.vae import save_random_vae
+from leakpipe.pipeline.cli import main as cli_main
+from leakpipe.pipeline.engine.vae import save_random_vae
 
 
 def s3_endpoint():

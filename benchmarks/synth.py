@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import manifest as mf  # noqa: E402
-from pipeline.baseline import train_test_accuracy  # noqa: E402
-from pipeline.datasets import SynthSpec, write_benchmark  # noqa: E402
+from leakpipe.pipeline import manifest as mf  # noqa: E402
+from leakpipe.pipeline.bench.baseline import train_test_accuracy  # noqa: E402
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark  # noqa: E402
 
 
 def speed(n: int, size: int, tmp: Path) -> str:

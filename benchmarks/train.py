@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import vae as vae_lib  # noqa: E402
-from pipeline.config import Config, VaeConfig  # noqa: E402
-from pipeline.data import FeatureBuilder  # noqa: E402
-from pipeline.images import to_model_range  # noqa: E402
-from stages.train import build_model  # noqa: E402
+from leakpipe.pipeline.engine import vae as vae_lib  # noqa: E402
+from leakpipe.pipeline.config import Config, VaeConfig  # noqa: E402
+from leakpipe.pipeline.engine.data import FeatureBuilder  # noqa: E402
+from leakpipe.pipeline.engine.images import to_model_range  # noqa: E402
+from leakpipe.stages.train import build_model  # noqa: E402
 
 
 def sync(device):

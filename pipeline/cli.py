@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
-from pipeline.workspace import Workspace
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.workspace import Workspace
 
 
 def _workspace_options(fn):
@@ -71,7 +71,7 @@ def manifest():
 @_workspace_options
 def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant):
     """Scan a folder-per-generator tree ROOT/<generator>/<images> into manifests/SPLIT.csv."""
-    from pipeline import manifest as mf
+    from leakpipe.pipeline import manifest as mf
 
     tree = mf.scan_tree(root)
     if partition == "auto":
@@ -111,7 +111,7 @@ def _print_summary(s: dict, path) -> None:
 @_workspace_options
 def manifest_show(ws, cfg, name):
     """Row counts per label, partition and variant of manifests/NAME.csv."""
-    from pipeline import manifest as mf
+    from leakpipe.pipeline import manifest as mf
 
     _print_summary(mf.summary(mf.read_manifest(ws.manifest(name))), ws.manifest(name))
 
@@ -126,7 +126,7 @@ def manifest_show(ws, cfg, name):
 @_workspace_options
 def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
-    from stages import encode as stage
+    from leakpipe.stages import encode as stage
 
     if vae_source:
         cfg.vae.source = vae_source
@@ -145,9 +145,9 @@ def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler):
 @_workspace_options
 def train(ws, cfg, run_name):
     """Stage two: train from the latent cache, resume if interrupted, embed every encoded split."""
-    from stages import train as stage
+    from leakpipe.stages import train as stage
 
-    from pipeline.ddp import launched_rank
+    from leakpipe.pipeline.engine.ddp import launched_rank
 
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     result = stage.run(ws, cfg, run_name, log=_log if main_rank else (lambda msg: None))
@@ -164,7 +164,7 @@ def train(ws, cfg, run_name):
 @_workspace_options
 def score(ws, cfg, run_name, dual, as_json):
     """Stage three: metrics, open-set KDE, report.md and figures from the run's embeddings."""
-    from stages import score as stage
+    from leakpipe.stages import score as stage
 
     if dual:
         cfg.score.dual = True
@@ -180,7 +180,7 @@ def score(ws, cfg, run_name, dual, as_json):
 @_workspace_options
 def attribute(ws, cfg, images, run_name, top, as_json):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
-    from stages import attribute as stage
+    from leakpipe.stages import attribute as stage
 
     results = stage.run(ws, cfg, list(images), run_name, top)
     if as_json:
@@ -197,7 +197,7 @@ def attribute(ws, cfg, images, run_name, top, as_json):
 @_workspace_options
 def sweep(ws, cfg, only, list_only, out):
     """Ablations of the paper's Tables 3-5 over one latent cache: train + score each, then compare."""
-    from stages import sweep as stage
+    from leakpipe.stages import sweep as stage
 
     names = stage.select(only)
     if list_only:
@@ -220,7 +220,7 @@ def sweep(ws, cfg, only, list_only, out):
 @_workspace_options
 def compare(ws, cfg, runs, out):
     """Top-1 and macro AUC (head, Mahalanobis), post-processing and open set, one row per scored RUN."""
-    from stages import sweep as stage
+    from leakpipe.stages import sweep as stage
 
     table = stage.compare(ws, list(runs))
     if out:
@@ -254,7 +254,7 @@ def _steps(text: str) -> tuple[int, ...]:
 @_workspace_options
 def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers):
     """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
-    from pipeline.datasets import SynthSpec, write_benchmark
+    from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 
     out = out or ws.root / "data" / "synth"
     spec = SynthSpec(n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps))
@@ -278,8 +278,8 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 @_workspace_options
 def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
     """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest."""
-    from pipeline import manifest as mf
-    from pipeline.datasets import PP_COLUMNS, postprocess_rows
+    from leakpipe.pipeline import manifest as mf
+    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows
 
     m = mf.read_manifest(ws.manifest(split))
     name = name or f"{split}-pp"
@@ -308,7 +308,7 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 
     Sizes and epochs apply when the workspace is first created; a rerun does only what is missing.
     """
-    from stages import demo as stage
+    from leakpipe.stages import demo as stage
 
     start = time.perf_counter()
     ws = Workspace(workspace)
@@ -324,7 +324,7 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 @_workspace_options
 def status(ws, cfg):
     """Every stage's state: up to date, or stale and why."""
-    from stages import encode as enc
+    from leakpipe.stages import encode as enc
 
     stale = 0
     for split in ws.splits():
@@ -336,13 +336,13 @@ def status(ws, cfg):
         click.echo(f"encode {split:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
     if not ws.splits():
         click.echo(f"no manifests in {ws.manifests}; start with `leakpipe manifest build`")
-    from stages import train as tr
+    from leakpipe.stages import train as tr
 
     for run in tr.runs(ws):
         up, reasons = tr.status(ws, run)
         click.echo(f"train  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
         if (tr.run_dir(ws, run) / "score.lock.json").exists():
-            from stages import score as sc
+            from leakpipe.stages import score as sc
 
             up, reasons = sc.status(ws, cfg, run)
             click.echo(f"score  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
@@ -352,7 +352,7 @@ def status(ws, cfg):
 @_workspace_options
 def verify(ws, cfg):
     """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes."""
-    from pipeline import ledger
+    from leakpipe.pipeline.ledger import locks as ledger
 
     locks = sorted(ws.cache.rglob("*.lock.json"))
     problems = []
@@ -379,8 +379,8 @@ def verify(ws, cfg):
 def gc(ws, cfg, dry_run):
     """Remove latent stores (in cache/latents/ and under store.url) that neither the current config
     nor any run refers to."""
-    from pipeline import storage
-    from stages import encode as enc
+    from leakpipe.pipeline.store import storage
+    from leakpipe.stages import encode as enc
 
     keep = set()
     for split in ws.splits():
@@ -406,7 +406,7 @@ def gc(ws, cfg, dry_run):
 @_workspace_options
 def config_show(ws, cfg):
     """Print the effective config (defaults + leakpipe.toml + --set) as TOML."""
-    from pipeline.config import canonical_hash, to_toml
+    from leakpipe.pipeline.config import canonical_hash, to_toml
 
     click.echo(to_toml(cfg))
     click.echo(f"# canonical hash {canonical_hash(cfg.to_dict())}")

@@ -12,7 +12,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from pipeline.errors import UserError
+from leakpipe.pipeline.errors import UserError
 
 
 class ConfigError(UserError):

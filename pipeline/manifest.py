@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
-from pipeline.config import canonical_hash
-from pipeline.errors import UserError
+from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.config import canonical_hash
+from leakpipe.pipeline.errors import UserError
 
 REQUIRED = ("path", "label", "partition", "variant")
 PARTITIONS = ("train", "val", "test", "")

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.config import Config, load_config
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.config import Config, load_config
 
 
 @dataclass

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.workspace import Workspace
-from pipeline.evaluate import embedding
-from stages import score, train
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.pipeline.report.evaluate import embedding
+from leakpipe.stages import score, train
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
     """All images as (N, H, W, 3) uint8, or one error naming every bad path."""
-    from pipeline.images import BadImage, load_image
+    from leakpipe.pipeline.engine.images import BadImage, load_image
 
     images, problems = [], []
     for p in paths:
@@ -37,8 +37,8 @@ def load_images(paths: list[Path], cfg) -> np.ndarray:
 
 def encode_images(images: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
     """z0 moments (mean, logvar) exactly as stage one stores and stage two reads them."""
-    from pipeline import vae as vae_lib
-    from pipeline.encoding import encode_batch
+    from leakpipe.pipeline.engine import vae as vae_lib
+    from leakpipe.pipeline.engine.encoding import encode_batch
 
     vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae), cfg.vae.dtype, device)
     return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
@@ -46,9 +46,9 @@ def encode_images(images: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarr
 
 def comparators(ws: Workspace, cfg, out: Path, m: dict):
     """Mahalanobis and the unseen KDE, fitted on the run's closed training embeddings."""
-    from pipeline.evaluate import label_index
-    from pipeline.kde import GaussianKDE
-    from pipeline.mahalanobis import Mahalanobis
+    from leakpipe.pipeline.report.evaluate import label_index
+    from leakpipe.pipeline.math.kde import GaussianKDE
+    from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
     closed, _ = score.load_split(ws, out, cfg.score.closed)
     tr = closed.select(closed.partition == "train")
@@ -61,7 +61,7 @@ def comparators(ws: Workspace, cfg, out: Path, m: dict):
 
 def explain(out, classes: list[str], tau: float, top: int) -> list[dict]:
     """Per image: a_t, the top gated features (by w), the winning prototype and its responsibility."""
-    from pipeline.model import responsibilities
+    from leakpipe.pipeline.nn.model import responsibilities
 
     rows = []
     for i in range(len(out.logits)):
@@ -84,10 +84,10 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
     preprocessing come from the run's own config."""
     import torch
 
-    from pipeline import latent_store
-    from pipeline.data import eval_noise
-    from pipeline.hashing import hash_file
-    from pipeline.vae import resolve_device
+    from leakpipe.pipeline.store import latent_store
+    from leakpipe.pipeline.engine.data import eval_noise
+    from leakpipe.pipeline.store.hashing import hash_file
+    from leakpipe.pipeline.engine.vae import resolve_device
 
     out = train.run_dir(ws, run)
     if not (out / "metrics.json").exists():

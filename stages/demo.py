@@ -5,10 +5,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from pipeline import vae as vae_lib
-from pipeline.datasets import SynthSpec, write_benchmark
-from pipeline.workspace import Workspace
-from stages import encode, score, train
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode, score, train
 
 DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
 # difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on

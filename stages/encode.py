@@ -7,14 +7,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import ledger, storage, vae as vae_lib
-from pipeline.atomic import atomic_write_text
-from pipeline.config import Config, canonical_hash
-from pipeline.errors import UserError
-from pipeline.hashing import HashCache
-from pipeline.locking import exclusive
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.workspace import Workspace
+from leakpipe.pipeline.ledger import locks as ledger
+
+from leakpipe.pipeline.store import storage
+
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.config import Config, canonical_hash
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.store.locking import exclusive
+from leakpipe.pipeline.manifest import Manifest, read_manifest
+from leakpipe.pipeline.workspace import Workspace
 
 CODE_VERSION = "encode-1"  # bump when the stored bytes for the same inputs would change
 
@@ -107,8 +111,8 @@ def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
     import numpy as np
     from tqdm import tqdm
 
-    from pipeline import latent_store
-    from pipeline.encoding import ChunkWriter, encode_pending
+    from leakpipe.pipeline.store import latent_store
+    from leakpipe.pipeline.engine.encoding import ChunkWriter, encode_pending
 
     want = latent_store.hash_rows(p.file_hashes)
     attrs = {"split": p.manifest.name, "encoder_fingerprint": p.encoder_fp, "vae": p.source.label,
@@ -129,7 +133,7 @@ def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
     start = time.perf_counter()
     with tqdm(total=len(pending), unit="img", desc=f"encode {p.manifest.name}", disable=None) as bar:
         if cfg.encode.workers or cfg.encode.scheduler:
-            from pipeline import distributed
+            from leakpipe.pipeline.engine import distributed
 
             with distributed.connect(cfg.encode.workers, cfg.encode.scheduler) as client:
                 log(f"encode {p.manifest.name}: on dask {client.scheduler.address}, "

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ledger
-from pipeline.atomic import atomic_write_json
-from pipeline.config import Config, section_hash
-from pipeline.errors import UserError
-from pipeline.locking import exclusive
-from pipeline.workspace import Workspace
-from stages import train
+from leakpipe.pipeline.ledger import locks as ledger
+from leakpipe.pipeline.store.atomic import atomic_write_json
+from leakpipe.pipeline.config import Config, section_hash
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.store.locking import exclusive
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import train
 
 CODE_VERSION = "score-2"
 RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
@@ -52,9 +52,9 @@ def splits_of(cfg: Config) -> list[tuple[str, str]]:
 
 def load_split(ws: Workspace, run_dir: Path, split: str):
     """The valid rows of `split`'s embeddings with their manifest columns (evaluate.Split)."""
-    from pipeline import embeddings
-    from pipeline.evaluate import Split
-    from pipeline.manifest import read_manifest
+    from leakpipe.pipeline.store import embeddings
+    from leakpipe.pipeline.report.evaluate import Split
+    from leakpipe.pipeline.manifest import read_manifest
 
     e = embeddings.read(run_dir / "embeddings" / f"{split}.zarr")
     m = read_manifest(ws.manifest(split), check_files=False)
@@ -94,8 +94,8 @@ def _available(ws: Workspace, run_dir: Path, cfg: Config, log) -> tuple[list[str
 
 def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: list[str]) -> tuple[dict, dict]:
     """(metrics, figure data)."""
-    from pipeline import evaluate as ev
-    from pipeline.vae import is_random
+    from leakpipe.pipeline.report import evaluate as ev
+    from leakpipe.pipeline.engine.vae import is_random
 
     run_cfg = train.run_config(run_dir)
     if is_random(run_cfg.vae):
@@ -145,8 +145,9 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
 
 
 def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]:
-    from pipeline import metrics, report
-    from pipeline.evaluate import label_index
+    from leakpipe.pipeline.math import metrics
+    from leakpipe.pipeline.report import render as report
+    from leakpipe.pipeline.report.evaluate import label_index
 
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
         if ledger.read_lock(lock_path) is not None:
             log(f"score {run}: rescoring because " + "; ".join(reasons))
         if cfg.score.dual:
-            from pipeline.evaluate import DUAL_WARNING
+            from leakpipe.pipeline.report.evaluate import DUAL_WARNING
 
             log(f"WARNING: {DUAL_WARNING}.")
         start = time.perf_counter()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import ledger
-from pipeline.atomic import atomic_write_text
-from pipeline.report import fmt as _f
-from pipeline.config import TRAIN_SECTIONS, Config
-from pipeline.errors import UserError
-from pipeline.workspace import Workspace
-from stages import score, train
+from leakpipe.pipeline.ledger import locks as ledger
+from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.report.render import fmt as _f
+from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import score, train
 
 ABLATIONS: dict[str, tuple[str, ...]] = {
     # Table 3: components

@@ -7,15 +7,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import ledger
-from pipeline.atomic import atomic_write_json
-from pipeline.config import TRAIN_SECTIONS, Config, load_config, section_hash
-from pipeline.ddp import launched_rank
-from pipeline.errors import UserError
-from pipeline.hashing import hash_file
-from pipeline.locking import exclusive
-from pipeline.workspace import Workspace
-from stages import encode
+from leakpipe.pipeline.ledger import locks as ledger
+from leakpipe.pipeline.store.atomic import atomic_write_json
+from leakpipe.pipeline.config import TRAIN_SECTIONS, Config, load_config, section_hash
+from leakpipe.pipeline.engine.ddp import launched_rank
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.store.hashing import hash_file
+from leakpipe.pipeline.store.locking import exclusive
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode
 
 CODE_VERSION = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
 EMBED_VERSION = "embed-1"
@@ -64,7 +64,7 @@ def _rows(p, classes=None):
     """(train rows, train labels, val rows, val labels, classes) of the valid rows."""
     import numpy as np
 
-    from pipeline import latent_store
+    from leakpipe.pipeline.store import latent_store
 
     valid = latent_store.valid_rows(latent_store.open_store(p.store), latent_store.hash_rows(p.file_hashes))
     rows = p.manifest.rows
@@ -85,7 +85,7 @@ def _rows(p, classes=None):
 
 
 def build_model(cfg: Config, n_classes: int):
-    from pipeline.model import ProtoLeakNet
+    from leakpipe.pipeline.nn.model import ProtoLeakNet
 
     m = cfg.model
     return ProtoLeakNet(n_classes, 2 * 4, m.backbone, m.embed_dim, m.prototypes,
@@ -96,11 +96,11 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     import torch
     from tqdm import tqdm
 
-    from pipeline import metrics
-    from pipeline.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
-    from pipeline.data import FeatureBuilder, LatentRows
-    from pipeline import ddp as ddp_lib
-    from pipeline.training import predict, recalibrate_batchnorm, train_epoch
+    from leakpipe.pipeline.math import metrics
+    from leakpipe.pipeline.store.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
+    from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
+    from leakpipe.pipeline.engine import ddp as ddp_lib
+    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
 
     tr_rows, tr_y, va_rows, va_y, classes = _rows(p)
     budget = cfg.compute.memory_budget_gb * 2 ** 30
@@ -203,8 +203,8 @@ def run_config(out: Path) -> Config:
 
 def load_trained(out: Path, device):
     """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
-    from pipeline.checkpoint import load_tensors
-    from pipeline.data import FeatureBuilder
+    from leakpipe.pipeline.store.checkpoint import load_tensors
+    from leakpipe.pipeline.engine.data import FeatureBuilder
 
     if not (out / "model.safetensors").exists():
         raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
@@ -224,10 +224,11 @@ def embed_inputs(out: Path, enc_lock: dict, cfg: Config) -> dict:
 def embed_all(ws: Workspace, run: str, log=print, splits=None) -> list[str]:
     """Embed every split (or `splits`) whose latents are encoded for the run's encoder and whose
     embeddings are missing or stale. Returns the splits it embedded."""
-    from pipeline import embeddings, latent_store
-    from pipeline.data import LatentRows
-    from pipeline.training import predict
-    from pipeline.vae import resolve_device
+    from leakpipe.pipeline.store import embeddings
+    from leakpipe.pipeline.store import latent_store
+    from leakpipe.pipeline.engine.data import LatentRows
+    from leakpipe.pipeline.engine.training import predict
+    from leakpipe.pipeline.engine.vae import resolve_device
 
     out = run_dir(ws, run)
     cfg = run_config(out)

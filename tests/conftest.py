@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.vae import save_random_vae
+from leakpipe.pipeline.cli import main
+from leakpipe.pipeline.engine.vae import save_random_vae
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import Config, ConfigError, canonical_hash, load_config, section_hash, valid_keys
+from leakpipe.pipeline.config import Config, ConfigError, canonical_hash, load_config, section_hash, valid_keys
 
 
 def test_defaults_follow_the_spec():

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import zarr
 
-from pipeline.workspace import Workspace
-from stages import encode as stage
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode as stage
 from tests.conftest import cli, kill_midway, write_images
 
 
@@ -24,8 +24,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, tmp_path):
 
     # chunk writes are slowed so the kill lands mid-run; nothing else differs from a normal encode
     store_dir = ws / "cache" / "latents" / "closed"
-    kill_midway("pipeline.latent_store.write_chunk", 0.15,
-                f"from pipeline.workspace import Workspace\nfrom stages import encode\n"
+    kill_midway("leakpipe.pipeline.store.latent_store.write_chunk", 0.15,
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom stages import encode\n"
                 f"ws = Workspace({str(ws)!r})\nencode.run(ws, 'closed', ws.config(), log=print)",
                 ready=lambda: len(list(store_dir.glob("*.zarr/source_hash/c/*/*"))) >= 3)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.workspace import Workspace
-from stages import encode, train
-from pipeline.checkpoint import load_tensors
-from pipeline.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode, train
+from leakpipe.pipeline.store.checkpoint import load_tensors
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from tests.conftest import TOML, cli, write_images
 
 pytestmark = pytest.mark.timeout(400)
@@ -40,9 +40,9 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     """One epoch with BatchNorm removed, in process `rank` of `world`; rank 0 saves the weights."""
     import torch.distributed as dist
 
-    from pipeline.data import FeatureBuilder, LatentRows
-    from pipeline.ddp import Ddp, wrap
-    from pipeline.training import train_epoch
+    from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
+    from leakpipe.pipeline.engine.ddp import Ddp, wrap
+    from leakpipe.pipeline.engine.training import train_epoch
 
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

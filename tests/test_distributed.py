@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.workspace import Workspace
-from stages import encode as stage
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode as stage
 from tests.conftest import cli, write_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,7 +58,7 @@ def test_two_workers_write_the_same_store(dws):
 def _slow_batches():  # runs on each worker: the kill must land while chunks are still pending
     import time as _time
 
-    import pipeline.encoding as e
+    import leakpipe.pipeline.engine.encoding as e
 
     real = e.encode_batch
     e.encode_batch = lambda *a: (_time.sleep(0.4), real(*a))[1]

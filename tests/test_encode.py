@@ -8,12 +8,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline import ledger, vae as vae_lib
-from pipeline.images import load_image, to_model_range
-from pipeline.locking import Busy, exclusive
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.workspace import Workspace
-from stages import encode as stage
+from leakpipe.pipeline.ledger import locks as ledger
+
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.images import load_image, to_model_range
+from leakpipe.pipeline.store.locking import Busy, exclusive
+from leakpipe.pipeline.manifest import read_manifest, write_manifest
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode as stage
 from tests.conftest import cli, write_images
 
 

@@ -1,6 +1,6 @@
 import os
 
-from pipeline.hashing import HashCache, hash_file
+from leakpipe.pipeline.store.hashing import HashCache, hash_file
 
 
 def test_cache_reads_each_file_once_and_notices_changes(tmp_path):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import PreprocessConfig
-from pipeline.images import BadImage, load_image
+from leakpipe.pipeline.config import PreprocessConfig
+from leakpipe.pipeline.engine.images import BadImage, load_image
 
 CFG = PreprocessConfig(size=16)
 

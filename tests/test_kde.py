@@ -5,8 +5,8 @@ import torch
 from scipy.special import logsumexp
 from sklearn.neighbors import KernelDensity
 
-from pipeline.kde import GaussianKDE, log_density
-from pipeline.mahalanobis import Mahalanobis, mahalanobis_scores
+from leakpipe.pipeline.math.kde import GaussianKDE, log_density
+from leakpipe.pipeline.math.mahalanobis import Mahalanobis, mahalanobis_scores
 
 
 def direct(q, x, h):

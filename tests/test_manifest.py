@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline import manifest as mf
+from leakpipe.pipeline import manifest as mf
 from tests.conftest import cli, write_images
 
 

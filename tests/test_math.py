@@ -5,7 +5,11 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.fft import dctn, idctn
 
-from pipeline import dct, diffusion, features
+from leakpipe.pipeline.math import dct
+
+from leakpipe.pipeline.math import diffusion
+
+from leakpipe.pipeline.math import features
 
 DIFFUSERS_NAMES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
 

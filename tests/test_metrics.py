@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from pipeline import metrics
+from leakpipe.pipeline.math import metrics
 
 
 def cases():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.model import ProtoLeakNet, ResNet
+from leakpipe.pipeline.nn.model import ProtoLeakNet, ResNet
 
 # torchvision's resnet18/50/101 have 11,689,512 / 25,557,032 / 44,549,160 parameters with a
 # 1000-class fc on 3-channel input; without the fc (512*1000+1000 or 2048*1000+1000) that is:
@@ -60,7 +60,7 @@ def test_nearest_prototype_wins():
     with torch.no_grad():
         m.prototypes.zero_()
         m.prototypes[1] += 10.0
-    from pipeline.model import class_logits, prototype_distances, soft_min_distance
+    from leakpipe.pipeline.nn.model import class_logits, prototype_distances, soft_min_distance
     h = torch.zeros(1, 4)  # sits on class 0's prototype
     d = prototype_distances(h, torch.ones(1, 4), m.prototypes)
     assert class_logits(soft_min_distance(d, 1.0)).argmax().item() == 0

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import embeddings
-from pipeline.datasets import SynthSpec, write_benchmark
-from pipeline.manifest import read_manifest
-from pipeline.vae import save_random_vae
-from pipeline.workspace import Workspace
-from stages import encode, train
+from leakpipe.pipeline.store import embeddings
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.manifest import read_manifest
+from leakpipe.pipeline.engine.vae import save_random_vae
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode, train
 from tests.conftest import TINY_BLOCKS, cli
 
 SETS = ["--set", "train.epochs=4", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2"]

@@ -10,11 +10,13 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
-from pipeline import ledger, storage
-from pipeline.errors import UserError
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.workspace import Workspace
-from stages import encode as stage
+from leakpipe.pipeline.ledger import locks as ledger
+
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.manifest import read_manifest, write_manifest
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode as stage
 from tests.conftest import cli
 
 ARRAYS = ("mean", "logvar", "source_hash")

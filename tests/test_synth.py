@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import manifest as mf
-from pipeline import postprocess, synth
-from pipeline.baseline import train_test_accuracy
+from leakpipe.pipeline import manifest as mf
+from leakpipe.pipeline.bench import postprocess
+from leakpipe.pipeline.bench import synth
+from leakpipe.pipeline.bench.baseline import train_test_accuracy
 from tests.conftest import cli
 
 

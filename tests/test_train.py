@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import embeddings, storage
-from pipeline.datasets import SynthSpec, write_benchmark
-from pipeline.manifest import read_manifest
-from pipeline.vae import save_random_vae
-from pipeline.workspace import Workspace
-from stages import encode, train
+from leakpipe.pipeline.store import embeddings
+
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.manifest import read_manifest
+from leakpipe.pipeline.engine.vae import save_random_vae
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import encode, train
 from tests.conftest import TINY_BLOCKS, cli, kill_midway
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
@@ -99,8 +101,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tws):
     sets = [*FAST, "train.epochs=4"]
     train_run(tws, "whole", "train.epochs=4")
     ckpt = train.run_dir(Workspace(tws), "cut") / "checkpoint" / "checkpoint.json"
-    kill_midway("pipeline.checkpoint.save_checkpoint", 1.0,
-                f"from pipeline.workspace import Workspace\nfrom stages import train\n"
+    kill_midway("leakpipe.pipeline.store.checkpoint.save_checkpoint", 1.0,
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom stages import train\n"
                 f"ws = Workspace({str(tws)!r})\n"
                 f"train.run(ws, ws.config(None, {sets!r}), 'cut', log=print)",
                 ready=lambda: ckpt.exists() and '"epoch": 2' in ckpt.read_text())

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import Config, VaeConfig
-from pipeline.hashing import HashCache
-from pipeline.vae import VaeError, encoder_fingerprint, load_vae, resolve, save_random_vae
+from leakpipe.pipeline.config import Config, VaeConfig
+from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.engine.vae import VaeError, encoder_fingerprint, load_vae, resolve, save_random_vae
 
 
 def _encode(vae, x):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 
-from pipeline.errors import UserError
+from leakpipe.pipeline.errors import UserError
 
 PLUGIN = "leakpipe-vae"
 
@@ -33,7 +33,7 @@ class VaePlugin(WorkerPlugin):
     def setup(self, worker):
         import torch
 
-        from pipeline import vae as vae_lib
+        from leakpipe.pipeline.engine import vae as vae_lib
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -51,8 +51,9 @@ def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list
                  row_hashes: np.ndarray, preprocess, batch_size: int, store_dtype: str) -> dict:
     """Worker task: encode `rows` of the chunk [start, stop) and write the chunk. Returns the rows
     written with their hashes (hex) and the rows that failed with the reason."""
-    from pipeline import encoding, latent_store
-    from pipeline.images import BadImage, load_image
+    from leakpipe.pipeline.engine import encoding
+    from leakpipe.pipeline.store import latent_store
+    from leakpipe.pipeline.engine.images import BadImage, load_image
 
     plugin = get_worker().plugins[PLUGIN]
     done, means, logvars, failed = [], [], [], []

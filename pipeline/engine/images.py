@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import PreprocessConfig
-from pipeline.errors import UserError
+from leakpipe.pipeline.config import PreprocessConfig
+from leakpipe.pipeline.errors import UserError
 
 
 class BadImage(UserError):

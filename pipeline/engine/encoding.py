@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import latent_store
-from pipeline.config import PreprocessConfig
-from pipeline.images import BadImage, load_image, to_model_range
+from leakpipe.pipeline.store import latent_store
+from leakpipe.pipeline.config import PreprocessConfig
+from leakpipe.pipeline.engine.images import BadImage, load_image, to_model_range
 
 
 class ImageRows(torch.utils.data.Dataset):

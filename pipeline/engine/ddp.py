@@ -58,7 +58,7 @@ def setup(device_name: str):
     import torch
     import torch.distributed as dist
 
-    from pipeline.vae import resolve_device
+    from leakpipe.pipeline.engine.vae import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.dct import dct_low
+from leakpipe.pipeline.math.dct import dct_low
 
 
 def features(zt_over_sigma: torch.Tensor, k: int, dct_map: str) -> torch.Tensor:

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import FeatureBuilder, LatentRows, eval_noise
-from pipeline.ddp import Ddp
+from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise
+from leakpipe.pipeline.engine.ddp import Ddp
 
 
 def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int, batch_size: int,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline import storage
-from pipeline.hashing import HASH_BYTES
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.store.hashing import HASH_BYTES
 
 STORE_FORMAT = 1
 LATENT_ARRAYS = ("mean", "logvar")

@@ -11,8 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import diffusion, features, latent_store
-from pipeline.config import Config
+from leakpipe.pipeline.math import diffusion
+
+from leakpipe.pipeline.math import features
+
+from leakpipe.pipeline.store import latent_store
+from leakpipe.pipeline.config import Config
 
 
 class LatentRows:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_text
+from leakpipe.pipeline.store.atomic import atomic_write_text
 
 FIGURES = ("confusion.png", "roc.png", "embedding_map.png", "kde_scores.png", "postprocessing.png",
            "attention.png")
@@ -57,7 +57,7 @@ def confusion_figure(confusion: list, classes: list[str], title: str, path: Path
 
 
 def roc_figure(scores: np.ndarray, labels: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    from pipeline import metrics
+    from leakpipe.pipeline.math import metrics
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -105,7 +105,7 @@ def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: lis
 
 
 def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: Path) -> None:
-    from pipeline.evaluate import GATING
+    from leakpipe.pipeline.report.evaluate import GATING
 
     plt = _plt()
     kinds = [k for k in ("gating_off", "gating_on") if k in scores]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
+from leakpipe.pipeline.errors import UserError
 
 
 def is_url(location: str | Path) -> bool:

@@ -12,11 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, VaeConfig, canonical_hash
-from pipeline.errors import UserError
-from pipeline.hashing import HashCache
+from leakpipe.pipeline.config import Config, VaeConfig, canonical_hash
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.store.hashing import HashCache
 
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).parent.parent / "configs"
 DEFAULT_SINGLE_FILE_CONFIG = PACKAGED_CONFIGS / "sd21-vae" / "config.json"
 _VOLATILE_CONFIG_KEYS = ("_diffusers_version", "_name_or_path", "_commit_hash", "_use_default_values")
 

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from pipeline.errors import UserError
+from leakpipe.pipeline.errors import UserError
 
 
 class Busy(UserError):

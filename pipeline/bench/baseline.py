@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from pipeline.manifest import Manifest
+from leakpipe.pipeline.manifest import Manifest
 
 
 def pixel_features(path, size: int = 64, k: int = 8) -> np.ndarray:

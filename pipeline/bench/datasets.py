@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline import manifest as mf
-from pipeline import postprocess, synth
+from leakpipe.pipeline import manifest as mf
+from leakpipe.pipeline.bench import postprocess
+from leakpipe.pipeline.bench import synth
 
 PP_COLUMNS = (*mf.REQUIRED, "ops")
 

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_json
+from leakpipe.pipeline.store.atomic import atomic_write_json
 
 HASH_BYTES = 16  # blake2b-128: the `source_hash` width in the latent store
 

@@ -10,10 +10,10 @@ import os
 import time
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.atomic import atomic_write_json
-from pipeline.config import canonical_hash
-from pipeline.hashing import hash_stream
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.store.atomic import atomic_write_json
+from leakpipe.pipeline.config import canonical_hash
+from leakpipe.pipeline.store.hashing import hash_stream
 
 LOCK_FORMAT = 1
 _SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json")

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import metrics
-from pipeline.kde import GaussianKDE
-from pipeline.mahalanobis import Mahalanobis
+from leakpipe.pipeline.math import metrics
+from leakpipe.pipeline.math.kde import GaussianKDE
+from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
 # the open-set settings and the embedding each one uses (Eq. 16-17 on h_bar, or on h_bar * w)
 GATING = {"gating_off": "h_bar", "gating_on": "gated"}
