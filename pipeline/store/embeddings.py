@@ -8,11 +8,12 @@ Attributes: classes, timesteps, model and latent fingerprints.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from leakpipe.pipeline.store.atomic import atomic_path
 
 ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min")
 
@@ -20,10 +21,11 @@ ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min")
 def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray],
           attrs: dict) -> None:
     """Write to a temporary group, then rename: readers never see a half-written store."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
+    with atomic_path(path, folder=True) as tmp:
+        _write_group(zarr.open_group(str(tmp), mode="w"), n_rows, valid_rows, outputs, attrs)
+
+
+def _write_group(group, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray], attrs: dict) -> None:
     logits = outputs["logits"]
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True)) if len(logits) else logits
     full = {**outputs, "pi": shifted / shifted.sum(axis=1, keepdims=True) if len(logits) else logits}
@@ -36,9 +38,6 @@ def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np
     valid[valid_rows] = True
     group.create_array("valid", data=valid, chunks=(min(4096, max(n_rows, 1)),))
     group.attrs.update(attrs)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
 
 
 def read(path: Path) -> dict:
