@@ -3,6 +3,7 @@ that need them, so `status`, `manifest` and no-op reruns start fast."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import time
@@ -26,6 +27,8 @@ def _workspace_options(fn):
         ws = Workspace(workspace)
         try:
             cfg = ws.config(config_file, overrides)
+            if "config_file" in inspect.signature(fn).parameters:
+                kwargs.update(config_file=config_file, overrides=overrides)
             return fn(ws=ws, cfg=cfg, **kwargs)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
@@ -119,17 +122,18 @@ def manifest_show(ws, cfg, name):
 # ---------------------------------------------------------------- stage one
 @main.command()
 @click.option("--split", "splits", multiple=True, required=True, help="Manifest name (repeatable).")
-@click.option("--vae", "vae_source", help="Hub id, diffusers folder or .safetensors (vae.source).")
+@click.option("--vae", "vae_source", help="Hub id, diffusers folder or .safetensors (vae.source). Saved in "
+              "the workspace config, so later commands use this encoder's cache.")
 @click.option("--skip-bad", is_flag=True, help="Accept the split without unreadable images.")
 @click.option("--workers", type=int, help="Encode on a local dask cluster of N worker processes.")
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
 @_workspace_options
-def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler):
+def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
     from leakpipe.stages import encode as stage
 
     if vae_source:
-        cfg.vae.source = vae_source
+        _persist_vae(ws, cfg, vae_source, config_file, overrides)
     if workers is not None:
         cfg.encode.workers = workers
     if scheduler:
@@ -139,12 +143,35 @@ def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler):
         click.echo(result.summary())
 
 
+def _persist_vae(ws, cfg, source: str, config_file, overrides) -> None:
+    """`--vae` is the workspace's encoder from now on: saved as vae.source in its config file (a local
+    path relative to the workspace when it lies inside it), so train, score, status and attribute
+    find this encoder's cache with no flag."""
+    from leakpipe.pipeline.config import persist_setting
+    from leakpipe.pipeline.engine.vae import resolve
+
+    local = Path(source).expanduser()
+    if local.exists():
+        local = local.resolve()
+        source = "./" + local.relative_to(ws.root).as_posix() if local.is_relative_to(ws.root) else str(local)
+    cfg.vae.source = source
+    resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
+    path = config_file or ws.root / "leakpipe.toml"
+    was = persist_setting(path, "vae.source", source)
+    if was != source:
+        _log(f"note: vae.source = {source} saved in {path} (was {was or 'the default'}): train, score, "
+             "status and attribute now use this encoder's cache")
+    if any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
+        _log("note: --set vae.source was given as well; --vae wins for this command")
+
+
 # ---------------------------------------------------------------- stage two
 @main.command()
 @click.option("--run", "run_name", default="default", show_default=True, help="Run name (ablations).")
 @_workspace_options
 def train(ws, cfg, run_name):
-    """Stage two: train from the latent cache, resume if interrupted, embed every encoded split."""
+    """Stage two: train from the latent cache (or resume, or restore a stored result), then embed
+    every encoded split. Results are kept per config in cache/results/; RUN points at one."""
     from leakpipe.stages import train as stage
 
     from leakpipe.pipeline.engine.ddp import launched_rank
@@ -152,6 +179,9 @@ def train(ws, cfg, run_name):
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     result = stage.run(ws, cfg, run_name, log=_log if main_rank else (lambda msg: None))
     if main_rank:
+        from leakpipe.stages import embed
+
+        embed.run(ws, cfg, run_name, log=_log)
         click.echo(result.summary())
 
 
@@ -166,10 +196,27 @@ def score(ws, cfg, run_name, dual, as_json):
     """Stage three: metrics, open-set KDE, report.md and figures from the run's embeddings."""
     from leakpipe.stages import score as stage
 
+    from leakpipe.pipeline.ledger.graph import score_splits
+    from leakpipe.stages import embed
+
     if dual:
         cfg.score.dual = True
+    embed.run(ws, cfg, run_name, log=_log, splits=[s for _, s in score_splits(cfg) if ws.manifest(s).exists()])
     result = stage.run(ws, cfg, run_name, log=_log)
     click.echo(json.dumps(result.metrics, indent=1) if as_json else result.summary())
+
+
+@main.command()
+@click.option("--run", "run_name", default="default", show_default=True, help="A trained run.")
+@click.option("--split", "splits", multiple=True, help="Only these splits (repeatable) [default: every encoded one].")
+@_workspace_options
+def embed(ws, cfg, run_name, splits):
+    """Embeddings (h_bar, w, a_t, logits) of encoded splits under a trained run; `train` and `score`
+    run it too."""
+    from leakpipe.stages import embed as stage
+
+    done = stage.run(ws, cfg, run_name, log=_log, splits=list(splits) or None)
+    click.echo(f"embed {run_name}: " + (f"embedded {', '.join(done)}" if done else "up to date, nothing to do"))
 
 
 @main.command()
@@ -186,7 +233,9 @@ def attribute(ws, cfg, images, run_name, top, as_json):
     if as_json:
         click.echo(json.dumps(results, indent=1))
     else:
-        click.echo(stage.format_text(results, stage.train.run_config(stage.train.run_dir(ws, run_name)).diffusion.timesteps))
+        from leakpipe.pipeline.ledger import graph, runs
+
+        click.echo(stage.format_text(results, graph.run_config(runs.pointed(ws, run_name)).diffusion.timesteps))
 
 
 @main.command()
@@ -205,9 +254,8 @@ def sweep(ws, cfg, only, list_only, out):
             click.echo(f"{n:<14} {' '.join(stage.ABLATIONS[n]) or '(workspace config)'}")
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
-    holder = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]),
-                       names, log=_log)
-    table = stage.compare(ws, names, holder)
+    stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]), names, log=_log)
+    table = stage.compare(ws, names)
     out = out or ws.cache / "sweep.md"
     stage.write_compare(out, table)
     click.echo(table + f"-> {out}")
@@ -321,31 +369,36 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 
 # ---------------------------------------------------------------- ledger
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the states as JSON (one object per stage instance).")
 @_workspace_options
-def status(ws, cfg):
-    """Every stage's state: up to date, or stale and why."""
-    from leakpipe.stages import encode as enc
+def status(ws, cfg, as_json):
+    """Every stage's state: up to date, or stale and why (the same check each stage makes)."""
+    from leakpipe.pipeline.ledger import status as st
 
-    stale = 0
-    for split in ws.splits():
-        try:
-            up, reasons = enc.status(ws, split, cfg)
-        except UserError as exc:
-            up, reasons = False, [str(exc).splitlines()[0]]
-        stale += not up
-        click.echo(f"encode {split:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
-    if not ws.splits():
+    items = st.entries(ws, cfg)
+    if as_json:
+        click.echo(json.dumps(items, indent=1))
+    elif not ws.splits():
         click.echo(f"no manifests in {ws.manifests}; start with `leakpipe manifest build`")
-    from leakpipe.stages import train as tr
+    else:
+        click.echo(st.format_entries(items))
 
-    for run in tr.runs(ws):
-        up, reasons = tr.status(ws, run)
-        click.echo(f"train  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
-        if (tr.run_dir(ws, run) / "score.lock.json").exists():
-            from leakpipe.stages import score as sc
 
-            up, reasons = sc.status(ws, cfg, run)
-            click.echo(f"score  {run:<12} " + ("up to date" if up else "STALE: " + "; ".join(reasons)))
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@_workspace_options
+def runs(ws, cfg, as_json):
+    """Every trained result: run names, when made, what differs from the current config, metrics."""
+    from leakpipe.pipeline.ledger import status as st
+
+    rows = st.run_rows(ws, cfg)
+    click.echo(json.dumps(rows, indent=1) if as_json else st.format_runs(rows) if rows else
+               "no trained results yet; run `leakpipe train`")
+
+
+def _lock_files(ws) -> list[Path]:
+    return sorted([*ws.cache.glob("latents/*/*.lock.json"), *ws.cache.glob("results/*/*.lock.json"),
+                   *ws.cache.glob("results/*/embeddings/*.lock.json")])
 
 
 @main.command()
@@ -354,12 +407,12 @@ def verify(ws, cfg):
     """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes."""
     from leakpipe.pipeline.ledger import locks as ledger
 
-    locks = sorted(ws.cache.rglob("*.lock.json"))
+    lock_files = _lock_files(ws)
     problems = []
-    for lock_path in locks:
+    for lock_path in lock_files:
         lock = ledger.read_lock(lock_path)
         if lock is None:
-            problems.append(f"unreadable lock file: {lock_path}")
+            problems.append(f"unreadable lock file (damaged, or from an older leakpipe): {lock_path}")
             continue
         found = ledger.verify(lock_path, lock, deep=True)
         click.echo(f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
@@ -370,36 +423,32 @@ def verify(ws, cfg):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s); rerun the stage to repair them "
                                    "(it rewrites whatever does not verify)")
-    click.echo(f"verified {len(locks)} lock(s): all checksums match")
+    click.echo(f"verified {len(lock_files)} lock(s): all checksums match")
 
 
 @main.command()
-@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
 @_workspace_options
 def gc(ws, cfg, dry_run):
-    """Remove latent stores (in cache/latents/ and under store.url) that neither the current config
-    nor any run refers to."""
+    """Remove what nothing refers to: trained results no run name points at, and latent stores (in
+    cache/latents/ and under store.url) that neither the current config nor a named result uses.
+    Nothing is ever removed except by this command."""
+    from leakpipe.pipeline.ledger import status as st
     from leakpipe.pipeline.store import storage
-    from leakpipe.stages import encode as enc
 
-    keep = set()
-    for split in ws.splits():
-        try:
-            keep.add(enc.plan(ws, split, cfg).store)
-        except UserError:
-            pass
-    for lock_path in ws.cache.glob("runs/*/*.lock.json"):
-        keep.update(storage.normalize(s) for s in json.loads(lock_path.read_text()).get("stores", []))
-    roots = {ws.stores_root(), ws.stores_root(cfg.store.url)}
-    for store in sorted({s for root in roots for s in storage.glob(root, "*/*.zarr")}):
-        if store in keep:
+    garbage = st.garbage(ws, cfg)
+    for location, size in garbage:
+        click.echo(f"{'would remove' if dry_run else 'removing'} {location} ({size / 2 ** 20:.1f} MiB)")
+        if dry_run:
             continue
-        click.echo(("would remove " if dry_run else "removing ") + store)
-        if not dry_run:
-            storage.remove(store)
-            split, name = store.rstrip("/").split("/")[-2:]
+        storage.remove(location)
+        if location.endswith(".zarr"):
+            split, name = location.rstrip("/").split("/")[-2:]
             for kind in ("lock.json", "writer.lock"):
                 ws.store_lock(split, name[:-len(".zarr")], kind).unlink(missing_ok=True)
+    total = sum(s for _, s in garbage) / 2 ** 20
+    click.echo(f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
+               if garbage else "gc: nothing to remove")
 
 
 @main.command("config")

@@ -12,6 +12,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from leakpipe.pipeline.errors import UserError
 
 
@@ -245,24 +246,25 @@ def parse_override(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _apply(cfg: Config, data: dict, path) -> None:
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level {section!r} must be a [section] table")
+        for name, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{name}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+
+
 def load_config(path: Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults, then the TOML file (if any), then `key=value` overrides, in that order."""
     cfg = Config()
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            cfg = load_toml_text(Path(path).read_text(), path)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: top-level {section!r} must be a [section] table")
-            for name, value in values.items():
-                try:
-                    set_value(cfg, f"{section}.{name}", value)
-                except ConfigError as exc:
-                    raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         set_value(cfg, *parse_override(item))
     return cfg
@@ -277,3 +279,41 @@ def to_toml(cfg: Config) -> str:
             lines.append(f"{name} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def persist_setting(path: Path, key: str, value) -> object:
+    """Write `key = value` into the TOML file `path` (created if missing), leaving every other line as
+    it is, and return the value it had there (None if unset). The file is checked to load after."""
+    import re
+
+    from leakpipe.pipeline.store.atomic import atomic_write_text
+
+    set_value(Config(), key, value)  # the value must be valid before anything is written
+    section, name = key.split(".", 1)
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    before = tomllib.loads(text).get(section, {}).get(name) if text else None
+    lines, line = text.splitlines(), f"{name} = {json.dumps(value)}"
+    start = next((i for i, s in enumerate(lines) if s.strip() == f"[{section}]"), None)
+    if start is None:
+        lines += ([""] if lines else []) + [f"[{section}]", line]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        hit = next((i for i in range(start + 1, end) if re.match(rf"\s*{re.escape(name)}\s*=", lines[i])), None)
+        lines.insert(start + 1, line) if hit is None else lines.__setitem__(hit, line)
+    new = "\n".join(lines) + "\n"
+    if getattr(getattr(load_toml_text(new, path), section), name) != value:
+        raise ConfigError(f"{path}: could not set {key} (the file defines it in a way leakpipe does not "
+                          f"edit); set it by hand: [{section}] {line}")
+    atomic_write_text(path, new)
+    return before
+
+
+def load_toml_text(text: str, path: Path | None = None) -> Config:
+    cfg = Config()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _apply(cfg, data, path)
+    return cfg

@@ -14,7 +14,8 @@ import numpy as np
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.pipeline.report.evaluate import embedding
-from leakpipe.stages import score, train
+from leakpipe.pipeline.engine.trained import load_split, load_trained
+from leakpipe.pipeline.ledger import runs
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
@@ -35,12 +36,12 @@ def load_images(paths: list[Path], cfg) -> np.ndarray:
     return np.stack(images)
 
 
-def encode_images(images: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
+def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """z0 moments (mean, logvar) exactly as stage one stores and stage two reads them."""
     from leakpipe.pipeline.engine import vae as vae_lib
     from leakpipe.pipeline.engine.encoding import encode_batch
 
-    vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae), cfg.vae.dtype, device)
+    vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
     return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
 
 
@@ -50,7 +51,7 @@ def comparators(ws: Workspace, cfg, out: Path, m: dict):
     from leakpipe.pipeline.math.kde import GaussianKDE
     from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
-    closed, _ = score.load_split(ws, out, cfg.score.closed)
+    closed, _ = load_split(ws, out, cfg.score.closed)
     tr = closed.select(closed.partition == "train")
     maha = Mahalanobis(len(m["classes"]), cfg.score.maha_floor).fit(tr.embedding("h_bar"),
                                                                    label_index(tr, m["classes"]))
@@ -89,15 +90,15 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
     from leakpipe.pipeline.store.hashing import hash_file
     from leakpipe.pipeline.engine.vae import resolve_device
 
-    out = train.run_dir(ws, run)
-    if not (out / "metrics.json").exists():
-        raise UserError(f"run {run!r} has not been scored ({out / 'metrics.json'} is missing); "
+    out = runs.pointed(ws, run)
+    if out is None or not (out / "metrics.json").exists():
+        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
                         f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
     m = json.loads((out / "metrics.json").read_text())
     device = resolve_device(ws_cfg.compute.device)
-    model, build, classes, cfg = train.load_trained(out, device)
+    model, build, classes, cfg = load_trained(out, device)
     images = load_images(paths, cfg)
-    mean, logvar = encode_images(images, cfg, device)
+    mean, logvar = encode_images(images, cfg, device, ws.root)
     hashes = latent_store.hash_rows([hash_file(Path(p)) for p in paths])
     with torch.inference_mode():
         o = model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
@@ -115,12 +116,15 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
             "image": str(p), "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
             "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
             "kde_log_density": float(log_density[i]), "unseen_threshold": u["log_density_threshold"],
-            "unseen_generator": bool(log_density[i] < u["log_density_threshold"]), "explanation": why})
+            "unseen_generator": bool(log_density[i] < u["log_density_threshold"]), "explanation": why,
+            "run": run, "result": out.name, "vae": cfg.vae.source})
     return results
 
 
 def format_text(results: list[dict], timesteps: list[int]) -> str:
     lines = []
+    for r in results[:1]:
+        lines.append(f"run {r['run']} (result {r['result']}), VAE {r['vae']}")
     for r in results:
         flag = "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
         lines += [r["image"],

@@ -8,7 +8,7 @@ from pathlib import Path
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode, score, train
+from leakpipe.stages import embed, encode, score, train
 
 DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
 # difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
@@ -59,9 +59,10 @@ def run(ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpe
     """Every stage (each does nothing if up to date); returns the summary lines."""
     setup(ws, vae_source, spec, epochs, log=log)
     cfg = cfg_loader()
-    lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae) else []
+    lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae, ws.root) else []
     for split in ("closed", "closed-pp", "open"):
         lines.append(encode.run(ws, split, cfg, log=log).summary())
     lines.append(train.run(ws, cfg, "default", log=log).summary())
+    embed.run(ws, cfg, "default", log=log)
     lines.append(score.run(ws, cfg, "default", log=log).summary())
     return lines

@@ -7,20 +7,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leakpipe.pipeline.ledger import locks as ledger
-
-from leakpipe.pipeline.store import storage
-
+from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine import vae as vae_lib
-from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.ledger import graph, locks
+from leakpipe.pipeline.manifest import Manifest
+from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.store.locking import exclusive
-from leakpipe.pipeline.manifest import Manifest, read_manifest
 from leakpipe.pipeline.workspace import Workspace
-
-CODE_VERSION = "encode-1"  # bump when the stored bytes for the same inputs would change
 
 
 class EncodeFailures(UserError):
@@ -31,6 +25,7 @@ class EncodeFailures(UserError):
 class EncodeResult:
     split: str
     store: str  # local path or URL
+    vae: str
     rows: int
     encoded: int = 0
     copied: int = 0
@@ -42,54 +37,15 @@ class EncodeResult:
 
     def summary(self) -> str:
         if self.up_to_date:
-            return f"encode {self.split}: up to date ({self.rows} rows), nothing to do -> {self.store}"
+            return (f"encode {self.split}: up to date ({self.rows} rows), nothing to do; VAE {self.vae} "
+                    f"-> {self.store}")
         rate = self.encoded / self.seconds if self.seconds else 0.0
         text = (f"encode {self.split}: {self.rows} rows: {self.encoded} encoded ({rate:.1f} img/s), "
                 f"{self.reused} already valid, {self.copied} reused by copy, "
-                f"{len(self.failures)} failed -> {self.store}")
+                f"{len(self.failures)} failed; VAE {self.vae} -> {self.store}")
         if self.failures:
             text += f"\n  failures listed in {self.failures_csv}"
         return text
-
-
-@dataclass
-class EncodePlan:
-    """Everything `encode` and `status` need to know without loading a model."""
-
-    manifest: Manifest
-    source: vae_lib.VaeSource
-    encoder_fp: str
-    file_hashes: list[str]
-    store: str  # local path or URL (store.url)
-    lock: Path  # always local
-    writer_lock: Path
-    inputs: dict
-
-
-def plan(ws: Workspace, split: str, cfg: Config, hashes: HashCache | None = None) -> EncodePlan:
-    manifest = read_manifest(ws.manifest(split))
-    hashes = hashes or HashCache(ws.hash_cache)
-    source = vae_lib.resolve(cfg.vae)
-    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
-    file_hashes = [hashes.hash(manifest.abspath(i)) for i in range(len(manifest))]
-    hashes.save()
-    inputs = {"rows": canonical_hash([[r["path"], h] for r, h in zip(manifest.rows, file_hashes)]),
-              "encoder": encoder_fp, "chunk_rows": cfg.store.chunk_rows, "code": CODE_VERSION}
-    return EncodePlan(manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
-                      ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
-
-
-def row_changes(p: EncodePlan) -> str:
-    """What changed in the rows since the lock, in words (for `status`)."""
-    lock = ledger.read_lock(p.lock)
-    if lock is None or "rows" not in lock:
-        return ""
-    old = dict(lock["rows"])
-    new = dict(zip((r["path"] for r in p.manifest.rows), p.file_hashes))
-    added = len(new.keys() - old.keys())
-    removed = len(old.keys() - new.keys())
-    changed = sum(1 for k in new.keys() & old.keys() if new[k] != old[k])
-    return f"{added} rows added, {removed} removed, {changed} files changed"
 
 
 def _latent_shape(source: vae_lib.VaeSource, size: int) -> tuple[int, int, int]:
@@ -107,7 +63,7 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
+def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     import numpy as np
     from tqdm import tqdm
 
@@ -160,16 +116,17 @@ def _encode(p: EncodePlan, cfg: Config, result: EncodeResult, log) -> None:
 def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=print) -> EncodeResult:
     """Bring `cache/latents/<split>/<fp12>.zarr` (or the store under store.url) up to date with
     `manifests/<split>.csv`."""
-    p = plan(ws, split, cfg)
+    p = graph.latents(ws, cfg, split)
     if cfg.encode.workers and p.store.startswith("memory://"):
         raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
-    result = EncodeResult(split, p.store, len(p.manifest))
+    result = EncodeResult(split, p.store, p.source.label, len(p.manifest))
     with exclusive(p.writer_lock, f"latent store {p.store}"):
-        up, _ = state(p)
-        if up:
+        verdict = p.check()
+        if verdict.up_to_date:
             result.up_to_date = True
             return result
+        log(f"encode {split}: " + "; ".join(verdict.reasons))
         _encode(p, cfg, result, log)
         failures_csv = ws.failures_csv(split)
         if result.failures:
@@ -182,28 +139,7 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
                     "rows and rerun, or pass --skip-bad to accept the split without them.")
         else:
             failures_csv.unlink(missing_ok=True)
-        rows = [[r["path"], h] for r, h in zip(p.manifest.rows, p.file_hashes)]
         bad = sorted(p.manifest.rows[r]["path"] for r, _ in result.failures)
-        ledger.write_lock(p.lock, "encode", p.inputs, p.store, split=split, rows=rows,
-                          skipped_bad=bad, vae=p.source.label)
+        locks.write_lock(p.lock, "encode", p.inputs, p.store, split=split, skipped_bad=bad,
+                         vae=p.source.label, encoder=p.encoder_fp)
     return result
-
-
-def state(p: EncodePlan) -> tuple[bool, list[str]]:
-    """(up to date?, reasons) of the store; an unreachable URL store is a UserError."""
-    storage.probe(p.store)
-    return ledger.stage_state(p.lock, p.inputs, p.store)
-
-
-def status(ws: Workspace, split: str, cfg: Config) -> tuple[bool, list[str]]:
-    p = plan(ws, split, cfg)
-    up, reasons = state(p)
-    if not up and any(r.startswith("rows") for r in reasons) and (words := row_changes(p)):
-        reasons = [r + f": {words}" if r.startswith("rows") else r for r in reasons]
-    if not up and ledger.read_lock(p.lock) is None:
-        others = [q.name for q in p.lock.parent.glob("*.lock.json")]
-        if others:
-            reasons = [f"no store for the current encoder ({p.encoder_fp[:12]}); other encoders "
-                       f"have stores here: {', '.join(others)} (vae, preprocess or dtype changed)"]
-    return up, reasons
-

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.ledger import locks as ledger
-from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.config import Config, section_hash
+from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.engine.trained import load_split
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger import graph, locks, runs
+from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.locking import exclusive
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import train
 
-CODE_VERSION = "score-2"
 RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
                    "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy.")
 
@@ -40,52 +39,27 @@ class ScoreResult:
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
         for kind, r in m.get("open", {}).items():
             lines.append(f"  open set, {kind}: AUROC {r['auroc']:.3f}, EER {r['eer']:.3f}, OVL {r['ovl']:.3f}")
-        lines.append(f"  report: {self.run_dir / 'report.md'}")
+        lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
         return "\n".join(lines)
 
 
-def splits_of(cfg: Config) -> list[tuple[str, str]]:
-    """(role, split) of every split that score reads."""
-    return [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
-            ("open", cfg.score.open)]
-
-
-def load_split(ws: Workspace, run_dir: Path, split: str):
-    """The valid rows of `split`'s embeddings with their manifest columns (evaluate.Split)."""
-    from leakpipe.pipeline.store import embeddings
-    from leakpipe.pipeline.report.evaluate import Split
-    from leakpipe.pipeline.manifest import read_manifest
-
-    e = embeddings.read(run_dir / "embeddings" / f"{split}.zarr")
-    m = read_manifest(ws.manifest(split), check_files=False)
-    if len(m) != len(e["valid"]):
-        raise UserError(f"embeddings of {split!r} have {len(e['valid'])} rows but {ws.manifest(split)} has "
-                        f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
-    v = e["valid"]
-    col = lambda name: np.array(m.column(name) if name in m.rows[0] else [""] * len(m), dtype=object)[v]  # noqa: E731
-    return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min")},
-                 col("label"), col("partition"), col("variant"), int((~v).sum())), e["attrs"]
-
-
-def score_inputs(run_dir: Path, available: list[str], cfg: Config) -> dict:
-    locks = {s: ledger.read_lock(run_dir / "embeddings" / f"{s}.lock.json") for s in available}
-    return {"embeddings": {s: lock["fingerprint"] for s, lock in locks.items() if lock},
-            "config": section_hash(cfg, "score"), "code": CODE_VERSION}
-
-
-def _available(ws: Workspace, run_dir: Path, cfg: Config, log) -> tuple[list[str], list[str]]:
-    """Embed what is missing or stale, then return (splits with embeddings, notes on missing ones)."""
+def _available(ws: Workspace, run_dir: Path, cfg: Config) -> tuple[list[str], list[str]]:
+    """(splits whose embeddings are up to date, notes on the others); the closed split must be."""
     closed = cfg.score.closed
     if not ws.manifest(closed).exists():
         raise UserError(f"no manifest {ws.manifest(closed)}: score needs the closed split")
-    wanted = [s for _, s in splits_of(cfg) if ws.manifest(s).exists()]
-    train.embed_all(ws, run_dir.name, log, splits=wanted)
     have, notes = [], []
-    for role, split in splits_of(cfg):
-        if (run_dir / "embeddings" / f"{split}.lock.json").exists():
+    for role, split in graph.score_splits(cfg):
+        verdict = graph.embedding(ws, run_dir, split, cfg).check() if ws.manifest(split).exists() else None
+        if verdict is not None and verdict.up_to_date:
             have.append(split)
         elif role == "closed":
-            raise UserError(f"split {split!r} has no embeddings; run `leakpipe encode --split {split}` first")
+            raise UserError(f"the embeddings of {split!r} under {run_dir} are not up to date "
+                            f"({'; '.join(verdict.reasons) if verdict else 'no manifest'}); run "
+                            f"`leakpipe embed --run RUN`, or `leakpipe score`, which embeds first")
+        elif verdict is not None and not verdict.blocked:
+            notes.append(f"{role} split {split!r} has stale embeddings ({'; '.join(verdict.reasons)}); "
+                         "run `leakpipe score` to embed it")
         else:
             notes.append(f"{role} split {split!r} is not " + ("encoded" if ws.manifest(split).exists()
                          else "in manifests/") + f"; run `leakpipe encode --split {split}` to include it")
@@ -97,8 +71,8 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     from leakpipe.pipeline.report import evaluate as ev
     from leakpipe.pipeline.engine.vae import is_random
 
-    run_cfg = train.run_config(run_dir)
-    if is_random(run_cfg.vae):
+    run_cfg = graph.run_config(run_dir)
+    if is_random(run_cfg.vae, ws.root):
         notes = [RANDOM_VAE_NOTE, *notes]
     closed, attrs = load_split(ws, run_dir, cfg.score.closed)
     classes = attrs["classes"]
@@ -114,7 +88,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     if len(by_part["test"]) == 0:
         raise UserError(f"{ws.manifest(cfg.score.closed)} has no valid test rows to score")
     try:
-        m = {"run": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
+        m = {"run": run_dir.name, "result": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
              "head": "prototypes" if run_cfg.model.prototypes else "linear",
              "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor),
              "attention": ev.attention_by_class(by_part["test"], classes),
@@ -174,22 +148,22 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
 
 
 def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreResult:
-    """Embed missing or stale splits, then evaluate (or do nothing if metrics are up to date)."""
-    out = train.run_dir(ws, run)
-    if not (out / "model.safetensors").exists():
-        raise UserError(f"run {run!r} has no trained model in {out}; run `leakpipe train --run {run}` first")
-    trained_up, why = train.status(ws, run)
-    if not trained_up:
-        log(f"score {run}: note: the run's training is stale ({'; '.join(why)}); scoring the model it has")
-    with exclusive(out / ".writer.lock", f"run {run}"):
-        have, notes = _available(ws, out, cfg, log)
-        inputs = score_inputs(out, have, cfg)
-        lock_path = out / "score.lock.json"
-        up, reasons = ledger.stage_state(lock_path, inputs)
-        if up:
+    """Score the result run `run` points at from its embeddings (the embed stage runs first), or do
+    nothing if its metrics are up to date."""
+    out = runs.pointed(ws, run)
+    if out is None or locks.read_lock(out / "train.lock.json") is None:
+        raise UserError(f"run {run!r} has no trained result; run `leakpipe train --run {run}` first")
+    trained = graph.training(ws, cfg, run).check()
+    if not trained.up_to_date:
+        log(f"score {run}: note: scoring the result {run!r} points at ({out.name}); `leakpipe train --run "
+            f"{run}` would not keep it: {'; '.join(trained.reasons)}")
+    with exclusive(out / ".writer.lock", f"result {out.name}"):
+        have, notes = _available(ws, out, cfg)
+        plan = graph.scoring(out, cfg)
+        verdict = plan.check()
+        if verdict.up_to_date:
             return ScoreResult(run, out, json.loads((out / "metrics.json").read_text()), up_to_date=True)
-        if ledger.read_lock(lock_path) is not None:
-            log(f"score {run}: rescoring because " + "; ".join(reasons))
+        log(f"score {run}: scoring because " + "; ".join(verdict.reasons))
         if cfg.score.dual:
             from leakpipe.pipeline.report.evaluate import DUAL_WARNING
 
@@ -197,11 +171,5 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
         start = time.perf_counter()
         m, figs = evaluate(ws, out, cfg, have, notes)
         files = write_outputs(out, m, figs, cfg)
-        ledger.write_lock(lock_path, "score", inputs, files, run=run)
+        locks.write_lock(plan.lock, "score", plan.inputs, files)
     return ScoreResult(run, out, m, seconds=time.perf_counter() - start)
-
-
-def status(ws: Workspace, cfg: Config, run: str) -> tuple[bool, list[str]]:
-    out = train.run_dir(ws, run)
-    names = [s for _, s in splits_of(cfg) if (out / "embeddings" / f"{s}.lock.json").exists()]
-    return ledger.stage_state(out / "score.lock.json", score_inputs(out, names, cfg))

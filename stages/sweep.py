@@ -1,21 +1,21 @@
 """Ablations over one latent cache (paper Tables 3-5) and the comparison table of runs.
 
 Each ablation is a run name with `--set` overrides on top of the workspace config. Nothing is
-encoded: training reads the cache, and an ablation whose training config equals that of a run
-already trained on the same cache is not trained again (it is reported as that run).
+encoded: training reads the cache, and an ablation whose training config equals that of a result
+already in the run cache (cache/results/) is restored from it, not trained again.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from leakpipe.pipeline.ledger import locks as ledger
+from leakpipe.pipeline.ledger import graph, runs
 from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.report.render import fmt as _f
 from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import score, train
+from leakpipe.stages import embed, score, train
 
 ABLATIONS: dict[str, tuple[str, ...]] = {
     # Table 3: components
@@ -50,36 +50,20 @@ def select(names: str | None) -> list[str]:
     return chosen
 
 
-def trained_as(ws: Workspace, cfg: Config, prefer: str) -> str | None:
-    """A run (`prefer` first) that is up to date for exactly this training config and cache."""
-    _, enc_lock = train.upstream(ws, cfg.train.split, cfg)
-    inputs = train.train_inputs(enc_lock, cfg)
-    for r in [prefer, *(r for r in train.runs(ws) if r != prefer)]:
-        if ledger.stage_state(train.run_dir(ws, r) / "train.lock.json", inputs)[0]:
-            return r
-    return None
-
-
 def run(ws: Workspace, config_for, names: list[str], log=print) -> dict[str, str]:
-    """Train and score each ablation; returns {ablation: run that holds its results}.
+    """Train, embed and score each ablation under its own run name; returns {ablation: run name}.
 
     `config_for(overrides)` gives the workspace config with the ablation's overrides applied. An
-    ablation whose training config and cache match a run that is already trained (under its own
-    name or another, such as `default`) reuses that run.
+    ablation whose training config and cache equal those of a result already in the run cache
+    (trained under any name, such as `default`) is restored from it, not trained again.
     """
-    holder = {}
     for name in names:
         cfg: Config = config_for(ABLATIONS[name])
-        existing = trained_as(ws, cfg, name)
-        if existing and existing != name:
-            holder[name] = existing
-            log(f"sweep {name}: same training config and cache as run {existing!r}; not trained again")
-        else:
-            holder[name] = name
-            log(f"sweep {name}: {' '.join(ABLATIONS[name]) or 'workspace config'}")
-            log(train.run(ws, cfg, name, log=log).summary())
-        score.run(ws, cfg, holder[name], log=log)
-    return holder
+        log(f"sweep {name}: {' '.join(ABLATIONS[name]) or 'workspace config'}")
+        log(train.run(ws, cfg, name, log=log).summary())
+        embed.run(ws, cfg, name, log=log, splits=[s for _, s in graph.score_splits(cfg) if ws.manifest(s).exists()])
+        score.run(ws, cfg, name, log=log)
+    return {n: n for n in names}
 
 
 # ---------------------------------------------------------------- compare
@@ -96,27 +80,27 @@ def _get(cfg: dict, key: str):
     return cfg.get(section, {}).get(name)
 
 
-def compare(ws: Workspace, runs: list[str], aliases: dict[str, str] | None = None) -> str:
+def compare(ws: Workspace, names: list[str]) -> str:
     """A markdown table of top-1 and macro AUC (head and Mahalanobis), worst post-processing step
-    and open-set AUROC for each run, with its settings that differ from the first run's; raises
-    naming every run that has not been scored."""
-    aliases = aliases or {r: r for r in runs}
-    missing = [r for r in runs if not (train.run_dir(ws, aliases[r]) / "metrics.json").exists()]
+    and open-set AUROC for each run, with its settings that differ from the first run's and the
+    result it points at; raises naming every run that has not been scored."""
+    results = {r: runs.pointed(ws, r) for r in names}
+    missing = [r for r, out in results.items() if out is None or not (out / "metrics.json").exists()]
     if missing:
         raise UserError(f"not scored: {', '.join(missing)}; run `leakpipe score --run RUN` for each")
-    metrics = {r: json.loads((train.run_dir(ws, aliases[r]) / "metrics.json").read_text()) for r in runs}
-    cfgs = {r: json.loads((train.run_dir(ws, aliases[r]) / "config.json").read_text()) for r in runs}
+    metrics = {r: json.loads((out / "metrics.json").read_text()) for r, out in results.items()}
+    cfgs = {r: json.loads((out / "config.json").read_text()) for r, out in results.items()}
     diffs = _differences(cfgs)
-    lines = ["| run | differs in | top-1 | macro AUC | Mahalanobis top-1 | worst post-proc. top-1 | "
-             "open AUROC (gating off / on) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
+    lines = ["| run | result | differs in | top-1 | macro AUC | Mahalanobis top-1 | worst post-proc. top-1 | "
+             "open AUROC (gating off / on) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in names:
         m = metrics[r]
         raw = m["closed"]["raw"]
         pp = [v["head"]["top1"] for k, v in m["closed"].items() if k != "raw"]
         o = m.get("open", {})
-        same = f" (= {aliases[r]})" if aliases[r] != r else ""
-        lines.append(f"| {r}{same} | {diffs[r] or '-'} | {_f(raw['head']['top1'])} | {_f(raw['head']['macro_auc'])} | "
-                     f"{_f(raw['mahalanobis']['top1'])} | {_f(min(pp)) if pp else 'n/a'} | "
+        lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | {_f(raw['head']['top1'])} | "
+                     f"{_f(raw['head']['macro_auc'])} | {_f(raw['mahalanobis']['top1'])} | "
+                     f"{_f(min(pp)) if pp else 'n/a'} | "
                      f"{_f(o.get('gating_off', {}).get('auroc'))} / {_f(o.get('gating_on', {}).get('auroc'))} |")
     return "\n".join(lines) + "\n"
 

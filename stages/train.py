@@ -1,63 +1,55 @@
-"""Stage two: train Proto-LeakNet from the latent cache, then embed every encoded split."""
+"""Stage two: train Proto-LeakNet from the latent cache into the run cache. A result is stored under its training fingerprint (cache/results/<fp12>) and the run
+name points at it: retraining a name under another config keeps the earlier result."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from leakpipe.pipeline.ledger import locks as ledger
-from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.config import TRAIN_SECTIONS, Config, load_config, section_hash
+from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.ddp import launched_rank
+from leakpipe.pipeline.engine.trained import build_model
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.store.hashing import hash_file
+from leakpipe.pipeline.ledger import graph, locks, runs
+from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.locking import exclusive
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode
-
-CODE_VERSION = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
-EMBED_VERSION = "embed-1"
 
 
 @dataclass
 class TrainResult:
     run: str
-    run_dir: Path
+    run_dir: Path  # the result folder in the run cache
+    latents: str = ""  # "VAE ... , store ..." of the cache it trained on
     up_to_date: bool = False
+    restored: bool = False
     epochs: int = 0
     best_epoch: int = 0
     val_macro_auc: float = float("nan")
     resumed_from: int = 0
     seconds: float = 0.0
+    world_size: int = 1  # processes that trained it (torchrun); recorded, not fingerprinted
 
     def summary(self) -> str:
-        if self.up_to_date:
-            return f"train {self.run}: up to date, nothing to do -> {self.run_dir}"
+        where = f"on {self.latents} -> {self.run_dir} (cache/runs/{self.run} points at it)"
+        if self.up_to_date or self.restored:
+            done = "up to date, nothing to do" if self.up_to_date else "restored a stored result, no training"
+            return f"train {self.run}: {done}; {where}"
         resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
         return (f"train {self.run}: {self.epochs} epochs{resumed} in {self.seconds:.0f} s; best epoch "
-                f"{self.best_epoch}, validation macro AUC {self.val_macro_auc:.4f} -> "
-                f"{self.run_dir / 'model.safetensors'}")
+                f"{self.best_epoch}, validation macro AUC {self.val_macro_auc:.4f}; {where}")
 
 
 def run_dir(ws: Workspace, run: str) -> Path:
-    return ws.cache / "runs" / run
+    """The run name's folder (a link to its result in the run cache)."""
+    return runs.link(ws, run)
 
 
-def upstream(ws: Workspace, split: str, cfg: Config):
-    """The split's encode plan and lock; raises if stage one is not up to date for it."""
-    p = encode.plan(ws, split, cfg)
-    up, reasons = encode.state(p)
-    if not up:
-        raise UserError(f"the latent cache of {split!r} is not up to date ({'; '.join(reasons)}); "
-                        f"run `leakpipe encode --split {split}` first")
-    return p, ledger.read_lock(p.lock)
-
-
-def train_inputs(enc_lock: dict, cfg: Config) -> dict:
-    return {"latents": enc_lock["fingerprint"], "config": section_hash(cfg, *TRAIN_SECTIONS),
-            "code": CODE_VERSION}
+def _described(lat: graph.Latents) -> str:
+    return f"latents of {lat.split} (VAE {lat.source.label}, store {lat.store})"
 
 
 def _rows(p, classes=None):
@@ -84,15 +76,7 @@ def _rows(p, classes=None):
     return (*out, classes)
 
 
-def build_model(cfg: Config, n_classes: int):
-    from leakpipe.pipeline.nn.model import ProtoLeakNet
-
-    m = cfg.model
-    return ProtoLeakNet(n_classes, 2 * 4, m.backbone, m.embed_dim, m.prototypes,
-                        m.prototypes_per_class, m.gating, m.tau, m.tau_learnable)
-
-
-def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
+def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
     import torch
     from tqdm import tqdm
 
@@ -111,6 +95,7 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
                         f"{p.store}; lower features.dct_k or encode larger images (preprocess.size)")
     ddp, device = ddp_lib.setup(cfg.compute.device)
     log = log if ddp.is_main else (lambda msg: None)
+    result.world_size = ddp.world
     torch.manual_seed(cfg.train.seed)
     wrapped = ddp_lib.wrap(build_model(cfg, len(classes)).to(device), ddp, device)
     model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
@@ -164,112 +149,36 @@ def _fit(p, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
 
 
 def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainResult:
-    """Train (or resume, or do nothing) run `run`, then embed every encoded split."""
-    p, enc_lock = upstream(ws, cfg.train.split, cfg)
-    out = run_dir(ws, run)
-    result = TrainResult(run, out)
-    inputs = train_inputs(enc_lock, cfg)
-    lock_path = out / "train.lock.json"
+    """Train the current config under run name `run` (or resume it, or restore a stored result, or
+    do nothing) and point the name at the result. Embedding is the next stage (stages/embed.py)."""
+    plan = graph.training(ws, cfg, run)
+    verdict = plan.check()
+    if verdict.blocked:
+        raise UserError(f"train {run}: {'; '.join(verdict.reasons)}; run `{verdict.blocked[0]}` first")
+    out = plan.result
+    result = TrainResult(run, out, _described(plan.latents))
     main = launched_rank() == 0  # under torchrun, rank 0 locks and writes
-    with exclusive(out / ".writer.lock", f"run {run}") if main else nullcontext():
-        up, reasons = ledger.stage_state(lock_path, inputs)
-        if up:
+    with exclusive(out / ".writer.lock", f"result {out.name}") if main else nullcontext():
+        verdict = plan.check()  # again, now that no other writer can change it
+        if verdict.up_to_date:
             result.up_to_date = True
+        elif verdict.restore:
+            log(f"train {run}: restoring the stored result {out}: " + "; ".join(verdict.reasons[:-1]))
+            result.restored = True
         else:
-            if ledger.read_lock(lock_path) is not None:
-                log(f"train {run}: retraining because " + "; ".join(reasons))
+            kept = f"; its earlier result stays at {plan.current}" if plan.current and plan.current != out else ""
+            log(f"train {run}: training because " + "; ".join(verdict.reasons) + kept)
             start = time.perf_counter()
-            _fit(p, cfg, out, ledger.fingerprint(inputs), result, log)
+            _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log)
             result.seconds = time.perf_counter() - start
             if main:
                 atomic_write_json(out / "config.json", cfg.to_dict())
-                ledger.write_lock(lock_path, "train", inputs,
-                                  [out / "model.safetensors", out / "config.json", out / "history.json"],
-                                  stores=[str(p.store)], run=run)
+                locks.write_lock(plan.lock, "train", plan.inputs,
+                                 [out / "model.safetensors", out / "config.json", out / "history.json"],
+                                 stores=[str(plan.latents.store)], vae=plan.latents.source.label,
+                                 world_size=result.world_size)
+                # only an unfinished training resumes from it; kept, it would quadruple every result
+                shutil.rmtree(out / "checkpoint", ignore_errors=True)
         if main:
-            embed_all(ws, run, log)
+            runs.point(ws, run, out)
     return result
-
-
-# ---------------------------------------------------------------- embeddings
-def run_config(out: Path) -> Config:
-    """The config a run was trained with (config.json), as a Config."""
-    cfg = load_config()
-    for section, values in json.loads((out / "config.json").read_text()).items():
-        for key, value in values.items():
-            setattr(getattr(cfg, section), key, value)
-    return cfg
-
-
-def load_trained(out: Path, device):
-    """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
-    from leakpipe.pipeline.store.checkpoint import load_tensors
-    from leakpipe.pipeline.engine.data import FeatureBuilder
-
-    if not (out / "model.safetensors").exists():
-        raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
-    cfg = run_config(out)
-    tensors, meta = load_tensors(out / "model.safetensors")
-    model = build_model(cfg, len(meta["classes"]))
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
-    build = FeatureBuilder(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device))
-    return model.to(device).eval(), build, meta["classes"], cfg
-
-
-def embed_inputs(out: Path, enc_lock: dict, cfg: Config) -> dict:
-    return {"model": hash_file(out / "model.safetensors"), "latents": enc_lock["fingerprint"],
-            "eval_seed": cfg.train.eval_seed, "code": EMBED_VERSION}
-
-
-def embed_all(ws: Workspace, run: str, log=print, splits=None) -> list[str]:
-    """Embed every split (or `splits`) whose latents are encoded for the run's encoder and whose
-    embeddings are missing or stale. Returns the splits it embedded."""
-    from leakpipe.pipeline.store import embeddings
-    from leakpipe.pipeline.store import latent_store
-    from leakpipe.pipeline.engine.data import LatentRows
-    from leakpipe.pipeline.engine.training import predict
-    from leakpipe.pipeline.engine.vae import resolve_device
-
-    out = run_dir(ws, run)
-    cfg = run_config(out)
-    done, model = [], None
-    for split in splits or ws.splits():
-        try:
-            p, enc_lock = upstream(ws, split, cfg)
-        except UserError as exc:
-            log(f"embed {split}: skipped: {exc}")
-            continue
-        target = out / "embeddings" / f"{split}.zarr"
-        lock_path = target.with_name(f"{split}.lock.json")
-        inputs = embed_inputs(out, enc_lock, cfg)
-        if ledger.stage_state(lock_path, inputs)[0]:
-            continue
-        if model is None:
-            device = resolve_device(cfg.compute.device)
-            model, build, classes, _ = load_trained(out, device)
-        want = latent_store.hash_rows(p.file_hashes)
-        rows = latent_store.valid_rows(latent_store.open_store(p.store), want).nonzero()[0]
-        data = LatentRows(p.store, rows, rows * 0, cfg.compute.memory_budget_gb * 2 ** 30)
-        outputs = predict(model, data, build, cfg.compute.eval_batch_size)
-        embeddings.write(target, len(want), rows, outputs,
-                         {"split": split, "classes": classes, "timesteps": cfg.diffusion.timesteps,
-                          "model": inputs["model"], "latents": inputs["latents"], "run": run})
-        ledger.write_lock(lock_path, "embed", inputs, target, split=split, run=run)
-        log(f"embed {split}: {len(rows)} of {len(want)} rows -> {target}")
-        done.append(split)
-    return done
-
-
-def status(ws: Workspace, run: str) -> tuple[bool, list[str]]:
-    out = run_dir(ws, run)
-    cfg = run_config(out)
-    try:
-        _, enc_lock = upstream(ws, cfg.train.split, cfg)
-    except UserError as exc:
-        return False, [str(exc)]
-    up, reasons = ledger.stage_state(out / "train.lock.json", train_inputs(enc_lock, cfg))
-    return up, reasons
-
-
-def runs(ws: Workspace) -> list[str]:
-    return sorted(p.parent.name for p in (ws.cache / "runs").glob("*/train.lock.json"))

@@ -25,7 +25,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, tmp_path):
     # chunk writes are slowed so the kill lands mid-run; nothing else differs from a normal encode
     store_dir = ws / "cache" / "latents" / "closed"
     kill_midway("leakpipe.pipeline.store.latent_store.write_chunk", 0.15,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom stages import encode\n"
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import encode\n"
                 f"ws = Workspace({str(ws)!r})\nencode.run(ws, 'closed', ws.config(), log=print)",
                 ready=lambda: len(list(store_dir.glob("*.zarr/source_hash/c/*/*"))) >= 3)
 

@@ -6,10 +6,11 @@
    after one epoch of SGD, whose steps move weights by ~1e-2).
 2. `torchrun ... leakpipe train`: rank 0 writes model, checkpoints and embeddings; the validation
    macro AUC is within 0.15 of a single-process run with the same global batch (measured: 1.000
-   single, 0.972 and 0.981 DDP in two runs; the gap comes from per-shard BatchNorm statistics); a rerun resumes from the
-   checkpoint and reproduces the model bitwise.
+   single, 0.972 and 0.981 DDP in two runs; the gap comes from per-shard BatchNorm statistics); the lock
+   records the world size, and a damaged result retrains to the same model bitwise.
 """
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 from leakpipe.pipeline.workspace import Workspace
+from leakpipe.pipeline.engine.trained import build_model
+from leakpipe.pipeline.ledger import graph
 from leakpipe.stages import encode, train
 from leakpipe.pipeline.store.checkpoint import load_tensors
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
@@ -49,13 +52,13 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     torch.set_num_threads(1)
     ws = Workspace(root)
     cfg = ws.config(None, ["model.embed_dim=8", "model.prototypes_per_class=2"])
-    p, _ = train.upstream(ws, "closed", cfg)
+    p = graph.latents(ws, cfg, "closed")
     tr, tr_y, _, _, classes = train._rows(p)
     data = LatentRows(p.store, tr, tr_y, 2 ** 30)
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(data, 64)
     torch.manual_seed(0)
-    model = train.build_model(cfg, len(classes))
+    model = build_model(cfg, len(classes))
     for name, mod in list(model.named_modules()):
         for child, sub in list(mod.named_children()):
             if isinstance(sub, torch.nn.BatchNorm2d):
@@ -75,7 +78,11 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
 
 
 def test_sharded_steps_equal_single_process(tws, tmp_path):
-    _steps(0, 1, str(tws), "", str(tmp_path / "single.pt"))
+    threads = torch.get_num_threads()
+    try:
+        _steps(0, 1, str(tws), "", str(tmp_path / "single.pt"))
+    finally:  # _steps pins 1 thread; later tests compare bitwise against subprocesses using the default
+        torch.set_num_threads(threads)
     torch.multiprocessing.spawn(_steps, args=(2, str(tws), f"file://{tmp_path / 'rdv'}", str(tmp_path / "ddp.pt")),
                                 nprocs=2, join=True)
     a, b = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
@@ -105,7 +112,9 @@ def sws(tmp_path, tiny_vae):
 def test_torchrun_train_matches_single_process_and_resumes(sws):
     tws = sws
     sets = ["--set", "train.epochs=4", "--set", "model.embed_dim=16", "--set", "train.batch_size=16"]
-    single = cli(tws, "train", "--run", "single", *sets)
+    alone = tws.parent / "alone"  # one process, same config, in its own workspace (its own run cache)
+    shutil.copytree(tws, alone, symlinks=True)
+    single = cli(alone, "train", "--run", "single", *sets)
     assert single.exit_code == 0, single.output
     out = torchrun(tws, "--run", "ddp", *sets)
     assert "x 2 processes (DDP)" in out and out.count("train ddp: 4 epochs") == 1  # rank 0 reports
@@ -114,16 +123,17 @@ def test_torchrun_train_matches_single_process_and_resumes(sws):
     for f in ("model.safetensors", "history.json", "train.lock.json", "embeddings/closed.zarr"):
         assert (run / f).exists(), f
     h_ddp = json.loads((run / "history.json").read_text())
-    h_one = json.loads((train.run_dir(ws, "single") / "history.json").read_text())
+    h_one = json.loads((train.run_dir(Workspace(alone), "single") / "history.json").read_text())
+    assert json.loads((run / "train.lock.json").read_text())["world_size"] == 2
     assert len(h_ddp) == len(h_one) == 4
     best = lambda h: max(e["val_macro_auc"] for e in h)  # noqa: E731
     print(f"val macro AUC: single {best(h_one):.3f}, ddp {best(h_ddp):.3f}")
     assert abs(best(h_ddp) - best(h_one)) <= 0.15
+    assert not (run / "checkpoint").exists()  # a finished result keeps no optimizer state
     weights, meta = load_tensors(run / "model.safetensors")
-    (run / "model.safetensors").unlink()
-    (run / "train.lock.json").unlink()
+    (run / "model.safetensors").unlink()  # damaged: the next train trains it again, the same
     out = torchrun(tws, "--run", "ddp", *sets)
-    assert "resuming after epoch 4" in out
+    assert "output missing" in out and "train ddp: 4 epochs" in out
     again, meta_again = load_tensors(run / "model.safetensors")
     assert meta_again == meta and again.keys() == weights.keys()
     for k in weights:  # bitwise (the header's key order is safetensors' choice, so not the file bytes)

@@ -69,11 +69,13 @@ def test_every_command_then_nothing_to_do(e2e_ws):
     assert list(m["closed"]) == ["raw", "step1", "step2"] and "gating_on" in m["open"]
     a = json.loads(first["attribute"])
     assert len(a) == 1 and a[0]["top"][0]["generator"].startswith("closed")
-    assert "sweep full: same training config and cache as run 'default'; not trained again" in first["sweep"]
-    assert "| full (= default) | - |" in first["sweep"] and "| no-gating | model.gating=false |" in first["sweep"]
-    assert "| default | - |" in first["compare"] and "model.gating=false" in first["compare"]
+    default = (ws / "cache" / "runs" / "default").resolve().name
+    assert "train full: restored a stored result, no training" in first["sweep"]  # = default's config
+    assert f"| full | {default} | - |" in first["sweep"] and "| model.gating=false |" in first["sweep"]
+    assert f"| default | {default} | - |" in first["compare"] and "model.gating=false" in first["compare"]
     assert (ws / "compare.md").read_text() in first["compare"]
-    assert "STALE" not in first["status"] and first["status"].count("up to date") == 4 + 2 * 2
+    stale = [line for line in first["status"].splitlines() if "STALE" in line]
+    assert len(stale) == 1 and "train  no-gating" in stale[0] and "model.gating: false -> true" in stale[0]
     assert "all checksums match" in first["verify"]
     assert "[model]" in first["config"]
     for run in ("default", "no-gating"):
@@ -86,7 +88,7 @@ def test_every_command_then_nothing_to_do(e2e_ws):
     assert after == before
     assert again["encode"].count("up to date") == 4
     assert "up to date" in again["train"] and "up to date" in again["score"]
-    assert "train no-gating: up to date" in again["sweep"] and "not trained again" in again["sweep"]
+    assert "train no-gating: up to date" in again["sweep"] and "train full: up to date" in again["sweep"]
     assert again["compare"] == first["compare"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import zarr
 
+from leakpipe.pipeline.ledger import graph
 from leakpipe.pipeline.ledger import locks as ledger
 
 from leakpipe.pipeline.engine import vae as vae_lib
@@ -118,15 +119,18 @@ def test_changed_file_bytes_reencode_only_that_row(ws, counting):
     assert counting["images"] == 1 and res.encoded == 1
 
 
+def encode_state(ws, cfg=None):
+    return graph.latents(Workspace(ws), cfg or ws_config(ws), "closed").check()
+
+
 def test_status_names_the_changed_input(ws):
     run(ws)
-    ok, _ = stage.status(Workspace(ws), "closed", ws_config(ws))
-    assert ok
+    assert encode_state(ws).up_to_date
     write_images(ws / "data", labels=("a",), n=1, seed=98)
-    ok, reasons = stage.status(Workspace(ws), "closed", ws_config(ws))
-    assert not ok and "0 rows added, 0 removed, 1 files changed" in reasons[0]
+    v = encode_state(ws)
+    assert not v.up_to_date and v.reasons == ["manifest closed: 1 file changed"]
     r = cli(ws, "status")
-    assert "STALE" in r.output and "1 files changed" in r.output
+    assert "STALE: manifest closed: 1 file changed" in r.output
 
 
 def test_changed_encoder_or_preprocessing_encodes_every_row_into_a_new_store(ws, counting, tmp_path):
@@ -138,10 +142,11 @@ def test_changed_encoder_or_preprocessing_encodes_every_row_into_a_new_store(ws,
     counting["images"] = 0
     res2 = run(ws, overrides=[f"vae.source={other}"])
     assert counting["images"] == 12 and res2.store not in (first.store, res.store)
-    assert stage.status(Workspace(ws), "closed", ws_config(ws))[0]  # old store kept, still current
+    assert encode_state(ws).up_to_date  # old store kept, still current
     cfg = Workspace(ws).config(None, ["preprocess.resize=none", "preprocess.size=16"])
-    ok, reasons = stage.status(Workspace(ws), "closed", cfg)
-    assert not ok and "no store for the current encoder" in reasons[0]
+    v = encode_state(ws, cfg)  # explained against the split's latest store (the `other` VAE's)
+    assert not v.up_to_date and "preprocess.size: 32 -> 16" in v.reasons
+    assert f"vae.source: {other} -> {ws_config(ws).vae.source}" in v.reasons
 
 
 def test_bad_images_are_reported_and_the_rest_encoded(ws):
@@ -171,7 +176,7 @@ def test_verify_finds_corruption_missing_chunks_and_partials(ws):
     r = cli(ws, "verify")
     assert r.exit_code != 0
     assert "checksum mismatch (corrupted)" in r.output and "orphaned partial" in r.output
-    assert r.output.count("missing:") == 3
+    assert r.output.count("output missing:") == 3
 
 
 def test_second_concurrent_encode_is_refused_and_stale_lock_recovered(ws):
@@ -188,5 +193,5 @@ def test_second_concurrent_encode_is_refused_and_stale_lock_recovered(ws):
 def test_lock_records_rows_and_checksums(ws):
     res = run(ws)
     lock = ledger.read_lock(Path(res.store).with_name(Path(res.store).stem + ".lock.json"))
-    assert lock["stage"] == "encode" and len(lock["rows"]) == 12
+    assert lock["stage"] == "encode" and len(lock["inputs"]["files"]["manifest closed"]) == 12
     assert "source_hash/zarr.json" in lock["outputs"]

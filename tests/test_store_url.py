@@ -10,6 +10,7 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
+from leakpipe.pipeline.ledger import graph
 from leakpipe.pipeline.ledger import locks as ledger
 
 from leakpipe.pipeline.store import storage
@@ -57,8 +58,8 @@ def test_memory_url_store_has_the_local_bytes_and_reruns_do_nothing(ws, url):
     assert lock_of(ws, remote)["outputs"] == ledger.checksums(local.store)
     assert run(ws, f"store.url={url}").up_to_date
     # back to the local cache: the lock points elsewhere, so it is stale, but every row is reused
-    up, reasons = stage.status(Workspace(ws), "closed", Workspace(ws).config())
-    assert not up and "outputs moved" in reasons[0] and url in reasons[0]
+    v = graph.latents(Workspace(ws), Workspace(ws).config(), "closed").check()
+    assert not v.up_to_date and "outputs moved" in v.reasons[0] and url in v.reasons[0]
     again = run(ws)
     assert again.encoded == 0 and again.reused == 12 and run(ws).up_to_date
 

@@ -1,6 +1,7 @@
 """Stage two on a tiny VAE and a small synthetic benchmark: learning, idempotence, determinism,
 streaming, embeddings and resume after SIGKILL."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode, train
+from leakpipe.pipeline.ledger import graph
+from leakpipe.stages import embed, encode, train
 from tests.conftest import TINY_BLOCKS, cli, kill_midway
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
@@ -37,8 +39,12 @@ def tws(tmp_path_factory):
 
 
 def train_run(root, run, *sets):
+    """Train, then embed every encoded split, as `leakpipe train` does."""
     ws = Workspace(root)
-    return train.run(ws, ws.config(None, [*FAST, *sets]), run, log=lambda m: None)
+    cfg = ws.config(None, [*FAST, *sets])
+    result = train.run(ws, cfg, run, log=lambda m: None)
+    embed.run(ws, cfg, run, log=lambda m: None)
+    return result
 
 
 def weights(root, run):
@@ -65,11 +71,12 @@ def test_idempotent_and_stale_when_config_changes(tws):
     r = cli(tws, "train", "--run", "idem", *[a for s in FAST for a in ("--set", s)])
     assert "up to date" in r.output
     ws = Workspace(tws)
-    assert train.status(ws, "idem")[0]
-    again = train_run(tws, "idem", "model.gating=false")  # config changed: retrains
-    assert not again.up_to_date
-    store = encode.plan(ws, "closed", ws.config()).store
-    assert train.status(ws, "idem")[0] and Path(store).exists()  # the cache is shared, never re-encoded
+    assert graph.training(ws, ws.config(None, FAST), "idem").check().up_to_date
+    again = train_run(tws, "idem", "model.gating=false")  # config changed: a new result
+    assert not again.up_to_date and again.run_dir != first.run_dir and first.run_dir.exists()
+    store = graph.latents(ws, ws.config(), "closed").store
+    assert graph.training(ws, ws.config(None, [*FAST, "model.gating=false"]), "idem").check().up_to_date
+    assert Path(store).exists()  # the cache is shared, never re-encoded
     assert "train  idem" in cli(tws, "status").output
 
 
@@ -99,19 +106,24 @@ def test_embeddings_for_every_encoded_split(tws):
 
 def test_resume_after_sigkill_matches_uninterrupted(tws):
     sets = [*FAST, "train.epochs=4"]
-    train_run(tws, "whole", "train.epochs=4")
-    ckpt = train.run_dir(Workspace(tws), "cut") / "checkpoint" / "checkpoint.json"
+    whole = train_run(tws, "whole", "train.epochs=4")
+    want = weights(tws, "whole")
+    shutil.rmtree(whole.run_dir)  # the same config must now train again, and be killed on the way
+    ckpt = whole.run_dir / "checkpoint" / "checkpoint.json"
     kill_midway("leakpipe.pipeline.store.checkpoint.save_checkpoint", 1.0,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom stages import train\n"
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import train\n"
+                f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same
                 f"ws = Workspace({str(tws)!r})\n"
                 f"train.run(ws, ws.config(None, {sets!r}), 'cut', log=print)",
                 ready=lambda: ckpt.exists() and '"epoch": 2' in ckpt.read_text())
-    assert not (ckpt.parent.parent / "model.safetensors").exists()
+    assert not (whole.run_dir / "model.safetensors").exists()
+    v = graph.training(Workspace(tws), Workspace(tws).config(None, sets), "cut").check()
+    assert not v.up_to_date and any("resumes from" in r for r in v.reasons)
     result = train_run(tws, "cut", "train.epochs=4")
-    assert result.resumed_from == 2 and result.epochs == 4
-    a, b = weights(tws, "whole"), weights(tws, "cut")
-    for k in a:
-        assert np.array_equal(a[k].numpy(), b[k].numpy()), k
+    assert result.resumed_from == 2 and result.epochs == 4 and result.run_dir == whole.run_dir
+    got = weights(tws, "cut")
+    for k in want:
+        assert np.array_equal(want[k].numpy(), got[k].numpy()), k
 
 
 def test_training_needs_an_encoded_cache(tmp_path, tiny_vae):

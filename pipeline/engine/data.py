@@ -14,7 +14,6 @@ import torch
 from leakpipe.pipeline.math import diffusion
 
 from leakpipe.pipeline.math import features
-
 from leakpipe.pipeline.store import latent_store
 from leakpipe.pipeline.config import Config
 

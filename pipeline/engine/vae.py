@@ -94,8 +94,16 @@ def _resolve_hub(cfg: VaeConfig) -> VaeSource:
     return VaeSource("hub", folder, folder / "config.json", _folder_weights(folder), cfg.source)
 
 
-def resolve(cfg: VaeConfig) -> VaeSource:
-    p = Path(cfg.source).expanduser()
+def local_path(source: str, base: Path | None = None) -> Path:
+    """`source` as a local path: a relative one is relative to `base` (the workspace) if given."""
+    p = Path(source).expanduser()
+    return base / p if base is not None and not p.is_absolute() else p
+
+
+def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
+    """Where `vae.source` is: a .safetensors file, a diffusers folder (relative paths are relative
+    to `base`, the workspace), or else a Hub id in the local Hugging Face cache."""
+    p = local_path(cfg.source, base)
     if p.is_file():
         return _resolve_single_file(p, cfg.config, cfg.source)
     if p.is_dir():
@@ -193,7 +201,7 @@ def save_random_vae(folder: Path, block_out_channels=(32, 64, 64, 64), seed: int
 RANDOM_MARKER = "LEAKPIPE_RANDOM_WEIGHTS.txt"
 
 
-def is_random(cfg: VaeConfig) -> bool:
+def is_random(cfg: VaeConfig, base: Path | None = None) -> bool:
     """True for a VAE written by save_random_vae (demo, tests): reports must say so."""
-    p = Path(cfg.source).expanduser()
+    p = local_path(cfg.source, base)
     return (p / RANDOM_MARKER).exists() or (p.is_file() and (p.parent / RANDOM_MARKER).exists())

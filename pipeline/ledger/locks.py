@@ -1,28 +1,121 @@
-"""Stage lock files: what a stage's outputs were made from, and their checksums.
+"""Stage lock files: what a stage's outputs were made from, by name, and their checksums.
 
 A lock is written last and atomically, so its presence means the outputs it lists are complete.
-A stage is up to date iff its recorded inputs equal the current ones and its outputs verify.
+`check` is the one function that says whether a stage is up to date, and why not in words: the
+stages call it before they work and `leakpipe status` calls it to report, so the two cannot
+disagree.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from leakpipe.pipeline.config import canonical_hash
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.config import canonical_hash
 from leakpipe.pipeline.store.hashing import hash_stream
 
-LOCK_FORMAT = 1
+LOCK_FORMAT = 2  # 2: named inputs (config keys, upstream identities, file lists, code version)
 _SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json")
 
 
-def fingerprint(inputs: dict) -> str:
-    return canonical_hash(inputs)
+@dataclass
+class Upstream:
+    """Another stage's output that this one reads, identified by that stage's lock."""
+
+    fingerprint: str
+    redone: str  # what it means when it changes, e.g. "re-encoded", "retrained"
+    about: dict = field(default_factory=dict)  # readable facts (VAE, rows, when), for the reasons
 
 
+@dataclass
+class Inputs:
+    """What a stage's outputs are made from. Only these decide whether it reruns."""
+
+    config: dict = field(default_factory=dict)  # dotted config key -> value
+    upstream: dict = field(default_factory=dict)  # name -> Upstream
+    files: dict = field(default_factory=dict)  # name -> [[path, content hash], ...] (manifest rows, weights)
+    code: str = ""  # the stage's code version: bumped when the same inputs would give other bytes
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "code": self.code, "files": self.files,
+                "upstream": {k: asdict(u) for k, u in self.upstream.items()}}
+
+    def fingerprint(self) -> str:
+        """The identity of the outputs: `about` is for reading only and never changes it."""
+        return canonical_hash({"config": self.config, "code": self.code, "files": self.files,
+                               "upstream": {k: u.fingerprint for k, u in self.upstream.items()}})
+
+
+@dataclass
+class Verdict:
+    up_to_date: bool
+    reasons: list[str]  # why not, in words
+    lock: dict | None = None
+    blocked: list[str] = field(default_factory=list)  # commands of upstream stages that must run first
+    restore: bool = False  # a stored result matches: the stage restores it without recomputing
+
+    def to_dict(self) -> dict:
+        return {"up_to_date": self.up_to_date, "reasons": self.reasons, "blocked_by": self.blocked,
+                "restores_stored_result": self.restore}
+
+
+# ---------------------------------------------------------------- reasons in words
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value) or "[]"
+    if value is None:
+        return "(unset)"
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def files_changed(old: list, new: list) -> str:
+    """'12 rows added, 3 files changed, 1 row removed' (or 'rows reordered') between two row lists."""
+    was, now = dict(map(tuple, old)), dict(map(tuple, new))
+    added, removed = len(now.keys() - was.keys()), len(was.keys() - now.keys())
+    changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
+    parts = [f"{_plural(added, 'row')} added" if added else "",
+             f"{_plural(changed, 'file')} changed" if changed else "",
+             f"{_plural(removed, 'row')} removed" if removed else ""]
+    words = ", ".join(p for p in parts if p)
+    if not words and [r[0] for r in old] != [r[0] for r in new]:
+        words = "rows reordered"
+    return words or "unchanged"
+
+
+def explain(old: dict, new: Inputs) -> list[str]:
+    """Each input of `new` that differs from the lock's `old` inputs, named with both values."""
+    reasons = []
+    if old.get("code") != new.code:
+        reasons.append(f"code version: {old.get('code')} -> {new.code}")
+    was = old.get("config", {})
+    reasons += [f"{k}: {_show(was.get(k))} -> {_show(new.config.get(k))}"
+                for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]
+    files = old.get("files", {})
+    reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []))}"
+                for k in sorted(set(files) | set(new.files)) if files.get(k) != new.files.get(k)]
+    ups = old.get("upstream", {})
+    for name in sorted(set(ups) | set(new.upstream)):
+        a, b = ups.get(name), new.upstream.get(name)
+        if b is None:
+            reasons.append(f"{name}: no longer an input")
+        elif a is None:
+            reasons.append(f"{name}: a new input")
+        elif a["fingerprint"] != b.fingerprint:
+            diff = [f"{k}: {_show(a['about'].get(k))} -> {_show(v)}" for k, v in b.about.items()
+                    if a.get("about", {}).get(k) != v]
+            reasons.append(f"{name}: {b.redone}" + (f" ({'; '.join(diff)})" if diff else ""))
+    return reasons
+
+
+# ---------------------------------------------------------------- lock files
 def _hash(location: str) -> str:
     with storage.open_file(location) as fh:
         return hash_stream(fh)
@@ -44,44 +137,30 @@ def _root_record(root: str, lock_dir: Path) -> str:
     return root if storage.is_url(root) else os.path.relpath(root, lock_dir)
 
 
-def write_lock(lock_path: Path, stage: str, inputs: dict, outputs: Path | str | list[Path], **extra) -> dict:
+def write_lock(lock_path: Path, stage: str, inputs: Inputs, outputs: Path | str | list[Path], **extra) -> dict:
     """`outputs`: a folder (everything in it; local or a URL), or a list of files next to the lock."""
     root = str(Path(lock_path).parent) if isinstance(outputs, list) else storage.normalize(outputs)
     files = outputs if isinstance(outputs, list) else None
-    lock = {"format": LOCK_FORMAT, "stage": stage, "fingerprint": fingerprint(inputs),
-            "inputs": inputs, "outputs_root": _root_record(root, Path(lock_path).parent),
+    lock = {"format": LOCK_FORMAT, "stage": stage, "fingerprint": inputs.fingerprint(),
+            "inputs": inputs.to_dict(), "outputs_root": _root_record(root, Path(lock_path).parent),
             "outputs": checksums(root, files), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     atomic_write_json(lock_path, lock)
     return lock
 
 
 def read_lock(lock_path: Path) -> dict | None:
+    """The lock, or None when there is none; a lock of another format or a damaged one reads as None."""
     try:
         lock = json.loads(Path(lock_path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    except json.JSONDecodeError:
-        return None  # a torn lock cannot exist (atomic writes), but a hand-edited one can
-    return lock if lock.get("format") == LOCK_FORMAT else None
+    return lock if isinstance(lock, dict) and lock.get("format") == LOCK_FORMAT else None
 
 
 def outputs_root(lock_path: Path, lock: dict) -> str:
     """Where the lock's outputs are: an absolute local path or a URL."""
     root = lock["outputs_root"]
     return root if storage.is_url(root) else storage.normalize(Path(lock_path).parent / root)
-
-
-def changed_inputs(lock: dict | None, inputs: dict) -> list[str]:
-    """Names of the inputs whose value differs from the lock's, in a sentence each."""
-    if lock is None:
-        return ["never run (no lock file)"]
-    old = lock.get("inputs", {})
-    reasons = []
-    for name in sorted(set(old) | set(inputs)):
-        if old.get(name) != inputs.get(name):
-            was, now = str(old.get(name, "-"))[:12], str(inputs.get(name, "-"))[:12]
-            reasons.append(f"{name} changed ({was} -> {now})")
-    return reasons
 
 
 def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
@@ -92,9 +171,9 @@ def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
     for rel, want in lock["outputs"].items():
         full, size = storage.join(root, rel), have.get(rel)
         if size is None:
-            problems.append(f"missing: {full}")
+            problems.append(f"output missing: {full}")
         elif size != want["size"]:
-            problems.append(f"size changed: {full} ({want['size']} -> {size} bytes)")
+            problems.append(f"output size changed: {full} ({want['size']} -> {size} bytes)")
         elif deep and _hash(full) != want["blake2b"]:
             problems.append(f"checksum mismatch (corrupted): {full}")
     problems += [f"orphaned partial write (killed writer; safe to delete): {storage.join(root, rel)}"
@@ -102,15 +181,22 @@ def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
     return problems
 
 
-def stage_state(lock_path: Path, inputs: dict, outputs: Path | str | None = None) -> tuple[bool, list[str]]:
-    """(up to date?, reasons if not). Cheap: sizes only, no content hashing. `outputs`: where the
-    outputs should be now; a lock whose outputs are elsewhere (store.url changed) is stale."""
+def check(lock_path: Path, inputs: Inputs, outputs_at: Path | str | None = None,
+          previous: Path | None = None) -> Verdict:
+    """Up to date iff the lock's inputs equal `inputs` and its outputs are all there (sizes; `verify`
+    with deep=True hashes). `outputs_at`: where the outputs should be now (a lock whose outputs are
+    elsewhere is stale). `previous`: an older lock to explain the change against when this stage has
+    never been run with these inputs (another encoder's store, the result a run name pointed at)."""
     lock = read_lock(lock_path)
-    reasons = changed_inputs(lock, inputs)
-    if not reasons and outputs is not None:
-        was, now = outputs_root(lock_path, lock), storage.normalize(outputs)
+    if lock is None:
+        old = read_lock(previous) if previous else None
+        reasons = explain(old["inputs"], inputs) if old else []
+        return Verdict(False, reasons or ["never run with these inputs (no lock file)"])
+    if lock["fingerprint"] != inputs.fingerprint():
+        return Verdict(False, explain(lock["inputs"], inputs) or ["inputs changed"], lock)
+    if outputs_at is not None:
+        was, now = outputs_root(lock_path, lock), storage.normalize(outputs_at)
         if was != now:
-            reasons = [f"outputs moved: the lock's are at {was}, the config wants them at {now}"]
-    if not reasons:
-        reasons = verify(lock_path, lock, deep=False)
-    return not reasons, reasons
+            return Verdict(False, [f"outputs moved: the lock's are at {was}, the config wants them at {now}"], lock)
+    problems = verify(lock_path, lock, deep=False)
+    return Verdict(not problems, problems, lock)

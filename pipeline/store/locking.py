@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from pathlib import Path
+
 from leakpipe.pipeline.errors import UserError
 
 

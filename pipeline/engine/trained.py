@@ -1,0 +1,53 @@
+"""A trained result as the later stages read it: the model with its feature statistics, and the
+embeddings of a split joined with its manifest columns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger.graph import run_config
+from leakpipe.pipeline.workspace import Workspace
+
+
+def build_model(cfg: Config, n_classes: int):
+    from leakpipe.pipeline.nn.model import ProtoLeakNet
+
+    m = cfg.model
+    return ProtoLeakNet(n_classes, 2 * 4, m.backbone, m.embed_dim, m.prototypes,
+                        m.prototypes_per_class, m.gating, m.tau, m.tau_learnable)
+
+
+
+def load_trained(out: Path, device):
+    """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
+    from leakpipe.pipeline.store.checkpoint import load_tensors
+    from leakpipe.pipeline.engine.data import FeatureBuilder
+
+    if not (out / "model.safetensors").exists():
+        raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
+    cfg = run_config(out)
+    tensors, meta = load_tensors(out / "model.safetensors")
+    model = build_model(cfg, len(meta["classes"]))
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
+    build = FeatureBuilder(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device))
+    return model.to(device).eval(), build, meta["classes"], cfg
+
+
+def load_split(ws: Workspace, run_dir: Path, split: str):
+    """The valid rows of `split`'s embeddings with their manifest columns (evaluate.Split)."""
+    from leakpipe.pipeline.store import embeddings
+    from leakpipe.pipeline.report.evaluate import Split
+    from leakpipe.pipeline.manifest import read_manifest
+
+    e = embeddings.read(run_dir / "embeddings" / f"{split}.zarr")
+    m = read_manifest(ws.manifest(split), check_files=False)
+    if len(m) != len(e["valid"]):
+        raise UserError(f"embeddings of {split!r} have {len(e['valid'])} rows but {ws.manifest(split)} has "
+                        f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
+    v = e["valid"]
+    col = lambda name: np.array(m.column(name) if name in m.rows[0] else [""] * len(m), dtype=object)[v]  # noqa: E731
+    return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min")},
+                 col("label"), col("partition"), col("variant"), int((~v).sum())), e["attrs"]

@@ -1,0 +1,241 @@
+"""The stage graph: what each stage reads and writes, and whether it is up to date.
+
+encode (latents of a split) -> train (a result in the run cache) -> embed (a split under a result)
+-> score (a result's metrics). Each declaration names its inputs (config keys, upstream locks, files
+with hashes, code version) and where its lock and outputs are. The stages call `check()` before they
+work and `leakpipe status` calls the same `check()`, so the two always agree. A stage reads its
+upstream's identity from the upstream's lock file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from leakpipe.pipeline.config import TRAIN_SECTIONS, Config, canonical_hash, load_config
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger import locks, runs
+from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
+from leakpipe.pipeline.manifest import Manifest, read_manifest
+from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.workspace import Workspace
+
+# Code versions: bump one when the same inputs would give different bytes.
+ENCODE_CODE = "encode-1"
+TRAIN_CODE = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
+EMBED_CODE = "embed-1"
+SCORE_CODE = "score-2"
+
+
+def section_keys(*sections: str) -> tuple[str, ...]:
+    cfg = Config()
+    return tuple(f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s)))
+
+
+# The config keys each stage depends on (its fingerprint names exactly these).
+ENCODE_KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
+TRAIN_KEYS = section_keys(*TRAIN_SECTIONS)
+EMBED_KEYS = ("train.eval_seed",)  # besides the model, which carries the rest of its config
+SCORE_KEYS = section_keys("score")
+
+
+def values(cfg: Config, keys: tuple[str, ...]) -> dict:
+    return {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".", 1)[1]) for k in keys}
+
+
+def _stamp(lock: dict) -> str:
+    return lock.get("written", "?")
+
+
+# ---------------------------------------------------------------- stage one
+@dataclass
+class Latents:
+    """Stage one for one split: manifest rows, encoder, store and lock."""
+
+    split: str
+    manifest: Manifest
+    source: vae_lib.VaeSource
+    encoder_fp: str
+    file_hashes: list[str]
+    store: str  # local path or URL (store.url)
+    lock: Path  # always local
+    writer_lock: Path
+    inputs: Inputs
+
+    def previous(self) -> Path | None:
+        """The split's most recent lock of another encoder, to explain a change of VAE against."""
+        others = [p for p in self.lock.parent.glob("*.lock.json") if p != self.lock]
+        return max(others, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+    def check(self) -> Verdict:
+        storage.probe(self.store)  # an unreachable URL store is a UserError, before any work
+        return locks.check(self.lock, self.inputs, self.store, self.previous())
+
+    def identity(self) -> Upstream:
+        lock = locks.read_lock(self.lock)
+        return Upstream(lock["fingerprint"], "re-encoded",
+                        {"vae": lock.get("vae"), "rows": len(self.manifest) - len(lock.get("skipped_bad", []))})
+
+
+def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = None) -> Latents:
+    manifest = read_manifest(ws.manifest(split))
+    hashes = hashes or HashCache(ws.hash_cache)
+    source = vae_lib.resolve(cfg.vae, ws.root)
+    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
+    file_hashes = [hashes.hash(manifest.abspath(i)) for i in range(len(manifest))]
+    hashes.save()
+    vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
+        [["config.json", canonical_hash(vae_lib.model_config(source))]]
+    inputs = Inputs(values(cfg, ENCODE_KEYS), {},
+                    {f"manifest {split}": [[r["path"], h] for r, h in zip(manifest.rows, file_hashes)],
+                     "vae files": vae_files}, ENCODE_CODE)
+    return Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
+                   ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
+
+
+def ready_latents(ws: Workspace, cfg: Config, split: str) -> tuple[Latents | None, Verdict]:
+    """(latents, their verdict), where a stale or unreadable cache is a blocked verdict."""
+    try:
+        lat = latents(ws, cfg, split)
+        v = lat.check()
+    except UserError as exc:
+        return None, Verdict(False, [f"latents of {split}: {str(exc).splitlines()[0]}"],
+                             blocked=[f"leakpipe encode --split {split}"])
+    if not v.up_to_date:
+        return lat, Verdict(False, [f"latents of {split} are stale: " + "; ".join(v.reasons)],
+                            blocked=[f"leakpipe encode --split {split}"])
+    return lat, v
+
+
+# ---------------------------------------------------------------- stage two
+def run_config(result: Path, ws_cfg: Config | None = None) -> Config:
+    """The config a result was trained with; where it is kept (store.url, chunk_rows) and how it
+    runs (encode, compute) come from the workspace config `ws_cfg`."""
+    cfg = load_config()
+    for section, vals in json.loads((result / "config.json").read_text()).items():
+        for key, value in vals.items():
+            setattr(getattr(cfg, section), key, value)
+    if ws_cfg is not None:
+        cfg.store.url, cfg.store.chunk_rows = ws_cfg.store.url, ws_cfg.store.chunk_rows
+        cfg.encode, cfg.compute = ws_cfg.encode, ws_cfg.compute
+    return cfg
+
+
+@dataclass
+class Training:
+    """Stage two for one run name: the result the current config trains, and the one the name has."""
+
+    run: str
+    latents: Latents | None
+    upstream_verdict: Verdict
+    inputs: Inputs | None
+    result: Path | None  # cache/results/<fp12> for the current config
+    current: Path | None  # where the run name points now
+
+    @property
+    def lock(self) -> Path:
+        return self.result / "train.lock.json"
+
+    def check(self) -> Verdict:
+        if self.inputs is None:
+            return self.upstream_verdict
+        had = self.current / "train.lock.json" if self.current and self.current != self.result else None
+        stored = locks.check(self.lock, self.inputs, previous=had)
+        if stored.up_to_date and self.current == self.result:
+            return stored
+        if stored.up_to_date:  # trained before under this config: restored, not retrained
+            old = locks.read_lock(had) if had else None
+            why = locks.explain(old["inputs"], self.inputs) if old else [f"run {self.run!r} is new"]
+            return Verdict(False, why + [f"a result trained with this config is stored "
+                                         f"(cache/results/{self.result.name}, {_stamp(stored.lock)}); "
+                                         "train restores it without training"], stored.lock, restore=True)
+        ckpt = self.result / "checkpoint" / "checkpoint.json"
+        if ckpt.exists():
+            stored.reasons.append(f"an interrupted training of this config resumes from {ckpt.parent}")
+        return stored
+
+
+def training(ws: Workspace, cfg: Config, run: str) -> Training:
+    current = runs.pointed(ws, run)
+    lat, v = ready_latents(ws, cfg, cfg.train.split)
+    if not v.up_to_date:
+        return Training(run, lat, v, None, None, current)
+    inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()}, {}, TRAIN_CODE)
+    return Training(run, lat, v, inputs, runs.result_dir(ws, inputs.fingerprint()), current)
+
+
+# ---------------------------------------------------------------- embeddings and score
+@dataclass
+class Embedding:
+    """The embeddings of one split under one trained result."""
+
+    split: str
+    result: Path
+    latents: Latents | None
+    upstream_verdict: Verdict
+    inputs: Inputs | None
+
+    @property
+    def path(self) -> Path:
+        return self.result / "embeddings" / f"{self.split}.zarr"
+
+    @property
+    def lock(self) -> Path:
+        return self.result / "embeddings" / f"{self.split}.lock.json"
+
+    def check(self) -> Verdict:
+        return self.upstream_verdict if self.inputs is None else locks.check(self.lock, self.inputs)
+
+
+def trained_lock(result: Path) -> dict:
+    lock = locks.read_lock(result / "train.lock.json")
+    if lock is None:
+        raise UserError(f"{result} holds no finished training (no valid train.lock.json); "
+                        "run `leakpipe train` for it")
+    return lock
+
+
+def embedding(ws: Workspace, result: Path, split: str, ws_cfg: Config) -> Embedding:
+    cfg = run_config(result, ws_cfg)
+    lat, v = ready_latents(ws, cfg, split)
+    if not v.up_to_date:
+        return Embedding(split, result, lat, v, None)
+    train_lock = trained_lock(result)
+    model = Upstream(train_lock["outputs"]["model.safetensors"]["blake2b"], "retrained",
+                     {"trained": _stamp(train_lock)})
+    inputs = Inputs(values(cfg, EMBED_KEYS), {"model": model, f"latents of {split}": lat.identity()}, {}, EMBED_CODE)
+    return Embedding(split, result, lat, v, inputs)
+
+
+def score_splits(cfg: Config) -> list[tuple[str, str]]:
+    """(role, split) of every split that score reads."""
+    return [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
+            ("open", cfg.score.open)]
+
+
+@dataclass
+class Scoring:
+    result: Path
+    inputs: Inputs
+
+    @property
+    def lock(self) -> Path:
+        return self.result / "score.lock.json"
+
+    def check(self) -> Verdict:
+        return locks.check(self.lock, self.inputs)
+
+
+def scoring(result: Path, cfg: Config) -> Scoring:
+    """Score reads the embeddings (with locks) of the closed, post-processed and open splits."""
+    ups = {}
+    for _, split in score_splits(cfg):
+        lock = locks.read_lock(result / "embeddings" / f"{split}.lock.json")
+        if lock is not None:
+            model = lock["inputs"]["upstream"]["model"]["about"]
+            ups[f"embeddings of {split}"] = Upstream(lock["fingerprint"], "recomputed",
+                                                     {"model trained": model.get("trained")})
+    return Scoring(result, Inputs(values(cfg, SCORE_KEYS), ups, {}, SCORE_CODE))

@@ -1,0 +1,249 @@
+"""Provenance: `status` predicts exactly what each stage then does, for every kind of change, in
+words; trained results are kept per config (run cache) and run names point at them; the VAE
+follows the cache; installed import names cannot clash."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.engine.vae import save_random_vae
+from leakpipe.pipeline.ledger import graph, runs
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import embed, encode, score, train
+from tests.conftest import TINY_BLOCKS, cli, write_images
+
+FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
+        "score.kde_folds=2", "score.postprocessed="]
+HEX = re.compile(r"(?<![/\w])[0-9a-f]{12,}(?![\w.])")  # a bare hash, not part of a path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """3 generators x 16 images of 32 px plus 2 unseen, encoded once; each test works on a copy."""
+    root = tmp_path_factory.mktemp("prov")
+    write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
+    save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
+    (root / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
+                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n')
+    for split in ("closed", "open"):
+        encode.run(Workspace(root), split, Workspace(root).config(), log=lambda m: None)
+    return root
+
+
+@pytest.fixture
+def ws(base, tmp_path):
+    shutil.copytree(base, tmp_path / "ws", symlinks=True)
+    return tmp_path / "ws"
+
+
+def sets(*extra):
+    return [a for s in (*FAST, *extra) for a in ("--set", s)]
+
+
+def status(ws, *extra) -> dict:
+    r = cli(ws, "status", "--json", *sets(*extra))
+    assert r.exit_code == 0, r.output
+    items = json.loads(r.stdout)
+    for e in items:
+        for reason in e["reasons"]:
+            assert not HEX.search(reason), f"bare hash in a reason: {reason}"
+    return {(e["stage"], e["name"]): e for e in items}
+
+
+def do(ws, stage, *extra, run="default", split="closed"):
+    """Run one stage in-process; returns whether it did any work."""
+    w = Workspace(ws)
+    cfg = w.config(None, [*FAST, *extra])
+    quiet = lambda m: None  # noqa: E731
+    if stage == "encode":
+        return not encode.run(w, split, cfg, log=quiet).up_to_date
+    if stage == "train":
+        return not train.run(w, cfg, run, log=quiet).up_to_date
+    if stage == "embed":
+        return bool(embed.run(w, cfg, run, log=quiet, splits=[split]))
+    return not score.run(w, cfg, run, log=quiet).up_to_date
+
+
+def agree(ws, key, *extra, want_reason=None):
+    """What status says of `key` is what the stage then does; then both say up to date."""
+    predicted = status(ws, *extra)[key]
+    if want_reason is not None:
+        assert any(want_reason in r for r in predicted["reasons"]), predicted["reasons"]
+    split = key[1].split("/")[-1]
+    did = do(ws, key[0], *extra, run=key[1].split("/")[0], split=split)
+    assert did == (not predicted["up_to_date"]), (key, predicted)
+    assert status(ws, *extra)[key]["up_to_date"]
+    assert not do(ws, key[0], *extra, run=key[1].split("/")[0], split=split)
+    return predicted
+
+
+def trained(ws):
+    """train, embed closed and open, score: as `leakpipe train` then `leakpipe score` do."""
+    do(ws, "train")
+    do(ws, "embed", split="closed")
+    do(ws, "embed", split="open")
+    do(ws, "score")
+
+
+def test_config_key_change(ws):
+    trained(ws)
+    agree(ws, ("train", "default"))
+    p = agree(ws, ("train", "default"), "model.embed_dim=4", want_reason="model.embed_dim: 8 -> 4")
+    assert not p["restores_stored_result"]
+
+
+def test_vae_change(ws, tmp_path):
+    other = save_random_vae(tmp_path / "other", TINY_BLOCKS, seed=5)
+    p = agree(ws, ("encode", "closed"), f"vae.source={other}", want_reason=f"vae.source: ./vae -> {other}")
+    assert "vae files: 1 file changed" in p["reasons"]  # other weights, the same architecture
+    assert status(ws)[("encode", "closed")]["up_to_date"]  # the first encoder's store is kept
+
+
+def add_row(ws, split, folder, name):
+    """Copy the first image of `folder` to `name` and append it as a row of manifests/SPLIT.csv."""
+    manifest = ws / "manifests" / f"{split}.csv"
+    rows = manifest.read_text().splitlines()
+    first = next(r for r in rows if r.startswith(folder + "/"))
+    src = first.split(",")[0]
+    shutil.copy(ws / "data" / split / src, ws / "data" / split / folder / name)
+    manifest.write_text("\n".join(rows + [first.replace(src, f"{folder}/{name}", 1)]) + "\n")
+
+
+def test_manifest_rows_and_file_bytes(ws):
+    trained(ws)
+    add_row(ws, "closed", "closed00", "added.png")
+    p = status(ws)[("train", "default")]
+    assert p["blocked_by"] == ["leakpipe encode --split closed"]
+    assert p["reasons"] == ["latents of closed are stale: manifest closed: 1 row added"]
+    agree(ws, ("encode", "closed"), want_reason="manifest closed: 1 row added")
+    agree(ws, ("train", "default"), want_reason="latents of closed: re-encoded (rows: 48 -> 49)")
+    shutil.copy(ws / "data" / "closed" / "closed01" / "00000.png", ws / "data" / "closed" / "closed00" / "added.png")
+    agree(ws, ("encode", "closed"), want_reason="manifest closed: 1 file changed")
+
+
+def test_upstream_redone_and_output_deleted(ws):
+    trained(ws)
+    rows = (ws / "manifests" / "open.csv").read_text().splitlines()
+    (ws / "manifests" / "open.csv").write_text("\n".join(rows[:-1]) + "\n")  # one open row removed
+    assert status(ws)[("embed", "default/open")]["blocked_by"] == ["leakpipe encode --split open"]
+    agree(ws, ("encode", "open"), want_reason="manifest open: 1 row removed")
+    agree(ws, ("embed", "default/open"), want_reason="latents of open: re-encoded (rows: 32 -> 31)")
+    agree(ws, ("score", "default"), want_reason="embeddings of open: recomputed")
+    result = runs.pointed(Workspace(ws), "default")
+    (result / "report.md").unlink()
+    agree(ws, ("score", "default"), want_reason="output missing")
+    (result / "model.safetensors").unlink()
+    agree(ws, ("train", "default"), want_reason="output missing")
+
+
+def test_code_version_change(ws, monkeypatch):
+    trained(ws)
+    monkeypatch.setattr(graph, "SCORE_CODE", "score-test")
+    agree(ws, ("score", "default"), want_reason="code version: score-2 -> score-test")
+    monkeypatch.setattr(graph, "ENCODE_CODE", "encode-test")
+    agree(ws, ("encode", "closed"), want_reason="code version: encode-1 -> encode-test")
+
+
+def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypatch):
+    trained(ws)
+    w = Workspace(ws)
+    first = runs.pointed(w, "default")
+    r = cli(ws, "train", *sets("model.embed_dim=4"))
+    assert r.exit_code == 0 and "model.embed_dim: 8 -> 4" in r.output and str(first) in r.output
+    second = runs.pointed(w, "default")
+    assert second != first and (first / "model.safetensors").exists()
+    p = status(ws)[("train", "default")]  # back to the first config: restorable, no training
+    assert p["restores_stored_result"] and "model.embed_dim: 4 -> 8" in p["reasons"]
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although a stored result matches")
+    monkeypatch.setattr(train, "_fit", no_training)
+    res = train.run(w, w.config(None, FAST), "default", log=lambda m: None)
+    assert res.restored and runs.pointed(w, "default") == first
+    assert (ws / "cache" / "runs" / "default" / "report.md").exists()  # the old name's files are back
+
+
+def test_run_name_means_one_thing_to_every_command(ws):
+    trained(ws)
+    cli(ws, "train", "--run", "p30", *sets("model.embed_dim=4"))
+    r = cli(ws, "train", "--run", "p30", *sets())  # without the --set it was made with
+    assert "model.embed_dim: 4 -> 8" in r.output
+    w = Workspace(ws)
+    p30 = runs.pointed(w, "p30")
+    assert p30 == runs.pointed(w, "default")  # the same config: the same stored result, not retrained
+    cli(ws, "train", "--run", "p30", *sets("model.embed_dim=4"))
+    p30 = runs.pointed(w, "p30")
+    s = cli(ws, "score", "--run", "p30", "--json", *sets())
+    assert s.exit_code == 0 and "would not keep it: model.embed_dim: 4 -> 8" in s.output
+    assert json.loads(s.stdout)["result"] == p30.name
+    image = next((ws / "data" / "open").rglob("*.png"))
+    a = cli(ws, "attribute", str(image), "--run", "p30", "--json", *sets())
+    assert a.exit_code == 0, a.output
+    assert json.loads(a.stdout)[0]["result"] == p30.name
+    st = status(ws)
+    assert st[("train", "p30")]["result"] == p30.name and not st[("train", "p30")]["up_to_date"]
+    assert st[("score", "p30")]["up_to_date"]
+
+
+def test_runs_lists_and_gc_frees_only_what_nothing_refers_to(ws):
+    trained(ws)
+    w = Workspace(ws)
+    kept = runs.pointed(w, "default")
+    cli(ws, "train", *sets("model.embed_dim=4"))
+    orphan = kept
+    kept = runs.pointed(w, "default")
+    listing = cli(ws, "runs", *sets()).output
+    assert "(none: gc frees it)" in listing and "model.embed_dim: 4 -> 8" in listing
+    rows = json.loads(cli(ws, "runs", "--json", *sets()).stdout)
+    assert {r["result"] for r in rows} == {orphan.name, kept.name}
+    dry = cli(ws, "gc", "--dry-run", *sets())
+    assert f"would remove {orphan}" in dry.output and str(kept) not in dry.output and orphan.exists()
+    r = cli(ws, "gc", *sets())
+    assert r.exit_code == 0 and "freed" in r.output
+    assert not orphan.exists() and kept.exists() and status(ws)[("train", "default")]["reasons"]
+
+
+def test_the_vae_follows_the_cache(tmp_path, tiny_vae):
+    write_images(tmp_path / "data", labels=("a", "b", "c"), n=8, size=(32, 32))
+    (tmp_path / "leakpipe.toml").write_text("[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n")
+    cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed", "--ratios", "0.5,0.25,0.25")
+    shutil.copytree(tiny_vae, tmp_path / "vae")
+    r = cli(tmp_path, "encode", "--split", "closed", "--vae", str(tmp_path / "vae"))
+    assert r.exit_code == 0 and "vae.source = ./vae saved in" in r.output and "VAE ./vae" in r.output
+    assert 'source = "./vae"' in (tmp_path / "leakpipe.toml").read_text()
+    st = cli(tmp_path, "status")
+    assert "encode closed  up to date" in st.output and "VAE ./vae" in st.output, st.output
+    t = cli(tmp_path, "train", *sets())
+    assert t.exit_code == 0 and "VAE ./vae" in t.output, t.output
+    s = cli(tmp_path, "score", *sets("score.open="))
+    assert s.exit_code == 0, s.output
+    a = cli(tmp_path, "attribute", str(next((tmp_path / "data").rglob("*.png"))), *sets("score.open="))
+    assert a.exit_code == 0 and "VAE ./vae" in a.output, a.output
+
+
+def test_installed_names_do_not_take_bare_pipeline_or_stages(tmp_path):
+    code = ("import importlib.util as u, leakpipe.pipeline, leakpipe.stages\n"
+            "print(u.find_spec('pipeline'), u.find_spec('stages'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None None"
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    from leakpipe.pipeline.store.atomic import atomic_path
+
+    target = tmp_path / "folder"
+    with atomic_path(target, folder=True) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, folder=True) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and (target / "a").read_text() == "1"
+    with atomic_path(target, folder=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["b"]
