@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
-import time
 from pathlib import Path
 
 import click
@@ -55,68 +53,10 @@ def main():
     """leakpipe: which generator made this image? (Proto-LeakNet as a checksum-tracked pipeline)"""
 
 
-# ---------------------------------------------------------------- manifests
-@main.group()
-def manifest():
-    """Build and inspect manifests (manifests/NAME.csv)."""
-
-
-@manifest.command("build")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--split", "split", required=True, help="Manifest name, e.g. closed, closed-pp, open.")
-@click.option("--partition", type=click.Choice(["auto", "ratio", "file", "none"]), default="auto",
-              show_default=True, help="auto: ROOT/Split.json if present, else seeded ratios.")
-@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Split JSON {train|val|test: {class: [file names]}} (the authors' format).")
-@click.option("--ratios", default="0.5,0.2,0.3", show_default=True, help="train,val,test per class.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
-@_workspace_options
-def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant):
-    """Scan a folder-per-generator tree ROOT/<generator>/<images> into manifests/SPLIT.csv."""
-    from leakpipe.pipeline import manifest as mf
-
-    tree = mf.scan_tree(root)
-    if partition == "auto":
-        split_file = split_file or (root / "Split.json" if (root / "Split.json").exists() else None)
-        partition = "file" if split_file else "ratio"
-    if partition == "file":
-        if split_file is None:
-            raise click.UsageError("--partition file needs --split-file (or ROOT/Split.json)")
-        parts, problems = mf.partition_from_split_file(tree, split_file)
-        if problems:
-            raise mf.ManifestError(str(split_file), problems)
-    elif partition == "ratio":
-        try:
-            parts = mf.partition_by_ratio(tree, tuple(float(x) for x in ratios.split(",")), seed)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--ratios") from None
-    else:
-        parts = None
-    rows, unassigned = mf.build_rows(tree, parts, variant)
-    out = ws.manifest(split)
-    mf.write_manifest(out, root, rows)
-    m = mf.read_manifest(out)
-    _print_summary(mf.summary(m), out)
-    if unassigned:
-        _log(f"note: {len(unassigned)} images are not listed in {split_file} and were left out, "
-             f"e.g. {unassigned[0]}")
-
-
 def _print_summary(s: dict, path) -> None:
     click.echo(f"{path}: {s['rows']} rows, root {s['root']}")
     for key in ("by_label", "by_partition", "by_variant"):
         click.echo(f"  {key[3:]:<10} " + "  ".join(f"{k}={v}" for k, v in s[key].items()))
-
-
-@manifest.command("show")
-@click.argument("name")
-@_workspace_options
-def manifest_show(ws, cfg, name):
-    """Row counts per label, partition and variant of manifests/NAME.csv."""
-    from leakpipe.pipeline import manifest as mf
-
-    _print_summary(mf.summary(mf.read_manifest(ws.manifest(name))), ws.manifest(name))
 
 
 # ---------------------------------------------------------------- stage one
@@ -276,189 +216,8 @@ def compare(ws, cfg, runs, out):
     click.echo(table + (f"-> {out}" if out else ""))
 
 
-# ---------------------------------------------------------------- data
-def _steps(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if any(s < 1 for s in steps):
-        raise click.BadParameter("steps start at 1")
-    return steps
-
-
-@main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Image folder [default: WORKSPACE/data/synth].")
-@click.option("--closed", "n_closed", default=10, show_default=True, help="Known generators.")
-@click.option("--open", "n_open", default=10, show_default=True, help="Unseen generators.")
-@click.option("--per-generator", default=100, show_default=True, help="Images per generator.")
-@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
-@click.option("--difficulty", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
-              help="Fingerprint strength is 1/difficulty.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
-@click.option("--workers", default=0, help="Worker processes [default: all cores].")
-@_workspace_options
-def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers):
-    """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
-    from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
-
-    out = out or ws.root / "data" / "synth"
-    spec = SynthSpec(n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps))
-    start = time.perf_counter()
-    written = write_benchmark(out, ws.manifests, spec, workers or None)
-    took = time.perf_counter() - start
-    click.echo(f"synth: {sum(written.values())} images in {took:.1f} s under {out}")
-    for name, n in written.items():
-        click.echo(f"  manifests/{name}.csv: {n} rows")
-
-
-@main.command()
-@click.option("--split", required=True, help="Manifest to copy from.")
-@click.option("--partition", default="test", show_default=True, help="Rows to copy ('all' for every row).")
-@click.option("--steps", default="1,2,3", show_default=True)
-@click.option("--name", help="Output manifest [default: SPLIT-pp].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Image folder [default: WORKSPACE/data/NAME].")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=0, help="Worker processes [default: all cores].")
-@_workspace_options
-def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
-    """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest."""
-    from leakpipe.pipeline import manifest as mf
-    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows
-
-    m = mf.read_manifest(ws.manifest(split))
-    name = name or f"{split}-pp"
-    out = out or ws.root / "data" / name
-    rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition,
-                            workers or os.cpu_count() or 1)
-    if not rows:
-        raise click.ClickException(f"no rows of {ws.manifest(split)} have partition {partition!r}")
-    mf.write_manifest(ws.manifest(name), out, rows, PP_COLUMNS)
-    click.echo(f"postprocess: {len(rows)} images under {out} -> {ws.manifest(name)}")
-
-
-@main.command()
-@click.option("--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of "
-              "the seeded random demo VAE.")
-@click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
-              default="demo", show_default=True, help="Workspace folder for the demo.")
-@click.option("--closed", "n_closed", type=int, help="Known generators [default: 10].")
-@click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
-@click.option("--per-generator", type=int, help="Images per generator [default: 40].")
-@click.option("--size", type=int, help="Image side in pixels [default: 128].")
-@click.option("--epochs", default=15, show_default=True, help="Training epochs.")
-@_user_errors
-def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
-    """Synthetic benchmark + every stage (encode, train, score), end to end, on a laptop CPU.
-
-    Sizes and epochs apply when the workspace is first created; a rerun does only what is missing.
-    """
-    from leakpipe.stages import demo as stage
-
-    start = time.perf_counter()
-    ws = Workspace(workspace)
-    spec = stage.spec_with(n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
-    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs, log=_log)
-    click.echo("\n".join(lines))
-    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
-               f"report {ws.cache / 'runs' / 'default' / 'report.md'}")
-
-
-# ---------------------------------------------------------------- ledger
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the states as JSON (one object per stage instance).")
-@_workspace_options
-def status(ws, cfg, as_json):
-    """Every stage's state: up to date, or stale and why (the same check each stage makes)."""
-    from leakpipe.pipeline.ledger import status as st
-
-    items = st.entries(ws, cfg)
-    if as_json:
-        click.echo(json.dumps(items, indent=1))
-    elif not ws.splits():
-        click.echo(f"no manifests in {ws.manifests}; start with `leakpipe manifest build`")
-    else:
-        click.echo(st.format_entries(items))
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
-@_workspace_options
-def runs(ws, cfg, as_json):
-    """Every trained result: run names, when made, what differs from the current config, metrics."""
-    from leakpipe.pipeline.ledger import status as st
-
-    rows = st.run_rows(ws, cfg)
-    click.echo(json.dumps(rows, indent=1) if as_json else st.format_runs(rows) if rows else
-               "no trained results yet; run `leakpipe train`")
-
-
-def _lock_files(ws) -> list[Path]:
-    return sorted([*ws.cache.glob("latents/*/*.lock.json"), *ws.cache.glob("results/*/*.lock.json"),
-                   *ws.cache.glob("results/*/embeddings/*.lock.json")])
-
-
-@main.command()
-@_workspace_options
-def verify(ws, cfg):
-    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes."""
-    from leakpipe.pipeline.ledger import locks as ledger
-
-    lock_files = _lock_files(ws)
-    problems = []
-    for lock_path in lock_files:
-        lock = ledger.read_lock(lock_path)
-        if lock is None:
-            problems.append(f"unreadable lock file (damaged, or from an older leakpipe): {lock_path}")
-            continue
-        found = ledger.verify(lock_path, lock, deep=True)
-        click.echo(f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
-                   + ("ok" if not found else f"{len(found)} problem(s)"))
-        problems += found
-    for p in problems:
-        click.echo(f"  {p}")
-    if problems:
-        raise click.ClickException(f"{len(problems)} problem(s); rerun the stage to repair them "
-                                   "(it rewrites whatever does not verify)")
-    click.echo(f"verified {len(lock_files)} lock(s): all checksums match")
-
-
-@main.command()
-@click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
-@_workspace_options
-def gc(ws, cfg, dry_run):
-    """Remove what nothing refers to: trained results no run name points at, and latent stores (in
-    cache/latents/ and under store.url) that neither the current config nor a named result uses.
-    Nothing is ever removed except by this command."""
-    from leakpipe.pipeline.ledger import status as st
-    from leakpipe.pipeline.store import storage
-
-    garbage = st.garbage(ws, cfg)
-    for location, size in garbage:
-        click.echo(f"{'would remove' if dry_run else 'removing'} {location} ({size / 2 ** 20:.1f} MiB)")
-        if dry_run:
-            continue
-        storage.remove(location)
-        if location.endswith(".zarr"):
-            split, name = location.rstrip("/").split("/")[-2:]
-            for kind in ("lock.json", "writer.lock"):
-                ws.store_lock(split, name[:-len(".zarr")], kind).unlink(missing_ok=True)
-    total = sum(s for _, s in garbage) / 2 ** 20
-    click.echo(f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
-               if garbage else "gc: nothing to remove")
-
-
-@main.command("config")
-@_workspace_options
-def config_show(ws, cfg):
-    """Print the effective config (defaults + leakpipe.toml + --set) as TOML."""
-    from leakpipe.pipeline.config import canonical_hash, to_toml
-
-    click.echo(to_toml(cfg))
-    click.echo(f"# canonical hash {canonical_hash(cfg.to_dict())}")
+# the other commands register themselves on `main`
+from leakpipe.pipeline import cli_data, cli_ledger  # noqa: E402,F401
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`
