@@ -2,15 +2,47 @@
 that need them, so `status`, `manifest` and no-op reruns start fast."""
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import re
 from pathlib import Path
 
 import click
 
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The message for a full disk (or quota), however the writer reported it; None otherwise."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # safetensors (Rust) reports it in its message: "I/O error: No space left on device (os error 28)"
+    full = full or type(exc).__name__ == "SafetensorError" and bool(
+        re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b|StorageFull|QuotaExceeded", str(exc)))
+    if not full:
+        return None
+    where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    return (f"No space left on the device{where}. Nothing was corrupted: every file is written to a "
+            "temporary name and renamed only when complete. Free some space (`leakpipe gc` lists what it "
+            "can free) and rerun the command; it continues where it stopped.")
+
+
+def _friendly(fn):
+    """User errors and a full disk as one-paragraph messages, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = _disk_full(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+    return wrapper
 
 
 def _workspace_options(fn):
@@ -21,26 +53,17 @@ def _workspace_options(fn):
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
     @functools.wraps(fn)
+    @_friendly
     def wrapper(workspace, config_file, overrides, **kwargs):
         ws = Workspace(workspace)
-        try:
-            cfg = ws.config(config_file, overrides)
-            if "config_file" in inspect.signature(fn).parameters:
-                kwargs.update(config_file=config_file, overrides=overrides)
-            return fn(ws=ws, cfg=cfg, **kwargs)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
+        cfg = ws.config(config_file, overrides)
+        if "config_file" in inspect.signature(fn).parameters:
+            kwargs.update(config_file=config_file, overrides=overrides)
+        return fn(ws=ws, cfg=cfg, **kwargs)
     return wrapper
 
 
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
-    return wrapper
+_user_errors = _friendly
 
 
 def _log(msg: str) -> None:

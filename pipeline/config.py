@@ -165,6 +165,45 @@ CHOICES = {
 TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
 
+# (key, lowest, highest, what is allowed), checked on load; None = unbounded on that side
+RANGES = [
+    ("preprocess.size", 8, None, ">= 8 pixels"), ("preprocess.max_pixels", 1, None, ">= 1"),
+    ("store.chunk_rows", 1, None, ">= 1"),
+    ("encode.batch_size", 1, None, ">= 1"), ("encode.num_workers", 0, None, ">= 0"),
+    ("encode.torch_threads", 0, None, ">= 0"), ("encode.workers", 0, None, ">= 0"),
+    ("latent.scale", 0, None, "> 0 and finite"), ("diffusion.num_steps", 1, None, ">= 1"),
+    ("features.dct_k", 1, None, ">= 1"), ("model.embed_dim", 1, None, ">= 1"),
+    ("model.prototypes_per_class", 1, None, ">= 1"), ("model.tau", 0, None, "> 0 and finite"),
+    ("train.epochs", 1, None, ">= 1"), ("train.batch_size", 1, None, ">= 1"),
+    ("train.lr", 0, None, "> 0 and finite"), ("train.weight_decay", 0, None, ">= 0 and finite"),
+    ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
+    ("train.shuffle_chunks", 1, None, ">= 1"), ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
+    ("score.kde_folds", 2, None, ">= 2"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("compute.memory_budget_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
+]
+_STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed
+
+
+def validation_problems(cfg: Config) -> list[str]:
+    """Every value outside its range, with the range, all at once."""
+    import math
+
+    out = []
+    for key, low, high, allowed in RANGES:
+        v = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        bad = not math.isfinite(v) or v < low or (key in _STRICT and v == low) or (high is not None and v > high)
+        if bad:
+            out.append(f"{key} = {v!r}: must be {allowed}")
+    d = cfg.diffusion
+    if not d.timesteps or any(not 0 <= t < d.num_steps for t in d.timesteps) or len(set(d.timesteps)) != len(d.timesteps):
+        out.append(f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
+                   "(diffusion.num_steps - 1), at least one")
+    if not cfg.score.kde_grid or any(not (g > 0) for g in cfg.score.kde_grid):
+        out.append(f"score.kde_grid = {cfg.score.kde_grid}: must be positive bandwidth factors, at least one")
+    return out
+
+
 def canonical_hash(obj) -> str:
     """sha256 of the canonical JSON of `obj` (sorted keys, no whitespace)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -267,6 +306,10 @@ def load_config(path: Path | None = None, overrides: typing.Iterable[str] = ()) 
             raise ConfigError(f"config file {path} does not exist") from None
     for item in overrides:
         set_value(cfg, *parse_override(item))
+    problems = validation_problems(cfg)
+    if problems:
+        where = f" ({path} and --set)" if path is not None else ""
+        raise ConfigError(f"invalid settings{where}:\n  " + "\n  ".join(problems))
     return cfg
 
 

@@ -15,7 +15,9 @@ import csv
 import io
 import json
 import os
+import posixpath
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ REQUIRED = ("path", "label", "partition", "variant")
 PARTITIONS = ("train", "val", "test", "")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 HEADER = "# leakpipe manifest v1"
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ManifestError(UserError):
@@ -73,51 +76,84 @@ def manifest_path(manifests_dir: Path, name: str) -> Path:
     return Path(manifests_dir) / f"{name}.csv"
 
 
+def check_name(name: str) -> str:
+    """A split name names a file in manifests/ and folders in cache/: it cannot hold a path."""
+    if not SPLIT_NAME.fullmatch(name or ""):
+        raise UserError(f"split name {name!r}: use letters, digits, '.', '_' and '-' (up to 100, starting "
+                        "with a letter or digit); it names manifests/NAME.csv")
+    return name
+
+
+def _root(path: Path, text: str) -> Path:
+    root = (Path(text) if os.path.isabs(text) else path.parent / text).resolve()
+    if root == Path(root.anchor):
+        raise ManifestError(str(path), [f"root {text!r} is the filesystem root; the root must be the "
+                                        "folder that holds the images (fix the '# root:' line)"])
+    if not root.is_dir():
+        raise ManifestError(str(path), [f"root {text!r} ({root}) is not a folder; fix the '# root:' "
+                                        "line or move the images back"])
+    return root
+
+
 def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -> Manifest:
     path = Path(path)
     if not path.exists():
         raise ManifestError(str(path), ["file does not exist; build it with "
                                         "`leakpipe manifest build ROOT --split NAME`"])
-    lines = path.read_text().splitlines()
-    comments = {}
-    n_comment = 0
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        n_comment += 1
+    # only "\n" ends a line: \r and U+2028 may be part of a (quoted) file name
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        text = fh.read()
+    comments, n_comment, offset = {}, 0, 0
+    while text.startswith("#", offset):
+        end = text.find("\n", offset)
+        line = text[offset:end if end >= 0 else len(text)].rstrip("\r")
         key, _, value = line[1:].partition(":")
         comments[key.strip()] = value.strip()
-    root_text = comments.get("root", ".")
-    root = Path(root_text) if os.path.isabs(root_text) else (path.parent / root_text)
-    reader = csv.DictReader(io.StringIO("\n".join(lines[n_comment:])))
+        n_comment, offset = n_comment + 1, (end + 1 if end >= 0 else len(text))
+    root = _root(path, comments.get("root", "."))
+    reader = csv.DictReader(io.StringIO(text[offset:], newline=""))
     columns = tuple(reader.fieldnames or ())
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ManifestError(str(path), [f"line {n_comment + 1}: missing column(s) {', '.join(missing)};"
                                         f" the header must name {', '.join(REQUIRED)}"])
-    rows = [{c: (v or "").strip() for c, v in r.items() if c is not None} for r in reader]
-    m = Manifest(name=path.stem, root=root.resolve(), rows=rows, columns=columns, source=path,
+    rows = [{c: (v or "").strip() if c != "path" else (v or "") for c, v in r.items() if c is not None}
+            for r in reader]
+    m = Manifest(name=path.stem, root=root, rows=rows, columns=columns, source=path,
                  first_line=n_comment + 2)
+    problems = _normalise_paths(m)
     if validate:
-        problems = validation_problems(m, check_files)
-        if problems:
-            raise ManifestError(str(path), problems)
+        problems += validation_problems(m, check_files)
+    if problems:
+        raise ManifestError(str(path), problems)
     return m
 
 
+def _normalise_paths(m: Manifest) -> list[str]:
+    """One file, one row: './x', 'a//x' and 'b/../a/x' all become 'a/x'; a second row naming the
+    same file is an error (it could sit in two partitions under two labels)."""
+    problems, seen = [], {}
+    for i, row in enumerate(m.rows):
+        given = row["path"]
+        norm = posixpath.normpath(given.replace("\\", "/")) if given.strip() else ""
+        row["path"] = "" if norm == "." else norm
+        if row["path"] in seen and row["path"]:
+            alias = "" if given == row["path"] else f", written here as {given!r}"
+            problems.append(f"line {m.line(i)}: duplicate path {row['path']!r} (first on line "
+                            f"{seen[row['path']]}{alias}); keep one row per file")
+        seen.setdefault(row["path"], m.line(i))
+    return problems
+
+
 def validation_problems(m: Manifest, check_files: bool = True) -> list[str]:
-    """All problems at once: duplicates, unknown partitions, empty labels, escaping or missing paths."""
+    """All problems at once: unknown partitions, empty labels, escaping or missing paths."""
     problems = []
-    seen: dict[str, int] = {}
     for i, row in enumerate(m.rows):
         where = f"line {m.line(i)}"
         p = row["path"]
         if not p:
             problems.append(f"{where}: empty path")
             continue
-        if p in seen:
-            problems.append(f"{where}: duplicate path {p!r} (first on line {seen[p]})")
-        seen.setdefault(p, m.line(i))
         if not row["label"]:
             problems.append(f"{where}: empty label for {p!r}")
         if row["partition"] not in PARTITIONS:
@@ -131,16 +167,20 @@ def validation_problems(m: Manifest, check_files: bool = True) -> list[str]:
     return problems
 
 
+def _csv_line(values: list[str]) -> str:
+    """One CSV line ending in "\\n"; a field holding \\r is quoted (csv quotes only the characters of
+    its line terminator, so it writes with "\\r\\n" and the terminator is swapped after)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(values)
+    return buf.getvalue()[:-2] + "\n"
+
+
 def write_manifest(path: Path, root: Path, rows: list[dict], columns=REQUIRED) -> None:
     path = Path(path)
     root_rel = os.path.relpath(Path(root).resolve(), path.parent.resolve())
-    buf = io.StringIO()
-    buf.write(f"{HEADER}\n# root: {root_rel}\n")
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    lines = [f"{HEADER}\n# root: {root_rel}\n", _csv_line(list(columns))]
+    lines += [_csv_line([str(r.get(c, "")) for c in columns]) for r in rows]
+    atomic_write_text(path, "".join(lines))
 
 
 def scan_tree(root: Path) -> dict[str, list[str]]:
@@ -176,24 +216,58 @@ def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed:
 
 
 def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> tuple[dict, list[str]]:
-    """({path: partition}, problems) from the authors' Split.json: {part: {class: [file names]}}."""
-    data = json.loads(Path(split_file).read_text())
-    by_name = {(label, Path(p).name): p for label, files in tree.items() for p in files}
+    """({path: partition}, problems) from the authors' Split.json: {part: {class: [entries]}}.
+
+    An entry is a path relative to the class folder ('sub/x.png'), or a bare file name when exactly
+    one file of the class has it (the authors' flat folders). Unmatched, ambiguous, escaping and
+    repeated entries are all reported at once."""
+    try:
+        data = json.loads(Path(split_file).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        return {}, [f"{split_file}: cannot be read as JSON ({exc})"]
+    if not isinstance(data, dict):
+        return {}, [f"{split_file}: expected {{\"train\": {{class: [files]}}, \"val\": ..., \"test\": ...}}"]
+    index = {label: _class_index(label, files) for label, files in tree.items()}
     out, problems = {}, []
     for part, classes in data.items():
-        if part not in ("train", "val", "test"):
-            problems.append(f"{split_file}: unknown partition {part!r}")
+        if part not in ("train", "val", "test") or not isinstance(classes, dict):
+            problems.append(f"{split_file}: unknown partition {part!r} (or not a {{class: [files]}} object)")
             continue
         for label, names in classes.items():
-            for name in names:
-                p = by_name.get((label, Path(name).name))
-                if p is None:
-                    problems.append(f"{split_file}: {part}/{label}/{name} is not in the tree")
+            for name in names if isinstance(names, list) else [names]:
+                p, why = _match(index.get(label), label, str(name))
+                if why:
+                    problems.append(f"{split_file}: {part}/{label}/{name}: {why}")
                 elif p in out:
-                    problems.append(f"{split_file}: {label}/{name} is in both {out[p]} and {part}")
+                    problems.append(f"{split_file}: {part}/{label}/{name}: already in {out[p]} as {p}")
                 else:
                     out[p] = part
     return out, problems
+
+
+def _class_index(label: str, files: list[str]) -> tuple[dict, dict]:
+    """({path relative to the class folder: tree path}, {file name: [tree paths]})."""
+    rel = {p[len(label) + 1:]: p for p in files}
+    names: dict[str, list[str]] = {}
+    for r, p in rel.items():
+        names.setdefault(posixpath.basename(r), []).append(p)
+    return rel, names
+
+
+def _match(index, label: str, entry: str) -> tuple[str | None, str]:
+    if index is None:
+        return None, f"no class folder {label!r} in the tree"
+    rel, names = index
+    norm = posixpath.normpath(entry.replace("\\", "/"))
+    if norm.startswith("../") or norm == ".." or posixpath.isabs(norm):
+        return None, "escapes the class folder"
+    if norm in rel:
+        return rel[norm], ""
+    if "/" not in norm and len(names.get(norm, [])) == 1:
+        return names[norm][0], ""
+    if "/" not in norm and norm in names:
+        return None, f"ambiguous: {len(names[norm])} files have this name ({', '.join(names[norm][:3])}); give the path"
+    return None, "not in the tree"
 
 
 def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw"):

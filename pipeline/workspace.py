@@ -28,7 +28,9 @@ class Workspace:
         return self.cache / "file-hashes.json"
 
     def manifest(self, split: str) -> Path:
-        return self.manifests / f"{split}.csv"
+        from leakpipe.pipeline.manifest import check_name
+
+        return self.manifests / f"{check_name(split)}.csv"
 
     def latents_dir(self, split: str) -> Path:
         return self.cache / "latents" / split

@@ -9,7 +9,8 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.trained import load_trained
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks, runs
-from leakpipe.pipeline.store.locking import exclusive
+from leakpipe.pipeline.store.atomic import sweep_orphans
+from leakpipe.pipeline.store.locking import exclusive, shared
 from leakpipe.pipeline.workspace import Workspace
 
 
@@ -25,6 +26,7 @@ def run(ws: Workspace, ws_cfg: Config, run: str = "default", log=print, splits=N
     whose embeddings are missing or stale, under the result run `run` points at. Returns them."""
     result = result_of(ws, run)
     with exclusive(result / ".writer.lock", f"result {result.name}"):
+        sweep_orphans(result)  # a killed writer's leftovers; none can be alive under this lock
         return _embed(ws, result, ws_cfg, log, splits)
 
 
@@ -37,19 +39,25 @@ def _embed(ws: Workspace, result: Path, ws_cfg: Config, log, splits) -> list[str
     done, model = [], None
     for split in splits or ws.splits():
         plan = graph.embedding(ws, result, split, ws_cfg)
-        verdict = plan.check()
+        verdict = plan.check(deep=True)
         if verdict.blocked:
             log(f"embed {split}: skipped: {'; '.join(verdict.reasons)}")
             continue
         if verdict.up_to_date:
             continue
+        if verdict.lock is not None:
+            log(f"embed {split}: embedding again because " + "; ".join(verdict.reasons))
         if model is None:
             model, build, classes, cfg = load_trained(result, resolve_device(ws_cfg.compute.device))
         lat = plan.latents
         want = latent_store.hash_rows(lat.file_hashes)
-        rows = latent_store.valid_rows(latent_store.open_store(lat.store), want).nonzero()[0]
-        data = LatentRows(lat.store, rows, rows * 0, ws_cfg.compute.memory_budget_gb * 2 ** 30)
-        outputs = predict(model, data, build, ws_cfg.compute.eval_batch_size)
+        with shared(lat.writer_lock, f"latent store {lat.store}"):
+            rows = latent_store.valid_rows(latent_store.open_store(lat.store), want).nonzero()[0]
+            try:
+                data = LatentRows(lat.store, rows, rows * 0, ws_cfg.compute.memory_budget_gb * 2 ** 30)
+                outputs = predict(model, data, build, ws_cfg.compute.eval_batch_size)
+            except latent_store.DamagedRows as exc:
+                raise lat.report_damage(exc.rows, "embed") from None
         embeddings.write(plan.path, len(want), rows, outputs,
                          {"split": split, "classes": classes, "timesteps": cfg.diffusion.timesteps,
                           "result": result.name})

@@ -30,6 +30,7 @@ class EncodeResult:
     encoded: int = 0
     copied: int = 0
     reused: int = 0
+    damaged: int = 0
     failures: list = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False
@@ -42,6 +43,7 @@ class EncodeResult:
         rate = self.encoded / self.seconds if self.seconds else 0.0
         text = (f"encode {self.split}: {self.rows} rows: {self.encoded} encoded ({rate:.1f} img/s), "
                 f"{self.reused} already valid, {self.copied} reused by copy, "
+                + (f"{self.damaged} rows damaged and re-encoded, " if self.damaged else "") +
                 f"{len(self.failures)} failed; VAE {self.vae} -> {self.store}")
         if self.failures:
             text += f"\n  failures listed in {self.failures_csv}"
@@ -77,9 +79,13 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     group, result.copied = latent_store.prepare(
         p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows,
         cfg.store.dtype, attrs)
-    valid = latent_store.valid_rows(group, want)
+    valid, damaged = latent_store.row_states(group, want)  # every reused row is read and checked
     pending = np.nonzero(~valid)[0]
     result.reused = int(valid.sum()) - result.copied
+    result.damaged = int(damaged.sum())
+    if result.damaged:
+        log(f"encode {p.manifest.name}: {result.damaged} rows damaged (their bytes do not match their "
+            f"checksums, or their chunk is missing or undecodable); re-encoding them")
     if len(pending) == 0:
         return
     device = vae_lib.resolve_device(cfg.encode.device)
@@ -122,6 +128,8 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
     result = EncodeResult(split, p.store, p.source.label, len(p.manifest))
     with exclusive(p.writer_lock, f"latent store {p.store}"):
+        for orphan in p.lock.parent.glob(f".{p.lock.name}.*.tmp"):  # a lock write that was killed
+            orphan.unlink(missing_ok=True)
         verdict = p.check()
         if verdict.up_to_date:
             result.up_to_date = True
@@ -142,4 +150,5 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
         bad = sorted(p.manifest.rows[r]["path"] for r, _ in result.failures)
         locks.write_lock(p.lock, "encode", p.inputs, p.store, split=split, skipped_bad=bad,
                          vae=p.source.label, encoder=p.encoder_fp)
+        p.damage_report.unlink(missing_ok=True)
     return result

@@ -12,7 +12,7 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.trained import load_split
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks, runs
-from leakpipe.pipeline.store.atomic import atomic_write_json
+from leakpipe.pipeline.store.atomic import atomic_write_json, sweep_orphans
 from leakpipe.pipeline.store.locking import exclusive
 from leakpipe.pipeline.workspace import Workspace
 
@@ -50,7 +50,7 @@ def _available(ws: Workspace, run_dir: Path, cfg: Config) -> tuple[list[str], li
         raise UserError(f"no manifest {ws.manifest(closed)}: score needs the closed split")
     have, notes = [], []
     for role, split in graph.score_splits(cfg):
-        verdict = graph.embedding(ws, run_dir, split, cfg).check() if ws.manifest(split).exists() else None
+        verdict = graph.embedding(ws, run_dir, split, cfg).check(deep=True) if ws.manifest(split).exists() else None
         if verdict is not None and verdict.up_to_date:
             have.append(split)
         elif role == "closed":
@@ -153,14 +153,16 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
     out = runs.pointed(ws, run)
     if out is None or locks.read_lock(out / "train.lock.json") is None:
         raise UserError(f"run {run!r} has no trained result; run `leakpipe train --run {run}` first")
+    graph.trained_lock(out, deep=True)  # a damaged model is refused, never scored
     trained = graph.training(ws, cfg, run).check()
     if not trained.up_to_date:
         log(f"score {run}: note: scoring the result {run!r} points at ({out.name}); `leakpipe train --run "
             f"{run}` would not keep it: {'; '.join(trained.reasons)}")
     with exclusive(out / ".writer.lock", f"result {out.name}"):
+        sweep_orphans(out)  # a killed writer's leftovers; none can be alive under this lock
         have, notes = _available(ws, out, cfg)
-        plan = graph.scoring(out, cfg)
-        verdict = plan.check()
+        plan = graph.scoring(ws, out, cfg)
+        verdict = plan.check(deep=True)
         if verdict.up_to_date:
             return ScoreResult(run, out, json.loads((out / "metrics.json").read_text()), up_to_date=True)
         log(f"score {run}: scoring because " + "; ".join(verdict.reasons))

@@ -2,7 +2,6 @@
 name points at it: retraining a name under another config keeps the earlier result."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from contextlib import nullcontext
@@ -15,7 +14,9 @@ from leakpipe.pipeline.engine.trained import build_model
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks, runs
 from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.store.locking import exclusive
+from leakpipe.pipeline.store.latent_store import DamagedRows
+from leakpipe.pipeline.store.atomic import sweep_orphans
+from leakpipe.pipeline.store.locking import exclusive, shared
 from leakpipe.pipeline.workspace import Workspace
 
 
@@ -70,6 +71,11 @@ def _rows(p, classes=None):
             raise UserError(f"{p.manifest.source}: {part} rows have labels with no training rows: "
                             f"{', '.join(unknown)}")
         out += [np.array(sel, np.int64), np.array([index[rows[i]["label"]] for i in sel], np.int64)]
+    val_classes = sorted({classes[k] for k in out[3]})
+    if len(out[2]) and len(val_classes) < 2:
+        raise UserError(f"{p.manifest.source}: the val partition has rows of only 1 class ({val_classes[0]}); "
+                        "early stopping uses the validation macro AUC, which needs at least 2 classes. "
+                        "Give the val partition images of several generators (manifest build --ratios).")
     if len(classes) < 2 or len(out[0]) == 0 or len(out[2]) == 0:
         raise UserError(f"{p.manifest.source}: training needs >= 2 classes with train rows and some "
                         f"val rows; found {len(classes)} classes, {len(out[0])} train, {len(out[2])} val")
@@ -81,7 +87,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     from tqdm import tqdm
 
     from leakpipe.pipeline.math import metrics
-    from leakpipe.pipeline.store.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
+    from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, save_tensors
     from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
     from leakpipe.pipeline.engine import ddp as ddp_lib
     from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
@@ -102,15 +108,18 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
-    loaded = load_checkpoint(ckpt_dir, model, opt) if (ckpt_dir / "checkpoint.json").exists() and \
-        json.loads((ckpt_dir / "checkpoint.json").read_text()).get("fingerprint") == fp else None
+    try:
+        loaded = load_checkpoint(ckpt_dir, model, opt, fp)
+    except DamagedCheckpoint as exc:  # checked before anything is loaded from it
+        log(f"train: the checkpoint in {ckpt_dir} is damaged ({exc}); training this result from the start")
+        loaded = None
     if loaded:
-        state, extra = loaded
-        build.mean, build.std = extra["feature_mean"].to(device), extra["feature_std"].to(device)
+        state, best = loaded
+        build.mean, build.std = best["feature_mean"].to(device), best["feature_std"].to(device)
         result.resumed_from = state["epoch"]
         log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
     else:
-        state = {"fingerprint": fp, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}
+        state, best = {"fingerprint": fp, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}, {}
         build.fit_statistics(train_data, cfg.compute.eval_batch_size)
     stats = {"feature_mean": build.mean, "feature_std": build.std}
     log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
@@ -129,20 +138,19 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
                                  "val_acc": metrics.top1(val["logits"], va_y)})
         log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val macro AUC {auc:.4f}")
-        best = auc > state["best_auc"]
-        if best:
+        is_best = auc > state["best_auc"]
+        if is_best:
             state["best_auc"], state["best_epoch"] = auc, epoch
         state["epoch"] = epoch
+        if is_best:
+            best = {k: v.detach().clone() for k, v in {**model.state_dict(), **stats}.items()}
         if ddp.is_main:  # every rank holds the same weights; one writes them
-            if best:
-                save_tensors(ckpt_dir / "best.safetensors", {**model.state_dict(), **stats})
-            save_checkpoint(ckpt_dir, model, opt, stats, state)
+            save_checkpoint(ckpt_dir, model, opt, best, state)
         ddp.barrier()
     result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
     if not ddp.is_main:
         return
-    tensors, _ = load_tensors(ckpt_dir / "best.safetensors")
-    save_tensors(out / "model.safetensors", tensors,
+    save_tensors(out / "model.safetensors", best,
                  {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
                   "val_macro_auc": state["best_auc"]})
     atomic_write_json(out / "history.json", state["history"])
@@ -152,14 +160,16 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
     """Train the current config under run name `run` (or resume it, or restore a stored result, or
     do nothing) and point the name at the result. Embedding is the next stage (stages/embed.py)."""
     plan = graph.training(ws, cfg, run)
-    verdict = plan.check()
+    verdict = plan.check(deep=True)
     if verdict.blocked:
         raise UserError(f"train {run}: {'; '.join(verdict.reasons)}; run `{verdict.blocked[0]}` first")
     out = plan.result
     result = TrainResult(run, out, _described(plan.latents))
     main = launched_rank() == 0  # under torchrun, rank 0 locks and writes
     with exclusive(out / ".writer.lock", f"result {out.name}") if main else nullcontext():
-        verdict = plan.check()  # again, now that no other writer can change it
+        if main:
+            sweep_orphans(out)  # a killed writer's leftovers; none can be alive under this lock
+        verdict = plan.check(deep=True)  # again, now that no other writer can change it
         if verdict.up_to_date:
             result.up_to_date = True
         elif verdict.restore:
@@ -169,7 +179,11 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
             kept = f"; its earlier result stays at {plan.current}" if plan.current and plan.current != out else ""
             log(f"train {run}: training because " + "; ".join(verdict.reasons) + kept)
             start = time.perf_counter()
-            _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log)
+            with shared(plan.latents.writer_lock, f"latent store {plan.latents.store}"):
+                try:
+                    _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log)
+                except DamagedRows as exc:
+                    raise plan.latents.report_damage(exc.rows, "train") from None
             result.seconds = time.perf_counter() - start
             if main:
                 atomic_write_json(out / "config.json", cfg.to_dict())

@@ -24,6 +24,18 @@ def tiny_vae(tmp_path_factory) -> Path:
     return save_random_vae(tmp_path_factory.mktemp("vae") / "tiny", TINY_BLOCKS, seed=0)
 
 
+def synth_workspace(root: Path) -> Path:
+    """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
+    chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from."""
+    from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+
+    write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
+    save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
+    (root / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
+                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n')
+    return root
+
+
 def write_images(root: Path, labels=("a", "b"), n=6, size=(40, 48), seed=0) -> list[Path]:
     rng = np.random.default_rng(seed)
     out = []

@@ -35,7 +35,7 @@ def test_build_from_split_file(tmp_path):
     split["test"] = {"g1": ["missing.png"]}
     (tmp_path / "data" / "Split.json").write_text(json.dumps(split))
     r = cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")
-    assert r.exit_code != 0 and "test/g1/missing.png is not in the tree" in r.output
+    assert r.exit_code != 0 and "test/g1/missing.png: not in the tree" in r.output
 
 
 def test_partition_none_for_inference_sets(tmp_path):

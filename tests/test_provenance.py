@@ -9,12 +9,11 @@ import sys
 
 import pytest
 
-from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.ledger import graph, runs
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import embed, encode, score, train
-from tests.conftest import TINY_BLOCKS, cli, write_images
+from tests.conftest import TINY_BLOCKS, cli, synth_workspace, write_images
 
 FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
         "score.kde_folds=2", "score.postprocessed="]
@@ -24,11 +23,7 @@ HEX = re.compile(r"(?<![/\w])[0-9a-f]{12,}(?![\w.])")  # a bare hash, not part o
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """3 generators x 16 images of 32 px plus 2 unseen, encoded once; each test works on a copy."""
-    root = tmp_path_factory.mktemp("prov")
-    write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
-    save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
-    (root / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
-                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n')
+    root = synth_workspace(tmp_path_factory.mktemp("prov"))
     for split in ("closed", "open"):
         encode.run(Workspace(root), split, Workspace(root).config(), log=lambda m: None)
     return root

@@ -104,18 +104,28 @@ def test_embeddings_for_every_encoded_split(tws):
     assert "val_macro_auc" in history
 
 
+def checkpoint_epoch(path) -> int:
+    """The epoch a checkpoint file holds (its header's state), 0 if there is none yet."""
+    if not path.exists():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["state"])["epoch"]
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tws):
     sets = [*FAST, "train.epochs=4"]
     whole = train_run(tws, "whole", "train.epochs=4")
     want = weights(tws, "whole")
     shutil.rmtree(whole.run_dir)  # the same config must now train again, and be killed on the way
-    ckpt = whole.run_dir / "checkpoint" / "checkpoint.json"
+    ckpt = whole.run_dir / "checkpoint" / "checkpoint.safetensors"
     kill_midway("leakpipe.pipeline.store.checkpoint.save_checkpoint", 1.0,
                 f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import train\n"
                 f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same
                 f"ws = Workspace({str(tws)!r})\n"
                 f"train.run(ws, ws.config(None, {sets!r}), 'cut', log=print)",
-                ready=lambda: ckpt.exists() and '"epoch": 2' in ckpt.read_text())
+                ready=lambda: checkpoint_epoch(ckpt) == 2)
     assert not (whole.run_dir / "model.safetensors").exists()
     v = graph.training(Workspace(tws), Workspace(tws).config(None, sets), "cut").check()
     assert not v.up_to_date and any("resumes from" in r for r in v.reasons)

@@ -36,9 +36,13 @@ class LatentRows:
         return len(self.rows)
 
     def _read(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows at `positions`, each checked against its latent_hash as it is read (DamagedRows)."""
         idx = self.rows[positions]
-        return {k: self.group[k].get_orthogonal_selection((idx,)).astype(np.float32)
-                for k in ("mean", "logvar")}
+        order = np.argsort(idx, kind="stable")
+        data = latent_store.read_rows(self.group, idx[order])
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return {k: v[back].astype(np.float32) for k, v in data.items()}
 
     def windows(self, seed: int | None, window_chunks: int) -> list[np.ndarray]:
         """Positions grouped in windows; seed None = store order in one pass (evaluation)."""

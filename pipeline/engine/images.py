@@ -30,13 +30,14 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     if Path(path).stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"decompression bomb guard: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"decompression bomb guard: {exc} Raise preprocess.max_pixels if you trust "
+                       "this file.") from None
     w, h = im.size
     if w * h > max_pixels:
         raise BadImage(f"decompression bomb guard: {w}x{h} = {w * h} pixels exceeds "
@@ -95,6 +96,8 @@ def load_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise BadImage("file not found") from None
+    except PermissionError:
+        raise BadImage("permission denied: the file cannot be read by this user") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"cannot decode: {exc}") from None
 

@@ -2,13 +2,17 @@
 embeddings of a split joined with its manifest columns."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger.graph import run_config
+from leakpipe.pipeline.store.hashing import HASH_BYTES
+from leakpipe.pipeline.ledger.graph import run_config, trained_lock
+from leakpipe.pipeline.ledger.locks import read_lock, verify
 from leakpipe.pipeline.workspace import Workspace
 
 
@@ -20,16 +24,27 @@ def build_model(cfg: Config, n_classes: int):
                         m.prototypes_per_class, m.gating, m.tau, m.tau_learnable)
 
 
+def load_checked(result: Path, name: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a result's safetensors file, hashed as it is read and compared with the
+    train lock's checksum: a damaged model is refused, never used."""
+    from safetensors.torch import load
+
+    data = (result / name).read_bytes()
+    if hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest() != trained_lock(result)["outputs"][name]["blake2b"]:
+        raise UserError(f"{result / name} is damaged (checksum mismatch with train.lock.json); it was not "
+                        "used. Run `leakpipe train --run NAME` with its config to train it again.")
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    return load(data), {k: json.loads(v) for k, v in header.items()}
+
 
 def load_trained(out: Path, device):
     """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
-    from leakpipe.pipeline.store.checkpoint import load_tensors
     from leakpipe.pipeline.engine.data import FeatureBuilder
 
     if not (out / "model.safetensors").exists():
         raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
     cfg = run_config(out)
-    tensors, meta = load_tensors(out / "model.safetensors")
+    tensors, meta = load_checked(out, "model.safetensors")
     model = build_model(cfg, len(meta["classes"]))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
     build = FeatureBuilder(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device))
@@ -42,6 +57,12 @@ def load_split(ws: Workspace, run_dir: Path, split: str):
     from leakpipe.pipeline.report.evaluate import Split
     from leakpipe.pipeline.manifest import read_manifest
 
+    lock_path = run_dir / "embeddings" / f"{split}.lock.json"
+    lock = read_lock(lock_path)
+    problems = verify(lock_path, lock, deep=True) if lock else ["no valid lock: unfinished"]
+    if problems:
+        raise UserError(f"the embeddings of {split!r} in {run_dir} cannot be used ({'; '.join(problems)}); "
+                        "run `leakpipe score`, which embeds them again")
     e = embeddings.read(run_dir / "embeddings" / f"{split}.zarr")
     m = read_manifest(ws.manifest(split), check_files=False)
     if len(m) != len(e["valid"]):

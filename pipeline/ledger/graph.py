@@ -20,6 +20,7 @@ from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
 from leakpipe.pipeline.manifest import Manifest, read_manifest
 from leakpipe.pipeline.store import storage
+from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.workspace import Workspace
 
@@ -40,6 +41,11 @@ ENCODE_KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_r
 TRAIN_KEYS = section_keys(*TRAIN_SECTIONS)
 EMBED_KEYS = ("train.eval_seed",)  # besides the model, which carries the rest of its config
 SCORE_KEYS = section_keys("score")
+
+
+def label_rows(manifest: Manifest) -> list[list[str]]:
+    """[[path, "label|partition|variant"], ...]: what training and scoring read besides the latents."""
+    return [[r["path"], f"{r['label']}|{r['partition']}|{r.get('variant', '')}"] for r in manifest.rows]
 
 
 def values(cfg: Config, keys: tuple[str, ...]) -> dict:
@@ -70,9 +76,30 @@ class Latents:
         others = [p for p in self.lock.parent.glob("*.lock.json") if p != self.lock]
         return max(others, key=lambda p: p.stat().st_mtime_ns, default=None)
 
+    @property
+    def damage_report(self) -> Path:
+        """Written by a reader (train, embed) that found rows whose bytes fail their checksum."""
+        return self.lock.with_name(self.lock.name.replace(".lock.json", ".damaged.json"))
+
+    def report_damage(self, rows: list[int], reader: str) -> UserError:
+        """Record damaged rows for `status` and `encode`, and return the error for the reader to raise."""
+        atomic_write_json(self.damage_report, {"rows": rows, "found_by": reader})
+        lines = ", ".join(str(self.manifest.line(r)) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+        return UserError(f"latents of {self.split} are damaged: {len(rows)} row(s) of {self.store} do not "
+                         f"match their checksums (manifest lines {lines}); nothing was trained on them. "
+                         f"Run `leakpipe encode --split {self.split}`, which re-encodes them.")
+
     def check(self) -> Verdict:
         storage.probe(self.store)  # an unreachable URL store is a UserError, before any work
-        return locks.check(self.lock, self.inputs, self.store, self.previous())
+        verdict = locks.check(self.lock, self.inputs, self.store, self.previous())
+        if self.damage_report.exists():
+            try:
+                found = json.loads(self.damage_report.read_text())
+                what = f"{len(found['rows'])} row(s) failed their checksums when {found['found_by']} read them"
+            except (ValueError, KeyError, TypeError):
+                what = "a reader found rows that failed their checksums"
+            return Verdict(False, [f"damaged: {what}"], verdict.lock)
+        return verdict
 
     def identity(self) -> Upstream:
         lock = locks.read_lock(self.lock)
@@ -80,12 +107,22 @@ class Latents:
                         {"vae": lock.get("vae"), "rows": len(self.manifest) - len(lock.get("skipped_bad", []))})
 
 
+UNREADABLE = "0" * 32  # stands for a file that cannot be read: never a valid row
+
+
+def _file_hash(hashes: HashCache, path: Path) -> str:
+    try:
+        return hashes.hash(path)
+    except OSError:  # unreadable (permissions, I/O error): encode reports the row, with its reason
+        return UNREADABLE
+
+
 def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = None) -> Latents:
     manifest = read_manifest(ws.manifest(split))
     hashes = hashes or HashCache(ws.hash_cache)
     source = vae_lib.resolve(cfg.vae, ws.root)
     encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
-    file_hashes = [hashes.hash(manifest.abspath(i)) for i in range(len(manifest))]
+    file_hashes = [_file_hash(hashes, manifest.abspath(i)) for i in range(len(manifest))]
     hashes.save()
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
         [["config.json", canonical_hash(vae_lib.model_config(source))]]
@@ -139,11 +176,11 @@ class Training:
     def lock(self) -> Path:
         return self.result / "train.lock.json"
 
-    def check(self) -> Verdict:
+    def check(self, deep: bool = False) -> Verdict:
         if self.inputs is None:
             return self.upstream_verdict
         had = self.current / "train.lock.json" if self.current and self.current != self.result else None
-        stored = locks.check(self.lock, self.inputs, previous=had)
+        stored = locks.check(self.lock, self.inputs, previous=had, deep=deep)
         if stored.up_to_date and self.current == self.result:
             return stored
         if stored.up_to_date:  # trained before under this config: restored, not retrained
@@ -152,7 +189,7 @@ class Training:
             return Verdict(False, why + [f"a result trained with this config is stored "
                                          f"(cache/results/{self.result.name}, {_stamp(stored.lock)}); "
                                          "train restores it without training"], stored.lock, restore=True)
-        ckpt = self.result / "checkpoint" / "checkpoint.json"
+        ckpt = self.result / "checkpoint" / "checkpoint.safetensors"
         if ckpt.exists():
             stored.reasons.append(f"an interrupted training of this config resumes from {ckpt.parent}")
         return stored
@@ -163,7 +200,8 @@ def training(ws: Workspace, cfg: Config, run: str) -> Training:
     lat, v = ready_latents(ws, cfg, cfg.train.split)
     if not v.up_to_date:
         return Training(run, lat, v, None, None, current)
-    inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()}, {}, TRAIN_CODE)
+    inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()},
+                    {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}, TRAIN_CODE)
     return Training(run, lat, v, inputs, runs.result_dir(ws, inputs.fingerprint()), current)
 
 
@@ -186,15 +224,21 @@ class Embedding:
     def lock(self) -> Path:
         return self.result / "embeddings" / f"{self.split}.lock.json"
 
-    def check(self) -> Verdict:
-        return self.upstream_verdict if self.inputs is None else locks.check(self.lock, self.inputs)
+    def check(self, deep: bool = False) -> Verdict:
+        return self.upstream_verdict if self.inputs is None else locks.check(self.lock, self.inputs, deep=deep)
 
 
-def trained_lock(result: Path) -> dict:
+def trained_lock(result: Path, deep: bool = False) -> dict:
+    """The result's train lock; `deep` also hashes its model, config and history, so a damaged
+    model is refused before anything is computed from it."""
     lock = locks.read_lock(result / "train.lock.json")
     if lock is None:
         raise UserError(f"{result} holds no finished training (no valid train.lock.json); "
                         "run `leakpipe train` for it")
+    problems = locks.verify(result / "train.lock.json", lock, deep) if deep else []
+    if problems:
+        raise UserError(f"the trained result {result} is damaged ({'; '.join(problems)}); nothing was "
+                        "computed from it. Run `leakpipe train --run NAME` with its config to train it again.")
     return lock
 
 
@@ -212,8 +256,9 @@ def embedding(ws: Workspace, result: Path, split: str, ws_cfg: Config) -> Embedd
 
 def score_splits(cfg: Config) -> list[tuple[str, str]]:
     """(role, split) of every split that score reads."""
-    return [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
-            ("open", cfg.score.open)]
+    roles = [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
+             ("open", cfg.score.open)]
+    return [(role, split) for role, split in roles if split]  # an empty name: no such split
 
 
 @dataclass
@@ -225,17 +270,19 @@ class Scoring:
     def lock(self) -> Path:
         return self.result / "score.lock.json"
 
-    def check(self) -> Verdict:
-        return locks.check(self.lock, self.inputs)
+    def check(self, deep: bool = False) -> Verdict:
+        return locks.check(self.lock, self.inputs, deep=deep)
 
 
-def scoring(result: Path, cfg: Config) -> Scoring:
-    """Score reads the embeddings (with locks) of the closed, post-processed and open splits."""
-    ups = {}
+def scoring(ws: Workspace, result: Path, cfg: Config) -> Scoring:
+    """Score reads the embeddings (with locks) of the closed, post-processed and open splits, and
+    their manifests' labels, partitions and variants."""
+    ups, files = {}, {}
     for _, split in score_splits(cfg):
         lock = locks.read_lock(result / "embeddings" / f"{split}.lock.json")
         if lock is not None:
             model = lock["inputs"]["upstream"]["model"]["about"]
             ups[f"embeddings of {split}"] = Upstream(lock["fingerprint"], "recomputed",
                                                      {"model trained": model.get("trained")})
-    return Scoring(result, Inputs(values(cfg, SCORE_KEYS), ups, {}, SCORE_CODE))
+            files[f"labels and partitions of {split}"] = label_rows(read_manifest(ws.manifest(split), check_files=False))
+    return Scoring(result, Inputs(values(cfg, SCORE_KEYS), ups, files, SCORE_CODE))

@@ -76,13 +76,13 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def files_changed(old: list, new: list) -> str:
+def files_changed(old: list, new: list, changed: str = "file") -> str:
     """'12 rows added, 3 files changed, 1 row removed' (or 'rows reordered') between two row lists."""
     was, now = dict(map(tuple, old)), dict(map(tuple, new))
     added, removed = len(now.keys() - was.keys()), len(was.keys() - now.keys())
-    changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
+    n_changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
     parts = [f"{_plural(added, 'row')} added" if added else "",
-             f"{_plural(changed, 'file')} changed" if changed else "",
+             f"{_plural(n_changed, changed)} changed" if n_changed else "",
              f"{_plural(removed, 'row')} removed" if removed else ""]
     words = ", ".join(p for p in parts if p)
     if not words and [r[0] for r in old] != [r[0] for r in new]:
@@ -99,7 +99,7 @@ def explain(old: dict, new: Inputs) -> list[str]:
     reasons += [f"{k}: {_show(was.get(k))} -> {_show(new.config.get(k))}"
                 for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]
     files = old.get("files", {})
-    reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []))}"
+    reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []), 'row' if k.startswith('labels') else 'file')}"
                 for k in sorted(set(files) | set(new.files)) if files.get(k) != new.files.get(k)]
     ups = old.get("upstream", {})
     for name in sorted(set(ups) | set(new.upstream)):
@@ -182,11 +182,12 @@ def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
 
 
 def check(lock_path: Path, inputs: Inputs, outputs_at: Path | str | None = None,
-          previous: Path | None = None) -> Verdict:
+          previous: Path | None = None, deep: bool = False) -> Verdict:
     """Up to date iff the lock's inputs equal `inputs` and its outputs are all there (sizes; `verify`
     with deep=True hashes). `outputs_at`: where the outputs should be now (a lock whose outputs are
     elsewhere is stale). `previous`: an older lock to explain the change against when this stage has
-    never been run with these inputs (another encoder's store, the result a run name pointed at)."""
+    never been run with these inputs (another encoder's store, the result a run name pointed at).
+    `deep`: hash the outputs too (the stages do for the outputs they read; `status` does not)."""
     lock = read_lock(lock_path)
     if lock is None:
         old = read_lock(previous) if previous else None
@@ -198,5 +199,5 @@ def check(lock_path: Path, inputs: Inputs, outputs_at: Path | str | None = None,
         was, now = outputs_root(lock_path, lock), storage.normalize(outputs_at)
         if was != now:
             return Verdict(False, [f"outputs moved: the lock's are at {was}, the config wants them at {now}"], lock)
-    problems = verify(lock_path, lock, deep=False)
+    problems = verify(lock_path, lock, deep=deep)
     return Verdict(not problems, problems, lock)

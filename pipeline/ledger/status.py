@@ -30,7 +30,7 @@ def _result_entries(ws: Workspace, cfg: Config, name: str, result: Path) -> list
         if (result / "embeddings" / f"{split}.lock.json").exists():
             out.append(_entry("embed", f"{name}/{split}", graph.embedding(ws, result, split, cfg).check()))
     if (result / "score.lock.json").exists():
-        out.append(_entry("score", name, graph.scoring(result, cfg).check(), result=result.name))
+        out.append(_entry("score", name, graph.scoring(ws, result, cfg).check(), result=result.name))
     return out
 
 

@@ -50,6 +50,18 @@ def atomic_path(path: Path | str, folder: bool = False):
             tmp.unlink()
 
 
+def sweep_orphans(folder: Path | str) -> list[Path]:
+    """Remove what killed writers left under `folder`: temporary names of atomic_path, folders it was
+    replacing, zarr's `*.partial` chunks. Call it only while holding the folder's exclusive lock,
+    when no writer of it can be alive. Returns what it removed."""
+    folder = Path(folder)
+    found = [p for pattern in (".*.tmp", ".*.old", "*.partial") for p in folder.rglob(pattern)]
+    found = [p for p in found if not any(q in p.parents for q in found)]  # the outermost of each
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return found
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -1,13 +1,14 @@
 """Model files and training checkpoints: safetensors for tensors, JSON for the rest. Never pickle."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from leakpipe.pipeline.store.atomic import atomic_path, atomic_write_json
+from leakpipe.pipeline.store.atomic import atomic_path
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -41,22 +42,49 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> 
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(folder: Path, model, opt, extra: dict[str, torch.Tensor], state: dict) -> None:
-    """checkpoint.safetensors (model, optimizer, extra tensors), then checkpoint.json (written last)."""
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class DamagedCheckpoint(Exception):
+    pass
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """blake2b-128 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(folder: Path, model, opt, best: dict[str, torch.Tensor], state: dict) -> None:
+    """One file: weights, optimizer state, the best weights so far (with the feature statistics) and
+    the training state, with a checksum of every tensor in its header. A single atomic rename, so a
+    kill leaves the previous checkpoint or this one, never a mix of two epochs."""
     opt_tensors, groups = _optimizer_tensors(opt)
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
-               **{f"extra.{k}": v for k, v in extra.items()}}
-    save_tensors(Path(folder) / "checkpoint.safetensors", tensors)
-    atomic_write_json(Path(folder) / "checkpoint.json", {**state, "param_groups": groups})
+               **{f"best.{k}": v for k, v in best.items()}}
+    save_tensors(Path(folder) / CHECKPOINT, tensors,
+                 {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)})
 
 
-def load_checkpoint(folder: Path, model, opt) -> tuple[dict, dict] | None:
-    """(state, extra tensors) after loading model and optimizer in place; None if there is none."""
-    meta_path, tensor_path = Path(folder) / "checkpoint.json", Path(folder) / "checkpoint.safetensors"
-    if not meta_path.exists() or not tensor_path.exists():
+def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, dict] | None:
+    """(state, best weights) after loading model and optimizer in place; None if there is no
+    checkpoint of this training; DamagedCheckpoint if it does not match its checksum."""
+    path = Path(folder) / CHECKPOINT
+    if not path.exists():
         return None
-    state = json.loads(meta_path.read_text())
-    tensors, _ = load_tensors(tensor_path)
+    try:
+        tensors, meta = load_tensors(path)
+    except Exception as exc:  # a damaged header or payload: safetensors and json say why
+        raise DamagedCheckpoint(f"unreadable: {exc}") from None
+    if meta.get("blake2b") != tensors_hash(tensors):
+        raise DamagedCheckpoint("its tensors do not match the checksum in its header")
+    state = meta["state"]
+    if state.get("fingerprint") != fingerprint:
+        return None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optimizer(opt, tensors, state.pop("param_groups"))
-    return state, {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}

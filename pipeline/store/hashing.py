@@ -35,9 +35,11 @@ class HashCache:
         self.reads = 0
         self._dirty = False
         try:
-            self._entries = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            self._entries = {}
+            entries = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):  # a damaged cache is only a cache: rebuilt by hashing
+            entries = {}
+        self._entries = {k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 4} \
+            if isinstance(entries, dict) else {}
 
     def hash(self, path: Path | str) -> str:
         """Hash of the file's bytes; raises OSError (FileNotFoundError...) if it cannot be read."""

@@ -3,13 +3,17 @@
 Layout of `cache/latents/<split>/<fp12>.zarr` (or `<store.url>/<split>/<fp12>.zarr`):
     mean         (N, C, h, w)  posterior mean, unscaled, float32 (or store.dtype)
     logvar       (N, C, h, w)  posterior log-variance, unscaled
+    latent_hash  (N, 16) uint8 blake2b-128 of the row's stored mean bytes then logvar bytes
     source_hash  (N, 16) uint8 blake2b-128 of the image file the row was encoded from
 Rows are aligned with the manifest (row i = manifest row i) and chunked along N.
-A row is valid iff source_hash[i] equals the manifest row's file hash (all-zero = never written).
-Latents of a chunk are written before its hashes, so a crash can only lose unfinished work.
+A row is valid iff source_hash[i] equals the manifest row's file hash (all-zero = never written) and
+its bytes match latent_hash[i]. Every reader checks the second while it reads, so a damaged chunk,
+or a missing one (Zarr reads it as zeros), is never used, whatever a lock file says.
+Latents of a chunk are written before their hashes, so a crash can only lose unfinished work.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +22,65 @@ import zarr
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.hashing import HASH_BYTES
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: latent_hash
 LATENT_ARRAYS = ("mean", "logvar")
+ARRAYS = (*LATENT_ARRAYS, "latent_hash", "source_hash")  # in the order every writer writes them
+
+
+class DamagedRows(Exception):
+    """Rows whose stored bytes do not match their latent_hash (or whose chunk cannot be decoded)."""
+
+    def __init__(self, rows):
+        self.rows = sorted(int(r) for r in rows)
+        super().__init__(f"{len(self.rows)} damaged row(s), e.g. row {self.rows[0]}")
+
+
+def content_hashes(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """(N, 16) uint8: blake2b-128 of each row's mean bytes, then its logvar bytes, as stored."""
+    out = np.empty((len(mean), HASH_BYTES), np.uint8)
+    for i in range(len(mean)):
+        h = hashlib.blake2b(np.ascontiguousarray(mean[i]).tobytes(), digest_size=HASH_BYTES)
+        h.update(np.ascontiguousarray(logvar[i]).tobytes())
+        out[i] = np.frombuffer(h.digest(), np.uint8)
+    return out
+
+
+def read_rows(group: zarr.Group, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """mean and logvar of rows `idx` (sorted store indices), checked against latent_hash as read;
+    raises DamagedRows naming every row that does not match or whose chunk cannot be decoded."""
+    try:
+        data = {k: group[k].get_orthogonal_selection((idx,)) for k in (*LATENT_ARRAYS, "latent_hash")}
+    except Exception:  # a chunk that does not decode: find which rows, chunk by chunk
+        bad = [i for i in idx if not _readable(group, i)]
+        raise DamagedRows(bad or idx) from None
+    bad = ~np.all(content_hashes(data["mean"], data["logvar"]) == data["latent_hash"], axis=1)
+    if bad.any():
+        raise DamagedRows(idx[bad])
+    return {k: data[k] for k in LATENT_ARRAYS}
+
+
+def _readable(group: zarr.Group, row: int) -> bool:
+    try:
+        for k in (*LATENT_ARRAYS, "latent_hash"):
+            group[k][row]
+        return True
+    except Exception:
+        return False
+
+
+def row_states(group: zarr.Group, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, damaged) boolean (N,): valid rows match the wanted source hash and their bytes their
+    latent_hash; damaged rows match the source hash but not their bytes (or do not decode)."""
+    claimed = valid_rows(group, want)
+    ok = claimed.copy()
+    for start, stop in chunk_bounds(len(want), group["mean"].chunks[0]):
+        rows = np.nonzero(claimed[start:stop])[0] + start
+        if len(rows):
+            try:
+                read_rows(group, rows)
+            except DamagedRows as exc:
+                ok[exc.rows] = False
+    return ok, claimed & ~ok
 
 
 def hash_rows(hex_hashes: list[str]) -> np.ndarray:
@@ -44,15 +105,29 @@ def create(location: str, n_rows: int, latent_shape: tuple, chunk_rows: int, dty
     for name in LATENT_ARRAYS:
         group.create_array(name, shape=(n_rows, *latent_shape), chunks=(chunk_rows, *latent_shape),
                            dtype=dtype, fill_value=0)
-    group.create_array("source_hash", shape=(n_rows, HASH_BYTES), chunks=(chunk_rows, HASH_BYTES),
-                       dtype="uint8", fill_value=0)
+    for name in ("latent_hash", "source_hash"):
+        group.create_array(name, shape=(n_rows, HASH_BYTES), chunks=(chunk_rows, HASH_BYTES),
+                           dtype="uint8", fill_value=0)
     group.attrs.update({"leakpipe_store": STORE_FORMAT, **attrs})
     return group
 
 
+def _add_latent_hash(group: zarr.Group) -> None:
+    """A store written before latent_hash existed (format 1) gets it from its current bytes, once."""
+    n, chunk = group["source_hash"].shape[0], group["mean"].chunks[0]
+    arr = group.create_array("latent_hash", shape=(n, HASH_BYTES), chunks=(chunk, HASH_BYTES),
+                             dtype="uint8", fill_value=0)
+    for start, stop in chunk_bounds(n, chunk):
+        arr[start:stop] = content_hashes(group["mean"][start:stop], group["logvar"][start:stop])
+    group.attrs["leakpipe_store"] = STORE_FORMAT
+
+
 def valid_rows(group: zarr.Group, want: np.ndarray) -> np.ndarray:
     """Boolean (N,): stored hash equals the wanted hash (and is not the all-zero 'never written')."""
-    have = group["source_hash"][:]
+    try:
+        have = group["source_hash"][:]
+    except Exception:  # an undecodable hash chunk: no row of the store can be trusted
+        return np.zeros(len(want), bool)
     if have.shape != want.shape:
         return np.zeros(len(want), bool)
     return np.all(have == want, axis=1) & np.any(want != 0, axis=1)
@@ -80,7 +155,7 @@ def plan_layout(old_hashes: np.ndarray, new_hashes: np.ndarray, old_chunk: int, 
 
 def _resize(group: zarr.Group, n_rows: int) -> None:
     old_n = group["source_hash"].shape[0]
-    for name in (*LATENT_ARRAYS, "source_hash"):
+    for name in ARRAYS:
         arr = group[name]
         arr.resize((n_rows, *arr.shape[1:]))
     if n_rows > old_n:  # edge chunks may hold stale bytes past the old end: mark the new rows unwritten
@@ -98,20 +173,29 @@ def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) 
     storage.remove(tmp)
     latent_shape = old["mean"].shape[1:]
     new = create(tmp, len(src), latent_shape, chunk_rows, str(old["mean"].dtype), dict(old.attrs))
-    old_data = {name: old[name] for name in (*LATENT_ARRAYS, "source_hash")}
+    old_data = {name: old[name] for name in ARRAYS}
     for start, stop in chunk_bounds(len(src), chunk_rows):
         take = src[start:stop]
         keep = np.nonzero(take >= 0)[0]
         if len(keep) == 0:
             continue
-        for name in (*LATENT_ARRAYS, "source_hash"):  # hashes last, as in every write
+        for name in ARRAYS:  # hashes last, as in every write
             block = np.zeros((stop - start, *old_data[name].shape[1:]), old_data[name].dtype)
-            block[keep] = old_data[name].get_orthogonal_selection((take[keep],))
+            block[keep] = _take(old_data[name], take[keep])
             new[name][start:stop] = block
     with storage.open_file(done, "wb") as fh:  # from here on the new layout wins, even after a crash
         fh.write(b"relayout complete")
     _swap_in(location)
     return int((src >= 0).sum())
+
+
+def _take(arr, rows: np.ndarray) -> np.ndarray:
+    """arr[rows]; rows of a chunk that does not decode come back as zeros (and so fail their checksum
+    and are re-encoded, never copied as good)."""
+    try:
+        return arr.get_orthogonal_selection((rows,))
+    except Exception:
+        return np.stack([_block(arr, int(r), int(r) + 1)[0] for r in rows])
 
 
 def _swap_in(location: str) -> None:
@@ -141,15 +225,31 @@ def recover(location: str) -> None:
     storage.remove(tmp)
 
 
+def _complete(location: str) -> bool:
+    """Has every array a writer needs (a format-1 store lacks only latent_hash, which is added)."""
+    try:
+        names = set(open_store(location).array_keys())
+    except Exception:
+        return False
+    return {*LATENT_ARRAYS, "source_hash"} <= names
+
+
 def prepare(location: str, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str,
             attrs: dict) -> tuple[zarr.Group, int]:
     """Open (or create) the store aligned with the manifest's rows; returns (group, rows copied)."""
     location = storage.normalize(location)
     recover(location)
+    if storage.exists(storage.join(location, "zarr.json")) and not _complete(location):
+        storage.remove(location)  # a create killed before its hash arrays: no row in it can be valid
     if not storage.exists(storage.join(location, "zarr.json")):
         return create(location, len(hashes), latent_shape, chunk_rows, dtype, attrs), 0
     group = open_store(location, "r+")
-    old_hashes = group["source_hash"][:]
+    if "latent_hash" not in group:
+        _add_latent_hash(group)
+    try:
+        old_hashes = group["source_hash"][:]
+    except Exception:  # undecodable: reuse nothing (rows are re-encoded in place)
+        old_hashes = np.zeros((group["mean"].shape[0], HASH_BYTES), np.uint8)
     mode, src = plan_layout(old_hashes, hashes, group["mean"].chunks[0], chunk_rows)
     copied = 0
     if mode == "in_place":
@@ -171,11 +271,22 @@ def write_chunk(group: zarr.Group, start: int, stop: int, rows: np.ndarray,
     """
     local = rows - start
     full = len(local) == stop - start
+    blocks = {}
     for name in LATENT_ARRAYS:
         arr = group[name]
-        block = np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else arr[start:stop]
+        block = np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else _block(arr, start, stop)
         block[local] = latents[name]
-        arr[start:stop] = block
-    hashes = group["source_hash"][start:stop]
-    hashes[local] = row_hashes
-    group["source_hash"][start:stop] = hashes
+        arr[start:stop] = blocks[name] = block
+    for name, new in (("latent_hash", content_hashes(blocks["mean"][local], blocks["logvar"][local])),
+                      ("source_hash", row_hashes)):
+        hashes = _block(group[name], start, stop)
+        hashes[local] = new
+        group[name][start:stop] = hashes
+
+
+def _block(arr, start: int, stop: int) -> np.ndarray:
+    """The chunk's current rows, or zeros if it does not decode (its rows are being rewritten)."""
+    try:
+        return arr[start:stop]
+    except Exception:
+        return np.zeros((stop - start, *arr.shape[1:]), arr.dtype)

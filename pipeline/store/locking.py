@@ -21,19 +21,34 @@ class Busy(UserError):
 
 @contextlib.contextmanager
 def exclusive(path: Path, what: str):
+    """The one writer of `what`; refused (Busy) while any other process writes or reads it."""
+    with _flock(path, what, fcntl.LOCK_EX) as fd:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+
+
+@contextlib.contextmanager
+def shared(path: Path, what: str):
+    """A reader of `what`: any number at once, but none while a writer holds it (and vice versa),
+    so a store is never relaid out under a training that streams from it."""
+    with _flock(path, what, fcntl.LOCK_SH):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, what: str, kind: int):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            raise Busy(f"{what} is in use by another leakpipe process ({holder}); wait for it to "
-                       f"finish, or stop it. Lock file: {path}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        yield
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a reader"
+            raise Busy(f"{what} is in use by another leakpipe process (writer: {holder}, or readers "
+                       f"such as a training); wait for it to finish, or stop it. Lock file: {path}") from None
+        yield fd
     finally:
         os.close(fd)  # releases the flock

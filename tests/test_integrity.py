@@ -1,0 +1,339 @@
+"""Integrity: damaged data is detected, recomputed and never used or vouched for; bad inputs are
+clear errors naming the file, the row and what to do; readers and writers of a store exclude each
+other. Each case is one the issue found by hand."""
+import errno
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from leakpipe.pipeline.config import ConfigError, load_config
+from leakpipe.pipeline.ledger import graph, runs
+from leakpipe.pipeline.store.locking import shared
+from leakpipe.pipeline.workspace import Workspace
+from tests.conftest import cli, synth_workspace
+
+FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
+        "score.kde_folds=2", "score.postprocessed="]
+SETS = [a for s in FAST for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """3 generators x 16 images + 2 unseen, encoded, trained and scored once; tests use copies."""
+    root = synth_workspace(tmp_path_factory.mktemp("integrity"))
+    for args in (["encode", "--split", "closed", "--split", "open"], ["train", *SETS], ["score", *SETS]):
+        r = cli(root, *args)
+        assert r.exit_code == 0, r.output
+    return root
+
+
+@pytest.fixture
+def ws(base, tmp_path):
+    shutil.copytree(base, tmp_path / "ws", symlinks=True)
+    return tmp_path / "ws"
+
+
+def store_of(ws, split="closed") -> Path:
+    return Path(graph.latents(Workspace(ws), Workspace(ws).config(), split).store)
+
+
+def chunk(store: Path, array="mean", index=1) -> Path:
+    return sorted(p for p in (store / array / "c").rglob("*") if p.is_file())[index]
+
+
+def flip(path: Path, at: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def arrays(store: Path) -> dict:
+    g = zarr.open_group(str(store), mode="r")
+    return {k: g[k][:] for k in ("mean", "logvar", "source_hash")}
+
+
+def ok(ws, *args):
+    r = cli(ws, *args)
+    assert r.exit_code == 0, f"leakpipe {' '.join(args)}:\n{r.output}"
+    return r.output
+
+
+# ---------------------------------------------------------------- damaged latents
+@pytest.mark.parametrize("damage", ["deleted", "flipped", "flipped+row added"])
+def test_damaged_latent_chunk_is_reencoded_never_vouched(ws, damage):
+    store = store_of(ws)
+    want = arrays(store)
+    target = chunk(store)
+    if damage == "deleted":
+        target.unlink()
+    else:
+        flip(target)
+    if damage.endswith("row added"):
+        rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
+        src = rows[3].split(",")[0]
+        shutil.copy(ws / "data" / "closed" / src, ws / "data" / "closed" / "closed00" / "extra.png")
+        (ws / "manifests" / "closed.csv").write_text("\n".join(rows + [rows[3].replace(src, "closed00/extra.png", 1)]) + "\n")
+    if damage == "deleted":  # the cheap check (sizes) already sees a missing chunk
+        assert "output missing" in cli(ws, "status").output
+    out = ok(ws, "encode", "--split", "closed")
+    if damage == "flipped":  # same size: the cheap check passes; the first reader finds it
+        assert "up to date" in out
+        r = cli(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
+        assert r.exit_code != 0 and "latents of closed are damaged" in r.output
+        out = ok(ws, "encode", "--split", "closed")
+    assert "8 rows damaged and re-encoded" in out, out  # the chunk's 8 rows, no other
+    got = arrays(store)
+    for k in ("mean", "logvar"):
+        np.testing.assert_array_equal(got[k][:48], want[k][:48])
+    ok(ws, "verify")
+
+
+def test_train_refuses_a_damaged_latent_chunk_and_encode_repairs_it(ws):
+    store = store_of(ws)
+    flip(chunk(store))
+    assert "up to date" in ok(ws, "encode", "--split", "closed")  # same size: only hashing can tell
+    r = cli(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
+    assert r.exit_code != 0 and "damaged" in r.output and "leakpipe encode --split closed" in r.output
+    assert "STALE" in cli(ws, "status").output  # the damaged chunk was set aside
+    assert "8 rows" in ok(ws, "encode", "--split", "closed")
+    ok(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
+
+
+# ---------------------------------------------------------------- damaged results
+def test_damaged_model_is_retrained_not_used(ws):
+    result = runs.pointed(Workspace(ws), "default")
+    want = (result / "model.safetensors").read_bytes()
+    flip(result / "model.safetensors", at=len(want) // 2)
+    r = cli(ws, "score", *SETS)
+    assert r.exit_code != 0 and "model.safetensors" in r.output and "damaged" in r.output
+    out = ok(ws, "train", *SETS)
+    assert "checksum mismatch" in out
+    from safetensors.torch import load
+
+    a, b = load(want), load((result / "model.safetensors").read_bytes())
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)  # retrained to the same weights
+    ok(ws, "score", *SETS)
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "report.md", "embeddings"])
+def test_damaged_outputs_are_recomputed(ws, name):
+    result = runs.pointed(Workspace(ws), "default")
+    want = json.loads((result / "metrics.json").read_text())
+    if name == "embeddings":
+        target = sorted(p for p in (result / "embeddings" / "closed.zarr" / "h_bar").rglob("*") if p.is_file())[-1]
+    else:
+        target = result / name
+    flip(target, at=len(target.read_bytes()) // 2)
+    out = ok(ws, "score", *SETS)
+    assert "checksum mismatch" in out, out
+    assert json.loads((result / "metrics.json").read_text()) == want
+    ok(ws, "verify")
+
+
+def test_damaged_lock_and_hash_cache_are_recomputed(ws):
+    lock = next((ws / "cache" / "latents" / "closed").glob("*.lock.json"))
+    lock.write_text(lock.read_text()[:-40])  # torn by hand
+    (ws / "cache" / "file-hashes.json").write_text("[]")
+    out = ok(ws, "encode", "--split", "closed")
+    assert "0 encoded" in out and "48 already valid" in out  # rows checked, not trusted blindly
+    (ws / "cache" / "file-hashes.json").write_text("\ufeff{")
+    ok(ws, "status")
+
+
+# ---------------------------------------------------------------- readers and writers
+def test_encode_waits_for_readers_of_the_store(ws):
+    lat = graph.latents(Workspace(ws), Workspace(ws).config(), "closed")
+    with shared(lat.writer_lock, "test reader"):
+        rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
+        (ws / "manifests" / "closed.csv").write_text("\n".join(rows[:3] + rows[4:]) + "\n")  # a relayout
+        r = cli(ws, "encode", "--split", "closed")
+        assert r.exit_code != 0 and "in use" in r.output
+    ok(ws, "encode", "--split", "closed")
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_bad_images_and_unreadable_files_are_rows_not_aborts(ws, monkeypatch):
+    data = ws / "data" / "closed" / "closed00"
+    big = data / "big.png"
+    Image.new("L", (9500, 9500)).save(big)  # between 1x and 2x Pillow's limit
+    locked = data / "locked.png"
+    shutil.copy(next(data.glob("*.png")), locked)
+    real_open = open
+
+    def denied(file, *args, **kwargs):  # tests run as root, who can read a chmod 0 file: inject it
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", denied)
+    rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
+    first = rows[3]
+    src = first.split(",")[0]
+    extra = [first.replace(src, "closed00/big.png", 1), first.replace(src, "closed00/locked.png", 1)]
+    (ws / "manifests" / "closed.csv").write_text("\n".join(rows + extra) + "\n")
+    try:
+        st = cli(ws, "status")
+        assert st.exit_code == 0 and "STALE" in st.output
+        r = cli(ws, "encode", "--split", "closed")
+        assert r.exit_code != 0 and "2 of 50 images could not be read" in r.output
+        failures = (ws / "cache" / "latents" / "closed.failures.csv").read_text()
+        assert "big.png" in failures and "decompression bomb" in failures and "locked.png" in failures
+        assert "permission" in failures.lower()
+        out = ok(ws, "encode", "--split", "closed", "--skip-bad")
+        assert "48 already valid" in out and "2 failed" in out
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name", ["a\rb.png", "a\u2028b.png"])
+def test_file_names_with_line_breaks_are_rows(tmp_path, tiny_vae, name):
+    from tests.conftest import TOML, write_images
+
+    write_images(tmp_path / "data")
+    shutil.copy(tmp_path / "data" / "a" / "000.png", tmp_path / "data" / "a" / name)
+    (tmp_path / "leakpipe.toml").write_text(TOML.format(vae=tiny_vae))
+    out = ok(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")
+    assert "13 rows" in out
+    assert "13 rows" in ok(tmp_path, "encode", "--split", "closed")
+
+
+def test_path_aliases_are_one_row(ws):
+    rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
+    first = rows[3]
+    src = first.split(",")[0]
+    label, name = src.split("/")
+    aliases = [f"./{src}", f"{label}//{name}", f"closed01/../{src}"]
+    (ws / "manifests" / "closed.csv").write_text("\n".join(rows + [first.replace(src, a, 1) for a in aliases]) + "\n")
+    r = cli(ws, "encode", "--split", "closed")
+    assert r.exit_code != 0 and r.output.count("duplicate path") == 3 and f"{src!r}" in r.output
+
+
+def test_manifest_root_and_split_names_cannot_escape(ws):
+    m = ws / "manifests" / "closed.csv"
+    m.write_text(m.read_text().replace("# root: ../data/closed", "# root: /"))
+    r = cli(ws, "encode", "--split", "closed")
+    assert r.exit_code != 0 and "root" in r.output and "filesystem root" in r.output
+    r = cli(ws, "manifest", "build", str(ws / "data" / "closed"), "--split", "../../x")
+    assert r.exit_code != 0 and "split name" in r.output and not (ws.parent / "x.csv").exists()
+
+
+def test_split_json_is_matched_by_relative_path(tmp_path):
+    root = tmp_path / "tree"
+    for label in ("a", "b"):
+        for sub in ("x", "y"):
+            (root / label / sub).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / label / sub / f"{i}.png")
+    split = {"train": {"a": ["x/0.png", "y/0.png"], "b": ["x/0.png", "y/0.png"]},
+             "test": {"a": ["x/1.png", "y/1.png"], "b": ["x/1.png", "y/1.png"]}}
+    (root / "Split.json").write_text(json.dumps(split))
+    ok(tmp_path, "manifest", "build", str(root), "--split", "s")
+    text = (tmp_path / "manifests" / "s.csv").read_text()
+    assert "a/x/0.png,a,train" in text and "a/y/1.png,a,test" in text
+    split["val"] = {"a": ["0.png", "../b/x/0.png", "nope.png"]}
+    (root / "Split.json").write_text(json.dumps(split))
+    r = cli(tmp_path, "manifest", "build", str(root), "--split", "s2")
+    assert r.exit_code != 0
+    assert "ambiguous" in r.output and "escapes" in r.output and "not in the tree" in r.output
+    assert not (tmp_path / "manifests" / "s2.csv").exists()
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("train.epochs", "-1", ">= 1"), ("train.lr", "nan", "finite"), ("store.chunk_rows", "0", ">= 1"),
+    ("train.batch_size", "0", ">= 1"), ("encode.batch_size", "-3", ">= 1"), ("preprocess.size", "0", ">= 8"),
+    ("diffusion.timesteps", "0,5,1000", "0 to 999"), ("compute.eval_batch_size", "0", ">= 1"),
+])
+def test_config_values_are_checked_on_load(key, value, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        load_config(None, [f"{key}={value}"])
+    assert key in str(err.value)
+
+
+def test_full_disk_is_a_clear_error_and_a_rerun_completes(ws, monkeypatch):
+    from leakpipe.pipeline.store import atomic
+
+    calls = {"n": 0}
+    original = atomic._fsync_tree
+
+    def full(path):
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(atomic, "_fsync_tree", full)
+    r = cli(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
+    assert r.exit_code != 0 and "No space left" in r.output and "Free some space" in r.output
+    assert "Traceback" not in r.output and calls["n"] >= 1
+    monkeypatch.setattr(atomic, "_fsync_tree", original)
+    ok(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
+    ok(ws, "verify")
+
+
+def test_single_class_validation_is_an_error_before_training(ws):
+    m = ws / "manifests" / "closed.csv"
+    lines = m.read_text().splitlines()
+    lines = [ln if not (",val," in ln and not ln.split(",")[1].endswith("00")) else ln.replace(",val,", ",test,")
+             for ln in lines]
+    m.write_text("\n".join(lines) + "\n")
+    assert "labels and partitions of closed: 6 rows changed" in cli(ws, "status").output
+    ok(ws, "encode", "--split", "closed")
+    r = cli(ws, "train", *SETS)
+    assert r.exit_code != 0 and "val partition has rows of only 1 class" in r.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 120 MiB tmpfs (a real full disk), or a skip where this machine cannot mount one."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the injected ENOSPC test covers it")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_really_full_disk_then_more_space(base, small_disk):
+    ws = small_disk / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    more = [a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)]
+    r = cli(ws, "train", *more)  # the checkpoint (weights, Adam state, best weights) does not fit
+    assert r.exit_code != 0 and "No space left" in r.output and "Traceback" not in r.output, r.output
+    assert not list(ws.rglob("*.tmp")) and not list(ws.rglob("*.partial"))  # no half-written file left
+    subprocess.run(["mount", "-o", "remount,size=600m", str(small_disk)], check=True)
+    ok(ws, "train", *more)
+    ok(ws, "verify")
+
+
+def test_damaged_checkpoint_is_detected_not_resumed(tmp_path):
+    import torch
+
+    from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, model, opt, best, {"fingerprint": "fp", "epoch": 3})
+    state, got = load_checkpoint(tmp_path, torch.nn.Linear(4, 3), torch.optim.AdamW(model.parameters()), "fp")
+    assert state["epoch"] == 3 and all(torch.equal(got[k], best[k]) for k in best)
+    path = tmp_path / "checkpoint.safetensors"
+    for at in (len(path.read_bytes()) - 3, 20):  # a weight byte, then a header byte
+        saved = path.read_bytes()
+        flip(path, at=at)
+        with pytest.raises(DamagedCheckpoint):
+            load_checkpoint(tmp_path, torch.nn.Linear(4, 3), torch.optim.AdamW(model.parameters()), "fp")
+        path.write_bytes(saved)
+
+
+def test_train_restarts_a_result_whose_checkpoint_is_damaged(ws):
+    more = [*FAST, "model.embed_dim=4"]
+    plan = graph.training(Workspace(ws), Workspace(ws).config(None, more), "default")
+    (plan.result / "checkpoint").mkdir(parents=True)
+    (plan.result / "checkpoint" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    out = ok(ws, "train", *[a for s in more for a in ("--set", s)])
+    assert "checkpoint" in out and "damaged" in out and "training this result from the start" in out
