@@ -139,8 +139,11 @@ def test_code_version_change(ws, monkeypatch):
     trained(ws)
     monkeypatch.setattr(graph, "SCORE_CODE", "score-test")
     agree(ws, ("score", "default"), want_reason="code version: score-2 -> score-test")
+    before = graph.latents(Workspace(ws), Workspace(ws).config(), "closed").store
     monkeypatch.setattr(graph, "ENCODE_CODE", "encode-test")
     agree(ws, ("encode", "closed"), want_reason="code version: encode-1 -> encode-test")
+    after = graph.latents(Workspace(ws), Workspace(ws).config(), "closed")
+    assert after.store != before and after.check().up_to_date  # other bytes: a new store, every row encoded
 
 
 def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypatch):

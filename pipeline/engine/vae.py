@@ -121,14 +121,17 @@ def model_config(src: VaeSource) -> dict:
     return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
-def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache) -> str:
-    """Hash of (weights bytes, VAE config, preprocessing, dtypes): SPEC section 3."""
+def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code: str = "encode-1") -> str:
+    """Hash of (weights bytes, VAE config, preprocessing, dtypes, encode's code version): SPEC section 3.
+    A new code version means other bytes for the same image, so a new store; the first version is
+    left out of the hash so that stores made by it keep their names."""
     return canonical_hash({
         "weights": [hashes.hash(w) for w in src.weights],
         "vae_config": model_config(src),
         "preprocess": cfg.preprocess.__dict__,
         "compute_dtype": cfg.vae.dtype,
         "store_dtype": cfg.store.dtype,
+        **({"code": code} if code != "encode-1" else {}),
     })
 
 

@@ -117,11 +117,17 @@ def _file_hash(hashes: HashCache, path: Path) -> str:
         return UNREADABLE
 
 
-def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = None) -> Latents:
+def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = None,
+            memo: dict | None = None) -> Latents:
+    """Stage one's declaration for `split`. `memo` (a dict kept by the caller) reuses declarations
+    made with the same encoder settings, so `status` reads each manifest once however many runs."""
+    key = (split, canonical_hash(values(cfg, ENCODE_KEYS)), cfg.store.url)
+    if memo is not None and key in memo:
+        return memo[key]
     manifest = read_manifest(ws.manifest(split))
     hashes = hashes or HashCache(ws.hash_cache)
     source = vae_lib.resolve(cfg.vae, ws.root)
-    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes)
+    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, ENCODE_CODE)
     file_hashes = [_file_hash(hashes, manifest.abspath(i)) for i in range(len(manifest))]
     hashes.save()
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
@@ -129,14 +135,17 @@ def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = N
     inputs = Inputs(values(cfg, ENCODE_KEYS), {},
                     {f"manifest {split}": [[r["path"], h] for r, h in zip(manifest.rows, file_hashes)],
                      "vae files": vae_files}, ENCODE_CODE)
-    return Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
-                   ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
+    lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
+                  ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
+    if memo is not None:
+        memo[key] = lat
+    return lat
 
 
-def ready_latents(ws: Workspace, cfg: Config, split: str) -> tuple[Latents | None, Verdict]:
+def ready_latents(ws: Workspace, cfg: Config, split: str, memo: dict | None = None) -> tuple[Latents | None, Verdict]:
     """(latents, their verdict), where a stale or unreadable cache is a blocked verdict."""
     try:
-        lat = latents(ws, cfg, split)
+        lat = latents(ws, cfg, split, memo=memo)
         v = lat.check()
     except UserError as exc:
         return None, Verdict(False, [f"latents of {split}: {str(exc).splitlines()[0]}"],
@@ -195,9 +204,9 @@ class Training:
         return stored
 
 
-def training(ws: Workspace, cfg: Config, run: str) -> Training:
+def training(ws: Workspace, cfg: Config, run: str, memo: dict | None = None) -> Training:
     current = runs.pointed(ws, run)
-    lat, v = ready_latents(ws, cfg, cfg.train.split)
+    lat, v = ready_latents(ws, cfg, cfg.train.split, memo)
     if not v.up_to_date:
         return Training(run, lat, v, None, None, current)
     inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()},
@@ -242,9 +251,9 @@ def trained_lock(result: Path, deep: bool = False) -> dict:
     return lock
 
 
-def embedding(ws: Workspace, result: Path, split: str, ws_cfg: Config) -> Embedding:
+def embedding(ws: Workspace, result: Path, split: str, ws_cfg: Config, memo: dict | None = None) -> Embedding:
     cfg = run_config(result, ws_cfg)
-    lat, v = ready_latents(ws, cfg, split)
+    lat, v = ready_latents(ws, cfg, split, memo)
     if not v.up_to_date:
         return Embedding(split, result, lat, v, None)
     train_lock = trained_lock(result)

@@ -16,19 +16,19 @@ def _entry(stage: str, name: str, verdict: Verdict, **facts) -> dict:
     return {"stage": stage, "name": name, **verdict.to_dict(), **{k: v for k, v in facts.items() if v}}
 
 
-def _latents_entry(ws: Workspace, cfg: Config, split: str) -> dict:
+def _latents_entry(ws: Workspace, cfg: Config, split: str, memo: dict) -> dict:
     try:
-        lat = graph.latents(ws, cfg, split)
+        lat = graph.latents(ws, cfg, split, memo=memo)
         return _entry("encode", split, lat.check(), vae=lat.source.label, store=lat.store)
     except UserError as exc:
         return _entry("encode", split, Verdict(False, [str(exc).splitlines()[0]]))
 
 
-def _result_entries(ws: Workspace, cfg: Config, name: str, result: Path) -> list[dict]:
+def _result_entries(ws: Workspace, cfg: Config, name: str, result: Path, memo: dict) -> list[dict]:
     out = []
     for split in ws.splits():
         if (result / "embeddings" / f"{split}.lock.json").exists():
-            out.append(_entry("embed", f"{name}/{split}", graph.embedding(ws, result, split, cfg).check()))
+            out.append(_entry("embed", f"{name}/{split}", graph.embedding(ws, result, split, cfg, memo).check()))
     if (result / "score.lock.json").exists():
         out.append(_entry("score", name, graph.scoring(ws, result, cfg).check(), result=result.name))
     return out
@@ -36,14 +36,15 @@ def _result_entries(ws: Workspace, cfg: Config, name: str, result: Path) -> list
 
 def entries(ws: Workspace, cfg: Config) -> list[dict]:
     """One entry per stage instance: encode per split, then train, embed and score per run name."""
-    out = [_latents_entry(ws, cfg, split) for split in ws.splits()]
+    memo: dict = {}  # one declaration per split and encoder, however many runs read it
+    out = [_latents_entry(ws, cfg, split, memo) for split in ws.splits()]
     for name in runs.names(ws):
-        plan = graph.training(ws, cfg, name)
+        plan = graph.training(ws, cfg, name, memo)
         current = plan.current.name if plan.current else None
         out.append(_entry("train", name, plan.check(), result=current,
                           current_config_result=plan.result.name if plan.result else None))
         if plan.current is not None and locks.read_lock(plan.current / "train.lock.json") is not None:
-            out += _result_entries(ws, cfg, name, plan.current)
+            out += _result_entries(ws, cfg, name, plan.current, memo)
     return out
 
 
