@@ -1,6 +1,7 @@
 """Metrics against scikit-learn (random scores, ties, perfect separation, edge cases)."""
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from leakpipe.pipeline.math import metrics
@@ -50,14 +51,54 @@ def test_eer_is_where_fpr_equals_fnr():
 
 
 def test_ovl_of_known_densities():
-    r = np.random.default_rng(2)
-    a, b = r.normal(0, 1, 5000), r.normal(1, 1, 5000)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 4000), rng.normal(1, 1, 4000)
     assert metrics.ovl(a, b) == pytest.approx(2 * 0.3085, abs=0.03)  # 2 Phi(-d/2)
     assert metrics.ovl(a, a) == pytest.approx(1.0, abs=1e-6)
     assert metrics.ovl(a, a + 100) < 1e-6
     assert np.isnan(metrics.ovl(a[:1], b))
     assert 0 <= metrics.ovl(np.ones(5), np.ones(5) * 2) <= 1  # constant samples do not crash
 
+
+def _true_ovl(fa, fb, lo, hi, points):
+    from scipy import integrate
+
+    return integrate.quad(lambda x: min(fa(x), fb(x)), lo, hi, points=points, limit=1000)[0]
+
+
+OVL_CASES = {  # name: (sample a, sample b, density a, density b, integration range and break points)
+    # the issue's case: Scott's rule on these samples gave 0.037 for a true overlap of 0.101
+    "narrow mode inside a wide mixture": (
+        lambda r, n: r.normal(-100, 2, n),
+        lambda r, n: np.where(r.random(n) < 0.1, r.normal(-100, 2, n), r.normal(-250, 50, n)),
+        lambda x: stats.norm.pdf(x, -100, 2),
+        lambda x: 0.1 * stats.norm.pdf(x, -100, 2) + 0.9 * stats.norm.pdf(x, -250, 50), -600, 100, [-100, -250]),
+    "heavy tails (Student t, 2 dof)": (
+        lambda r, n: stats.t.rvs(2, size=n, random_state=r), lambda r, n: stats.t.rvs(2, loc=3, size=n, random_state=r),
+        lambda x: stats.t.pdf(x, 2), lambda x: stats.t.pdf(x, 2, loc=3), -2000, 2000, [0, 1.5, 3]),
+    "bimodal against unimodal": (
+        lambda r, n: np.where(r.random(n) < 0.5, r.normal(-3, 0.5, n), r.normal(3, 0.5, n)),
+        lambda r, n: r.normal(0, 2, n),
+        lambda x: 0.5 * stats.norm.pdf(x, -3, 0.5) + 0.5 * stats.norm.pdf(x, 3, 0.5),
+        lambda x: stats.norm.pdf(x, 0, 2), -15, 15, [-3, 0, 3]),
+    "shifted normals": (lambda r, n: r.normal(0, 1, n), lambda r, n: r.normal(2, 1, n),
+                        stats.norm.pdf, lambda x: stats.norm.pdf(x, 2), -10, 12, [1]),
+}
+
+
+@pytest.mark.parametrize("name", list(OVL_CASES))
+def test_ovl_matches_numerical_integration_of_known_mixtures(name):
+    """Measured at n = 2000 (seed 0): errors 0.009, 0.002, 0.008, 0.002 against quad()."""
+    sample_a, sample_b, fa, fb, lo, hi, points = OVL_CASES[name]
+    rng = np.random.default_rng(0)
+    truth = _true_ovl(fa, fb, lo, hi, points)
+    assert metrics.ovl(sample_a(rng, 2000), sample_b(rng, 2000)) == pytest.approx(truth, abs=0.02)
+
+
+def test_ovl_of_two_samples_of_one_distribution_is_near_one():
+    """Two finite samples never overlap fully; measured 0.96 at n = 2000."""
+    rng = np.random.default_rng(0)
+    assert metrics.ovl(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)) > 0.93
 
 def test_absent_class_and_single_class():
     y = np.array([0, 0, 1, 1])
