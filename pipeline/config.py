@@ -118,7 +118,8 @@ class ScoreConfig:
     unseen_tpr: float = 0.95  # the unseen threshold keeps this fraction of closed validation images
     dual: bool = False  # the paper's "dual" open-set setting (uses ground truth; not a detector)
     embedding_map: str = "pca"  # pca | tsne
-    seed: int = 0  # KDE folds, t-SNE
+    seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
+    bootstrap: int = 1000  # resamples for the 95% intervals of every metric; 0 = no intervals
 
 
 @dataclass
@@ -179,7 +180,7 @@ RANGES = [
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
     ("train.shuffle_chunks", 1, None, ">= 1"), ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
-    ("score.kde_folds", 2, None, ">= 2"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("score.kde_folds", 2, None, ">= 2"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
 _STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed

@@ -20,6 +20,12 @@ RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a te
                    "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy.")
 
 
+def _ci(r: dict, key: str) -> str:
+    """'0.758 [0.702, 0.811]': a number with its 95% interval when there is one."""
+    lo, hi = r.get("ci", {}).get(key, [None, None])
+    return f"{r[key]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+
 @dataclass
 class ScoreResult:
     run: str
@@ -31,14 +37,17 @@ class ScoreResult:
     def summary(self) -> str:
         m, head = self.metrics, f"score {self.run}: "
         raw = m["closed"]["raw"]
+        h = raw["head"]
         lines = [head + ("up to date, nothing to do" if self.up_to_date else f"done in {self.seconds:.0f} s"),
-                 f"  closed test: top-1 {raw['head']['top1']:.3f}, macro AUC {raw['head']['macro_auc']:.3f} "
-                 f"(Mahalanobis {raw['mahalanobis']['top1']:.3f} / {raw['mahalanobis']['macro_auc']:.3f})"]
+                 f"  closed test: top-1 {_ci(h, 'top1')} (chance {h['chance']['top1']:.3f}), macro AUC "
+                 f"{_ci(h, 'macro_auc')} (Mahalanobis {raw['mahalanobis']['top1']:.3f} / "
+                 f"{raw['mahalanobis']['macro_auc']:.3f})"]
         for variant, r in m["closed"].items():
             if variant != "raw":
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
         for kind, r in m.get("open", {}).items():
-            lines.append(f"  open set, {kind}: AUROC {r['auroc']:.3f}, EER {r['eer']:.3f}, OVL {r['ovl']:.3f}")
+            lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {r['ovl']:.3f}")
+        lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n]
         lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
         return "\n".join(lines)
 
@@ -90,7 +99,8 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     try:
         m = {"run": run_dir.name, "result": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
              "head": "prototypes" if run_cfg.model.prototypes else "linear",
-             "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor),
+             "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap,
+                                     cfg.score.seed),
              "attention": ev.attention_by_class(by_part["test"], classes),
              "invalid_rows": {cfg.score.closed: closed.n_invalid}}
     except ValueError as exc:
@@ -115,6 +125,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
         unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
         unseen["closed_test_passed"] = float((s["closed"] >= unseen["log_density_threshold"]).mean())
     m["unseen_threshold"] = unseen
+    m["notes"] = [*m["notes"], *ev.chance_notes(m)]
     return m, figs
 
 

@@ -62,10 +62,17 @@ def test_metrics_report_and_figures(sws):
         assert o["n_open"] == 80 and 0 <= o["auroc"] <= 1 and 0 <= o["ovl"] <= 1 and o["bandwidth"] > 0
         assert o["cv"]["bandwidth"] == o["bandwidth"]
     assert "dual" not in m["open"]
+    # every headline number carries its 95% interval, around it, and the chance level beside it
+    for r, keys in ((m["closed"]["raw"]["head"], ("top1", "balanced_accuracy", "macro_auc")),
+                    (m["open"]["gating_off"], ("auroc", "eer", "fpr_at_95tpr"))):
+        for k in keys:
+            lo, hi = r["ci"][k]
+            assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
+    assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     u = m["unseen_threshold"]
     assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on"):
+    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval"):
         assert heading in report
     assert sorted(m["figures"]) == sorted(p.name for p in (out / "figures").glob("*.png"))
     assert len(m["figures"]) == 6

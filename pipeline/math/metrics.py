@@ -156,6 +156,12 @@ def top1(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((scores.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
 
 
+def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """Mean per-class recall over the classes present: top-1 that every generator weighs equally."""
+    recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if (labels == c).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
@@ -169,6 +175,7 @@ def closed_set(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     aucs = per_class_auc(scores, labels, n_classes) if len(labels) else np.full(n_classes, np.nan)
     present = ~np.isnan(aucs)
     return {"n": int(len(labels)), "top1": top1(scores, labels),
+            "balanced_accuracy": balanced_accuracy(scores.argmax(1), labels, n_classes) if len(labels) else float("nan"),
             "macro_auc": float(aucs[present].mean()) if present.any() else float("nan"),
             "per_class_auc": aucs.tolist(),
             "confusion": confusion_matrix(scores.argmax(1), labels, n_classes).tolist() if len(labels)

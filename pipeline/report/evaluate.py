@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leakpipe.pipeline.math import metrics
+from leakpipe.pipeline.math import bootstrap, metrics
 from leakpipe.pipeline.math.kde import GaussianKDE
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
@@ -57,16 +57,56 @@ def label_index(split: Split, classes: list[str]) -> np.ndarray:
     return np.array([index[c] for c in split.labels], np.int64)
 
 
-def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float) -> dict:
+def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float,
+               n_boot: int = 0, seed: int = 0) -> dict:
     """Per variant: the model's head (scores: the posterior pi) and the Mahalanobis comparator (scores:
-    s_c of Eq. 13) fitted on the training embeddings."""
+    s_c of Eq. 13) fitted on the training embeddings; with `n_boot`, 95% bootstrap intervals over
+    the test images (`ci`) and the chance level of each number (`chance`)."""
     maha = Mahalanobis(len(classes), floor).fit(train.embedding("h_bar"), label_index(train, classes))
     out = {}
     for variant, s in tests.items():
         y = label_index(s, classes)
-        out[variant] = {"head": metrics.closed_set(metrics.softmax(s.arrays["logits"].astype(np.float64)), y, len(classes)),
-                        "mahalanobis": metrics.closed_set(maha.score(s.embedding("h_bar")), y, len(classes))}
+        out[variant] = {}
+        for scorer, scores in (("head", metrics.softmax(s.arrays["logits"].astype(np.float64))),
+                               ("mahalanobis", maha.score(s.embedding("h_bar")))):
+            r = metrics.closed_set(scores, y, len(classes))
+            r["chance"] = {"top1": 1 / len(classes), "balanced_accuracy": 1 / len(classes), "macro_auc": 0.5}
+            if n_boot and len(y):
+                w = bootstrap.weights(len(y), n_boot, seed)
+                pred = scores.argmax(1)
+                r["ci"] = {"top1": bootstrap.interval(bootstrap.top1(pred == y, w)),
+                           "balanced_accuracy": bootstrap.interval(bootstrap.balanced_accuracy(pred, y, len(classes), w)),
+                           "macro_auc": bootstrap.interval(bootstrap.macro_auc(scores, y, w))}
+            out[variant][scorer] = r
     return out
+
+
+def open_intervals(closed: np.ndarray, opened: np.ndarray, n_boot: int, seed: int) -> dict:
+    """95% bootstrap intervals of AUROC, EER and FPR@95%TPR, resampling closed and open images."""
+    scores = np.r_[closed, opened]
+    positive = np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)]
+    w = bootstrap.weights(len(scores), n_boot, seed)
+    return {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w)),
+            "eer": bootstrap.interval(bootstrap.eer(scores, positive, w)),
+            "fpr_at_95tpr": bootstrap.interval(bootstrap.fpr_at_tpr(scores, positive, w))}
+
+
+def chance_notes(m: dict) -> list[str]:
+    """Plain-words warnings for headline numbers whose 95% interval includes chance."""
+    notes = []
+    raw = m["closed"].get("raw", {}).get("head", {})
+    for key, name in (("top1", "top-1"), ("macro_auc", "macro AUC")):
+        lo, hi = raw.get("ci", {}).get(key, [np.nan, np.nan])
+        chance = raw.get("chance", {}).get(key)
+        if chance is not None and lo <= chance <= hi:
+            notes.append(f"The 95% interval of the closed-set {name} ({lo:.3f} to {hi:.3f}) includes chance "
+                         f"({chance:.3f}): on this test set the model is not shown to attribute better than guessing.")
+    for kind, r in m.get("open", {}).items():
+        lo, hi = r.get("ci", {}).get("auroc", [np.nan, np.nan])
+        if kind != "dual" and lo <= 0.5 <= hi:
+            notes.append(f"The 95% interval of the open-set AUROC ({kind}: {lo:.3f} to {hi:.3f}) includes chance "
+                         "(0.5): unseen generators are not shown to be told apart from known ones.")
+    return notes
 
 
 @dataclass
@@ -93,7 +133,10 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
         res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
                             "open": kde.score_samples(opened.embedding(kind))}
         res.metrics[name] = {**metrics.open_set(res.scores[name]["closed"], res.scores[name]["open"]),
-                             "bandwidth": kde.bandwidth_, "cv": kde.cv}
+                             "bandwidth": kde.bandwidth_, "cv": kde.cv, "chance": {"auroc": 0.5, "eer": 0.5}}
+        if cfg.bootstrap:
+            res.metrics[name]["ci"] = open_intervals(res.scores[name]["closed"], res.scores[name]["open"],
+                                                     cfg.bootstrap, cfg.seed)
     if cfg.dual:
         closed, opened_ = res.scores["gating_on"]["closed"], res.scores["gating_off"]["open"]
         res.metrics["dual"] = {**metrics.open_set(closed, opened_), "warning": DUAL_WARNING}

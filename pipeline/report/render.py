@@ -161,6 +161,12 @@ def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def with_ci(r: dict, key: str) -> str:
+    """A table cell: the number and its 95% bootstrap interval, when there is one."""
+    lo, hi = r.get("ci", {}).get(key, [None, None])
+    return fmt(r.get(key)) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else "")
+
+
 def report_markdown(m: dict) -> str:
     lines = [f"# leakpipe report: run `{m['run']}`", ""]
     if m.get("notes"):
@@ -169,10 +175,15 @@ def report_markdown(m: dict) -> str:
               f"Head: {m['head']}.", ""]
     closed = m["closed"]
     lines += ["## Table 1. Closed-set attribution (test partition, raw images)", "",
-              "| scorer | n | top-1 | macro AUC |", "|---|---:|---:|---:|"]
+              "Each number with its 95% bootstrap interval over the test images; chance beside it.", "",
+              "| scorer | n | top-1 | balanced accuracy | macro AUC |", "|---|---:|---:|---:|---:|"]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
         r = closed["raw"][scorer]
-        lines.append(f"| {name} | {r['n']} | {fmt(r['top1'])} | {fmt(r['macro_auc'])} |")
+        lines.append(f"| {name} | {r['n']} | {with_ci(r, 'top1')} | {with_ci(r, 'balanced_accuracy')} | "
+                     f"{with_ci(r, 'macro_auc')} |")
+    chance = closed["raw"]["head"].get("chance", {})
+    lines.append(f"| chance | | {fmt(chance.get('top1'))} | {fmt(chance.get('balanced_accuracy'))} | "
+                 f"{fmt(chance.get('macro_auc'))} |")
     lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
               "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for c, name in enumerate(m["classes"]):
@@ -190,8 +201,9 @@ def report_markdown(m: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for kind, r in m["open"].items():
             bw = fmt(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
-            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {fmt(r['auroc'])} | "
-                         f"{fmt(r['eer'])} | {fmt(r['ovl'])} | {fmt(r['fpr_at_95tpr'])} |")
+            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {with_ci(r, 'auroc')} | "
+                         f"{with_ci(r, 'eer')} | {fmt(r['ovl'])} | {with_ci(r, 'fpr_at_95tpr')} |")
+        lines.append("| chance | | | | 0.500 | 0.500 | | |")
         if "dual" in m["open"]:
             lines += ["", f"**Warning:** {m['open']['dual']['warning']}."]
         u = m.get("unseen_threshold")

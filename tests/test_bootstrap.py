@@ -1,0 +1,93 @@
+"""The vectorised bootstrap equals, resample by resample, the plain metrics on explicitly
+resampled rows (and groups), to float rounding."""
+import numpy as np
+import pytest
+
+from leakpipe.pipeline.math import bootstrap, metrics
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(3)
+    n, c = 120, 4
+    labels = rng.integers(0, c, n)
+    probs = metrics.softmax(rng.normal(0, 1, (n, c)) + 1.5 * np.eye(c)[labels])
+    scores = np.round(rng.normal(0, 1, n), 1)  # ties on purpose
+    positive = rng.random(n) < 0.4
+    return labels, probs, scores, positive
+
+
+def resampled(w_row):
+    return np.repeat(np.arange(len(w_row)), w_row.astype(int))
+
+
+def test_every_metric_matches_a_loop_over_explicit_resamples(data):
+    labels, probs, scores, positive = data
+    w = bootstrap.weights(len(labels), 40, seed=0)
+    pred = probs.argmax(1)
+    got = {"top1": bootstrap.top1(pred == labels, w),
+           "balanced": bootstrap.balanced_accuracy(pred, labels, 4, w),
+           "macro_auc": bootstrap.macro_auc(probs, labels, w),
+           "auroc": bootstrap.auroc(scores, positive, w),
+           "eer": bootstrap.eer(scores, positive, w),
+           "fpr95": bootstrap.fpr_at_tpr(scores, positive, w)}
+    for b in range(len(w)):
+        i = resampled(w[b])
+        recalls = [np.mean(pred[i][labels[i] == k] == k) for k in range(4) if (labels[i] == k).any()]
+        want = {"top1": metrics.top1(probs[i], labels[i]), "balanced": np.mean(recalls),
+                "macro_auc": metrics.macro_auc(probs[i], labels[i], 4),
+                "auroc": metrics.roc_auc(scores[i], positive[i]), "eer": metrics.eer(scores[i], positive[i]),
+                "fpr95": metrics.fpr_at_tpr(scores[i], positive[i], 0.95)}
+        for k in want:
+            assert got[k][b] == pytest.approx(want[k], abs=1e-12), (k, b)
+
+
+def test_groups_are_drawn_whole():
+    groups = np.repeat(np.arange(10), 3)  # 10 prompts x 3 images
+    w = bootstrap.weights(30, 200, seed=1, groups=groups)
+    assert (w.reshape(200, 10, 3) == w.reshape(200, 10, 3)[:, :, :1]).all()  # a prompt's images together
+    assert (w.sum(axis=1) == 30).all()
+
+
+def test_interval_covers_the_truth_at_about_the_stated_rate():
+    """Coverage of the 95% interval for the AUROC of two known normals (true 0.760): measured 0.945
+    over 200 data sets of 100 + 100 scores."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(5)
+    truth, hits = norm.cdf(1 / np.sqrt(2)), 0
+    for k in range(200):
+        scores = np.r_[rng.normal(1, 1, 100), rng.normal(0, 1, 100)]
+        positive = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+        lo, hi = bootstrap.interval(bootstrap.auroc(scores, positive, bootstrap.weights(200, 400, seed=k)))
+        hits += lo <= truth <= hi
+    assert 0.89 <= hits / 200 <= 0.99, hits / 200
+
+
+def test_undefined_resamples_are_left_out_of_the_interval():
+    w = np.array([[2.0, 0.0], [1.0, 1.0]])
+    values = bootstrap.auroc(np.array([1.0, 0.0]), np.array([True, False]), w)
+    assert np.isnan(values[0]) and values[1] == 1.0
+    assert bootstrap.interval(values) == [1.0, 1.0]
+
+
+def test_a_model_at_chance_is_said_to_be_at_chance():
+    """A head that guesses (random posteriors) on 200 test images of 4 classes: the report's notes
+    say in words that its intervals include chance; a head that is right says nothing."""
+
+    from leakpipe.pipeline.report import evaluate
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    n = len(y)
+
+    def metrics_of(logits):
+        split = evaluate.Split("t", {"logits": logits, "h_bar": rng.normal(0, 1, (n, 3)), "w": np.ones((n, 3))},
+                               np.array([f"c{k}" for k in y]), np.array(["test"] * n), np.array(["raw"] * n))
+        train = split.select(np.ones(n, bool))
+        closed = evaluate.closed_set(train, {"raw": split}, ["c0", "c1", "c2", "c3"], 1e-3, n_boot=500, seed=0)
+        return {"closed": closed, "open": {}}
+
+    guessing = evaluate.chance_notes(metrics_of(rng.normal(0, 1, (n, 4))))
+    assert len(guessing) == 2 and all("includes chance" in note for note in guessing)
+    assert evaluate.chance_notes(metrics_of(10.0 * np.eye(4)[y])) == []
