@@ -66,12 +66,15 @@ def _available(ws: Workspace, run_dir: Path, cfg: Config) -> tuple[list[str], li
             raise UserError(f"the embeddings of {split!r} under {run_dir} are not up to date "
                             f"({'; '.join(verdict.reasons) if verdict else 'no manifest'}); run "
                             f"`leakpipe embed --run RUN`, or `leakpipe score`, which embeds first")
-        elif verdict is not None and not verdict.blocked:
+        elif verdict is None:
+            notes.append(f"{role} split {split!r} is not in manifests/; build it and run "
+                         f"`leakpipe encode --split {split}` to include it")
+        elif verdict.blocked:
+            notes.append(f"{role} split {split!r} is left out: {'; '.join(verdict.reasons)}; run "
+                         f"`{verdict.blocked[0]}` to include it")
+        else:
             notes.append(f"{role} split {split!r} has stale embeddings ({'; '.join(verdict.reasons)}); "
                          "run `leakpipe score` to embed it")
-        else:
-            notes.append(f"{role} split {split!r} is not " + ("encoded" if ws.manifest(split).exists()
-                         else "in manifests/") + f"; run `leakpipe encode --split {split}` to include it")
     return have, notes
 
 

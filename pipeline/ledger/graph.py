@@ -92,6 +92,9 @@ class Latents:
     def check(self) -> Verdict:
         storage.probe(self.store)  # an unreachable URL store is a UserError, before any work
         verdict = locks.check(self.lock, self.inputs, self.store, self.previous())
+        if verdict.up_to_date and not storage.exists(storage.join(self.store, "latent_hash", "zarr.json")):
+            return Verdict(False, ["the store has no row checksums yet (made before they existed); "
+                                   "encode adds them without encoding"], verdict.lock)
         if self.damage_report.exists():
             try:
                 found = json.loads(self.damage_report.read_text())
