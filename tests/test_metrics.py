@@ -132,3 +132,25 @@ def test_confusion_and_closed_set_match_sklearn():
     assert got["top1"] == (s.argmax(1) == y).mean()
     o = metrics.open_set(r.normal(1, 1, 50), r.normal(0, 1, 70))
     assert set(o) == {"n_closed", "n_open", "auroc", "eer", "ovl", "fpr_at_95tpr"}
+
+
+def test_top_k_matches_scikit_learn():
+    from sklearn.metrics import top_k_accuracy_score
+
+    rng = np.random.default_rng(1)
+    scores, labels = rng.normal(0, 1, (300, 8)), rng.integers(0, 8, 300)
+    for k in (1, 3, 5):
+        assert metrics.top_k(scores, labels, k) == pytest.approx(
+            top_k_accuracy_score(labels, scores, k=k, labels=range(8)))
+
+
+def test_expected_calibration_error():
+    # by hand: confidences 0.9, 0.9 (one right) and 0.6 (right): |0.5-0.9| * 2/3 + |1-0.6| * 1/3
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
+    assert metrics.expected_calibration_error(probs, np.array([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+    rng = np.random.default_rng(2)
+    probs = metrics.softmax(rng.normal(0, 1.5, (20000, 5)))
+    calibrated = np.array([rng.choice(5, p=p) for p in probs])  # labels drawn from the posterior itself
+    assert metrics.expected_calibration_error(probs, calibrated) < 0.02
+    overconfident = metrics.softmax(5 * np.log(probs))
+    assert metrics.expected_calibration_error(overconfident, calibrated) > 0.15

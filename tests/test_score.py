@@ -69,6 +69,10 @@ def test_metrics_report_and_figures(sws):
             lo, hi = r["ci"][k]
             assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
+    assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"]["top5"] is None  # 4 classes
+    per = m["open"]["gating_off"]["per_generator"]
+    assert sorted(per) == ["open00", "open01"] and sum(v["n"] for v in per.values()) == 80
+    assert all(v["ci"]["auroc"][0] <= v["auroc"] <= v["ci"]["auroc"][1] for v in per.values())
     u = m["unseen_threshold"]
     assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
     report = (out / "report.md").read_text()

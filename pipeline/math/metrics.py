@@ -156,6 +156,28 @@ def top1(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((scores.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
 
 
+def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among their k highest scores (NaN for no rows)."""
+    if not len(labels):
+        return float("nan")
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float((best == labels[:, None]).any(axis=1).mean())
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share of
+    rows, with confidence the largest class probability (NaN for no rows)."""
+    if not len(labels):
+        return float("nan")
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        sel = which == b
+        total += abs((pred[sel] == labels[sel]).mean() - conf[sel].mean()) * sel.mean()
+    return float(total)
+
+
 def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
     """Mean per-class recall over the classes present: top-1 that every generator weighs equally."""
     recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if (labels == c).any()]
@@ -175,6 +197,7 @@ def closed_set(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     aucs = per_class_auc(scores, labels, n_classes) if len(labels) else np.full(n_classes, np.nan)
     present = ~np.isnan(aucs)
     return {"n": int(len(labels)), "top1": top1(scores, labels),
+            "top5": top_k(scores, labels, 5) if n_classes > 5 else None,  # with 5 classes or fewer it is 1
             "balanced_accuracy": balanced_accuracy(scores.argmax(1), labels, n_classes) if len(labels) else float("nan"),
             "macro_auc": float(aucs[present].mean()) if present.any() else float("nan"),
             "per_class_auc": aucs.tolist(),

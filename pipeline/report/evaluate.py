@@ -71,6 +71,8 @@ def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor:
                                ("mahalanobis", maha.score(s.embedding("h_bar")))):
             r = metrics.closed_set(scores, y, len(classes))
             r["chance"] = {"top1": 1 / len(classes), "balanced_accuracy": 1 / len(classes), "macro_auc": 0.5}
+            if scorer == "head":  # a posterior; Mahalanobis scores are not probabilities
+                r["ece"] = metrics.expected_calibration_error(scores, y)
             if n_boot and len(y):
                 w = bootstrap.weights(len(y), n_boot, seed)
                 pred = scores.argmax(1)
@@ -89,6 +91,21 @@ def open_intervals(closed: np.ndarray, opened: np.ndarray, n_boot: int, seed: in
     return {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w)),
             "eer": bootstrap.interval(bootstrap.eer(scores, positive, w)),
             "fpr_at_95tpr": bootstrap.interval(bootstrap.fpr_at_tpr(scores, positive, w))}
+
+
+def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cfg) -> dict:
+    """Open-set AUROC of each unseen generator against the whole closed test set, with its interval:
+    one easy generator cannot hide a hard one in the pooled number."""
+    out = {}
+    for g in sorted(set(labels)):
+        sel = opened[labels == g]
+        scores = np.r_[closed, sel]
+        positive = np.r_[np.ones(len(closed), bool), np.zeros(len(sel), bool)]
+        out[str(g)] = {"n": int(len(sel)), "auroc": metrics.roc_auc(scores, positive)}
+        if cfg.bootstrap:
+            w = bootstrap.weights(len(scores), cfg.bootstrap, cfg.seed)
+            out[str(g)]["ci"] = {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w))}
+    return out
 
 
 def chance_notes(m: dict) -> list[str]:
@@ -137,6 +154,8 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
         if cfg.bootstrap:
             res.metrics[name]["ci"] = open_intervals(res.scores[name]["closed"], res.scores[name]["open"],
                                                      cfg.bootstrap, cfg.seed)
+        res.metrics[name]["per_generator"] = per_generator(res.scores[name]["closed"], res.scores[name]["open"],
+                                                           opened.labels, cfg)
     if cfg.dual:
         closed, opened_ = res.scores["gating_on"]["closed"], res.scores["gating_off"]["open"]
         res.metrics["dual"] = {**metrics.open_set(closed, opened_), "warning": DUAL_WARNING}

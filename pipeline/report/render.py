@@ -176,14 +176,14 @@ def report_markdown(m: dict) -> str:
     closed = m["closed"]
     lines += ["## Table 1. Closed-set attribution (test partition, raw images)", "",
               "Each number with its 95% bootstrap interval over the test images; chance beside it.", "",
-              "| scorer | n | top-1 | balanced accuracy | macro AUC |", "|---|---:|---:|---:|---:|"]
+              "| scorer | n | top-1 | top-5 | balanced accuracy | macro AUC | ECE |", "|---|---:|---:|---:|---:|---:|---:|"]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
         r = closed["raw"][scorer]
-        lines.append(f"| {name} | {r['n']} | {with_ci(r, 'top1')} | {with_ci(r, 'balanced_accuracy')} | "
-                     f"{with_ci(r, 'macro_auc')} |")
+        lines.append(f"| {name} | {r['n']} | {with_ci(r, 'top1')} | {fmt(r.get('top5'))} | "
+                     f"{with_ci(r, 'balanced_accuracy')} | {with_ci(r, 'macro_auc')} | {fmt(r.get('ece'))} |")
     chance = closed["raw"]["head"].get("chance", {})
-    lines.append(f"| chance | | {fmt(chance.get('top1'))} | {fmt(chance.get('balanced_accuracy'))} | "
-                 f"{fmt(chance.get('macro_auc'))} |")
+    lines.append(f"| chance | | {fmt(chance.get('top1'))} | | {fmt(chance.get('balanced_accuracy'))} | "
+                 f"{fmt(chance.get('macro_auc'))} | |")
     lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
               "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for c, name in enumerate(m["classes"]):
@@ -204,6 +204,11 @@ def report_markdown(m: dict) -> str:
             lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {with_ci(r, 'auroc')} | "
                          f"{with_ci(r, 'eer')} | {fmt(r['ovl'])} | {with_ci(r, 'fpr_at_95tpr')} |")
         lines.append("| chance | | | | 0.500 | 0.500 | | |")
+        for kind, r in m["open"].items():
+            if r.get("per_generator"):
+                lines += ["", f"Open-set AUROC of each unseen generator against the closed test set ({kind}):", "",
+                          "| unseen generator | n | AUROC |", "|---|---:|---:|"]
+                lines += [f"| {g} | {v['n']} | {with_ci(v, 'auroc')} |" for g, v in r["per_generator"].items()]
         if "dual" in m["open"]:
             lines += ["", f"**Warning:** {m['open']['dual']['warning']}."]
         u = m.get("unseen_threshold")
