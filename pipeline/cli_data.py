@@ -25,14 +25,19 @@ def manifest():
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Split JSON {train|val|test: {class: [file names]}} (the authors' format).")
 @click.option("--ratios", default="0.5,0.2,0.3", show_default=True, help="train,val,test per class.")
+@click.option("--group-by", help="A regex on each file name (its first group, e.g. 'prompt(\\d+)') or a CSV "
+              "(path,group) giving each image a group: ratio splits keep a group in one partition, "
+              "intervals resample groups, and score audits them for leakage.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
 @_workspace_options
-def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant):
+def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant, group_by):
     """Scan a folder-per-generator tree ROOT/<generator>/<images> into manifests/SPLIT.csv."""
     from leakpipe.pipeline import manifest as mf
 
     tree = mf.scan_tree(root)
+    mf.check_name(split)
+    groups = mf.groups_of(tree, group_by) if group_by else None
     if partition == "auto":
         split_file = split_file or (root / "Split.json" if (root / "Split.json").exists() else None)
         partition = "file" if split_file else "ratio"
@@ -42,18 +47,21 @@ def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, va
         parts, problems = mf.partition_from_split_file(tree, split_file)
         if problems:
             raise mf.ManifestError(str(split_file), problems)
+        source = f"partitions from {split_file}"
     elif partition == "ratio":
         try:
-            parts = mf.partition_by_ratio(tree, tuple(float(x) for x in ratios.split(",")), seed)
+            parts = mf.partition_by_ratio(tree, tuple(float(x) for x in ratios.split(",")), seed, groups)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--ratios") from None
+        source = f"partitions by seeded ratios {ratios} (seed {seed})" + (", whole groups" if groups else ", per class")
     else:
-        parts = None
-    rows, unassigned = mf.build_rows(tree, parts, variant)
+        parts, source = None, "no partitions (inference only)"
+    rows, unassigned = mf.build_rows(tree, parts, variant, groups)
     out = ws.manifest(split)
-    mf.write_manifest(out, root, rows)
+    mf.write_manifest(out, root, rows, (*mf.REQUIRED, "group") if groups else mf.REQUIRED)
     m = mf.read_manifest(out)
     _print_summary(mf.summary(m), out)
+    click.echo(f"  {source}" + (f"; {len({r['group'] for r in rows})} groups ({group_by})" if groups else ""))
     if unassigned:
         _log(f"note: {len(unassigned)} images are not listed in {split_file} and were left out, "
              f"e.g. {unassigned[0]}")

@@ -200,10 +200,15 @@ def scan_tree(root: Path) -> dict[str, list[str]]:
     return tree
 
 
-def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0) -> dict:
-    """{path: partition}, a seeded shuffle per class split train/val/test by `ratios`."""
+def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0,
+                       groups: dict[str, str] | None = None) -> dict:
+    """{path: partition}: a seeded shuffle per class split train/val/test by `ratios`. With `groups`
+    ({path: group}), whole groups are shuffled and assigned across all classes, so one group (a
+    prompt, a source photo) never sits in two partitions."""
     if len(ratios) != 3 or abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:
         raise ValueError(f"ratios must be three non-negative numbers summing to 1, got {ratios}")
+    if groups:
+        return _partition_groups(tree, ratios, seed, groups)
     out = {}
     for label, files in tree.items():
         order = list(files)
@@ -213,6 +218,48 @@ def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed:
         for k, p in enumerate(order):
             out[p] = "train" if k < n_train else "val" if k < n_train + n_val else "test"
     return out
+
+
+def _partition_groups(tree, ratios, seed, groups) -> dict:
+    members: dict[str, list[str]] = {}
+    for files in tree.values():
+        for p in files:
+            members.setdefault(groups[p], []).append(p)
+    order = sorted(members)
+    random.Random(f"{seed}:groups").shuffle(order)
+    total, seen, out = sum(len(v) for v in members.values()), 0, {}
+    for g in order:  # a group goes where the running share of rows says, whole
+        share = seen / total
+        part = "train" if share < ratios[0] else "val" if share < ratios[0] + ratios[1] else "test"
+        out.update({p: part for p in members[g]})
+        seen += len(members[g])
+    return out
+
+
+def groups_of(tree: dict[str, list[str]], group_by: str) -> dict[str, str]:
+    """{path: group} from a regex on each file name (its first capture group, else the whole match)
+    or from a CSV with columns path (relative to the tree's root) and group. Every image must get one."""
+    if group_by.endswith(".csv") and Path(group_by).is_file():
+        with open(group_by, encoding="utf-8-sig", newline="") as fh:
+            table = {posixpath.normpath(r["path"]): r["group"] for r in csv.DictReader(fh)}
+        found = {p: table.get(p) for files in tree.values() for p in files}
+        where = group_by
+    else:
+        try:
+            rx = re.compile(group_by)
+        except re.error as exc:
+            raise UserError(f"--group-by {group_by!r}: not a regular expression ({exc}) nor a CSV file") from None
+        found = {}
+        for files in tree.values():
+            for p in files:
+                hit = rx.search(posixpath.basename(p))
+                found[p] = (hit.group(1) if rx.groups else hit.group(0)) if hit else None
+        where = f"the regex {group_by!r}"
+    missing = sorted(p for p, g in found.items() if not g)
+    if missing:
+        raise ManifestError(group_by, [f"{len(missing)} images get no group from {where}, e.g. "
+                                       + ", ".join(missing[:3])])
+    return found
 
 
 def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> tuple[dict, list[str]]:
@@ -270,17 +317,17 @@ def _match(index, label: str, entry: str) -> tuple[str | None, str]:
     return None, "not in the tree"
 
 
-def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw"):
+def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw",
+               groups: dict[str, str] | None = None):
     """Rows for every image; with a split file, images it does not list are left out (and counted)."""
     rows, unassigned = [], []
     for label, files in tree.items():
         for p in files:
-            if partitions is None:
-                rows.append({"path": p, "label": label, "partition": "", "variant": variant})
-            elif p in partitions:
-                rows.append({"path": p, "label": label, "partition": partitions[p], "variant": variant})
-            else:
+            if partitions is not None and p not in partitions:
                 unassigned.append(p)
+                continue
+            row = {"path": p, "label": label, "partition": partitions[p] if partitions else "", "variant": variant}
+            rows.append({**row, "group": groups[p]} if groups else row)
     return rows, unassigned
 
 

@@ -47,7 +47,7 @@ class ScoreResult:
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
         for kind, r in m.get("open", {}).items():
             lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {r['ovl']:.3f}")
-        lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n]
+        lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n or n.startswith("Leakage")]
         lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
         return "\n".join(lines)
 
@@ -86,34 +86,46 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     run_cfg = graph.run_config(run_dir)
     if is_random(run_cfg.vae, ws.root):
         notes = [RANDOM_VAE_NOTE, *notes]
-    closed, attrs = load_split(ws, run_dir, cfg.score.closed)
+    def split_of(name):  # with each row's file hash, for the leakage audit
+        return load_split(ws, run_dir, name, graph.latents(ws, graph.run_config(run_dir, cfg), name).file_hashes)
+
+    closed, attrs = split_of(cfg.score.closed)
     classes = attrs["classes"]
     by_part = {p: closed.select(closed.partition == p) for p in ("train", "val", "test")}
-    tests = {"raw": by_part["test"]}
+    seen, leakage = ev.seen_in_training(by_part["train"], by_part["val"]), {}
+
+    def clean(s, name):
+        """The rows the model never saw in any form; the others are counted and left out."""
+        mask, leakage[name] = ev.leaked(s, seen)
+        return s.select(~mask)
+
+    tests = {"raw": clean(by_part["test"], "raw")}
     for name in (s for s in cfg.score.postprocessed if s in have):
-        pp, _ = load_split(ws, run_dir, name)
+        pp, _ = split_of(name)
         clash = sorted(set(pp.variant) & tests.keys())
         if clash:
             raise UserError(f"{ws.manifest(name)}: variant(s) {', '.join(clash)} also come from another "
                             "scored manifest; give each post-processing step its own variant name")
-        tests.update({v: pp.select(pp.variant == v) for v in sorted(set(pp.variant))})
-    if len(by_part["test"]) == 0:
-        raise UserError(f"{ws.manifest(cfg.score.closed)} has no valid test rows to score")
+        tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
+    if len(tests["raw"]) == 0:
+        raise UserError(f"{ws.manifest(cfg.score.closed)} has no valid test rows to score"
+                        + (f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
+                           if leakage["raw"]["rows"] else ""))
     try:
         m = {"run": run_dir.name, "result": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
              "head": "prototypes" if run_cfg.model.prototypes else "linear",
              "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap,
                                      cfg.score.seed),
-             "attention": ev.attention_by_class(by_part["test"], classes),
+             "attention": ev.attention_by_class(tests["raw"], classes),
              "invalid_rows": {cfg.score.closed: closed.n_invalid}}
     except ValueError as exc:
         raise UserError(f"run {run_dir.name}: {exc}") from None
-    figs = {"test": by_part["test"], "classes": classes, "open": None}
+    figs = {"test": tests["raw"], "classes": classes, "open": None}
     kind = cfg.score.kde_embedding
     key = ev.SETTING_OF[kind]
     if cfg.score.open in have:
-        opened, _ = load_split(ws, run_dir, cfg.score.open)
-        res = ev.open_set(by_part["train"], by_part["test"], opened, cfg.score)
+        opened = clean(split_of(cfg.score.open)[0], cfg.score.open)
+        res = ev.open_set(by_part["train"], tests["raw"], opened, cfg.score)
         m["open"], kde = res.metrics, res.kdes[key]
         figs.update(open=opened, kde_scores=res.scores)
     else:
@@ -128,6 +140,12 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
         unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
         unseen["closed_test_passed"] = float((s["closed"] >= unseen["log_density_threshold"]).mean())
     m["unseen_threshold"] = unseen
+    m["leakage"] = leakage
+    leaks = {k: v["rows"] for k, v in leakage.items() if v["rows"]}
+    if leaks:
+        m["notes"] = [*m["notes"], "Leakage audit: rows the model saw in training in some form (the same file, "
+                      "group or source image) were left out of every metric: " +
+                      ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
     return m, figs
 

@@ -179,3 +179,33 @@ def test_post_processed_steps_from_several_manifests(sws):
     assert r.exit_code != 0 and "variant(s) step1 also come from another" in r.output
     for name in ("pp-a", "pp-b"):
         (sws / "manifests" / f"{name}.csv").unlink()
+
+
+def test_post_processed_copies_of_training_images_are_left_out(sws):
+    """A post-processed manifest of every closed row (train and val included): its copies of images the
+    model was fitted or selected on are counted and left out; only copies of test images are scored."""
+    assert cli(sws, "postprocess", "--split", "closed", "--partition", "all", "--steps", "1", "--name",
+               "closed-all", "--workers", "1").exit_code == 0
+    assert cli(sws, "encode", "--split", "closed-all").exit_code == 0
+    m = json.loads(score(sws, "--json", "--set", "score.postprocessed=closed-all").stdout)
+    rows = read_manifest(sws / "manifests" / "closed.csv").rows
+    seen = sum(r["partition"] in ("train", "val") for r in rows)
+    assert m["leakage"]["step1"]["rows"] == m["leakage"]["step1"]["source"] == seen
+    assert m["closed"]["step1"]["head"]["n"] == sum(r["partition"] == "test" for r in rows)
+    assert m["leakage"]["raw"]["rows"] == 0
+    report = (train.run_dir(Workspace(sws), "default") / "report.md").read_text()
+    assert "## Leakage audit" in report and f"step1: {seen}" in report
+
+
+def test_same_group_or_content_counts_as_seen():
+    from leakpipe.pipeline.report.evaluate import Split, leaked, seen_in_training
+
+    def split(name, paths, groups, contents):
+        n = len(paths)
+        ids = {"path": np.array(paths, object), "group": np.array(groups, object),
+               "source": np.array([""] * n, object), "content": np.array(contents, object)}
+        return Split(name, {}, np.array(["a"] * n), np.array(["train"] * n), np.array(["raw"] * n), 0, ids)
+
+    seen = seen_in_training(split("closed", ["x.png", "y.png"], ["p1", "p2"], ["h1", "h2"]), split("closed", [], [], []))
+    mask, how = leaked(split("open", ["a.png", "b.png", "c.png"], ["p1", "p9", "p8"], ["h7", "h2", "h3"]), seen)
+    assert mask.tolist() == [True, True, False] and how["group"] == 1 and how["content"] == 1

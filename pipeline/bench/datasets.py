@@ -16,7 +16,7 @@ from leakpipe.pipeline import manifest as mf
 from leakpipe.pipeline.bench import postprocess
 from leakpipe.pipeline.bench import synth
 
-PP_COLUMNS = (*mf.REQUIRED, "ops")
+PP_COLUMNS = (*mf.REQUIRED, "ops", "group", "source")  # source: SPLIT:PATH of the image it was made from
 
 
 @dataclass
@@ -81,7 +81,8 @@ def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str
             ops = postprocess.draw_ops(step, synth.rng_for(seed, "postprocess", step, row["path"]))
             rel = f"step{step}/{row['path']}"
             rel = str(Path(rel).with_suffix(".png"))
-            rows.append({**row, "path": rel, "variant": f"step{step}", "ops": ops})
+            rows.append({**row, "path": rel, "variant": f"step{step}", "ops": ops,
+                         "group": row.get("group", ""), "source": f"{m.name}:{row['path']}"})
             tasks.append((m.root / row["path"], out / rel, ops))
     _pool_map(_pp_task, tasks, workers)
     return rows

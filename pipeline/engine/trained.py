@@ -51,8 +51,9 @@ def load_trained(out: Path, device):
     return model.to(device).eval(), build, meta["classes"], cfg
 
 
-def load_split(ws: Workspace, run_dir: Path, split: str):
-    """The valid rows of `split`'s embeddings with their manifest columns (evaluate.Split)."""
+def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | None = None):
+    """The valid rows of `split`'s embeddings with their manifest columns (evaluate.Split); `content`:
+    the manifest rows' file hashes, for the leakage audit."""
     from leakpipe.pipeline.store import embeddings
     from leakpipe.pipeline.report.evaluate import Split
     from leakpipe.pipeline.manifest import read_manifest
@@ -70,5 +71,8 @@ def load_split(ws: Workspace, run_dir: Path, split: str):
                         f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
     v = e["valid"]
     col = lambda name: np.array(m.column(name) if name in m.rows[0] else [""] * len(m), dtype=object)[v]  # noqa: E731
+    ids = {"path": col("path"), "group": col("group"), "source": col("source")}
+    if content is not None:
+        ids["content"] = np.array(content, dtype=object)[v]
     return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min")},
-                 col("label"), col("partition"), col("variant"), int((~v).sum())), e["attrs"]
+                 col("label"), col("partition"), col("variant"), int((~v).sum()), ids), e["attrs"]

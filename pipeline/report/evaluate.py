@@ -32,13 +32,21 @@ class Split:
     partition: np.ndarray
     variant: np.ndarray
     n_invalid: int = 0
+    # per row: "path", "group", "source" (manifest columns, "" if absent) and "content" (file hash)
+    ids: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def select(self, mask: np.ndarray) -> "Split":
         return Split(self.name, {k: v[mask] for k, v in self.arrays.items()}, self.labels[mask],
-                     self.partition[mask], self.variant[mask])
+                     self.partition[mask], self.variant[mask], 0, {k: v[mask] for k, v in self.ids.items()})
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        """The rows' groups when every row has one (bootstrap then resamples groups), else None."""
+        g = self.ids.get("group")
+        return g if g is not None and len(g) and all(g) else None
 
     def embedding(self, kind: str) -> np.ndarray:
         return embedding(self.arrays["h_bar"].astype(np.float64), self.arrays["w"], kind)
@@ -74,7 +82,7 @@ def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor:
             if scorer == "head":  # a posterior; Mahalanobis scores are not probabilities
                 r["ece"] = metrics.expected_calibration_error(scores, y)
             if n_boot and len(y):
-                w = bootstrap.weights(len(y), n_boot, seed)
+                w = bootstrap.weights(len(y), n_boot, seed, s.groups)
                 pred = scores.argmax(1)
                 r["ci"] = {"top1": bootstrap.interval(bootstrap.top1(pred == y, w)),
                            "balanced_accuracy": bootstrap.interval(bootstrap.balanced_accuracy(pred, y, len(classes), w)),
@@ -106,6 +114,27 @@ def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cf
             w = bootstrap.weights(len(scores), cfg.bootstrap, cfg.seed)
             out[str(g)]["ci"] = {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w))}
     return out
+
+
+def seen_in_training(train: Split, val: Split) -> dict[str, set]:
+    """What the model saw while it was fitted and selected: contents, groups and row ids."""
+    seen = {"content": set(), "group": set(), "source": set()}
+    for s in (train, val):
+        seen["content"] |= set(s.ids.get("content", ()))
+        seen["group"] |= {g for g in s.ids.get("group", ()) if g}
+        seen["source"] |= {f"{s.name}:{p}" for p in s.ids.get("path", ())}
+    return seen
+
+
+def leaked(s: Split, seen: dict[str, set]) -> tuple[np.ndarray, dict]:
+    """(mask of rows the model saw in training in some form, counts by how): the same file content,
+    the same group (a prompt, a source photo), or a post-processed copy of a training image."""
+    how = {"content": np.array([c in seen["content"] for c in s.ids.get("content", [""] * len(s))], bool),
+           "group": np.array([bool(g) and g in seen["group"] for g in s.ids.get("group", [""] * len(s))], bool),
+           "source": np.array([bool(x) and x in seen["source"] for x in s.ids.get("source", [""] * len(s))], bool)}
+    mask = how["content"] | how["group"] | how["source"]
+    return mask, {"rows": int(mask.sum()), **{k: int(v.sum()) for k, v in how.items()},
+                  "examples": [str(p) for p in s.ids.get("path", np.array([]))[mask][:3]]}
 
 
 def chance_notes(m: dict) -> list[str]:

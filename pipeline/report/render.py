@@ -219,6 +219,12 @@ def report_markdown(m: dict) -> str:
                       f"{fmt(u.get('open_flagged'))} of images, on the closed test {fmt(u.get('closed_test_passed'))} pass)."]
     else:
         lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
+    if m.get("leakage"):
+        lines += ["", "## Leakage audit", "",
+                  "Scored rows the model saw while it was trained or selected, in some form, are left out of every "
+                  "number above.", "", "| scored set | left out | same file | same group | copy of a training image |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['rows']} | {v['content']} | {v['group']} | {v['source']} |" for k, v in m["leakage"].items()]
     lines += ["", "## Figures", ""]
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
