@@ -44,9 +44,11 @@ def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, va
     if partition == "file":
         if split_file is None:
             raise click.UsageError("--partition file needs --split-file (or ROOT/Split.json)")
-        parts, problems = mf.partition_from_split_file(tree, split_file)
+        parts, problems, split_notes = mf.partition_from_split_file(tree, split_file)
         if problems:
             raise mf.ManifestError(str(split_file), problems)
+        for note in split_notes:
+            _log(f"note: {note}")
         source = f"partitions from {split_file}"
     elif partition == "ratio":
         try:

@@ -262,34 +262,56 @@ def groups_of(tree: dict[str, list[str]], group_by: str) -> dict[str, str]:
     return found
 
 
-def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> tuple[dict, list[str]]:
-    """({path: partition}, problems) from the authors' Split.json: {part: {class: [entries]}}.
+PARTITION_KEYS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}  # the keys the authors' code reads, any case
+AUTHORS_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # the files their index lists count
 
-    An entry is a path relative to the class folder ('sub/x.png'), or a bare file name when exactly
-    one file of the class has it (the authors' flat folders). Unmatched, ambiguous, escaping and
-    repeated entries are all reported at once."""
+
+def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> tuple[dict, list[str], list[str]]:
+    """({path: partition}, problems, notes) from a Split.json in every form the authors' code reads.
+
+    Keys: train/training, val/valid/validation, test/testing (any case); other keys are ignored, with
+    a note. A value is {class: [entries]}, an entry being a path relative to the class folder or a
+    bare file name that exactly one file of the class has; or a list of indices applied to every
+    class, into its .jpg/.jpeg/.png/.bmp files sorted by lower-cased name. Unmatched, ambiguous,
+    escaping, out-of-range and repeated entries are all reported at once."""
     try:
         data = json.loads(Path(split_file).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
-        return {}, [f"{split_file}: cannot be read as JSON ({exc})"]
+        return {}, [f"{split_file}: cannot be read as JSON ({exc})"], []
     if not isinstance(data, dict):
-        return {}, [f"{split_file}: expected {{\"train\": {{class: [files]}}, \"val\": ..., \"test\": ...}}"]
+        return {}, [f"{split_file}: expected {{\"train\": {{class: [files]}}, \"val\": ..., \"test\": ...}}"], []
     index = {label: _class_index(label, files) for label, files in tree.items()}
-    out, problems = {}, []
-    for part, classes in data.items():
-        if part not in ("train", "val", "test") or not isinstance(classes, dict):
-            problems.append(f"{split_file}: unknown partition {part!r} (or not a {{class: [files]}} object)")
-            continue
-        for label, names in classes.items():
-            for name in names if isinstance(names, list) else [names]:
-                p, why = _match(index.get(label), label, str(name))
-                if why:
-                    problems.append(f"{split_file}: {part}/{label}/{name}: {why}")
-                elif p in out:
-                    problems.append(f"{split_file}: {part}/{label}/{name}: already in {out[p]} as {p}")
-                else:
-                    out[p] = part
-    return out, problems
+    out, problems, notes = {}, [], []
+
+    def assign(part: str, label: str, entry: str, p: str | None, why: str) -> None:
+        if why:
+            problems.append(f"{split_file}: {part}/{label}/{entry}: {why}")
+        elif p in out:
+            problems.append(f"{split_file}: {part}/{label}/{entry}: already in {out[p]} as {p}")
+        else:
+            out[p] = part
+
+    for key, value in data.items():
+        part = PARTITION_KEYS.get(str(key).lower())
+        if part is None:
+            notes.append(f"{split_file}: key {key!r} is not a partition (train, val, test or their aliases); "
+                         "ignored, as the authors' code ignores it")
+        elif isinstance(value, dict):
+            for label, names in value.items():
+                for name in names if isinstance(names, list) else [names]:
+                    assign(part, label, str(name), *_match(index.get(label), label, str(name)))
+        elif isinstance(value, list):
+            for label, files in tree.items():
+                counted = sorted((p for p in files if p.lower().endswith(AUTHORS_SUFFIXES)),
+                                 key=lambda p: posixpath.basename(p).lower())
+                for i in value:
+                    ok = isinstance(i, int) and 0 <= i < len(counted)
+                    assign(part, label, f"#{i}", counted[i] if ok else None,
+                           "" if ok else f"index out of range (the class has {len(counted)} files)")
+        else:
+            problems.append(f"{split_file}: {key!r} must map classes to file lists, or be a list of indices")
+    return out, problems, notes
 
 
 def _class_index(label: str, files: list[str]) -> tuple[dict, dict]:

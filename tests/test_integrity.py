@@ -337,3 +337,24 @@ def test_train_restarts_a_result_whose_checkpoint_is_damaged(ws):
     (plan.result / "checkpoint" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     out = ok(ws, "train", *[a for s in more for a in ("--set", s)])
     assert "checkpoint" in out and "damaged" in out and "training this result from the start" in out
+
+
+def test_split_json_in_every_form_the_authors_read(tmp_path):
+    """Index lists (into each class's files sorted by lower-cased name), the key aliases training,
+    validation and testing in any case, and other keys ignored with a note, as their reader does."""
+    root = tmp_path / "tree"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for name in ("C.png", "a.png", "B.png", "d.png"):
+            Image.new("RGB", (8, 8)).save(root / label / name)
+    (root / "Split.json").write_text(json.dumps({"Training": [0, 1], "VALIDATION": [2], "testing": [3],
+                                                 "open": {"x": ["y.png"]}}))
+    r = cli(tmp_path, "manifest", "build", str(root), "--split", "s")
+    assert r.exit_code == 0 and "key 'open' is not a partition" in r.output, r.output
+    text = (tmp_path / "manifests" / "s.csv").read_text()
+    for label in ("a", "b"):  # sorted by lower-cased name: a, B, C, d
+        for name, part in (("a.png", "train"), ("B.png", "train"), ("C.png", "val"), ("d.png", "test")):
+            assert f"{label}/{name},{label},{part}" in text
+    (root / "Split.json").write_text(json.dumps({"train": [0, 7]}))
+    r = cli(tmp_path, "manifest", "build", str(root), "--split", "s3")
+    assert r.exit_code != 0 and "index out of range (the class has 4 files)" in r.output
