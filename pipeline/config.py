@@ -120,6 +120,7 @@ class ScoreConfig:
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
     bootstrap: int = 1000  # resamples for the 95% intervals of every metric; 0 = no intervals
+    baselines: bool = True  # a pixel baseline and a linear probe on z0, fitted and scored on the same split
 
 
 @dataclass

@@ -140,6 +140,11 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
         unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
         unseen["closed_test_passed"] = float((s["closed"] >= unseen["log_density_threshold"]).mean())
     m["unseen_threshold"] = unseen
+    if cfg.score.baselines:
+        from leakpipe.pipeline.report import baselines
+
+        m["baselines"] = _baselines(ws, run_dir, cfg, by_part["train"], tests["raw"], classes)
+        m["notes"] = [*m["notes"], *baselines.notes(m["baselines"])]
     m["leakage"] = leakage
     leaks = {k: v["rows"] for k, v in leakage.items() if v["rows"]}
     if leaks:
@@ -148,6 +153,34 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
                       ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
     return m, figs
+
+
+def _baselines(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str]) -> dict:
+    """Chance, the pixel baseline and a linear probe on z0, fitted on the closed training rows and scored,
+    paired with the model, on the same (leakage-audited) test rows."""
+    from leakpipe.pipeline.bench.baseline import pixel_features
+    from leakpipe.pipeline.manifest import read_manifest
+    from leakpipe.pipeline.math import bootstrap
+    from leakpipe.pipeline.report import baselines as bl
+    from leakpipe.pipeline.report.evaluate import label_index
+    from leakpipe.pipeline.store import latent_store
+
+    ytr, yte = label_index(train, classes), label_index(test, classes)
+    m = read_manifest(ws.manifest(cfg.score.closed), check_files=False)
+    store = latent_store.open_store(graph.latents(ws, graph.run_config(run_dir, cfg), cfg.score.closed).store)
+    try:
+        pixels = [np.stack([pixel_features(m.abspath(int(i))) for i in s.ids["row"]]) for s in (train, test)]
+        z0 = [latent_store.read_rows(store, s.ids["row"])["mean"].reshape(len(s), -1) for s in (train, test)]
+    except (OSError, latent_store.DamagedRows) as exc:
+        return {"chance": 1 / len(classes), "skipped": f"baselines left out: {exc}"}
+    w = bootstrap.weights(len(yte), cfg.score.bootstrap, cfg.score.seed, test.groups) if cfg.score.bootstrap else None
+    right = {"head": test.arrays["logits"].argmax(1) == yte,
+             "pixel": bl.probe(pixels[0], ytr, pixels[1]) == yte, "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte}
+    out = {"chance": 1 / len(classes), **{k: bl.scored(v, w) for k, v in right.items()}}
+    if w is not None:
+        out["head_minus_pixel"] = bl.paired_difference(right["head"], right["pixel"], w)
+        out["head_minus_z0_probe"] = bl.paired_difference(right["head"], right["z0_probe"], w)
+    return out
 
 
 def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]:

@@ -91,3 +91,23 @@ def test_a_model_at_chance_is_said_to_be_at_chance():
     guessing = evaluate.chance_notes(metrics_of(rng.normal(0, 1, (n, 4))))
     assert len(guessing) == 2 and all("includes chance" in note for note in guessing)
     assert evaluate.chance_notes(metrics_of(10.0 * np.eye(4)[y])) == []
+
+
+def test_the_real_photo_case_is_said_in_words():
+    """As the issue found it: 6 pipelines, the model at chance, a pixel baseline at 0.72 and a probe
+    on z0 near chance, on 300 test images. Both facts must be stated."""
+    from leakpipe.pipeline.report import baselines as bl
+
+    rng = np.random.default_rng(0)
+    n = 300
+    head = rng.random(n) < 1 / 6
+    pixel = rng.random(n) < 0.72
+    z0 = rng.random(n) < 1 / 6
+    w = bootstrap.weights(n, 1000, seed=0)
+    b = {"chance": 1 / 6, "head": bl.scored(head, w), "pixel": bl.scored(pixel, w), "z0_probe": bl.scored(z0, w),
+         "head_minus_pixel": bl.paired_difference(head, pixel, w)}
+    said = bl.notes(b)
+    assert len(said) == 2 and "significantly below the pixel baseline" in said[0] and "at chance" in said[1]
+    assert b["head_minus_pixel"]["p"] < 0.01
+    good = {**b, "head_minus_pixel": bl.paired_difference(pixel, head, w), "z0_probe": bl.scored(pixel, w)}
+    assert bl.notes(good) == []

@@ -70,13 +70,19 @@ def test_metrics_report_and_figures(sws):
             assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"]["top5"] is None  # 4 classes
+    b = m["baselines"]  # beside the model on the same images: chance, pixels, a probe on z0
+    assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(m["closed"]["raw"]["head"]["top1"])
+    for key in ("pixel", "z0_probe"):
+        lo, hi = b[key]["ci"]["top1"]
+        assert lo <= b[key]["top1"] <= hi and 0 <= b[f"head_minus_{key}"]["p"] <= 1
     per = m["open"]["gating_off"]["per_generator"]
     assert sorted(per) == ["open00", "open01"] and sum(v["n"] for v in per.values()) == 80
     assert all(v["ci"]["auroc"][0] <= v["auroc"] <= v["ci"]["auroc"][1] for v in per.values())
     u = m["unseen_threshold"]
     assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval"):
+    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval",
+                    "| pixel baseline |", "| linear probe on z0 |"):
         assert heading in report
     assert sorted(m["figures"]) == sorted(p.name for p in (out / "figures").glob("*.png"))
     assert len(m["figures"]) == 6

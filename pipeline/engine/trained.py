@@ -71,7 +71,7 @@ def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | No
                         f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
     v = e["valid"]
     col = lambda name: np.array(m.column(name) if name in m.rows[0] else [""] * len(m), dtype=object)[v]  # noqa: E731
-    ids = {"path": col("path"), "group": col("group"), "source": col("source")}
+    ids = {"path": col("path"), "group": col("group"), "source": col("source"), "row": np.nonzero(v)[0]}
     if content is not None:
         ids["content"] = np.array(content, dtype=object)[v]
     return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min")},

@@ -190,6 +190,19 @@ def report_markdown(m: dict) -> str:
         cells = [f"{fmt(closed[v]['head']['per_class_auc'][c])} / {fmt(closed[v]['mahalanobis']['per_class_auc'][c])}"
                  for v in closed]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    b = m.get("baselines")
+    if b and "skipped" not in b:
+        lines += ["", "Beside the model, on the same test images: chance, a pixel baseline (logistic regression on "
+                  "per-channel means and 8 x 8 DCT blocks) and a linear probe on the cached z0 (did stage one keep "
+                  "the signal?):", "", "| | top-1 | model minus this (paired) | p |", "|---|---:|---:|---:|",
+                  f"| chance | {fmt(b['chance'])} | | |"]
+        for key, name in (("pixel", "pixel baseline"), ("z0_probe", "linear probe on z0")):
+            d = b.get(f"head_minus_{key}")
+            diff = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else ""
+            lines.append(f"| {name} | {with_ci(b[key], 'top1')} | {diff} | {fmt(d['p']) if d else ''} |")
+        lines.append(f"| Proto-LeakNet head | {with_ci(b['head'], 'top1')} | | |")
+    elif b:
+        lines += ["", f"Baselines: {b['skipped']}."]
     lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC)", "",
               "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
