@@ -218,7 +218,7 @@ def sweep(ws, cfg, only, list_only, out):
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
     stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]), names, log=_log)
-    table = stage.compare(ws, names)
+    table = stage.compare(ws, names, cfg)
     out = out or ws.cache / "sweep.md"
     stage.write_compare(out, table)
     click.echo(table + f"-> {out}")
@@ -233,7 +233,7 @@ def compare(ws, cfg, runs, out):
     """Top-1 and macro AUC (head, Mahalanobis), post-processing and open set, one row per scored RUN."""
     from leakpipe.stages import sweep as stage
 
-    table = stage.compare(ws, list(runs))
+    table = stage.compare(ws, list(runs), cfg)
     if out:
         stage.write_compare(out, table)
     click.echo(table + (f"-> {out}" if out else ""))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.ledger import graph, runs
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.report.render import fmt as _f
+from leakpipe.pipeline.report.render import fmt as _f, with_ci
 from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
@@ -80,10 +80,11 @@ def _get(cfg: dict, key: str):
     return cfg.get(section, {}).get(name)
 
 
-def compare(ws: Workspace, names: list[str]) -> str:
-    """A markdown table of top-1 and macro AUC (head and Mahalanobis), worst post-processing step
-    and open-set AUROC for each run, with its settings that differ from the first run's and the
-    result it points at; raises naming every run that has not been scored."""
+def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
+    """A markdown table of top-1 and macro AUC (head, with their 95% intervals, and Mahalanobis), worst
+    post-processing step and open-set AUROC for each run, with its settings that differ from the first
+    run's and the result it points at; then each run against the first on the same test images (paired
+    bootstrap). Raises naming every run that has not been scored."""
     results = {r: runs.pointed(ws, r) for r in names}
     missing = [r for r, out in results.items() if out is None or not (out / "metrics.json").exists()]
     if missing:
@@ -98,11 +99,58 @@ def compare(ws: Workspace, names: list[str]) -> str:
         raw = m["closed"]["raw"]
         pp = [v["head"]["top1"] for k, v in m["closed"].items() if k != "raw"]
         o = m.get("open", {})
-        lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | {_f(raw['head']['top1'])} | "
-                     f"{_f(raw['head']['macro_auc'])} | {_f(raw['mahalanobis']['top1'])} | "
+        lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | {with_ci(raw['head'], 'top1')} | "
+                     f"{with_ci(raw['head'], 'macro_auc')} | {_f(raw['mahalanobis']['top1'])} | "
                      f"{_f(min(pp)) if pp else 'n/a'} | "
-                     f"{_f(o.get('gating_off', {}).get('auroc'))} / {_f(o.get('gating_on', {}).get('auroc'))} |")
+                     f"{with_ci(o.get('gating_off', {}), 'auroc')} / {with_ci(o.get('gating_on', {}), 'auroc')} |")
+    if len(names) > 1 and cfg is not None and cfg.score.bootstrap:
+        lines += ["", f"Paired against `{names[0]}` on the same closed test images ({cfg.score.bootstrap} paired "
+                  "bootstrap resamples; p: two-sided):", "",
+                  "| run | top-1 difference | p | macro AUC difference | p |", "|---|---:|---:|---:|---:|"]
+        base = _predictions(ws, results[names[0]], cfg)
+        for r in names[1:]:
+            d = paired(_predictions(ws, results[r], cfg), base, cfg)
+            lines.append(f"| {r} | {_signed(d['top1'])} | {_f(d['top1']['p'])} | {_signed(d['macro_auc'])} | "
+                         f"{_f(d['macro_auc']['p'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(d: dict) -> str:
+    return f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def _predictions(ws: Workspace, result: Path, cfg: Config) -> dict:
+    """{manifest row: (label index, posterior)} of a result's closed test rows."""
+    import numpy as np
+
+    from leakpipe.pipeline.engine.trained import load_split
+    from leakpipe.pipeline.math.metrics import softmax
+
+    split, attrs = load_split(ws, result, cfg.score.closed)
+    test = split.select(split.partition == "test")
+    probs = softmax(test.arrays["logits"].astype(np.float64))
+    return {int(r): (attrs["classes"].index(lab), probs[k]) for k, (r, lab) in enumerate(zip(test.ids["row"], test.labels))}
+
+
+def paired(a: dict, b: dict, cfg: Config) -> dict:
+    """Run a minus run b on the test rows both scored: top-1 and macro AUC differences with their
+    paired-bootstrap intervals and two-sided p-values (the same resamples for both runs)."""
+    import numpy as np
+
+    from leakpipe.pipeline.math import bootstrap
+    from leakpipe.pipeline.math.metrics import macro_auc
+    from leakpipe.pipeline.report.baselines import paired_difference
+
+    rows = sorted(a.keys() & b.keys())
+    y = np.array([a[r][0] for r in rows])
+    pa, pb = (np.stack([p[r][1] for r in rows]) for p in (a, b))
+    w = bootstrap.weights(len(rows), cfg.score.bootstrap, cfg.score.seed)
+    diff = bootstrap.macro_auc(pa, y, w) - bootstrap.macro_auc(pb, y, w)
+    diff = diff[np.isfinite(diff)]
+    return {"top1": paired_difference(pa.argmax(1) == y, pb.argmax(1) == y, w),
+            "macro_auc": {"difference": macro_auc(pa, y, pa.shape[1]) - macro_auc(pb, y, pb.shape[1]),
+                          "ci": bootstrap.interval(diff),
+                          "p": float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))}}
 
 
 def write_compare(path: Path, table: str) -> None:

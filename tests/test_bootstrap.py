@@ -111,3 +111,19 @@ def test_the_real_photo_case_is_said_in_words():
     assert b["head_minus_pixel"]["p"] < 0.01
     good = {**b, "head_minus_pixel": bl.paired_difference(pixel, head, w), "z0_probe": bl.scored(pixel, w)}
     assert bl.notes(good) == []
+
+
+def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():
+    from leakpipe.pipeline.config import Config
+    from leakpipe.stages.sweep import paired
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 200)
+    noisy = metrics.softmax(rng.normal(0, 1, (200, 3)) + 0.5 * np.eye(3)[y])
+    sharp = metrics.softmax(rng.normal(0, 1, (200, 3)) + 3.0 * np.eye(3)[y])
+    as_run = lambda probs: {r: (int(y[r]), probs[r]) for r in range(200)}  # noqa: E731
+    cfg = Config()
+    same = paired(as_run(noisy), as_run(noisy), cfg)
+    assert same["top1"]["difference"] == 0 and same["top1"]["ci"] == [0.0, 0.0] and same["top1"]["p"] == 1.0
+    better = paired(as_run(sharp), as_run(noisy), cfg)
+    assert better["top1"]["ci"][0] > 0 and better["top1"]["p"] < 0.01 and better["macro_auc"]["p"] < 0.01
