@@ -112,7 +112,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
                         + (f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
                            if leakage["raw"]["rows"] else ""))
     try:
-        m = {"run": run_dir.name, "result": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
+        m = {"result": run_dir.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
              "head": "prototypes" if run_cfg.model.prototypes else "linear",
              "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap,
                                      cfg.score.seed),

@@ -168,7 +168,9 @@ def with_ci(r: dict, key: str) -> str:
 
 
 def report_markdown(m: dict) -> str:
-    lines = [f"# leakpipe report: run `{m['run']}`", ""]
+    lines = [f"# leakpipe report: result `{m['result']}`", "",
+             f"The trained result `cache/results/{m['result']}` (its training config is its `config.json`); "
+             "`leakpipe runs` lists the run names that point at it.", ""]
     if m.get("notes"):
         lines += [f"> {n}" for n in m["notes"]] + [""]
     lines += [f"Generators ({len(m['classes'])}): {', '.join(m['classes'])}. Timesteps T = {m['timesteps']}. "
