@@ -131,21 +131,41 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides) -> None:
 # ---------------------------------------------------------------- stage two
 @main.command()
 @click.option("--run", "run_name", default="default", show_default=True, help="Run name (ablations).")
+@click.option("--seeds", help="Comma-separated training seeds: one run NAME-seedS per seed over the same "
+              "cache, recorded as the seed group NAME (score and compare then show mean +- sd).")
 @_workspace_options
-def train(ws, cfg, run_name):
+def train(ws, cfg, run_name, seeds):
     """Stage two: train from the latent cache (or resume, or restore a stored result), then embed
     every encoded split. Results are kept per config in cache/results/; RUN points at one."""
     from leakpipe.stages import train as stage
 
     from leakpipe.pipeline.engine.ddp import launched_rank
 
-    main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
-    result = stage.run(ws, cfg, run_name, log=_log if main_rank else (lambda msg: None))
-    if main_rank:
-        from leakpipe.stages import embed
+    from leakpipe.pipeline.ledger import runs
+    from leakpipe.stages import embed
 
-        embed.run(ws, cfg, run_name, log=_log)
-        click.echo(result.summary())
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
+    seed_list = _seeds(seeds) if seeds else [cfg.train.seed]
+    names = [f"{run_name}-seed{s}" for s in seed_list] if seeds else [run_name]
+    for seed, name in zip(seed_list, names):
+        cfg.train.seed = seed
+        result = stage.run(ws, cfg, name, log=_log if main_rank else (lambda msg: None))
+        if main_rank:
+            embed.run(ws, cfg, name, log=_log)
+            click.echo(result.summary())
+    if seeds and main_rank:
+        runs.write_seed_group(ws, run_name, seed_list, names)
+        click.echo(f"seed group {run_name}: {', '.join(names)}; `leakpipe score --run {run_name}` scores them all")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--seeds") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise click.BadParameter("give at least two distinct seeds, e.g. 0,1,2", param_hint="--seeds")
+    return seeds
 
 
 # ---------------------------------------------------------------- stage three
@@ -164,9 +184,17 @@ def score(ws, cfg, run_name, dual, as_json):
 
     if dual:
         cfg.score.dual = True
-    embed.run(ws, cfg, run_name, log=_log, splits=[s for _, s in score_splits(cfg) if ws.manifest(s).exists()])
-    result = stage.run(ws, cfg, run_name, log=_log)
-    click.echo(json.dumps(result.metrics, indent=1) if as_json else result.summary())
+    from leakpipe.pipeline.ledger import runs
+
+    members = runs.seed_group(ws, run_name)
+    for name in members or [run_name]:
+        embed.run(ws, cfg, name, log=_log, splits=[s for _, s in score_splits(cfg) if ws.manifest(s).exists()])
+        result = stage.run(ws, cfg, name, log=_log)
+        click.echo(json.dumps(result.metrics, indent=1) if as_json else result.summary())
+    if members and not as_json:
+        from leakpipe.stages import sweep
+
+        click.echo(sweep.seeds_table(ws, run_name, members, cfg))
 
 
 @main.command()

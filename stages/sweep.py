@@ -85,6 +85,8 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
     post-processing step and open-set AUROC for each run, with its settings that differ from the first
     run's and the result it points at; then each run against the first on the same test images (paired
     bootstrap). Raises naming every run that has not been scored."""
+    groups = {n: runs.seed_group(ws, n) for n in names}
+    names = [m for n in names for m in (groups[n] or [n])]  # a seed group is compared through its members
     results = {r: runs.pointed(ws, r) for r in names}
     missing = [r for r, out in results.items() if out is None or not (out / "metrics.json").exists()]
     if missing:
@@ -112,6 +114,34 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
             d = paired(_predictions(ws, results[r], cfg), base, cfg)
             lines.append(f"| {r} | {_signed(d['top1'])} | {_f(d['top1']['p'])} | {_signed(d['macro_auc'])} | "
                          f"{_f(d['macro_auc']['p'])} |")
+    for group, members in groups.items():
+        if members and cfg is not None:
+            lines += ["", seeds_table(ws, group, members, cfg).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_table(ws: Workspace, group: str, members: list[str], cfg: Config) -> str:
+    """Mean +- sd across the seeds of a group (training variation) and the pooled 95% interval of the
+    seed-averaged metric (the seeds' predictions on the same bootstrap resamples of the same test
+    images: test-sampling variation), for top-1 and macro AUC."""
+    import numpy as np
+
+    from leakpipe.pipeline.math import bootstrap
+
+    preds = [_predictions(ws, runs.pointed(ws, r), cfg) for r in members]
+    rows = sorted(set.intersection(*(set(p) for p in preds)))
+    y = np.array([preds[0][r][0] for r in rows])
+    probs = [np.stack([p[r][1] for r in rows]) for p in preds]
+    w = bootstrap.weights(len(rows), max(cfg.score.bootstrap, 1), cfg.score.seed)
+    per_seed = {"top1": [float((p.argmax(1) == y).mean()) for p in probs],
+                "macro AUC": [float(bootstrap.macro_auc(p, y, np.ones((1, len(rows))))[0]) for p in probs]}
+    pooled = {"top1": np.mean([bootstrap.top1(p.argmax(1) == y, w) for p in probs], axis=0),
+              "macro AUC": np.mean([bootstrap.macro_auc(p, y, w) for p in probs], axis=0)}
+    lines = [f"| {group}: {len(members)} seeds ({', '.join(members)}) | mean +- sd across seeds | pooled 95% interval |",
+             "|---|---:|---:|"]
+    for k, v in per_seed.items():
+        lo, hi = bootstrap.interval(pooled[k])
+        lines.append(f"| {k} | {np.mean(v):.3f} +- {np.std(v, ddof=1):.3f} | [{lo:.3f}, {hi:.3f}] |")
     return "\n".join(lines) + "\n"
 
 

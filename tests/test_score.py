@@ -231,3 +231,19 @@ def test_dual_separates_identically_distributed_sets():
     assert open_set(closed, opened)["auroc"] > 0.95
     plain = dual_scores(h[:300], h[300:])  # the same protocol with no gate: chance
     assert abs(open_set(*plain)["auroc"] - 0.5) < 0.1
+
+
+def test_seeds_train_one_run_each_and_report_mean_sd_and_pooled_interval(sws):
+    r = cli(sws, "train", "--seeds", "0,1", "--run", "multi", *SETS)
+    assert r.exit_code == 0 and "seed group multi: multi-seed0, multi-seed1" in r.output, r.output
+    ws = Workspace(sws)
+    from leakpipe.pipeline.ledger import runs
+
+    assert runs.seed_group(ws, "multi") == ["multi-seed0", "multi-seed1"]
+    assert runs.pointed(ws, "multi-seed0") != runs.pointed(ws, "multi-seed1")  # two seeds, two results
+    s = score(sws, "--run", "multi")
+    assert "multi: 2 seeds (multi-seed0, multi-seed1)" in s.output and "mean +- sd across seeds" in s.output
+    c = cli(sws, "compare", "default", "multi", *SETS)
+    assert c.exit_code == 0 and "| multi-seed1 |" in c.output and "pooled 95% interval" in c.output
+    bad = cli(sws, "train", "--seeds", "3", *SETS)
+    assert bad.exit_code != 0 and "at least two distinct seeds" in bad.output

@@ -87,3 +87,17 @@ def names_of(ws: Workspace) -> dict[Path, list[str]]:
         if target is not None:
             out.setdefault(target, []).append(name)
     return out
+
+
+def seed_group(ws: Workspace, name: str) -> list[str] | None:
+    """The member runs of a seed group made by `train --seeds` under `name`, or None."""
+    import json
+
+    path = ws.cache / "runs" / f"{check_name(name)}.seeds.json"
+    return json.loads(path.read_text())["runs"] if path.is_file() else None
+
+
+def write_seed_group(ws: Workspace, name: str, seeds: list[int], members: list[str]) -> None:
+    from leakpipe.pipeline.store.atomic import atomic_write_json
+
+    atomic_write_json(ws.cache / "runs" / f"{check_name(name)}.seeds.json", {"seeds": seeds, "runs": members})
