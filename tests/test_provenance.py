@@ -244,3 +244,14 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     with atomic_path(target, folder=True) as tmp:
         (tmp / "b").write_text("2")
     assert [p.name for p in target.iterdir()] == ["b"]
+
+
+def test_a_run_folder_from_leakpipe_0_1_is_kept(ws):
+    old = ws / "cache" / "runs" / "old"
+    old.mkdir(parents=True)
+    (old / "report.md").write_text("numbers from 0.1")
+    assert cli(ws, "status", *sets()).exit_code == 0 and old.is_dir() and not old.is_symlink()  # reading moves nothing
+    assert cli(ws, "train", "--run", "old", *sets()).exit_code == 0
+    kept = list((ws / "cache" / "results").glob("legacy-old-*"))
+    assert len(kept) == 1 and (kept[0] / "report.md").read_text() == "numbers from 0.1"
+    assert old.is_symlink() and runs.pointed(Workspace(ws), "old") != kept[0]

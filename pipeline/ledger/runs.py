@@ -48,12 +48,12 @@ def _adopt_legacy(ws: Workspace, name: str) -> None:
 
 
 def pointed(ws: Workspace, name: str) -> Path | None:
-    """The result folder run `name` points at, or None if the name has never been trained."""
-    _adopt_legacy(ws, name)
+    """The result folder run `name` points at (a leakpipe 0.1 run folder is its own result), or None
+    if the name has never been trained. Reading never moves anything."""
     path = link(ws, name)
-    if not path.is_symlink():
-        return None
-    return (path.parent / os.readlink(path)).resolve()
+    if path.is_symlink():
+        return (path.parent / os.readlink(path)).resolve()
+    return path.resolve() if path.is_dir() else None
 
 
 def point(ws: Workspace, name: str, result: Path) -> None:
