@@ -125,7 +125,8 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     key = ev.SETTING_OF[kind]
     if cfg.score.open in have:
         opened = clean(split_of(cfg.score.open)[0], cfg.score.open)
-        res = ev.open_set(by_part["train"], tests["raw"], opened, cfg.score)
+        correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], classes)
+        res = ev.open_set(by_part["train"], tests["raw"], opened, cfg.score, correct)
         m["open"], kde = res.metrics, res.kdes[key]
         figs.update(open=opened, kde_scores=res.scores)
     else:

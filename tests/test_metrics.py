@@ -154,3 +154,17 @@ def test_expected_calibration_error():
     assert metrics.expected_calibration_error(probs, calibrated) < 0.02
     overconfident = metrics.softmax(5 * np.log(probs))
     assert metrics.expected_calibration_error(overconfident, calibrated) > 0.15
+
+
+def test_oscr_against_a_direct_count():
+    rng = np.random.default_rng(6)
+    closed, open_ = rng.normal(1, 1, 200).round(1), rng.normal(0, 1, 150).round(1)
+    correct = rng.random(200) < 0.7
+    fpr, ccr, area = metrics.oscr(closed, correct, open_)
+    for t in np.unique(np.r_[closed, open_])[::7]:
+        want_fpr, want_ccr = (open_ >= t).mean(), ((closed >= t) & correct).mean()
+        assert any(abs(f - want_fpr) < 1e-12 and abs(c - want_ccr) < 1e-12 for f, c in zip(fpr, ccr)), t
+    assert fpr[-1] == 1 and ccr[-1] == pytest.approx(correct.mean())
+    perfect = metrics.oscr(np.ones(10) + 5, np.ones(10, bool), np.zeros(10))
+    assert perfect[2] == pytest.approx(1.0)
+    assert 0 < area < correct.mean()

@@ -75,6 +75,8 @@ def test_metrics_report_and_figures(sws):
     for key in ("pixel", "z0_probe"):
         lo, hi = b[key]["ci"]["top1"]
         assert lo <= b[key]["top1"] <= hi and 0 <= b[f"head_minus_{key}"]["p"] <= 1
+    oscr = m["open"]["gating_off"]["oscr"]
+    assert 0 < oscr["area"] <= m["closed"]["raw"]["head"]["top1"] and oscr["fpr"][-1] == 1.0
     per = m["open"]["gating_off"]["per_generator"]
     assert sorted(per) == ["open00", "open01"] and sum(v["n"] for v in per.values()) == 80
     assert all(v["ci"]["auroc"][0] <= v["auroc"] <= v["ci"]["auroc"][1] for v in per.values())

@@ -126,6 +126,24 @@ def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
     return float(np.clip(np.trapezoid(np.minimum(fa, fb), grid), 0.0, 1.0))
 
 
+def oscr(closed_scores: np.ndarray, closed_correct: np.ndarray, open_scores: np.ndarray):
+    """The open-set classification rate curve: at each threshold (every distinct score, highest first),
+    the fraction of closed samples accepted *and* correctly attributed (CCR) against the fraction of
+    open samples accepted (FPR). Returns (fpr, ccr, area under the curve over FPR 0..1); NaN if a side
+    is empty. A perfect attributor and detector has area 1; the curve ends at (1, top-1)."""
+    scores = np.r_[closed_scores, open_scores].astype(np.float64)
+    good = np.r_[np.asarray(closed_correct, bool), np.zeros(len(open_scores), bool)]
+    is_open = np.r_[np.zeros(len(closed_scores), bool), np.ones(len(open_scores), bool)]
+    if not len(closed_scores) or not len(open_scores):
+        return np.zeros(0), np.zeros(0), float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    fpr = np.r_[0, np.cumsum(is_open[order])[last] / len(open_scores)]
+    ccr = np.r_[0, np.cumsum(good[order])[last] / len(closed_scores)]
+    return fpr, ccr, float(np.trapezoid(ccr, fpr))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax: the class posterior pi from logits.
 

@@ -170,8 +170,9 @@ def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
     return kde.fit(train.embedding(kind))
 
 
-def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
-    """Eq. 16-17, 19-20: closed test (positive) vs open samples, gating off and on (and dual if asked)."""
+def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.ndarray | None = None) -> OpenSet:
+    """Eq. 16-17, 19-20: closed test (positive) vs open samples, gating off and on (and dual if asked);
+    with `correct` (the head's attribution of each closed test row), the OSCR curve too."""
     res = OpenSet()
     for name, kind in GATING.items():
         kde = kde_for(train, kind, cfg)
@@ -185,6 +186,10 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg) -> OpenSet:
                                                      cfg.bootstrap, cfg.seed)
         res.metrics[name]["per_generator"] = per_generator(res.scores[name]["closed"], res.scores[name]["open"],
                                                            opened.labels, cfg)
+        if correct is not None:
+            fpr, ccr, area = metrics.oscr(res.scores[name]["closed"], correct, res.scores[name]["open"])
+            keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 101)).astype(int))
+            res.metrics[name]["oscr"] = {"area": area, "fpr": fpr[keep].tolist(), "ccr": ccr[keep].tolist()}
     if cfg.dual:
         closed, opened_ = dual_scores(closed_test.embedding("gated"), opened.embedding("h_bar"))
         res.metrics["dual"] = {**metrics.open_set(closed, opened_), "warning": DUAL_WARNING,

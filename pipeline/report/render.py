@@ -219,6 +219,11 @@ def report_markdown(m: dict) -> str:
             lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {with_ci(r, 'auroc')} | "
                          f"{with_ci(r, 'eer')} | {fmt(r['ovl'])} | {with_ci(r, 'fpr_at_95tpr')} |")
         lines.append("| chance | | | | 0.500 | 0.500 | | |")
+        oscr = {k: r["oscr"]["area"] for k, r in m["open"].items() if "oscr" in r}
+        if oscr:
+            lines += ["", "Area under the open-set classification rate curve (closed images accepted *and* correctly "
+                      "attributed, against open images accepted; 1 = perfect): "
+                      + ", ".join(f"{k} {fmt(a)}" for k, a in oscr.items()) + "."]
         for kind, r in m["open"].items():
             if r.get("per_generator"):
                 lines += ["", f"Open-set AUROC of each unseen generator against the closed test set ({kind}):", "",
