@@ -210,7 +210,21 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
     m["figures"] = sorted(names)
     atomic_write_json(run_dir / "metrics.json", m)
     report.write_report(run_dir / "report.md", m)
-    return [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]
+    files = [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]
+    if "kde_scores" in figs:  # for paired open-set comparisons between runs (`leakpipe compare`)
+        import torch
+
+        from leakpipe.pipeline.store.checkpoint import save_tensors
+
+        rows = {"closed_rows": test.ids["row"], "open_rows": figs["open"].ids["row"]}
+        scores = {f"{k}.{side}": v[side] for k, v in figs["kde_scores"].items() for side in ("closed", "open")}
+        save_tensors(run_dir / "open_scores.safetensors",
+                     {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64 if "." in k else np.int64))
+                      for k, v in {**rows, **scores}.items()})
+        files.append(run_dir / "open_scores.safetensors")
+    else:
+        (run_dir / "open_scores.safetensors").unlink(missing_ok=True)
+    return files
 
 
 def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreResult:

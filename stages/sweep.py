@@ -106,14 +106,17 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
                      f"{_f(min(pp)) if pp else 'n/a'} | "
                      f"{with_ci(o.get('gating_off', {}), 'auroc')} / {with_ci(o.get('gating_on', {}), 'auroc')} |")
     if len(names) > 1 and cfg is not None and cfg.score.bootstrap:
-        lines += ["", f"Paired against `{names[0]}` on the same closed test images ({cfg.score.bootstrap} paired "
-                  "bootstrap resamples; p: two-sided):", "",
-                  "| run | top-1 difference | p | macro AUC difference | p |", "|---|---:|---:|---:|---:|"]
+        lines += ["", f"Paired against `{names[0]}` on the same test images ({cfg.score.bootstrap} paired "
+                  "bootstrap resamples; p: two-sided; open AUROC with gating off, closed test vs open):", "",
+                  "| run | top-1 difference | p | macro AUC difference | p | open AUROC difference | p |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         base = _predictions(ws, results[names[0]], cfg)
+        base_open = _open_scores(results[names[0]])
         for r in names[1:]:
             d = paired(_predictions(ws, results[r], cfg), base, cfg)
+            o = paired_auroc(_open_scores(results[r]), base_open, cfg)
             lines.append(f"| {r} | {_signed(d['top1'])} | {_f(d['top1']['p'])} | {_signed(d['macro_auc'])} | "
-                         f"{_f(d['macro_auc']['p'])} |")
+                         f"{_f(d['macro_auc']['p'])} | {_signed(o) if o else 'n/a'} | {_f(o['p']) if o else 'n/a'} |")
     for group, members in groups.items():
         if members and cfg is not None:
             lines += ["", seeds_table(ws, group, members, cfg).rstrip()]
@@ -143,6 +146,37 @@ def seeds_table(ws: Workspace, group: str, members: list[str], cfg: Config) -> s
         lo, hi = bootstrap.interval(pooled[k])
         lines.append(f"| {k} | {np.mean(v):.3f} +- {np.std(v, ddof=1):.3f} | [{lo:.3f}, {hi:.3f}] |")
     return "\n".join(lines) + "\n"
+
+
+def _open_scores(result: Path, setting: str = "gating_off") -> dict | None:
+    """{("closed" | "open", manifest row): KDE log-density} a scored result saved, or None."""
+    from leakpipe.pipeline.engine.trained import load_checked_scores
+
+    t = load_checked_scores(result)
+    if t is None:
+        return None
+    return {**{("closed", int(r)): float(s) for r, s in zip(t["closed_rows"], t[f"{setting}.closed"])},
+            **{("open", int(r)): float(s) for r, s in zip(t["open_rows"], t[f"{setting}.open"])}}
+
+
+def paired_auroc(a: dict | None, b: dict | None, cfg: Config) -> dict | None:
+    """Open-set AUROC of run a minus run b on the closed and open rows both scored, on the same
+    bootstrap resamples: difference, 95% interval, two-sided p. None if either has no open scores."""
+    import numpy as np
+
+    from leakpipe.pipeline.math import bootstrap
+    from leakpipe.pipeline.math.metrics import roc_auc
+
+    if not a or not b:
+        return None
+    keys = sorted(a.keys() & b.keys())
+    positive = np.array([k[0] == "closed" for k in keys])
+    sa, sb = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
+    w = bootstrap.weights(len(keys), cfg.score.bootstrap, cfg.score.seed)
+    diff = bootstrap.auroc(sa, positive, w) - bootstrap.auroc(sb, positive, w)
+    diff = diff[np.isfinite(diff)]
+    return {"difference": roc_auc(sa, positive) - roc_auc(sb, positive), "ci": bootstrap.interval(diff),
+            "p": float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))}
 
 
 def _signed(d: dict) -> str:

@@ -127,3 +127,20 @@ def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():
     assert same["top1"]["difference"] == 0 and same["top1"]["ci"] == [0.0, 0.0] and same["top1"]["p"] == 1.0
     better = paired(as_run(sharp), as_run(noisy), cfg)
     assert better["top1"]["ci"][0] > 0 and better["top1"]["p"] < 0.01 and better["macro_auc"]["p"] < 0.01
+
+
+def test_paired_open_set_auroc():
+    from leakpipe.pipeline.config import Config
+    from leakpipe.stages.sweep import paired_auroc
+
+    rng = np.random.default_rng(7)
+    keys = [("closed", i) for i in range(150)] + [("open", i) for i in range(150)]
+    truth = np.array([k[0] == "closed" for k in keys])
+    weak = dict(zip(keys, rng.normal(0, 1, 300) + 0.3 * truth))
+    strong = dict(zip(keys, rng.normal(0, 1, 300) + 2.0 * truth))
+    cfg = Config()
+    same = paired_auroc(weak, weak, cfg)
+    assert same["difference"] == 0 and same["p"] == 1.0
+    better = paired_auroc(strong, weak, cfg)
+    assert better["difference"] > 0.2 and better["ci"][0] > 0 and better["p"] < 0.01
+    assert paired_auroc(None, weak, cfg) is None  # a run without an open set: no test, said as n/a

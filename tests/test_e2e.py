@@ -74,7 +74,8 @@ def test_every_command_then_nothing_to_do(e2e_ws):
     assert f"| full | {default} | - |" in first["sweep"] and "| model.gating=false |" in first["sweep"]
     assert f"| default | {default} | - |" in first["compare"] and "model.gating=false" in first["compare"]
     assert (ws / "compare.md").read_text() in first["compare"]
-    assert "Paired against `default` on the same closed test images" in first["compare"]
+    assert "Paired against `default` on the same test images" in first["compare"]
+    assert "open AUROC difference" in first["compare"]
     assert "| top-1 | macro AUC |" in first["compare"] and "[" in first["compare"]  # intervals in the cells
     stale = [line for line in first["status"].splitlines() if "STALE" in line]
     assert len(stale) == 1 and "train  no-gating" in stale[0] and "model.gating: false -> true" in stale[0]

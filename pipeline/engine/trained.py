@@ -37,6 +37,22 @@ def load_checked(result: Path, name: str) -> tuple[dict, dict]:
     return load(data), {k: json.loads(v) for k, v in header.items()}
 
 
+def load_checked_scores(result: Path) -> dict | None:
+    """The open-set scores a scored result saved (open_scores.safetensors), checked against its score
+    lock as read, as numpy; None if it has none. A damaged file is refused."""
+    from safetensors.numpy import load
+
+    path = result / "open_scores.safetensors"
+    lock = read_lock(result / "score.lock.json")
+    if lock is None or "open_scores.safetensors" not in lock["outputs"]:
+        return None
+    data = path.read_bytes()
+    if hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest() != lock["outputs"]["open_scores.safetensors"]["blake2b"]:
+        raise UserError(f"{path} is damaged (checksum mismatch with score.lock.json); run `leakpipe score` to "
+                        "write it again")
+    return load(data)
+
+
 def load_trained(out: Path, device):
     """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
     from leakpipe.pipeline.engine.data import FeatureBuilder

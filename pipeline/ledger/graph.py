@@ -28,7 +28,7 @@ from leakpipe.pipeline.workspace import Workspace
 ENCODE_CODE = "encode-1"
 TRAIN_CODE = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
 EMBED_CODE = "embed-1"
-SCORE_CODE = "score-3"  # 3: OVL by adaptive KDE (Scott's rule was wrong on multimodal scores); intervals
+SCORE_CODE = "score-4"  # 3: OVL by adaptive KDE, intervals, baselines, leakage audit; 4: saves open_scores
 
 
 def section_keys(*sections: str) -> tuple[str, ...]:
