@@ -33,6 +33,7 @@ class ScoreResult:
     metrics: dict
     up_to_date: bool = False
     seconds: float = 0.0
+    latents: str = ""  # "VAE ..., store ..." of the closed split the result was scored on
 
     def summary(self) -> str:
         m, head = self.metrics, f"score {self.run}: "
@@ -48,6 +49,8 @@ class ScoreResult:
         for kind, r in m.get("open", {}).items():
             lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {r['ovl']:.3f}")
         lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n or n.startswith("Leakage")]
+        if self.latents:
+            lines.append(f"  on {self.latents}")
         lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
         return "\n".join(lines)
 
@@ -244,7 +247,8 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
         plan = graph.scoring(ws, out, cfg)
         verdict = plan.check(deep=True)
         if verdict.up_to_date:
-            return ScoreResult(run, out, json.loads((out / "metrics.json").read_text()), up_to_date=True)
+            return ScoreResult(run, out, json.loads((out / "metrics.json").read_text()), up_to_date=True,
+                               latents=_latents_of(ws, out, cfg))
         log(f"score {run}: scoring because " + "; ".join(verdict.reasons))
         if cfg.score.dual:
             from leakpipe.pipeline.report.evaluate import DUAL_WARNING
@@ -254,4 +258,9 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> ScoreRes
         m, figs = evaluate(ws, out, cfg, have, notes)
         files = write_outputs(out, m, figs, cfg)
         locks.write_lock(plan.lock, "score", plan.inputs, files)
-    return ScoreResult(run, out, m, seconds=time.perf_counter() - start)
+    return ScoreResult(run, out, m, seconds=time.perf_counter() - start, latents=_latents_of(ws, out, cfg))
+
+
+def _latents_of(ws: Workspace, result: Path, cfg: Config) -> str:
+    lat = graph.latents(ws, graph.run_config(result, cfg), cfg.score.closed)
+    return f"latents of {lat.split} (VAE {lat.source.label}, store {lat.store})"

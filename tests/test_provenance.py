@@ -218,7 +218,7 @@ def test_the_vae_follows_the_cache(tmp_path, tiny_vae):
     t = cli(tmp_path, "train", *sets())
     assert t.exit_code == 0 and "VAE ./vae" in t.output, t.output
     s = cli(tmp_path, "score", *sets("score.open="))
-    assert s.exit_code == 0, s.output
+    assert s.exit_code == 0 and "VAE ./vae, store" in s.output, s.output
     a = cli(tmp_path, "attribute", str(next((tmp_path / "data").rglob("*.png"))), *sets("score.open="))
     assert a.exit_code == 0 and "VAE ./vae" in a.output, a.output
 
