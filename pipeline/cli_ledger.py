@@ -77,18 +77,30 @@ def gc(ws, cfg, dry_run):
     Nothing is ever removed except by this command."""
     from leakpipe.pipeline.ledger import status as st
     from leakpipe.pipeline.store import storage
+    from leakpipe.pipeline.store.locking import Busy, exclusive
 
-    garbage = st.garbage(ws, cfg)
+    garbage, freed = st.garbage(ws, cfg), 0
     for location, size in garbage:
-        click.echo(f"{'would remove' if dry_run else 'removing'} {location} ({size / 2 ** 20:.1f} MiB)")
         if dry_run:
+            click.echo(f"would remove {location} ({size / 2 ** 20:.1f} MiB)")
             continue
-        storage.remove(location)
-        if location.endswith(".zarr"):
-            split, name = location.rstrip("/").split("/")[-2:]
-            for kind in ("lock.json", "writer.lock"):
-                ws.store_lock(split, name[:-len(".zarr")], kind).unlink(missing_ok=True)
-    total = sum(s for _, s in garbage) / 2 ** 20
+        store = location.endswith(".zarr")
+        split, name = location.rstrip("/").split("/")[-2:]
+        lock = ws.store_lock(split, name[:-len(".zarr")], "writer.lock") if store else Path(location) / ".writer.lock"
+        try:  # a result being trained has no name yet, a store may be encoded or read: never pull either away
+            with exclusive(lock, location):
+                click.echo(f"removing {location} ({size / 2 ** 20:.1f} MiB)")
+                storage.remove(location)
+                if store:
+                    ws.store_lock(split, name[:-len(".zarr")], "lock.json").unlink(missing_ok=True)
+            freed += size
+        except Busy:
+            click.echo(f"skipping {location}: in use by another leakpipe process (a training, an encode or "
+                       "a reader); run gc again when it has finished")
+            continue
+        if store:
+            lock.unlink(missing_ok=True)
+    total = (sum(s for _, s in garbage) if dry_run else freed) / 2 ** 20
     click.echo(f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
                if garbage else "gc: nothing to remove")
 

@@ -255,3 +255,18 @@ def test_a_run_folder_from_leakpipe_0_1_is_kept(ws):
     kept = list((ws / "cache" / "results").glob("legacy-old-*"))
     assert len(kept) == 1 and (kept[0] / "report.md").read_text() == "numbers from 0.1"
     assert old.is_symlink() and runs.pointed(Workspace(ws), "old") != kept[0]
+
+
+def test_gc_never_removes_what_is_in_use(ws):
+    """A result being trained has no run name until it is finished: gc must not pull it away."""
+    from leakpipe.pipeline.store.locking import exclusive
+
+    trained(ws)
+    w = Workspace(ws)
+    first = runs.pointed(w, "default")
+    cli(ws, "train", *sets("model.embed_dim=4"))  # `first` now has no name: gc would free it
+    with exclusive(first / ".writer.lock", "a training in another process"):
+        r = cli(ws, "gc", *sets())
+        assert r.exit_code == 0 and f"skipping {first}: in use" in r.output and first.exists()
+    r = cli(ws, "gc", *sets())
+    assert f"removing {first}" in r.output and not first.exists()
