@@ -173,10 +173,8 @@ def paired_auroc(a: dict | None, b: dict | None, cfg: Config) -> dict | None:
     positive = np.array([k[0] == "closed" for k in keys])
     sa, sb = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
     w = bootstrap.weights(len(keys), cfg.score.bootstrap, cfg.score.seed)
-    diff = bootstrap.auroc(sa, positive, w) - bootstrap.auroc(sb, positive, w)
-    diff = diff[np.isfinite(diff)]
-    return {"difference": roc_auc(sa, positive) - roc_auc(sb, positive), "ci": bootstrap.interval(diff),
-            "p": float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))}
+    return bootstrap.paired(roc_auc(sa, positive) - roc_auc(sb, positive),
+                            bootstrap.auroc(sa, positive, w) - bootstrap.auroc(sb, positive, w))
 
 
 def _signed(d: dict) -> str:
@@ -209,12 +207,9 @@ def paired(a: dict, b: dict, cfg: Config) -> dict:
     y = np.array([a[r][0] for r in rows])
     pa, pb = (np.stack([p[r][1] for r in rows]) for p in (a, b))
     w = bootstrap.weights(len(rows), cfg.score.bootstrap, cfg.score.seed)
-    diff = bootstrap.macro_auc(pa, y, w) - bootstrap.macro_auc(pb, y, w)
-    diff = diff[np.isfinite(diff)]
     return {"top1": paired_difference(pa.argmax(1) == y, pb.argmax(1) == y, w),
-            "macro_auc": {"difference": macro_auc(pa, y, pa.shape[1]) - macro_auc(pb, y, pb.shape[1]),
-                          "ci": bootstrap.interval(diff),
-                          "p": float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))}}
+            "macro_auc": bootstrap.paired(macro_auc(pa, y, pa.shape[1]) - macro_auc(pb, y, pb.shape[1]),
+                                          bootstrap.macro_auc(pa, y, w) - bootstrap.macro_auc(pb, y, w))}
 
 
 def write_compare(path: Path, table: str) -> None:

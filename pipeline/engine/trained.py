@@ -24,33 +24,33 @@ def build_model(cfg: Config, n_classes: int):
                         m.prototypes_per_class, m.gating, m.tau, m.tau_learnable)
 
 
+def _checked_bytes(path: Path, lock: dict, todo: str) -> bytes:
+    """The file's bytes, hashed as read and compared with the lock's checksum; a mismatch is refused."""
+    data = path.read_bytes()
+    if hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest() != lock["outputs"][path.name]["blake2b"]:
+        raise UserError(f"{path} is damaged (checksum mismatch with {lock['stage']}.lock.json); it was not used. {todo}")
+    return data
+
+
 def load_checked(result: Path, name: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of a result's safetensors file, hashed as it is read and compared with the
-    train lock's checksum: a damaged model is refused, never used."""
+    """(tensors, metadata) of a result's safetensors file, checked against the train lock as read."""
     from safetensors.torch import load
 
-    data = (result / name).read_bytes()
-    if hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest() != trained_lock(result)["outputs"][name]["blake2b"]:
-        raise UserError(f"{result / name} is damaged (checksum mismatch with train.lock.json); it was not "
-                        "used. Run `leakpipe train --run NAME` with its config to train it again.")
+    data = _checked_bytes(result / name, trained_lock(result),
+                          "Run `leakpipe train --run NAME` with its config to train it again.")
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     return load(data), {k: json.loads(v) for k, v in header.items()}
 
 
 def load_checked_scores(result: Path) -> dict | None:
-    """The open-set scores a scored result saved (open_scores.safetensors), checked against its score
-    lock as read, as numpy; None if it has none. A damaged file is refused."""
+    """The open-set scores a scored result saved, checked against its score lock as read, as numpy;
+    None if it has none."""
     from safetensors.numpy import load
 
-    path = result / "open_scores.safetensors"
     lock = read_lock(result / "score.lock.json")
     if lock is None or "open_scores.safetensors" not in lock["outputs"]:
         return None
-    data = path.read_bytes()
-    if hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest() != lock["outputs"]["open_scores.safetensors"]["blake2b"]:
-        raise UserError(f"{path} is damaged (checksum mismatch with score.lock.json); run `leakpipe score` to "
-                        "write it again")
-    return load(data)
+    return load(_checked_bytes(result / "open_scores.safetensors", lock, "Run `leakpipe score` to write it again."))
 
 
 def load_trained(out: Path, device):

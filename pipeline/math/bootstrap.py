@@ -30,6 +30,14 @@ def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(np.percentile(ok, tail)), float(np.percentile(ok, 100 - tail))]
 
 
+def paired(difference: float, resampled: np.ndarray) -> dict:
+    """A paired comparison of two scorers on the same resamples: the observed difference, the 95%
+    interval of the resampled differences, and a two-sided p (twice the smaller tail beyond zero)."""
+    d = resampled[np.isfinite(resampled)]
+    p = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))) if len(d) else float("nan")
+    return {"difference": float(difference), "ci": interval(d), "p": p}
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)

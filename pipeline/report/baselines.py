@@ -30,12 +30,9 @@ def scored(correct: np.ndarray, w: np.ndarray | None) -> dict:
 
 
 def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray, w: np.ndarray) -> dict:
-    """top-1 of a minus top-1 of b on the same resamples of the same images: the difference, its 95%
-    interval, and a two-sided bootstrap p-value (twice the smaller tail beyond zero)."""
-    diff = bootstrap.top1(a_correct, w) - bootstrap.top1(b_correct, w)
-    diff = diff[np.isfinite(diff)]
-    p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())) if len(diff) else float("nan")
-    return {"difference": float(a_correct.mean() - b_correct.mean()), "ci": bootstrap.interval(diff), "p": float(p)}
+    """top-1 of a minus top-1 of b on the same resamples of the same images (bootstrap.paired)."""
+    return bootstrap.paired(a_correct.mean() - b_correct.mean(),
+                            bootstrap.top1(a_correct, w) - bootstrap.top1(b_correct, w))
 
 
 def notes(b: dict) -> list[str]:
