@@ -231,23 +231,28 @@ def attribute(ws, cfg, images, run_name, top, as_json):
 
 @main.command()
 @click.option("--only", help="Comma-separated ablations [default: all of them].")
-@click.option("--list", "list_only", is_flag=True, help="List the ablations and their settings.")
+@click.option("--logo", is_flag=True, help="Leave-one-generator-out instead of the ablations: one run per known "
+              "generator, trained without it, its test images scored as an unseen generator (AUROC per generator).")
+@click.option("--list", "list_only", is_flag=True, help="List the runs the sweep would make and their settings.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Comparison table [default: WORKSPACE/cache/sweep.md].")
+              help="Result table [default: WORKSPACE/cache/sweep.md, or cache/sweep-logo.md with --logo].")
 @_workspace_options
-def sweep(ws, cfg, only, list_only, out):
-    """Ablations of the paper's Tables 3-5 over one latent cache: train + score each, then compare."""
+def sweep(ws, cfg, only, logo, list_only, out):
+    """Ablations of the paper's Tables 3-5 over one latent cache (train + score each, then compare), or
+    with --logo the leave-one-generator-out open set."""
     from leakpipe.stages import sweep as stage
 
-    names = stage.select(only)
+    if logo and only:
+        raise click.UsageError("--logo makes its own runs (one per generator); leave out --only")
+    plan = stage.logo(ws, cfg) if logo else stage.select(only)
     if list_only:
-        for n in names:
-            click.echo(f"{n:<14} {' '.join(stage.ABLATIONS[n]) or '(workspace config)'}")
+        for n, overrides in plan.items():
+            click.echo(f"{n:<14} {' '.join(overrides) or '(workspace config)'}")
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
-    stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]), names, log=_log)
-    table = stage.compare(ws, names, cfg)
-    out = out or ws.cache / "sweep.md"
+    names = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]), plan, log=_log)
+    table = stage.logo_table(ws, names) if logo else stage.compare(ws, names, cfg)
+    out = out or ws.cache / ("sweep-logo.md" if logo else "sweep.md")
     stage.write_compare(out, table)
     click.echo(table + f"-> {out}")
 

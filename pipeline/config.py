@@ -101,6 +101,9 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling and training noise
     eval_seed: int = 1234  # noise for statistics, validation and embeddings (per image)
     shuffle_chunks: int = 32  # rows are shuffled within windows of this many store chunks
+    # generators (labels) left out of training and validation; score treats their closed test rows as
+    # unseen generators (leave-one-generator-out, `leakpipe sweep --logo`)
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -256,7 +259,7 @@ def _coerce(key: str, raw, typ):
             if isinstance(raw, str):
                 text = raw.strip()
                 items = json.loads(text) if text.startswith("[") else [
-                    p for p in text.split(",") if p.strip()]
+                    p.strip() for p in text.split(",") if p.strip()]
             else:
                 items = list(raw)
             return [_coerce(key, item, inner) for item in items]

@@ -47,7 +47,9 @@ class ScoreResult:
             if variant != "raw":
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
         for kind, r in m.get("open", {}).items():
-            lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {r['ovl']:.3f}")
+            lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {_ci(r, 'ovl')}")
+        for g, r in m.get("held_out", {}).get("gating_off", {}).items():
+            lines.append(f"  held-out generator {g} (never trained on) vs closed test: AUROC {_ci(r, 'auroc')}")
         lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n or n.startswith("Leakage")]
         if self.latents:
             lines.append(f"  on {self.latents}")
@@ -93,8 +95,9 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
         return load_split(ws, run_dir, name, graph.latents(ws, graph.run_config(run_dir, cfg), name).file_hashes)
 
     closed, attrs = split_of(cfg.score.closed)
-    classes = attrs["classes"]
-    by_part = {p: closed.select(closed.partition == p) for p in ("train", "val", "test")}
+    classes, held_out = attrs["classes"], run_cfg.train.exclude
+    trained_on = ~np.isin(closed.labels, held_out)  # a held-out generator's rows are never trained on
+    by_part = {p: closed.select((closed.partition == p) & trained_on) for p in ("train", "val", "test")}
     seen, leakage = ev.seen_in_training(by_part["train"], by_part["val"]), {}
 
     def clean(s, name):
@@ -109,6 +112,7 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
         if clash:
             raise UserError(f"{ws.manifest(name)}: variant(s) {', '.join(clash)} also come from another "
                             "scored manifest; give each post-processing step its own variant name")
+        pp = pp.select(~np.isin(pp.labels, held_out))
         tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
     if len(tests["raw"]) == 0:
         raise UserError(f"{ws.manifest(cfg.score.closed)} has no valid test rows to score"
@@ -126,6 +130,9 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
     figs = {"test": tests["raw"], "classes": classes, "open": None}
     kind = cfg.score.kde_embedding
     key = ev.SETTING_OF[kind]
+    if held_out:
+        left_out = clean(closed.select((closed.partition == "test") & ~trained_on), "held_out")
+        m["held_out"] = ev.held_out(by_part["train"], tests["raw"], left_out, cfg.score)
     if cfg.score.open in have:
         opened = clean(split_of(cfg.score.open)[0], cfg.score.open)
         correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], classes)

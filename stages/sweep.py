@@ -40,30 +40,75 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def select(names: str | None) -> list[str]:
+def select(names: str | None) -> dict[str, tuple[str, ...]]:
+    """{ablation: overrides} of the named ablations, or of all of them."""
     if not names:
-        return list(ABLATIONS)
+        return dict(ABLATIONS)
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in ABLATIONS]
     if unknown:
         raise UserError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
-    return chosen
+    return {n: ABLATIONS[n] for n in chosen}
 
 
-def run(ws: Workspace, config_for, names: list[str], log=print) -> dict[str, str]:
-    """Train, embed and score each ablation under its own run name; returns {ablation: run name}.
+def logo(ws: Workspace, cfg: Config) -> dict[str, tuple[str, ...]]:
+    """The leave-one-generator-out sweep: {run name: overrides}, one run per generator of the closed
+    manifest's train partition, trained without it (`train.exclude`)."""
+    import re
 
-    `config_for(overrides)` gives the workspace config with the ablation's overrides applied. An
-    ablation whose training config and cache equal those of a result already in the run cache
-    (trained under any name, such as `default`) is restored from it, not trained again.
+    from leakpipe.pipeline.manifest import read_manifest
+
+    path = ws.manifest(cfg.train.split)
+    if not path.exists():
+        raise UserError(f"no manifest {path}: `sweep --logo` holds out each generator of the training split")
+    labels = sorted({r["label"] for r in read_manifest(path, check_files=False).rows if r["partition"] == "train"})
+    if len(labels) < 3:
+        raise UserError(f"{path} has {len(labels)} generators with train rows; leaving one out needs at least 3 "
+                        "(2 to train on and 1 to hold out)")
+    plan = {f"logo-{re.sub(r'[^A-Za-z0-9._-]', '_', g)}"[:100]: (f"train.exclude={json.dumps([g])}",) for g in labels}
+    if len(plan) < len(labels):
+        raise UserError(f"{path}: generator names {', '.join(labels)} give clashing run names; rename them")
+    return plan
+
+
+def run(ws: Workspace, config_for, plan: dict[str, tuple[str, ...]], log=print) -> list[str]:
+    """Train, embed and score each entry of `plan` ({run name: overrides}) under its run name.
+
+    `config_for(overrides)` gives the workspace config with the overrides applied. An entry whose
+    training config and cache equal those of a result already in the run cache (trained under any
+    name, such as `default`) is restored from it, not trained again.
     """
-    for name in names:
-        cfg: Config = config_for(ABLATIONS[name])
-        log(f"sweep {name}: {' '.join(ABLATIONS[name]) or 'workspace config'}")
+    for name, overrides in plan.items():
+        cfg: Config = config_for(overrides)
+        log(f"sweep {name}: {' '.join(overrides) or 'workspace config'}")
         log(train.run(ws, cfg, name, log=log).summary())
         embed.run(ws, cfg, name, log=log, splits=[s for _, s in graph.score_splits(cfg) if ws.manifest(s).exists()])
         score.run(ws, cfg, name, log=log)
-    return {n: n for n in names}
+    return list(plan)
+
+
+def logo_table(ws: Workspace, names: list[str]) -> str:
+    """Open-set AUROC with its 95% interval of each held-out generator, from each LOGO run's metrics."""
+    from leakpipe.pipeline.report.evaluate import HELD_OUT_NOTE
+
+    lines = ["# Leave-one-generator-out open set", "", HELD_OUT_NOTE + ".", "",
+             "| held-out generator | run | result | n held out | n closed | AUROC, gating off | AUROC, gating on |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    aurocs = []
+    for name in names:
+        out = runs.pointed(ws, name)
+        m = json.loads((out / "metrics.json").read_text())
+        h, n_closed = m.get("held_out", {}), m["closed"]["raw"]["head"]["n"]
+        for g, v in h.get("gating_off", {}).items():
+            aurocs.append(v["auroc"])
+            lines.append(f"| {g} | {name} | {out.name} | {v['n']} | {n_closed} | {with_ci(v, 'auroc')} | "
+                         f"{with_ci(h['gating_on'].get(g, {}), 'auroc')} |")
+        if not h.get("gating_off"):
+            lines.append(f"| (none: its held-out generator has no test rows) | {name} | {out.name} | 0 | {n_closed} | | |")
+    if aurocs:
+        lines += ["", f"Mean AUROC (gating off) over {len(aurocs)} held-out generators: {sum(aurocs) / len(aurocs):.3f} "
+                  "(chance 0.500). Each interval resamples that generator's and the closed test images."]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- compare

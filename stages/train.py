@@ -53,14 +53,21 @@ def _described(lat: graph.Latents) -> str:
     return f"latents of {lat.split} (VAE {lat.source.label}, store {lat.store})"
 
 
-def _rows(p, classes=None):
-    """(train rows, train labels, val rows, val labels, classes) of the valid rows."""
+def _rows(p, exclude=(), classes=None):
+    """(train rows, train labels, val rows, val labels, classes) of the valid rows whose labels are not
+    in `exclude`."""
     import numpy as np
 
     from leakpipe.pipeline.store import latent_store
 
     valid = latent_store.valid_rows(latent_store.open_store(p.store), latent_store.hash_rows(p.file_hashes))
     rows = p.manifest.rows
+    labels = {r["label"] for r in rows}
+    absent = [g for g in exclude if g not in labels]
+    if absent:
+        raise UserError(f"train.exclude names {', '.join(absent)}, which {p.manifest.source} does not label; "
+                        f"its labels are {', '.join(sorted(labels))}")
+    valid = valid & np.array([r["label"] not in exclude for r in rows], bool)  # held out: never trained on
     classes = classes or sorted({r["label"] for r, ok in zip(rows, valid) if ok and r["partition"] == "train"})
     index = {c: i for i, c in enumerate(classes)}
     out = []
@@ -92,7 +99,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     from leakpipe.pipeline.engine import ddp as ddp_lib
     from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
 
-    tr_rows, tr_y, va_rows, va_y, classes = _rows(p)
+    tr_rows, tr_y, va_rows, va_y, classes = _rows(p, cfg.train.exclude)
     budget = cfg.compute.memory_budget_gb * 2 ** 30
     train_data, val_data = (LatentRows(p.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
     side = min(train_data.latent_shape[-2:])

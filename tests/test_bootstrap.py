@@ -144,3 +144,40 @@ def test_paired_open_set_auroc():
     better = paired_auroc(strong, weak, cfg)
     assert better["difference"] > 0.2 and better["ci"][0] > 0 and better["p"] < 0.01
     assert paired_auroc(None, weak, cfg) is None  # a run without an open set: no test, said as n/a
+
+
+def test_ovl_resamples_are_the_weighted_densities_on_the_same_grid():
+    """Each resample's OVL equals the overlap integral of the explicitly resampled kernels (centres
+    drawn, widths those of the full sample) on the full sample's grid; unit weights give metrics.ovl."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, 60), np.r_[rng.normal(1, 0.3, 30), rng.normal(-3, 2, 30)]
+    w = bootstrap.weights(120, 5, seed=4)
+    got = bootstrap.ovl(a, b, w)
+    (ca, ha), (cb, hb) = metrics.ovl_grid(a, b)[0]
+    grid = metrics.ovl_grid(a, b)[1]
+    for k in range(len(w)):
+        i, j = resampled(w[k, :60]), resampled(w[k, 60:])
+        fa, fb = metrics._mixture(grid, ca[i], ha[i]), metrics._mixture(grid, cb[j], hb[j])
+        assert got[k] == pytest.approx(np.trapezoid(np.minimum(fa, fb), grid), abs=1e-12)
+    assert bootstrap.ovl(a, b, np.ones((1, 120)))[0] == pytest.approx(metrics.ovl(a, b), abs=1e-12)
+
+
+def test_ovl_interval_covers_known_overlaps():
+    """Basic-bootstrap coverage of the true OVL (numerical integration), 40 data sets of 200 + 200
+    scores each: the evaluation issue's mixture (true 0.101) and two shifted normals (true 0.803).
+    Measured with 100 data sets of 300: 0.93 and 0.91 (the percentile interval: 0.93 and 0.65)."""
+    from scipy import integrate, stats
+
+    rng = np.random.default_rng(11)
+    mixture = lambda n: np.where(rng.random(n) < 0.1, rng.normal(-100, 2, n), rng.normal(-250, 50, n))  # noqa: E731
+    truth = integrate.quad(lambda x: min(stats.norm.pdf(x, -100, 2), 0.1 * stats.norm.pdf(x, -100, 2)
+                                         + 0.9 * stats.norm.pdf(x, -250, 50)), -600, 100, points=[-100, -250], limit=500)[0]
+    cases = [(lambda n: rng.normal(-100, 2, n), mixture, truth),
+             (lambda n: rng.normal(0, 1, n), lambda n: rng.normal(0.5, 1, n), 2 * stats.norm.cdf(-0.25))]
+    for closed, opened, true in cases:
+        hits = 0
+        for k in range(40):
+            a, b = closed(200), opened(200)
+            lo, hi = bootstrap.basic_interval(metrics.ovl(a, b), bootstrap.ovl(a, b, bootstrap.weights(400, 200, k)))
+            hits += lo <= true <= hi
+        assert hits >= 33, (true, hits)  # 95% nominal; binomial(40, 0.95) is >= 35 in 86% of runs

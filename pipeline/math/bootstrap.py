@@ -30,6 +30,14 @@ def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(np.percentile(ok, tail)), float(np.percentile(ok, 100 - tail))]
 
 
+def basic_interval(estimate: float, values: np.ndarray, level: float = 0.95) -> list[float]:
+    """The basic (reflected) bootstrap interval [2 estimate - high, 2 estimate - low]: for an estimator
+    whose resamples are biased in the same direction as the estimate itself (OVL from kernel densities),
+    it corrects that bias where the percentile interval doubles it."""
+    lo, hi = interval(values, level)
+    return [float(2 * estimate - hi), float(2 * estimate - lo)]
+
+
 def paired(difference: float, resampled: np.ndarray) -> dict:
     """A paired comparison of two scorers on the same resamples: the observed difference, the 95%
     interval of the resampled differences, and a two-sided p (twice the smaller tail beyond zero)."""
@@ -117,3 +125,29 @@ def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, target: 
 def macro_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Mean one-vs-rest AUROC over the classes drawn in each resample (Eq. 18)."""
     return _nanmean_rows(np.stack([auroc(probs[:, c], labels == c, w) for c in range(probs.shape[1])], axis=1))
+
+
+def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """Eq. 20 per resample: `metrics.ovl` with each density's kernels weighted by the draw counts
+    (w: (B, len(a) + len(b)), a's rows first). The kernels' centres move with the resample but their
+    widths stay those of the full sample (the bootstrap of the density given its bandwidth), so every
+    resample is one matrix product on the same grid."""
+    from leakpipe.pipeline.math.metrics import ovl_grid
+
+    if len(a) < 2 or len(b) < 2:
+        return np.full(len(w), np.nan)
+    kdes, grid = ovl_grid(a, b)
+    step = max(1, block // max(len(a), len(b)))
+    low = np.empty((len(w), len(grid)))
+    for s in range(0, len(grid), step):
+        f = [_weighted_mixture(grid[s:s + step], c, h, part)
+             for (c, h), part in zip(kdes, (w[:, :len(a)], w[:, len(a):]))]
+        low[:, s:s + step] = np.minimum(*f)
+    return np.clip(np.trapezoid(low, grid, axis=1), 0.0, 1.0)
+
+
+def _weighted_mixture(at: np.ndarray, centres: np.ndarray, widths: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, len(at)): sum_i w_bi N(at; centres_i, widths_i) / sum_i w_bi."""
+    z = (at[None] - centres[:, None]) / widths[:, None]
+    kernels = np.exp(-0.5 * z * z) / (widths[:, None] * np.sqrt(2 * np.pi))
+    return _ratio(w @ kernels, w.sum(axis=1, keepdims=True))

@@ -108,20 +108,24 @@ def adaptive_kde(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, h * lam
 
 
-def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
-    """Eq. 20: the overlap integral of min(f_a, f_b) of two 1-D score densities; 1 = identical,
-    0 = disjoint; NaN if either has < 2 values. Each density is an adaptive KDE (`adaptive_kde`),
-    integrated by the trapezoid rule on a grid that is uniform over both samples and refined around
-    every kernel, so narrow modes are resolved however wide the range."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    kdes = [adaptive_kde(x) for x in (a, b)]
+def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048):
+    """(adaptive KDEs of a and b, integration grid) of `ovl`: a grid uniform over both samples and
+    refined around every kernel, so narrow modes are resolved however wide the range."""
+    kdes = [adaptive_kde(np.asarray(x, np.float64)) for x in (a, b)]
     lo = min(float((c - 5 * w).min()) for c, w in kdes)
     hi = max(float((c + 5 * w).max()) for c, w in kdes)
     local = [c[::max(1, len(c) // 400), None] + w[::max(1, len(c) // 400), None] * np.linspace(-4, 4, 9)[None]
              for c, w in kdes]
-    grid = np.unique(np.concatenate([np.linspace(lo, hi, grid_points), *(x.ravel() for x in local)]))
+    return kdes, np.unique(np.concatenate([np.linspace(lo, hi, grid_points), *(x.ravel() for x in local)]))
+
+
+def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
+    """Eq. 20: the overlap integral of min(f_a, f_b) of two 1-D score densities; 1 = identical,
+    0 = disjoint; NaN if either has < 2 values. Each density is an adaptive KDE (`adaptive_kde`),
+    integrated by the trapezoid rule on `ovl_grid`."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    kdes, grid = ovl_grid(a, b, grid_points)
     fa, fb = (_mixture(grid, c, w) for c, w in kdes)
     return float(np.clip(np.trapezoid(np.minimum(fa, fb), grid), 0.0, 1.0))
 

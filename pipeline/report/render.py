@@ -217,7 +217,7 @@ def report_markdown(m: dict) -> str:
         for kind, r in m["open"].items():
             bw = fmt(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
             lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {with_ci(r, 'auroc')} | "
-                         f"{with_ci(r, 'eer')} | {fmt(r['ovl'])} | {with_ci(r, 'fpr_at_95tpr')} |")
+                         f"{with_ci(r, 'eer')} | {with_ci(r, 'ovl')} | {with_ci(r, 'fpr_at_95tpr')} |")
         lines.append("| chance | | | | 0.500 | 0.500 | | |")
         oscr = {k: r["oscr"]["area"] for k, r in m["open"].items() if "oscr" in r}
         if oscr:
@@ -230,7 +230,8 @@ def report_markdown(m: dict) -> str:
                           "| unseen generator | n | AUROC |", "|---|---:|---:|"]
                 lines += [f"| {g} | {v['n']} | {with_ci(v, 'auroc')} |" for g, v in r["per_generator"].items()]
         if "dual" in m["open"]:
-            lines += ["", f"**Warning:** {m['open']['dual']['warning']}."]
+            lines += ["", f"**Warning:** {m['open']['dual']['warning']}. Its honest replacement on known "
+                      "generators is `leakpipe sweep --logo` (leave-one-generator-out)."]
         u = m.get("unseen_threshold")
         if u:
             lines += ["", f"Unseen-generator threshold for `leakpipe attribute`: log-density "
@@ -239,6 +240,8 @@ def report_markdown(m: dict) -> str:
                       f"{fmt(u.get('open_flagged'))} of images, on the closed test {fmt(u.get('closed_test_passed'))} pass)."]
     else:
         lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
+    if m.get("held_out"):
+        lines += held_out_lines(m["held_out"])
     if m.get("leakage"):
         lines += ["", "## Leakage audit", "",
                   "Scored rows the model saw while it was trained or selected, in some form, are left out of every "
@@ -249,6 +252,18 @@ def report_markdown(m: dict) -> str:
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
     return "\n".join(lines)
+
+
+def held_out_lines(h: dict) -> list[str]:
+    """The leave-one-generator-out table: each held-out generator against the trained generators' test
+    images, gating off and on."""
+    lines = ["", "## Held-out generators (leave-one-generator-out)", "", h["note"] + ".", "",
+             "| held-out generator | n | AUROC, gating off | AUROC, gating on |", "|---|---:|---:|---:|"]
+    for g, v in h["gating_off"].items():
+        lines.append(f"| {g} | {v['n']} | {with_ci(v, 'auroc')} | {with_ci(h['gating_on'].get(g, {}), 'auroc')} |")
+    if not h["gating_off"]:
+        lines.append("| (the held-out generators have no test rows) | 0 | | |")
+    return lines
 
 
 def write_report(path: Path, m: dict) -> None:
