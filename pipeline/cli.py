@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from leakpipe.pipeline.config import PROFILES
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 
@@ -52,13 +53,16 @@ def _workspace_options(fn):
                   help="Config TOML (default: WORKSPACE/leakpipe.toml if present).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
+    @click.option("--profile", type=click.Choice(list(PROFILES)), default="paper", show_default=True,
+                  help="Defaults to start from, under the config file and --set: paper (leakpipe's) or "
+                  "authors-code (the authors' released code's; README lists every difference).")
     @functools.wraps(fn)
     @_friendly
-    def wrapper(workspace, config_file, overrides, **kwargs):
+    def wrapper(workspace, config_file, overrides, profile, **kwargs):
         ws = Workspace(workspace)
-        cfg = ws.config(config_file, overrides)
+        cfg = ws.config(config_file, overrides, profile)
         if "config_file" in inspect.signature(fn).parameters:
-            kwargs.update(config_file=config_file, overrides=overrides)
+            kwargs.update(config_file=config_file, overrides=overrides, profile=profile)
         return fn(ws=ws, cfg=cfg, **kwargs)
     return wrapper
 
@@ -91,7 +95,7 @@ def _print_summary(s: dict, path) -> None:
 @click.option("--workers", type=int, help="Encode on a local dask cluster of N worker processes.")
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
 @_workspace_options
-def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides):
+def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides, profile):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
     from leakpipe.stages import encode as stage
 
@@ -250,11 +254,17 @@ def sweep(ws, cfg, only, logo, list_only, out):
             click.echo(f"{n:<14} {' '.join(overrides) or '(workspace config)'}")
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
-    names = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra]), plan, log=_log)
+    names, failed = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra],
+                                                          params["profile"]), plan, log=_log)
     table = stage.logo_table(ws, names) if logo else stage.compare(ws, names, cfg)
+    if failed:
+        table += "\nNot run (each failed; the rest of the sweep ran):\n\n" + "".join(
+            f"- {k}: {v}\n" for k, v in failed.items())
     out = out or ws.cache / ("sweep-logo.md" if logo else "sweep.md")
     stage.write_compare(out, table)
     click.echo(table + f"-> {out}")
+    if failed:
+        raise SystemExit(1)
 
 
 @main.command()

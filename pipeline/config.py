@@ -75,18 +75,23 @@ class DiffusionConfig:
 @dataclass
 class FeaturesConfig:
     dct_k: int = 8  # k of DCT_low
-    dct_map: str = "coeffs"  # coeffs | lowpass
+    dct_map: str = "coeffs"  # coeffs | lowpass | none (z_t / sigma_t only, the authors' code)
+    standardize: bool = True  # per-timestep standardisation of f_t (false: the authors' code)
+    # statistics of the DCT channels: one mean/std per channel, or one per coefficient (per position)
+    dct_stats: str = "per_channel"
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
+    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101 | efficientnet_b4 | vit_b_16
+    init: str = ""  # a .safetensors state dict (torchvision names) to start the backbone from
     embed_dim: int = 128  # D
     prototypes: bool = True  # false: linear softmax head
     prototypes_per_class: int = 4  # M
     gating: bool = True  # false: w = 1
     tau: float = 1.0
-    tau_learnable: bool = False
+    tau_learnable: bool = False  # learned in log space, clamped to [0.5, 5] as in the authors' code
+    gate: str = "linear"  # linear: w = sigmoid(A h_bar + b) (Eq. 8) | mlp: per h_t, pooled by a_t (authors' code)
 
 
 @dataclass
@@ -97,6 +102,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4  # AdamW
     grad_clip: float = 1.0  # max gradient norm; 0 = off
+    time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
+    entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
     patience: int = 5  # epochs without a better validation macro AUC before stopping
     seed: int = 0  # initialisation, shuffling and training noise
     eval_seed: int = 1234  # noise for statistics, validation and embeddings (per image)
@@ -160,12 +167,18 @@ CHOICES = {
     "store.dtype": ("float32", "float16"),
     "latent.scale_mode": ("multiply", "divide"),
     "diffusion.schedule": ("cosine", "linear", "scaled_linear"),
-    "features.dct_map": ("coeffs", "lowpass"),
-    "model.backbone": ("resnet18", "resnet50", "resnet101"),
+    "features.dct_map": ("coeffs", "lowpass", "none"),
+    "features.dct_stats": ("per_channel", "per_coefficient"),
+    "model.backbone": ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16"),
+    "model.gate": ("linear", "mlp"),
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
     "score.embedding_map": ("pca", "tsne"),
 }
+# Keys added after results were first stored, with the default that reproduces the earlier behaviour:
+# at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
+ADDED_KEYS = {"features.standardize": True, "features.dct_stats": "per_channel", "model.init": "",
+              "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": []}
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
 TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
@@ -182,7 +195,8 @@ RANGES = [
     ("train.epochs", 1, None, ">= 1"), ("train.batch_size", 1, None, ">= 1"),
     ("train.lr", 0, None, "> 0 and finite"), ("train.weight_decay", 0, None, ">= 0 and finite"),
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
-    ("train.shuffle_chunks", 1, None, ">= 1"), ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("train.shuffle_chunks", 1, None, ">= 1"), ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
+    ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
     ("score.kde_folds", 2, None, ">= 2"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
@@ -301,14 +315,32 @@ def _apply(cfg: Config, data: dict, path) -> None:
                 raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_config(path: Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults, then the TOML file (if any), then `key=value` overrides, in that order."""
+# Named starting points under the TOML file and --set. `paper`: leakpipe's defaults (the paper's
+# method, its ambiguities resolved as the README says). `authors-code`: the defaults of the authors'
+# released pipeline/train_eval.py, each checked there (README: "Paper, authors' code and leakpipe").
+PROFILES: dict[str, tuple[str, ...]] = {
+    "paper": (),
+    "authors-code": (
+        "diffusion.schedule=linear", "diffusion.timesteps=0", "model.prototypes_per_class=6",
+        "features.dct_map=none", "features.standardize=false", "model.tau_learnable=true", "model.tau=1.0",
+        "model.gate=mlp", "train.time_dropout=0.3", "train.entropy_penalty=0.1", "train.lr=3e-4",
+        "train.batch_size=16", "train.epochs=10", "train.patience=10", "train.seed=42", "train.grad_clip=5.0"),
+}
+
+
+def load_config(path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = "paper") -> Config:
+    """Defaults, then the profile, then the TOML file (if any), then `key=value` overrides, in that order."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     cfg = Config()
+    for item in PROFILES[profile]:
+        set_value(cfg, *parse_override(item))
     if path is not None:
         try:
-            cfg = load_toml_text(Path(path).read_text(), path)
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        load_toml_text(text, path, cfg)
     for item in overrides:
         set_value(cfg, *parse_override(item))
     problems = validation_problems(cfg)
@@ -357,8 +389,8 @@ def persist_setting(path: Path, key: str, value) -> object:
     return before
 
 
-def load_toml_text(text: str, path: Path | None = None) -> Config:
-    cfg = Config()
+def load_toml_text(text: str, path: Path | None = None, cfg: Config | None = None) -> Config:
+    cfg = cfg or Config()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -55,7 +55,7 @@ class Workspace:
     def splits(self) -> list[str]:
         return sorted(p.stem for p in self.manifests.glob("*.csv"))
 
-    def config(self, config_file: Path | None = None, overrides=()) -> Config:
+    def config(self, config_file: Path | None = None, overrides=(), profile: str = "paper") -> Config:
         if config_file is None and (self.root / "leakpipe.toml").exists():
             config_file = self.root / "leakpipe.toml"
-        return load_config(config_file, overrides)
+        return load_config(config_file, overrides, profile)

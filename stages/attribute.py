@@ -60,22 +60,28 @@ def comparators(ws: Workspace, cfg, out: Path, m: dict):
     return maha, kde
 
 
-def explain(out, classes: list[str], tau: float, top: int) -> list[dict]:
-    """Per image: a_t, the top gated features (by w), the winning prototype and its responsibility."""
-    from leakpipe.pipeline.nn.model import responsibilities
+def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
+    """Per image: a_t, the top gated features (by w), every prototype's responsibility pi_cm (Eq. 15),
+    and the winning prototype with the features that contribute most to its distance (Eq. 14)."""
+    from leakpipe.pipeline.nn.model import explanation
 
+    pi_cm, r = explanation(out, prototypes, tau) if out.distances is not None else (None, None)
     rows = []
     for i in range(len(out.logits)):
         w, h = out.w[i], out.h_bar[i]
-        idx = w.argsort(descending=True)[:top]
         e = {"a_t": out.a_t[i].tolist(),
-             "top_gated_features": [{"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])} for d in idx]}
-        if out.distances is not None:
+             "top_gated_features": [{"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])}
+                                    for d in w.argsort(descending=True)[:top]]}
+        if pi_cm is not None:
             c = int(out.logits[i].argmax())
-            pi_cm = responsibilities(out.distances[i], tau)
-            m = int(pi_cm[c].argmax())
-            e["winning_prototype"] = {"generator": classes[c], "index": m, "responsibility": float(pi_cm[c, m]),
-                                      "distance": float(out.distances[i, c, m])}
+            m = int(pi_cm[i, c].argmax())
+            p = prototypes[c, m]
+            e["responsibilities"] = {g: pi_cm[i, k].tolist() for k, g in enumerate(classes)}
+            e["winning_prototype"] = {
+                "generator": classes[c], "index": m, "responsibility": float(pi_cm[i, c, m]),
+                "distance": float(out.distances[i, c, m]),
+                "top_contributions": [{"dim": int(d), "r": float(r[i, d]), "w": float(w[d]), "h_bar": float(h[d]),
+                                       "prototype": float(p[d])} for d in r[i].argsort(descending=True)[:top]]}
         rows.append(e)
     return rows
 
@@ -110,7 +116,8 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
     log_density = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
     probs = torch.softmax(o.logits, 1)
     results = []
-    for i, (p, why) in enumerate(zip(paths, explain(o, classes, cfg.model.tau, top))):
+    protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
+    for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
         order = probs[i].argsort(descending=True)[:top]
         results.append({
             "image": str(p), "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
@@ -138,4 +145,9 @@ def format_text(results: list[dict], timesteps: list[int]) -> str:
         if p:
             lines.append(f"  winning prototype: {p['generator']} #{p['index']} "
                          f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})")
+            lines.append(f"  responsibilities of {p['generator']}'s prototypes: " + ", ".join(
+                f"#{m} {v:.3f}" for m, v in enumerate(r["explanation"]["responsibilities"][p["generator"]])))
+            lines.append("  features that set its distance (r = w (h_bar - p)^2): " + ", ".join(
+                f"#{f['dim']} r {f['r']:.3f} (w {f['w']:.2f}, h_bar {f['h_bar']:.2f}, p {f['prototype']:.2f})"
+                for f in p["top_contributions"]))
     return "\n".join(lines)

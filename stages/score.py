@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +163,43 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
                       "group or source image) were left out of every metric: " +
                       ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
+    figs.update(_explanation_data(ws, run_dir, cfg, by_part["train"], tests["raw"], classes))
     return m, figs
+
+
+FIG3_ROWS = 2000  # closed test rows drawn in the per-stage maps (evenly spaced), enough for a 2-D map
+GALLERY_K = 3  # training images shown per prototype
+
+
+def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str]) -> dict:
+    """Data of the explanation figures: per-stage features of the closed test rows (Fig. 3) and, with
+    prototypes, the training images nearest to each (gallery)."""
+    from leakpipe.pipeline.engine.images import load_image
+    from leakpipe.pipeline.engine.trained import load_checked, stage_features
+    from leakpipe.pipeline.engine.vae import resolve_device
+    from leakpipe.pipeline.manifest import read_manifest
+    from leakpipe.pipeline.report.evaluate import label_index
+    from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes
+
+    pick = np.unique(np.linspace(0, len(test) - 1, min(len(test), FIG3_ROWS)).astype(int))
+    lat = graph.latents(ws, graph.run_config(run_dir, cfg), cfg.score.closed)
+    out = {"stages": stage_features(run_dir, lat.store, test.ids["row"][pick], resolve_device(cfg.compute.device),
+                                    cfg.compute.eval_batch_size),
+           "stage_labels": label_index(test, classes)[pick]}
+    tensors, _ = load_checked(run_dir, "model.safetensors")
+    if "prototypes" in tensors and len(train):
+        near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
+                                     tensors["prototypes"].numpy(), GALLERY_K)
+        manifest = read_manifest(ws.manifest(cfg.score.closed), check_files=False)
+        thumb = replace(cfg.preprocess, size=64, max_pixels=cfg.preprocess.max_pixels)
+        def picture(i):  # an image removed since it was encoded is drawn blank, not an error
+            try:
+                return load_image(manifest.abspath(int(train.ids["row"][i])), thumb)
+            except (OSError, UserError):
+                return np.full((64, 64, 3), 255, np.uint8)
+
+        out["gallery"] = [[[picture(i) for i in ks if i >= 0] for ks in per_class] for per_class in near]
+    return out
 
 
 def _baselines(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str]) -> dict:
@@ -211,7 +247,14 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
                             fig_dir / "embedding_map.png")
     report.postprocessing_figure(m["closed"], len(classes), fig_dir / "postprocessing.png")
     report.attention_figure(m["attention"], classes, m["timesteps"], fig_dir / "attention.png")
-    names = [f for f in report.FIGURES if f != "kde_scores.png"]
+    from leakpipe.pipeline.report import explain_figures as xf
+
+    xf.stage_maps_figure(figs["stages"], figs["stage_labels"], classes, fig_dir / "stage_maps.png")
+    xf.class_step_figure(m["closed"], classes, fig_dir / "class_by_step.png")
+    names = [f for f in report.FIGURES if f not in ("kde_scores.png", "prototype_gallery.png")]
+    if "gallery" in figs:
+        xf.gallery_figure(figs["gallery"], classes, fig_dir / "prototype_gallery.png")
+        names.append("prototype_gallery.png")
     if "kde_scores" in figs:
         report.kde_figure(figs["kde_scores"], m["open"], m["unseen_threshold"], fig_dir / "kde_scores.png")
         names.append("kde_scores.png")

@@ -12,10 +12,10 @@ from pathlib import Path
 from leakpipe.pipeline.ledger import graph, runs
 from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.report.render import fmt as _f, with_ci
-from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
+from leakpipe.pipeline.config import PROFILES, TRAIN_SECTIONS, Config
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import embed, score, train
+from leakpipe.stages import embed, encode, score, train
 
 ABLATIONS: dict[str, tuple[str, ...]] = {
     # Table 3: components
@@ -29,6 +29,13 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     # Table 4: backbones
     "resnet50": ("model.backbone=resnet50",),
     "resnet101": ("model.backbone=resnet101",),
+    "efficientnet_b4": ("model.backbone=efficientnet_b4",),
+    "vit_b_16": ("model.backbone=vit_b_16",),
+    # Table 3: encoders (the sweep encodes their caches first); SDXL's VAE has scaling factor 0.13025
+    "sdxl-vae": ("vae.source=stabilityai/sdxl-vae", "vae.subfolder=", "latent.scale=0.13025"),
+    "pixels": ("vae.source=pixels",),  # the authors' latent mode off
+    # the authors' released code's defaults (config.PROFILES), on top of the workspace config
+    "authors-code": PROFILES["authors-code"],
     # Table 5: timesteps, schedules, DCT map
     "T0": ("diffusion.timesteps=0",),
     "T0-5": ("diffusion.timesteps=0,5",),
@@ -71,20 +78,33 @@ def logo(ws: Workspace, cfg: Config) -> dict[str, tuple[str, ...]]:
     return plan
 
 
-def run(ws: Workspace, config_for, plan: dict[str, tuple[str, ...]], log=print) -> list[str]:
-    """Train, embed and score each entry of `plan` ({run name: overrides}) under its run name.
+def run(ws: Workspace, config_for, plan: dict[str, tuple[str, ...]], log=print) -> tuple[list[str], dict]:
+    """Encode what is missing, then train, embed and score each entry of `plan` ({run name: overrides})
+    under its run name. Returns (entries done, {entry that failed: why}).
 
     `config_for(overrides)` gives the workspace config with the overrides applied. An entry whose
     training config and cache equal those of a result already in the run cache (trained under any
     name, such as `default`) is restored from it, not trained again.
     """
+    done, failed = [], {}
     for name, overrides in plan.items():
         cfg: Config = config_for(overrides)
         log(f"sweep {name}: {' '.join(overrides) or 'workspace config'}")
-        log(train.run(ws, cfg, name, log=log).summary())
-        embed.run(ws, cfg, name, log=log, splits=[s for _, s in graph.score_splits(cfg) if ws.manifest(s).exists()])
-        score.run(ws, cfg, name, log=log)
-    return list(plan)
+        splits = [s for _, s in graph.score_splits(cfg) if ws.manifest(s).exists()]
+        try:
+            for split in dict.fromkeys([cfg.train.split, *splits]):  # an entry may change the encoder
+                if not graph.latents(ws, cfg, split).check().up_to_date:
+                    log(encode.run(ws, split, cfg, log=log).summary())
+            log(train.run(ws, cfg, name, log=log).summary())
+            embed.run(ws, cfg, name, log=log, splits=splits)
+            score.run(ws, cfg, name, log=log)
+            done.append(name)
+        except UserError as exc:  # one entry that cannot run (a VAE not at hand) does not stop the others
+            failed[name] = str(exc)
+            log(f"sweep {name}: FAILED: {exc}")
+    if failed and not done:
+        raise UserError("every sweep entry failed:\n" + "\n".join(f"  {k}: {v}" for k, v in failed.items()))
+    return done, failed
 
 
 def logo_table(ws: Workspace, names: list[str]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.ddp import launched_rank
-from leakpipe.pipeline.engine.trained import build_model
+from leakpipe.pipeline.engine.trained import build_model, init_backbone
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks, runs
 from leakpipe.pipeline.store.atomic import atomic_write_json
@@ -89,7 +89,7 @@ def _rows(p, exclude=(), classes=None):
     return (*out, classes)
 
 
-def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult, log) -> None:
+def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult, log, init: Path | None) -> None:
     import torch
     from tqdm import tqdm
 
@@ -110,7 +110,11 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     log = log if ddp.is_main else (lambda msg: None)
     result.world_size = ddp.world
     torch.manual_seed(cfg.train.seed)
-    wrapped = ddp_lib.wrap(build_model(cfg, len(classes)).to(device), ddp, device)
+    net = build_model(cfg, len(classes), train_data.latent_shape)
+    if init is not None:  # a resumed checkpoint then replaces these weights
+        for note in init_backbone(net, init):
+            log(f"train: model.init: {note}")
+    wrapped = ddp_lib.wrap(net.to(device), ddp, device)
     model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     build = FeatureBuilder(cfg, device)
@@ -138,7 +142,8 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         with tqdm(total=len(tr_rows), unit="img", desc=f"epoch {epoch}", disable=None if ddp.is_main else True,
                   leave=False) as bar:
             fit = train_epoch(wrapped, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
-                              cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp)
+                              cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp,
+                              cfg.train.time_dropout, cfg.train.entropy_penalty)
         recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size)
         val = predict(model, val_data, build, cfg.compute.eval_batch_size)
         auc = metrics.macro_auc(metrics.softmax(val["logits"]), va_y, len(classes))
@@ -159,6 +164,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         return
     save_tensors(out / "model.safetensors", best,
                  {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
+                  "latent_shape": list(train_data.latent_shape),
                   "val_macro_auc": state["best_auc"]})
     atomic_write_json(out / "history.json", state["history"])
 
@@ -188,7 +194,8 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
             start = time.perf_counter()
             with shared(plan.latents.writer_lock, f"latent store {plan.latents.store}"):
                 try:
-                    _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log)
+                    _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log,
+                         graph.init_file(ws, cfg) if cfg.model.init else None)
                 except DamagedRows as exc:
                     raise plan.latents.report_damage(exc.rows, "train") from None
             result.seconds = time.perf_counter() - start

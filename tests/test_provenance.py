@@ -137,8 +137,9 @@ def test_upstream_redone_and_output_deleted(ws):
 
 def test_code_version_change(ws, monkeypatch):
     trained(ws)
+    current = graph.SCORE_CODE
     monkeypatch.setattr(graph, "SCORE_CODE", "score-test")
-    agree(ws, ("score", "default"), want_reason="code version: score-4 -> score-test")
+    agree(ws, ("score", "default"), want_reason=f"code version: {current} -> score-test")
     before = graph.latents(Workspace(ws), Workspace(ws).config(), "closed").store
     monkeypatch.setattr(graph, "ENCODE_CODE", "encode-test")
     agree(ws, ("encode", "closed"), want_reason="code version: encode-1 -> encode-test")

@@ -87,7 +87,7 @@ def test_metrics_report_and_figures(sws):
                     "| pixel baseline |", "| linear probe on z0 |"):
         assert heading in report
     assert sorted(m["figures"]) == sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(m["figures"]) == 6
+    assert len(m["figures"]) == 9  # the six of Tables 1-3, Fig. 3, Fig. 5 and the prototype gallery
     for name in m["figures"]:
         img = np.asarray(Image.open(out / "figures" / name).convert("L"), float)
         assert img.shape[0] > 200 and img.std() > 10, name  # drawn, not blank

@@ -117,13 +117,15 @@ class FeatureBuilder:
                                  eps[:, t] if self.cfg.latent.sample else None)
         f = features.features(diffusion.diffuse(z0, eps[:, :t], self.alpha, self.sigma),
                               self.cfg.features.dct_k, self.cfg.features.dct_map)
-        return features.standardise(f, self.mean, self.std) if standardise else f
+        return features.standardise(f, self.mean, self.std) if standardise and self.cfg.features.standardize else f
 
     def fit_statistics(self, data: LatentRows, batch_size: int) -> None:
-        """Per-timestep, per-channel mean and std of f_t over `data`, with its seeded eval noise."""
+        """Per-timestep mean and std of f_t over `data` (per channel, or per DCT coefficient with
+        features.dct_stats = per_coefficient), with its seeded eval noise."""
         stats = features.RunningStats()
         shape = self.noise_shape(data.latent_shape)
         for pos, m, lv, _ in data.batches(batch_size, seed=None):
             stats.update(self(m, lv, eval_noise(data.hashes[pos], self.cfg.train.eval_seed, shape),
                               standardise=False))
-        self.mean, self.std = (x.to(self.device) for x in stats.result())
+        per_coefficient = self.cfg.features.dct_stats == "per_coefficient" and self.cfg.features.dct_map != "none"
+        self.mean, self.std = (x.to(self.device) for x in stats.result(data.latent_shape[0] if per_coefficient else 0))

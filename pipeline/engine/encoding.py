@@ -116,7 +116,7 @@ def encode_batch(vae, device, images, store_dtype: str) -> tuple[np.ndarray, np.
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     with torch.inference_mode():
-        x = to_model_range(images.to(device, non_blocking=True)).to(next(vae.parameters()).dtype)
+        x = to_model_range(images.to(device, non_blocking=True)).to(vae.dtype)
         post = vae.encode(x).latent_dist
         return (post.mean.float().cpu().numpy().astype(store_dtype),
                 post.logvar.float().cpu().numpy().astype(store_dtype))

@@ -16,12 +16,37 @@ from leakpipe.pipeline.ledger.locks import read_lock, verify
 from leakpipe.pipeline.workspace import Workspace
 
 
-def build_model(cfg: Config, n_classes: int):
+def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
+    """The model for z0 of `latent_shape` (C, h, w): f_t has 2C channels, or C without the DCT map."""
     from leakpipe.pipeline.nn.model import ProtoLeakNet
 
-    m = cfg.model
-    return ProtoLeakNet(n_classes, 2 * 4, m.backbone, m.embed_dim, m.prototypes,
-                        m.prototypes_per_class, m.gating, m.tau, m.tau_learnable)
+    m, (c, h, w) = cfg.model, latent_shape
+    in_channels = c if cfg.features.dct_map == "none" else 2 * c
+    try:
+        return ProtoLeakNet(n_classes, in_channels, m.backbone, m.embed_dim, m.prototypes, m.prototypes_per_class,
+                            m.gating, m.tau, m.tau_learnable, m.gate, min(h, w))
+    except ValueError as exc:
+        raise UserError(f"model.backbone = {m.backbone}: {exc}") from None
+
+
+def init_backbone(model, path: Path) -> list[str]:
+    """Load `model.init` (a torchvision-named .safetensors state dict) into the backbone, adapting the
+    first convolution (and a ViT's patches and position grid); returns what was adapted, in words."""
+    from safetensors.torch import load_file
+
+    from leakpipe.pipeline.nn.backbones import adapt_state
+
+    try:
+        state = load_file(str(path))
+    except (OSError, Exception) as exc:  # safetensors raises its own error types for a bad header
+        raise UserError(f"model.init = {path}: not a readable .safetensors file ({exc})") from None
+    try:
+        state, notes = adapt_state(state, model.backbone)
+    except ValueError as exc:
+        raise UserError(f"model.init = {path} does not fit model.backbone: {exc}. Give a torchvision "
+                        "state dict of the same architecture") from None
+    model.backbone.load_state_dict(state)
+    return notes
 
 
 def _checked_bytes(path: Path, lock: dict, todo: str) -> bytes:
@@ -61,7 +86,7 @@ def load_trained(out: Path, device):
         raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
     cfg = run_config(out)
     tensors, meta = load_checked(out, "model.safetensors")
-    model = build_model(cfg, len(meta["classes"]))
+    model = build_model(cfg, len(meta["classes"]), meta.get("latent_shape", (4, 32, 32)))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
     build = FeatureBuilder(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device))
     return model.to(device).eval(), build, meta["classes"], cfg
@@ -90,5 +115,29 @@ def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | No
     ids = {"path": col("path"), "group": col("group"), "source": col("source"), "row": np.nonzero(v)[0]}
     if content is not None:
         ids["content"] = np.array(content, dtype=object)[v]
-    return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min")},
+    return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min", "pi_cm", "r")},
                  col("label"), col("partition"), col("variant"), int((~v).sum()), ids), e["attrs"]
+
+
+def stage_features(result: Path, store: str, rows: np.ndarray, device, batch_size: int = 64) -> dict:
+    """The paper's Fig. 3 data for `rows` of a latent store: the backbone's pooled features after each
+    stage, then h_bar and h_bar * w, each pooled over timesteps by a_t. {name: (n, dims)}."""
+    import torch
+
+    from leakpipe.pipeline.engine.data import LatentRows, eval_noise
+
+    model, build, _, cfg = load_trained(result, device)
+    data = LatentRows(store, rows, rows * 0, 2 ** 30)
+    parts: dict[str, list] = {}
+    with torch.inference_mode():
+        for pos, m, lv, _ in data.batches(batch_size, seed=None):
+            f = build(m, lv, eval_noise(data.hashes[pos], cfg.train.eval_seed, build.noise_shape(data.latent_shape)))
+            out = model(f)
+            b, t = f.shape[:2]
+            stages = model.backbone.stages(f.flatten(0, 1))
+            named = {f"stage {i + 1}": s.view(b, t, -1) for i, s in enumerate(stages)}
+            pooled = {k: (v * out.a_t.unsqueeze(-1)).sum(1) for k, v in named.items()}
+            pooled.update({"h_bar": out.h_bar, "h_bar * w (gated)": out.h_bar * out.w})
+            for k, v in pooled.items():
+                parts.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -1,6 +1,8 @@
 """One training epoch and batched prediction: the loop of Eq. 12, nothing else."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,9 +11,27 @@ from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise
 from leakpipe.pipeline.engine.ddp import Ddp
 
 
+def time_dropout_mask(n: int, t: int, p: float, gen: torch.Generator) -> torch.Tensor | None:
+    """(n, t) bool: each timestep dropped with probability p, never all of a sample's (the first is
+    then kept, as in the authors' code); None when p = 0, drawing nothing from `gen`."""
+    if p <= 0 or t < 2:
+        return None
+    mask = torch.rand((n, t), generator=gen, device=gen.device) < p
+    mask[mask.all(dim=1), 0] = False
+    return mask
+
+
+def attention_entropy_penalty(a: torch.Tensor) -> torch.Tensor:
+    """The authors' time-entropy term: mean over samples of log T - H(a_t), 0 when a_t is uniform."""
+    a = a.clamp_min(1e-8)
+    return (math.log(a.shape[1]) + (a * a.log()).sum(dim=1)).mean()
+
+
 def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int, batch_size: int,
-                seed: int, window: int, grad_clip: float, progress=None, ddp: Ddp = Ddp()) -> dict:
-    """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch).
+                seed: int, window: int, grad_clip: float, progress=None, ddp: Ddp = Ddp(),
+                time_dropout: float = 0.0, entropy_penalty: float = 0.0) -> dict:
+    """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch). With
+    the authors' regularisers: time-dropout of h_t, and `entropy_penalty` x (log T - H(a_t)).
 
     Under DDP each rank takes its shard of every global batch (and of its eps); the loss is the
     shard's sum over the global batch size, times the world size, so DDP's gradient average is the
@@ -28,8 +48,11 @@ def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int,
         eps = torch.randn((len(pos), *shape), generator=gen, device=device)
         part = ddp.shard(len(pos))
         labels = torch.from_numpy(y[part]).to(device)
-        out = model(build(m[part], lv[part], eps[part]))
+        dropped = time_dropout_mask(len(pos), build.n_timesteps, time_dropout, gen)
+        out = model(build(m[part], lv[part], eps[part]), None if dropped is None else dropped[part])
         loss = F.cross_entropy(out.logits, labels, reduction="sum") * (ddp.world / len(pos))
+        if entropy_penalty > 0 and build.n_timesteps > 1:
+            loss = loss + entropy_penalty * attention_entropy_penalty(out.a_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -75,7 +98,9 @@ def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int) -> 
     """Outputs for every row of `data`, in its order, with each image's seeded eval noise."""
     model.eval()
     shape = build.noise_shape(data.latent_shape)
-    parts: dict[str, list] = {k: [] for k in ("logits", "h_bar", "w", "a_t", "d_min")}
+    from leakpipe.pipeline.nn.model import explanation
+
+    parts: dict[str, list] = {k: [] for k in ("logits", "h_bar", "w", "a_t", "d_min", "pi_cm", "r")}
     for pos, m, lv, _ in data.batches(batch_size, seed=None):
         out = model(build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape)))
         parts["logits"].append(out.logits.float().cpu())
@@ -84,4 +109,10 @@ def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int) -> 
         parts["a_t"].append(out.a_t.float().cpu())
         d = out.distances.amin(-1) if out.distances is not None else -out.logits
         parts["d_min"].append(d.float().cpu())
+        if out.distances is not None:
+            pi_cm, r = explanation(out, model.prototypes, model.tau)
+        else:  # the linear head has no prototypes to explain by
+            pi_cm, r = torch.zeros(len(pos), out.logits.shape[1], 1), torch.zeros_like(out.h_bar)
+        parts["pi_cm"].append(pi_cm.float().cpu())
+        parts["r"].append(r.float().cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in parts.items()}

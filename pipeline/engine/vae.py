@@ -100,9 +100,19 @@ def local_path(source: str, base: Path | None = None) -> Path:
     return base / p if base is not None and not p.is_absolute() else p
 
 
+PIXELS = "pixels"
+# what stage one stores for vae.source = pixels: the preprocessed image itself as z0's mean, and a
+# log-variance so low that latent.sample draws the image itself
+PIXELS_CONFIG = {"encoder": "identity", "latent_channels": 3, "block_out_channels": [3], "range": [-1.0, 1.0],
+                 "logvar": -30.0}  # block_out_channels: one block, no downsampling (the latent shape's factor 1)
+
+
 def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
-    """Where `vae.source` is: a .safetensors file, a diffusers folder (relative paths are relative
-    to `base`, the workspace), or else a Hub id in the local Hugging Face cache."""
+    """Where `vae.source` is: "pixels" (no VAE: the authors' latent mode off), a .safetensors file, a
+    diffusers folder (relative paths are relative to `base`, the workspace), or else a Hub id in the
+    local Hugging Face cache."""
+    if cfg.source == PIXELS:
+        return VaeSource(PIXELS, Path(PIXELS), Path(PIXELS), [], "pixels (no VAE: the preprocessed image)")
     p = local_path(cfg.source, base)
     if p.is_file():
         return _resolve_single_file(p, cfg.config, cfg.source)
@@ -117,6 +127,8 @@ def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
 
 
 def model_config(src: VaeSource) -> dict:
+    if src.kind == PIXELS:
+        return dict(PIXELS_CONFIG)
     data = json.loads(src.config_path.read_text())
     return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
 
@@ -154,6 +166,10 @@ def load_vae(src: VaeSource, dtype: str = "float32", device="cpu"):
 
     dlogging.set_verbosity_error()
     torch_dtype = getattr(torch, dtype)
+    if src.kind == PIXELS:
+        from leakpipe.pipeline.nn.pixels import PixelEncoder
+
+        return PixelEncoder(torch_dtype, PIXELS_CONFIG["logvar"]).eval().to(device)
     try:
         if src.kind == "single_file":
             vae = _from_single_file(AutoencoderKL, src, torch_dtype)
@@ -208,3 +224,4 @@ def is_random(cfg: VaeConfig, base: Path | None = None) -> bool:
     """True for a VAE written by save_random_vae (demo, tests): reports must say so."""
     p = local_path(cfg.source, base)
     return (p / RANDOM_MARKER).exists() or (p.is_file() and (p.parent / RANDOM_MARKER).exists())
+

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from leakpipe.pipeline.config import TRAIN_SECTIONS, Config, canonical_hash, load_config
+from leakpipe.pipeline.config import ADDED_KEYS, TRAIN_SECTIONS, Config, canonical_hash, load_config
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
@@ -27,8 +27,9 @@ from leakpipe.pipeline.workspace import Workspace
 # Code versions: bump one when the same inputs would give different bytes.
 ENCODE_CODE = "encode-1"
 TRAIN_CODE = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
-EMBED_CODE = "embed-1"
-SCORE_CODE = "score-4"  # 3: OVL by adaptive KDE, intervals, baselines, leakage audit; 4: saves open_scores
+EMBED_CODE = "embed-2"  # 2: stores pi_cm (Eq. 15) and r (Eq. 14)
+SCORE_CODE = "score-5"  # 3: OVL by adaptive KDE, intervals, baselines, leakage audit; 4: saves open_scores;
+# 5: OVL interval, held-out generators, explanation figures
 
 
 def section_keys(*sections: str) -> tuple[str, ...]:
@@ -49,7 +50,9 @@ def label_rows(manifest: Manifest) -> list[list[str]]:
 
 
 def values(cfg: Config, keys: tuple[str, ...]) -> dict:
-    return {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".", 1)[1]) for k in keys}
+    """The settings `keys` as fingerprinted: an added key at its backward-compatible default is left out."""
+    out = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".", 1)[1]) for k in keys}
+    return {k: v for k, v in out.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def _stamp(lock: dict) -> str:
@@ -207,13 +210,27 @@ class Training:
         return stored
 
 
+def init_file(ws: Workspace, cfg: Config) -> Path:
+    """model.init as a path (relative paths are relative to the workspace); an error if it is missing."""
+    path = Path(cfg.model.init).expanduser()
+    path = path if path.is_absolute() else ws.root / path
+    if not path.is_file():
+        raise UserError(f"model.init = {cfg.model.init}: no such file ({path}); give a .safetensors state "
+                        "dict with torchvision's parameter names, or set model.init to empty")
+    return path
+
+
 def training(ws: Workspace, cfg: Config, run: str, memo: dict | None = None) -> Training:
     current = runs.pointed(ws, run)
     lat, v = ready_latents(ws, cfg, cfg.train.split, memo)
     if not v.up_to_date:
         return Training(run, lat, v, None, None, current)
-    inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()},
-                    {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}, TRAIN_CODE)
+    files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
+    if cfg.model.init:  # the starting weights are an input: a changed file retrains
+        from leakpipe.pipeline.store.hashing import hash_file
+
+        files[f"model.init {cfg.model.init}"] = hash_file(init_file(ws, cfg))
+    inputs = Inputs(values(cfg, TRAIN_KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files, TRAIN_CODE)
     return Training(run, lat, v, inputs, runs.result_dir(ws, inputs.fingerprint()), current)
 
 

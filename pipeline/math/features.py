@@ -7,17 +7,21 @@ from leakpipe.pipeline.math.dct import dct_low
 
 
 def features(zt_over_sigma: torch.Tensor, k: int, dct_map: str) -> torch.Tensor:
-    """(B, T, C, h, w) -> f_t of shape (B, T, 2C, h, w) (Eq. 4)."""
+    """Eq. 4: (B, T, C, h, w) -> f_t of shape (B, T, 2C, h, w); with dct_map "none", z_t / sigma_t alone."""
+    if dct_map == "none":
+        return zt_over_sigma
     return torch.cat([zt_over_sigma, dct_low(zt_over_sigma, k, dct_map)], dim=2)
 
 
 def standardise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-timestep, per-channel standardisation: mean and std of shape (T, 2C)."""
-    return (f - mean[None, :, :, None, None]) / std[None, :, :, None, None]
+    """Per-timestep standardisation: mean and std of shape (T, 2C) (per channel) or (T, 2C, h, w)."""
+    if mean.dim() == 2:
+        mean, std = mean[:, :, None, None], std[:, :, None, None]
+    return (f - mean[None]) / std[None]
 
 
 class RunningStats:
-    """Per-(timestep, channel) mean and std over many batches, accumulated in float64."""
+    """Mean and std of f_t over many batches per (timestep, channel, position), in float64."""
 
     def __init__(self):
         self.n = 0
@@ -25,13 +29,21 @@ class RunningStats:
 
     def update(self, f: torch.Tensor) -> None:
         f = f.detach().double()
-        per = f.shape[0] * f.shape[-1] * f.shape[-2]
-        s1, s2 = f.sum(dim=(0, 3, 4)), (f * f).sum(dim=(0, 3, 4))
+        s1, s2 = f.sum(dim=0), (f * f).sum(dim=0)
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += per
+        self.n += f.shape[0]
 
-    def result(self, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.s1 / self.n
-        var = (self.s2 / self.n - mean * mean).clamp_min(0)
-        return mean.float(), var.sqrt().clamp_min(floor).float()
+    def result(self, dct_channels: int = 0, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std): per (timestep, channel), shape (T, 2C); with `dct_channels` > 0, the last that
+        many channels (the DCT map) keep one per position (per coefficient) and the shape is (T, 2C, h, w)."""
+        s1, s2 = self.s1 / self.n, self.s2 / self.n
+        mean, sq = s1.mean(dim=(2, 3)), s2.mean(dim=(2, 3))
+        std = (sq - mean * mean).clamp_min(0).sqrt().clamp_min(floor)
+        if not dct_channels:
+            return mean.float(), std.float()
+        full_mean = mean[:, :, None, None].expand_as(s1).clone()
+        full_std = std[:, :, None, None].expand_as(s1).clone()
+        full_mean[:, -dct_channels:] = s1[:, -dct_channels:]
+        full_std[:, -dct_channels:] = (s2 - s1 * s1)[:, -dct_channels:].clamp_min(0).sqrt().clamp_min(floor)
+        return full_mean.float(), full_std.float()

@@ -1,7 +1,6 @@
-"""Proto-LeakNet: a shared ResNet over f_t, temporal attention, gating and prototypes (Eq. 5-11).
+"""Proto-LeakNet: a shared backbone over f_t, temporal attention, gating and prototypes (Eq. 5-11).
 
-The ResNets are written in plain torch (torchvision's wheels are CUDA builds that do not import with
-the CPU torch used here); their layout and parameter counts are torchvision's.
+The backbones (paper Table 4) are in `backbones.py`; this module holds the equations and the model.
 """
 from __future__ import annotations
 
@@ -11,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leakpipe.pipeline.nn.backbones import ResNet, build as build_backbone  # noqa: F401 (ResNet re-exported)
+
+TAU_RANGE = (0.5, 5.0)  # a learnable tau is clamped to this, as in the authors' code
 
 # ------------------------------------------------------------------ equations as pure functions
 def temporal_attention(h: torch.Tensor, u: torch.Tensor, q: torch.Tensor):
@@ -40,85 +42,15 @@ def class_logits(s: torch.Tensor) -> torch.Tensor:
     return -s
 
 
+def contributions(h_bar: torch.Tensor, w: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: r_i = w_i (h_bar_i - p_cm,i)^2, feature i's share of d_cm (they sum to d_cm). (B, D)."""
+    diff = h_bar - prototype
+    return w * diff * diff
+
+
 def responsibilities(d: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """Eq. 15: pi_cm = softmax_m(-d_cm / tau), which prototype of each class explains the sample."""
     return torch.softmax(-d / tau, dim=-1)
-
-
-# ------------------------------------------------------------------ ResNets
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin: int, width: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.downsample = _shortcut(cin, width, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.downsample(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin: int, width: int, stride: int = 1):
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = _shortcut(cin, cout, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + self.downsample(x))
-
-
-def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
-    if stride == 1 and cin == cout:
-        return nn.Identity()
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-
-RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3)),
-           "resnet101": (Bottleneck, (3, 4, 23, 3))}
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet up to global average pooling, with `in_channels` inputs (Eq. 5)."""
-
-    def __init__(self, name: str = "resnet18", in_channels: int = 8):
-        super().__init__()
-        block, layers = RESNETS[name]
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin, stages = 64, []
-        for i, n in enumerate(layers):
-            width = 64 * 2 ** i
-            blocks = []
-            for j in range(n):
-                blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
-                cin = width * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_features = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3))
 
 
 # ------------------------------------------------------------------ the model
@@ -132,16 +64,32 @@ class Output:
     distances: torch.Tensor | None  # (B, C, M) or None for the linear head
 
 
+def explanation(out: "Output", prototypes: torch.Tensor, tau) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pi_cm (B, C, M) of Eq. 15 for every class and prototype, r (B, D) of Eq. 14 for the winning
+    prototype: the predicted class's most responsible one)."""
+    pi_cm = responsibilities(out.distances, tau)
+    c = out.logits.argmax(1)
+    m = pi_cm[torch.arange(len(c)), c].argmax(1)
+    return pi_cm, contributions(out.h_bar, out.w, prototypes[c, m])
+
+
 class ProtoLeakNet(nn.Module):
     def __init__(self, n_classes: int, in_channels: int = 8, backbone: str = "resnet18",
                  embed_dim: int = 128, prototypes: bool = True, prototypes_per_class: int = 4,
-                 gating: bool = True, tau: float = 1.0, tau_learnable: bool = False):
+                 gating: bool = True, tau: float = 1.0, tau_learnable: bool = False, gate_kind: str = "linear",
+                 side: int = 32):
         super().__init__()
-        self.backbone = ResNet(backbone, in_channels)
+        self.backbone = build_backbone(backbone, in_channels, side)
         self.proj = nn.Linear(self.backbone.out_features, embed_dim)
         self.attn = nn.Linear(embed_dim, embed_dim)  # W_a, b_a (Eq. 6)
         self.q = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5)
-        self.gate = nn.Linear(embed_dim, embed_dim) if gating else None  # A, b (Eq. 8)
+        self.gate_kind = gate_kind if gating else "none"
+        if self.gate_kind == "linear":
+            self.gate = nn.Linear(embed_dim, embed_dim)  # A, b (Eq. 8)
+        elif self.gate_kind == "mlp":  # the authors' FeatureAttention, applied to each h_t
+            self.gate = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
+        else:
+            self.gate = None
         if prototypes:
             self.prototypes = nn.Parameter(torch.randn(n_classes, prototypes_per_class, embed_dim) * 0.5)
             self.head = None
@@ -154,17 +102,30 @@ class ProtoLeakNet(nn.Module):
 
     @property
     def tau(self) -> torch.Tensor:
-        return (self.log_tau if self.log_tau is not None else self.fixed_log_tau).exp()
+        if self.log_tau is None:
+            return self.fixed_log_tau.exp()
+        return self.log_tau.exp().clamp(*TAU_RANGE)
 
     def embed_timesteps(self, f: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: h_t = proj(ResNet(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D)."""
+        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D)."""
         b, t = f.shape[:2]
         return self.proj(self.backbone(f.flatten(0, 1))).view(b, t, -1)
 
-    def forward(self, f: torch.Tensor) -> Output:
+    def forward(self, f: torch.Tensor, dropped: torch.Tensor | None = None) -> Output:
+        """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only)."""
         h = self.embed_timesteps(f)
+        if dropped is not None:
+            h = h.masked_fill(dropped.unsqueeze(-1), 0.0)
         a, h_bar = temporal_attention(h, self.attn(h), self.q)
-        w = gate(h_bar, self.gate.weight, self.gate.bias) if self.gate is not None else torch.ones_like(h_bar)
+        if self.gate_kind == "linear":
+            w = gate(h_bar, self.gate.weight, self.gate.bias)
+        elif self.gate_kind == "mlp":
+            w_t = torch.sigmoid(self.gate(h))
+            if dropped is not None:
+                w_t = w_t.masked_fill(dropped.unsqueeze(-1), 0.0)
+            w = (a.unsqueeze(-1) * w_t).sum(dim=1)
+        else:
+            w = torch.ones_like(h_bar)
         if self.prototypes is None:
             return Output(self.head(h_bar * w), h, a, h_bar, w, None)
         d = prototype_distances(h_bar, w, self.prototypes)

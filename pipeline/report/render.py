@@ -10,7 +10,7 @@ import numpy as np
 from leakpipe.pipeline.store.atomic import atomic_write_text
 
 FIGURES = ("confusion.png", "roc.png", "embedding_map.png", "kde_scores.png", "postprocessing.png",
-           "attention.png")
+           "attention.png", "stage_maps.png", "class_by_step.png", "prototype_gallery.png")
 
 
 def _plt():
@@ -30,9 +30,14 @@ def _save(fig, path: Path) -> None:
 
 
 def _colours(n: int):
-    """Distinct colours: tab10 up to 10 classes (tab20 pairs light and dark shades of one hue)."""
-    cmap = _plt().get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(c % cmap.N) for c in range(n)]
+    """A distinct colour per class, never grey (the open set's): tab10 without its grey up to 9 classes,
+    tab20 without its greys up to 18, then evenly spaced hues."""
+    plt = _plt()
+    if n <= 9:
+        return [plt.get_cmap("tab10")(c) for c in range(10) if c != 7][:n]
+    if n <= 18:
+        return [plt.get_cmap("tab20")(c) for c in range(20) if c not in (14, 15)][:n]
+    return [plt.get_cmap("hsv")(c / n) for c in range(n)]
 
 
 def confusion_figure(confusion: list, classes: list[str], title: str, path: Path) -> None:
@@ -85,6 +90,14 @@ def project_2d(x: np.ndarray, method: str, seed: int) -> np.ndarray:
     return centred @ vt[:2].T
 
 
+def robust_limits(x: np.ndarray, spread: float = 0.15) -> tuple[float, float]:
+    """Axis limits around the 1st-99th percentiles, widened by `spread`: a few outliers cannot squash
+    every other point into one strip (they are drawn at the edge)."""
+    lo, hi = np.percentile(x, [1, 99]) if len(x) else (0.0, 1.0)
+    pad = (hi - lo) * spread or 1.0
+    return float(lo - pad), float(hi + pad)
+
+
 def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: list[str], opened: np.ndarray,
                      method: str, seed: int, path: Path) -> None:
     plt = _plt()
@@ -98,7 +111,7 @@ def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: lis
         p = xy[:len(closed)][closed_labels == c]
         ax.scatter(p[:, 0], p[:, 1], s=10, color=colours[c], label=name)
     name = {"pca": "PCA", "tsne": "t-SNE"}[method]
-    ax.set(xlabel=f"{name} 1", ylabel=f"{name} 2",
+    ax.set(xlim=robust_limits(xy[:, 0]), ylim=robust_limits(xy[:, 1]), xlabel=f"{name} 1", ylabel=f"{name} 2",
            title=f"embeddings h_bar of the closed test set and the open set ({name})")
     ax.legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, path)

@@ -3,7 +3,9 @@
 Arrays, row-aligned with the split's manifest (rows that are not valid in the latent cache, such as
 unreadable images, have valid = false and zeros elsewhere):
     h_bar (N, D), w (N, D), a_t (N, T), logits (N, C), pi (N, C) = softmax(logits),
-    d_min (N, C) smallest prototype distance per class, valid (N,) bool
+    d_min (N, C) smallest prototype distance per class, pi_cm (N, C, M) prototype responsibilities
+    (Eq. 15), r (N, D) per-feature contributions to the winning prototype's distance (Eq. 14),
+    valid (N,) bool
 Attributes: classes, timesteps, model and latent fingerprints.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import zarr
 
 from leakpipe.pipeline.store.atomic import atomic_path
 
-ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min")
+ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min", "pi_cm", "r")
 
 
 def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray],

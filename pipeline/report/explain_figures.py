@@ -1,0 +1,98 @@
+"""The explanation figures of the report: the paper's Fig. 3 (features after each backbone stage),
+Fig. 5 (top-1 per generator and post-processing step), and a prototype gallery (beyond the paper)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from leakpipe.pipeline.report.render import _colours, _plt, _save, project_2d, robust_limits
+
+
+def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path) -> None:
+    """Fig. 3: a 2-D PCA of the pooled features after each backbone stage, of h_bar and of the gated
+    h_bar * w, closed test images coloured by generator."""
+    plt = _plt()
+    names = list(stages)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    colours = _colours(len(classes))
+    for ax, name in zip(axes.flat, names):
+        xy = project_2d(stages[name].astype(np.float64), "pca", 0)
+        for c, cname in enumerate(classes):
+            p = xy[labels == c]
+            ax.scatter(p[:, 0], p[:, 1], s=6, color=colours[c], label=cname)
+        ax.set(xlim=robust_limits(xy[:, 0]), ylim=robust_limits(xy[:, 1]), xticks=[], yticks=[])
+        ax.set_title(f"{name} ({stages[name].shape[1]} dims)", fontsize=9)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, markerscale=1.5, loc="best")
+    fig.suptitle("closed test features after each backbone stage, pooled over timesteps by a_t (PCA)", fontsize=10)
+    _save(fig, path)
+
+
+def per_class_recall(closed: dict) -> tuple[list[str], np.ndarray]:
+    """(variants, (classes, variants) top-1 of each generator's images) from the head's confusions."""
+    variants = list(closed)
+    recall = []
+    for v in variants:
+        cm = np.asarray(closed[v]["head"]["confusion"], float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall.append(np.diag(cm) / cm.sum(1))
+    return variants, np.stack(recall, axis=1)
+
+
+def class_step_figure(closed: dict, classes: list[str], path: Path) -> None:
+    """Fig. 5: top-1 of each generator's images (rows) at each post-processing step (columns)."""
+    plt = _plt()
+    variants, recall = per_class_recall(closed)
+    fig, ax = plt.subplots(figsize=(1.8 + 0.9 * len(variants), 1.2 + 0.4 * len(classes)))
+    im = ax.imshow(np.nan_to_num(recall, nan=0.0), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(classes)):
+        for j in range(len(variants)):
+            text = "n/a" if np.isnan(recall[i, j]) else f"{recall[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if recall[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(variants)), variants, fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set(xlabel="post-processing step", title="top-1 per generator and step (head)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="top-1")
+    _save(fig, path)
+
+
+def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, prototypes: np.ndarray,
+                          k: int) -> np.ndarray:
+    """(C, M, k) indices of the training rows of class c nearest to prototype (c, m) by d_cm (Eq. 9),
+    -1 where the class has fewer than k rows."""
+    n_c, n_m, _ = prototypes.shape
+    out = np.full((n_c, n_m, k), -1, np.int64)
+    for c in range(n_c):
+        rows = np.nonzero(labels == c)[0]
+        for m in range(n_m):
+            d = (w[rows] * (h_bar[rows] - prototypes[c, m]) ** 2).sum(1)
+            near = rows[np.argsort(d, kind="stable")[:k]]
+            out[c, m, :len(near)] = near
+    return out
+
+
+def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], path: Path) -> None:
+    """The prototype gallery: per generator (rows) and prototype (column groups), the training images
+    nearest to the prototype."""
+    plt = _plt()
+    n_m, k = len(thumbs[0]), max(len(t) for row in thumbs for t in row)
+    fig, axes = plt.subplots(len(classes), n_m * k, figsize=(0.9 * n_m * k + 1, 0.95 * len(classes) + 0.6),
+                             squeeze=False)
+    for c, row in enumerate(thumbs):
+        for m, images in enumerate(row):
+            for j in range(k):
+                ax = axes[c, m * k + j]
+                ax.set_xticks([]), ax.set_yticks([])
+                if j < len(images):
+                    ax.imshow(images[j])
+                else:
+                    ax.axis("off")
+                if c == 0 and j == 0:
+                    ax.set_title(f"prototype {m}", fontsize=7, loc="left")
+            axes[c, m * k].set_ylabel(classes[c] if m == 0 else "", fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"training images nearest to each prototype (d_cm of Eq. 9; {k} per prototype)", fontsize=9)
+    _save(fig, path)
