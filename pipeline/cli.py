@@ -216,21 +216,34 @@ def embed(ws, cfg, run_name, splits):
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--run", "run_name", default="default", show_default=True, help="A scored run.")
+@click.option("--run", "run_name", default="default", show_default=True, help="A scored run of the workspace.")
+@click.option("--model", help="An exported attributor instead of a run: a folder written by `leakpipe export`, "
+              "or a Hugging Face Hub repository id holding one; works outside any workspace.")
+@click.option("--vae", "vae_source", help="Where the attributor's VAE is on this machine (Hub id, folder or "
+              ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.")
 @click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_workspace_options
-def attribute(ws, cfg, images, run_name, top, as_json):
+def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
     from leakpipe.stages import attribute as stage
 
-    results = stage.run(ws, cfg, list(images), run_name, top)
-    if as_json:
-        click.echo(json.dumps(results, indent=1))
-    else:
-        from leakpipe.pipeline.ledger import graph, runs
+    results = stage.run(ws, cfg, list(images), run_name, top, model, vae_source)
+    click.echo(json.dumps(results, indent=1) if as_json else stage.format_text(results))
 
-        click.echo(stage.format_text(results, graph.run_config(runs.pointed(ws, run_name)).diffusion.timesteps))
+
+@main.command()
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--run", "run_name", default="default", show_default=True, help="The scored run to export.")
+@_workspace_options
+def export(ws, cfg, dest, run_name):
+    """Write a scored run as a self-contained attributor folder DEST (weights, reference embeddings,
+    threshold, encoder identity, metrics, model card) for `leakpipe attribute --model`."""
+    from leakpipe.pipeline.engine.attributor import export as do_export
+
+    out = do_export(ws, cfg, run_name, dest)
+    click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
+               f"attribute with `leakpipe attribute --model {out} IMAGE...`")
 
 
 @main.command()

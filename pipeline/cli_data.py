@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from leakpipe.pipeline.cli import _log, _print_summary, _user_errors, _workspace_options, main
+from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 
 
@@ -28,7 +29,8 @@ def manifest():
 @click.option("--group-by", help="A regex on each file name (its first group, e.g. 'prompt(\\d+)') or a CSV "
               "(path,group) giving each image a group: ratio splits keep a group in one partition, "
               "intervals resample groups, and score audits them for leakage.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the ratio split (the same seed and files give the same partitions).")
 @click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
 @_workspace_options
 def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant, group_by):
@@ -99,7 +101,7 @@ def _steps(text: str) -> tuple[int, ...]:
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
 @click.option("--difficulty", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Fingerprint strength is 1/difficulty.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the images, the split and the post-processing.")
 @click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
 @_workspace_options
@@ -120,11 +122,14 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 @main.command()
 @click.option("--split", required=True, help="Manifest to copy from.")
 @click.option("--partition", default="test", show_default=True, help="Rows to copy ('all' for every row).")
-@click.option("--steps", default="1,2,3", show_default=True)
+@click.option("--steps", default="1,2,3", show_default=True,
+              help="Comma-separated steps k: each image of step k gets 1 to k distinct operations in random order, "
+              "drawn from JPEG and WebP re-encoding, resize, crop, rotation, blur, brightness/contrast and "
+              "greyscale; one variant (stepK) per step, each operation recorded in the ops column.")
 @click.option("--name", help="Output manifest [default: SPLIT-pp].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Image folder [default: WORKSPACE/data/NAME].")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the operations and their parameters.")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
 @_workspace_options
 def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
@@ -168,3 +173,53 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
     click.echo("\n".join(lines))
     click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
                f"report {ws.cache / 'runs' / 'default' / 'report.md'}")
+
+
+@main.group()
+def vae():
+    """The frozen VAE of stage one: make a random one for trying leakpipe offline, or inspect a source."""
+
+
+@vae.command("random")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights (same seed, same bytes).")
+@_user_errors
+def vae_random(path, seed):
+    """Save the demo's seeded random AutoencoderKL (SD2.1's layout at a quarter width) to PATH."""
+    from leakpipe.pipeline.engine.vae import save_random_vae
+    from leakpipe.stages.demo import DEMO_VAE_BLOCKS
+
+    if (path / "config.json").exists():
+        raise UserError(f"{path} already holds a VAE (config.json); give a new folder")
+    save_random_vae(path, DEMO_VAE_BLOCKS, seed=seed)
+    click.echo(f"vae random: seeded random weights (seed {seed}) in {path}; use it with "
+               f"`leakpipe encode --vae {path}`. Its numbers show the pipeline working, not a real encoder.")
+
+
+@vae.command("info")
+@click.argument("source")
+@_workspace_options
+def vae_info(ws, cfg, source):
+    """Where SOURCE (Hub id, diffusers folder or .safetensors) resolves, its architecture, parameter
+    count, scaling factor and encoder fingerprint under the workspace's preprocessing."""
+    from leakpipe.pipeline.engine import vae as vae_lib
+    from leakpipe.pipeline.store.hashing import HashCache
+
+    cfg.vae.source = source
+    src = vae_lib.resolve(cfg.vae, ws.root)
+    arch = vae_lib.model_config(src)
+    total, encoder = vae_lib.parameter_counts(src)
+    fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache))
+    keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
+    where = src.label if src.kind == vae_lib.PIXELS else f"{src.kind} {src.location}"
+    lines = [f"source:         {source}", f"resolves to:    {where}",
+             f"weights:        {', '.join(str(w) for w in src.weights) or '(none)'}",
+             "architecture:   " + ", ".join(f"{k} {arch[k]}" for k in keys if k in arch),
+             f"parameters:     {total:,} ({encoder:,} in the encoder stage one runs)",
+             f"scaling factor: {arch.get('scaling_factor', 'not in its config (SD uses 0.18215)')}; "
+             f"leakpipe's latent.scale is {cfg.latent.scale}",
+             f"fingerprint:    {fp} (store cache/latents/SPLIT/{fp[:12]}.zarr with preprocess.size "
+             f"{cfg.preprocess.size}, vae.dtype {cfg.vae.dtype}, store.dtype {cfg.store.dtype})"]
+    if vae_lib.is_random(cfg.vae, ws.root):
+        lines.append("note:           seeded random weights (leakpipe vae random or the demo), not a pretrained VAE")
+    click.echo("\n".join(lines))

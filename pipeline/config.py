@@ -134,6 +134,13 @@ class ScoreConfig:
 
 
 @dataclass
+class LogConfig:
+    """Execution only: never part of a fingerprint."""
+
+    tensorboard: bool = False  # event files under each result's tensorboard/ (needs leakpipe[tensorboard])
+
+
+@dataclass
 class ComputeConfig:
     """Execution only: never part of a fingerprint."""
 
@@ -155,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -288,7 +296,19 @@ def set_value(cfg: Config, key: str, raw) -> None:
     """Set dotted `key` to `raw` with type checking; unknown keys list the valid ones."""
     keys = valid_keys(cfg)
     if key not in keys:
-        raise ConfigError(f"unknown setting {key!r}. Valid keys:\n  " + "\n  ".join(keys))
+        import difflib
+
+        section, _, name = key.rpartition(".")
+        same = [k.split(".", 1)[1] for k in keys if k.split(".")[0] == section]
+        if same:  # a known section: compare the name with its keys only
+            near = [f"{section}.{n}" for n in difflib.get_close_matches(name, same, n=3, cutoff=0.6)]
+        else:
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.7) or [
+                k for k in keys if k.split(".", 1)[1] in difflib.get_close_matches(name, [x.split(".", 1)[1] for x in keys], 3, 0.75)]
+        hint = (f"did you mean {' or '.join(near)}?" if near else
+                f"the keys of [{section}] are {', '.join(same)}" if same else
+                f"sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}")
+        raise ConfigError(f"unknown setting {key!r}: {hint} (`leakpipe config` lists every key)")
     section_name, name = key.split(".", 1)
     section = getattr(cfg, section_name)
     value = _coerce(key, raw, _field_type(section, name))

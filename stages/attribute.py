@@ -14,8 +14,6 @@ import numpy as np
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.pipeline.report.evaluate import embedding
-from leakpipe.pipeline.engine.trained import load_split, load_trained
-from leakpipe.pipeline.ledger import runs
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
@@ -45,21 +43,6 @@ def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> 
     return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
 
 
-def comparators(ws: Workspace, cfg, out: Path, m: dict):
-    """Mahalanobis and the unseen KDE, fitted on the run's closed training embeddings."""
-    from leakpipe.pipeline.report.evaluate import label_index
-    from leakpipe.pipeline.math.kde import GaussianKDE
-    from leakpipe.pipeline.math.mahalanobis import Mahalanobis
-
-    closed, _ = load_split(ws, out, cfg.score.closed)
-    tr = closed.select(closed.partition == "train")
-    maha = Mahalanobis(len(m["classes"]), cfg.score.maha_floor).fit(tr.embedding("h_bar"),
-                                                                   label_index(tr, m["classes"]))
-    u = m["unseen_threshold"]
-    kde = GaussianKDE(bandwidth=u["bandwidth"], dtype=cfg.score.kde_dtype).fit(tr.embedding(u["embedding"]))
-    return maha, kde
-
-
 def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     """Per image: a_t, the top gated features (by w), every prototype's responsibility pi_cm (Eq. 15),
     and the winning prototype with the features that contribute most to its distance (Eq. 14)."""
@@ -86,37 +69,47 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     return rows
 
 
-def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int = 3) -> list[dict]:
-    """`ws_cfg` (the workspace config) gives the device and the score settings; the model, VAE and
-    preprocessing come from the run's own config."""
-    import torch
-
-    from leakpipe.pipeline.store import latent_store
-    from leakpipe.pipeline.engine.data import eval_noise
-    from leakpipe.pipeline.store.hashing import hash_file
+def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int = 3,
+        model: str | None = None, vae: str | None = None) -> list[dict]:
+    """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
+    folder or Hub id). `ws_cfg` (the workspace config) gives the device and the score settings; the
+    model, VAE and preprocessing come from the attributor's own config (`vae` overrides where its VAE
+    is, and must have the same encoder fingerprint)."""
+    from leakpipe.pipeline.engine import attributor as att_lib
     from leakpipe.pipeline.engine.vae import resolve_device
 
-    out = runs.pointed(ws, run)
-    if out is None or not (out / "metrics.json").exists():
-        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
-                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
-    m = json.loads((out / "metrics.json").read_text())
     device = resolve_device(ws_cfg.compute.device)
-    model, build, classes, cfg = load_trained(out, device)
+    att = (att_lib.from_folder(att_lib.locate(model), device) if model else
+           att_lib.from_result(ws, ws_cfg, run, device))
+    if vae:
+        att.cfg.vae.source, att.base = vae, Path.cwd()
+    att_lib.check_encoder(att)
+    return attribute(att, ws_cfg, paths, top, run if not model else model)
+
+
+def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict]:
+    import torch
+
+    from leakpipe.pipeline.engine.data import eval_noise
+    from leakpipe.pipeline.store import latent_store
+    from leakpipe.pipeline.store.hashing import hash_file
+
+    cfg, model, build, classes = att.cfg, att.model, att.build, att.classes
+    device = build.device
     images = load_images(paths, cfg)
-    mean, logvar = encode_images(images, cfg, device, ws.root)
+    mean, logvar = encode_images(images, cfg, device, att.base)
     hashes = latent_store.hash_rows([hash_file(Path(p)) for p in paths])
     with torch.inference_mode():
         o = model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
         o = type(o)(**{k: (v.float().cpu() if v is not None else None) for k, v in vars(o).items()})
-    maha, kde = comparators(ws, ws_cfg, out, m)
-    u = m["unseen_threshold"]
+    maha, kde = att.comparators(ws_cfg.score)
+    u = att.threshold
     emb = o.h_bar.double().numpy()
     maha_s = maha.score(emb)
     log_density = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
     probs = torch.softmax(o.logits, 1)
-    results = []
     protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
+    results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
         order = probs[i].argsort(descending=True)[:top]
         results.append({
@@ -124,14 +117,15 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
             "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
             "kde_log_density": float(log_density[i]), "unseen_threshold": u["log_density_threshold"],
             "unseen_generator": bool(log_density[i] < u["log_density_threshold"]), "explanation": why,
-            "run": run, "result": out.name, "vae": cfg.vae.source})
+            "attributor": att.name, "run": label, "result": att.result, "vae": cfg.vae.source, "timesteps": cfg.diffusion.timesteps})
     return results
 
 
-def format_text(results: list[dict], timesteps: list[int]) -> str:
+def format_text(results: list[dict]) -> str:
     lines = []
     for r in results[:1]:
-        lines.append(f"run {r['run']} (result {r['result']}), VAE {r['vae']}")
+        lines.append(f"{r['attributor']}, VAE {r['vae']}")
+    timesteps = results[0]["timesteps"] if results else []
     for r in results:
         flag = "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
         lines += [r["image"],

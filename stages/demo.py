@@ -60,6 +60,10 @@ def run(ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpe
     setup(ws, vae_source, spec, epochs, log=log)
     cfg = cfg_loader()
     lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae, ws.root) else []
+    lines.append(f"demo data: {spec.n_closed} known + {spec.n_open} unseen generators x {spec.per_generator} "
+                 f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "
+                 "the strength of `leakpipe synth`'s default 1.0); compare its numbers only with baselines at "
+                 "the same difficulty, such as the ones in its own report")
     for split in ("closed", "closed-pp", "open"):
         lines.append(encode.run(ws, split, cfg, log=log).summary())
     lines.append(train.run(ws, cfg, "default", log=log).summary())

@@ -67,7 +67,7 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
 
 def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     import numpy as np
-    from tqdm import tqdm
+    from leakpipe.pipeline.progress import progress
 
     from leakpipe.pipeline.store import latent_store
     from leakpipe.pipeline.engine.encoding import ChunkWriter, encode_pending
@@ -93,7 +93,7 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
         f"{p.source.label} on {device}")
     paths = [p.manifest.abspath(i) for i in range(len(want))]
     start = time.perf_counter()
-    with tqdm(total=len(pending), unit="img", desc=f"encode {p.manifest.name}", disable=None) as bar:
+    with progress(len(pending), f"encode {p.manifest.name}") as bar:
         if cfg.encode.workers or cfg.encode.scheduler:
             from leakpipe.pipeline.engine import distributed
 

@@ -261,6 +261,18 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config) -> list[Path]
     for stale in set(p.name for p in fig_dir.glob("*.png")) - set(names):
         (fig_dir / stale).unlink()
     m["figures"] = sorted(names)
+    if cfg.log.tensorboard:
+        from leakpipe.pipeline.engine import tboard
+        from leakpipe.pipeline.engine.trained import load_checked
+
+        board = tboard.writer(run_dir / "tensorboard" / "score", fresh=True)
+        opened = figs["open"]
+        protos = load_checked(run_dir, "model.safetensors")[0].get("prototypes")
+        tboard.score(board, metrics.softmax(test.arrays["logits"].astype(np.float64)), y, classes,
+                     test.arrays["h_bar"], opened.arrays["h_bar"] if opened is not None else np.zeros((0, 1)),
+                     opened.labels if opened is not None else [], None if protos is None else protos.numpy(),
+                     fig_dir / "roc.png")
+        board.close()
     atomic_write_json(run_dir / "metrics.json", m)
     report.write_report(run_dir / "report.md", m)
     files = [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]

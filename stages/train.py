@@ -91,7 +91,7 @@ def _rows(p, exclude=(), classes=None):
 
 def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult, log, init: Path | None) -> None:
     import torch
-    from tqdm import tqdm
+    from leakpipe.pipeline.progress import progress
 
     from leakpipe.pipeline.math import metrics
     from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, save_tensors
@@ -136,11 +136,15 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
         + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
         + ("" if train_data.in_memory else " (streaming latents by chunk)"))
+    board = None
+    if cfg.log.tensorboard and ddp.is_main:
+        from leakpipe.pipeline.engine import tboard
+
+        board = tboard.writer(out / "tensorboard" / "train", purge_step=state["epoch"] + 1)
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if epoch - state["best_epoch"] > cfg.train.patience and state["best_epoch"]:
             break
-        with tqdm(total=len(tr_rows), unit="img", desc=f"epoch {epoch}", disable=None if ddp.is_main else True,
-                  leave=False) as bar:
+        with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
             fit = train_epoch(wrapped, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
                               cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp,
                               cfg.train.time_dropout, cfg.train.entropy_penalty)
@@ -150,6 +154,8 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
                                  "val_acc": metrics.top1(val["logits"], va_y)})
         log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val macro AUC {auc:.4f}")
+        if board is not None:
+            tboard.epoch(board, epoch, fit, val, auc, opt.param_groups[0]["lr"], cfg.diffusion.timesteps)
         is_best = auc > state["best_auc"]
         if is_best:
             state["best_auc"], state["best_epoch"] = auc, epoch
@@ -159,6 +165,8 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         if ddp.is_main:  # every rank holds the same weights; one writes them
             save_checkpoint(ckpt_dir, model, opt, best, state)
         ddp.barrier()
+    if board is not None:
+        board.close()
     result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
     if not ddp.is_main:
         return

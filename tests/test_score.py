@@ -14,6 +14,9 @@ from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import encode, train
+from click.testing import CliRunner
+
+from leakpipe.pipeline.cli import main
 from tests.conftest import TINY_BLOCKS, cli
 
 SETS = ["--set", "train.epochs=4", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2"]
@@ -157,6 +160,41 @@ def test_attribute_matches_the_stored_embeddings(sws):
         assert isinstance(res[k]["unseen_generator"], bool)
     text = cli(sws, "attribute", paths[0], *SETS).output
     assert "winning prototype" in text and "KDE log-density" in text
+
+
+def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch):
+    score(sws)
+    rows = read_manifest(sws / "manifests" / "closed.csv")
+    paths = [str(rows.abspath(i)) for i, r in enumerate(rows.rows) if r["partition"] == "test"][:3]
+    inside = json.loads(cli(sws, "attribute", *paths, "--json", *SETS).stdout)
+    r = cli(sws, "export", str(tmp_path / "att"), *SETS)
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "att" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: leakpipe\n") and "model-index:" in card and "Random-weight VAE" in card
+    assert {p.name for p in (tmp_path / "att").iterdir()} == {"model.safetensors", "reference.safetensors", "config.json",
+                                                               "metrics.json", "attributor.json", "README.md"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)
+    vae = str(Workspace(sws).config().vae.source)
+    vae = vae if vae.startswith("/") else str(sws / vae)
+    out = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), "--vae", vae, *paths, "--json"])
+    assert out.exit_code == 0, out.output
+    outside = json.loads(out.stdout)
+    for a, b in zip(inside, outside):
+        for key in ("top", "mahalanobis", "kde_log_density", "unseen_threshold", "unseen_generator", "explanation", "result"):
+            assert a[key] == b[key], key
+    other = tmp_path / "other-vae"
+    save_random_vae(other, TINY_BLOCKS, seed=5)
+    refused = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), "--vae", str(other), paths[0]])
+    assert refused.exit_code != 0 and "encoder fingerprint" in refused.output and "--vae" in refused.output
+    with open(tmp_path / "att" / "reference.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    damaged = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), "--vae", vae, paths[0]])
+    assert damaged.exit_code != 0 and "reference.safetensors missing or damaged" in damaged.output
+    again = cli(sws, "export", str(tmp_path / "att"), *SETS)
+    assert again.exit_code != 0 and "not empty" in again.output
 
 
 def test_attribute_and_score_errors(sws, tmp_path):

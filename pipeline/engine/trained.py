@@ -80,12 +80,16 @@ def load_checked_scores(result: Path) -> dict | None:
 
 def load_trained(out: Path, device):
     """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
-    from leakpipe.pipeline.engine.data import FeatureBuilder
-
     if not (out / "model.safetensors").exists():
         raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
-    cfg = run_config(out)
     tensors, meta = load_checked(out, "model.safetensors")
+    return model_from(tensors, meta, run_config(out), device)
+
+
+def model_from(tensors: dict, meta: dict, cfg: Config, device):
+    """(model in eval mode, FeatureBuilder, classes, cfg) from a model.safetensors' tensors and metadata."""
+    from leakpipe.pipeline.engine.data import FeatureBuilder
+
     model = build_model(cfg, len(meta["classes"]), meta.get("latent_shape", (4, 32, 32)))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
     build = FeatureBuilder(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device))

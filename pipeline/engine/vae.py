@@ -133,6 +133,23 @@ def model_config(src: VaeSource) -> dict:
     return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
+def parameter_counts(src: VaeSource) -> tuple[int, int]:
+    """(all parameters, those of the encoder and quant_conv that stage one runs), read from the
+    safetensors headers without loading any weights."""
+    from safetensors import safe_open
+
+    total = encoder = 0
+    for path in src.weights:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+                encoder += n if key.startswith(("encoder.", "quant_conv.")) else 0
+    return total, encoder
+
+
 def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code: str = "encode-1") -> str:
     """Hash of (weights bytes, VAE config, preprocessing, dtypes, encode's code version): SPEC section 3.
     A new code version means other bytes for the same image, so a new store; the first version is
