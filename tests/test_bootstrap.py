@@ -31,6 +31,8 @@ def test_every_metric_matches_a_loop_over_explicit_resamples(data):
            "auroc": bootstrap.auroc(scores, positive, w),
            "eer": bootstrap.eer(scores, positive, w),
            "fpr95": bootstrap.fpr_at_tpr(scores, positive, w)}
+    per_class = bootstrap.per_class_auc(probs, labels, w)
+    assert np.allclose(bootstrap.macro_auc(probs, labels, w, per_class), got["macro_auc"], atol=1e-15)
     for b in range(len(w)):
         i = resampled(w[b])
         recalls = [np.mean(pred[i][labels[i] == k] == k) for k in range(4) if (labels[i] == k).any()]
@@ -40,6 +42,8 @@ def test_every_metric_matches_a_loop_over_explicit_resamples(data):
                 "fpr95": metrics.fpr_at_tpr(scores[i], positive[i], 0.95)}
         for k in want:
             assert got[k][b] == pytest.approx(want[k], abs=1e-12), (k, b)
+        for k in range(4):
+            assert per_class[b, k] == pytest.approx(metrics.roc_auc(probs[i, k], labels[i] == k), abs=1e-12), (k, b)
 
 
 def test_groups_are_drawn_whole():

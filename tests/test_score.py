@@ -71,6 +71,10 @@ def test_metrics_report_and_figures(sws):
         for k in keys:
             lo, hi = r["ci"][k]
             assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
+    for scorer in ("head", "mahalanobis"):  # per-class AUC intervals, around each class's AUC
+        r = m["closed"]["raw"][scorer]
+        assert len(r["ci"]["per_class_auc"]) == 4
+        assert all(lo - 1e-9 <= a <= hi + 1e-9 for a, (lo, hi) in zip(r["per_class_auc"], r["ci"]["per_class_auc"]))
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"]["top5"] is None  # 4 classes
     b = m["baselines"]  # beside the model on the same images: chance, pixels, a probe on z0
@@ -89,6 +93,8 @@ def test_metrics_report_and_figures(sws):
     for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval",
                     "| pixel baseline |", "| linear probe on z0 |"):
         assert heading in report
+    robustness = report.split("## Table 2")[1].split("## Table 3")[0]  # every cell with its interval
+    assert robustness.count(" [") == 2 * 2 * len(m["closed"]) and "Per-class" in report.split("## Table 2")[0]
     assert sorted(m["figures"]) == sorted(p.name for p in (out / "figures").glob("*.png"))
     assert len(m["figures"]) == 9  # the six of Tables 1-3, Fig. 3, Fig. 5 and the prototype gallery
     for name in m["figures"]:

@@ -122,9 +122,15 @@ def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, target: 
     return np.where(tpr >= target - 1e-12, fpr, np.inf).min(axis=1)
 
 
-def macro_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Mean one-vs-rest AUROC over the classes drawn in each resample (Eq. 18)."""
-    return _nanmean_rows(np.stack([auroc(probs[:, c], labels == c, w) for c in range(probs.shape[1])], axis=1))
+def per_class_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, C): each class's one-vs-rest AUROC per resample, NaN where the class was not drawn."""
+    return np.stack([auroc(probs[:, c], labels == c, w) for c in range(probs.shape[1])], axis=1)
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, per_class: np.ndarray | None = None) -> np.ndarray:
+    """Mean one-vs-rest AUROC over the classes drawn in each resample (Eq. 18); `per_class`: that
+    function's result, when already computed."""
+    return _nanmean_rows(per_class_auc(probs, labels, w) if per_class is None else per_class)
 
 
 def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, block: int = 1 << 22) -> np.ndarray:

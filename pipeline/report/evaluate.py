@@ -83,10 +83,11 @@ def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor:
                 r["ece"] = metrics.expected_calibration_error(scores, y)
             if n_boot and len(y):
                 w = bootstrap.weights(len(y), n_boot, seed, s.groups)
-                pred = scores.argmax(1)
+                pred, per_class = scores.argmax(1), bootstrap.per_class_auc(scores, y, w)
                 r["ci"] = {"top1": bootstrap.interval(bootstrap.top1(pred == y, w)),
                            "balanced_accuracy": bootstrap.interval(bootstrap.balanced_accuracy(pred, y, len(classes), w)),
-                           "macro_auc": bootstrap.interval(bootstrap.macro_auc(scores, y, w))}
+                           "macro_auc": bootstrap.interval(bootstrap.macro_auc(scores, y, w, per_class)),
+                           "per_class_auc": [bootstrap.interval(col) for col in per_class.T]}
             out[variant][scorer] = r
     return out
 

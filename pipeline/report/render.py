@@ -174,10 +174,14 @@ def fmt(x, digits=3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def with_ci(r: dict, key: str) -> str:
-    """A table cell: the number and its 95% bootstrap interval, when there is one."""
-    lo, hi = r.get("ci", {}).get(key, [None, None])
-    return fmt(r.get(key)) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else "")
+def with_ci(r: dict, key: str, index: int | None = None) -> str:
+    """A table cell: the number (entry `index` of a per-class list) and its 95% bootstrap interval,
+    when there is one."""
+    value, ci = r.get(key), r.get("ci", {}).get(key)
+    if index is not None:
+        value, ci = value[index], (ci[index] if ci else None)
+    lo, hi = ci or (None, None)
+    return fmt(value) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else "")
 
 
 def report_markdown(m: dict) -> str:
@@ -202,7 +206,7 @@ def report_markdown(m: dict) -> str:
     lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
               "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for c, name in enumerate(m["classes"]):
-        cells = [f"{fmt(closed[v]['head']['per_class_auc'][c])} / {fmt(closed[v]['mahalanobis']['per_class_auc'][c])}"
+        cells = [f"{with_ci(closed[v]['head'], 'per_class_auc', c)} / {with_ci(closed[v]['mahalanobis'], 'per_class_auc', c)}"
                  for v in closed]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     b = m.get("baselines")
@@ -218,11 +222,11 @@ def report_markdown(m: dict) -> str:
         lines.append(f"| Proto-LeakNet head | {with_ci(b['head'], 'top1')} | | |")
     elif b:
         lines += ["", f"Baselines: {b['skipped']}."]
-    lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC)", "",
+    lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC, each with its 95% interval)", "",
               "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
         lines.append(f"| {name} | " + " | ".join(
-            f"{fmt(closed[v][scorer]['top1'])} / {fmt(closed[v][scorer]['macro_auc'])}" for v in closed) + " |")
+            f"{with_ci(closed[v][scorer], 'top1')} / {with_ci(closed[v][scorer], 'macro_auc')}" for v in closed) + " |")
     lines += ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
     if m.get("open"):
         lines += ["| embedding | n closed | n open | bandwidth | AUROC | EER | OVL | FPR@95%TPR |",
