@@ -124,3 +124,27 @@ def test_every_option_has_help():
                if isinstance(p, click.Option) and not (p.help or "").strip()]
     assert not missing
     assert all(cmd.help for _, cmd in walk(main, []))
+
+
+def test_embedding_map_colours_and_limits():
+    import numpy as np
+
+    from leakpipe.pipeline.report.render import _colours, onto_axes, robust_limits
+
+    for n in (3, 8, 9, 10, 18, 25):
+        colours = _colours(n)
+        assert len(set(colours)) == n
+        assert all(not (abs(c[0] - c[1]) < 0.02 and abs(c[1] - c[2]) < 0.02) for c in colours), n  # no grey
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, 500), 1e4, -1e4]  # two far outliers
+    lo, hi = robust_limits(x)
+    assert -5 < lo < -2 and 2 < hi < 5  # the bulk fills the axis
+    # the demo's first PCA axis had this shape: 90% in a bulk, a 10% tail out to 20x its width
+    x = np.r_[rng.normal(0, 3, 900), rng.uniform(10, 120, 100)]
+    lo, hi = robust_limits(x)
+    assert hi - lo < 40 and ((x >= lo) & (x <= hi)).mean() >= 0.85
+    x = np.r_[rng.normal(0, 1, 800), rng.normal(30, 1, 200)]  # a minority cluster is not cut off
+    lo, hi = robust_limits(x)
+    assert lo < -2 and hi > 31
+    xy, xlim, ylim, beyond = onto_axes(np.c_[np.r_[rng.normal(0, 1, 98), 1e3, -1e3], rng.normal(0, 1, 100)])
+    assert beyond == 2 and xlim[0] <= xy[:, 0].min() and xy[:, 0].max() <= xlim[1]  # drawn on the edge

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.report.render import _colours, _plt, _save, project_2d, robust_limits
+from leakpipe.pipeline.report.render import _colours, _plt, _save, beyond_note, onto_axes, project_2d
 
 
 def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path) -> None:
@@ -19,11 +19,12 @@ def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     colours = _colours(len(classes))
     for ax, name in zip(axes.flat, names):
-        xy = project_2d(stages[name].astype(np.float64), "pca", 0)
+        xy, xlim, ylim, beyond = onto_axes(project_2d(stages[name].astype(np.float64), "pca", 0))
         for c, cname in enumerate(classes):
             p = xy[labels == c]
             ax.scatter(p[:, 0], p[:, 1], s=6, color=colours[c], label=cname)
-        ax.set(xlim=robust_limits(xy[:, 0]), ylim=robust_limits(xy[:, 1]), xticks=[], yticks=[])
+        ax.set(xlim=xlim, ylim=ylim, xticks=[], yticks=[], xlabel=beyond_note(beyond))
+        ax.xaxis.label.set_fontsize(7)
         ax.set_title(f"{name} ({stages[name].shape[1]} dims)", fontsize=9)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

@@ -90,18 +90,35 @@ def project_2d(x: np.ndarray, method: str, seed: int) -> np.ndarray:
     return centred @ vt[:2].T
 
 
-def robust_limits(x: np.ndarray, spread: float = 0.15) -> tuple[float, float]:
-    """Axis limits around the 1st-99th percentiles, widened by `spread`: a few outliers cannot squash
-    every other point into one strip (they are drawn at the edge)."""
-    lo, hi = np.percentile(x, [1, 99]) if len(x) else (0.0, 1.0)
-    pad = (hi - lo) * spread or 1.0
+def robust_limits(x: np.ndarray, fence: float = 1.5, keep: float = 10) -> tuple[float, float]:
+    """Axis limits at Tukey's fences (quartiles widened by `fence` interquartile ranges), never
+    narrower than the `keep`-th to (100 - keep)-th percentiles (a minority cluster is not cut off)
+    and never wider than the data: a tail of outliers cannot squash the bulk into one strip."""
+    if not len(x):
+        return 0.0, 1.0
+    q1, q3, p_lo, p_hi = np.percentile(x, [25, 75, keep, 100 - keep])
+    lo = max(min(q1 - fence * (q3 - q1), p_lo), float(np.min(x)))
+    hi = min(max(q3 + fence * (q3 - q1), p_hi), float(np.max(x)))
+    pad = 0.04 * (hi - lo) or 1.0
     return float(lo - pad), float(hi + pad)
+
+
+def onto_axes(xy: np.ndarray) -> tuple[np.ndarray, tuple, tuple, int]:
+    """(points clipped to the robust limits, xlim, ylim, how many were clipped): points beyond the
+    limits are drawn on the edge, and counted, rather than silently left out of the picture."""
+    xlim, ylim = robust_limits(xy[:, 0]), robust_limits(xy[:, 1])
+    clipped = np.c_[np.clip(xy[:, 0], *xlim), np.clip(xy[:, 1], *ylim)]
+    return clipped, xlim, ylim, int((clipped != xy).any(axis=1).sum())
+
+
+def beyond_note(n: int) -> str:
+    return f"{n} point{'s' if n != 1 else ''} beyond the axes, drawn on the edge" if n else ""
 
 
 def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: list[str], opened: np.ndarray,
                      method: str, seed: int, path: Path) -> None:
     plt = _plt()
-    xy = project_2d(np.concatenate([closed, opened]), method, seed)
+    xy, xlim, ylim, beyond = onto_axes(project_2d(np.concatenate([closed, opened]), method, seed))
     fig, ax = plt.subplots(figsize=(7, 5.5))
     colours = _colours(len(classes))
     if len(opened):
@@ -111,8 +128,8 @@ def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: lis
         p = xy[:len(closed)][closed_labels == c]
         ax.scatter(p[:, 0], p[:, 1], s=10, color=colours[c], label=name)
     name = {"pca": "PCA", "tsne": "t-SNE"}[method]
-    ax.set(xlim=robust_limits(xy[:, 0]), ylim=robust_limits(xy[:, 1]), xlabel=f"{name} 1", ylabel=f"{name} 2",
-           title=f"embeddings h_bar of the closed test set and the open set ({name})")
+    ax.set(xlim=xlim, ylim=ylim, xlabel=f"{name} 1" + (f"  ({beyond_note(beyond)})" if beyond else ""),
+           ylabel=f"{name} 2", title=f"embeddings h_bar of the closed test set and the open set ({name})")
     ax.legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, path)
 
