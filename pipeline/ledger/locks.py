@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from leakpipe.pipeline.config import canonical_hash
+from leakpipe.pipeline.config import ADDED_KEYS, canonical_hash
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.hashing import hash_stream
@@ -72,6 +72,11 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
+def _setting(config: dict, key: str):
+    """A fingerprinted setting; an added key is absent at its earlier default, which is what it meant."""
+    return config[key] if key in config else ADDED_KEYS.get(key)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -96,7 +101,7 @@ def explain(old: dict, new: Inputs) -> list[str]:
     if old.get("code") != new.code:
         reasons.append(f"code version: {old.get('code')} -> {new.code}")
     was = old.get("config", {})
-    reasons += [f"{k}: {_show(was.get(k))} -> {_show(new.config.get(k))}"
+    reasons += [f"{k}: {_show(_setting(was, k))} -> {_show(_setting(new.config, k))}"
                 for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]
     files = old.get("files", {})
     reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []), 'row' if k.startswith('labels') else 'file')}"
