@@ -1,11 +1,15 @@
 """Stage-one throughput, measured side by side in one run on the same images.
 
-    python benchmarks/encode.py [--n 16] [--device cpu|cuda] [--batch-sizes 8,16] [--dtypes float32]
+    python benchmarks/encode.py [--n 16] [--device cpu|cuda] [--batch-sizes 8,16]
+                                [--dtypes float32,bfloat16,float16] [--compile] [--source-size 512]
 
-Prints (1) bare VAE forward img/s (tensors already on the device), `leakpipe encode` img/s
-(decode workers + batching + Zarr writes), a naive loop (decode, encode one image, np.save) img/s,
-and the ratios; (2) the wall time of a no-op `leakpipe encode` on a 10,000-row manifest of small
-images, process start-up included. SD2.1's VAE architecture with random weights (same FLOPs).
+Prints (1) for each dtype, compile setting and batch size: a bare VAE forward (tensors already on the
+device), `leakpipe encode` end to end (decoding --source-size PNGs in worker processes, resizing to
+256, encoding, writing Zarr), their ratio, the FLOP limit of the device (FLOPs per image counted by
+torch, peak rate from --peak-tflops or the datasheet table below) and how long the device waited for
+decoded images and for writes; a naive loop (decode, encode one image, np.save) per dtype; (2) the
+wall time of a no-op `leakpipe encode` on a 10,000-row manifest of small images, start-up included.
+SD2.1's VAE architecture with random weights (same FLOPs).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline.engine import vae as vae_lib  # noqa: E402
 from leakpipe.pipeline.config import Config, VaeConfig  # noqa: E402
 from leakpipe.pipeline.engine.images import load_image, to_model_range  # noqa: E402
+from leakpipe.pipeline.engine.precision import channels_last, compiled  # noqa: E402
 from leakpipe.pipeline.manifest import build_rows, scan_tree, write_manifest  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
 from leakpipe.stages import encode as stage  # noqa: E402
@@ -59,15 +64,19 @@ def sync(device):
 
 
 def bare(vae, x, batch, device, repeats=1) -> float:
+    """img/s of the VAE alone on full batches already on the device, laid out as encode lays them."""
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    starts = range(0, len(x) - batch + 1, batch)
     with torch.inference_mode():
-        vae.encode(x[:batch]).latent_dist.mean.sum().item()  # warm-up
+        vae.encode(x[:batch]).latent_dist.mean.sum().item()  # warm-up (and compilation)
         sync(device)
         t = time.perf_counter()
         for _ in range(repeats):
-            for k in range(0, len(x), batch):
+            for k in starts:
                 vae.encode(x[k:k + batch]).latent_dist.mean.sum()
         sync(device)
-    return repeats * len(x) / (time.perf_counter() - t)
+    return repeats * len(starts) * batch / (time.perf_counter() - t)
 
 
 def naive(vae, paths, cfg, device, dtype, out: Path) -> float:
@@ -82,35 +91,70 @@ def naive(vae, paths, cfg, device, dtype, out: Path) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+# Dense tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity); float32 is the plain
+# FP32 rate (TF32 off). Used only to print the FLOP limit; --peak-tflops overrides.
+PEAK_TFLOPS = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+               "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+               "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}}
+
+
+def peak_tflops(device, dtype: str, override: float) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((table[dtype] for key, table in PEAK_TFLOPS.items() if key in name), None)
+
+
+def flops_per_image(vae, x) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        vae.encode(x[:1]).latent_dist.mean.sum()
+    return float(counter.get_total_flops())
+
+
 def throughput(args, tmp: Path) -> list[str]:
     device = torch.device(args.device)
     vae_dir = vae_lib.save_random_vae(tmp / "sd21-vae", **SD21)
     data = tmp / "data"
-    make_images(data, args.n, 320)  # decoded, resized to 256 and cropped like real inputs
-    lines = ["| dtype | batch | bare VAE img/s | leakpipe encode img/s | naive loop img/s | encode/bare | encode/naive |",
-             "|---|---|---|---|---|---|---|"]
+    make_images(data, args.n, args.source_size)  # decoded, resized to 256 and cropped like real inputs
+    lines = ["| dtype | compile | batch | bare VAE img/s | leakpipe encode img/s | encode/bare | FLOP limit img/s "
+             "| bare/limit | device waited: decode / write s | naive loop img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    paths = sorted((data / "g").glob("*.png"))
     for dtype in args.dtypes.split(","):
         torch_dtype = getattr(torch, dtype)
-        model = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
-        paths = sorted((data / "g").glob("*.png"))
         cfg = Config()
         x = torch.stack([to_model_range(torch.from_numpy(load_image(p, cfg.preprocess))[None])[0]
                          for p in paths]).to(device, torch_dtype)
-        naive_rate = naive(model, paths[:max(4, args.n // 4)], cfg, device, torch_dtype, tmp / "naive")
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            bare_rate = bare(model, x, batch, device)
-            ws = tmp / f"ws-{dtype}-{batch}"
-            cfg = make_workspace(ws, data, vae_dir, vae={"dtype": dtype},
-                                 encode={"batch_size": batch, "num_workers": args.workers,
-                                         "device": args.device}, store={"chunk_rows": max(64, batch)})
-            stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)  # model load + warm caches
-            shutil.rmtree(ws / "cache" / "latents")
-            t = time.perf_counter()
-            res = stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)
-            enc_rate = res.encoded / (time.perf_counter() - t)
-            lines.append(f"| {dtype} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | {naive_rate:.2f} | "
-                         f"{enc_rate / bare_rate:.3f} | {enc_rate / naive_rate:.2f} |")
-            print(lines[-1], flush=True)
+        plain = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
+        flops = flops_per_image(plain, x)
+        peak = peak_tflops(device, dtype, args.peak_tflops)
+        limit = peak * 1e12 / flops if peak else None
+        naive_rate = naive(plain, paths[:max(4, args.n // 4)], cfg, device, torch_dtype, tmp / "naive")
+        print(f"{dtype}: {flops / 1e9:.1f} GFLOP per image (counted)"
+              + (f", peak {peak} TFLOP/s -> at most {limit:.0f} img/s" if peak else ""), flush=True)
+        for compile_ in ([False, True] if args.compile else [False]):
+            model = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
+            channels_last(model, device)
+            model.encode = compiled(model.encode, compile_)
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                bare_rate = bare(model, x, batch, device)
+                ws = tmp / f"ws-{dtype}-{batch}-{compile_}"
+                cfg = make_workspace(ws, data, vae_dir, vae={"dtype": dtype},
+                                     encode={"batch_size": batch, "num_workers": args.workers, "device": args.device},
+                                     compute={"compile": compile_}, store={"chunk_rows": max(64, batch)})
+                stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)  # model load, compile, warm caches
+                shutil.rmtree(ws / "cache" / "latents")
+                t = time.perf_counter()
+                res = stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)
+                enc_rate = res.encoded / (time.perf_counter() - t)
+                lim = f"{limit:.0f} | {bare_rate / limit:.3f}" if limit else "n/a | n/a"
+                lines.append(f"| {dtype} | {'on' if compile_ else 'off'} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | "
+                             f"{enc_rate / bare_rate:.3f} | {lim} | {res.waited.get('decode', 0):.2f} / "
+                             f"{res.waited.get('write', 0):.2f} | {naive_rate:.2f} |")
+                print(lines[-1], flush=True)
     return lines
 
 
@@ -144,7 +188,10 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", default="8")
     ap.add_argument("--dtypes", default="float32")
-    ap.add_argument("--workers", type=int, default=1, help="decode worker processes")
+    ap.add_argument("--workers", type=int, default=-1, help="decode worker processes (-1: encode's automatic choice)")
+    ap.add_argument("--source-size", type=int, default=512, help="side of the PNGs that are decoded and resized to 256")
+    ap.add_argument("--compile", action="store_true", help="also measure with compute.compile = true")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak for the dtype")
     ap.add_argument("--noop-rows", type=int, default=10_000)
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()

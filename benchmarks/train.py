@@ -1,11 +1,15 @@
 """Stage-two speed, measured side by side in one run.
 
     python benchmarks/train.py [--device cpu|cuda] [--batch 32] [--images 32]
+                               [--cache-rows 4096] [--cache-batch 256] [--precisions fp32,bf16,fp16] [--compile]
 
 (a) a training step with the on-the-fly feature path (noise, diffusion, DCT, standardisation)
     against a model-only step on precomputed features: the feature path's overhead;
 (b) one epoch from the latent cache against the same epoch with the SD2.1-architecture VAE in the
-    loop (decode, encode, then the same step), as the authors' code trains, at 256x256.
+    loop (decode, encode, then the same step), as the authors' code trains, at 256x256;
+(c) training images/s from a Zarr latent cache through the stage's own path (LatentRows,
+    FeatureBuilder, train_epoch): per compute.precision, with compute.compile off and on, and on a
+    GPU with the cache held on the GPU or in pinned host memory (compute.gpu_cache_gb).
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ from leakpipe.pipeline.engine import vae as vae_lib  # noqa: E402
 from leakpipe.pipeline.config import Config, VaeConfig  # noqa: E402
 from leakpipe.pipeline.engine.data import FeatureBuilder  # noqa: E402
 from leakpipe.pipeline.engine.images import to_model_range  # noqa: E402
+from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_scaler  # noqa: E402
+from leakpipe.pipeline.engine.data import LatentRows  # noqa: E402
+from leakpipe.pipeline.engine.training import train_epoch  # noqa: E402
+from leakpipe.pipeline.store import latent_store  # noqa: E402
 from leakpipe.stages.train import build_model  # noqa: E402
 
 
@@ -50,16 +58,71 @@ def _once(fn, device) -> float:
     return time.perf_counter() - t
 
 
+def synthetic_store(path: Path, rows: int, chunk_rows: int = 256) -> Path:
+    """A latent store of `rows` random SD-shaped latents (4 x 32 x 32), written as encode writes it."""
+    rng = np.random.default_rng(0)
+    group = latent_store.create(str(path), rows, (4, 32, 32), chunk_rows, "float16", {})
+    for start, stop in latent_store.chunk_bounds(rows, chunk_rows):
+        n = stop - start
+        latents = {"mean": rng.normal(size=(n, 4, 32, 32)).astype(np.float16),
+                   "logvar": np.full((n, 4, 32, 32), -5.0, np.float16)}
+        latent_store.write_chunk(group, start, stop, np.arange(start, stop), latents,
+                                 rng.integers(1, 255, (n, 16), dtype=np.uint8))
+    return path
+
+
+def from_cache(args, device, tmp: Path) -> list[str]:
+    """(c): one warm-up epoch, then the mean img/s of two timed epochs, per setting."""
+    store = synthetic_store(tmp / "bench.zarr", args.cache_rows)
+    rows = np.arange(args.cache_rows)
+    placements = ["gpu", "pinned"] if device.type == "cuda" else ["host"]
+    lines = ["| precision | compile | latents | img/s |", "|---|---|---|---|"]
+    for prec in args.precisions.split(","):
+        for compile_ in ([False, True] if args.compile else [False]):
+            for place in placements:
+                cfg = Config()
+                torch.manual_seed(0)
+                model = channels_last(build_model(cfg, 10).to(device), device, prec)  # as the stage lays it out
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
+                data = LatentRows(store, rows, rows % 10, 2 ** 34)
+                data.place(device, 2 ** 40 if place == "gpu" else 0)
+                forward, scaler = compiled(model, compile_), grad_scaler(device, prec)
+
+                def epoch(k):
+                    train_epoch(model, opt, data, build, k, args.cache_batch, 0, 32, 1.0, precision=prec,
+                                scaler=scaler, forward=forward)
+
+                epoch(0)
+                seconds = _once(lambda: [epoch(k) for k in (1, 2)], device) / 2
+                lines.append(f"| {prec} | {'on' if compile_ else 'off'} | {data.placement.split('latents ')[1]} | "
+                             f"{len(rows) / seconds:.0f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=32, help="epoch size for (b)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--cache-rows", type=int, default=4096, help="latents in the cache for (c)")
+    ap.add_argument("--cache-batch", type=int, default=256, help="train.batch_size for (c)")
+    ap.add_argument("--precisions", default="fp32,bf16,fp16", help="compute.precision values for (c)")
+    ap.add_argument("--compile", action="store_true", help="(c) also with compute.compile = true")
+    ap.add_argument("--only-cache", action="store_true", help="run (c) alone")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({name}); torch {torch.__version__}; batch {args.batch}", flush=True)
+    cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    print(f"device: {device} ({name}); torch {torch.__version__}{cuda}; batch {args.batch}", flush=True)
+    if args.only_cache:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n".join(from_cache(args, device, Path(tmp))))
+        return
     cfg = Config()
     torch.manual_seed(0)
     model = build_model(cfg, 10).to(device)
@@ -115,7 +178,9 @@ def main():
     t_cache = timed(epoch_cache, device, 3)
     t_vae = timed(epoch_vae, device, 1)
     print(f"(b) epoch of {n_batches * b} images: from cache {t_cache:.2f} s, VAE in the loop {t_vae:.2f} s: "
-          f"{t_vae / t_cache:.0f}x faster (goal >= 100x)")
+          f"{t_vae / t_cache:.0f}x faster (goal >= 100x)", flush=True)
+    print("(c) training from a Zarr latent cache through the stage's path:")
+    print("\n".join(from_cache(args, device, tmp)))
 
 
 if __name__ == "__main__":

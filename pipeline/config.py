@@ -51,7 +51,7 @@ class EncodeConfig:
     """Execution only: never part of a fingerprint."""
 
     batch_size: int = 16
-    num_workers: int = 2  # image-decoding processes
+    num_workers: int = -1  # image-decoding processes; -1: auto (cores - 1, at most 16 on a GPU, 2 on a CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     torch_threads: int = 0  # intra-op CPU threads for the VAE; 0 = torch's default (dask workers: 1)
     workers: int = 0  # > 0: a local dask.distributed cluster of this many worker processes
@@ -147,6 +147,12 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     memory_budget_gb: float = 4.0  # latents above this are streamed by chunks, not loaded
     eval_batch_size: int = 256
+    # fp32 | bf16 | fp16: autocast with fp32 master weights in training and embedding. Changes results,
+    # so unlike the rest of this section it is in the training and embedding fingerprints.
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the model (train, embed) and the VAE encoder (encode)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for checks)
+    gpu_cache_gb: float = 8.0  # on CUDA, latents up to this size are held on the GPU (else pinned host memory)
 
 
 @dataclass
@@ -179,6 +185,7 @@ CHOICES = {
     "features.dct_stats": ("per_channel", "per_coefficient"),
     "model.backbone": ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16"),
     "model.gate": ("linear", "mlp"),
+    "compute.precision": ("fp32", "bf16", "fp16"),
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
     "score.embedding_map": ("pca", "tsne"),
@@ -186,7 +193,8 @@ CHOICES = {
 # Keys added after results were first stored, with the default that reproduces the earlier behaviour:
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
 ADDED_KEYS = {"features.standardize": True, "features.dct_stats": "per_channel", "model.init": "",
-              "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": []}
+              "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": [],
+              "compute.precision": "fp32"}
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
 TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
@@ -195,7 +203,7 @@ TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 RANGES = [
     ("preprocess.size", 8, None, ">= 8 pixels"), ("preprocess.max_pixels", 1, None, ">= 1"),
     ("store.chunk_rows", 1, None, ">= 1"),
-    ("encode.batch_size", 1, None, ">= 1"), ("encode.num_workers", 0, None, ">= 0"),
+    ("encode.batch_size", 1, None, ">= 1"), ("encode.num_workers", -1, None, ">= 0, or -1 (auto)"),
     ("encode.torch_threads", 0, None, ">= 0"), ("encode.workers", 0, None, ">= 0"),
     ("latent.scale", 0, None, "> 0 and finite"), ("diffusion.num_steps", 1, None, ">= 1"),
     ("features.dct_k", 1, None, ">= 1"), ("model.embed_dim", 1, None, ">= 1"),
@@ -207,7 +215,8 @@ RANGES = [
     ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
     ("score.kde_folds", 2, None, ">= 2"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
-    ("compute.memory_budget_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
+    ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
+    ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
 _STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed
 

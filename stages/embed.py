@@ -32,6 +32,7 @@ def run(ws: Workspace, ws_cfg: Config, run: str = "default", log=print, splits=N
 
 def _embed(ws: Workspace, result: Path, ws_cfg: Config, log, splits) -> list[str]:
     from leakpipe.pipeline.engine.data import LatentRows
+    from leakpipe.pipeline.engine.precision import channels_last, compiled
     from leakpipe.pipeline.engine.training import predict
     from leakpipe.pipeline.engine.vae import resolve_device
     from leakpipe.pipeline.store import embeddings, latent_store
@@ -49,13 +50,15 @@ def _embed(ws: Workspace, result: Path, ws_cfg: Config, log, splits) -> list[str
             log(f"embed {split}: embedding again because " + "; ".join(verdict.reasons))
         if model is None:
             model, build, classes, cfg = load_trained(result, resolve_device(ws_cfg.compute.device))
+            channels_last(model, build.device, ws_cfg.compute.precision)
         lat = plan.latents
         want = latent_store.hash_rows(lat.file_hashes)
         with shared(lat.writer_lock, f"latent store {lat.store}"):
             rows = latent_store.valid_rows(latent_store.open_store(lat.store), want).nonzero()[0]
             try:
                 data = LatentRows(lat.store, rows, rows * 0, ws_cfg.compute.memory_budget_gb * 2 ** 30)
-                outputs = predict(model, data, build, ws_cfg.compute.eval_batch_size)
+                outputs = predict(model, data, build, ws_cfg.compute.eval_batch_size, ws_cfg.compute.precision,
+                                  compiled(model, ws_cfg.compute.compile, ws_cfg.compute.compile_backend))
             except latent_store.DamagedRows as exc:
                 raise lat.report_damage(exc.rows, "embed") from None
         embeddings.write(plan.path, len(want), rows, outputs,

@@ -33,6 +33,7 @@ class EncodeResult:
     damaged: int = 0
     failures: list = field(default_factory=list)
     seconds: float = 0.0
+    waited: dict = field(default_factory=dict)  # seconds the VAE's device waited: {"decode": .., "write": ..}
     up_to_date: bool = False
     failures_csv: Path | None = None
 
@@ -45,9 +46,23 @@ class EncodeResult:
                 f"{self.reused} already valid, {self.copied} reused by copy, "
                 + (f"{self.damaged} rows damaged and re-encoded, " if self.damaged else "") +
                 f"{len(self.failures)} failed; VAE {self.vae} -> {self.store}")
+        if self.encoded and self.seconds and self.waited:
+            text += "\n  " + waiting_line(self.waited, self.seconds)
         if self.failures:
             text += f"\n  failures listed in {self.failures_csv}"
         return text
+
+
+def waiting_line(waited: dict, seconds: float) -> str:
+    """How long the VAE's device stood idle, and what to change when that is more than a tenth of the run."""
+    decode, write = waited.get("decode", 0.0), waited.get("write", 0.0)
+    text = (f"the VAE waited {decode:.1f} s for decoded images and {write:.1f} s for writes "
+            f"({100 * (decode + write) / seconds:.0f}% of {seconds:.1f} s)")
+    if decode > 0.1 * seconds:
+        text += "; raise encode.num_workers (image decoding is the bottleneck)"
+    if write > 0.1 * seconds:
+        text += "; the store is the bottleneck (a faster disk, or a larger store.chunk_rows)"
+    return text
 
 
 def _latent_shape(source: vae_lib.VaeSource, size: int) -> tuple[int, int, int]:
@@ -67,6 +82,8 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
 
 def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     import numpy as np
+    from leakpipe.pipeline.engine.encoding import decode_workers
+    from leakpipe.pipeline.engine.precision import channels_last, compiled
     from leakpipe.pipeline.progress import progress
 
     from leakpipe.pipeline.store import latent_store
@@ -109,9 +126,13 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
             torch.set_num_threads(cfg.encode.torch_threads or threads)
             try:
                 model = vae_lib.load_vae(p.source, cfg.vae.dtype, device)
+                if hasattr(model, "encoder"):  # AutoencoderKL; the pixels encoder has nothing to speed up
+                    channels_last(model, device)
+                    model.encode = compiled(model.encode, cfg.compute.compile, cfg.compute.compile_backend)
                 writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
-                encode_pending(model, device, paths, pending, writer, cfg.preprocess, cfg.encode.batch_size,
-                               cfg.encode.num_workers, cfg.store.dtype, progress=bar)
+                result.waited = encode_pending(model, device, paths, pending, writer, cfg.preprocess,
+                                               cfg.encode.batch_size, decode_workers(cfg.encode.num_workers, device),
+                                               cfg.store.dtype, progress=bar)
             finally:
                 torch.set_num_threads(threads)
             result.failures = writer.failures

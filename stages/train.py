@@ -97,6 +97,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, save_tensors
     from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
     from leakpipe.pipeline.engine import ddp as ddp_lib
+    from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_scaler
     from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
 
     tr_rows, tr_y, va_rows, va_y, classes = _rows(p, cfg.train.exclude)
@@ -114,8 +115,12 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     if init is not None:  # a resumed checkpoint then replaces these weights
         for note in init_backbone(net, init):
             log(f"train: model.init: {note}")
-    wrapped = ddp_lib.wrap(net.to(device), ddp, device)
+    wrapped = ddp_lib.wrap(channels_last(net.to(device), device, cfg.compute.precision), ddp, device)
     model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
+    forward = compiled(wrapped, cfg.compute.compile, cfg.compute.compile_backend)
+    scaler = grad_scaler(device, cfg.compute.precision)
+    for data in (train_data, val_data):
+        data.place(device, cfg.compute.gpu_cache_gb * 2 ** 30)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
@@ -128,14 +133,17 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         state, best = loaded
         build.mean, build.std = best["feature_mean"].to(device), best["feature_std"].to(device)
         result.resumed_from = state["epoch"]
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
     else:
         state, best = {"fingerprint": fp, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}, {}
         build.fit_statistics(train_data, cfg.compute.eval_batch_size)
     stats = {"feature_mean": build.mean, "feature_std": build.std}
     log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
-        + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
-        + ("" if train_data.in_memory else " (streaming latents by chunk)"))
+        + (f" x {ddp.world} processes (DDP)" if ddp.active else "") + f", {train_data.placement}"
+        + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
+        + (", compiled" if cfg.compute.compile else ""))
     board = None
     if cfg.log.tensorboard and ddp.is_main:
         from leakpipe.pipeline.engine import tboard
@@ -147,9 +155,10 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
             fit = train_epoch(wrapped, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
                               cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp,
-                              cfg.train.time_dropout, cfg.train.entropy_penalty)
-        recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size)
-        val = predict(model, val_data, build, cfg.compute.eval_batch_size)
+                              cfg.train.time_dropout, cfg.train.entropy_penalty, cfg.compute.precision, scaler,
+                              forward)
+        recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
+        val = predict(model, val_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)
         auc = metrics.macro_auc(metrics.softmax(val["logits"]), va_y, len(classes))
         state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
                                  "val_acc": metrics.top1(val["logits"], va_y)})
@@ -159,7 +168,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         is_best = auc > state["best_auc"]
         if is_best:
             state["best_auc"], state["best_epoch"] = auc, epoch
-        state["epoch"] = epoch
+        state["epoch"], state["scaler"] = epoch, scaler.state_dict() if scaler.is_enabled() else {}
         if is_best:
             best = {k: v.detach().clone() for k, v in {**model.state_dict(), **stats}.items()}
         if ddp.is_main:  # every rank holds the same weights; one writes them

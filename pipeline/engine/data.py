@@ -31,6 +31,39 @@ class LatentRows:
         need = 2 * len(self.rows) * int(np.prod(self.latent_shape)) * 4
         self.in_memory = need <= budget_bytes
         self._cache = self._read(np.arange(len(self.rows))) if self.in_memory else None
+        self._placed = "host"  # see place()
+
+    @property
+    def placement(self) -> str:
+        if not self.in_memory:
+            return "latents streamed by chunk"
+        return {"gpu": "latents on the GPU", "pinned": "latents in host memory, batches through pinned buffers"}.get(
+            self._placed, "latents in host memory")
+
+    def place(self, device: torch.device, gpu_budget_bytes: float) -> None:
+        """Where the in-memory latents live while training on `device` (precision.cache_placement):
+        on the GPU, so that no batch crosses the bus, or in pinned host memory, gathered per batch
+        straight into pinned buffers for asynchronous copies. Nothing changes on a CPU."""
+        from leakpipe.pipeline.engine.precision import cache_placement
+
+        if not self.in_memory:
+            return
+        self._placed = cache_placement(sum(v.nbytes for v in self._cache.values()), device, gpu_budget_bytes)
+        if self._placed == "gpu":
+            self._cache = {k: torch.from_numpy(v).to(device) for k, v in self._cache.items()}
+        elif self._placed == "pinned":
+            self._cache = {k: torch.from_numpy(v) for k, v in self._cache.items()}
+
+    def _take(self, key: str, pos: np.ndarray):
+        """Cached rows at `pos`: numpy on a CPU run; a GPU tensor, or a pinned host tensor, once placed."""
+        cache = self._cache[key]
+        if self._placed == "host":
+            return cache[pos]
+        index = torch.from_numpy(pos)
+        if self._placed == "gpu":
+            return cache[to_device(index, cache.device)]
+        out = torch.empty((len(pos), *cache.shape[1:]), dtype=cache.dtype, pin_memory=True)
+        return torch.index_select(cache, 0, index, out=out)
 
     def __len__(self):
         return len(self.rows)
@@ -59,14 +92,15 @@ class LatentRows:
         return out
 
     def batches(self, batch_size: int, seed: int | None, window_chunks: int = 32):
-        """Yields (positions, mean, logvar, labels) as numpy, window by window."""
+        """Yields (positions, mean, logvar, labels), window by window: numpy, except that latents
+        placed for a GPU come as tensors (see place())."""
         for window in self.windows(seed, window_chunks):
             data = None if self.in_memory else self._read(np.sort(window))
             where = None if self.in_memory else {p: i for i, p in enumerate(np.sort(window))}
             for k in range(0, len(window), batch_size):
                 pos = window[k:k + batch_size]
                 if self.in_memory:
-                    m, lv = self._cache["mean"][pos], self._cache["logvar"][pos]
+                    m, lv = self._take("mean", pos), self._take("logvar", pos)
                 else:
                     local = np.array([where[p] for p in pos])
                     m, lv = data["mean"][local], data["logvar"][local]
@@ -82,6 +116,15 @@ def eval_noise(hashes: np.ndarray, eval_seed: int, shape: tuple) -> torch.Tensor
         g.manual_seed((int.from_bytes(bytes(h[:8]), "little") ^ eval_seed) & (2 ** 63 - 1))
         out[i] = torch.randn(shape, generator=g)
     return out
+
+
+def to_device(x, device: torch.device) -> torch.Tensor:
+    """A batch (numpy, or a tensor from a placed cache) on `device`. On CUDA host memory is pinned
+    first: a copy from pageable memory would make the host wait for every queued kernel."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if t.device != device and device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -109,8 +152,7 @@ class FeatureBuilder:
     def __call__(self, mean: np.ndarray, logvar: np.ndarray, eps: torch.Tensor,
                  standardise: bool = True) -> torch.Tensor:
         """eps (B, T [+1 if latent.sample], C, h, w): diffusion noise, then the posterior sample's."""
-        m = torch.from_numpy(mean).to(self.device, non_blocking=True)
-        lv = torch.from_numpy(logvar).to(self.device, non_blocking=True)
+        m, lv = (to_device(x, self.device) for x in (mean, logvar))
         eps = eps.to(self.device, non_blocking=True)
         t = self.n_timesteps
         z0 = diffusion.latent_z0(m, lv, self.cfg.latent.scale, self.cfg.latent.scale_mode,

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise
+from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise, to_device
 from leakpipe.pipeline.engine.ddp import Ddp
+from leakpipe.pipeline.engine.precision import autocast
 
 
 def time_dropout_mask(n: int, t: int, p: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -29,9 +30,12 @@ def attention_entropy_penalty(a: torch.Tensor) -> torch.Tensor:
 
 def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int, batch_size: int,
                 seed: int, window: int, grad_clip: float, progress=None, ddp: Ddp = Ddp(),
-                time_dropout: float = 0.0, entropy_penalty: float = 0.0) -> dict:
+                time_dropout: float = 0.0, entropy_penalty: float = 0.0, precision: str = "fp32",
+                scaler=None, forward=None) -> dict:
     """Cross-entropy (Eq. 12) with a fresh eps for every sample seen; seeded by (seed, epoch). With
-    the authors' regularisers: time-dropout of h_t, and `entropy_penalty` x (log T - H(a_t)).
+    the authors' regularisers: time-dropout of h_t, and `entropy_penalty` x (log T - H(a_t)). The
+    forward pass runs under `precision`'s autocast (`forward`: a compiled model, else `model`); fp16
+    steps through `scaler`.
 
     Under DDP each rank takes its shard of every global batch (and of its eps); the loss is the
     shard's sum over the global batch size, times the world size, so DDP's gradient average is the
@@ -41,36 +45,50 @@ def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int,
     device = build.device
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
     shape = build.noise_shape(data.latent_shape)
-    total = correct = loss_sum = 0
-    for pos, m, lv, y in data.batches(batch_size, seed=seed * 1_000_003 + epoch, window_chunks=window):
+    # Sums stay on the device (float64, as Python's were) so a step never waits for the GPU; they are
+    # read back only when the progress line is redrawn.
+    total = 0
+    correct, loss_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+    for step, (pos, m, lv, y) in enumerate(data.batches(batch_size, seed=seed * 1_000_003 + epoch, window_chunks=window)):
         if len(pos) < 2 * ddp.world:  # BatchNorm needs more than one sample per rank
             continue
         eps = torch.randn((len(pos), *shape), generator=gen, device=device)
         part = ddp.shard(len(pos))
-        labels = torch.from_numpy(y[part]).to(device)
+        labels = to_device(y[part], device)
         dropped = time_dropout_mask(len(pos), build.n_timesteps, time_dropout, gen)
-        out = model(build(m[part], lv[part], eps[part]), None if dropped is None else dropped[part])
-        loss = F.cross_entropy(out.logits, labels, reduction="sum") * (ddp.world / len(pos))
-        if entropy_penalty > 0 and build.n_timesteps > 1:
-            loss = loss + entropy_penalty * attention_entropy_penalty(out.a_t)
+        f = build(m[part], lv[part], eps[part])
+        with autocast(device, precision):
+            out = (forward or model)(f, None if dropped is None else dropped[part])
+            loss = F.cross_entropy(out.logits.float(), labels, reduction="sum") * (ddp.world / len(pos))
+            if entropy_penalty > 0 and build.n_timesteps > 1:
+                loss = loss + entropy_penalty * attention_entropy_penalty(out.a_t.float())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        if scaler is None or not scaler.is_enabled():
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(opt)
+            scaler.update()
         total += len(labels)
-        correct += int((out.logits.argmax(1) == labels).sum())
-        loss_sum += loss.item() * len(pos) / ddp.world
+        correct += (out.logits.detach().argmax(1) == labels).sum()
+        loss_sum += loss.detach().double() * len(pos) / ddp.world
         if progress is not None:
             progress.update(len(pos))
-            progress.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
-    loss_sum, correct, total = ddp.sum([loss_sum, correct, total])
+            if step % 20 == 0:
+                progress.set_postfix(loss=f"{loss_sum.item() / total:.3f}", acc=f"{correct.item() / total:.3f}")
+    loss_sum, correct, total = ddp.sum([loss_sum.item(), int(correct.item()), total])
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_size: int,
-                          max_batches: int = 100) -> None:
+                          max_batches: int = 100, precision: str = "fp32") -> None:
     """Recompute BatchNorm running statistics with the final weights of the epoch ("precise BN").
 
     With few steps per epoch the exponential running averages (momentum 0.1) are still dominated
@@ -87,22 +105,29 @@ def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_
     for k, (pos, m, lv, _) in enumerate(data.batches(batch_size, seed=None)):
         if k == max_batches:
             break
-        if len(pos) > 1:
-            model(build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape)))
+        if len(pos) > 1:  # under the precision the model is trained and evaluated in
+            f = build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape))
+            with autocast(build.device, precision):
+                model(f)
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
 
 
 @torch.inference_mode()
-def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int) -> dict[str, np.ndarray]:
-    """Outputs for every row of `data`, in its order, with each image's seeded eval noise."""
+def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int, precision: str = "fp32",
+            forward=None) -> dict[str, np.ndarray]:
+    """Outputs for every row of `data`, in its order, with each image's seeded eval noise (the forward
+    pass under `precision`'s autocast; `forward`: a compiled model, else `model`)."""
     model.eval()
     shape = build.noise_shape(data.latent_shape)
     from leakpipe.pipeline.nn.model import explanation
 
     parts: dict[str, list] = {k: [] for k in ("logits", "h_bar", "w", "a_t", "d_min", "pi_cm", "r")}
     for pos, m, lv, _ in data.batches(batch_size, seed=None):
-        out = model(build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape)))
+        f = build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape))
+        with autocast(build.device, precision):
+            out = (forward or model)(f)
+        out = type(out)(**{k: (v.float() if v is not None else None) for k, v in vars(out).items()})
         parts["logits"].append(out.logits.float().cpu())
         parts["h_bar"].append(out.h_bar.float().cpu())
         parts["w"].append(out.w.float().cpu())

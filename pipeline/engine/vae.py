@@ -202,11 +202,13 @@ def load_vae(src: VaeSource, dtype: str = "float32", device="cpu"):
 def resolve_device(name: str):
     import torch
 
+    from leakpipe.pipeline.engine.precision import check_device
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(name)
+    return check_device(torch.device(name))
 
 
 def save_random_vae(folder: Path, block_out_channels=(32, 64, 64, 64), seed: int = 0,

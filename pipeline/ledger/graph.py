@@ -39,8 +39,8 @@ def section_keys(*sections: str) -> tuple[str, ...]:
 
 # The config keys each stage depends on (its fingerprint names exactly these).
 ENCODE_KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
-TRAIN_KEYS = section_keys(*TRAIN_SECTIONS)
-EMBED_KEYS = ("train.eval_seed",)  # besides the model, which carries the rest of its config
+TRAIN_KEYS = (*section_keys(*TRAIN_SECTIONS), "compute.precision")
+EMBED_KEYS = ("train.eval_seed", "compute.precision")  # besides the model, which carries the rest of its config
 SCORE_KEYS = section_keys("score")
 
 

@@ -109,7 +109,10 @@ class ProtoLeakNet(nn.Module):
     def embed_timesteps(self, f: torch.Tensor) -> torch.Tensor:
         """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D)."""
         b, t = f.shape[:2]
-        return self.proj(self.backbone(f.flatten(0, 1))).view(b, t, -1)
+        x = f.flatten(0, 1)
+        if getattr(self, "channels_last_inputs", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.proj(self.backbone(x)).view(b, t, -1)
 
     def forward(self, f: torch.Tensor, dropped: torch.Tensor | None = None) -> Output:
         """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only)."""
