@@ -259,6 +259,6 @@ def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str, tpr: float) -> dic
 
 
 def attention_by_class(s: Split, classes: list[str]) -> list[list[float]]:
-    """Mean temporal attention a_t per class (rows) and timestep (columns), Eq. 14."""
+    """Mean temporal attention a_t (Eq. 6-7) per class (rows) and timestep (columns)."""
     y = label_index(s, classes)
     return [s.arrays["a_t"][y == c].mean(0).tolist() if (y == c).any() else [] for c in range(len(classes))]

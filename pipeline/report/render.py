@@ -180,7 +180,7 @@ def attention_figure(a_t: list, classes: list[str], timesteps: list[int], path: 
         ax.bar(np.arange(len(rows)) + (j - (len(timesteps) - 1) / 2) * width, [v[j] for _, v in rows],
                width, label=f"t = {t}")
     ax.set_xticks(range(len(rows)), [c for c, _ in rows], rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="mean attention weight a_t", ylim=(0, 1), title="temporal attention by generator (Eq. 14)")
+    ax.set(ylabel="mean attention weight a_t", ylim=(0, 1), title="temporal attention by generator (Eq. 6-7)")
     ax.legend(fontsize=8)
     _save(fig, path)
 
