@@ -161,10 +161,15 @@ def postprocessing_figure(closed: dict, n_classes: int, path: Path) -> None:
     variants = list(closed)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.axhline(1 / n_classes, color="0.5", ls=":", lw=1, label=f"chance (1/{n_classes})")
-    for scorer, style in (("head", "o-"), ("mahalanobis", "s--")):
-        ax.plot(variants, [closed[v][scorer]["top1"] for v in variants], style,
-                label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)")
-    ax.set(xlabel="post-processing", ylabel="top-1 accuracy", ylim=(0, 1.02),
+    for k, (scorer, style) in enumerate((("head", "o-"), ("mahalanobis", "s--"))):
+        x = np.arange(len(variants)) + (k - 0.5) * 0.08  # side by side, so the bars stay apart
+        top1 = np.array([closed[v][scorer]["top1"] for v in variants])
+        ci = np.array([closed[v][scorer].get("ci", {}).get("top1", [np.nan, np.nan]) for v in variants], float)
+        err = None if np.isnan(ci).all() else np.abs(ci.T - top1)  # no bar where there is no interval
+        ax.errorbar(x, top1, yerr=err, fmt=style, capsize=3,
+                    label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)")
+    ax.set_xticks(np.arange(len(variants)), variants)
+    ax.set(xlabel="post-processing", ylabel="top-1 accuracy (95% interval)", ylim=(0, 1.02),
            title="attribution accuracy by post-processing step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
