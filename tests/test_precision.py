@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leakpipe.pipeline.config import Config
-from leakpipe.pipeline.engine import precision
+from leakpipe.pipeline.engine import data as data_module, precision
 from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
 from leakpipe.pipeline.engine.trained import build_model
 from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
@@ -178,7 +178,7 @@ def test_placed_latents_give_the_same_batches(tws, monkeypatch):
     placed = LatentRows(store, rows, rows % 4, 2 ** 30)
     placed.place(torch.device("cpu"), 2 ** 30)
     assert placed.placement == "latents in host memory"
-    monkeypatch.setattr(precision, "cache_placement", lambda *a: "gpu")
+    monkeypatch.setattr(data_module, "cache_placement", lambda *a: "gpu")
     placed.place(torch.device("cpu"), 2 ** 30)
     assert placed.placement == "latents on the GPU"
     for (p1, m1, lv1, y1), (p2, m2, lv2, y2) in zip(plain.batches(16, seed=3), placed.batches(16, seed=3)):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from leakpipe.pipeline.engine.precision import cache_placement
 from leakpipe.pipeline.math import diffusion
 
 from leakpipe.pipeline.math import features
@@ -44,8 +45,6 @@ class LatentRows:
         """Where the in-memory latents live while training on `device` (precision.cache_placement):
         on the GPU, so that no batch crosses the bus, or in pinned host memory, gathered per batch
         straight into pinned buffers for asynchronous copies. Nothing changes on a CPU."""
-        from leakpipe.pipeline.engine.precision import cache_placement
-
         if not self.in_memory:
             return
         self._placed = cache_placement(sum(v.nbytes for v in self._cache.values()), device, gpu_budget_bytes)

@@ -132,7 +132,7 @@ def encode_batch(vae, device, images, store_dtype: str) -> tuple[np.ndarray, np.
 def decode_workers(requested: int, device) -> int:
     """encode.num_workers, or with -1 (auto) every core but the driver's, at most 16 for a GPU and 2
     on a CPU, whose cores the VAE itself needs. A GPU needs many: decoding a 512-px PNG to 256 px took
-    16-21 ms on one core here, while 271 GFLOP per image at an H100's dense bf16 peak is 0.27 ms."""
+    19-26 ms on one core here, while 271 GFLOP per image at an H100's dense bf16 peak is 0.27 ms."""
     if requested >= 0:
         return requested
     spare = max((os.cpu_count() or 1) - 1, 0)

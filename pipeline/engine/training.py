@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise, to_device
 from leakpipe.pipeline.engine.ddp import Ddp
-from leakpipe.pipeline.engine.precision import autocast
+from leakpipe.pipeline.engine.precision import autocast, grad_scaler
 
 
 def time_dropout_mask(n: int, t: int, p: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -43,6 +43,7 @@ def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int,
     """
     model.train()
     device = build.device
+    scaler = scaler or grad_scaler(device, precision)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
     shape = build.noise_shape(data.latent_shape)
     # Sums stay on the device (float64, as Python's were) so a step never waits for the GPU; they are
@@ -63,18 +64,12 @@ def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, epoch: int,
             if entropy_penalty > 0 and build.n_timesteps > 1:
                 loss = loss + entropy_penalty * attention_entropy_penalty(out.a_t.float())
         opt.zero_grad(set_to_none=True)
-        if scaler is None or not scaler.is_enabled():
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # clip the true gradients
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(opt)
-            scaler.update()
+        scaler.scale(loss).backward()  # a disabled scaler (all but fp16) passes everything through
+        scaler.unscale_(opt)  # clip the true gradients
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
         total += len(labels)
         correct += (out.logits.detach().argmax(1) == labels).sum()
         loss_sum += loss.detach().double() * len(pos) / ddp.world
@@ -127,17 +122,14 @@ def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int, pre
         f = build(m, lv, eval_noise(data.hashes[pos], build.cfg.train.eval_seed, shape))
         with autocast(build.device, precision):
             out = (forward or model)(f)
-        out = type(out)(**{k: (v.float() if v is not None else None) for k, v in vars(out).items()})
-        parts["logits"].append(out.logits.float().cpu())
-        parts["h_bar"].append(out.h_bar.float().cpu())
-        parts["w"].append(out.w.float().cpu())
-        parts["a_t"].append(out.a_t.float().cpu())
-        d = out.distances.amin(-1) if out.distances is not None else -out.logits
-        parts["d_min"].append(d.float().cpu())
+        out = type(out)(**{k: (v.float() if v is not None else None) for k, v in vars(out).items()})  # fp32 from here
+        for key in ("logits", "h_bar", "w", "a_t"):
+            parts[key].append(getattr(out, key).cpu())
+        parts["d_min"].append((out.distances.amin(-1) if out.distances is not None else -out.logits).cpu())
         if out.distances is not None:
             pi_cm, r = explanation(out, model.prototypes, model.tau)
         else:  # the linear head has no prototypes to explain by
             pi_cm, r = torch.zeros(len(pos), out.logits.shape[1], 1), torch.zeros_like(out.h_bar)
-        parts["pi_cm"].append(pi_cm.float().cpu())
-        parts["r"].append(r.float().cpu())
+        parts["pi_cm"].append(pi_cm.cpu())
+        parts["r"].append(r.cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in parts.items()}
