@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import platform
 import sys
 import time
@@ -81,6 +82,7 @@ def from_cache(args, device, tmp: Path) -> list[str]:
         for compile_ in ([False, True] if args.compile else [False]):
             for place in placements:
                 cfg = Config()
+                tc = replace(cfg.train, batch_size=args.cache_batch, seed=0)
                 torch.manual_seed(0)
                 model = channels_last(build_model(cfg, 10).to(device), device, prec)  # as the stage lays it out
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -90,8 +92,7 @@ def from_cache(args, device, tmp: Path) -> list[str]:
                 forward, scaler = compiled(model, compile_), grad_scaler(device, prec)
 
                 def epoch(k):
-                    train_epoch(model, opt, data, build, k, args.cache_batch, 0, 32, 1.0, precision=prec,
-                                scaler=scaler, forward=forward)
+                    train_epoch(model, opt, data, build, tc, k, precision=prec, scaler=scaler, forward=forward)
 
                 epoch(0)
                 seconds = _once(lambda: [epoch(k) for k in (1, 2)], device) / 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from leakpipe.pipeline.config import PROFILES
+from leakpipe.pipeline.config import DEFAULT_PROFILE, PROFILES
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 
@@ -53,9 +53,10 @@ def _workspace_options(fn):
                   help="Config TOML (default: WORKSPACE/leakpipe.toml if present).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
-    @click.option("--profile", type=click.Choice(list(PROFILES)), default="paper", show_default=True,
-                  help="Defaults to start from, under the config file and --set: paper (leakpipe's) or "
-                  "authors-code (the authors' released code's; README lists every difference).")
+    @click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
+                  help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
+                  "method with the measured training recipe), paper (as printed) or authors-code (the "
+                  "authors' released code's); the README lists every difference.")
     @functools.wraps(fn)
     @_friendly
     def wrapper(workspace, config_file, overrides, profile, **kwargs):

@@ -70,6 +70,9 @@ class DiffusionConfig:
     schedule: str = "cosine"  # cosine (squaredcos_cap_v2) | linear | scaled_linear
     num_steps: int = 1000
     timesteps: list[int] = field(default_factory=lambda: [0, 5, 10])  # T
+    # false: z_t = alpha_t z0 with no eps (the authors' latent mode off feeds the images without noise;
+    # at t = 0 the noise is 1/156 of z0, as strong as a pixel's last bit in vae.source = pixels)
+    noise: bool = True
 
 
 @dataclass
@@ -79,6 +82,9 @@ class FeaturesConfig:
     standardize: bool = True  # per-timestep standardisation of f_t (false: the authors' code)
     # statistics of the DCT channels: one mean/std per channel, or one per coefficient (per position)
     dct_stats: str = "per_channel"
+    # residual: f_t from the high-pass residual of z0 (Ker-Bohme's 3 x 3 kernel, per channel), which
+    # removes content and keeps the traces of codecs and resamplers (for vae.source = pixels); none: z0
+    highpass: str = "none"
 
 
 @dataclass
@@ -92,6 +98,10 @@ class ModelConfig:
     tau: float = 1.0
     tau_learnable: bool = False  # learned in log space, clamped to [0.5, 5] as in the authors' code
     gate: str = "linear"  # linear: w = sigmoid(A h_bar + b) (Eq. 8) | mlp: per h_t, pooled by a_t (authors' code)
+    # first convolution: imagenet (7x7 stride 2 + max-pool) | small (3x3 stride 1) | auto (small up to 64 px)
+    stem: str = "auto"
+    # random: N(0, 0.5^2) | kmeans: k-means of each class's training embeddings after the warm-up epochs
+    prototype_init: str = "kmeans"
 
 
 @dataclass
@@ -100,11 +110,21 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last epoch, after the warm-up)
+    warmup_epochs: int = 1  # linear warm-up of the learning rate, per step
     weight_decay: float = 1e-4  # AdamW
+    ema_half_life: float = 0.5  # exponential moving average of the weights, half-life in epochs; 0 = off
+    label_smoothing: float = 0.1  # of the cross-entropy targets
+    augment: list[str] = field(default_factory=list)  # hflip, vflip of z0
+    crop: int = 0  # side of random training crops of z0 (aligned to the 8-px grid); evaluation tiles; 0 = off
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
     entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
-    patience: int = 5  # epochs without a better validation macro AUC before stopping
+    prototype_pull: float = 0.0  # weight of the pull of every prototype towards its nearest image of its class
+    # the weights kept: last (every epoch; no early stopping) | val_loss | val_auc (the best epoch by
+    # validation cross-entropy or macro AUC, stopping after `patience` epochs without a better one)
+    select: str = "last"
+    patience: int = 5  # epochs without a better validation score before stopping (select = val_loss | val_auc)
     seed: int = 0  # initialisation, shuffling and training noise
     eval_seed: int = 1234  # noise for statistics, validation and embeddings (per image)
     shuffle_chunks: int = 32  # rows are shuffled within windows of this many store chunks
@@ -130,7 +150,8 @@ class ScoreConfig:
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
     bootstrap: int = 1000  # resamples for the 95% intervals of every metric; 0 = no intervals
-    baselines: bool = True  # a pixel baseline and a linear probe on z0, fitted and scored on the same split
+    baselines: bool = True  # a forensic pixel baseline and a linear probe on z0, fitted and scored on the same split
+    baseline_max_side: int = 512  # the pixel baseline reads at most this centre crop of each file, never resized
 
 
 @dataclass
@@ -183,8 +204,13 @@ CHOICES = {
     "diffusion.schedule": ("cosine", "linear", "scaled_linear"),
     "features.dct_map": ("coeffs", "lowpass", "none"),
     "features.dct_stats": ("per_channel", "per_coefficient"),
+    "features.highpass": ("none", "residual"),
     "model.backbone": ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16"),
     "model.gate": ("linear", "mlp"),
+    "model.stem": ("auto", "imagenet", "small"),
+    "model.prototype_init": ("random", "kmeans"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.select": ("last", "val_loss", "val_auc"),
     "compute.precision": ("fp32", "bf16", "fp16"),
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
@@ -194,7 +220,13 @@ CHOICES = {
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
 ADDED_KEYS = {"features.standardize": True, "features.dct_stats": "per_channel", "model.init": "",
               "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": [],
-              "compute.precision": "fp32"}
+              "compute.precision": "fp32", "model.stem": "imagenet", "model.prototype_init": "random",
+              "train.lr_schedule": "constant", "train.warmup_epochs": 0, "train.ema_half_life": 0.0,
+              "train.label_smoothing": 0.0, "train.augment": [], "train.crop": 0, "train.select": "val_auc",
+              "train.prototype_pull": 0.0, "diffusion.noise": True,
+              "features.highpass": "none"}
+# Choices of each item of a list setting
+ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
 TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
@@ -212,9 +244,12 @@ RANGES = [
     ("train.lr", 0, None, "> 0 and finite"), ("train.weight_decay", 0, None, ">= 0 and finite"),
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
     ("train.shuffle_chunks", 1, None, ">= 1"), ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
-    ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("train.warmup_epochs", 0, None, ">= 0"),
+    ("train.prototype_pull", 0, None, ">= 0 and finite (0 = off)"),
+    ("train.ema_half_life", 0, None, ">= 0 and finite (0 = off)"),
+    ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"), ("train.crop", 0, None, ">= 0 (0 = off)"), ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
-    ("score.kde_folds", 2, None, ">= 2"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("score.kde_folds", 2, None, ">= 2"), ("score.baseline_max_side", 8, None, ">= 8 pixels"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
     ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
@@ -323,6 +358,9 @@ def set_value(cfg: Config, key: str, raw) -> None:
     value = _coerce(key, raw, _field_type(section, name))
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    bad = [v for v in value if v not in ITEM_CHOICES[key]] if key in ITEM_CHOICES else []
+    if bad:
+        raise ConfigError(f"{key}: {', '.join(map(repr, bad))} not among {', '.join(ITEM_CHOICES[key])}")
     setattr(section, name, value)
 
 
@@ -344,20 +382,26 @@ def _apply(cfg: Config, data: dict, path) -> None:
                 raise ConfigError(f"{path}: {exc}") from None
 
 
-# Named starting points under the TOML file and --set. `paper`: leakpipe's defaults (the paper's
-# method, its ambiguities resolved as the README says). `authors-code`: the defaults of the authors'
-# released pipeline/train_eval.py, each checked there (README: "Paper, authors' code and leakpipe").
+# Named starting points under the TOML file and --set. `leakpipe` (the defaults above): the paper's
+# method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
+# ambiguities resolved as the README says. `authors-code`: the defaults of the authors' released
+# pipeline/train_eval.py, each checked there (README: "Profiles").
+_PAPER = ("model.stem=imagenet", "model.prototype_init=random", "train.lr_schedule=constant",
+          "train.warmup_epochs=0", "train.ema_half_life=0", "train.label_smoothing=0", "train.select=val_auc")
 PROFILES: dict[str, tuple[str, ...]] = {
-    "paper": (),
+    "leakpipe": (),
+    "paper": _PAPER,
     "authors-code": (
-        "diffusion.schedule=linear", "diffusion.timesteps=0", "model.prototypes_per_class=6",
+        *_PAPER, "diffusion.schedule=linear", "diffusion.timesteps=0", "model.prototypes_per_class=6",
         "features.dct_map=none", "features.standardize=false", "model.tau_learnable=true", "model.tau=1.0",
         "model.gate=mlp", "train.time_dropout=0.3", "train.entropy_penalty=0.1", "train.lr=3e-4",
-        "train.batch_size=16", "train.epochs=10", "train.patience=10", "train.seed=42", "train.grad_clip=5.0"),
+        "train.batch_size=16", "train.epochs=10", "train.select=val_loss", "train.patience=10", "train.seed=42",
+        "train.grad_clip=5.0"),
 }
+DEFAULT_PROFILE = "leakpipe"
 
 
-def load_config(path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = "paper") -> Config:
+def load_config(path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = DEFAULT_PROFILE) -> Config:
     """Defaults, then the profile, then the TOML file (if any), then `key=value` overrides, in that order."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")

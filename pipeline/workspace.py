@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakpipe.pipeline.store import storage
-from leakpipe.pipeline.config import Config, load_config
+from leakpipe.pipeline.config import DEFAULT_PROFILE, Config, load_config
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Workspace:
     def splits(self) -> list[str]:
         return sorted(p.stem for p in self.manifests.glob("*.csv"))
 
-    def config(self, config_file: Path | None = None, overrides=(), profile: str = "paper") -> Config:
+    def config(self, config_file: Path | None = None, overrides=(), profile: str = DEFAULT_PROFILE) -> Config:
         if config_file is None and (self.root / "leakpipe.toml").exists():
             config_file = self.root / "leakpipe.toml"
         return load_config(config_file, overrides, profile)

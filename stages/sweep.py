@@ -34,8 +34,18 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     # Table 3: encoders (the sweep encodes their caches first); SDXL's VAE has scaling factor 0.13025
     "sdxl-vae": ("vae.source=stabilityai/sdxl-vae", "vae.subfolder=", "latent.scale=0.13025"),
     "pixels": ("vae.source=pixels",),  # the authors' latent mode off
-    # the authors' released code's defaults (config.PROFILES), on top of the workspace config
+    # the authors' released code's defaults and the paper as printed (config.PROFILES), on top of the
+    # workspace config
     "authors-code": PROFILES["authors-code"],
+    "paper": PROFILES["paper"],
+    # leakpipe's training recipe (benchmarks/recipe.py), one piece at a time back to the paper's setting
+    "stem-imagenet": ("model.stem=imagenet",),
+    "lr-constant": ("train.lr_schedule=constant", "train.warmup_epochs=0"),
+    "no-ema": ("train.ema_half_life=0",),
+    "no-label-smoothing": ("train.label_smoothing=0",),
+    "prototypes-random": ("model.prototype_init=random",),
+    "no-prototype-pull": ("train.prototype_pull=0",),
+    "select-val-auc": ("train.select=val_auc",),
     # Table 5: timesteps, schedules, DCT map
     "T0": ("diffusion.timesteps=0",),
     "T0-5": ("diffusion.timesteps=0,5",),

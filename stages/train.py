@@ -93,24 +93,21 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     import torch
     from leakpipe.pipeline.progress import progress
 
-    from leakpipe.pipeline.math import metrics
     from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, save_tensors
     from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
     from leakpipe.pipeline.engine import ddp as ddp_lib
     from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_scaler
-    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
+    from leakpipe.pipeline.engine.training import WeightAverage, train_epoch
 
-    tr_rows, tr_y, va_rows, va_y, classes = _rows(p, cfg.train.exclude)
+    tc = cfg.train
+    tr_rows, tr_y, va_rows, va_y, classes = _rows(p, tc.exclude)
     budget = cfg.compute.memory_budget_gb * 2 ** 30
     train_data, val_data = (LatentRows(p.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
-    side = min(train_data.latent_shape[-2:])
-    if cfg.features.dct_k > side:
-        raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds the latent side {side} of "
-                        f"{p.store}; lower features.dct_k or encode larger images (preprocess.size)")
+    _check_sizes(cfg, p, train_data.latent_shape)
     ddp, device = ddp_lib.setup(cfg.compute.device)
     log = log if ddp.is_main else (lambda msg: None)
     result.world_size = ddp.world
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(tc.seed)
     net = build_model(cfg, len(classes), train_data.latent_shape)
     if init is not None:  # a resumed checkpoint then replaces these weights
         for note in init_backbone(net, init):
@@ -121,7 +118,7 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     scaler = grad_scaler(device, cfg.compute.precision)
     for data in (train_data, val_data):
         data.place(device, cfg.compute.gpu_cache_gb * 2 ** 30)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
     try:
@@ -129,16 +126,23 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
     except DamagedCheckpoint as exc:  # checked before anything is loaded from it
         log(f"train: the checkpoint in {ckpt_dir} is damaged ({exc}); training this result from the start")
         loaded = None
+    steps = train_data.n_batches(tc.batch_size, tc.seed * 1_000_003 + 1, tc.shuffle_chunks)
+    average = None
     if loaded:
-        state, best = loaded
+        state, best, extra = loaded
         build.mean, build.std = best["feature_mean"].to(device), best["feature_std"].to(device)
         result.resumed_from = state["epoch"]
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if tc.ema_half_life:
+            average = WeightAverage(model, tc.ema_half_life * steps, {k: v.to(device) for k, v in extra["ema"].items()})
         log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
     else:
-        state, best = {"fingerprint": fp, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}, {}
+        state = {"fingerprint": fp, "epoch": 0, "best_score": -float("inf"), "best_auc": -1.0, "best_epoch": 0,
+                 "history": [], "prototypes_placed": False}
+        best = {}
         build.fit_statistics(train_data, cfg.compute.eval_batch_size)
+        average = WeightAverage(model, tc.ema_half_life * steps) if tc.ema_half_life else None
     stats = {"feature_mean": build.mean, "feature_std": build.std}
     log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
         + (f" x {ddp.world} processes (DDP)" if ddp.active else "") + f", {train_data.placement}"
@@ -149,30 +153,29 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
         from leakpipe.pipeline.engine import tboard
 
         board = tboard.writer(out / "tensorboard" / "train", purge_step=state["epoch"] + 1)
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        if epoch - state["best_epoch"] > cfg.train.patience and state["best_epoch"]:
+    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+        if tc.select != "last" and state["best_epoch"] and epoch - state["best_epoch"] > tc.patience:
             break
         with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
-            fit = train_epoch(wrapped, opt, train_data, build, epoch, cfg.train.batch_size, cfg.train.seed,
-                              cfg.train.shuffle_chunks, cfg.train.grad_clip, bar, ddp,
-                              cfg.train.time_dropout, cfg.train.entropy_penalty, cfg.compute.precision, scaler,
-                              forward)
-        recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
-        val = predict(model, val_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)
-        auc = metrics.macro_auc(metrics.softmax(val["logits"]), va_y, len(classes))
-        state["history"].append({"epoch": epoch, **fit, "val_macro_auc": auc,
-                                 "val_acc": metrics.top1(val["logits"], va_y)})
-        log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val macro AUC {auc:.4f}")
+            fit = train_epoch(wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler,
+                              forward, average)
+        if _prototypes_due(cfg, state, epoch):
+            log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
+            state["prototypes_placed"] = True
+        evaluated = average.averaged(model) if average is not None else model
+        record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes))
+        state["history"].append({"epoch": epoch, **fit, **record})
+        log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
+            f"val macro AUC {record['val_macro_auc']:.4f}")
         if board is not None:
-            tboard.epoch(board, epoch, fit, val, auc, opt.param_groups[0]["lr"], cfg.diffusion.timesteps)
-        is_best = auc > state["best_auc"]
-        if is_best:
-            state["best_auc"], state["best_epoch"] = auc, epoch
+            tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
+        score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
+        if score > state["best_score"]:
+            state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
+            best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **stats}.items()}
         state["epoch"], state["scaler"] = epoch, scaler.state_dict() if scaler.is_enabled() else {}
-        if is_best:
-            best = {k: v.detach().clone() for k, v in {**model.state_dict(), **stats}.items()}
         if ddp.is_main:  # every rank holds the same weights; one writes them
-            save_checkpoint(ckpt_dir, model, opt, best, state)
+            save_checkpoint(ckpt_dir, model, opt, best, state, {"ema": average.state()} if average else {})
         ddp.barrier()
     if board is not None:
         board.close()
@@ -184,6 +187,62 @@ def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult,
                   "latent_shape": list(train_data.latent_shape),
                   "val_macro_auc": state["best_auc"]})
     atomic_write_json(out / "history.json", state["history"])
+
+
+def _check_sizes(cfg: Config, p: graph.Latents, latent_shape: tuple) -> None:
+    side = min(latent_shape[-2:])
+    if cfg.train.crop >= side:
+        raise UserError(f"train.crop = {cfg.train.crop} is not smaller than the side {side} of the z0 in {p.store}; "
+                        "lower train.crop, or set it to 0 to train on z0 whole")
+    seen = f"train.crop = {cfg.train.crop}" if cfg.train.crop else f"the latent side {side} of {p.store}"
+    if cfg.features.dct_k > (cfg.train.crop or side):
+        raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds {seen}; lower features.dct_k, or train "
+                        "on larger crops or images (train.crop, preprocess.size)")
+
+
+def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int) -> tuple[dict, dict]:
+    """Precise BatchNorm statistics on the training rows, then the validation cross-entropy, macro AUC
+    and top-1 of `model` (the averaged weights under train.ema_half_life), and its outputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm
+    from leakpipe.pipeline.math import metrics
+
+    recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
+    val = predict(model, val_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)
+    y = val_data.labels
+    loss = float(F.cross_entropy(torch.from_numpy(val["logits"]).double(), torch.from_numpy(y)))
+    auc = metrics.macro_auc(metrics.softmax(val["logits"]), y, n_classes)
+    return {"val_loss": loss, "val_macro_auc": auc, "val_acc": metrics.top1(val["logits"], y)}, val
+
+
+def _prototypes_due(cfg: Config, state: dict, epoch: int) -> bool:
+    """model.prototype_init = kmeans places the prototypes once, after the warm-up (at least one
+    epoch), when epochs remain to train them."""
+    return (cfg.model.prototypes and cfg.model.prototype_init == "kmeans" and not state["prototypes_placed"]
+            and epoch == max(1, cfg.train.warmup_epochs) and epoch < cfg.train.epochs)
+
+
+def _place_prototypes(model, opt, average, train_data, build, cfg: Config) -> str:
+    """Each class's prototypes at the k-means centres of its training embeddings h_bar (with precise
+    BatchNorm statistics first); their optimiser state and weight average start again from there."""
+    import torch
+
+    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm
+    from leakpipe.pipeline.math.kmeans import class_centres
+
+    recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
+    h = predict(model, train_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)["h_bar"]
+    n_classes, m = model.prototypes.shape[:2]
+    centres = class_centres(h, train_data.labels, n_classes, m, cfg.train.seed)
+    with torch.no_grad():
+        model.prototypes.copy_(torch.from_numpy(centres).to(model.prototypes))
+    opt.state.pop(model.prototypes, None)
+    if average is not None:
+        average.reset("prototypes", model.prototypes)
+    model.train()
+    return f"prototypes placed at the k-means centres ({m} per class) of the training embeddings"
 
 
 def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainResult:
@@ -221,7 +280,7 @@ def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainRes
                 locks.write_lock(plan.lock, "train", plan.inputs,
                                  [out / "model.safetensors", out / "config.json", out / "history.json"],
                                  stores=[str(plan.latents.store)], vae=plan.latents.source.label,
-                                 world_size=result.world_size)
+                                 world_size=result.world_size, seconds=round(result.seconds, 1))
                 # only an unfinished training resumes from it; kept, it would quadruple every result
                 shutil.rmtree(out / "checkpoint", ignore_errors=True)
         if main:

@@ -11,6 +11,7 @@
 """
 import json
 import shutil
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     # full-size steps and would hide whether the gradients themselves agree
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # 18 training rows in batches of 7, 7 and 4: unequal shards (3 + 4) check the loss scaling
-    train_epoch(wrap(model, ctx, torch.device("cpu")), opt, data, build, 1, 7, 0, 32, 0.0, ddp=ctx)
+    tc = replace(cfg.train, batch_size=7, seed=0, grad_clip=0.0, lr_schedule="constant", warmup_epochs=0,
+                 lr=0.05, label_smoothing=0.0)
+    train_epoch(wrap(model, ctx, torch.device("cpu")), opt, data, build, tc, 1, ddp=ctx)
     if rank == 0:
         moved = sum(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
         torch.save({"moved": moved, **{k: v.clone() for k, v in model.state_dict().items()}}, out)

@@ -318,9 +318,11 @@ def test_damaged_checkpoint_is_detected_not_resumed(tmp_path):
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
     best = {k: v.clone() for k, v in model.state_dict().items()}
-    save_checkpoint(tmp_path, model, opt, best, {"fingerprint": "fp", "epoch": 3})
-    state, got = load_checkpoint(tmp_path, torch.nn.Linear(4, 3), torch.optim.AdamW(model.parameters()), "fp")
+    average = {"weight": torch.randn(3, 4), "updates": torch.tensor(7)}
+    save_checkpoint(tmp_path, model, opt, best, {"fingerprint": "fp", "epoch": 3}, {"ema": average})
+    state, got, extra = load_checkpoint(tmp_path, torch.nn.Linear(4, 3), torch.optim.AdamW(model.parameters()), "fp")
     assert state["epoch"] == 3 and all(torch.equal(got[k], best[k]) for k in best)
+    assert extra.keys() == {"ema"} and all(torch.equal(extra["ema"][k], v) for k, v in average.items())
     path = tmp_path / "checkpoint.safetensors"
     for at in (len(path.read_bytes()) - 3, 20):  # a weight byte, then a header byte
         saved = path.read_bytes()

@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from leakpipe.pipeline.nn.model import ProtoLeakNet, ResNet
+from leakpipe.pipeline.config import ModelConfig
+from leakpipe.pipeline.nn.model import ProtoLeakNet as _ProtoLeakNet, ResNet
+
+
+def ProtoLeakNet(n_classes, in_channels=8, side=16, **model):
+    """The model from its config section, as the stage builds it (imagenet stem unless given)."""
+    return _ProtoLeakNet(ModelConfig(**{"stem": "imagenet", **model}), n_classes, in_channels, side)
 
 # torchvision's resnet18/50/101 have 11,689,512 / 25,557,032 / 44,549,160 parameters with a
 # 1000-class fc on 3-channel input; without the fc (512*1000+1000 or 2048*1000+1000) that is:
@@ -19,6 +25,31 @@ def test_first_conv_takes_the_feature_channels():
     net = ResNet("resnet18", in_channels=8)
     assert net.conv1.weight.shape == (64, 8, 7, 7)
     assert net(torch.randn(2, 8, 32, 32)).shape == (2, 512)
+
+
+def test_small_stem_keeps_every_position():
+    net = ResNet("resnet18", in_channels=8, stem="small")
+    assert net.conv1.weight.shape == (64, 8, 3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    x = torch.randn(2, 8, 16, 16)
+    assert net.layer1(net.maxpool(net.bn1(net.conv1(x)))).shape[-2:] == (16, 16)  # ImageNet's keeps 4 x 4
+    from leakpipe.pipeline.nn.backbones import build, resolve_stem
+    assert resolve_stem("auto", 32) == "small" and resolve_stem("auto", 256) == "imagenet"
+    assert build("resnet18", 8, 32, "auto").conv1.kernel_size == (3, 3)
+    assert build("resnet18", 8, 256, "auto").conv1.kernel_size == (7, 7)
+    with pytest.raises(ValueError, match="unknown stem"):
+        ResNet("resnet18", stem="tiny")
+
+
+def test_tiles_are_pooled_like_positions():
+    """(B, K, T, ...) tiles: the backbone's pooled features averaged over the K tiles of an image."""
+    torch.manual_seed(0)
+    m = ProtoLeakNet(n_classes=3, embed_dim=8, prototypes_per_class=2).eval()
+    f = torch.randn(2, 4, 3, 8, 16, 16)
+    with torch.no_grad():
+        pooled = m.backbone(f.flatten(0, 2)).view(2, 4, 3, -1).mean(1)
+        torch.testing.assert_close(m.embed_timesteps(f), m.proj(pooled))
+        assert m(f).logits.shape == (2, 3)
 
 
 def test_shapes_attention_and_gating():

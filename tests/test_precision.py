@@ -4,6 +4,8 @@ input while compile is not, and the CUDA-only pieces fall back or say what to do
 import json
 import re
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -106,7 +108,7 @@ def _engine(root, cfg, epochs, forward=None):
     build.fit_statistics(tr, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     for epoch in range(1, epochs + 1):
-        train_epoch(model, opt, tr, build, epoch, 16, 0, 32, cfg.train.grad_clip,
+        train_epoch(model, opt, tr, build, replace(cfg.train, batch_size=16, seed=0, epochs=epochs), epoch,
                     forward=None if forward is None else forward(model))
     recalibrate_batchnorm(model, tr, build, 16)
     val = predict(model, va, build, 64)

@@ -90,6 +90,17 @@ class LatentRows:
             out.append(rng.permutation(sel))
         return out
 
+    def n_batches(self, batch_size: int, seed: int | None, window_chunks: int = 32) -> int:
+        """How many batches `batches` yields with these arguments."""
+        return sum(-(-len(w) // batch_size) for w in self.windows(seed, window_chunks))
+
+    def rows_at(self, pos: np.ndarray):
+        """(mean, logvar) of the rows at positions `pos`, in that order (checked as read when streamed)."""
+        if self.in_memory:
+            return self._take("mean", pos), self._take("logvar", pos)
+        data = self._read(np.asarray(pos))
+        return data["mean"], data["logvar"]
+
     def batches(self, batch_size: int, seed: int | None, window_chunks: int = 32):
         """Yields (positions, mean, logvar, labels), window by window: numpy, except that latents
         placed for a GPU come as tensors (see place())."""
@@ -126,9 +137,36 @@ def to_device(x, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+GRID_PIXELS = 8  # crops start on the JPEG block grid: every 8 image pixels (every z0 pixel of an SD latent)
+
+
+def tile_offsets(side: int, crop: int, grid: int) -> list[int]:
+    """Starts of the non-overlapping crop-sized tiles along one axis: as many as fit, centred, each
+    on the grid."""
+    n = max(1, side // crop)
+    start = (side - n * crop) // 2 // grid * grid
+    return [start + k * crop for k in range(n)]
+
+
+def crop_views(x: torch.Tensor, offsets: torch.Tensor, crop: int, flips: torch.Tensor) -> torch.Tensor:
+    """Per sample, the crop x crop window at `offsets` (B, 2: top, left) of x (B, ..., H, W), flipped
+    where `flips` (B, 2: horizontal, vertical) says so."""
+    out = torch.stack([x[i, ..., int(t):int(t) + crop, int(l):int(l) + crop] for i, (t, l) in enumerate(offsets.tolist())])
+    out = torch.where(flips[:, 0].view(-1, *[1] * (out.dim() - 1)), out.flip(-1), out)
+    return torch.where(flips[:, 1].view(-1, *[1] * (out.dim() - 1)), out.flip(-2), out)
+
+
+def tiles(x: torch.Tensor, crop: int, grid: int) -> torch.Tensor:
+    """x (B, ..., H, W) -> (B, K, ..., crop, crop): the tiles of `tile_offsets`, row by row."""
+    rows, cols = tile_offsets(x.shape[-2], crop, grid), tile_offsets(x.shape[-1], crop, grid)
+    return torch.stack([x[..., t:t + crop, l:l + crop] for t in rows for l in cols], dim=1)
+
+
 @dataclass
 class FeatureBuilder:
-    """z0 moments -> standardised f_t on the device (Eq. 1-4 and the standardisation)."""
+    """z0 moments -> standardised f_t on the device (Eq. 1-4 and the standardisation). With
+    train.crop, training sees random crops of z0 (train.augment: flips too) and evaluation the tiles
+    of z0, as (B, K, T, C, crop, crop)."""
 
     cfg: Config
     device: torch.device
@@ -148,25 +186,77 @@ class FeatureBuilder:
         """One eps per timestep, plus one for the posterior sample when latent.sample is on."""
         return (self.n_timesteps + int(self.cfg.latent.sample), *latent_shape)
 
+    def crop(self, latent_shape: tuple) -> int:
+        """The side of the training crops and evaluation tiles (0: z0 whole)."""
+        c = self.cfg.train.crop
+        return c if 0 < c < min(latent_shape[-2:]) else 0
+
+    def eval_rows(self, batch_size: int, latent_shape: tuple) -> int:
+        """Images per evaluation batch of `batch_size` backbone inputs: fewer under train.crop, whose
+        every image is that many tiles."""
+        crop = self.crop(latent_shape)
+        if not crop:
+            return batch_size
+        n = len(tile_offsets(latent_shape[-2], crop, 1)) * len(tile_offsets(latent_shape[-1], crop, 1))
+        return max(1, batch_size // n)
+
+    def grid(self, latent_shape: tuple) -> int:
+        """Crop offsets are multiples of this many z0 pixels: 8 image pixels."""
+        per_pixel = max(1, self.cfg.preprocess.size // latent_shape[-1])  # image pixels per z0 pixel
+        return max(1, GRID_PIXELS // per_pixel)
+
+    def draw_views(self, n: int, latent_shape: tuple, gen: torch.Generator) -> torch.Tensor | None:
+        """(n, 4) int: per sample the crop's top and left and the horizontal and vertical flip (0/1),
+        drawn from `gen`; None (drawing nothing) without train.crop and train.augment."""
+        crop, aug = self.crop(latent_shape), self.cfg.train.augment
+        if not crop and not aug:
+            return None
+        h, w = latent_shape[-2:]
+        grid = self.grid(latent_shape)
+        out = torch.zeros((n, 4), dtype=torch.int64, device=gen.device)
+        if crop:
+            for k, side in enumerate((h, w)):
+                out[:, k] = torch.randint(0, (side - crop) // grid + 1, (n,), generator=gen, device=gen.device) * grid
+        for k, flip in enumerate(("hflip", "vflip")):
+            if flip in aug:
+                out[:, 2 + k] = torch.randint(0, 2, (n,), generator=gen, device=gen.device)
+        return out
+
     def __call__(self, mean: np.ndarray, logvar: np.ndarray, eps: torch.Tensor,
-                 standardise: bool = True) -> torch.Tensor:
-        """eps (B, T [+1 if latent.sample], C, h, w): diffusion noise, then the posterior sample's."""
+                 standardise: bool = True, views: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (B, T [+1 if latent.sample], C, h, w): diffusion noise, then the posterior sample's.
+        `views` (from draw_views): the training crops and flips; without, the tiles under train.crop."""
         m, lv = (to_device(x, self.device) for x in (mean, logvar))
         eps = eps.to(self.device, non_blocking=True)
         t = self.n_timesteps
         z0 = diffusion.latent_z0(m, lv, self.cfg.latent.scale, self.cfg.latent.scale_mode,
                                  eps[:, t] if self.cfg.latent.sample else None)
-        f = features.features(diffusion.diffuse(z0, eps[:, :t], self.alpha, self.sigma),
+        if self.cfg.features.highpass == "residual":
+            z0 = features.highpass_residual(z0)
+        eps, crop, n = eps[:, :t], self.crop(m.shape[1:]), len(m)
+        if not self.cfg.diffusion.noise:
+            eps = torch.zeros_like(eps)
+        if views is not None:
+            side = crop or min(z0.shape[-2:])
+            views = views.to(self.device)
+            z0, eps = (crop_views(x, views[:, :2], side, views[:, 2:].bool()) for x in (z0, eps))
+        elif crop:
+            grid = self.grid(m.shape[1:])
+            z0, eps = (tiles(x, crop, grid).flatten(0, 1) for x in (z0, eps))
+        f = features.features(diffusion.diffuse(z0, eps, self.alpha, self.sigma),
                               self.cfg.features.dct_k, self.cfg.features.dct_map)
-        return features.standardise(f, self.mean, self.std) if standardise and self.cfg.features.standardize else f
+        if standardise and self.cfg.features.standardize:
+            f = features.standardise(f, self.mean, self.std)
+        return f.view(n, -1, *f.shape[1:]) if views is None and crop else f
 
     def fit_statistics(self, data: LatentRows, batch_size: int) -> None:
         """Per-timestep mean and std of f_t over `data` (per channel, or per DCT coefficient with
-        features.dct_stats = per_coefficient), with its seeded eval noise."""
+        features.dct_stats = per_coefficient), with its seeded eval noise (over the tiles with
+        train.crop)."""
         stats = features.RunningStats()
         shape = self.noise_shape(data.latent_shape)
-        for pos, m, lv, _ in data.batches(batch_size, seed=None):
-            stats.update(self(m, lv, eval_noise(data.hashes[pos], self.cfg.train.eval_seed, shape),
-                              standardise=False))
+        for pos, m, lv, _ in data.batches(self.eval_rows(batch_size, data.latent_shape), seed=None):
+            f = self(m, lv, eval_noise(data.hashes[pos], self.cfg.train.eval_seed, shape), standardise=False)
+            stats.update(f.flatten(0, 1) if f.dim() == 6 else f)
         per_coefficient = self.cfg.features.dct_stats == "per_coefficient" and self.cfg.features.dct_map != "none"
         self.mean, self.std = (x.to(self.device) for x in stats.result(data.latent_shape[0] if per_coefficient else 0))

@@ -2,6 +2,7 @@
 embeddings of a split joined with its manifest columns."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -20,13 +21,17 @@ def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
     """The model for z0 of `latent_shape` (C, h, w): f_t has 2C channels, or C without the DCT map."""
     from leakpipe.pipeline.nn.model import ProtoLeakNet
 
-    m, (c, h, w) = cfg.model, latent_shape
+    from leakpipe.pipeline.nn.backbones import resolve_stem
+
+    c, h, w = latent_shape
     in_channels = c if cfg.features.dct_map == "none" else 2 * c
+    side = min(cfg.train.crop or h, h, w)  # what the backbone sees: a training crop, or z0 whole
+    # the stem follows z0's side, not the crop's: 64-px crops of 256-px pixels keep ImageNet's stride
+    model = dataclasses.replace(cfg.model, stem=resolve_stem(cfg.model.stem, min(h, w)))
     try:
-        return ProtoLeakNet(n_classes, in_channels, m.backbone, m.embed_dim, m.prototypes, m.prototypes_per_class,
-                            m.gating, m.tau, m.tau_learnable, m.gate, min(h, w))
+        return ProtoLeakNet(model, n_classes, in_channels, side)
     except ValueError as exc:
-        raise UserError(f"model.backbone = {m.backbone}: {exc}") from None
+        raise UserError(f"model.backbone = {cfg.model.backbone}: {exc}") from None
 
 
 def init_backbone(model, path: Path) -> list[str]:
@@ -134,12 +139,13 @@ def stage_features(result: Path, store: str, rows: np.ndarray, device, batch_siz
     data = LatentRows(store, rows, rows * 0, 2 ** 30)
     parts: dict[str, list] = {}
     with torch.inference_mode():
-        for pos, m, lv, _ in data.batches(batch_size, seed=None):
+        for pos, m, lv, _ in data.batches(build.eval_rows(batch_size, data.latent_shape), seed=None):
             f = build(m, lv, eval_noise(data.hashes[pos], cfg.train.eval_seed, build.noise_shape(data.latent_shape)))
             out = model(f)
-            b, t = f.shape[:2]
-            stages = model.backbone.stages(f.flatten(0, 1))
-            named = {f"stage {i + 1}": s.view(b, t, -1) for i, s in enumerate(stages)}
+            b, t = f.shape[0], f.shape[-4]
+            tiles = f.shape[1] if f.dim() == 6 else 1  # train.crop: a stage's features averaged over tiles
+            stages = model.backbone.stages(f.reshape(-1, *f.shape[-3:]))
+            named = {f"stage {i + 1}": s.view(b, tiles, t, -1).mean(1) for i, s in enumerate(stages)}
             pooled = {k: (v * out.a_t.unsqueeze(-1)).sum(1) for k, v in named.items()}
             pooled.update({"h_bar": out.h_bar, "h_bar * w (gated)": out.h_bar * out.w})
             for k, v in pooled.items():

@@ -26,10 +26,11 @@ from leakpipe.pipeline.workspace import Workspace
 
 # Code versions: bump one when the same inputs would give different bytes.
 ENCODE_CODE = "encode-1"
-TRAIN_CODE = "train-2"  # 2: early stopping on the macro AUC of pi, not of logits
+TRAIN_CODE = "train-3"  # 2: early stopping on the macro AUC of pi, not of logits; 3: precise BN over
+# class-mixed batches of every class
 EMBED_CODE = "embed-2"  # 2: stores pi_cm (Eq. 15) and r (Eq. 14)
-SCORE_CODE = "score-5"  # 3: OVL by adaptive KDE, intervals, baselines, leakage audit; 4: saves open_scores;
-# 5: OVL interval, held-out generators, explanation figures
+SCORE_CODE = "score-6"  # 3: OVL by adaptive KDE, intervals, baselines, leakage audit; 4: saves open_scores;
+# 5: OVL interval, held-out generators, explanation figures; 6: forensic pixel baseline, prototype usage
 
 
 def section_keys(*sections: str) -> tuple[str, ...]:

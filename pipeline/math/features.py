@@ -13,6 +13,20 @@ def features(zt_over_sigma: torch.Tensor, k: int, dct_map: str) -> torch.Tensor:
     return torch.cat([zt_over_sigma, dct_low(zt_over_sigma, k, dct_map)], dim=2)
 
 
+# Ker and Bohme's 3 x 3 predictor residual (the "KB" kernel of the SRM family): a pixel minus its
+# prediction from its eight neighbours, so smooth content cancels and noise-level traces remain
+KB_KERNEL = ((-1.0, 2.0, -1.0), (2.0, -4.0, 2.0), (-1.0, 2.0, -1.0))
+
+
+def highpass_residual(z: torch.Tensor) -> torch.Tensor:
+    """The KB residual of every channel of z (B, C, h, w), the same size (reflected borders)."""
+    import torch.nn.functional as F
+
+    k = torch.tensor(KB_KERNEL, dtype=z.dtype, device=z.device) / 4
+    c = z.shape[1]
+    return F.conv2d(F.pad(z, (1, 1, 1, 1), mode="reflect"), k.expand(c, 1, 3, 3), groups=c)
+
+
 def standardise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Per-timestep standardisation: mean and std of shape (T, 2C) (per channel) or (T, 2C, h, w)."""
     if mean.dim() == 2:

@@ -51,6 +51,15 @@ class Bottleneck(nn.Module):
         return F.relu(self.bn3(self.conv3(out)) + self.downsample(x))
 
 
+STEMS = ("imagenet", "small")
+
+
+def _stem_is_small(stem: str) -> bool:
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; expected one of {', '.join(STEMS)}")
+    return stem == "small"
+
+
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Identity()
@@ -62,16 +71,22 @@ RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet up to global average pooling (and its `fc` with `num_classes`)."""
+    """torchvision's ResNet up to global average pooling (and its `fc` with `num_classes`).
+
+    stem "imagenet": torchvision's 7 x 7 stride-2 convolution and 3 x 3 stride-2 max-pool, which keep
+    1 position in 16 before the first block; "small": a 3 x 3 stride-1 convolution and no max-pool
+    (the CIFAR layout), for 16-64 px inputs such as latents. The parameter names are the same.
+    """
 
     first_conv = "conv1"
 
-    def __init__(self, name: str = "resnet18", in_channels: int = 8, num_classes: int = 0):
+    def __init__(self, name: str = "resnet18", in_channels: int = 8, num_classes: int = 0, stem: str = "imagenet"):
         super().__init__()
         block, layers = RESNETS[name]
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        small = _stem_is_small(stem)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
         cin, stages = 64, []
         for i, n in enumerate(layers):
             width = 64 * 2 ** i
@@ -149,16 +164,17 @@ _B0 = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 
 
 
 class EfficientNet(nn.Module):
-    """torchvision's efficientnet_b4 (width 1.4, depth 1.8, stochastic depth 0.2) up to pooling."""
+    """torchvision's efficientnet_b4 (width 1.4, depth 1.8, stochastic depth 0.2) up to pooling; with
+    stem "small" its first convolution has stride 1."""
 
     first_conv = "features.0.0"
 
     def __init__(self, in_channels: int = 8, num_classes: int = 0, width: float = 1.4, depth: float = 1.8,
-                 stochastic_depth: float = 0.2):
+                 stochastic_depth: float = 0.2, stem: str = "imagenet"):
         super().__init__()
         conf = [(e, k, s, _divisible(i * width), _divisible(o * width), int(math.ceil(n * depth))) for e, k, s, i, o, n in _B0]
         total, done = sum(c[-1] for c in conf), 0
-        layers: list[nn.Module] = [_conv_bn(in_channels, conf[0][3], 3, 2)]
+        layers: list[nn.Module] = [_conv_bn(in_channels, conf[0][3], 3, 1 if _stem_is_small(stem) else 2)]
         for e, k, s, i, o, n in conf:
             stage = []
             for j in range(n):
@@ -259,12 +275,23 @@ class VisionTransformer(nn.Module):
 BACKBONES = ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16")
 
 
-def build(name: str, in_channels: int, side: int) -> nn.Module:
-    """A backbone of Table 4 for `in_channels` feature maps of side `side`, without its classifier."""
+SMALL_INPUT = 64  # stem "auto": z0 up to this side gets the small stem
+
+
+def resolve_stem(stem: str, side: int) -> str:
+    """`model.stem` for z0 of side `side`: "auto" is "small" up to SMALL_INPUT (the latents of images
+    up to 512 px), else "imagenet" (pixels, whose 7 x 7 stride-2 stem still sees every pixel)."""
+    return ("small" if side <= SMALL_INPUT else "imagenet") if stem == "auto" else stem
+
+
+def build(name: str, in_channels: int, side: int, stem: str = "imagenet") -> nn.Module:
+    """A backbone of Table 4 for `in_channels` feature maps of side `side`, without its classifier. The
+    ViT's patch size adapts to `side` instead of taking a stem."""
+    stem = resolve_stem(stem, side)
     if name in RESNETS:
-        return ResNet(name, in_channels)
+        return ResNet(name, in_channels, stem=stem)
     if name == "efficientnet_b4":
-        return EfficientNet(in_channels)
+        return EfficientNet(in_channels, stem=stem)
     if name == "vit_b_16":
         return VisionTransformer(in_channels, side, patch_size=4 if side <= 64 else 16)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
@@ -277,8 +304,9 @@ def adapt_state(state: dict, backbone: nn.Module) -> tuple[dict, list[str]]:
       channels gets the mean of the 3 RGB kernels, scaled by 3 / C, so a flat input excites it as it
       would the RGB network (the same mean-kernel idea as the authors' code, without copying RGB
       kernels onto unrelated channels).
-    - ViT: the patch kernel is resized bilinearly to the patch size (scaled to keep its response to a
-      flat patch), and the position grid bicubically to the token grid; the class token's stays.
+    - A first kernel of another size (a ViT's patches, the small stem's 3 x 3 against ImageNet's
+      7 x 7) is resized bilinearly, scaled to keep its response to a flat input; a ViT's position
+      grid is resized bicubically to the token grid; the class token's stays.
     - The classifier (`fc`, `classifier`, `heads`) is dropped: the model has its own head.
     Shapes that still differ are an error naming each key.
     """
@@ -289,10 +317,10 @@ def adapt_state(state: dict, backbone: nn.Module) -> tuple[dict, list[str]]:
         w, c = state[key], own[key].shape[1]
         state[key] = w.mean(dim=1, keepdim=True).repeat(1, c, 1, 1) * (w.shape[1] / c)
         notes.append(f"{key}: {w.shape[1]} input channels -> {c} (mean RGB kernel x {w.shape[1]}/{c})")
-    if key == "conv_proj.weight" and key in state and state[key].shape[-2:] != own[key].shape[-2:]:
+    if key in state and state[key].shape[-2:] != own[key].shape[-2:]:  # ViT patches, or the small stem
         w, k = state[key], own[key].shape[-1]
         state[key] = F.interpolate(w, size=(k, k), mode="bilinear", align_corners=False) * (w.shape[-1] / k) ** 2
-        notes.append(f"{key}: {w.shape[-1]} x {w.shape[-1]} patches -> {k} x {k} (bilinear)")
+        notes.append(f"{key}: {w.shape[-1]} x {w.shape[-1]} kernel -> {k} x {k} (bilinear, same response to a flat input)")
     pos = "encoder.pos_embedding"
     if pos in state and state[pos].shape != own[pos].shape:
         p, n_own = state[pos], own[pos].shape[1] - 1

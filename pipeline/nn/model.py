@@ -5,12 +5,16 @@ The backbones (paper Table 4) are in `backbones.py`; this module holds the equat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from leakpipe.pipeline.nn.backbones import ResNet, build as build_backbone  # noqa: F401 (ResNet re-exported)
+
+if TYPE_CHECKING:  # nn sits below config in the layers: the section is only a type here
+    from leakpipe.pipeline.config import ModelConfig
 
 TAU_RANGE = (0.5, 5.0)  # a learnable tau is clamped to this, as in the authors' code
 
@@ -74,30 +78,32 @@ def explanation(out: "Output", prototypes: torch.Tensor, tau) -> tuple[torch.Ten
 
 
 class ProtoLeakNet(nn.Module):
-    def __init__(self, n_classes: int, in_channels: int = 8, backbone: str = "resnet18",
-                 embed_dim: int = 128, prototypes: bool = True, prototypes_per_class: int = 4,
-                 gating: bool = True, tau: float = 1.0, tau_learnable: bool = False, gate_kind: str = "linear",
-                 side: int = 32):
+    """f_t (B, T, C, h, w), or tiles of it (B, K, T, C, h, w), to the class posterior (Eq. 5-11), built
+    from the `model` section of the config for feature maps of `in_channels` channels and side `side`."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, in_channels: int = 8, side: int = 32):
         super().__init__()
-        self.backbone = build_backbone(backbone, in_channels, side)
-        self.proj = nn.Linear(self.backbone.out_features, embed_dim)
-        self.attn = nn.Linear(embed_dim, embed_dim)  # W_a, b_a (Eq. 6)
-        self.q = nn.Parameter(torch.randn(embed_dim) / embed_dim ** 0.5)
-        self.gate_kind = gate_kind if gating else "none"
+        self.backbone = build_backbone(cfg.backbone, in_channels, side, cfg.stem)
+        self.proj = nn.Linear(self.backbone.out_features, cfg.embed_dim)
+        self.attn = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # W_a, b_a (Eq. 6)
+        self.q = nn.Parameter(torch.randn(cfg.embed_dim) / cfg.embed_dim ** 0.5)
+        self.gate_kind = cfg.gate if cfg.gating else "none"
         if self.gate_kind == "linear":
-            self.gate = nn.Linear(embed_dim, embed_dim)  # A, b (Eq. 8)
+            self.gate = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # A, b (Eq. 8)
         elif self.gate_kind == "mlp":  # the authors' FeatureAttention, applied to each h_t
-            self.gate = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
+            self.gate = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.ReLU(),
+                                      nn.Linear(cfg.embed_dim, cfg.embed_dim))
         else:
             self.gate = None
-        if prototypes:
-            self.prototypes = nn.Parameter(torch.randn(n_classes, prototypes_per_class, embed_dim) * 0.5)
+        if cfg.prototypes:
+            self.prototypes = nn.Parameter(torch.randn(n_classes, cfg.prototypes_per_class, cfg.embed_dim) * 0.5)
             self.head = None
         else:
             self.prototypes = None
-            self.head = nn.Linear(embed_dim, n_classes)
-        log_tau = torch.tensor(float(tau)).log()
-        self.log_tau = nn.Parameter(log_tau) if tau_learnable else None
+            self.head = nn.Linear(cfg.embed_dim, n_classes)
+        log_tau = torch.tensor(float(cfg.tau)).log()
+        self.log_tau = nn.Parameter(log_tau.clone()) if cfg.tau_learnable else None
+        # its own memory: safetensors refuses to save two tensors that share it
         self.register_buffer("fixed_log_tau", log_tau)
 
     @property
@@ -107,12 +113,17 @@ class ProtoLeakNet(nn.Module):
         return self.log_tau.exp().clamp(*TAU_RANGE)
 
     def embed_timesteps(self, f: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D)."""
+        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D).
+        Tiles (B, K, T, ...) of one image are pooled like the positions of one map: their pooled
+        backbone features are averaged (tiled evaluation of a model trained on crops)."""
+        tiles = f.shape[1] if f.dim() == 6 else 1
+        f = f.flatten(0, 1) if f.dim() == 6 else f
         b, t = f.shape[:2]
         x = f.flatten(0, 1)
         if getattr(self, "channels_last_inputs", False):
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.proj(self.backbone(x)).view(b, t, -1)
+        pooled = self.backbone(x).view(b // tiles, tiles, t, -1).mean(1)
+        return self.proj(pooled)
 
     def forward(self, f: torch.Tensor, dropped: torch.Tensor | None = None) -> Output:
         """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only)."""

@@ -59,20 +59,23 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(folder: Path, model, opt, best: dict[str, torch.Tensor], state: dict) -> None:
-    """One file: weights, optimizer state, the best weights so far (with the feature statistics) and
-    the training state, with a checksum of every tensor in its header. A single atomic rename, so a
-    kill leaves the previous checkpoint or this one, never a mix of two epochs."""
+def save_checkpoint(folder: Path, model, opt, best: dict[str, torch.Tensor], state: dict,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """One file: weights, optimizer state, the best weights so far (with the feature statistics), the
+    training state and `extra` named groups of tensors (the weight average), with a checksum of every
+    tensor in its header. A single atomic rename, so a kill leaves the previous checkpoint or this
+    one, never a mix of two epochs."""
     opt_tensors, groups = _optimizer_tensors(opt)
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
-               **{f"best.{k}": v for k, v in best.items()}}
+               **{f"best.{k}": v for k, v in best.items()},
+               **{f"extra.{name}.{k}": v for name, group in (extra or {}).items() for k, v in group.items()}}
     save_tensors(Path(folder) / CHECKPOINT, tensors,
                  {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)})
 
 
-def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, dict] | None:
-    """(state, best weights) after loading model and optimizer in place; None if there is no
-    checkpoint of this training; DamagedCheckpoint if it does not match its checksum."""
+def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, dict, dict] | None:
+    """(state, best weights, extra groups) after loading model and optimizer in place; None if there
+    is no checkpoint of this training; DamagedCheckpoint if it does not match its checksum."""
     path = Path(folder) / CHECKPOINT
     if not path.exists():
         return None
@@ -87,4 +90,9 @@ def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, d
         return None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     _load_optimizer(opt, tensors, state.pop("param_groups"))
-    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    extra: dict[str, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("extra."):
+            name, key = k[6:].split(".", 1)
+            extra.setdefault(name, {})[key] = v
+    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}, extra

@@ -1,0 +1,217 @@
+"""The training recipe: every key of it reaches the model and trains through the stage, each piece does
+what it says (schedule, weight average, crops and tiles, k-means prototypes, precise BatchNorm on
+class-sorted data), and the profiles select it or the paper's settings."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leakpipe.pipeline.config import Config, ConfigError, load_config
+from leakpipe.pipeline.engine.data import FeatureBuilder, crop_views, tile_offsets, tiles
+from leakpipe.pipeline.engine.training import (WeightAverage, lr_factor, prototype_pull, recalibrate_batchnorm,
+                                               stratified_sample)
+from leakpipe.pipeline.math import prototypes as proto_math
+from leakpipe.pipeline.math.kmeans import class_centres, kmeans
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import embed, score, train
+from tests.conftest import synth_workspace
+
+SMALL = ["model.embed_dim=16", "model.prototypes_per_class=2", "train.batch_size=16"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    tc = Config().train
+    tc.epochs, tc.warmup_epochs = 10, 2
+    assert lr_factor(tc, 0.5) == pytest.approx(0.25) and lr_factor(tc, 2.0) == pytest.approx(1.0)
+    assert lr_factor(tc, 6.0) == pytest.approx(0.5) and lr_factor(tc, 10.0) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(tc, a) >= lr_factor(tc, b) for a, b in zip(np.arange(2, 10, 0.5), np.arange(2.5, 10.5, 0.5)))
+    tc.lr_schedule, tc.warmup_epochs = "constant", 0
+    assert lr_factor(tc, 0.1) == lr_factor(tc, 9.9) == 1.0
+
+
+def test_weight_average_is_an_exponential_moving_average():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    avg = WeightAverage(model, half_life_steps=4)
+    assert avg.decay == pytest.approx(0.5 ** 0.25)
+    want = model.weight.detach().clone()
+    for k in range(30):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        avg.update(model)
+        d = min(avg.decay, (1 + k) / (10 + k))
+        want = d * want + (1 - d) * model.weight.detach()
+    torch.testing.assert_close(avg.averaged(model).weight, want)
+    again = WeightAverage(model, 4, {k: v.clone() for k, v in avg.state().items()})  # as resumed from a checkpoint
+    assert again.updates == 30 and torch.equal(again.averaged(model).weight, avg.averaged(model).weight)
+
+
+def test_crops_start_on_the_8_pixel_grid_and_tiles_cover_the_centre():
+    cfg = load_config(None, ["train.crop=64", "preprocess.size=256", "train.augment=hflip,vflip"])
+    build = FeatureBuilder(cfg, torch.device("cpu"))
+    pixels = (3, 256, 256)  # vae.source = pixels: one z0 pixel per image pixel
+    assert build.grid(pixels) == 8 and build.grid((4, 32, 32)) == 1  # an SD latent pixel is 8 image pixels
+    views = build.draw_views(500, pixels, torch.Generator().manual_seed(0))
+    assert (views[:, :2] % 8 == 0).all() and views[:, :2].max() <= 256 - 64 and set(views[:, 2:].unique().tolist()) == {0, 1}
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    got = crop_views(x, torch.tensor([[0, 4], [4, 0]]), 4, torch.tensor([[True, False], [False, True]]))
+    assert torch.equal(got[0], x[0, :, 0:4, 4:8].flip(-1)) and torch.equal(got[1], x[1, :, 4:8, 0:4].flip(-2))
+    assert tile_offsets(256, 64, 8) == [0, 64, 128, 192] and tile_offsets(20, 8, 1) == [2, 10]
+    assert tiles(x, 4, 1).shape == (2, 4, 3, 4, 4) and torch.equal(tiles(x, 4, 1)[1, 3], x[1, :, 4:, 4:])
+    assert build.draw_views(4, pixels, torch.Generator()) is not None
+    assert FeatureBuilder(Config(), torch.device("cpu")).draw_views(4, pixels, torch.Generator()) is None
+
+
+def test_feature_switches_for_pixels():
+    cfg = load_config(None, ["diffusion.noise=false", "features.dct_map=none", "features.standardize=false",
+                             "diffusion.timesteps=0"])
+    build = FeatureBuilder(cfg, torch.device("cpu"))
+    m = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    f = build(m, m, torch.randn(2, 1, 3, 16, 16))
+    torch.testing.assert_close(f[:, 0], torch.from_numpy(m) * cfg.latent.scale * build.alpha[0] / build.sigma[0])
+    cfg.features.highpass = "residual"
+    flat = np.full((1, 3, 16, 16), 0.3, np.float32)  # no content, no residual
+    assert FeatureBuilder(cfg, torch.device("cpu"))(flat, flat, torch.zeros(1, 1, 3, 16, 16)).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="not among hflip, vflip"):
+        load_config(None, ["train.augment=rotate"])
+
+
+def test_stratified_sample_mixes_every_class_of_a_sorted_store():
+    labels = np.repeat(np.arange(10), 1000)  # class-sorted, as a manifest of folders is
+    pick = stratified_sample(labels, 640, seed=3)
+    assert len(pick) == 640 and np.bincount(labels[pick], minlength=10).tolist() == [64] * 10
+    assert len(np.unique(labels[pick[:64]])) >= 8  # the first batch already mixes the classes
+    assert np.array_equal(pick, stratified_sample(labels, 640, seed=3))
+    assert sorted(stratified_sample(labels[:30], 640, 0)) == list(range(30))  # all rows when they fit
+
+
+def test_precise_batchnorm_sees_every_class_of_a_class_sorted_store(tmp_path):
+    """BatchNorm statistics recomputed over the whole class-sorted training set: the running mean of
+    the first layer is the mean over all classes, not the first classes' mean (the old walk in store
+    order with max_batches = 100 saw only the first 100 batches)."""
+    from leakpipe.pipeline.engine.data import LatentRows
+    from leakpipe.pipeline.store import latent_store
+
+    n, classes = 1200, 6
+    labels = np.repeat(np.arange(classes), n // classes)
+    mean = (labels[:, None, None, None] * 2.0 + np.random.default_rng(0).normal(size=(n, 1, 4, 4))).astype(np.float32)
+    mean = np.repeat(mean, 4, axis=1)
+    group = latent_store.create(str(tmp_path / "s.zarr"), n, mean.shape[1:], 64, "float32", {})
+    for start, stop in latent_store.chunk_bounds(n, 64):
+        rows = np.arange(start, stop)
+        latent_store.write_chunk(group, start, stop, rows, {"mean": mean[rows], "logvar": 0 * mean[rows]},
+                                 np.ones((len(rows), 16), np.uint8))
+    data = LatentRows(str(tmp_path / "s.zarr"), np.arange(n), labels, 2 ** 30)
+    cfg = load_config(None, ["diffusion.timesteps=0", "features.dct_map=none", "features.standardize=false"])
+    build = FeatureBuilder(cfg, torch.device("cpu"))
+    bn = torch.nn.BatchNorm2d(4)
+    net = torch.nn.Sequential(torch.nn.Flatten(0, 1), bn)  # (B, T=1, C, h, w) -> BN over C
+    recalibrate_batchnorm(net, data, build, batch_size=8, max_rows=600)
+    f = build(mean, mean, torch.zeros(n, 1, 4, 4, 4))[:, 0]
+    want = f.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, want, rtol=0.05, atol=0.05)
+    assert float(bn.running_var.mean()) > 0.5 * float(f.var(dim=(0, 2, 3)).mean())  # between-class variance kept
+
+
+def test_kmeans_finds_separated_modes_and_prototype_usage_sees_collapse():
+    rng = np.random.default_rng(0)
+    modes = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.concatenate([m + rng.normal(0, 0.5, (50, 2)) for m in modes])
+    got = kmeans(x, 3, seed=1)
+    assert np.abs(np.sort(got, axis=0) - np.sort(modes, axis=0)).max() < 0.3
+    labels = np.zeros(150, np.int64)
+    w = np.ones((150, 2))
+    distinct = class_centres(x, labels, 1, 3, 0)
+    u = proto_math.usage(x, w, labels, distinct)
+    assert u["per_class"][0]["winning"] == 3 and u["winning_fraction"] == 1 and u["median_separation"] > 1
+    collapsed = np.repeat(x.mean(0, keepdims=True)[None], 3, axis=1) + np.array([0, 1e-3, 2e-3])[None, :, None]
+    u = proto_math.usage(x, w, labels, collapsed)
+    assert u["per_class"][0]["winning"] < 3 and u["median_separation"] < 1e-3
+
+
+def test_prototype_pull_is_the_distance_of_each_prototype_to_its_nearest_image():
+    d = torch.tensor([[[1.0, 5.0], [9.0, 9.0]], [[3.0, 2.0], [9.0, 9.0]], [[9.0, 9.0], [4.0, 7.0]]])
+    labels = torch.tensor([0, 0, 1])  # class 0: prototypes' nearest images at 1 and 2; class 1: 4 and 7
+    assert float(prototype_pull(d, labels)) == pytest.approx((1 + 2 + 4 + 7) / 4)
+
+
+@pytest.fixture(scope="module")
+def rws(tmp_path_factory):
+    """The shared small workspace (3 generators x 16 images of 32 px, tiny VAE), encoded."""
+    from leakpipe.stages import encode
+
+    root = synth_workspace(tmp_path_factory.mktemp("recipe-ws"))
+    ws = Workspace(root)
+    for split in ("closed", "open"):
+        encode.run(ws, split, ws.config(), log=lambda m: None)
+    return root
+
+
+def _train(root, run, sets, profile="leakpipe"):
+    ws = Workspace(root)
+    cfg = ws.config(None, [*SMALL, *sets], profile)
+    logs = []
+    result = train.run(ws, cfg, run, log=logs.append)
+    embed.run(ws, cfg, run, log=lambda m: None)
+    return result, cfg, logs
+
+
+def test_the_default_recipe_trains_through_the_stage(rws):
+    """Every recipe key at its default: the small stem, the warm-up and cosine schedule, the weight
+    average, label smoothing, k-means prototypes after the warm-up, the last epoch kept."""
+    result, cfg, logs = _train(rws, "recipe", ["train.epochs=3"])
+    weights = load_file(str(result.run_dir / "model.safetensors"))
+    assert weights["backbone.conv1.weight"].shape[-2:] == (3, 3)  # 16 x 16 latents: the small stem
+    assert any("k-means centres" in line for line in logs)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and result.best_epoch == 3  # select = last
+    assert history[0]["lr"] == pytest.approx(cfg.train.lr) and history[-1]["lr"] == pytest.approx(0, abs=1e-12)
+    assert all(np.isfinite(h["val_loss"]) for h in history)
+    paper, _, logs = _train(rws, "paper", ["train.epochs=3"], profile="paper")
+    weights = load_file(str(paper.run_dir / "model.safetensors"))
+    assert weights["backbone.conv1.weight"].shape[-2:] == (7, 7) and not any("k-means" in line for line in logs)
+    assert {h["lr"] for h in json.loads((paper.run_dir / "history.json").read_text())} == {cfg.train.lr}
+
+
+def test_each_recipe_key_changes_the_trained_weights(rws):
+    """Two epochs with each piece off (or on), against the same two epochs with the recipe: every key
+    reaches the training and changes what it learns (the ImageNet stem throughout, the cheaper one on a
+    CPU; the small stem is the default test's)."""
+    common = ["train.epochs=2", "model.stem=imagenet"]
+    base, _, _ = _train(rws, "k-base", common)
+    want = load_file(str(base.run_dir / "model.safetensors"))
+    for sets in (["train.ema_half_life=0"], ["train.label_smoothing=0"], ["model.prototype_init=random"],
+                 ["train.lr_schedule=constant"], ["train.augment=hflip"], ["train.prototype_pull=0.1"],
+                 ["train.select=val_loss"]):
+        other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
+        assert other.run_dir != base.run_dir, sets  # a training input: its own result
+        got = load_file(str(other.run_dir / "model.safetensors"))
+        assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in want), sets
+
+
+def test_crops_train_and_tiles_evaluate_through_the_stage(rws):
+    """train.crop = 8 on 16 x 16 latents: training on random crops, evaluation over 4 tiles; embeddings,
+    score and attribute all take that path."""
+    from leakpipe.stages import attribute
+
+    result, cfg, _ = _train(rws, "crop", ["train.epochs=2", "train.crop=8", "features.dct_k=4", "score.bootstrap=50"])
+    ws = Workspace(rws)
+    m = score.run(ws, cfg, "crop", log=lambda m: None).metrics
+    assert 0 <= m["closed"]["raw"]["head"]["top1"] <= 1 and "prototypes" in m
+    image = ws.root / "data" / "closed" / "closed00" / "00000.png"
+    got = attribute.run(ws, cfg, [image], "crop")
+    assert got[0]["top"][0]["generator"] in m["classes"]
+    with pytest.raises(Exception, match="train.crop = 16 is not smaller"):
+        _train(rws, "crop-big", ["train.epochs=1", "train.crop=16"])
+
+
+def test_the_authors_code_profile_trains_and_scores(rws):
+    """The profile as a user runs it: trained through the stage (its learnable tau and the fixed one
+    are saved as separate tensors), embedded and scored."""
+    result, cfg, _ = _train(rws, "authors", ["train.epochs=1", "score.bootstrap=50"], profile="authors-code")
+    weights = load_file(str(result.run_dir / "model.safetensors"))
+    assert {"log_tau", "fixed_log_tau"} <= weights.keys() and weights["backbone.conv1.weight"].shape[1] == 4
+    m = score.run(Workspace(rws), cfg, "authors", log=lambda m: None).metrics
+    assert m["closed"]["raw"]["head"]["n"] > 0
