@@ -12,6 +12,7 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.trained import load_split
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks, runs
+from leakpipe.pipeline.math.prototypes import usage as prototype_usage
 from leakpipe.pipeline.store.atomic import atomic_write_json, sweep_orphans
 from leakpipe.pipeline.store.locking import exclusive
 from leakpipe.pipeline.workspace import Workspace
@@ -163,19 +164,32 @@ def evaluate(ws: Workspace, run_dir: Path, cfg: Config, have: list[str], notes: 
                       "group or source image) were left out of every metric: " +
                       ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
-    figs.update(_explanation_data(ws, run_dir, cfg, by_part["train"], tests["raw"], classes))
+    prototypes = _prototypes(run_dir)
+    if prototypes is not None and len(by_part["train"]):
+        tr = by_part["train"]
+        m["prototypes"] = prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes)
+    figs.update(_explanation_data(ws, run_dir, cfg, by_part["train"], tests["raw"], classes, prototypes))
     return m, figs
+
+
+def _prototypes(result: Path) -> np.ndarray | None:
+    """The trained prototypes (C, M, D), read from the checked model file; None for the linear head."""
+    from leakpipe.pipeline.engine.trained import load_checked
+
+    tensors, _ = load_checked(result, "model.safetensors")
+    return tensors["prototypes"].numpy() if "prototypes" in tensors else None
 
 
 FIG3_ROWS = 2000  # closed test rows drawn in the per-stage maps (evenly spaced), enough for a 2-D map
 GALLERY_K = 3  # training images shown per prototype
 
 
-def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str]) -> dict:
+def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str],
+                      prototypes: np.ndarray | None) -> dict:
     """Data of the explanation figures: per-stage features of the closed test rows (Fig. 3) and, with
-    prototypes, the training images nearest to each (gallery)."""
+    prototypes, the training images each one wins, nearest first (gallery)."""
     from leakpipe.pipeline.engine.images import load_image
-    from leakpipe.pipeline.engine.trained import load_checked, stage_features
+    from leakpipe.pipeline.engine.trained import stage_features
     from leakpipe.pipeline.engine.vae import resolve_device
     from leakpipe.pipeline.manifest import read_manifest
     from leakpipe.pipeline.report.evaluate import label_index
@@ -186,10 +200,9 @@ def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, cl
     out = {"stages": stage_features(run_dir, lat.store, test.ids["row"][pick], resolve_device(cfg.compute.device),
                                     cfg.compute.eval_batch_size),
            "stage_labels": label_index(test, classes)[pick]}
-    tensors, _ = load_checked(run_dir, "model.safetensors")
-    if "prototypes" in tensors and len(train):
+    if prototypes is not None and len(train):
         near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
-                                     tensors["prototypes"].numpy(), GALLERY_K)
+                                     prototypes, GALLERY_K)
         manifest = read_manifest(ws.manifest(cfg.score.closed), check_files=False)
         thumb = replace(cfg.preprocess, size=64, max_pixels=cfg.preprocess.max_pixels)
         def picture(i):  # an image removed since it was encoded is drawn blank, not an error
@@ -203,9 +216,9 @@ def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, cl
 
 
 def _baselines(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: list[str]) -> dict:
-    """Chance, the pixel baseline and a linear probe on z0, fitted on the closed training rows and scored,
-    paired with the model, on the same (leakage-audited) test rows."""
-    from leakpipe.pipeline.bench.baseline import pixel_features
+    """Chance, the forensic pixel baseline and a linear probe on z0, fitted on the closed training rows and
+    scored, paired with the model, on the same (leakage-audited) test rows."""
+    from leakpipe.pipeline.engine.images import BadImage
     from leakpipe.pipeline.manifest import read_manifest
     from leakpipe.pipeline.math import bootstrap
     from leakpipe.pipeline.report import baselines as bl
@@ -216,17 +229,20 @@ def _baselines(ws: Workspace, run_dir: Path, cfg: Config, train, test, classes: 
     m = read_manifest(ws.manifest(cfg.score.closed), check_files=False)
     store = latent_store.open_store(graph.latents(ws, graph.run_config(run_dir, cfg), cfg.score.closed).store)
     try:
-        pixels = [np.stack([pixel_features(m.abspath(int(i))) for i in s.ids["row"]]) for s in (train, test)]
+        pixels = [bl.forensic_matrix([m.abspath(int(i)) for i in s.ids["row"]], cfg.score.baseline_max_side,
+                                     cfg.preprocess.max_pixels) for s in (train, test)]
         z0 = [latent_store.read_rows(store, s.ids["row"])["mean"].reshape(len(s), -1) for s in (train, test)]
-    except (OSError, latent_store.DamagedRows) as exc:
+    except (OSError, BadImage, latent_store.DamagedRows) as exc:
         return {"chance": 1 / len(classes), "skipped": f"baselines left out: {exc}"}
     w = bootstrap.weights(len(yte), cfg.score.bootstrap, cfg.score.seed, test.groups) if cfg.score.bootstrap else None
     right = {"head": test.arrays["logits"].argmax(1) == yte,
-             "pixel": bl.probe(pixels[0], ytr, pixels[1]) == yte, "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte}
-    out = {"chance": 1 / len(classes), **{k: bl.scored(v, w) for k, v in right.items()}}
+             "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte, "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte}
+    out = {"chance": 1 / len(classes), "forensic_max_side": cfg.score.baseline_max_side,
+           "z0_is_pixels": graph.run_config(run_dir).vae.source == "pixels",
+           **{k: bl.scored(v, w) for k, v in right.items()}}
     if w is not None:
-        out["head_minus_pixel"] = bl.paired_difference(right["head"], right["pixel"], w)
-        out["head_minus_z0_probe"] = bl.paired_difference(right["head"], right["z0_probe"], w)
+        for a, b in (("head", "forensic"), ("head", "z0_probe"), ("z0_probe", "forensic")):
+            out[f"{a}_minus_{b}"] = bl.paired_difference(right[a], right[b], w)
     return out
 
 

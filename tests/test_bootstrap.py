@@ -98,8 +98,8 @@ def test_a_model_at_chance_is_said_to_be_at_chance():
 
 
 def test_the_real_photo_case_is_said_in_words():
-    """As the issue found it: 6 pipelines, the model at chance, a pixel baseline at 0.72 and a probe
-    on z0 near chance, on 300 test images. Both facts must be stated."""
+    """As the issue found it: 6 pipelines, the model at chance, a forensic pixel baseline at 0.72 and
+    a probe on z0 near chance, on 300 test images. All three facts must be stated."""
     from leakpipe.pipeline.report import baselines as bl
 
     rng = np.random.default_rng(0)
@@ -108,13 +108,19 @@ def test_the_real_photo_case_is_said_in_words():
     pixel = rng.random(n) < 0.72
     z0 = rng.random(n) < 1 / 6
     w = bootstrap.weights(n, 1000, seed=0)
-    b = {"chance": 1 / 6, "head": bl.scored(head, w), "pixel": bl.scored(pixel, w), "z0_probe": bl.scored(z0, w),
-         "head_minus_pixel": bl.paired_difference(head, pixel, w)}
+    b = {"chance": 1 / 6, "head": bl.scored(head, w), "forensic": bl.scored(pixel, w), "z0_probe": bl.scored(z0, w),
+         "head_minus_forensic": bl.paired_difference(head, pixel, w),
+         "z0_probe_minus_forensic": bl.paired_difference(z0, pixel, w)}
     said = bl.notes(b)
-    assert len(said) == 2 and "significantly below the pixel baseline" in said[0] and "at chance" in said[1]
-    assert b["head_minus_pixel"]["p"] < 0.01
-    good = {**b, "head_minus_pixel": bl.paired_difference(pixel, head, w), "z0_probe": bl.scored(pixel, w)}
+    assert len(said) == 3 and "significantly below the forensic pixel baseline" in said[0] and "at chance" in said[1]
+    assert "neither the model" in said[2] and "vae.source = pixels" in said[2]
+    assert b["head_minus_forensic"]["p"] < 0.01
+    good = {**b, "head_minus_forensic": bl.paired_difference(pixel, head, w), "z0_probe": bl.scored(pixel, w),
+            "z0_probe_minus_forensic": bl.paired_difference(pixel, pixel, w)}
     assert bl.notes(good) == []
+    weak = {**b, "forensic": bl.scored(z0, w), "head_minus_forensic": bl.paired_difference(head, z0, w),
+            "z0_probe_minus_forensic": bl.paired_difference(z0, z0, w)}  # no traces anywhere: only "at chance"
+    assert len(bl.notes(weak)) == 1 and "at chance" in bl.notes(weak)[0]
 
 
 def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():

@@ -77,9 +77,10 @@ def test_metrics_report_and_figures(sws):
         assert all(lo - 1e-9 <= a <= hi + 1e-9 for a, (lo, hi) in zip(r["per_class_auc"], r["ci"]["per_class_auc"]))
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"]["top5"] is None  # 4 classes
-    b = m["baselines"]  # beside the model on the same images: chance, pixels, a probe on z0
+    b = m["baselines"]  # beside the model on the same images: chance, forensic pixels, a probe on z0
     assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(m["closed"]["raw"]["head"]["top1"])
-    for key in ("pixel", "z0_probe"):
+    assert 0 <= b["z0_probe_minus_forensic"]["p"] <= 1 and b["forensic_max_side"] == 512
+    for key in ("forensic", "z0_probe"):
         lo, hi = b[key]["ci"]["top1"]
         assert lo <= b[key]["top1"] <= hi and 0 <= b[f"head_minus_{key}"]["p"] <= 1
     oscr = m["open"]["gating_off"]["oscr"]
@@ -91,7 +92,7 @@ def test_metrics_report_and_figures(sws):
     assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
     report = (out / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval",
-                    "| pixel baseline |", "| linear probe on z0 |"):
+                    "| forensic pixel baseline |", "| linear probe on z0 |", "Prototypes:"):
         assert heading in report
     robustness = report.split("## Table 2")[1].split("## Table 3")[0]  # every cell with its interval
     assert robustness.count(" [") == 2 * 2 * len(m["closed"]) and "Per-class" in report.split("## Table 2")[0]

@@ -102,6 +102,26 @@ def load_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
         raise BadImage(f"cannot decode: {exc}") from None
 
 
+def load_native(path: Path | str, max_side: int, max_pixels: int) -> np.ndarray:
+    """The decoded image at its native resolution for forensic features: uint8 (h, w, 3) RGB, centre-
+    cropped to at most `max_side` per side with both sides multiples of 8 and the crop starting on the
+    8-pixel grid from the image origin (the JPEG block grid), never resized. EXIF orientation is not
+    applied: rotating would move that grid. Raises BadImage (also for images under 8 x 8 pixels)."""
+    try:
+        im = _open(Path(path), max_pixels)
+        arr = np.asarray(to_rgb(im), dtype=np.uint8)
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"cannot decode: {exc}") from None
+    h, w = arr.shape[:2]
+    side_h, side_w = (min(n, max_side) // 8 * 8 for n in (h, w))
+    if not side_h or not side_w:
+        raise BadImage(f"image is {w}x{h}; forensic features need at least 8 x 8 pixels")
+    top, left = (h - side_h) // 2 // 8 * 8, (w - side_w) // 2 // 8 * 8
+    return arr[top:top + side_h, left:left + side_w]
+
+
 def to_model_range(batch_uint8):
     """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float in [-1, 1] (SPEC 3.1)."""
     return batch_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

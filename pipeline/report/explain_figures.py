@@ -63,15 +63,23 @@ def class_step_figure(closed: dict, classes: list[str], path: Path) -> None:
 
 def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, prototypes: np.ndarray,
                           k: int) -> np.ndarray:
-    """(C, M, k) indices of the training rows of class c nearest to prototype (c, m) by d_cm (Eq. 9),
-    -1 where the class has fewer than k rows."""
+    """(C, M, k) indices of the training rows of class c that prototype (c, m) wins (it is the
+    nearest of the class's prototypes to them by d_cm, Eq. 9), nearest first; -1 where it wins fewer
+    than k. A collapsed prototype wins none, so the gallery shows it empty instead of repeating the
+    images of its neighbour."""
+    from leakpipe.pipeline.math.prototypes import weighted_distances
+
     n_c, n_m, _ = prototypes.shape
     out = np.full((n_c, n_m, k), -1, np.int64)
     for c in range(n_c):
         rows = np.nonzero(labels == c)[0]
+        if not len(rows):
+            continue
+        d = weighted_distances(h_bar[rows].astype(np.float64), w[rows].astype(np.float64), prototypes[c])
+        win = d.argmin(1)
         for m in range(n_m):
-            d = (w[rows] * (h_bar[rows] - prototypes[c, m]) ** 2).sum(1)
-            near = rows[np.argsort(d, kind="stable")[:k]]
+            mine = np.nonzero(win == m)[0]
+            near = rows[mine[np.argsort(d[mine, m], kind="stable")][:k]]
             out[c, m, :len(near)] = near
     return out
 
@@ -92,8 +100,12 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
                     ax.imshow(images[j])
                 else:
                     ax.axis("off")
+                    if j == 0:  # a prototype that is nearest to none of its class's images
+                        ax.text(0.5, 0.5, "wins no\ntraining\nimage", ha="center", va="center", fontsize=6,
+                                transform=ax.transAxes, color="0.4")
                 if c == 0 and j == 0:
                     ax.set_title(f"prototype {m}", fontsize=7, loc="left")
             axes[c, m * k].set_ylabel(classes[c] if m == 0 else "", fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(f"training images nearest to each prototype (d_cm of Eq. 9; {k} per prototype)", fontsize=9)
+    fig.suptitle(f"training images each prototype wins, nearest first (d_cm of Eq. 9; up to {k} per prototype)",
+                 fontsize=9)
     _save(fig, path)

@@ -233,17 +233,21 @@ def report_markdown(m: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     b = m.get("baselines")
     if b and "skipped" not in b:
-        lines += ["", "Beside the model, on the same test images: chance, a pixel baseline (logistic regression on "
-                  "per-channel means and 8 x 8 DCT blocks) and a linear probe on the cached z0 (did stage one keep "
-                  "the signal?):", "", "| | top-1 | model minus this (paired) | p |", "|---|---:|---:|---:|",
+        lines += ["", "Beside the model, on the same test images: chance, a forensic pixel baseline (logistic regression on "
+                  "8 x 8 block-DCT statistics on the JPEG grid, noise residuals of fixed high-pass filters, the "
+                  "power spectrum and colour means, from each original file at its native resolution, a centre crop "
+                  f"of at most {b.get('forensic_max_side', 512)} px) and a linear probe on the cached z0 (did stage one "
+                  "keep the signal?):", "", "| | top-1 | model minus this (paired) | p |", "|---|---:|---:|---:|",
                   f"| chance | {fmt(b['chance'])} | | |"]
-        for key, name in (("pixel", "pixel baseline"), ("z0_probe", "linear probe on z0")):
+        for key, name in (("forensic", "forensic pixel baseline"), ("z0_probe", "linear probe on z0")):
             d = b.get(f"head_minus_{key}")
             diff = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else ""
             lines.append(f"| {name} | {with_ci(b[key], 'top1')} | {diff} | {fmt(d['p']) if d else ''} |")
         lines.append(f"| Proto-LeakNet head | {with_ci(b['head'], 'top1')} | | |")
     elif b:
         lines += ["", f"Baselines: {b['skipped']}."]
+    if m.get("prototypes"):
+        lines += prototype_lines(m["prototypes"], m["classes"])
     lines += ["", "## Table 2. Robustness to post-processing (top-1 / macro AUC, each with its 95% interval)", "",
               "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
@@ -291,6 +295,20 @@ def report_markdown(m: dict) -> str:
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
     return "\n".join(lines)
+
+
+def prototype_lines(p: dict, classes: list[str]) -> list[str]:
+    """Whether each class's prototypes stand for different modes of its training images."""
+    n_m, rows = p["per_class_count"], p["per_class"]
+    won = sum(r["winning"] for r in rows)
+    lines = ["", f"Prototypes: {won} of {n_m * len(rows)} ({p['winning_fraction']:.0%}) win at least one training "
+             f"image of their class (are its nearest by d_cm, Eq. 9); median separation {fmt(p['median_separation'])} "
+             "(mean squared distance between two prototypes of a class over the mean squared distance of its images "
+             "from their mean; near 0: collapsed onto one point, about 1: as far apart as the images are spread)."]
+    if won < n_m * len(rows):
+        lines += ["", "| generator | prototypes winning | separation |", "|---|---:|---:|"]
+        lines += [f"| {c} | {r['winning']} of {n_m} | {fmt(r['separation'])} |" for c, r in zip(classes, rows)]
+    return lines
 
 
 def held_out_lines(h: dict) -> list[str]:
