@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline import manifest as mf  # noqa: E402
 from leakpipe.pipeline.bench.baseline import pixel_features  # noqa: E402
 from leakpipe.pipeline.bench.codecs import CHAINS, write_codec_set  # noqa: E402
-from leakpipe.pipeline.math import bootstrap  # noqa: E402
+from leakpipe.pipeline.math import bootstrap, metrics  # noqa: E402
 from leakpipe.pipeline.report.baselines import forensic_matrix, probe  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
+from leakpipe.stages import graph
 
 PIXELS_TOML = """[vae]
 source = "pixels"
@@ -46,8 +47,7 @@ epochs = {epochs}
 
 
 def interval(correct: np.ndarray, groups: np.ndarray) -> str:
-    w = bootstrap.weights(len(correct), 2000, 0, groups)
-    lo, hi = bootstrap.interval(bootstrap.top1(correct, w))
+    lo, hi = bootstrap.interval(bootstrap.Resamples(2000, 0, groups).of(lambda w: metrics.top1(correct, w), len(correct)))
     return f"{correct.mean():.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -58,10 +58,9 @@ def speed(ws: Workspace, crop: int, steps: int = 3) -> float:
     from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
     from leakpipe.pipeline.engine.trained import build_model
     from leakpipe.pipeline.engine.training import train_epoch
-    from leakpipe.pipeline.ledger import graph
 
     cfg = ws.config(None, [f"train.crop={crop}", "train.batch_size=32", "train.ema_half_life=0"])
-    lat = graph.latents(ws, cfg, "closed")
+    lat = graph(ws, cfg).plan("encode", "closed").data
     rows = np.arange(32 * steps)
     data = LatentRows(lat.store, rows, rows % len(CHAINS), 2 ** 34)
     build = FeatureBuilder(cfg, torch.device("cpu"))
@@ -112,15 +111,15 @@ def main():
              f"{interval(right['forensic'], groups[te])} | |",
              f"| old 64-px pixel baseline | {interval(right['64px'], groups[te])} | |"]
     ws = Workspace(root)
-    encode.run(ws, "closed", ws.config(), log=lambda s: None)
+    encode.run(graph(ws, ws.config()), "closed", log=lambda s: None)
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = ws.config(None, [f"train.seed={seed}", "score.open=", "score.postprocessed=[]", "score.bootstrap=2000"])
         run = f"pixels-seed{seed}"
         t = time.perf_counter()
-        train.run(ws, cfg, run, log=print)
+        train.run(graph(ws, cfg), run, log=print)
         trained = time.perf_counter() - t
-        embed.run(ws, cfg, run, log=lambda s: None, splits=["closed"])
-        b = score.run(ws, cfg, run, log=lambda s: None).metrics["baselines"]
+        embed.run(graph(ws, cfg), run, log=lambda s: None, splits=["closed"])
+        b = score.run(graph(ws, cfg), run, log=lambda s: None).metrics["baselines"]
         d = b["head_minus_forensic"]
         if seed == int(args.seeds.split(",")[0]):
             z = b["z0_probe"]

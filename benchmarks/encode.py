@@ -35,7 +35,7 @@ from leakpipe.pipeline.engine.images import load_image, to_model_range  # noqa: 
 from leakpipe.pipeline.engine.precision import channels_last, compiled  # noqa: E402
 from leakpipe.pipeline.manifest import build_rows, scan_tree, write_manifest  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
-from leakpipe.stages import encode as stage  # noqa: E402
+from leakpipe.stages import graph, encode as stage  # noqa: E402
 
 SD21 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
 
@@ -145,10 +145,10 @@ def throughput(args, tmp: Path) -> list[str]:
                 cfg = make_workspace(ws, data, vae_dir, vae={"dtype": dtype},
                                      encode={"batch_size": batch, "num_workers": args.workers, "device": args.device},
                                      compute={"compile": compile_}, store={"chunk_rows": max(64, batch)})
-                stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)  # model load, compile, warm caches
+                stage.run(graph(Workspace(ws), cfg), "bench", log=lambda m: None)  # model load, compile, warm caches
                 shutil.rmtree(ws / "cache" / "latents")
                 t = time.perf_counter()
-                res = stage.run(Workspace(ws), "bench", cfg, log=lambda m: None)
+                res = stage.run(graph(Workspace(ws), cfg), "bench", log=lambda m: None)
                 enc_rate = res.encoded / (time.perf_counter() - t)
                 lim = f"{limit:.0f} | {bare_rate / limit:.3f}" if limit else "n/a | n/a"
                 lines.append(f"| {dtype} | {'on' if compile_ else 'off'} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | "

@@ -25,14 +25,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark  # noqa: E402
 from leakpipe.pipeline.config import PROFILES  # noqa: E402
-from leakpipe.pipeline.engine.trained import load_split  # noqa: E402
+from leakpipe.pipeline.ledger.results import load_split  # noqa: E402
 from leakpipe.pipeline.engine.vae import save_random_vae  # noqa: E402
-from leakpipe.pipeline.ledger import graph, runs  # noqa: E402
-from leakpipe.pipeline.math import bootstrap  # noqa: E402
+from leakpipe.pipeline.ledger import runs  # noqa: E402
+from leakpipe.pipeline.math import bootstrap, metrics  # noqa: E402
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis  # noqa: E402
 from leakpipe.pipeline.report.evaluate import label_index  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
-from leakpipe.stages import embed, encode, score, train  # noqa: E402
+from leakpipe.stages import graph, embed, encode, score, train  # noqa: E402
 
 
 @dataclass
@@ -84,7 +84,7 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
             f'[vae]\nsource = "./vae"\n[preprocess]\nsize = {ds.spec.size}\n[encode]\nnum_workers = 1\n' + ds.toml)
     ws = Workspace(ws_root)
     for split in ds.splits:
-        log(encode.run(ws, split, ws.config(), log=log).summary())
+        log(encode.run(graph(ws, ws.config()), split, log=log).summary())
     return ws
 
 
@@ -92,9 +92,9 @@ def run_variant(ws: Workspace, name: str, overrides: tuple, seed: int, log) -> d
     """Train (or restore), embed and score one variant at one seed; per-row results of the closed test."""
     cfg = ws.config(None, [*overrides, f"train.seed={seed}", "score.baselines=false"])
     run = f"{name}-seed{seed}"
-    train.run(ws, cfg, run, log=log)
-    embed.run(ws, cfg, run, log=log, splits=[s for s in ("closed", "open") if ws.manifest(s).exists()])
-    scored = score.run(ws, cfg, run, log=log)
+    train.run(graph(ws, cfg), run, log=log)
+    embed.run(graph(ws, cfg), run, log=log, splits=[s for s in ("closed", "open") if ws.manifest(s).exists()])
+    scored = score.run(graph(ws, cfg), run, log=log)
     result = runs.pointed(ws, run)
     split, attrs = load_split(ws, result, "closed")
     classes = attrs["classes"]
@@ -118,7 +118,7 @@ def probe(ws: Workspace, rows: np.ndarray) -> np.ndarray:
     from leakpipe.pipeline.store import latent_store
 
     cfg = ws.config()
-    lat = graph.latents(ws, cfg, "closed")
+    lat = graph(ws, cfg).plan("encode", "closed").data
     store = latent_store.open_store(lat.store)
     m = lat.manifest
     classes = sorted({r["label"] for r in m.rows if r["partition"] == "train"})
@@ -134,8 +134,8 @@ def paired(seeds: list[np.ndarray], base, groups, n_boot: int = 2000) -> dict:
     """The seed-averaged correctness minus the baseline's (one array, or seeds of its own, averaged
     too), paired on the same bootstrap resamples of the same test images."""
     mean, base = np.mean(seeds, axis=0), np.mean(base, axis=0) if isinstance(base, list) else base
-    w = bootstrap.weights(len(base), n_boot, 0, groups)
-    return bootstrap.paired(float(mean.mean() - base.mean()), bootstrap.top1(mean, w) - bootstrap.top1(base, w))
+    diff = bootstrap.Resamples(n_boot, 0, groups).of(lambda w: metrics.top1(mean, w) - metrics.top1(base, w), len(base))
+    return bootstrap.paired(float(mean.mean() - base.mean()), diff)
 
 
 @dataclass

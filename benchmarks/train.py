@@ -33,7 +33,7 @@ from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_sca
 from leakpipe.pipeline.engine.data import LatentRows  # noqa: E402
 from leakpipe.pipeline.engine.training import train_epoch  # noqa: E402
 from leakpipe.pipeline.store import latent_store  # noqa: E402
-from leakpipe.stages.train import build_model  # noqa: E402
+from leakpipe.pipeline.engine.trained import build_model  # noqa: E402
 
 
 def sync(device):

@@ -2,89 +2,12 @@
 that need them, so `status`, `manifest` and no-op reruns start fast."""
 from __future__ import annotations
 
-import errno
-import functools
-import inspect
 import json
-import re
 from pathlib import Path
 
 import click
 
-from leakpipe.pipeline.config import DEFAULT_PROFILE, PROFILES
-from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.workspace import Workspace
-
-
-def _disk_full(exc: BaseException) -> str | None:
-    """The message for a full disk (or quota), however the writer reported it; None otherwise."""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # safetensors (Rust) reports it in its message: "I/O error: No space left on device (os error 28)"
-    full = full or type(exc).__name__ == "SafetensorError" and bool(
-        re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b|StorageFull|QuotaExceeded", str(exc)))
-    if not full:
-        return None
-    where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
-    return (f"No space left on the device{where}. Nothing was corrupted: every file is written to a "
-            "temporary name and renamed only when complete. Free some space (`leakpipe gc` lists what it "
-            "can free) and rerun the command; it continues where it stopped.")
-
-
-def _friendly(fn):
-    """User errors and a full disk as one-paragraph messages, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from None
-        except Exception as exc:
-            message = _disk_full(exc)
-            if message is None:
-                raise
-            raise click.ClickException(message) from None
-    return wrapper
-
-
-def _workspace_options(fn):
-    @click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
-                  default=".", show_default=True, help="Workspace folder (holds manifests/ and cache/).")
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Config TOML (default: WORKSPACE/leakpipe.toml if present).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
-    @click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-                  help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
-                  "method with the measured training recipe), paper (as printed) or authors-code (the "
-                  "authors' released code's); the README lists every difference.")
-    @functools.wraps(fn)
-    @_friendly
-    def wrapper(workspace, config_file, overrides, profile, **kwargs):
-        ws = Workspace(workspace)
-        cfg = ws.config(config_file, overrides, profile)
-        if "config_file" in inspect.signature(fn).parameters:
-            kwargs.update(config_file=config_file, overrides=overrides, profile=profile)
-        return fn(ws=ws, cfg=cfg, **kwargs)
-    return wrapper
-
-
-_user_errors = _friendly
-
-
-def _log(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="leakpipe")
-def main():
-    """leakpipe: which generator made this image? (Proto-LeakNet as a checksum-tracked pipeline)"""
-
-
-def _print_summary(s: dict, path) -> None:
-    click.echo(f"{path}: {s['rows']} rows, root {s['root']}")
-    for key in ("by_label", "by_partition", "by_variant"):
-        click.echo(f"  {key[3:]:<10} " + "  ".join(f"{k}={v}" for k, v in s[key].items()))
+from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 
 
 # ---------------------------------------------------------------- stage one
@@ -98,31 +21,30 @@ def _print_summary(s: dict, path) -> None:
 @_workspace_options
 def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides, profile):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
-    from leakpipe.stages import encode as stage
+    from leakpipe.pipeline.config_files import with_overrides
+    from leakpipe.stages import encode as stage, graph
 
     if vae_source:
-        _persist_vae(ws, cfg, vae_source, config_file, overrides)
-    if workers is not None:
-        cfg.encode.workers = workers
-    if scheduler:
-        cfg.encode.scheduler = scheduler
+        cfg = _persist_vae(ws, cfg, vae_source, config_file, overrides)
+    flags = {"encode.skip_bad": skip_bad and "true", "encode.workers": workers, "encode.scheduler": scheduler}
+    cfg = with_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v not in (None, "", False)])
+    g = graph(ws, cfg)
     for split in splits:
-        result = stage.run(ws, split, cfg, skip_bad=skip_bad, log=_log)
-        click.echo(result.summary())
+        click.echo(stage.run(g, split, log=_log).summary())
 
 
-def _persist_vae(ws, cfg, source: str, config_file, overrides) -> None:
+def _persist_vae(ws, cfg, source: str, config_file, overrides):
     """`--vae` is the workspace's encoder from now on: saved as vae.source in its config file (a local
     path relative to the workspace when it lies inside it), so train, score, status and attribute
-    find this encoder's cache with no flag."""
-    from leakpipe.pipeline.config import persist_setting
+    find this encoder's cache with no flag. Returns the config with it."""
+    from leakpipe.pipeline.config_files import persist_setting, with_overrides
     from leakpipe.pipeline.engine.vae import resolve
 
     local = Path(source).expanduser()
     if local.exists():
         local = local.resolve()
         source = "./" + local.relative_to(ws.root).as_posix() if local.is_relative_to(ws.root) else str(local)
-    cfg.vae.source = source
+    cfg = with_overrides(cfg, [f"vae.source={source}"])
     resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
     path = config_file or ws.root / "leakpipe.toml"
     was = persist_setting(path, "vae.source", source)
@@ -131,6 +53,7 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides) -> None:
              "status and attribute now use this encoder's cache")
     if any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
         _log("note: --set vae.source was given as well; --vae wins for this command")
+    return cfg
 
 
 # ---------------------------------------------------------------- stage two
@@ -142,22 +65,22 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides) -> None:
 def train(ws, cfg, run_name, seeds):
     """Stage two: train from the latent cache (or resume, or restore a stored result), then embed
     every encoded split. Results are kept per config in cache/results/; RUN points at one."""
-    from leakpipe.stages import train as stage
-
+    from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.pipeline.engine.ddp import launched_rank
-
     from leakpipe.pipeline.ledger import runs
-    from leakpipe.stages import embed
+    from leakpipe.stages import graph
+    from leakpipe.stages import train as stage
+    from leakpipe.workflows.pipeline import train_and_embed
 
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
     seed_list = _seeds(seeds) if seeds else [cfg.train.seed]
     names = [f"{run_name}-seed{s}" for s in seed_list] if seeds else [run_name]
     for seed, name in zip(seed_list, names):
-        cfg.train.seed = seed
-        result = stage.run(ws, cfg, name, log=_log if main_rank else (lambda msg: None))
+        g = graph(ws, with_overrides(cfg, [f"train.seed={seed}"]))
         if main_rank:
-            embed.run(ws, cfg, name, log=_log)
-            click.echo(result.summary())
+            click.echo(train_and_embed(g, name, log=_log).summary())
+        else:
+            stage.run(g, name, log=lambda msg: None)
     if seeds and main_rank:
         runs.write_seed_group(ws, run_name, seed_list, names)
         click.echo(f"seed group {run_name}: {', '.join(names)}; `leakpipe score --run {run_name}` scores them all")
@@ -182,24 +105,19 @@ def _seeds(text: str) -> list[int]:
 @_workspace_options
 def score(ws, cfg, run_name, dual, as_json):
     """Stage three: metrics, open-set KDE, report.md and figures from the run's embeddings."""
-    from leakpipe.stages import score as stage
-
-    from leakpipe.pipeline.ledger.graph import score_splits
-    from leakpipe.stages import embed
-
-    if dual:
-        cfg.score.dual = True
+    from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.pipeline.ledger import runs
+    from leakpipe.stages import graph
+    from leakpipe.stages import score as stage
+    from leakpipe.workflows.compare import seeds_table
 
+    g = graph(ws, with_overrides(cfg, ["score.dual=true"]) if dual else cfg)
     members = runs.seed_group(ws, run_name)
     for name in members or [run_name]:
-        embed.run(ws, cfg, name, log=_log, splits=[s for _, s in score_splits(cfg) if ws.manifest(s).exists()])
-        result = stage.run(ws, cfg, name, log=_log)
+        result = stage.run(g, name, log=_log)  # embeds what it reads first
         click.echo(json.dumps(result.metrics, indent=1) if as_json else result.summary())
     if members and not as_json:
-        from leakpipe.stages import sweep
-
-        click.echo(sweep.seeds_table(ws, run_name, members, cfg))
+        click.echo(seeds_table(ws, run_name, members, g.cfg))
 
 
 @main.command()
@@ -209,9 +127,9 @@ def score(ws, cfg, run_name, dual, as_json):
 def embed(ws, cfg, run_name, splits):
     """Embeddings (h_bar, w, a_t, logits) of encoded splits under a trained run; `train` and `score`
     run it too."""
-    from leakpipe.stages import embed as stage
+    from leakpipe.stages import embed as stage, graph
 
-    done = stage.run(ws, cfg, run_name, log=_log, splits=list(splits) or None)
+    done = stage.run(graph(ws, cfg), run_name, log=_log, splits=list(splits) or None)
     click.echo(f"embed {run_name}: " + (f"embedded {', '.join(done)}" if done else "up to date, nothing to do"))
 
 
@@ -224,12 +142,14 @@ def embed(ws, cfg, run_name, splits):
               ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.")
 @click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--allow-code-change", is_flag=True, help="Attribute with an exported attributor whose code (encode "
+              "and embed stages) differs from this leakpipe's; each result says so.")
 @_workspace_options
-def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json):
+def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
-    from leakpipe.stages import attribute as stage
+    from leakpipe.stages import attribute as stage, graph
 
-    results = stage.run(ws, cfg, list(images), run_name, top, model, vae_source)
+    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change)
     click.echo(json.dumps(results, indent=1) if as_json else stage.format_text(results))
 
 
@@ -240,9 +160,10 @@ def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json):
 def export(ws, cfg, dest, run_name):
     """Write a scored run as a self-contained attributor folder DEST (weights, reference embeddings,
     threshold, encoder identity, metrics, model card) for `leakpipe attribute --model`."""
-    from leakpipe.pipeline.engine.attributor import export as do_export
+    from leakpipe.stages import graph
+    from leakpipe.workflows.export import export as do_export
 
-    out = do_export(ws, cfg, run_name, dest)
+    out = do_export(graph(ws, cfg), run_name, dest)
     click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
                f"attribute with `leakpipe attribute --model {out} IMAGE...`")
 
@@ -258,24 +179,25 @@ def export(ws, cfg, dest, run_name):
 def sweep(ws, cfg, only, logo, list_only, out):
     """Ablations of the paper's Tables 3-5 over one latent cache (train + score each, then compare), or
     with --logo the leave-one-generator-out open set."""
-    from leakpipe.stages import sweep as stage
+    from leakpipe.workflows import sweep as stage
+    from leakpipe.workflows.compare import compare as compare_runs, write_compare
 
     if logo and only:
         raise click.UsageError("--logo makes its own runs (one per generator); leave out --only")
     plan = stage.logo(ws, cfg) if logo else stage.select(only)
     if list_only:
         for n, overrides in plan.items():
-            click.echo(f"{n:<14} {' '.join(overrides) or '(workspace config)'}")
+            click.echo(f"{n:<18} {' '.join(overrides) or '(workspace config)'}")
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
-    names, failed = stage.run(ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra],
-                                                          params["profile"]), plan, log=_log)
-    table = stage.logo_table(ws, names) if logo else stage.compare(ws, names, cfg)
-    if failed:
-        table += "\nNot run (each failed; the rest of the sweep ran):\n\n" + "".join(
-            f"- {k}: {v}\n" for k, v in failed.items())
+    names, skipped, failed = stage.run(
+        ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra], params["profile"]), plan,
+        log=_log)
+    table = stage.logo_table(ws, names) if logo else compare_runs(ws, names, cfg)
+    table += "".join(f"\n{title} (the rest of the sweep ran):\n\n" + "".join(f"- {k}: {v}\n" for k, v in part.items())
+                     for title, part in (("Not run here", skipped), ("Failed", failed)) if part)
     out = out or ws.cache / ("sweep-logo.md" if logo else "sweep.md")
-    stage.write_compare(out, table)
+    write_compare(out, table)
     click.echo(table + f"-> {out}")
     if failed:
         raise SystemExit(1)
@@ -288,7 +210,7 @@ def sweep(ws, cfg, only, logo, list_only, out):
 @_workspace_options
 def compare(ws, cfg, runs, out):
     """Top-1 and macro AUC (head, Mahalanobis), post-processing and open set, one row per scored RUN."""
-    from leakpipe.stages import sweep as stage
+    from leakpipe.workflows import compare as stage
 
     table = stage.compare(ws, list(runs), cfg)
     if out:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from leakpipe.pipeline.cli import _log, _print_summary, _user_errors, _workspace_options, main
+from leakpipe.pipeline.cli_base import _friendly as _user_errors, _log, _print_summary, _workspace_options, main
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 
@@ -164,7 +164,7 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 
     Sizes and epochs apply when the workspace is first created; a rerun does only what is missing.
     """
-    from leakpipe.stages import demo as stage
+    from leakpipe.workflows import demo as stage
 
     start = time.perf_counter()
     ws = Workspace(workspace)
@@ -187,7 +187,7 @@ def vae():
 def vae_random(path, seed):
     """Save the demo's seeded random AutoencoderKL (SD2.1's layout at a quarter width) to PATH."""
     from leakpipe.pipeline.engine.vae import save_random_vae
-    from leakpipe.stages.demo import DEMO_VAE_BLOCKS
+    from leakpipe.workflows.demo import DEMO_VAE_BLOCKS
 
     if (path / "config.json").exists():
         raise UserError(f"{path} already holds a VAE (config.json); give a new folder")
@@ -202,14 +202,16 @@ def vae_random(path, seed):
 def vae_info(ws, cfg, source):
     """Where SOURCE (Hub id, diffusers folder or .safetensors) resolves, its architecture, parameter
     count, scaling factor and encoder fingerprint under the workspace's preprocessing."""
+    from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.pipeline.engine import vae as vae_lib
     from leakpipe.pipeline.store.hashing import HashCache
+    from leakpipe.stages import STAGES
 
-    cfg.vae.source = source
+    cfg = with_overrides(cfg, [f"vae.source={source}"])
     src = vae_lib.resolve(cfg.vae, ws.root)
     arch = vae_lib.model_config(src)
     total, encoder = vae_lib.parameter_counts(src)
-    fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache))
+    fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache), STAGES["encode"].code_identity())
     keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
     where = src.label if src.kind == vae_lib.PIXELS else f"{src.kind} {src.location}"
     lines = [f"source:         {source}", f"resolves to:    {where}",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from leakpipe.pipeline.cli import _workspace_options, main
+from leakpipe.pipeline.cli_base import _workspace_options, main
 
 
 # ---------------------------------------------------------------- ledger
@@ -15,9 +15,10 @@ from leakpipe.pipeline.cli import _workspace_options, main
 @_workspace_options
 def status(ws, cfg, as_json):
     """Every stage's state: up to date, or stale and why (the same check each stage makes)."""
-    from leakpipe.pipeline.ledger import status as st
+    from leakpipe.stages import graph
+    from leakpipe.workflows import status as st
 
-    items = st.entries(ws, cfg)
+    items = st.entries(graph(ws, cfg))
     if as_json:
         click.echo(json.dumps(items, indent=1))
     elif not ws.splits():
@@ -31,9 +32,10 @@ def status(ws, cfg, as_json):
 @_workspace_options
 def runs(ws, cfg, as_json):
     """Every trained result: run names, when made, what differs from the current config, metrics."""
-    from leakpipe.pipeline.ledger import status as st
+    from leakpipe.stages import graph
+    from leakpipe.workflows import status as st
 
-    rows = st.run_rows(ws, cfg)
+    rows = st.run_rows(graph(ws, cfg))
     click.echo(json.dumps(rows, indent=1) if as_json else st.format_runs(rows) if rows else
                "no trained results yet; run `leakpipe train`")
 
@@ -75,11 +77,12 @@ def gc(ws, cfg, dry_run):
     """Remove what nothing refers to: trained results no run name points at, and latent stores (in
     cache/latents/ and under store.url) that neither the current config nor a named result uses.
     Nothing is ever removed except by this command."""
-    from leakpipe.pipeline.ledger import status as st
     from leakpipe.pipeline.store import storage
     from leakpipe.pipeline.store.locking import Busy, exclusive
+    from leakpipe.stages import graph
+    from leakpipe.workflows import status as st
 
-    garbage, freed = st.garbage(ws, cfg), 0
+    garbage, freed = st.garbage(graph(ws, cfg)), 0
     for location, size in garbage:
         if dry_run:
             click.echo(f"would remove {location} ({size / 2 ** 20:.1f} MiB)")
@@ -109,7 +112,8 @@ def gc(ws, cfg, dry_run):
 @_workspace_options
 def config_show(ws, cfg):
     """Print the effective config (defaults + leakpipe.toml + --set) as TOML."""
-    from leakpipe.pipeline.config import canonical_hash, to_toml
+    from leakpipe.pipeline.config import canonical_hash
+    from leakpipe.pipeline.config_files import to_toml
 
     click.echo(to_toml(cfg))
     click.echo(f"# canonical hash {canonical_hash(cfg.to_dict())}")

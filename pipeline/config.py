@@ -8,10 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from leakpipe.pipeline.errors import UserError
 
@@ -20,7 +17,7 @@ class ConfigError(UserError):
     """A setting the user can fix: names the key, what was given and what is accepted."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class VaeConfig:
     source: str = "stabilityai/stable-diffusion-2-1-base"  # Hub id, diffusers folder or .safetensors
     subfolder: str = "vae"  # inside a Hub repo or pipeline folder; ignored for single files
@@ -29,7 +26,7 @@ class VaeConfig:
     dtype: str = "float32"  # compute dtype: float32 | float16 | bfloat16
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig:
     size: int = 256  # output is size x size
     resize: str = "shorter"  # shorter: shorter side to `size`, then crop | none: crop only
@@ -37,7 +34,7 @@ class PreprocessConfig:
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoreConfig:
     dtype: str = "float32"  # stored dtype of mean and logvar: float32 | float16
     chunk_rows: int = 64  # rows per Zarr chunk: the unit of work and of writing
@@ -46,7 +43,7 @@ class StoreConfig:
     url: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncodeConfig:
     """Execution only: never part of a fingerprint."""
 
@@ -56,16 +53,17 @@ class EncodeConfig:
     torch_threads: int = 0  # intra-op CPU threads for the VAE; 0 = torch's default (dask workers: 1)
     workers: int = 0  # > 0: a local dask.distributed cluster of this many worker processes
     scheduler: str = ""  # address of an existing dask scheduler, e.g. tcp://10.0.0.1:8786
+    skip_bad: bool = False  # accept a split without the images that cannot be read (--skip-bad)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentConfig:
     scale: float = 0.18215  # s of Eq. 1
     scale_mode: str = "multiply"  # multiply (authors' code) | divide (Eq. 1 as printed)
     sample: bool = False  # draw z0 from the posterior instead of taking its mean
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     schedule: str = "cosine"  # cosine (squaredcos_cap_v2) | linear | scaled_linear
     num_steps: int = 1000
@@ -75,7 +73,7 @@ class DiffusionConfig:
     noise: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeaturesConfig:
     dct_k: int = 8  # k of DCT_low
     dct_map: str = "coeffs"  # coeffs | lowpass | none (z_t / sigma_t only, the authors' code)
@@ -87,7 +85,7 @@ class FeaturesConfig:
     highpass: str = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101 | efficientnet_b4 | vit_b_16
     init: str = ""  # a .safetensors state dict (torchvision names) to start the backbone from
@@ -104,7 +102,7 @@ class ModelConfig:
     prototype_init: str = "kmeans"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     split: str = "closed"  # manifest whose train/val partitions train the model
     epochs: int = 30
@@ -133,7 +131,7 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreConfig:
     closed: str = "closed"  # manifest whose train rows fit the comparators and whose test rows are scored
     # manifests of post-processed test copies (variant column: step1, step2, ...), one or several
@@ -154,14 +152,14 @@ class ScoreConfig:
     baseline_max_side: int = 512  # the pixel baseline reads at most this centre crop of each file, never resized
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     """Execution only: never part of a fingerprint."""
 
     tensorboard: bool = False  # event files under each result's tensorboard/ (needs leakpipe[tensorboard])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComputeConfig:
     """Execution only: never part of a fingerprint."""
 
@@ -176,7 +174,7 @@ class ComputeConfig:
     gpu_cache_gb: float = 8.0  # on CUDA, latents up to this size are held on the GPU (else pinned host memory)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     vae: VaeConfig = field(default_factory=VaeConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -194,6 +192,8 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 CHOICES = {
     "vae.dtype": ("float32", "float16", "bfloat16"),
@@ -285,101 +285,8 @@ def section_hash(cfg: Config, *names: str) -> str:
     return canonical_hash({n: dataclasses.asdict(getattr(cfg, n)) for n in names})
 
 
-def valid_keys(cfg: Config | None = None) -> list[str]:
-    cfg = cfg or Config()
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-            for f in dataclasses.fields(getattr(cfg, s.name))]
-
-
-def _field_type(section, name: str):
-    hints = typing.get_type_hints(type(section))
-    return hints[name]
-
-
-def _coerce(key: str, raw, typ):
-    """Convert `raw` (a string from --set, or a TOML value) to `typ`, or raise ConfigError."""
-    origin = typing.get_origin(typ)
-    try:
-        if typ is bool:
-            if isinstance(raw, bool):
-                return raw
-            low = str(raw).strip().lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if typ in (int, float):
-            if isinstance(raw, bool):
-                raise ValueError
-            value = typ(raw)
-            if typ is int and isinstance(raw, float) and raw != int(raw):
-                raise ValueError
-            return value
-        if typ is str:
-            if not isinstance(raw, str):
-                raise ValueError
-            return raw
-        if origin in (list, tuple):
-            (inner,) = set(typing.get_args(typ)) - {Ellipsis}
-            if isinstance(raw, str):
-                text = raw.strip()
-                items = json.loads(text) if text.startswith("[") else [
-                    p.strip() for p in text.split(",") if p.strip()]
-            else:
-                items = list(raw)
-            return [_coerce(key, item, inner) for item in items]
-    except (ValueError, TypeError, json.JSONDecodeError):
-        pass
-    else:
-        raise ConfigError(f"{key}: unsupported type {typ}")
-    raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {raw!r}")
-
-
-def set_value(cfg: Config, key: str, raw) -> None:
-    """Set dotted `key` to `raw` with type checking; unknown keys list the valid ones."""
-    keys = valid_keys(cfg)
-    if key not in keys:
-        import difflib
-
-        section, _, name = key.rpartition(".")
-        same = [k.split(".", 1)[1] for k in keys if k.split(".")[0] == section]
-        if same:  # a known section: compare the name with its keys only
-            near = [f"{section}.{n}" for n in difflib.get_close_matches(name, same, n=3, cutoff=0.6)]
-        else:
-            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.7) or [
-                k for k in keys if k.split(".", 1)[1] in difflib.get_close_matches(name, [x.split(".", 1)[1] for x in keys], 3, 0.75)]
-        hint = (f"did you mean {' or '.join(near)}?" if near else
-                f"the keys of [{section}] are {', '.join(same)}" if same else
-                f"sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}")
-        raise ConfigError(f"unknown setting {key!r}: {hint} (`leakpipe config` lists every key)")
-    section_name, name = key.split(".", 1)
-    section = getattr(cfg, section_name)
-    value = _coerce(key, raw, _field_type(section, name))
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
-    bad = [v for v in value if v not in ITEM_CHOICES[key]] if key in ITEM_CHOICES else []
-    if bad:
-        raise ConfigError(f"{key}: {', '.join(map(repr, bad))} not among {', '.join(ITEM_CHOICES[key])}")
-    setattr(section, name, value)
-
-
-def parse_override(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r} (for example --set vae.dtype=float16)")
-    key, value = item.split("=", 1)
-    return key.strip(), value
-
-
-def _apply(cfg: Config, data: dict, path) -> None:
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top-level {section!r} must be a [section] table")
-        for name, value in values.items():
-            try:
-                set_value(cfg, f"{section}.{name}", value)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
+def valid_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 # Named starting points under the TOML file and --set. `leakpipe` (the defaults above): the paper's
@@ -399,74 +306,3 @@ PROFILES: dict[str, tuple[str, ...]] = {
         "train.grad_clip=5.0"),
 }
 DEFAULT_PROFILE = "leakpipe"
-
-
-def load_config(path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = DEFAULT_PROFILE) -> Config:
-    """Defaults, then the profile, then the TOML file (if any), then `key=value` overrides, in that order."""
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
-    cfg = Config()
-    for item in PROFILES[profile]:
-        set_value(cfg, *parse_override(item))
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        load_toml_text(text, path, cfg)
-    for item in overrides:
-        set_value(cfg, *parse_override(item))
-    problems = validation_problems(cfg)
-    if problems:
-        where = f" ({path} and --set)" if path is not None else ""
-        raise ConfigError(f"invalid settings{where}:\n  " + "\n  ".join(problems))
-    return cfg
-
-
-def to_toml(cfg: Config) -> str:
-    """The full config as TOML (for `leakpipe config show` and run records)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for name, value in values.items():
-            lines.append(f"{name} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def persist_setting(path: Path, key: str, value) -> object:
-    """Write `key = value` into the TOML file `path` (created if missing), leaving every other line as
-    it is, and return the value it had there (None if unset). The file is checked to load after."""
-    import re
-
-    from leakpipe.pipeline.store.atomic import atomic_write_text
-
-    set_value(Config(), key, value)  # the value must be valid before anything is written
-    section, name = key.split(".", 1)
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    before = tomllib.loads(text).get(section, {}).get(name) if text else None
-    lines, line = text.splitlines(), f"{name} = {json.dumps(value)}"
-    start = next((i for i, s in enumerate(lines) if s.strip() == f"[{section}]"), None)
-    if start is None:
-        lines += ([""] if lines else []) + [f"[{section}]", line]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
-        hit = next((i for i in range(start + 1, end) if re.match(rf"\s*{re.escape(name)}\s*=", lines[i])), None)
-        lines.insert(start + 1, line) if hit is None else lines.__setitem__(hit, line)
-    new = "\n".join(lines) + "\n"
-    if getattr(getattr(load_toml_text(new, path), section), name) != value:
-        raise ConfigError(f"{path}: could not set {key} (the file defines it in a way leakpipe does not "
-                          f"edit); set it by hand: [{section}] {line}")
-    atomic_write_text(path, new)
-    return before
-
-
-def load_toml_text(text: str, path: Path | None = None, cfg: Config | None = None) -> Config:
-    cfg = cfg or Config()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    _apply(cfg, data, path)
-    return cfg

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.config import canonical_hash
+from leakpipe.pipeline import names
 from leakpipe.pipeline.errors import UserError
 
 REQUIRED = ("path", "label", "partition", "variant")
 PARTITIONS = ("train", "val", "test", "")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 HEADER = "# leakpipe manifest v1"
-SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ManifestError(UserError):
@@ -78,10 +78,7 @@ def manifest_path(manifests_dir: Path, name: str) -> Path:
 
 def check_name(name: str) -> str:
     """A split name names a file in manifests/ and folders in cache/: it cannot hold a path."""
-    if not SPLIT_NAME.fullmatch(name or ""):
-        raise UserError(f"split name {name!r}: use letters, digits, '.', '_' and '-' (up to 100, starting "
-                        "with a letter or digit); it names manifests/NAME.csv")
-    return name
+    return names.check_name(name, "split", "manifests/NAME.csv")
 
 
 def _root(path: Path, text: str) -> Path:

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakpipe.pipeline.store import storage
-from leakpipe.pipeline.config import DEFAULT_PROFILE, Config, load_config
+from leakpipe.pipeline.config import DEFAULT_PROFILE, Config
+from leakpipe.pipeline.config_files import load_config
 
 
 @dataclass

@@ -6,14 +6,21 @@ threshold and KDE bandwidth come from the run's metrics.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
+from leakpipe.pipeline.engine import attributor as att_lib
+from leakpipe.pipeline.engine.attributor import Attributor
+from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.workspace import Workspace
-from leakpipe.pipeline.report.evaluate import embedding
+from leakpipe.pipeline.ledger import code as code_id, runs
+from leakpipe.pipeline.ledger.graph import Graph
+from leakpipe.pipeline.ledger.results import load_split, load_trained
+from leakpipe.pipeline.math.kde import embedding
+from leakpipe.pipeline.report.evaluate import label_index
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
@@ -69,22 +76,57 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     return rows
 
 
-def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int = 3,
-        model: str | None = None, vae: str | None = None) -> list[dict]:
-    """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
-    folder or Hub id). `ws_cfg` (the workspace config) gives the device and the score settings; the
-    model, VAE and preprocessing come from the attributor's own config (`vae` overrides where its VAE
-    is, and must have the same encoder fingerprint)."""
-    from leakpipe.pipeline.engine import attributor as att_lib
-    from leakpipe.pipeline.engine.vae import resolve_device
+def code_identity(g: Graph) -> dict:
+    """The code an attributor's numbers depend on: that of the encode and embed stages."""
+    return {name: g.stages[name].code_identity() for name in ("encode", "embed")}
 
-    device = resolve_device(ws_cfg.compute.device)
-    att = (att_lib.from_folder(att_lib.locate(model), device) if model else
-           att_lib.from_result(ws, ws_cfg, run, device))
+
+def from_result(g: Graph, run: str, device) -> Attributor:
+    """The attributor of a scored run in the workspace."""
+    ws, ws_cfg = g.ws, g.cfg
+    out = runs.pointed(ws, run)
+    if out is None or not (out / "metrics.json").exists():
+        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
+                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
+    m = json.loads((out / "metrics.json").read_text())
+    model, build, classes, cfg = load_trained(out, device)
+    closed, _ = load_split(ws, out, ws_cfg.score.closed)
+    tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
+    reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
+    return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
+                      out.name, base=ws.root)
+
+
+def check_code(att: Attributor, current: dict, allow: bool) -> list[str]:
+    """An exported attributor's code (its encode and embed stages) against this leakpipe's: refused
+    when they differ, unless `allow`; then the differences are returned, to be stated with each result."""
+    differ = [f"{stage}: {w}" for stage, now in current.items()
+              for w in code_id.changed((att.code or {}).get(stage, "unrecorded"), now)]
+    if differ and not allow:
+        raise UserError(f"{att.name} was exported by a leakpipe whose code differs from this one's "
+                        f"({'; '.join(differ)}); its threshold and metrics were measured with that code. Export it "
+                        "again with this version, or pass --allow-code-change to attribute with it anyway "
+                        "(each result then says so)")
+    return differ
+
+
+def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: str | None = None,
+        vae: str | None = None, allow_code_change: bool = False) -> list[dict]:
+    """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
+    folder or Hub id). The workspace config gives the device and the score settings; the model, VAE
+    and preprocessing come from the attributor's own config (`vae` overrides where its VAE is, and
+    must have the same encoder fingerprint)."""
+    device = resolve_device(g.cfg.compute.device)
+    att = att_lib.from_folder(att_lib.locate(model), device) if model else from_result(g, run, device)
+    differ = check_code(att, code_identity(g), allow_code_change) if model else []
     if vae:
-        att.cfg.vae.source, att.base = vae, Path.cwd()
-    att_lib.check_encoder(att)
-    return attribute(att, ws_cfg, paths, top, run if not model else model)
+        att = dataclasses.replace(att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)),
+                                  base=Path.cwd())
+    att_lib.check_encoder(att, g.stages["encode"].code_identity())
+    results = attribute(att, g.cfg, paths, top, run if not model else model)
+    for r in results:
+        r["code_differs"] = differ
+    return results
 
 
 def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict]:

@@ -1,20 +1,35 @@
-"""Stage one: encode a manifest's images into the latent store, only rows not yet valid."""
+"""Stage one: encode a manifest's images into the latent store, only rows not yet valid.
+
+Declared inputs: the `vae.*` and `preprocess.*` settings, the stored dtype and chunking, the manifest's
+rows with their files' hashes, and the VAE's files; its code is the preprocessing and the VAE call
+(never the store writer, so a new writer never re-encodes anyone's cache). Output: the store
+`cache/latents/<split>/<fp12>.zarr` (or under store.url), named by the encoder fingerprint.
+"""
 from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import graph, locks
-from leakpipe.pipeline.manifest import Manifest
+from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
+from leakpipe.pipeline.ledger.locks import Inputs, Verdict
+from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.manifest import Manifest, read_manifest
+from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.store.locking import exclusive
-from leakpipe.pipeline.workspace import Workspace
+from leakpipe.pipeline.store.hashing import HashCache
+
+KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
+CODE = ("leakpipe.pipeline.engine.images:_open", "leakpipe.pipeline.engine.images:to_rgb",
+        "leakpipe.pipeline.engine.images:resize_crop", "leakpipe.pipeline.engine.images:load_image",
+        "leakpipe.pipeline.engine.images:to_model_range", "leakpipe.pipeline.engine.encoding:encode_batch",
+        "leakpipe.pipeline.engine.vae:load_vae", "leakpipe.pipeline.nn.pixels")
 
 
 class EncodeFailures(UserError):
@@ -80,7 +95,7 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
+def _encode(p: Latents, cfg: Config, result: EncodeResult, log) -> None:
     import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
@@ -140,36 +155,99 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     result.encoded = len(pending) - len(result.failures)
 
 
-def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=print) -> EncodeResult:
-    """Bring `cache/latents/<split>/<fp12>.zarr` (or the store under store.url) up to date with
-    `manifests/<split>.csv`."""
-    p = graph.latents(ws, cfg, split)
-    if cfg.encode.workers and p.store.startswith("memory://"):
+UNREADABLE = "0" * 32  # stands for a file that cannot be read: never a valid row
+
+
+def _file_hash(hashes: HashCache, path: Path) -> str:
+    try:
+        return hashes.hash(path)
+    except OSError:  # unreadable (permissions, I/O error): encode reports the row, with its reason
+        return UNREADABLE
+
+
+def _previous(lock: Path) -> Path | None:
+    """The split's most recent lock of another encoder, to explain a change of VAE against."""
+    others = [p for p in lock.parent.glob("*.lock.json") if p != lock]
+    return max(others, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _checks(lat: Latents):
+    """What the lock alone cannot see: a store made before row checksums, and damage a reader found."""
+    def check(verdict: Verdict) -> Verdict:
+        if verdict.up_to_date and not storage.exists(storage.join(lat.store, "latent_hash", "zarr.json")):
+            return Verdict(False, ["the store has no row checksums yet (made before they existed); "
+                                   "encode adds them without encoding"], verdict.lock)
+        if lat.damage_report.exists():
+            try:
+                found = json.loads(lat.damage_report.read_text())
+                what = f"{len(found['rows'])} row(s) failed their checksums when {found['found_by']} read them"
+            except (ValueError, KeyError, TypeError):
+                what = "a reader found rows that failed their checksums"
+            return Verdict(False, [f"damaged: {what}"], verdict.lock)
+        return verdict
+    return check
+
+
+def plan(graph: Graph, cfg: Config, split: str) -> Plan:
+    """Stage one's plan for `split`: the manifest rows with their files' hashes, the encoder, the store."""
+    ws, hashes = graph.ws, graph.hashes
+    manifest = read_manifest(ws.manifest(split))
+    source = vae_lib.resolve(cfg.vae, ws.root)
+    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, STAGE.code_identity())
+    file_hashes = [_file_hash(hashes, manifest.abspath(i)) for i in range(len(manifest))]
+    hashes.save()
+    vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
+        [["config.json", canonical_hash(vae_lib.model_config(source))]]
+    inputs = Inputs(values(cfg, KEYS), {},
+                    {f"manifest {split}": [[r["path"], h] for r, h in zip(manifest.rows, file_hashes)],
+                     "vae files": vae_files}, STAGE.code_identity())
+    lock = ws.store_lock(split, encoder_fp)
+    lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
+                  lock, ws.store_lock(split, encoder_fp, "writer.lock"))
+    storage.probe(lat.store)  # an unreachable URL store is a UserError, before any work
+
+    def sweep():  # a lock write that was killed
+        for orphan in lock.parent.glob(f".{lock.name}.*.tmp"):
+            orphan.unlink(missing_ok=True)
+
+    return Plan(STAGE, split, inputs, lock, lat.writer_lock, sweep, outputs_at=lat.store, previous=_previous(lock),
+                command=f"leakpipe encode --split {split}", extra_checks=[_checks(lat)], data=lat,
+                facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split)})
+
+
+def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
+    """Encode the rows that are not valid; a file that cannot be read fails its row (and the stage,
+    unless `skip_bad`), every other row is still encoded."""
+    lat: Latents = plan.data
+    if cfg.encode.workers and lat.store.startswith("memory://"):
         raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
-    result = EncodeResult(split, p.store, p.source.label, len(p.manifest))
-    with exclusive(p.writer_lock, f"latent store {p.store}"):
-        for orphan in p.lock.parent.glob(f".{p.lock.name}.*.tmp"):  # a lock write that was killed
-            orphan.unlink(missing_ok=True)
-        verdict = p.check()
-        if verdict.up_to_date:
-            result.up_to_date = True
-            return result
-        log(f"encode {split}: " + "; ".join(verdict.reasons))
-        _encode(p, cfg, result, log)
-        failures_csv = ws.failures_csv(split)
-        if result.failures:
-            _write_failures(failures_csv, result.failures, p.manifest)
-            result.failures_csv = failures_csv
-            if not skip_bad:
-                raise EncodeFailures(
-                    f"{len(result.failures)} of {result.rows} images could not be read; every other "
-                    f"row was encoded. See {failures_csv} (line, path, reason). Fix or remove those "
-                    "rows and rerun, or pass --skip-bad to accept the split without them.")
-        else:
-            failures_csv.unlink(missing_ok=True)
-        bad = sorted(p.manifest.rows[r]["path"] for r, _ in result.failures)
-        locks.write_lock(p.lock, "encode", p.inputs, p.store, split=split, skipped_bad=bad,
-                         vae=p.source.label, encoder=p.encoder_fp)
-        p.damage_report.unlink(missing_ok=True)
-    return result
+    result = EncodeResult(lat.split, lat.store, lat.source.label, len(lat.manifest))
+    log(f"encode {lat.split}: " + "; ".join(verdict.reasons))
+    _encode(lat, cfg, result, log)
+    failures_csv = plan.facts["failures_csv"]
+    if result.failures:
+        _write_failures(failures_csv, result.failures, lat.manifest)
+        result.failures_csv = failures_csv
+        if not cfg.encode.skip_bad:
+            raise EncodeFailures(
+                f"{len(result.failures)} of {result.rows} images could not be read; every other "
+                f"row was encoded. See {failures_csv} (line, path, reason). Fix or remove those "
+                "rows and rerun, or pass --skip-bad to accept the split without them.")
+    else:
+        failures_csv.unlink(missing_ok=True)
+    lat.damage_report.unlink(missing_ok=True)
+    bad = sorted(lat.manifest.rows[r]["path"] for r, _ in result.failures)
+    return Done(lat.store, {"split": lat.split, "skipped_bad": bad, "vae": lat.source.label,
+                            "encoder": lat.encoder_fp}, result)
+
+
+STAGE = Stage("encode", KEYS, CODE, plan, work)
+
+
+def run(graph: Graph, split: str, log=print) -> EncodeResult:
+    """Bring `cache/latents/<split>/<fp12>.zarr` (or the store under store.url) up to date with
+    `manifests/<split>.csv`."""
+    p = graph.plan("encode", split)
+    done = run_stage(p, graph.cfg, log)
+    return done.result or EncodeResult(split, p.data.store, p.data.source.label, len(p.data.manifest), up_to_date=True)

@@ -1,23 +1,36 @@
-"""Stage two: train Proto-LeakNet from the latent cache into the run cache. A result is stored under its training fingerprint (cache/results/<fp12>) and the run
-name points at it: retraining a name under another config keeps the earlier result."""
+"""Stage two: train Proto-LeakNet from the latent cache into the run cache.
+
+Declared inputs: the `latent`, `diffusion`, `features`, `model` and `train` settings (and the precision),
+the latents of `train.split` (their encode lock), its labels and partitions, and the `model.init` file;
+its code is every module that defines the weights (math, nn, the feature path and the epoch loop in
+engine/fit.py). A result is stored under its training fingerprint (cache/results/<fp12>) and the run
+name points at it: retraining a name under another config keeps the earlier result, and a config
+trained before is restored, not trained again.
+"""
 from __future__ import annotations
 
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.engine.ddp import launched_rank
-from leakpipe.pipeline.engine.trained import build_model, init_backbone
-from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import graph, locks, runs
-from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.store.latent_store import DamagedRows
-from leakpipe.pipeline.store.atomic import sweep_orphans
-from leakpipe.pipeline.store.locking import exclusive, shared
+from leakpipe.pipeline.ledger import locks, runs
+from leakpipe.pipeline.ledger.graph import Graph, Latents, init_file, label_rows, ready_latents, section_keys, values
+from leakpipe.pipeline.ledger.locks import Inputs, Verdict
+from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.store.atomic import atomic_write_json, sweep_orphans
+from leakpipe.pipeline.store.hashing import hash_file
+from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.workspace import Workspace
+
+KEYS = (*section_keys(*TRAIN_SECTIONS), "compute.precision")
+CODE = ("leakpipe.pipeline.math.diffusion", "leakpipe.pipeline.math.dct", "leakpipe.pipeline.math.features",
+        "leakpipe.pipeline.math.kmeans", "leakpipe.pipeline.nn.model", "leakpipe.pipeline.nn.backbones",
+        "leakpipe.pipeline.engine.data", "leakpipe.pipeline.engine.training", "leakpipe.pipeline.engine.fit",
+        "leakpipe.pipeline.engine.precision", "leakpipe.pipeline.engine.ddp",
+        "leakpipe.pipeline.engine.trained:build_model", "leakpipe.pipeline.engine.trained:init_backbone")
 
 
 @dataclass
@@ -49,240 +62,105 @@ def run_dir(ws: Workspace, run: str) -> Path:
     return runs.link(ws, run)
 
 
-def _described(lat: graph.Latents) -> str:
-    return f"latents of {lat.split} (VAE {lat.source.label}, store {lat.store})"
+@dataclass
+class Training:
+    """What a train plan carries: the run name, the latents it reads, the result the current config
+    trains, and the one the name points at now."""
+
+    run: str
+    latents: Latents
+    result: Path
+    current: Path | None
+    init: Path | None  # model.init, resolved
 
 
-def _rows(p, exclude=(), classes=None):
-    """(train rows, train labels, val rows, val labels, classes) of the valid rows whose labels are not
-    in `exclude`."""
-    import numpy as np
-
-    from leakpipe.pipeline.store import latent_store
-
-    valid = latent_store.valid_rows(latent_store.open_store(p.store), latent_store.hash_rows(p.file_hashes))
-    rows = p.manifest.rows
-    labels = {r["label"] for r in rows}
-    absent = [g for g in exclude if g not in labels]
-    if absent:
-        raise UserError(f"train.exclude names {', '.join(absent)}, which {p.manifest.source} does not label; "
-                        f"its labels are {', '.join(sorted(labels))}")
-    valid = valid & np.array([r["label"] not in exclude for r in rows], bool)  # held out: never trained on
-    classes = classes or sorted({r["label"] for r, ok in zip(rows, valid) if ok and r["partition"] == "train"})
-    index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for part in ("train", "val"):
-        sel = [i for i, r in enumerate(rows) if valid[i] and r["partition"] == part]
-        unknown = sorted({rows[i]["label"] for i in sel} - index.keys())
-        if unknown:
-            raise UserError(f"{p.manifest.source}: {part} rows have labels with no training rows: "
-                            f"{', '.join(unknown)}")
-        out += [np.array(sel, np.int64), np.array([index[rows[i]["label"]] for i in sel], np.int64)]
-    val_classes = sorted({classes[k] for k in out[3]})
-    if len(out[2]) and len(val_classes) < 2:
-        raise UserError(f"{p.manifest.source}: the val partition has rows of only 1 class ({val_classes[0]}); "
-                        "early stopping uses the validation macro AUC, which needs at least 2 classes. "
-                        "Give the val partition images of several generators (manifest build --ratios).")
-    if len(classes) < 2 or len(out[0]) == 0 or len(out[2]) == 0:
-        raise UserError(f"{p.manifest.source}: training needs >= 2 classes with train rows and some "
-                        f"val rows; found {len(classes)} classes, {len(out[0])} train, {len(out[2])} val")
-    return (*out, classes)
+def _restore(t: Training, inputs: Inputs):
+    """A result stored under this config but not pointed at by the name is restored, not retrained; an
+    interrupted training of it resumes from its checkpoint."""
+    def check(stored: Verdict) -> Verdict:
+        if stored.up_to_date and t.current == t.result:
+            return stored
+        if stored.up_to_date:
+            had = t.current / "train.lock.json" if t.current else None
+            old = locks.read_lock(had) if had else None
+            why = locks.explain(old["inputs"], inputs) if old else [f"run {t.run!r} is new"]
+            return Verdict(False, why + [f"a result trained with this config is stored (cache/results/"
+                                         f"{t.result.name}, {stored.lock.get('written', '?')}); train restores it "
+                                         "without training"], stored.lock, restore=True)
+        ckpt = t.result / "checkpoint" / "checkpoint.safetensors"
+        if ckpt.exists():
+            stored.reasons.append(f"an interrupted training of this config resumes from {ckpt.parent}")
+        return stored
+    return check
 
 
-def _fit(p: graph.Latents, cfg: Config, out: Path, fp: str, result: TrainResult, log, init: Path | None) -> None:
-    import torch
-    from leakpipe.pipeline.progress import progress
+def plan(graph: Graph, cfg: Config, run: str) -> Plan:
+    """Stage two's plan for run name `run` under `cfg`."""
+    ws = graph.ws
+    current, command = runs.pointed(ws, runs.check_name(run)), f"leakpipe train --run {run}"
+    lat_plan, verdict = ready_latents(graph, cfg.train.split, cfg)
+    upstream = [lat_plan] if lat_plan else []
+    if not verdict.up_to_date:
+        return Plan(STAGE, run, None, Path(), Path(), None, upstream, blocked=verdict, command=command,
+                    facts={"result": current.name if current else None})
+    lat = lat_plan.data
+    files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
+    init = init_file(ws, cfg) if cfg.model.init else None
+    if init:  # the starting weights are an input: a changed file retrains
+        files[f"model.init {cfg.model.init}"] = hash_file(init)
+    inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files,
+                    STAGE.code_identity())
+    result = runs.result_dir(ws, inputs.fingerprint())
+    t = Training(run, lat, result, current, init)
 
-    from leakpipe.pipeline.store.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint, save_tensors
-    from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
-    from leakpipe.pipeline.engine import ddp as ddp_lib
-    from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_scaler
-    from leakpipe.pipeline.engine.training import WeightAverage, train_epoch
+    def finish():
+        shutil.rmtree(result / "checkpoint", ignore_errors=True)  # kept, it would quadruple every result
+        runs.point(ws, run, result)
 
-    tc = cfg.train
-    tr_rows, tr_y, va_rows, va_y, classes = _rows(p, tc.exclude)
-    budget = cfg.compute.memory_budget_gb * 2 ** 30
-    train_data, val_data = (LatentRows(p.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
-    _check_sizes(cfg, p, train_data.latent_shape)
-    ddp, device = ddp_lib.setup(cfg.compute.device)
-    log = log if ddp.is_main else (lambda msg: None)
-    result.world_size = ddp.world
-    torch.manual_seed(tc.seed)
-    net = build_model(cfg, len(classes), train_data.latent_shape)
-    if init is not None:  # a resumed checkpoint then replaces these weights
-        for note in init_backbone(net, init):
-            log(f"train: model.init: {note}")
-    wrapped = ddp_lib.wrap(channels_last(net.to(device), device, cfg.compute.precision), ddp, device)
-    model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
-    forward = compiled(wrapped, cfg.compute.compile, cfg.compute.compile_backend)
-    scaler = grad_scaler(device, cfg.compute.precision)
-    for data in (train_data, val_data):
-        data.place(device, cfg.compute.gpu_cache_gb * 2 ** 30)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    build = FeatureBuilder(cfg, device)
-    ckpt_dir = out / "checkpoint"
-    try:
-        loaded = load_checkpoint(ckpt_dir, model, opt, fp)
-    except DamagedCheckpoint as exc:  # checked before anything is loaded from it
-        log(f"train: the checkpoint in {ckpt_dir} is damaged ({exc}); training this result from the start")
-        loaded = None
-    steps = train_data.n_batches(tc.batch_size, tc.seed * 1_000_003 + 1, tc.shuffle_chunks)
-    average = None
-    if loaded:
-        state, best, extra = loaded
-        build.mean, build.std = best["feature_mean"].to(device), best["feature_std"].to(device)
-        result.resumed_from = state["epoch"]
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if tc.ema_half_life:
-            average = WeightAverage(model, tc.ema_half_life * steps, {k: v.to(device) for k, v in extra["ema"].items()})
-        log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
-    else:
-        state = {"fingerprint": fp, "epoch": 0, "best_score": -float("inf"), "best_auc": -1.0, "best_epoch": 0,
-                 "history": [], "prototypes_placed": False}
-        best = {}
-        build.fit_statistics(train_data, cfg.compute.eval_batch_size)
-        average = WeightAverage(model, tc.ema_half_life * steps) if tc.ema_half_life else None
-    stats = {"feature_mean": build.mean, "feature_std": build.std}
-    log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
-        + (f" x {ddp.world} processes (DDP)" if ddp.active else "") + f", {train_data.placement}"
-        + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
-        + (", compiled" if cfg.compute.compile else ""))
-    board = None
-    if cfg.log.tensorboard and ddp.is_main:
-        from leakpipe.pipeline.engine import tboard
-
-        board = tboard.writer(out / "tensorboard" / "train", purge_step=state["epoch"] + 1)
-    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-        if tc.select != "last" and state["best_epoch"] and epoch - state["best_epoch"] > tc.patience:
-            break
-        with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
-            fit = train_epoch(wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler,
-                              forward, average)
-        if _prototypes_due(cfg, state, epoch):
-            log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
-            state["prototypes_placed"] = True
-        evaluated = average.averaged(model) if average is not None else model
-        record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes))
-        state["history"].append({"epoch": epoch, **fit, **record})
-        log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
-            f"val macro AUC {record['val_macro_auc']:.4f}")
-        if board is not None:
-            tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
-        score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
-        if score > state["best_score"]:
-            state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
-            best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **stats}.items()}
-        state["epoch"], state["scaler"] = epoch, scaler.state_dict() if scaler.is_enabled() else {}
-        if ddp.is_main:  # every rank holds the same weights; one writes them
-            save_checkpoint(ckpt_dir, model, opt, best, state, {"ema": average.state()} if average else {})
-        ddp.barrier()
-    if board is not None:
-        board.close()
-    result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
-    if not ddp.is_main:
-        return
-    save_tensors(out / "model.safetensors", best,
-                 {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
-                  "latent_shape": list(train_data.latent_shape),
-                  "val_macro_auc": state["best_auc"]})
-    atomic_write_json(out / "history.json", state["history"])
+    had = current / "train.lock.json" if current and current != result else None
+    return Plan(STAGE, run, inputs, result / "train.lock.json", result / ".writer.lock",
+                lambda: sweep_orphans(result), upstream, command=command, previous=had,
+                facts={"result": current.name if current else None, "current_config_result": result.name},
+                extra_checks=[_restore(t, inputs)], finish=finish, writes=launched_rank() == 0, data=t)
 
 
-def _check_sizes(cfg: Config, p: graph.Latents, latent_shape: tuple) -> None:
-    side = min(latent_shape[-2:])
-    if cfg.train.crop >= side:
-        raise UserError(f"train.crop = {cfg.train.crop} is not smaller than the side {side} of the z0 in {p.store}; "
-                        "lower train.crop, or set it to 0 to train on z0 whole")
-    seen = f"train.crop = {cfg.train.crop}" if cfg.train.crop else f"the latent side {side} of {p.store}"
-    if cfg.features.dct_k > (cfg.train.crop or side):
-        raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds {seen}; lower features.dct_k, or train "
-                        "on larger crops or images (train.crop, preprocess.size)")
+def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
+    from leakpipe.pipeline.engine.fit import fit  # torch: imported when a training runs, not by status
+    from leakpipe.pipeline.store.latent_store import DamagedRows
+
+    t: Training = plan.data
+    result = TrainResult(t.run, t.result, t.latents.described)
+    if verdict.restore:
+        log(f"train {t.run}: restoring the stored result {t.result}: " + "; ".join(verdict.reasons[:-1]))
+        result.restored = True
+        return Done(None, result=result)
+    kept = f"; its earlier result stays at {t.current}" if t.current and t.current != t.result else ""
+    log(f"train {t.run}: training because " + "; ".join(verdict.reasons) + kept)
+    start = time.perf_counter()
+    with shared(t.latents.writer_lock, f"latent store {t.latents.store}"):
+        try:
+            fitted = fit(t.latents, cfg, t.result, plan.inputs.fingerprint(), log, t.init)
+        except DamagedRows as exc:
+            raise t.latents.report_damage(exc.rows, "train") from None
+    result.seconds = time.perf_counter() - start
+    result.epochs, result.best_epoch, result.val_macro_auc = fitted.epochs, fitted.best_epoch, fitted.val_macro_auc
+    result.resumed_from, result.world_size = fitted.resumed_from, fitted.world_size
+    if not plan.writes:
+        return Done(None, result=result)
+    atomic_write_json(t.result / "config.json", cfg.to_dict())
+    return Done([t.result / "model.safetensors", t.result / "config.json", t.result / "history.json"],
+                {"stores": [str(t.latents.store)], "vae": t.latents.source.label, "world_size": fitted.world_size,
+                 "seconds": round(result.seconds, 1)}, result)
 
 
-def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int) -> tuple[dict, dict]:
-    """Precise BatchNorm statistics on the training rows, then the validation cross-entropy, macro AUC
-    and top-1 of `model` (the averaged weights under train.ema_half_life), and its outputs."""
-    import torch
-    import torch.nn.functional as F
-
-    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm
-    from leakpipe.pipeline.math import metrics
-
-    recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
-    val = predict(model, val_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)
-    y = val_data.labels
-    loss = float(F.cross_entropy(torch.from_numpy(val["logits"]).double(), torch.from_numpy(y)))
-    auc = metrics.macro_auc(metrics.softmax(val["logits"]), y, n_classes)
-    return {"val_loss": loss, "val_macro_auc": auc, "val_acc": metrics.top1(val["logits"], y)}, val
+STAGE = Stage("train", KEYS, CODE, plan, work)
 
 
-def _prototypes_due(cfg: Config, state: dict, epoch: int) -> bool:
-    """model.prototype_init = kmeans places the prototypes once, after the warm-up (at least one
-    epoch), when epochs remain to train them."""
-    return (cfg.model.prototypes and cfg.model.prototype_init == "kmeans" and not state["prototypes_placed"]
-            and epoch == max(1, cfg.train.warmup_epochs) and epoch < cfg.train.epochs)
-
-
-def _place_prototypes(model, opt, average, train_data, build, cfg: Config) -> str:
-    """Each class's prototypes at the k-means centres of its training embeddings h_bar (with precise
-    BatchNorm statistics first); their optimiser state and weight average start again from there."""
-    import torch
-
-    from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm
-    from leakpipe.pipeline.math.kmeans import class_centres
-
-    recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
-    h = predict(model, train_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)["h_bar"]
-    n_classes, m = model.prototypes.shape[:2]
-    centres = class_centres(h, train_data.labels, n_classes, m, cfg.train.seed)
-    with torch.no_grad():
-        model.prototypes.copy_(torch.from_numpy(centres).to(model.prototypes))
-    opt.state.pop(model.prototypes, None)
-    if average is not None:
-        average.reset("prototypes", model.prototypes)
-    model.train()
-    return f"prototypes placed at the k-means centres ({m} per class) of the training embeddings"
-
-
-def run(ws: Workspace, cfg: Config, run: str = "default", log=print) -> TrainResult:
-    """Train the current config under run name `run` (or resume it, or restore a stored result, or
-    do nothing) and point the name at the result. Embedding is the next stage (stages/embed.py)."""
-    plan = graph.training(ws, cfg, run)
-    verdict = plan.check(deep=True)
-    if verdict.blocked:
-        raise UserError(f"train {run}: {'; '.join(verdict.reasons)}; run `{verdict.blocked[0]}` first")
-    out = plan.result
-    result = TrainResult(run, out, _described(plan.latents))
-    main = launched_rank() == 0  # under torchrun, rank 0 locks and writes
-    with exclusive(out / ".writer.lock", f"result {out.name}") if main else nullcontext():
-        if main:
-            sweep_orphans(out)  # a killed writer's leftovers; none can be alive under this lock
-        verdict = plan.check(deep=True)  # again, now that no other writer can change it
-        if verdict.up_to_date:
-            result.up_to_date = True
-        elif verdict.restore:
-            log(f"train {run}: restoring the stored result {out}: " + "; ".join(verdict.reasons[:-1]))
-            result.restored = True
-        else:
-            kept = f"; its earlier result stays at {plan.current}" if plan.current and plan.current != out else ""
-            log(f"train {run}: training because " + "; ".join(verdict.reasons) + kept)
-            start = time.perf_counter()
-            with shared(plan.latents.writer_lock, f"latent store {plan.latents.store}"):
-                try:
-                    _fit(plan.latents, cfg, out, plan.inputs.fingerprint(), result, log,
-                         graph.init_file(ws, cfg) if cfg.model.init else None)
-                except DamagedRows as exc:
-                    raise plan.latents.report_damage(exc.rows, "train") from None
-            result.seconds = time.perf_counter() - start
-            if main:
-                atomic_write_json(out / "config.json", cfg.to_dict())
-                locks.write_lock(plan.lock, "train", plan.inputs,
-                                 [out / "model.safetensors", out / "config.json", out / "history.json"],
-                                 stores=[str(plan.latents.store)], vae=plan.latents.source.label,
-                                 world_size=result.world_size, seconds=round(result.seconds, 1))
-                # only an unfinished training resumes from it; kept, it would quadruple every result
-                shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        if main:
-            runs.point(ws, run, out)
-    return result
+def run(graph: Graph, run: str = "default", log=print, cfg: Config | None = None) -> TrainResult:
+    """Train under run name `run` (or resume it, or restore a stored result, or do nothing) and point
+    the name at the result. Embedding is the next stage (stages/embed.py)."""
+    p = graph.plan("train", run, cfg=cfg)
+    done = run_stage(p, cfg or graph.cfg, log)
+    if done.result is not None:
+        return done.result
+    return TrainResult(run, p.data.result, p.data.latents.described, up_to_date=True)

@@ -25,25 +25,25 @@ def test_every_metric_matches_a_loop_over_explicit_resamples(data):
     labels, probs, scores, positive = data
     w = bootstrap.weights(len(labels), 40, seed=0)
     pred = probs.argmax(1)
-    got = {"top1": bootstrap.top1(pred == labels, w),
-           "balanced": bootstrap.balanced_accuracy(pred, labels, 4, w),
-           "macro_auc": bootstrap.macro_auc(probs, labels, w),
-           "auroc": bootstrap.auroc(scores, positive, w),
-           "eer": bootstrap.eer(scores, positive, w),
-           "fpr95": bootstrap.fpr_at_tpr(scores, positive, w)}
-    per_class = bootstrap.per_class_auc(probs, labels, w)
-    assert np.allclose(bootstrap.macro_auc(probs, labels, w, per_class), got["macro_auc"], atol=1e-15)
+    got = {"top1": metrics.top1(pred == labels, w),
+           "balanced": metrics.balanced_accuracy(pred, labels, 4, w),
+           "macro_auc": metrics.macro_auc(probs, labels, w),
+           "auroc": metrics.auroc(scores, positive, w),
+           "eer": metrics.eer(scores, positive, w),
+           "fpr95": metrics.fpr_at_tpr(scores, positive, w)}
+    per_class = metrics.per_class_auc(probs, labels, w)
+    assert np.allclose(metrics.macro_auc(probs, labels, w, per_class), got["macro_auc"], atol=1e-15)
     for b in range(len(w)):
         i = resampled(w[b])
         recalls = [np.mean(pred[i][labels[i] == k] == k) for k in range(4) if (labels[i] == k).any()]
-        want = {"top1": metrics.top1(probs[i], labels[i]), "balanced": np.mean(recalls),
-                "macro_auc": metrics.macro_auc(probs[i], labels[i], 4),
-                "auroc": metrics.roc_auc(scores[i], positive[i]), "eer": metrics.eer(scores[i], positive[i]),
-                "fpr95": metrics.fpr_at_tpr(scores[i], positive[i], 0.95)}
+        want = {"top1": metrics.point(metrics.top1, probs[i].argmax(1) == labels[i]), "balanced": np.mean(recalls),
+                "macro_auc": metrics.point(metrics.macro_auc, probs[i], labels[i]),
+                "auroc": metrics.point(metrics.auroc, scores[i], positive[i]), "eer": metrics.point(metrics.eer, scores[i], positive[i]),
+                "fpr95": metrics.point(metrics.fpr_at_tpr, scores[i], positive[i])}
         for k in want:
             assert got[k][b] == pytest.approx(want[k], abs=1e-12), (k, b)
         for k in range(4):
-            assert per_class[b, k] == pytest.approx(metrics.roc_auc(probs[i, k], labels[i] == k), abs=1e-12), (k, b)
+            assert per_class[b, k] == pytest.approx(metrics.point(metrics.auroc, probs[i, k], labels[i] == k), abs=1e-12), (k, b)
 
 
 def test_groups_are_drawn_whole():
@@ -63,14 +63,14 @@ def test_interval_covers_the_truth_at_about_the_stated_rate():
     for k in range(200):
         scores = np.r_[rng.normal(1, 1, 100), rng.normal(0, 1, 100)]
         positive = np.r_[np.ones(100, bool), np.zeros(100, bool)]
-        lo, hi = bootstrap.interval(bootstrap.auroc(scores, positive, bootstrap.weights(200, 400, seed=k)))
+        lo, hi = bootstrap.interval(metrics.auroc(scores, positive, bootstrap.weights(200, 400, seed=k)))
         hits += lo <= truth <= hi
     assert 0.89 <= hits / 200 <= 0.99, hits / 200
 
 
 def test_undefined_resamples_are_left_out_of_the_interval():
     w = np.array([[2.0, 0.0], [1.0, 1.0]])
-    values = bootstrap.auroc(np.array([1.0, 0.0]), np.array([True, False]), w)
+    values = metrics.auroc(np.array([1.0, 0.0]), np.array([True, False]), w)
     assert np.isnan(values[0]) and values[1] == 1.0
     assert bootstrap.interval(values) == [1.0, 1.0]
 
@@ -107,7 +107,7 @@ def test_the_real_photo_case_is_said_in_words():
     head = rng.random(n) < 1 / 6
     pixel = rng.random(n) < 0.72
     z0 = rng.random(n) < 1 / 6
-    w = bootstrap.weights(n, 1000, seed=0)
+    w = bootstrap.Resamples(1000, seed=0)
     b = {"chance": 1 / 6, "head": bl.scored(head, w), "forensic": bl.scored(pixel, w), "z0_probe": bl.scored(z0, w),
          "head_minus_forensic": bl.paired_difference(head, pixel, w),
          "z0_probe_minus_forensic": bl.paired_difference(z0, pixel, w)}
@@ -125,7 +125,7 @@ def test_the_real_photo_case_is_said_in_words():
 
 def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():
     from leakpipe.pipeline.config import Config
-    from leakpipe.stages.sweep import paired
+    from leakpipe.workflows.compare import paired
 
     rng = np.random.default_rng(4)
     y = rng.integers(0, 3, 200)
@@ -141,7 +141,7 @@ def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():
 
 def test_paired_open_set_auroc():
     from leakpipe.pipeline.config import Config
-    from leakpipe.stages.sweep import paired_auroc
+    from leakpipe.workflows.compare import paired_open
 
     rng = np.random.default_rng(7)
     keys = [("closed", i) for i in range(150)] + [("open", i) for i in range(150)]
@@ -149,11 +149,11 @@ def test_paired_open_set_auroc():
     weak = dict(zip(keys, rng.normal(0, 1, 300) + 0.3 * truth))
     strong = dict(zip(keys, rng.normal(0, 1, 300) + 2.0 * truth))
     cfg = Config()
-    same = paired_auroc(weak, weak, cfg)
+    same = paired_open(weak, weak, cfg)["auroc"]
     assert same["difference"] == 0 and same["p"] == 1.0
-    better = paired_auroc(strong, weak, cfg)
+    better = paired_open(strong, weak, cfg)["auroc"]
     assert better["difference"] > 0.2 and better["ci"][0] > 0 and better["p"] < 0.01
-    assert paired_auroc(None, weak, cfg) is None  # a run without an open set: no test, said as n/a
+    assert paired_open(None, weak, cfg) == {}  # a run without an open set: no test, said as n/a
 
 
 def test_ovl_resamples_are_the_weighted_densities_on_the_same_grid():
@@ -162,14 +162,15 @@ def test_ovl_resamples_are_the_weighted_densities_on_the_same_grid():
     rng = np.random.default_rng(2)
     a, b = rng.normal(0, 1, 60), np.r_[rng.normal(1, 0.3, 30), rng.normal(-3, 2, 30)]
     w = bootstrap.weights(120, 5, seed=4)
-    got = bootstrap.ovl(a, b, w)
+    got = metrics.ovl(a, b, w)
     (ca, ha), (cb, hb) = metrics.ovl_grid(a, b)[0]
     grid = metrics.ovl_grid(a, b)[1]
     for k in range(len(w)):
         i, j = resampled(w[k, :60]), resampled(w[k, 60:])
         fa, fb = metrics._mixture(grid, ca[i], ha[i]), metrics._mixture(grid, cb[j], hb[j])
         assert got[k] == pytest.approx(np.trapezoid(np.minimum(fa, fb), grid), abs=1e-12)
-    assert bootstrap.ovl(a, b, np.ones((1, 120)))[0] == pytest.approx(metrics.ovl(a, b), abs=1e-12)
+    whole = np.trapezoid(np.minimum(metrics._mixture(grid, ca, ha), metrics._mixture(grid, cb, hb)), grid)
+    assert metrics.ovl(a, b, np.ones((1, 120)))[0] == pytest.approx(whole, abs=1e-12)  # the point estimate
 
 
 def test_ovl_interval_covers_known_overlaps():
@@ -188,6 +189,6 @@ def test_ovl_interval_covers_known_overlaps():
         hits = 0
         for k in range(40):
             a, b = closed(200), opened(200)
-            lo, hi = bootstrap.basic_interval(metrics.ovl(a, b), bootstrap.ovl(a, b, bootstrap.weights(400, 200, k)))
+            lo, hi = bootstrap.basic_interval(metrics.point(metrics.ovl, a, b, n=400), metrics.ovl(a, b, bootstrap.weights(400, 200, k)))
             hits += lo <= true <= hi
         assert hits >= 33, (true, hits)  # 95% nominal; binomial(40, 0.95) is >= 35 in 86% of runs

@@ -1,6 +1,7 @@
 import pytest
 
-from leakpipe.pipeline.config import Config, ConfigError, canonical_hash, load_config, section_hash
+from leakpipe.pipeline.config import Config, ConfigError, canonical_hash, section_hash
+from leakpipe.pipeline.config_files import load_config
 
 
 def test_defaults_follow_the_spec():
@@ -54,3 +55,34 @@ def test_canonical_hash_is_order_free_and_sensitive():
     assert section_hash(a, "vae") == section_hash(b, "vae")
     assert section_hash(a, "preprocess") != section_hash(b, "preprocess")
     assert canonical_hash(a.to_dict()) != canonical_hash(b.to_dict())
+
+
+def test_a_config_is_immutable_and_changed_only_through_the_loader():
+    import dataclasses
+
+    from leakpipe.pipeline.config_files import with_overrides
+
+    cfg = load_config(None, ["train.epochs=3"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 5
+    more = with_overrides(cfg, ["train.epochs=7"])
+    assert (cfg.train.epochs, more.train.epochs) == (3, 7)  # a new config; the old one unchanged
+    with pytest.raises(ConfigError, match="train.epochs = 0: must be >= 1"):
+        with_overrides(cfg, ["train.epochs=0"])  # validated like --set
+
+
+def test_a_stored_config_is_rebuilt_typed_and_validated():
+    """A result's config.json goes through the same loader: types and ranges are checked, and keys
+    added since it was written take their earlier defaults (what the result was trained with)."""
+    from leakpipe.pipeline.config import ADDED_KEYS
+    from leakpipe.pipeline.config_files import from_dict
+
+    stored = load_config(None, ["model.embed_dim=16"]).to_dict()
+    del stored["model"]["stem"]  # written before model.stem existed
+    got = from_dict(stored)
+    assert got.model.embed_dim == 16 and got.model.stem == ADDED_KEYS["model.stem"] == "imagenet"
+    stored["train"]["epochs"] = "many"
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        from_dict(stored, "results/x/config.json")
+    with pytest.raises(ConfigError, match="unknown setting 'train.nope'"):
+        from_dict({"train": {"nope": 1}})

@@ -5,7 +5,7 @@ import numpy as np
 import zarr
 
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode as stage
+from leakpipe.stages import graph, encode as stage
 from tests.conftest import cli, kill_midway, write_images
 
 
@@ -20,13 +20,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, tmp_path):
     cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
     clean = tmp_path / "clean"
     shutil.copytree(ws, clean, ignore=shutil.ignore_patterns("cache"))
-    reference = stage.run(Workspace(clean), "closed", Workspace(clean).config(), log=lambda m: None)
+    reference = stage.run(graph(Workspace(clean), Workspace(clean).config()), "closed", log=lambda m: None)
 
     # chunk writes are slowed so the kill lands mid-run; nothing else differs from a normal encode
     store_dir = ws / "cache" / "latents" / "closed"
     kill_midway("leakpipe.pipeline.store.latent_store.write_chunk", 0.15,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import encode\n"
-                f"ws = Workspace({str(ws)!r})\nencode.run(ws, 'closed', ws.config(), log=print)",
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import encode, graph\n"
+                f"ws = Workspace({str(ws)!r})\nencode.run(graph(ws, ws.config()), 'closed', log=print)",
                 ready=lambda: len(list(store_dir.glob("*.zarr/source_hash/c/*/*"))) >= 3)
 
     store = next(store_dir.glob("*.zarr"))
@@ -34,7 +34,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, tmp_path):
     assert 0 < valid < 48, valid  # killed part-way
     assert not list(store_dir.glob("*.lock.json"))  # no lock: the stage is not done
 
-    res = stage.run(Workspace(ws), "closed", Workspace(ws).config(), log=lambda m: None)
+    res = stage.run(graph(Workspace(ws), Workspace(ws).config()), "closed", log=lambda m: None)
     assert res.encoded == 48 - valid
     got, want = arrays(res.store), arrays(reference.store)
     for name in want:

@@ -22,8 +22,7 @@ import torch
 
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.pipeline.engine.trained import build_model
-from leakpipe.pipeline.ledger import graph
-from leakpipe.stages import encode, train
+from leakpipe.stages import graph, encode, train
 from leakpipe.pipeline.store.checkpoint import load_tensors
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from tests.conftest import TOML, cli, write_images
@@ -36,7 +35,7 @@ BIN = Path(sys.executable).parent
 def tws(ws):
     write_images(ws / "data", labels=("a", "b", "c"), n=12, seed=3)
     assert cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed").exit_code == 0
-    encode.run(Workspace(ws), "closed", Workspace(ws).config(), log=lambda m: None)
+    encode.run(graph(Workspace(ws), Workspace(ws).config()), "closed", log=lambda m: None)
     return ws
 
 
@@ -53,7 +52,7 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     torch.set_num_threads(1)
     ws = Workspace(root)
     cfg = ws.config(None, ["model.embed_dim=8", "model.prototypes_per_class=2"])
-    p = graph.latents(ws, cfg, "closed")
+    p = graph(ws, cfg).plan("encode", "closed").data
     tr, tr_y, _, _, classes = train._rows(p)
     data = LatentRows(p.store, tr, tr_y, 2 ** 30)
     build = FeatureBuilder(cfg, torch.device("cpu"))
@@ -108,7 +107,7 @@ def sws(tmp_path, tiny_vae):
     """3 synthetic generators x 30 images of 32 px with strong fingerprints (a learnable signal)."""
     write_benchmark(tmp_path / "data", tmp_path / "manifests", SynthSpec(3, 0, 30, 32, 0.1, 0, ()), workers=1)
     (tmp_path / "leakpipe.toml").write_text(TOML.format(vae=tiny_vae))
-    encode.run(Workspace(tmp_path), "closed", Workspace(tmp_path).config(), log=lambda m: None)
+    encode.run(graph(Workspace(tmp_path), Workspace(tmp_path).config()), "closed", log=lambda m: None)
     return tmp_path
 
 

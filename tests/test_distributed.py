@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode as stage
+from leakpipe.stages import graph, encode as stage
 from tests.conftest import cli, write_images
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,7 +37,7 @@ def dws(ws, tmp_path):
     with (ws / "leakpipe.toml").open("a") as f:
         f.write("torch_threads = 1\n")  # the [encode] table is the TOML's last
     shutil.copy(ws / "leakpipe.toml", ref / "leakpipe.toml")
-    result = stage.run(Workspace(ref), "closed", Workspace(ref).config(), log=lambda m: None)
+    result = stage.run(graph(Workspace(ref), Workspace(ref).config()), "closed", log=lambda m: None)
     return ws, arrays(result.store)
 
 
@@ -74,8 +74,7 @@ def test_killed_worker_process_still_gives_every_row(dws):
         pids = client.run(os.getpid)
         cfg = Workspace(ws).config(None, [f"encode.scheduler={cluster.scheduler_address}"])
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", stage.run(Workspace(ws), "closed", cfg,
-                                                                          log=lambda m: None)))
+        t = threading.Thread(target=lambda: box.setdefault("r", stage.run(graph(Workspace(ws), cfg), "closed", log=lambda m: None)))
         t.start()
         store_dir = ws / "cache" / "latents" / "closed"
         deadline = time.time() + 120

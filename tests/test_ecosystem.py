@@ -8,7 +8,7 @@ import pytest
 
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode
+from leakpipe.stages import graph, encode
 from tests.conftest import cli, synth_workspace
 
 FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=2", "train.batch_size=16",
@@ -23,7 +23,7 @@ def sets(*extra):
 def scored(tmp_path_factory):
     root = synth_workspace(tmp_path_factory.mktemp("eco"))
     for split in ("closed", "open"):
-        encode.run(Workspace(root), split, Workspace(root).config(), log=lambda m: None)
+        encode.run(graph(Workspace(root), Workspace(root).config()), split, log=lambda m: None)
     for stage in ("train", "score"):
         r = cli(root, stage, *sets("log.tensorboard=true"))
         assert r.exit_code == 0, r.output
@@ -85,7 +85,7 @@ def test_vae_random_and_info(tmp_path):
     for words in ("resolves to:    folder", "block_out_channels [32, 64, 64, 64]", "latent_channels 4",
                   "parameters:     1,250,759", "scaling factor: 0.18215", "seeded random weights"):
         assert words in r.output, words
-    from leakpipe.pipeline.config import load_config
+    from leakpipe.pipeline.config_files import load_config
     from leakpipe.pipeline.engine import vae as vae_lib
     from leakpipe.pipeline.store.hashing import HashCache
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 import zarr
 
-from leakpipe.pipeline.ledger import graph
 from leakpipe.pipeline.ledger import locks as ledger
 
 from leakpipe.pipeline.engine import vae as vae_lib
@@ -16,13 +15,14 @@ from leakpipe.pipeline.engine.images import load_image, to_model_range
 from leakpipe.pipeline.store.locking import Busy, exclusive
 from leakpipe.pipeline.manifest import read_manifest, write_manifest
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode as stage
+from leakpipe.stages import graph, encode as stage
 from tests.conftest import cli, write_images
 
 
 def run(ws_path, **kw):
     ws = Workspace(ws_path)
-    return stage.run(ws, "closed", ws.config(None, kw.pop("overrides", ())), log=lambda m: None, **kw)
+    extra = ["encode.skip_bad=true"] if kw.pop("skip_bad", False) else []
+    return stage.run(graph(ws, ws.config(None, [*kw.pop("overrides", ()), *extra])), "closed", log=lambda m: None)
 
 
 def store_of(result):
@@ -120,7 +120,7 @@ def test_changed_file_bytes_reencode_only_that_row(ws, counting):
 
 
 def encode_state(ws, cfg=None):
-    return graph.latents(Workspace(ws), cfg or ws_config(ws), "closed").check()
+    return graph(Workspace(ws), cfg or ws_config(ws)).plan("encode", "closed").check()
 
 
 def test_status_names_the_changed_input(ws):

@@ -12,10 +12,12 @@ import pytest
 import zarr
 from PIL import Image
 
-from leakpipe.pipeline.config import ConfigError, load_config
-from leakpipe.pipeline.ledger import graph, runs
+from leakpipe.pipeline.config import ConfigError
+from leakpipe.pipeline.config_files import load_config
+from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.workspace import Workspace
+from leakpipe.stages import graph
 from tests.conftest import cli, synth_workspace
 
 FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
@@ -40,7 +42,7 @@ def ws(base, tmp_path):
 
 
 def store_of(ws, split="closed") -> Path:
-    return Path(graph.latents(Workspace(ws), Workspace(ws).config(), split).store)
+    return Path(graph(Workspace(ws), Workspace(ws).config()).plan("encode", split).data.store)
 
 
 def chunk(store: Path, array="mean", index=1) -> Path:
@@ -148,7 +150,7 @@ def test_damaged_lock_and_hash_cache_are_recomputed(ws):
 
 # ---------------------------------------------------------------- readers and writers
 def test_encode_waits_for_readers_of_the_store(ws):
-    lat = graph.latents(Workspace(ws), Workspace(ws).config(), "closed")
+    lat = graph(Workspace(ws), Workspace(ws).config()).plan("encode", "closed").data
     with shared(lat.writer_lock, "test reader"):
         rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
         (ws / "manifests" / "closed.csv").write_text("\n".join(rows[:3] + rows[4:]) + "\n")  # a relayout
@@ -334,7 +336,7 @@ def test_damaged_checkpoint_is_detected_not_resumed(tmp_path):
 
 def test_train_restarts_a_result_whose_checkpoint_is_damaged(ws):
     more = [*FAST, "model.embed_dim=4"]
-    plan = graph.training(Workspace(ws), Workspace(ws).config(None, more), "default")
+    plan = graph(Workspace(ws), Workspace(ws).config(None, more)).plan("train", "default")
     (plan.result / "checkpoint").mkdir(parents=True)
     (plan.result / "checkpoint" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     out = ok(ws, "train", *[a for s in more for a in ("--set", s)])

@@ -5,6 +5,7 @@ import torch
 from scipy.special import logsumexp
 from sklearn.neighbors import KernelDensity
 
+from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.math.kde import GaussianKDE, log_density
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis, mahalanobis_scores
 
@@ -48,17 +49,17 @@ def test_cross_validated_bandwidth_generalises():
     r = np.random.default_rng(2)
     mix = lambda n: np.r_[r.normal(0, 0.3, (n // 2, 8)), r.normal(2, 1.0, (n - n // 2, 8))]  # noqa: E731
     x, fresh = mix(800), mix(800)
-    kde = GaussianKDE(folds=5, seed=0).fit(x)
+    kde = GaussianKDE(grid_factors=tuple(Config().score.kde_grid), folds=5, seed=0).fit(x)
     assert kde.cv["bandwidth"] == kde.bandwidth_ and len(kde.cv["mean_heldout_loglik"]) == len(kde.cv["grid"])
     assert not kde.cv["at_grid_edge"]
     fresh_ll = [GaussianKDE(bandwidth=h).fit(x).score_samples(fresh).mean() for h in kde.cv["grid"]]
     assert kde.score_samples(fresh).mean() >= max(fresh_ll) - 0.05 * abs(max(fresh_ll))
-    assert GaussianKDE(folds=5, seed=0).fit(x).bandwidth_ == kde.bandwidth_  # seeded folds
+    assert GaussianKDE(grid_factors=kde.grid_factors, folds=5, seed=0).fit(x).bandwidth_ == kde.bandwidth_  # seeded folds
 
 
 def test_kde_needs_two_points():
     with pytest.raises(ValueError, match="at least 2"):
-        GaussianKDE().fit(np.zeros((1, 3)))
+        GaussianKDE(bandwidth=1.0).fit(np.zeros((1, 3)))
 
 
 def test_mahalanobis_matches_formula_and_floor():

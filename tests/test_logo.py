@@ -2,17 +2,16 @@
 images as an unseen generator, and `sweep --logo` makes one such run per known generator."""
 import json
 
-import numpy as np
 import pytest
 
-from leakpipe.pipeline.engine.trained import load_split
+from leakpipe.pipeline.ledger.results import load_split
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.math.kde import GaussianKDE
 from leakpipe.pipeline.math.metrics import roc_auc
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode, train
+from leakpipe.stages import graph, encode, train
 from tests.conftest import cli, synth_workspace
 
 FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
@@ -22,7 +21,7 @@ FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=1", "
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     root = synth_workspace(tmp_path_factory.mktemp("logo"))
-    encode.run(Workspace(root), "closed", Workspace(root).config(), log=lambda m: None)
+    encode.run(graph(Workspace(root), Workspace(root).config()), "closed", log=lambda m: None)
     r = cli(root, "sweep", "--logo", *[a for s in FAST for a in ("--set", s)])
     assert r.exit_code == 0, r.output
     return root, r.stdout
@@ -69,7 +68,7 @@ def test_exclude_names_a_label_the_manifest_has(swept):
     root, _ = swept
     ws = Workspace(root)
     with pytest.raises(UserError, match=r"train.exclude names nope, which .*closed.csv does not label"):
-        train.run(ws, ws.config(None, [*FAST, "train.exclude=nope"]), "x", log=lambda m: None)
+        train.run(graph(ws, ws.config(None, [*FAST, "train.exclude=nope"])), "x", log=lambda m: None)
     r = cli(root, "sweep", "--logo", "--only", "full")
     assert r.exit_code != 0 and "leave out --only" in r.output
 

@@ -5,6 +5,7 @@ from scipy import stats
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from leakpipe.pipeline.math import metrics
+from leakpipe.pipeline.report import registry
 
 
 def cases():
@@ -18,23 +19,23 @@ def cases():
 
 @pytest.mark.parametrize("name,scores,positive", list(cases()), ids=[c[0] for c in cases()])
 def test_roc_matches_sklearn(name, scores, positive):
-    assert metrics.roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    assert metrics.point(metrics.auroc, scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
     fpr, tpr, thr = metrics.roc_curve(scores, positive)
     f2, t2, th2 = roc_curve(positive, scores, drop_intermediate=False)
     np.testing.assert_allclose(fpr, f2)
     np.testing.assert_allclose(tpr, t2)
     np.testing.assert_allclose(thr, th2)
     # the trapezoid under our curve is the rank AUC (ties count one half)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(scores, positive), abs=1e-12)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.point(metrics.auroc, scores, positive), abs=1e-12)
 
 
 def test_eer_and_fpr95_on_known_cases():
     sep = np.r_[np.zeros(10), np.ones(10)], np.r_[np.zeros(10, bool), np.ones(10, bool)]
-    assert metrics.eer(*sep) == 0.0 and metrics.fpr_at_tpr(*sep) == 0.0
-    assert metrics.eer(-sep[0], sep[1]) == 1.0 and metrics.fpr_at_tpr(-sep[0], sep[1]) == 1.0
+    assert metrics.point(metrics.eer, *sep) == 0.0 and metrics.point(metrics.fpr_at_tpr, *sep) == 0.0
+    assert metrics.point(metrics.eer, -sep[0], sep[1]) == 1.0 and metrics.point(metrics.fpr_at_tpr, -sep[0], sep[1]) == 1.0
     # identical distributions (all tied): EER 0.5 at the chance diagonal, FPR@95 = 1
     tied = np.ones(40), np.arange(40) % 2 == 0
-    assert metrics.eer(*tied) == pytest.approx(0.5) and metrics.fpr_at_tpr(*tied) == 1.0
+    assert metrics.point(metrics.eer, *tied) == pytest.approx(0.5) and metrics.point(metrics.fpr_at_tpr, *tied) == 1.0
 
 
 def test_eer_is_where_fpr_equals_fnr():
@@ -43,21 +44,26 @@ def test_eer_is_where_fpr_equals_fnr():
     pos = np.r_[np.ones(4000, bool), np.zeros(4000, bool)]
     fpr, tpr, _ = roc_curve(pos, s)
     k = np.argmin(np.abs(fpr - (1 - tpr)))
-    assert metrics.eer(s, pos) == pytest.approx((fpr[k] + 1 - tpr[k]) / 2, abs=2e-3)
+    assert metrics.point(metrics.eer, s, pos) == pytest.approx((fpr[k] + 1 - tpr[k]) / 2, abs=2e-3)
     # two unit Gaussians one sigma apart: EER = Phi(-0.5) = 0.3085
-    assert metrics.eer(s, pos) == pytest.approx(0.3085, abs=0.015)
+    assert metrics.point(metrics.eer, s, pos) == pytest.approx(0.3085, abs=0.015)
     # FPR at 95% TPR for the same pair: threshold 1 - 1.645, FPR = 1 - Phi(-0.645) = 0.7405
-    assert metrics.fpr_at_tpr(s, pos) == pytest.approx(0.7405, abs=0.02)
+    assert metrics.point(metrics.fpr_at_tpr, s, pos) == pytest.approx(0.7405, abs=0.02)
+
+
+def ovl(a, b):
+    """OVL's point estimate: its weights cover both samples."""
+    return metrics.point(metrics.ovl, a, b, n=len(a) + len(b))
 
 
 def test_ovl_of_known_densities():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0, 1, 4000), rng.normal(1, 1, 4000)
-    assert metrics.ovl(a, b) == pytest.approx(2 * 0.3085, abs=0.03)  # 2 Phi(-d/2)
-    assert metrics.ovl(a, a) == pytest.approx(1.0, abs=1e-6)
-    assert metrics.ovl(a, a + 100) < 1e-6
-    assert np.isnan(metrics.ovl(a[:1], b))
-    assert 0 <= metrics.ovl(np.ones(5), np.ones(5) * 2) <= 1  # constant samples do not crash
+    assert ovl(a, b) == pytest.approx(2 * 0.3085, abs=0.03)  # 2 Phi(-d/2)
+    assert ovl(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert ovl(a, a + 100) < 1e-6
+    assert np.isnan(ovl(a[:1], b))
+    assert 0 <= ovl(np.ones(5), np.ones(5) * 2) <= 1  # constant samples do not crash
 
 
 def _true_ovl(fa, fb, lo, hi, points):
@@ -92,33 +98,31 @@ def test_ovl_matches_numerical_integration_of_known_mixtures(name):
     sample_a, sample_b, fa, fb, lo, hi, points = OVL_CASES[name]
     rng = np.random.default_rng(0)
     truth = _true_ovl(fa, fb, lo, hi, points)
-    assert metrics.ovl(sample_a(rng, 2000), sample_b(rng, 2000)) == pytest.approx(truth, abs=0.02)
+    assert ovl(sample_a(rng, 2000), sample_b(rng, 2000)) == pytest.approx(truth, abs=0.02)
 
 
 def test_ovl_of_two_samples_of_one_distribution_is_near_one():
     """Two finite samples never overlap fully; measured 0.96 at n = 2000."""
     rng = np.random.default_rng(0)
-    assert metrics.ovl(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)) > 0.93
+    assert ovl(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)) > 0.93
 
 def test_absent_class_and_single_class():
     y = np.array([0, 0, 1, 1])
     s = np.random.default_rng(0).random((4, 3))
-    aucs = metrics.per_class_auc(s, y, 3)
+    aucs = metrics.point(metrics.per_class_auc, s, y)
     assert np.isnan(aucs[2]) and not np.isnan(aucs[:2]).any()  # class 2 absent: documented NaN
-    assert metrics.macro_auc(s, y, 3) == pytest.approx(aucs[:2].mean())
-    single = metrics.closed_set(s, np.zeros(4, int), 3)  # one class only: no AUC, no crash
+    assert metrics.point(metrics.macro_auc, s, y) == pytest.approx(aucs[:2].mean())
+    single = registry.evaluate(registry.CLOSED, registry.Closed(s, np.zeros(4, int), 3), 3)  # no AUC, no crash
     assert np.isnan(single["macro_auc"]) and single["top1"] == (s.argmax(1) == 0).mean()
-    with pytest.raises(ValueError, match="at least two classes"):
-        metrics.macro_auc(s, np.zeros(4, int), 3)
-    empty = metrics.closed_set(np.zeros((0, 3)), np.zeros(0, int), 3)
-    assert empty["n"] == 0 and np.isnan(empty["top1"])
-    assert np.isnan(metrics.roc_auc(np.ones(3), np.ones(3, bool)))
-    assert np.isnan(metrics.eer(np.ones(3), np.ones(3, bool)))
+    empty = metrics.point(metrics.top1, np.zeros(0, bool), n=0)
+    assert np.isnan(empty)
+    assert np.isnan(metrics.point(metrics.auroc, np.ones(3), np.ones(3, bool)))
+    assert np.isnan(metrics.point(metrics.eer, np.ones(3), np.ones(3, bool)))
 
 
 def test_bad_scores_are_refused():
     with pytest.raises(ValueError, match="NaN or infinite"):
-        metrics.roc_auc(np.array([0.1, np.nan]), np.array([True, False]))
+        metrics.point(metrics.auroc, np.array([0.1, np.nan]), np.array([True, False]))
     with pytest.raises(ValueError, match="shapes"):
         metrics.roc_curve(np.ones(3), np.ones(2, bool))
 
@@ -126,12 +130,14 @@ def test_bad_scores_are_refused():
 def test_confusion_and_closed_set_match_sklearn():
     r = np.random.default_rng(3)
     s, y = r.random((300, 5)), r.integers(0, 5, 300)
-    got = metrics.closed_set(s, y, 5)
-    np.testing.assert_array_equal(got["confusion"], confusion_matrix(y, s.argmax(1), labels=range(5)))
+    got = registry.evaluate(registry.CLOSED, registry.Closed(s, y, 5), 5)
+    np.testing.assert_array_equal(metrics.confusion_matrix(s.argmax(1), y, 5),
+                                  confusion_matrix(y, s.argmax(1), labels=range(5)))
     assert got["macro_auc"] == pytest.approx(np.mean([roc_auc_score(y == c, s[:, c]) for c in range(5)]))
     assert got["top1"] == (s.argmax(1) == y).mean()
-    o = metrics.open_set(r.normal(1, 1, 50), r.normal(0, 1, 70))
-    assert set(o) == {"n_closed", "n_open", "auroc", "eer", "ovl", "fpr_at_95tpr"}
+    assert "ece" not in got and "top5" not in got  # not a posterior; top-5 of 5 classes is always 1
+    o = registry.evaluate(registry.OPEN, registry.Open(r.normal(1, 1, 50), r.normal(0, 1, 70)), 2, n_boot=20)
+    assert set(o) == {"auroc", "eer", "ovl", "fpr_at_95tpr", "chance", "ci"} and set(o["ci"]) == set(o) - {"chance", "ci"}
 
 
 def test_top_k_matches_scikit_learn():
@@ -140,20 +146,20 @@ def test_top_k_matches_scikit_learn():
     rng = np.random.default_rng(1)
     scores, labels = rng.normal(0, 1, (300, 8)), rng.integers(0, 8, 300)
     for k in (1, 3, 5):
-        assert metrics.top_k(scores, labels, k) == pytest.approx(
+        assert metrics.point(metrics.top_k, scores, labels, k) == pytest.approx(
             top_k_accuracy_score(labels, scores, k=k, labels=range(8)))
 
 
 def test_expected_calibration_error():
     # by hand: confidences 0.9, 0.9 (one right) and 0.6 (right): |0.5-0.9| * 2/3 + |1-0.6| * 1/3
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
-    assert metrics.expected_calibration_error(probs, np.array([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+    assert metrics.point(metrics.expected_calibration_error, probs, np.array([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
     rng = np.random.default_rng(2)
     probs = metrics.softmax(rng.normal(0, 1.5, (20000, 5)))
     calibrated = np.array([rng.choice(5, p=p) for p in probs])  # labels drawn from the posterior itself
-    assert metrics.expected_calibration_error(probs, calibrated) < 0.02
+    assert metrics.point(metrics.expected_calibration_error, probs, calibrated) < 0.02
     overconfident = metrics.softmax(5 * np.log(probs))
-    assert metrics.expected_calibration_error(overconfident, calibrated) > 0.15
+    assert metrics.point(metrics.expected_calibration_error, overconfident, calibrated) > 0.15
 
 
 def test_oscr_against_a_direct_count():

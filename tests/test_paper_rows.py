@@ -7,15 +7,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from leakpipe.pipeline.config import PROFILES, ConfigError, load_config
+from leakpipe.pipeline.config import PROFILES, ConfigError
+from leakpipe.pipeline.config_files import load_config
 from leakpipe.pipeline.engine.trained import build_model, init_backbone
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import graph, runs
+from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.math.features import RunningStats, standardise
 from leakpipe.pipeline.nn.backbones import EfficientNet, ResNet, VisionTransformer, adapt_state
 from leakpipe.pipeline.store import latent_store
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode, train
+from leakpipe.stages import graph, encode, train
 from tests.conftest import synth_workspace
 
 # torchvision's documented parameter counts of the 1000-class, 3-channel models
@@ -148,9 +149,9 @@ def test_pixels_encoder_end_to_end(pixels_ws):
     fingerprint, and training reads it like any latent store."""
     ws = Workspace(pixels_ws)
     cfg = ws.config(None, [*FAST, "vae.source=pixels"])
-    res = encode.run(ws, "closed", cfg, log=lambda m: None)
-    lat = graph.latents(ws, cfg, "closed")
-    assert lat.store != graph.latents(ws, ws.config(None, FAST), "closed").store  # another encoder
+    res = encode.run(graph(ws, cfg), "closed", log=lambda m: None)
+    lat = graph(ws, cfg).plan("encode", "closed").data
+    assert lat.store != graph(ws, ws.config(None, FAST)).plan("encode", "closed").data.store  # another encoder
     store = latent_store.open_store(lat.store)
     assert store["mean"].shape[1:] == (3, 32, 32)
     from leakpipe.pipeline.engine.images import load_image
@@ -160,8 +161,8 @@ def test_pixels_encoder_end_to_end(pixels_ws):
     want = to_model_range(torch.from_numpy(img)[None]).numpy()[0]
     np.testing.assert_allclose(latent_store.read_rows(store, np.array([0]))["mean"][0], want, atol=1e-6)
     assert "pixels" in res.summary()
-    assert encode.run(ws, "closed", cfg, log=lambda m: None).up_to_date
-    t = train.run(ws, cfg, "px", log=lambda m: None)
+    assert encode.run(graph(ws, cfg), "closed", log=lambda m: None).up_to_date
+    t = train.run(graph(ws, cfg), "px", log=lambda m: None)
     meta = json.loads((runs.pointed(ws, "px") / "config.json").read_text())
     assert meta["vae"]["source"] == "pixels" and t.val_macro_auc > 0
 

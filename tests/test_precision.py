@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config_files import load_config
 from leakpipe.pipeline.engine import data as data_module, precision
 from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
 from leakpipe.pipeline.engine.trained import build_model
 from leakpipe.pipeline.engine.training import predict, recalibrate_batchnorm, train_epoch
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import graph
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.math import metrics
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import train
+from leakpipe.stages import graph, train
+from leakpipe.pipeline.ledger.graph import values
 from tests.conftest import cli
 from tests.test_train import FAST, tws, train_run, weights  # noqa: F401  (tws: the encoded 4-generator workspace)
 
@@ -38,8 +39,8 @@ def best_val_auc(root, run) -> float:
 def test_each_precision_trains_through_the_stage(tws, prec):
     ws = Workspace(tws)
     cfg = ws.config(None, [*FAST, "train.epochs=1", f"compute.precision={prec}"])
-    result = train.run(ws, cfg, f"{prec}-1", log=lambda m: None)
-    fp32 = train.run(ws, ws.config(None, [*FAST, "train.epochs=1"]), "fp32-1", log=lambda m: None)
+    result = train.run(graph(ws, cfg), f"{prec}-1", log=lambda m: None)
+    fp32 = train.run(graph(ws, ws.config(None, [*FAST, "train.epochs=1"])), "fp32-1", log=lambda m: None)
     assert result.run_dir != fp32.run_dir  # a training input: its own result
     history = json.loads((result.run_dir / "history.json").read_text())
     assert np.isfinite(history[0]["loss"]) and 0 <= history[0]["val_macro_auc"] <= 1
@@ -50,18 +51,18 @@ def test_each_precision_trains_through_the_stage(tws, prec):
 
 def test_half_precision_inference_agrees_with_fp32(tws):
     """A trained fp32 model's validation outputs under bf16/fp16 autocast (as embed computes them)."""
-    from leakpipe.pipeline.engine.trained import load_trained
+    from leakpipe.pipeline.ledger.results import load_trained
 
     train_run(tws, "fp32")
     model, build, classes, cfg = load_trained(train.run_dir(Workspace(tws), "fp32"), torch.device("cpu"))
-    p = graph.latents(Workspace(tws), cfg, "closed")
+    p = graph(Workspace(tws), cfg).plan("encode", "closed").data
     rows = read_manifest(tws / "manifests" / "closed.csv").rows
     val = np.array([i for i, r in enumerate(rows) if r["partition"] == "val"])
     labels = np.array([classes.index(rows[i]["label"]) for i in val])
     data = LatentRows(p.store, val, labels, 2 ** 30)
     out = {prec: predict(precision.channels_last(model, build.device, prec), data, build, 64, prec)
            for prec in ("fp32", "bf16", "fp16")}
-    auc = {k: metrics.macro_auc(metrics.softmax(v["logits"]), labels, len(classes)) for k, v in out.items()}
+    auc = {k: metrics.point(metrics.macro_auc, metrics.softmax(v["logits"]), labels) for k, v in out.items()}
     for prec in ("bf16", "fp16"):
         agree = (out[prec]["logits"].argmax(1) == out["fp32"]["logits"].argmax(1)).mean()
         print(f"{prec}: val macro AUC {auc[prec]:.3f} (fp32 {auc['fp32']:.3f}), top-1 agreement {agree:.3f}")
@@ -81,11 +82,11 @@ def test_each_precision_reaches_the_fp32_validation_auc(tws, prec):
 
 def test_precision_is_a_training_input_and_compile_is_not(tws):
     ws = Workspace(tws)
-    keys = graph.values(Config(), graph.TRAIN_KEYS)
+    keys = values(Config(), train.KEYS)
     assert "compute.precision" not in keys  # at fp32 the fingerprint of every earlier result is unchanged
     bf16 = ws.config(None, ["compute.precision=bf16"])
-    assert graph.values(bf16, graph.TRAIN_KEYS)["compute.precision"] == "bf16"
-    assert not {"compute.compile", "compute.compile_backend", "compute.gpu_cache_gb"} & set(graph.TRAIN_KEYS)
+    assert values(bf16, train.KEYS)["compute.precision"] == "bf16"
+    assert not {"compute.compile", "compute.compile_backend", "compute.gpu_cache_gb"} & set(train.KEYS)
     train_run(tws, "fp32")
     status = cli(tws, "status", "--set", "compute.precision=bf16").output
     assert re.search(r"train  fp32 +STALE: compute.precision: fp32 -> bf16", status), status  # not "(unset)"
@@ -96,7 +97,7 @@ def test_precision_is_a_training_input_and_compile_is_not(tws):
 def _engine(root, cfg, epochs, forward=None):
     """Train through the engine (as the stage does, minus the ledger) and return (model, val macro AUC)."""
     ws = Workspace(root)
-    store = graph.latents(ws, cfg, "closed").store
+    store = graph(ws, cfg).plan("encode", "closed").data.store
     rows = read_manifest(root / "manifests" / "closed.csv").rows
     classes = sorted({r["label"] for r in rows})
     part = {p: np.array([i for i, r in enumerate(rows) if r["partition"] == p]) for p in ("train", "val")}
@@ -112,7 +113,7 @@ def _engine(root, cfg, epochs, forward=None):
                     forward=None if forward is None else forward(model))
     recalibrate_batchnorm(model, tr, build, 16)
     val = predict(model, va, build, 64)
-    return model, metrics.macro_auc(metrics.softmax(val["logits"]), va.labels, len(classes))
+    return model, metrics.point(metrics.macro_auc, metrics.softmax(val["logits"]), va.labels)
 
 
 def test_compiled_training_matches_eager(tws):
@@ -156,8 +157,7 @@ def test_cuda_only_pieces_fall_back_or_say_what_to_do(tws):
     assert precision.grad_scaler(torch.device("cpu"), "fp16").is_enabled()
     with pytest.raises(UserError, match="not a torch.compile backend.*inductor"):
         precision.compiled(torch.nn.Linear(2, 2), True, "no-such-backend")
-    cfg = Config()
-    cfg.model.embed_dim = 16
+    cfg = load_config(None, ["model.embed_dim=16", "model.stem=imagenet"])
     model = build_model(cfg, 3).eval()
     f = torch.randn(4, 3, 8, 16, 16)
     with torch.no_grad():
@@ -174,7 +174,7 @@ def test_cuda_only_pieces_fall_back_or_say_what_to_do(tws):
 def test_placed_latents_give_the_same_batches(tws, monkeypatch):
     """The GPU-resident cache's gather, run with CPU tensors: the same rows as the numpy cache."""
     ws = Workspace(tws)
-    store = graph.latents(ws, ws.config(), "closed").store
+    store = graph(ws, ws.config()).plan("encode", "closed").data.store
     rows = np.arange(40)
     plain = LatentRows(store, rows, rows % 4, 2 ** 30)
     placed = LatentRows(store, rows, rows % 4, 2 ** 30)

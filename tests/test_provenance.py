@@ -2,17 +2,19 @@
 words; trained results are kept per config (run cache) and run names point at them; the VAE
 follows the cache; installed import names cannot clash."""
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from leakpipe.pipeline.engine.vae import save_random_vae
-from leakpipe.pipeline.ledger import graph, runs
+from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import embed, encode, score, train
+from leakpipe.stages import graph, embed, encode, score, train
 from tests.conftest import TINY_BLOCKS, cli, synth_workspace, write_images
 
 FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
@@ -25,7 +27,7 @@ def base(tmp_path_factory):
     """3 generators x 16 images of 32 px plus 2 unseen, encoded once; each test works on a copy."""
     root = synth_workspace(tmp_path_factory.mktemp("prov"))
     for split in ("closed", "open"):
-        encode.run(Workspace(root), split, Workspace(root).config(), log=lambda m: None)
+        encode.run(graph(Workspace(root), Workspace(root).config()), split, log=lambda m: None)
     return root
 
 
@@ -55,12 +57,12 @@ def do(ws, stage, *extra, run="default", split="closed"):
     cfg = w.config(None, [*FAST, *extra])
     quiet = lambda m: None  # noqa: E731
     if stage == "encode":
-        return not encode.run(w, split, cfg, log=quiet).up_to_date
+        return not encode.run(graph(w, cfg), split, log=quiet).up_to_date
     if stage == "train":
-        return not train.run(w, cfg, run, log=quiet).up_to_date
+        return not train.run(graph(w, cfg), run, log=quiet).up_to_date
     if stage == "embed":
-        return bool(embed.run(w, cfg, run, log=quiet, splits=[split]))
-    return not score.run(w, cfg, run, log=quiet).up_to_date
+        return bool(embed.run(graph(w, cfg), run, log=quiet, splits=[split]))
+    return not score.run(graph(w, cfg), run, log=quiet).up_to_date
 
 
 def agree(ws, key, *extra, want_reason=None):
@@ -135,16 +137,69 @@ def test_upstream_redone_and_output_deleted(ws):
     agree(ws, ("train", "default"), want_reason="output missing")
 
 
-def test_code_version_change(ws, monkeypatch):
+def _package_copy(dest: Path) -> Path:
+    """leakpipe's source in `dest/leakpipe`, found before the installed one with PYTHONPATH=dest."""
+    import leakpipe.pipeline as pipeline_pkg
+
+    src = Path(pipeline_pkg.__file__).parent.parent
+    for part in ("pipeline", "stages", "workflows"):
+        shutil.copytree(src / part, dest / "leakpipe" / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def _status_with(pkg: Path, ws: Path) -> dict:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    out = subprocess.run([sys.executable, "-c", "import leakpipe.pipeline, sys; assert leakpipe.pipeline.__file__"
+                          f".startswith({str(pkg)!r}); from leakpipe.pipeline.cli import main; main()", "status",
+                          "--json", "-C", str(ws), *sets()], env=env, capture_output=True, text=True, check=True)
+    return {(e["stage"], e["name"]): e for e in json.loads(out.stdout)}
+
+
+def test_code_identity_comes_from_the_code(ws, tmp_path):
+    """Editing a math function's body in a copy of the package makes status report every stage that
+    depends on it stale, naming the module; editing only comments, docstrings and layout does not."""
     trained(ws)
-    current = graph.SCORE_CODE
-    monkeypatch.setattr(graph, "SCORE_CODE", "score-test")
-    agree(ws, ("score", "default"), want_reason=f"code version: {current} -> score-test")
-    before = graph.latents(Workspace(ws), Workspace(ws).config(), "closed").store
-    monkeypatch.setattr(graph, "ENCODE_CODE", "encode-test")
-    agree(ws, ("encode", "closed"), want_reason="code version: encode-1 -> encode-test")
-    after = graph.latents(Workspace(ws), Workspace(ws).config(), "closed")
-    assert after.store != before and after.check().up_to_date  # other bytes: a new store, every row encoded
+    pkg = _package_copy(tmp_path / "pkg")
+    diffusion = pkg / "leakpipe" / "pipeline" / "math" / "diffusion.py"
+    text = diffusion.read_text()
+    diffusion.write_text(text.replace('"""Noise schedules', '# a comment\n"""Noise  schedules, reworded')
+                         .replace("return torch.cumprod(1 - betas(schedule, num_steps), dim=0)",
+                                  "return torch.cumprod(\n        1 - betas(schedule, num_steps),  # why\n        dim=0)"))
+    cosmetic = _status_with(pkg, ws)
+    assert all(e["up_to_date"] for e in cosmetic.values()), [e for e in cosmetic.values() if not e["up_to_date"]]
+    diffusion.write_text(text.replace("(t + 0.008) / 1.008", "(t + 0.009) / 1.009"))
+    edited = _status_with(pkg, ws)
+    for key in (("train", "default"), ("embed", "default/closed"), ("embed", "default/open")):
+        assert not edited[key]["up_to_date"] and "code changed: leakpipe.pipeline.math.diffusion" in edited[key]["reasons"]
+    assert edited[("encode", "closed")]["up_to_date"] and edited[("score", "default")]["up_to_date"]
+
+
+def test_a_legacy_code_label_reads_as_its_code(ws, monkeypatch):
+    """A lock written with a code version label (before code identity) is valid while the code is the
+    one LEGACY records for that label, and stale, naming the module, once it is not."""
+    from leakpipe.pipeline.ledger import code as code_id
+    from leakpipe.stages import STAGES
+
+    trained(ws)
+    lock_path = runs.pointed(Workspace(ws), "default") / "score.lock.json"
+    lock = json.loads(lock_path.read_text())
+    identity = lock["inputs"]["code"]
+    monkeypatch.setitem(code_id.LEGACY, "score-test", identity if isinstance(identity, dict) else
+                        code_id.identity(STAGES["score"].code))
+    from leakpipe.pipeline.ledger.locks import Inputs, Upstream
+
+    lock["inputs"]["code"] = "score-test"  # as an older leakpipe wrote it
+    i = lock["inputs"]
+    lock["fingerprint"] = Inputs(i["config"], {k: Upstream(**u) for k, u in i["upstream"].items()}, i["files"],
+                                 "score-test").fingerprint()
+    lock_path.write_text(json.dumps(lock))
+    assert "code changed" not in " ".join(status(ws)[("score", "default")]["reasons"])
+    monkeypatch.setitem(code_id.LEGACY, "score-test", {**code_id.LEGACY["score-test"],
+                                                       "leakpipe.pipeline.math.metrics": "0" * 32})
+    assert "code changed: leakpipe.pipeline.math.metrics" in status(ws)[("score", "default")]["reasons"]
 
 
 def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypatch):
@@ -160,8 +215,8 @@ def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypat
 
     def no_training(*a, **k):
         raise AssertionError("trained although a stored result matches")
-    monkeypatch.setattr(train, "_fit", no_training)
-    res = train.run(w, w.config(None, FAST), "default", log=lambda m: None)
+    monkeypatch.setattr("leakpipe.pipeline.engine.fit.fit", no_training)
+    res = train.run(graph(w, w.config(None, FAST)), "default", log=lambda m: None)
     assert res.restored and runs.pointed(w, "default") == first
     assert (ws / "cache" / "runs" / "default" / "report.md").exists()  # the old name's files are back
 

@@ -8,26 +8,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leakpipe.pipeline.config import Config, ConfigError, load_config
+from leakpipe.pipeline.config import Config, ConfigError
+from leakpipe.pipeline.config_files import load_config, with_overrides
 from leakpipe.pipeline.engine.data import FeatureBuilder, crop_views, tile_offsets, tiles
 from leakpipe.pipeline.engine.training import (WeightAverage, lr_factor, prototype_pull, recalibrate_batchnorm,
                                                stratified_sample)
 from leakpipe.pipeline.math import prototypes as proto_math
 from leakpipe.pipeline.math.kmeans import class_centres, kmeans
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import embed, score, train
+from leakpipe.stages import graph, embed, score, train
 from tests.conftest import synth_workspace
 
 SMALL = ["model.embed_dim=16", "model.prototypes_per_class=2", "train.batch_size=16"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    tc = Config().train
-    tc.epochs, tc.warmup_epochs = 10, 2
+    tc = load_config(None, ["train.epochs=10", "train.warmup_epochs=2"]).train
     assert lr_factor(tc, 0.5) == pytest.approx(0.25) and lr_factor(tc, 2.0) == pytest.approx(1.0)
     assert lr_factor(tc, 6.0) == pytest.approx(0.5) and lr_factor(tc, 10.0) == pytest.approx(0.0, abs=1e-12)
     assert all(lr_factor(tc, a) >= lr_factor(tc, b) for a, b in zip(np.arange(2, 10, 0.5), np.arange(2.5, 10.5, 0.5)))
-    tc.lr_schedule, tc.warmup_epochs = "constant", 0
+    tc = load_config(None, ["train.lr_schedule=constant", "train.warmup_epochs=0"]).train
     assert lr_factor(tc, 0.1) == lr_factor(tc, 9.9) == 1.0
 
 
@@ -71,7 +71,7 @@ def test_feature_switches_for_pixels():
     m = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     f = build(m, m, torch.randn(2, 1, 3, 16, 16))
     torch.testing.assert_close(f[:, 0], torch.from_numpy(m) * cfg.latent.scale * build.alpha[0] / build.sigma[0])
-    cfg.features.highpass = "residual"
+    cfg = with_overrides(cfg, ["features.highpass=residual"])
     flat = np.full((1, 3, 16, 16), 0.3, np.float32)  # no content, no residual
     assert FeatureBuilder(cfg, torch.device("cpu"))(flat, flat, torch.zeros(1, 1, 3, 16, 16)).abs().max() < 1e-5
     with pytest.raises(ConfigError, match="not among hflip, vflip"):
@@ -145,7 +145,7 @@ def rws(tmp_path_factory):
     root = synth_workspace(tmp_path_factory.mktemp("recipe-ws"))
     ws = Workspace(root)
     for split in ("closed", "open"):
-        encode.run(ws, split, ws.config(), log=lambda m: None)
+        encode.run(graph(ws, ws.config()), split, log=lambda m: None)
     return root
 
 
@@ -153,8 +153,8 @@ def _train(root, run, sets, profile="leakpipe"):
     ws = Workspace(root)
     cfg = ws.config(None, [*SMALL, *sets], profile)
     logs = []
-    result = train.run(ws, cfg, run, log=logs.append)
-    embed.run(ws, cfg, run, log=lambda m: None)
+    result = train.run(graph(ws, cfg), run, log=logs.append)
+    embed.run(graph(ws, cfg), run, log=lambda m: None)
     return result, cfg, logs
 
 
@@ -198,7 +198,7 @@ def test_crops_train_and_tiles_evaluate_through_the_stage(rws):
 
     result, cfg, _ = _train(rws, "crop", ["train.epochs=2", "train.crop=8", "features.dct_k=4", "score.bootstrap=50"])
     ws = Workspace(rws)
-    m = score.run(ws, cfg, "crop", log=lambda m: None).metrics
+    m = score.run(graph(ws, cfg), "crop", log=lambda m: None).metrics
     assert 0 <= m["closed"]["raw"]["head"]["top1"] <= 1 and "prototypes" in m
     image = ws.root / "data" / "closed" / "closed00" / "00000.png"
     got = attribute.run(ws, cfg, [image], "crop")
@@ -213,5 +213,5 @@ def test_the_authors_code_profile_trains_and_scores(rws):
     result, cfg, _ = _train(rws, "authors", ["train.epochs=1", "score.bootstrap=50"], profile="authors-code")
     weights = load_file(str(result.run_dir / "model.safetensors"))
     assert {"log_tau", "fixed_log_tau"} <= weights.keys() and weights["backbone.conv1.weight"].shape[1] == 4
-    m = score.run(Workspace(rws), cfg, "authors", log=lambda m: None).metrics
+    m = score.run(graph(Workspace(rws), cfg), "authors", log=lambda m: None).metrics
     assert m["closed"]["raw"]["head"]["n"] > 0

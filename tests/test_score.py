@@ -13,7 +13,7 @@ from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode, train
+from leakpipe.stages import graph, encode, train
 from click.testing import CliRunner
 
 from leakpipe.pipeline.cli import main
@@ -34,7 +34,7 @@ def sws(tmp_path_factory):
         '[train]\nbatch_size = 16\n')
     ws = Workspace(root)
     for split in ("closed", "closed-pp", "open"):
-        encode.run(ws, split, ws.config(), log=lambda m: None)
+        encode.run(graph(ws, ws.config()), split, log=lambda m: None)
     assert cli(root, "train", *SETS).exit_code == 0
     return root
 

@@ -10,14 +10,13 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
-from leakpipe.pipeline.ledger import graph
 from leakpipe.pipeline.ledger import locks as ledger
 
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import read_manifest, write_manifest
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import encode as stage
+from leakpipe.stages import graph, encode as stage
 from tests.conftest import cli
 
 ARRAYS = ("mean", "logvar", "source_hash")
@@ -25,7 +24,7 @@ ARRAYS = ("mean", "logvar", "source_hash")
 
 def run(ws_path, *overrides):
     ws = Workspace(ws_path)
-    return stage.run(ws, "closed", ws.config(None, overrides), log=lambda m: None)
+    return stage.run(graph(ws, ws.config(None, overrides)), "closed", log=lambda m: None)
 
 
 def arrays(location):
@@ -58,7 +57,7 @@ def test_memory_url_store_has_the_local_bytes_and_reruns_do_nothing(ws, url):
     assert lock_of(ws, remote)["outputs"] == ledger.checksums(local.store)
     assert run(ws, f"store.url={url}").up_to_date
     # back to the local cache: the lock points elsewhere, so it is stale, but every row is reused
-    v = graph.latents(Workspace(ws), Workspace(ws).config(), "closed").check()
+    v = graph(Workspace(ws), Workspace(ws).config()).plan("encode", "closed").check()
     assert not v.up_to_date and "outputs moved" in v.reasons[0] and url in v.reasons[0]
     again = run(ws)
     assert again.encoded == 0 and again.reused == 12 and run(ws).up_to_date

@@ -16,8 +16,7 @@ from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.pipeline.ledger import graph
-from leakpipe.stages import embed, encode, train
+from leakpipe.stages import graph, embed, encode, train
 from tests.conftest import TINY_BLOCKS, cli, kill_midway
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
@@ -34,7 +33,7 @@ def tws(tmp_path_factory):
         '[train]\nbatch_size = 16\npatience = 10\n')
     ws = Workspace(root)
     for split in ("closed", "open"):
-        encode.run(ws, split, ws.config(), log=lambda m: None)
+        encode.run(graph(ws, ws.config()), split, log=lambda m: None)
     return root
 
 
@@ -42,8 +41,8 @@ def train_run(root, run, *sets):
     """Train, then embed every encoded split, as `leakpipe train` does."""
     ws = Workspace(root)
     cfg = ws.config(None, [*FAST, *sets])
-    result = train.run(ws, cfg, run, log=lambda m: None)
-    embed.run(ws, cfg, run, log=lambda m: None)
+    result = train.run(graph(ws, cfg), run, log=lambda m: None)
+    embed.run(graph(ws, cfg), run, log=lambda m: None)
     return result
 
 
@@ -71,11 +70,11 @@ def test_idempotent_and_stale_when_config_changes(tws):
     r = cli(tws, "train", "--run", "idem", *[a for s in FAST for a in ("--set", s)])
     assert "up to date" in r.output
     ws = Workspace(tws)
-    assert graph.training(ws, ws.config(None, FAST), "idem").check().up_to_date
+    assert graph(ws, ws.config(None, FAST)).plan("train", "idem").check().up_to_date
     again = train_run(tws, "idem", "model.gating=false")  # config changed: a new result
     assert not again.up_to_date and again.run_dir != first.run_dir and first.run_dir.exists()
-    store = graph.latents(ws, ws.config(), "closed").store
-    assert graph.training(ws, ws.config(None, [*FAST, "model.gating=false"]), "idem").check().up_to_date
+    store = graph(ws, ws.config()).plan("encode", "closed").data.store
+    assert graph(ws, ws.config(None, [*FAST, "model.gating=false"])).plan("train", "idem").check().up_to_date
     assert Path(store).exists()  # the cache is shared, never re-encoded
     assert "train  idem" in cli(tws, "status").output
 
@@ -121,13 +120,13 @@ def test_resume_after_sigkill_matches_uninterrupted(tws):
     shutil.rmtree(whole.run_dir)  # the same config must now train again, and be killed on the way
     ckpt = whole.run_dir / "checkpoint" / "checkpoint.safetensors"
     kill_midway("leakpipe.pipeline.store.checkpoint.save_checkpoint", 1.0,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import train\n"
+                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import graph, train\n"
                 f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same
                 f"ws = Workspace({str(tws)!r})\n"
-                f"train.run(ws, ws.config(None, {sets!r}), 'cut', log=print)",
+                f"train.run(graph(ws, ws.config(None, {sets!r})), 'cut', log=print)",
                 ready=lambda: checkpoint_epoch(ckpt) == 2)
     assert not (whole.run_dir / "model.safetensors").exists()
-    v = graph.training(Workspace(tws), Workspace(tws).config(None, sets), "cut").check()
+    v = graph(Workspace(tws), Workspace(tws).config(None, sets)).plan("train", "cut").check()
     assert not v.up_to_date and any("resumes from" in r for r in v.reasons)
     result = train_run(tws, "cut", "train.epochs=4")
     assert result.resumed_from == 2 and result.epochs == 4 and result.run_dir == whole.run_dir
@@ -149,10 +148,10 @@ def test_training_reads_a_url_store_like_a_local_one(tws):
     """The same latents from memory:// (standing in for object storage) train the same weights."""
     url = "memory://leakpipe-train-test/latents"
     ws = Workspace(tws)
-    encode.run(ws, "closed", ws.config(None, [f"store.url={url}"]), log=lambda m: None)
+    encode.run(graph(ws, ws.config(None, [f"store.url={url}"])), "closed", log=lambda m: None)
     try:
         remote = train_run(tws, "url-remote", "train.epochs=1", f"store.url={url}")
-        back = encode.run(ws, "closed", ws.config(), log=lambda m: None)  # relocks the local store
+        back = encode.run(graph(ws, ws.config()), "closed", log=lambda m: None)  # relocks the local store
         assert back.encoded == 0
         train_run(tws, "url-local", "train.epochs=1")
         lock = json.loads((remote.run_dir / "train.lock.json").read_text())

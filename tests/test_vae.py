@@ -5,6 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from leakpipe.pipeline.config import Config, VaeConfig
+from leakpipe.pipeline.config_files import load_config, with_overrides
+from leakpipe.stages import STAGES
 from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.engine.vae import VaeError, encoder_fingerprint, load_vae, resolve, save_random_vae
 
@@ -48,18 +50,17 @@ def test_pickle_and_missing_sources_are_refused(tmp_path):
 
 def test_fingerprint_tracks_weights_config_and_preprocessing(tiny_vae, tmp_path):
     hashes = HashCache(tmp_path / "h.json")
-    cfg = Config()
-    cfg.vae.source = str(tiny_vae)
-    base = encoder_fingerprint(cfg, resolve(cfg.vae), hashes)
+    code = STAGES["encode"].code_identity()
+    cfg = load_config(None, [f"vae.source={tiny_vae}"])
+    base = encoder_fingerprint(cfg, resolve(cfg.vae), hashes, code)
     other = save_random_vae(tmp_path / "other", (8, 16), seed=1)
-    cfg2 = Config()
-    cfg2.vae.source = str(other)
-    assert encoder_fingerprint(cfg2, resolve(cfg2.vae), hashes) != base
-    cfg.preprocess.size = 64
-    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes) != base
-    cfg.preprocess.size = 256
-    cfg.encode.batch_size = 99  # execution only
-    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes) == base
+    cfg2 = with_overrides(cfg, [f"vae.source={other}"])
+    assert encoder_fingerprint(cfg2, resolve(cfg2.vae), hashes, code) != base
+    small = with_overrides(cfg, ["preprocess.size=64"])
+    assert encoder_fingerprint(small, resolve(small.vae), hashes, code) != base
+    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes, {**code, "another entry": "0"}) != base  # other code
+    run = with_overrides(cfg, ["encode.batch_size=99"])  # execution only
+    assert encoder_fingerprint(run, resolve(run.vae), hashes, code) == base
 
 
 def test_full_sd21_architecture_gives_4x32x32(tmp_path):

@@ -8,19 +8,19 @@ An exported folder is self-contained: `model.safetensors` (weights, prototypes, 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config_files import from_dict
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.store.hashing import HASH_BYTES
+from leakpipe.pipeline.store.hashing import hash_file
 
-FORMAT = "leakpipe-attributor-1"
+FORMAT = "leakpipe-attributor-2"  # 2: the code identity of the encode and embed stages
+FORMATS = ("leakpipe-attributor-1", FORMAT)  # 1 is read as exported by unrecorded code
 FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")
 
 
@@ -36,74 +36,18 @@ class Attributor:
     result: str  # the trained result's fingerprint prefix (cache/results/<result>)
     encoder_fp: str | None = None  # recorded encoder fingerprint (exported folders)
     base: Path | None = None  # what a relative vae.source is relative to
+    code: dict | None = None  # the stages' code identities it was exported with (exported folders)
 
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
         from leakpipe.pipeline.math.kde import GaussianKDE
         from leakpipe.pipeline.math.mahalanobis import Mahalanobis
-        from leakpipe.pipeline.report.evaluate import embedding
+        from leakpipe.pipeline.math.kde import embedding
 
         h = self.reference["h_bar"].astype(np.float64)
         maha = Mahalanobis(len(self.classes), cfg_score.maha_floor).fit(h, self.reference["labels"])
         kde = GaussianKDE(bandwidth=self.threshold["bandwidth"], dtype=cfg_score.kde_dtype)
         return maha, kde.fit(embedding(h, self.reference["w"], self.threshold["embedding"]))
-
-
-def _hash(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes(), digest_size=HASH_BYTES).hexdigest()
-
-
-def from_result(ws, ws_cfg: Config, run: str, device) -> Attributor:
-    """The attributor of a scored run in a workspace."""
-    from leakpipe.pipeline.engine.trained import load_split, load_trained
-    from leakpipe.pipeline.ledger import runs
-    from leakpipe.pipeline.report.evaluate import label_index
-
-    out = runs.pointed(ws, run)
-    if out is None or not (out / "metrics.json").exists():
-        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
-                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
-    m = json.loads((out / "metrics.json").read_text())
-    model, build, classes, cfg = load_trained(out, device)
-    closed, _ = load_split(ws, out, ws_cfg.score.closed)
-    tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
-    reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
-    return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
-                      out.name, base=ws.root)
-
-
-def export(ws, ws_cfg: Config, run: str, dest: Path) -> Path:
-    """Write the scored run's attributor to `dest` (a new or empty folder)."""
-    from safetensors.numpy import save_file
-
-    from leakpipe.pipeline.ledger import graph, runs
-
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise UserError(f"{dest} is not empty; export into a new folder")
-    att = from_result(ws, ws_cfg, run, "cpu")
-    out = runs.pointed(ws, run)
-    graph.trained_lock(out, deep=True)  # a damaged model is refused, never exported
-    lat = graph.latents(ws, graph.run_config(out, ws_cfg), ws_cfg.score.closed)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json", "metrics.json"):
-        shutil.copyfile(out / name, dest / name)
-    save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
-    from leakpipe.pipeline.engine import vae as vae_lib
-
-    record = {"format": FORMAT, "classes": att.classes, "run": run, "result": out.name,
-              "encoder": {"vae_source": att.cfg.vae.source, "encoder_fingerprint": lat.encoder_fp,
-                          "vae_config": vae_lib.model_config(lat.source), "preprocess": att.cfg.preprocess.__dict__,
-                          "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
-                          "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
-              "unseen_threshold": att.threshold, "score": {"maha_floor": ws_cfg.score.maha_floor,
-                                                           "kde_dtype": ws_cfg.score.kde_dtype},
-              "files": {name: _hash(dest / name) for name in FILES}}
-    (dest / "attributor.json").write_text(json.dumps(record, indent=1))
-    from leakpipe.pipeline.report.card import model_card
-
-    (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
-    return dest
 
 
 def locate(model: str) -> Path:
@@ -124,33 +68,32 @@ def locate(model: str) -> Path:
 def from_folder(folder: Path, device) -> Attributor:
     """An exported attributor, every file checked against attributor.json before it is used."""
     from safetensors.numpy import load_file
-    from safetensors.torch import load
 
     from leakpipe.pipeline.engine.trained import model_from
-    from leakpipe.pipeline.ledger.graph import run_config
+    from leakpipe.pipeline.store.checkpoint import read_safetensors
 
     record_path = folder / "attributor.json"
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`") from None
-    if record.get("format") != FORMAT:
-        raise UserError(f"{record_path}: format {record.get('format')!r}, expected {FORMAT!r}")
-    bad = [n for n in FILES if not (folder / n).is_file() or _hash(folder / n) != record["files"][n]]
+    if record.get("format") not in FORMATS:
+        raise UserError(f"{record_path}: format {record.get('format')!r}, expected one of {', '.join(FORMATS)}")
+    bad = [n for n in FILES if not (folder / n).is_file() or hash_file(folder / n) != record["files"][n]]
     if bad:
         raise UserError(f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); "
                         "export it again")
-    data = (folder / "model.safetensors").read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
-    cfg = run_config(folder)
-    model, build, classes, cfg = model_from(load(data), {k: json.loads(v) for k, v in header.items()}, cfg, device)
+    tensors, meta = read_safetensors((folder / "model.safetensors").read_bytes())
+    cfg = from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    model, build, classes, cfg = model_from(tensors, meta, cfg, device)
     return Attributor(model, build, classes, cfg, load_file(str(folder / "reference.safetensors")),
                       record["unseen_threshold"], f"attributor {folder}", record["result"],
-                      record["encoder"]["encoder_fingerprint"], Path.cwd())
+                      record["encoder"]["encoder_fingerprint"], Path.cwd(), record.get("code", {}))
 
 
-def check_encoder(att: Attributor) -> None:
-    """Refuse a VAE whose encoder fingerprint differs from the one the attributor was trained on."""
+def check_encoder(att: Attributor, encode_code) -> None:
+    """Refuse a VAE whose encoder fingerprint (under this leakpipe's encode code, `encode_code`)
+    differs from the one the attributor was trained on."""
     import tempfile
 
     from leakpipe.pipeline.engine import vae as vae_lib
@@ -160,8 +103,9 @@ def check_encoder(att: Attributor) -> None:
         return
     src = vae_lib.resolve(att.cfg.vae, att.base)
     with tempfile.TemporaryDirectory() as tmp:
-        fp = vae_lib.encoder_fingerprint(att.cfg, src, HashCache(Path(tmp) / "hashes.json"))
+        fp = vae_lib.encoder_fingerprint(att.cfg, src, HashCache(Path(tmp) / "hashes.json"), encode_code)
     if fp != att.encoder_fp:
         raise UserError(f"the VAE at hand ({att.cfg.vae.source}) has encoder fingerprint {fp[:12]}, but {att.name} "
                         f"was trained on latents of encoder {att.encoder_fp[:12]}; its numbers would mean nothing. "
-                        "Give the same VAE (weights, config and dtype) with --vae")
+                        "Give the same VAE (weights, config and dtype) with --vae, or use the leakpipe version "
+                        "that exported it if its encode code differs from this one's")

@@ -13,6 +13,7 @@ import torch
 
 from leakpipe.pipeline.engine.precision import cache_placement
 from leakpipe.pipeline.math import diffusion
+from leakpipe.pipeline.math.dct import dct_matrix
 
 from leakpipe.pipeline.math import features
 from leakpipe.pipeline.store import latent_store
@@ -172,11 +173,40 @@ class FeatureBuilder:
     device: torch.device
     mean: torch.Tensor | None = None  # (T, 2C) feature statistics
     std: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None  # (T,) alpha_t and sigma_t; None: from diffusion.schedule
+    sigma: torch.Tensor | None = None
+    dct: tuple | None = None  # the DCT bases (rows, columns) of DCT_low; None: computed for each input
 
     def __post_init__(self):
-        abar = diffusion.alphas_cumprod(self.cfg.diffusion.schedule, self.cfg.diffusion.num_steps)
-        alpha, sigma = diffusion.alpha_sigma(abar, self.cfg.diffusion.timesteps)
-        self.alpha, self.sigma = alpha.float().to(self.device), sigma.float().to(self.device)
+        if self.alpha is None:
+            abar = diffusion.alphas_cumprod(self.cfg.diffusion.schedule, self.cfg.diffusion.num_steps)
+            self.alpha, self.sigma = diffusion.alpha_sigma(abar, self.cfg.diffusion.timesteps)
+        self.alpha, self.sigma = self.alpha.float().to(self.device), self.sigma.float().to(self.device)
+        if self.dct is not None:
+            self.dct = tuple(b.float().to(self.device) for b in self.dct)
+
+    def saved(self) -> dict[str, torch.Tensor]:
+        """What a model file keeps of the feature path, so that a trained model is evaluated with the
+        values it was trained with, whatever the code computes later: the statistics, alpha_t, sigma_t
+        and the DCT bases."""
+        out = {"feature_mean": self.mean, "feature_std": self.std, "feature_alpha": self.alpha,
+               "feature_sigma": self.sigma}
+        return {**out, **({"feature_dct_rows": self.dct[0], "feature_dct_cols": self.dct[1]} if self.dct else {})}
+
+    @classmethod
+    def from_saved(cls, cfg: Config, device: torch.device, tensors: dict) -> "FeatureBuilder":
+        """The feature path of a model file (see `saved`); files from before leakpipe saved alpha_t, sigma_t
+        and the DCT bases compute them from the config, as the code that trained them did."""
+        dct = (tensors["feature_dct_rows"], tensors["feature_dct_cols"]) if "feature_dct_rows" in tensors else None
+        return cls(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device),
+                   tensors.get("feature_alpha"), tensors.get("feature_sigma"), dct)
+
+    def fix_dct(self, latent_shape: tuple) -> None:
+        """Compute the DCT bases once for what the model sees (a crop, or z0 whole), to be saved with it."""
+        if self.cfg.features.dct_map != "none" and self.dct is None:
+            side = self.crop(latent_shape) or None
+            h, w = (side, side) if side else latent_shape[-2:]
+            self.dct = (dct_matrix(h, device=self.device), dct_matrix(w, device=self.device))
 
     @property
     def n_timesteps(self) -> int:
@@ -244,7 +274,7 @@ class FeatureBuilder:
             grid = self.grid(m.shape[1:])
             z0, eps = (tiles(x, crop, grid).flatten(0, 1) for x in (z0, eps))
         f = features.features(diffusion.diffuse(z0, eps, self.alpha, self.sigma),
-                              self.cfg.features.dct_k, self.cfg.features.dct_map)
+                              self.cfg.features.dct_k, self.cfg.features.dct_map, self.dct)
         if standardise and self.cfg.features.standardize:
             f = features.standardise(f, self.mean, self.std)
         return f.view(n, -1, *f.shape[1:]) if views is None and crop else f

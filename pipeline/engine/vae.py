@@ -150,10 +150,11 @@ def parameter_counts(src: VaeSource) -> tuple[int, int]:
     return total, encoder
 
 
-def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code: str = "encode-1") -> str:
-    """Hash of (weights bytes, VAE config, preprocessing, dtypes, encode's code version): SPEC section 3.
-    A new code version means other bytes for the same image, so a new store; the first version is
-    left out of the hash so that stores made by it keep their names."""
+def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code) -> str:
+    """Hash of (weights bytes, VAE config, preprocessing, dtypes, the encode stage's code identity):
+    SPEC section 3. Other code means other bytes for the same image, so a new store; the code of the
+    first version ("encode-1", see ledger/code.py) is left out of the hash, so that stores made by it
+    keep their names."""
     return canonical_hash({
         "weights": [hashes.hash(w) for w in src.weights],
         "vae_config": model_config(src),

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leakpipe.pipeline.config import ADDED_KEYS, canonical_hash
+from leakpipe.pipeline.ledger import code as code_id
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.hashing import hash_stream
@@ -38,7 +39,7 @@ class Inputs:
     config: dict = field(default_factory=dict)  # dotted config key -> value
     upstream: dict = field(default_factory=dict)  # name -> Upstream
     files: dict = field(default_factory=dict)  # name -> [[path, content hash], ...] (manifest rows, weights)
-    code: str = ""  # the stage's code version: bumped when the same inputs would give other bytes
+    code: str | dict = ""  # the stage's code identity (ledger/code.py): a legacy label, or {entry: hash}
 
     def to_dict(self) -> dict:
         return {"config": self.config, "code": self.code, "files": self.files,
@@ -99,7 +100,7 @@ def explain(old: dict, new: Inputs) -> list[str]:
     """Each input of `new` that differs from the lock's `old` inputs, named with both values."""
     reasons = []
     if old.get("code") != new.code:
-        reasons.append(f"code version: {old.get('code')} -> {new.code}")
+        reasons += code_id.changed(old.get("code"), new.code) or ["code changed"]
     was = old.get("config", {})
     reasons += [f"{k}: {_show(_setting(was, k))} -> {_show(_setting(new.config, k))}"
                 for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]

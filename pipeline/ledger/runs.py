@@ -8,21 +8,15 @@ so `cache/runs/default/report.md` keeps working and retraining a name keeps the 
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
-from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.names import NAME, check_name as _check_name
+from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.workspace import Workspace
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise UserError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (up to 100, starting "
-                        "with a letter or digit); it names a folder under cache/runs/")
-    return name
+    return _check_name(name, "run", "a folder under cache/runs/")
 
 
 def results_root(ws: Workspace) -> Path:
@@ -71,7 +65,7 @@ def names(ws: Workspace) -> list[str]:
     root = ws.cache / "runs"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and (p.is_symlink() or p.is_dir()))
+    return sorted(p.name for p in root.iterdir() if NAME.fullmatch(p.name) and (p.is_symlink() or p.is_dir()))
 
 
 def results(ws: Workspace) -> list[Path]:
@@ -98,6 +92,4 @@ def seed_group(ws: Workspace, name: str) -> list[str] | None:
 
 
 def write_seed_group(ws: Workspace, name: str, seeds: list[int], members: list[str]) -> None:
-    from leakpipe.pipeline.store.atomic import atomic_write_json
-
     atomic_write_json(ws.cache / "runs" / f"{check_name(name)}.seeds.json", {"seeds": seeds, "runs": members})

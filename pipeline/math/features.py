@@ -6,11 +6,12 @@ import torch
 from leakpipe.pipeline.math.dct import dct_low
 
 
-def features(zt_over_sigma: torch.Tensor, k: int, dct_map: str) -> torch.Tensor:
-    """Eq. 4: (B, T, C, h, w) -> f_t of shape (B, T, 2C, h, w); with dct_map "none", z_t / sigma_t alone."""
+def features(zt_over_sigma: torch.Tensor, k: int, dct_map: str, basis: tuple | None = None) -> torch.Tensor:
+    """Eq. 4: (B, T, C, h, w) -> f_t of shape (B, T, 2C, h, w); with dct_map "none", z_t / sigma_t alone.
+    `basis`: the DCT matrices (rows, columns) to use, as saved with a model."""
     if dct_map == "none":
         return zt_over_sigma
-    return torch.cat([zt_over_sigma, dct_low(zt_over_sigma, k, dct_map)], dim=2)
+    return torch.cat([zt_over_sigma, dct_low(zt_over_sigma, k, dct_map, basis)], dim=2)
 
 
 # Ker and Bohme's 3 x 3 predictor residual (the "KB" kernel of the SRM family): a pixel minus its

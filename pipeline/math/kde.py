@@ -60,7 +60,7 @@ class GaussianKDE:
     score_samples(q) returns log-densities as float64 numpy."""
 
     bandwidth: float | None = None
-    grid_factors: tuple = tuple(np.logspace(-1.5, 0.5, 13).round(5))
+    grid_factors: tuple = ()  # bandwidths as multiples of the data's scale (score.kde_grid) when bandwidth is None
     folds: int = 5
     seed: int = 0
     dtype: str = "float64"
@@ -73,6 +73,8 @@ class GaussianKDE:
         if len(self.reference_) < 2:
             raise ValueError(f"a KDE needs at least 2 reference samples, got {len(self.reference_)}")
         if self.bandwidth is None:
+            if not self.grid_factors:
+                raise ValueError("a KDE needs a bandwidth or a grid of bandwidth factors (score.kde_grid)")
             grid = default_grid(self.reference_, self.grid_factors)
             ll = cv_log_likelihood(self.reference_, grid, self.folds, self.seed, self.block).mean(0)
             self.bandwidth_ = grid[int(np.nanargmax(ll))]
@@ -85,3 +87,8 @@ class GaussianKDE:
     def score_samples(self, q) -> np.ndarray:
         q = torch.as_tensor(np.asarray(q), dtype=self.reference_.dtype, device=self.device)
         return log_density(q, self.reference_, self.bandwidth_, self.block).cpu().double().numpy()
+
+
+def embedding(h_bar: np.ndarray, w: np.ndarray, kind: str) -> np.ndarray:
+    """What the open-set KDE reads (Eq. 16-17): h_bar (kind "h_bar", gating off) or h_bar * w ("gated")."""
+    return h_bar * w if kind == "gated" else h_bar

@@ -1,4 +1,10 @@
-"""Attribution and open-set metrics as pure numpy functions (Eq. 18-20).
+"""Attribution and open-set metrics (Eq. 18-20), each written once, as a function of draw weights.
+
+Every metric takes `w` (B, n): how many times each of n rows (or each row of a resampled group) was
+drawn in each of B resamples, and returns its B values. The point estimate is the metric with unit
+weights (`point`); a bootstrap is the same function on resampled weights (math/bootstrap.py), so the
+two can never disagree. The scores never change between resamples, so one sort serves all of them
+and every metric is a weighted sum: no Python loop over resamples.
 
 Conventions: `positive` marks the class whose score should be high (for the open set: closed-set
 samples, scored by their KDE log-density). An AUC is undefined without both positives and
@@ -7,7 +13,19 @@ negatives; it is then NaN (documented), never an exception, so one empty class c
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+
+
+def unit(n: int) -> np.ndarray:
+    """The weights of the sample itself: every row drawn once, (1, n)."""
+    return np.ones((1, n))
+
+
+def point(fn, *args, n: int | None = None, **kwargs):
+    """The point estimate of a weighted metric: `fn(*args, w=unit weights)`, as a float (or an array
+    for a per-class metric). The rows are those of the first argument, or `n` (OVL's two samples)."""
+    n = len(np.asarray(args[0])) if n is None else n
+    out = fn(*args, w=unit(n), **kwargs)[0]
+    return float(out) if np.ndim(out) == 0 else np.asarray(out)
 
 
 def _check(scores, positive) -> tuple[np.ndarray, np.ndarray]:
@@ -19,54 +37,114 @@ def _check(scores, positive) -> tuple[np.ndarray, np.ndarray]:
     return scores, positive
 
 
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """AUROC = P(score_pos > score_neg) + P(tie) / 2 (Mann-Whitney with averaged ranks); NaN if a side is empty."""
-    scores, positive = _check(scores, positive)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def roc_curve(scores: np.ndarray, positive: np.ndarray):
-    """(fpr, tpr, thresholds) at every distinct score, highest first, starting at (0, 0) with +inf.
-
-    The same points as scikit-learn's `roc_curve(..., drop_intermediate=False)`; NaN rates for an
-    empty side.
-    """
-    scores, positive = _check(scores, positive)
-    order = np.argsort(-scores, kind="mergesort")
-    s, p = scores[order], positive[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, int)
-    tps, fps = np.cumsum(p)[last], np.cumsum(~p)[last]
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = np.r_[0, tps] / (tps[-1] if len(tps) and tps[-1] else np.nan)
-        fpr = np.r_[0, fps] / (fps[-1] if len(fps) and fps[-1] else np.nan)
-    return fpr, tpr, np.r_[np.inf, s[last]]
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def eer(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Eq. 19: the error rate where the false-positive rate equals the false-negative rate,
-    linearly interpolated between the two ROC points that bracket the crossing."""
-    fpr, tpr, _ = roc_curve(scores, positive)
-    if np.isnan(fpr).any() or np.isnan(tpr).any():
-        return float("nan")
-    fnr = 1 - tpr
-    diff = fnr - fpr  # decreasing from 1 to -1 along the curve
-    k = int(np.argmax(diff <= 0))
-    if k == 0 or diff[k] == 0:
-        return float(fpr[k])
-    t = diff[k - 1] / (diff[k - 1] - diff[k])
-    return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Row means over the defined entries; NaN for a row with none."""
+    n = np.isfinite(x).sum(axis=1)
+    return _ratio(np.where(np.isfinite(x), x, 0).sum(axis=1), n.astype(np.float64))
 
 
-def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, tpr_target: float = 0.95) -> float:
-    """The smallest false-positive rate among thresholds that keep at least `tpr_target` true positives."""
-    fpr, tpr, _ = roc_curve(scores, positive)
-    if np.isnan(fpr).any() or np.isnan(tpr).any():
-        return float("nan")
-    return float(fpr[tpr >= tpr_target - 1e-12].min())
+def _sorted_groups(scores: np.ndarray):
+    """(order by descending score, start of each group of tied scores in that order)."""
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    starts = np.r_[0, np.nonzero(np.diff(s))[0] + 1] if len(s) else np.zeros(0, int)
+    return order, starts
+
+
+def _group_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(x, starts, axis=1) if x.shape[1] else x
+
+
+def top1(correct: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted fraction of correct rows."""
+    return _ratio(w @ correct.astype(np.float64), w.sum(axis=1))
+
+
+def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:
+    """Mean recall over the classes drawn in each resample."""
+    recalls = np.stack([_ratio(w @ ((labels == c) & (predicted == c)).astype(np.float64),
+                               w @ (labels == c).astype(np.float64)) for c in range(n_classes)], axis=1)
+    return _nanmean_rows(recalls)
+
+
+def roc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr), each (B, K + 1), at every distinct score from the highest, starting at (0, 0)."""
+    scores, positive = _check(scores, positive)
+    order, starts = _sorted_groups(scores)
+    p = positive[order]
+    wp, wn = w[:, order] * p, w[:, order] * ~p
+    tps = np.cumsum(_group_sums(wp, starts), axis=1)
+    fps = np.cumsum(_group_sums(wn, starts), axis=1)
+    zeros = np.zeros((len(w), 1))
+    return (np.c_[zeros, _ratio(fps, fps[:, -1:])], np.c_[zeros, _ratio(tps, tps[:, -1:])])
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted Mann-Whitney AUROC (ties count half), NaN where a side was not drawn."""
+    scores, positive = _check(scores, positive)
+    order, starts = _sorted_groups(scores)
+    p = positive[order]
+    gp, gn = _group_sums(w[:, order] * p, starts), _group_sums(w[:, order] * ~p, starts)
+    neg_above = np.cumsum(gn, axis=1) - gn  # negatives scoring strictly higher than the group
+    wins = (gp * (gn.sum(axis=1, keepdims=True) - neg_above - gn) + 0.5 * gp * gn).sum(axis=1)
+    return _ratio(wins, gp.sum(axis=1) * gn.sum(axis=1))
+
+
+def eer(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Where FPR = FNR, interpolated between the two ROC points that bracket it (as metrics.eer)."""
+    fpr, tpr = roc(scores, positive, w)
+    diff = (1 - tpr) - fpr
+    k = np.argmax(diff <= 0, axis=1)
+    rows = np.arange(len(w))
+    prev = np.maximum(k - 1, 0)
+    d0, d1 = diff[rows, prev], diff[rows, k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(d0 != d1, d0 / (d0 - d1), 0.0)
+    out = np.where((k == 0) | (d1 == 0), fpr[rows, k], fpr[rows, prev] + t * (fpr[rows, k] - fpr[rows, prev]))
+    return np.where(np.isnan(fpr).any(axis=1) | np.isnan(tpr).any(axis=1), np.nan, out)
+
+
+def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, target: float = 0.95) -> np.ndarray:
+    """The smallest FPR among thresholds that keep at least `target` of the positives."""
+    fpr, tpr = roc(scores, positive, w)
+    return np.where(tpr >= target - 1e-12, fpr, np.inf).min(axis=1)
+
+
+def per_class_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, C): each class's one-vs-rest AUROC per resample, NaN where the class was not drawn."""
+    return np.stack([auroc(probs[:, c], labels == c, w) for c in range(probs.shape[1])], axis=1)
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, per_class: np.ndarray | None = None) -> np.ndarray:
+    """Mean one-vs-rest AUROC over the classes drawn in each resample (Eq. 18); `per_class`: that
+    function's result, when already computed."""
+    return _nanmean_rows(per_class_auc(probs, labels, w) if per_class is None else per_class)
+
+
+def top_k(scores: np.ndarray, labels: np.ndarray, k: int, w: np.ndarray) -> np.ndarray:
+    """Weighted fraction of rows whose label is among their k highest scores."""
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return top1((best == labels[:, None]).any(axis=1), w)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, bins: int = 15) -> np.ndarray:
+    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share of
+    the drawn rows, with confidence the largest class probability."""
+    conf, right = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    total = w.sum(axis=1)
+    out = np.zeros(len(w))
+    for b in np.unique(which):
+        sel = which == b
+        n = w[:, sel].sum(axis=1)
+        gap = np.abs(_ratio(w[:, sel] @ right[sel], n) - _ratio(w[:, sel] @ conf[sel], n))
+        out += np.where(n > 0, gap, 0.0) * _ratio(n, total)
+    return np.where(total > 0, out, np.nan)
 
 
 def _pilot_bandwidth(x: np.ndarray, max_points: int = 1000) -> float:
@@ -119,15 +197,45 @@ def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048):
     return kdes, np.unique(np.concatenate([np.linspace(lo, hi, grid_points), *(x.ravel() for x in local)]))
 
 
-def ovl(a: np.ndarray, b: np.ndarray, grid_points: int = 2048) -> float:
-    """Eq. 20: the overlap integral of min(f_a, f_b) of two 1-D score densities; 1 = identical,
-    0 = disjoint; NaN if either has < 2 values. Each density is an adaptive KDE (`adaptive_kde`),
-    integrated by the trapezoid rule on `ovl_grid`."""
+def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """Eq. 20 per resample: `metrics.ovl` with each density's kernels weighted by the draw counts
+    (w: (B, len(a) + len(b)), a's rows first). The kernels' centres move with the resample but their
+    widths stay those of the full sample (the bootstrap of the density given its bandwidth), so every
+    resample is one matrix product on the same grid."""
     if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    kdes, grid = ovl_grid(a, b, grid_points)
-    fa, fb = (_mixture(grid, c, w) for c, w in kdes)
-    return float(np.clip(np.trapezoid(np.minimum(fa, fb), grid), 0.0, 1.0))
+        return np.full(len(w), np.nan)
+    kdes, grid = ovl_grid(a, b)
+    step = max(1, block // max(len(a), len(b)))
+    low = np.empty((len(w), len(grid)))
+    for s in range(0, len(grid), step):
+        f = [_weighted_mixture(grid[s:s + step], c, h, part)
+             for (c, h), part in zip(kdes, (w[:, :len(a)], w[:, len(a):]))]
+        low[:, s:s + step] = np.minimum(*f)
+    return np.clip(np.trapezoid(low, grid, axis=1), 0.0, 1.0)
+
+
+def _weighted_mixture(at: np.ndarray, centres: np.ndarray, widths: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, len(at)): sum_i w_bi N(at; centres_i, widths_i) / sum_i w_bi."""
+    z = (at[None] - centres[:, None]) / widths[:, None]
+    kernels = np.exp(-0.5 * z * z) / (widths[:, None] * np.sqrt(2 * np.pi))
+    return _ratio(w @ kernels, w.sum(axis=1, keepdims=True))
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray):
+    """(fpr, tpr, thresholds) at every distinct score, highest first, starting at (0, 0) with +inf.
+
+    The same points as scikit-learn's `roc_curve(..., drop_intermediate=False)`; NaN rates for an
+    empty side.
+    """
+    scores, positive = _check(scores, positive)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, int)
+    tps, fps = np.cumsum(p)[last], np.cumsum(~p)[last]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.r_[0, tps] / (tps[-1] if len(tps) and tps[-1] else np.nan)
+        fpr = np.r_[0, fps] / (fps[-1] if len(fps) and fps[-1] else np.nan)
+    return fpr, tpr, np.r_[np.inf, s[last]]
 
 
 def oscr(closed_scores: np.ndarray, closed_correct: np.ndarray, open_scores: np.ndarray):
@@ -159,78 +267,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def per_class_auc(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """One-vs-rest AUC of column c against label == c, for every class (NaN if c is absent)."""
-    return np.array([roc_auc(scores[:, c], labels == c) for c in range(n_classes)])
-
-
-def macro_auc(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
-    """Eq. 18: the mean one-vs-rest AUC over the classes present in `labels`."""
-    aucs = per_class_auc(scores, labels, n_classes)
-    present = ~np.isnan(aucs)
-    if not present.any():
-        raise ValueError("macro AUC needs at least two classes among the labels")
-    return float(aucs[present].mean())
-
-
-def top1(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose highest score is their label (NaN for no rows)."""
-    return float((scores.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
-
-
-def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among their k highest scores (NaN for no rows)."""
-    if not len(labels):
-        return float("nan")
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float((best == labels[:, None]).any(axis=1).mean())
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share of
-    rows, with confidence the largest class probability (NaN for no rows)."""
-    if not len(labels):
-        return float("nan")
-    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in np.unique(which):
-        sel = which == b
-        total += abs((pred[sel] == labels[sel]).mean() - conf[sel].mean()) * sel.mean()
-    return float(total)
-
-
-def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
-    """Mean per-class recall over the classes present: top-1 that every generator weighs equally."""
-    recalls = [np.mean(predicted[labels == c] == c) for c in range(n_classes) if (labels == c).any()]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
     return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def closed_set(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
-    """Every closed-set number for one scorer: top-1, per-class and macro AUC, confusion matrix.
-
-    A test set with fewer than two classes has no one-vs-rest AUC: macro AUC is then NaN.
-    """
-    aucs = per_class_auc(scores, labels, n_classes) if len(labels) else np.full(n_classes, np.nan)
-    present = ~np.isnan(aucs)
-    return {"n": int(len(labels)), "top1": top1(scores, labels),
-            "top5": top_k(scores, labels, 5) if n_classes > 5 else None,  # with 5 classes or fewer it is 1
-            "balanced_accuracy": balanced_accuracy(scores.argmax(1), labels, n_classes) if len(labels) else float("nan"),
-            "macro_auc": float(aucs[present].mean()) if present.any() else float("nan"),
-            "per_class_auc": aucs.tolist(),
-            "confusion": confusion_matrix(scores.argmax(1), labels, n_classes).tolist() if len(labels)
-            else np.zeros((n_classes, n_classes), int).tolist()}
-
-
-def open_set(closed_scores: np.ndarray, open_scores: np.ndarray) -> dict:
-    """AUROC, EER, OVL and FPR at 95% TPR of closed (positive) against open samples."""
-    scores = np.r_[closed_scores, open_scores]
-    positive = np.r_[np.ones(len(closed_scores), bool), np.zeros(len(open_scores), bool)]
-    return {"n_closed": int(len(closed_scores)), "n_open": int(len(open_scores)),
-            "auroc": roc_auc(scores, positive), "eer": eer(scores, positive),
-            "ovl": ovl(closed_scores, open_scores), "fpr_at_95tpr": fpr_at_tpr(scores, positive, 0.95)}

@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from leakpipe.pipeline.math import bootstrap
-
-
-def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np.ndarray:
-    """Predicted test labels of a logistic regression fitted on the training features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
-    return clf.fit(train_x, train_y).predict(test_x)
+from leakpipe.pipeline.math import bootstrap, metrics
+from leakpipe.pipeline.math.probe import probe  # noqa: F401  (the baselines' classifier)
 
 
 def forensic_matrix(paths: list, max_side: int, max_pixels: int) -> np.ndarray:
@@ -33,17 +24,18 @@ def forensic_matrix(paths: list, max_side: int, max_pixels: int) -> np.ndarray:
     return np.stack([features(load_native(p, max_side, max_pixels)) for p in paths])
 
 
-def scored(correct: np.ndarray, w: np.ndarray | None) -> dict:
+def scored(correct: np.ndarray, rs: bootstrap.Resamples | None) -> dict:
+    """top-1 of a baseline's correct/incorrect rows, with its interval over the resamples `rs`."""
     out = {"top1": float(correct.mean()) if len(correct) else float("nan")}
-    if w is not None:
-        out["ci"] = {"top1": bootstrap.interval(bootstrap.top1(correct, w))}
+    if rs is not None:
+        out["ci"] = {"top1": bootstrap.interval(rs.of(lambda w: metrics.top1(correct, w), len(correct)))}
     return out
 
 
-def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray, w: np.ndarray) -> dict:
+def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray, rs: bootstrap.Resamples) -> dict:
     """top-1 of a minus top-1 of b on the same resamples of the same images (bootstrap.paired)."""
-    return bootstrap.paired(a_correct.mean() - b_correct.mean(),
-                            bootstrap.top1(a_correct, w) - bootstrap.top1(b_correct, w))
+    diff = rs.of(lambda w: metrics.top1(a_correct, w) - metrics.top1(b_correct, w), len(a_correct))
+    return bootstrap.paired(a_correct.mean() - b_correct.mean(), diff)
 
 
 def _below(d: dict | None) -> bool:

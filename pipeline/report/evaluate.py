@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leakpipe.pipeline.math import bootstrap, metrics
-from leakpipe.pipeline.math.kde import GaussianKDE
+from leakpipe.pipeline.math import metrics
+from leakpipe.pipeline.report import registry
+from leakpipe.pipeline.math.kde import GaussianKDE, embedding
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
 # the open-set settings and the embedding each one uses (Eq. 16-17 on h_bar, or on h_bar * w)
@@ -52,11 +53,6 @@ class Split:
         return embedding(self.arrays["h_bar"].astype(np.float64), self.arrays["w"], kind)
 
 
-def embedding(h_bar: np.ndarray, w: np.ndarray, kind: str) -> np.ndarray:
-    """h_bar (kind "h_bar", gating off) or h_bar * w (kind "gated", gating on)."""
-    return h_bar * w if kind == "gated" else h_bar
-
-
 def label_index(split: Split, classes: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(split.labels) - index.keys())
@@ -67,42 +63,30 @@ def label_index(split: Split, classes: list[str]) -> np.ndarray:
 
 def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float,
                n_boot: int = 0, seed: int = 0) -> dict:
-    """Per variant: the model's head (scores: the posterior pi) and the Mahalanobis comparator (scores:
-    s_c of Eq. 13) fitted on the training embeddings; with `n_boot`, 95% bootstrap intervals over
-    the test images (`ci`) and the chance level of each number (`chance`)."""
+    """Per variant: every closed-set metric of the registry for the model's head (scores: the posterior
+    pi) and the Mahalanobis comparator (scores: s_c of Eq. 13) fitted on the training embeddings; with
+    `n_boot`, 95% bootstrap intervals over the test images (`ci`), and the chance level of each
+    number (`chance`); plus the row count and the confusion matrix."""
     maha = Mahalanobis(len(classes), floor).fit(train.embedding("h_bar"), label_index(train, classes))
     out = {}
     for variant, s in tests.items():
         y = label_index(s, classes)
         out[variant] = {}
-        for scorer, scores in (("head", metrics.softmax(s.arrays["logits"].astype(np.float64))),
-                               ("mahalanobis", maha.score(s.embedding("h_bar")))):
-            r = metrics.closed_set(scores, y, len(classes))
-            r["chance"] = {"top1": 1 / len(classes), "balanced_accuracy": 1 / len(classes), "macro_auc": 0.5}
-            if scorer == "head":  # a posterior; Mahalanobis scores are not probabilities
-                r["ece"] = metrics.expected_calibration_error(scores, y)
-            if n_boot and len(y):
-                w = bootstrap.weights(len(y), n_boot, seed, s.groups)
-                pred, per_class = scores.argmax(1), bootstrap.per_class_auc(scores, y, w)
-                r["ci"] = {"top1": bootstrap.interval(bootstrap.top1(pred == y, w)),
-                           "balanced_accuracy": bootstrap.interval(bootstrap.balanced_accuracy(pred, y, len(classes), w)),
-                           "macro_auc": bootstrap.interval(bootstrap.macro_auc(scores, y, w, per_class)),
-                           "per_class_auc": [bootstrap.interval(col) for col in per_class.T]}
-            out[variant][scorer] = r
+        for scorer, scores, posterior in (("head", metrics.softmax(s.arrays["logits"].astype(np.float64)), True),
+                                          ("mahalanobis", maha.score(s.embedding("h_bar")), False)):
+            sample = registry.Closed(scores, y, len(classes), posterior)
+            r = registry.evaluate(registry.CLOSED, sample, len(classes), n_boot, seed, s.groups) if len(y) else {}
+            out[variant][scorer] = {"n": int(len(y)), **r, "confusion": metrics.confusion_matrix(
+                scores.argmax(1), y, len(classes)).tolist()}
     return out
 
 
-def open_intervals(closed: np.ndarray, opened: np.ndarray, n_boot: int, seed: int, ovl: float) -> dict:
-    """95% bootstrap intervals of AUROC, EER, FPR@95%TPR (percentile) and OVL (basic, around `ovl`: the
-    percentile interval covered a known overlap only 65% of the time, the basic one 91%), resampling
-    closed and open images."""
-    scores = np.r_[closed, opened]
-    positive = np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)]
-    w = bootstrap.weights(len(scores), n_boot, seed)
-    return {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w)),
-            "eer": bootstrap.interval(bootstrap.eer(scores, positive, w)),
-            "fpr_at_95tpr": bootstrap.interval(bootstrap.fpr_at_tpr(scores, positive, w)),
-            "ovl": bootstrap.basic_interval(ovl, bootstrap.ovl(closed, opened, w))}
+def open_metrics(closed: np.ndarray, opened: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Every open-set metric of the registry (closed test positive, open negative) with its interval,
+    resampling closed and open images; OVL's interval is the basic one around the estimate (the
+    percentile interval covered a known overlap only 65% of the time, the basic one 91%)."""
+    r = registry.evaluate(registry.OPEN, registry.Open(closed, opened), 2, n_boot, seed)
+    return {"n_closed": int(len(closed)), "n_open": int(len(opened)), **r}
 
 
 def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cfg) -> dict:
@@ -111,12 +95,8 @@ def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cf
     out = {}
     for g in sorted(set(labels)):
         sel = opened[labels == g]
-        scores = np.r_[closed, sel]
-        positive = np.r_[np.ones(len(closed), bool), np.zeros(len(sel), bool)]
-        out[str(g)] = {"n": int(len(sel)), "auroc": metrics.roc_auc(scores, positive)}
-        if cfg.bootstrap:
-            w = bootstrap.weights(len(scores), cfg.bootstrap, cfg.seed)
-            out[str(g)]["ci"] = {"auroc": bootstrap.interval(bootstrap.auroc(scores, positive, w))}
+        r = registry.evaluate(registry.OPEN, registry.Open(closed, sel), 2, cfg.bootstrap, cfg.seed, only=("auroc",))
+        out[str(g)] = {"n": int(len(sel)), **{k: v for k, v in r.items() if k != "chance"}}
     return out
 
 
@@ -203,11 +183,8 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.n
         res.kdes[name] = kde
         res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
                             "open": kde.score_samples(opened.embedding(kind))}
-        res.metrics[name] = {**metrics.open_set(res.scores[name]["closed"], res.scores[name]["open"]),
-                             "bandwidth": kde.bandwidth_, "cv": kde.cv, "chance": {"auroc": 0.5, "eer": 0.5}}
-        if cfg.bootstrap:
-            res.metrics[name]["ci"] = open_intervals(res.scores[name]["closed"], res.scores[name]["open"],
-                                                     cfg.bootstrap, cfg.seed, res.metrics[name]["ovl"])
+        res.metrics[name] = {**open_metrics(res.scores[name]["closed"], res.scores[name]["open"], cfg.bootstrap,
+                                            cfg.seed), "bandwidth": kde.bandwidth_, "cv": kde.cv}
         res.metrics[name]["per_generator"] = per_generator(res.scores[name]["closed"], res.scores[name]["open"],
                                                            opened.labels, cfg)
         if correct is not None:
@@ -216,7 +193,7 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.n
             res.metrics[name]["oscr"] = {"area": area, "fpr": fpr[keep].tolist(), "ccr": ccr[keep].tolist()}
     if cfg.dual:
         closed, opened_ = dual_scores(closed_test.embedding("gated"), opened.embedding("h_bar"))
-        res.metrics["dual"] = {**metrics.open_set(closed, opened_), "warning": DUAL_WARNING,
+        res.metrics["dual"] = {**open_metrics(closed, opened_, 0, cfg.seed), "warning": DUAL_WARNING,
                                "as": "the authors' released open_set.py, mode 'dual'"}
     return res
 

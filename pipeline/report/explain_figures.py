@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.report.render import _colours, _plt, _save, beyond_note, onto_axes, project_2d
+from leakpipe.pipeline.report.figures import _colours, _plt, _save, beyond_note, onto_axes, project_2d
 
 
 def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path) -> None:

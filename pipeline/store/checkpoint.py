@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from leakpipe.pipeline.store.atomic import atomic_path
 
@@ -18,12 +18,16 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
                   metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata with its JSON values decoded) of a safetensors file's bytes."""
+    from safetensors.torch import load
 
-    with safe_open(str(path), "pt") as fh:
-        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-    return load_file(str(path)), meta
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    return load(data), {k: json.loads(v) for k, v in header.items()}
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return read_safetensors(Path(path).read_bytes())
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:

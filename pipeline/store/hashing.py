@@ -18,6 +18,11 @@ def hash_stream(fh, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def hash_bytes(data: bytes) -> str:
+    """blake2b-128 of bytes in memory, as hex: the checksum every lock records."""
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
+
+
 def hash_file(path: Path | str) -> str:
     with open(path, "rb") as fh:
         return hash_stream(fh)

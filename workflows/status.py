@@ -1,50 +1,52 @@
-"""What `leakpipe status`, `runs` and `gc` report, from the stage graph's own `check()`."""
+"""What `leakpipe status`, `runs` and `gc` report, from each stage's own plan and `check()`."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import graph, locks, runs
+from leakpipe.pipeline.ledger import locks, runs
+from leakpipe.pipeline.ledger.graph import Graph, ready_latents, values
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
+from leakpipe.pipeline.ledger.stage import Plan
 from leakpipe.pipeline.store import storage
-from leakpipe.pipeline.workspace import Workspace
 
 
 def _entry(stage: str, name: str, verdict: Verdict, **facts) -> dict:
-    return {"stage": stage, "name": name, **verdict.to_dict(), **{k: v for k, v in facts.items() if v}}
+    shown = ("vae", "store", "result", "current_config_result")
+    return {"stage": stage, "name": name, **verdict.to_dict(), **{k: v for k, v in facts.items() if v and k in shown}}
 
 
-def _latents_entry(ws: Workspace, cfg: Config, split: str, memo: dict) -> dict:
+def _plan_entry(plan: Plan, **facts) -> dict:
+    return _entry(plan.stage.name, plan.target, plan.check(), **{**plan.facts, **facts})
+
+
+def _latents_entry(g: Graph, split: str) -> dict:
     try:
-        lat = graph.latents(ws, cfg, split, memo=memo)
-        return _entry("encode", split, lat.check(), vae=lat.source.label, store=lat.store)
+        return _plan_entry(g.plan("encode", split))
     except UserError as exc:
         return _entry("encode", split, Verdict(False, [str(exc).splitlines()[0]]))
 
 
-def _result_entries(ws: Workspace, cfg: Config, name: str, result: Path, memo: dict) -> list[dict]:
+def _result_entries(g: Graph, name: str, result: Path) -> list[dict]:
     out = []
-    for split in ws.splits():
+    for split in g.ws.splits():
         if (result / "embeddings" / f"{split}.lock.json").exists():
-            out.append(_entry("embed", f"{name}/{split}", graph.embedding(ws, result, split, cfg, memo).check()))
+            out.append(_entry("embed", f"{name}/{split}", g.plan("embed", result, split, name).check()))
     if (result / "score.lock.json").exists():
-        out.append(_entry("score", name, graph.scoring(ws, result, cfg).check(), result=result.name))
+        out.append(_entry("score", name, g.plan("score", name).check(), result=result.name))
     return out
 
 
-def entries(ws: Workspace, cfg: Config) -> list[dict]:
+def entries(g: Graph) -> list[dict]:
     """One entry per stage instance: encode per split, then train, embed and score per run name."""
-    memo: dict = {}  # one declaration per split and encoder, however many runs read it
-    out = [_latents_entry(ws, cfg, split, memo) for split in ws.splits()]
-    for name in runs.names(ws):
-        plan = graph.training(ws, cfg, name, memo)
-        current = plan.current.name if plan.current else None
-        out.append(_entry("train", name, plan.check(), result=current,
-                          current_config_result=plan.result.name if plan.result else None))
-        if plan.current is not None and locks.read_lock(plan.current / "train.lock.json") is not None:
-            out += _result_entries(ws, cfg, name, plan.current, memo)
+    out = [_latents_entry(g, split) for split in g.ws.splits()]
+    for name in runs.names(g.ws):
+        plan = g.plan("train", name)
+        out.append(_plan_entry(plan))
+        current = runs.pointed(g.ws, name)
+        if current is not None and locks.read_lock(current / "train.lock.json") is not None:
+            out += _result_entries(g, name, current)
     return out
 
 
@@ -77,32 +79,34 @@ def _headline(result: Path) -> dict:
             "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc")}
 
 
-def differs(lock: dict, cfg: Config, latents: dict) -> list[str]:
+def differs(lock: dict, g: Graph, latents: dict) -> list[str]:
     """How a trained result's training config, code and latents differ from the current ones, in
     words. `latents`: {upstream name: current fingerprint} of the caches that are up to date."""
+    train = g.stages["train"]
     old = {"config": lock["inputs"]["config"], "code": lock["inputs"]["code"]}
-    words = locks.explain(old, Inputs(graph.values(cfg, graph.TRAIN_KEYS), code=graph.TRAIN_CODE))
+    words = locks.explain(old, Inputs(values(g.cfg, train.config), code=train.code_identity()))
     for name, up in lock["inputs"]["upstream"].items():
         if name in latents and latents[name] != up["fingerprint"]:
             words.append(f"{name}: re-encoded since")
     return words
 
 
-def _current_latents(ws: Workspace, cfg: Config) -> dict:
-    lat, verdict = graph.ready_latents(ws, cfg, cfg.train.split)
-    return {f"latents of {lat.split}": lat.identity().fingerprint} if verdict.up_to_date else {}
+def _current_latents(g: Graph) -> dict:
+    lat, verdict = ready_latents(g, g.cfg.train.split)
+    return {f"latents of {lat.data.split}": lat.data.identity().fingerprint} if verdict.up_to_date else {}
 
 
-def run_rows(ws: Workspace, cfg: Config) -> list[dict]:
+def run_rows(g: Graph) -> list[dict]:
     """Every trained result: the names pointing at it, when it was made, how it differs from the
     current config, and its headline metrics. Results no name points at are listed too (gc frees them)."""
-    named, current = runs.names_of(ws), _current_latents(ws, cfg)
+    ws = g.ws
+    named, current = runs.names_of(ws), _current_latents(g)
     rows = []
     for result in runs.results(ws):
         lock = locks.read_lock(result / "train.lock.json")
         rows.append({"names": named.get(result, []), "result": result.name,
                      "made": lock.get("written") if lock else None,
-                     "differs": differs(lock, cfg, current) if lock else ["unfinished or from an older leakpipe"],
+                     "differs": differs(lock, g, current) if lock else ["unfinished or from an older leakpipe"],
                      **_headline(result)})
     return sorted(rows, key=lambda r: (not r["names"], r["names"], r["made"] or ""))
 
@@ -125,14 +129,15 @@ def _size(location: str) -> int:
     return sum(storage.files(location).values())
 
 
-def garbage(ws: Workspace, cfg: Config) -> list[tuple[str, int]]:
+def garbage(g: Graph) -> list[tuple[str, int]]:
     """(location, bytes) of every latent store and result that nothing refers to: a store is kept if
     the current config of a split or any kept result uses it; a result if a run name points at it."""
+    ws, cfg = g.ws, g.cfg
     named = set(runs.names_of(ws))
     keep_stores = set()
     for split in ws.splits():
         try:
-            keep_stores.add(graph.latents(ws, cfg, split).store)
+            keep_stores.add(g.plan("encode", split).data.store)
         except UserError:
             pass
     free = []

@@ -8,7 +8,8 @@ from pathlib import Path
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import embed, encode, score, train
+from leakpipe.stages import graph
+from leakpipe.workflows.pipeline import through_score
 
 DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
 # difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
@@ -64,9 +65,4 @@ def run(ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpe
                  f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "
                  "the strength of `leakpipe synth`'s default 1.0); compare its numbers only with baselines at "
                  "the same difficulty, such as the ones in its own report")
-    for split in ("closed", "closed-pp", "open"):
-        lines.append(encode.run(ws, split, cfg, log=log).summary())
-    lines.append(train.run(ws, cfg, "default", log=log).summary())
-    embed.run(ws, cfg, "default", log=log)
-    lines.append(score.run(ws, cfg, "default", log=log).summary())
-    return lines
+    return lines + through_score(graph(ws, cfg), "default", log)

@@ -1,0 +1,127 @@
+"""The metric registry: every number the report states, defined once.
+
+A Metric names its key (in metrics.json), its label (in tables), its weighted function (math/metrics.py:
+the point estimate is the function with unit weights, the bootstrap the same function on resampled
+weights), its chance level, its direction and its interval. metrics.json, the report's tables and the
+`compare` and `sweep` columns are generated from CLOSED and OPEN: adding a metric is adding it here
+(and a test of its function).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from leakpipe.pipeline.math import bootstrap, metrics
+
+
+@dataclass
+class Closed:
+    """One scorer's class scores (n, C) on labelled rows; `probabilities`: the scores are a posterior."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    n_classes: int
+    probabilities: bool = False
+
+    @cached_property
+    def correct(self) -> np.ndarray:
+        return self.scores.argmax(1) == self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Open:
+    """KDE log-densities of closed (known, positive) and open (unseen) rows; weights cover closed first."""
+
+    closed: np.ndarray
+    opened: np.ndarray
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        return np.r_[self.closed, self.opened]
+
+    @cached_property
+    def positive(self) -> np.ndarray:
+        return np.r_[np.ones(len(self.closed), bool), np.zeros(len(self.opened), bool)]
+
+    def __len__(self) -> int:
+        return len(self.closed) + len(self.opened)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # its name in metrics.json
+    label: str  # its name in tables
+    fn: Callable  # (sample, w (B, n)) -> (B,) values, or (B, C) for a per-class metric
+    chance: Callable[[int], float | None] = lambda n_classes: None  # what guessing scores
+    higher_is_better: bool = True
+    interval: str = "percentile"  # or "basic": reflected around the estimate (biased estimators: OVL)
+    applies: Callable[[object], bool] = lambda sample: True  # top-5 needs > 5 classes, ECE a posterior
+    compare: bool = False  # a column of `leakpipe compare` and the sweep table
+    table: bool = True  # a column of the report's main table (per-class metrics have their own)
+    per_class: bool = False
+
+
+CLOSED: tuple[Metric, ...] = (
+    Metric("top1", "top-1", lambda s, w: metrics.top1(s.correct, w), lambda c: 1 / c, compare=True),
+    Metric("top5", "top-5", lambda s, w: metrics.top_k(s.scores, s.labels, 5, w), lambda c: 5 / c,
+           applies=lambda s: s.n_classes > 5),
+    Metric("balanced_accuracy", "balanced accuracy",
+           lambda s, w: metrics.balanced_accuracy(s.scores.argmax(1), s.labels, s.n_classes, w), lambda c: 1 / c),
+    Metric("macro_auc", "macro AUC", lambda s, w: metrics.macro_auc(s.scores, s.labels, w), lambda c: 0.5,
+           compare=True),
+    Metric("ece", "ECE", lambda s, w: metrics.expected_calibration_error(s.scores, s.labels, w),
+           higher_is_better=False, applies=lambda s: s.probabilities),
+    Metric("per_class_auc", "one-vs-rest AUC", lambda s, w: metrics.per_class_auc(s.scores, s.labels, w),
+           lambda c: 0.5, table=False, per_class=True),
+)
+
+OPEN: tuple[Metric, ...] = (
+    Metric("auroc", "AUROC", lambda s, w: metrics.auroc(s.scores, s.positive, w), lambda c: 0.5, compare=True),
+    Metric("eer", "EER", lambda s, w: metrics.eer(s.scores, s.positive, w), lambda c: 0.5, higher_is_better=False),
+    Metric("ovl", "OVL", lambda s, w: metrics.ovl(s.closed, s.opened, w), higher_is_better=False, interval="basic"),
+    Metric("fpr_at_95tpr", "FPR@95%TPR", lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w),
+           lambda c: 0.95, higher_is_better=False),
+)
+
+
+def _listed(x):
+    return np.asarray(x).tolist() if np.ndim(x) else float(x)
+
+
+def evaluate(registry: tuple[Metric, ...], sample, n_classes: int = 2, n_boot: int = 0, seed: int = 0,
+             groups: np.ndarray | None = None, only: tuple[str, ...] | None = None) -> dict:
+    """{key: value, "ci": {key: [low, high]}, "chance": {key: c}} of every metric of `registry` that
+    applies to `sample` (or of `only` these keys), with 95% bootstrap intervals over `n_boot`
+    resamples of its rows (whole groups when `groups`), drawn in blocks of bounded memory."""
+    chosen = [m for m in registry if m.applies(sample) and (only is None or m.key in only)]
+    out: dict = {m.key: _listed(m.fn(sample, metrics.unit(len(sample)))[0]) for m in chosen}
+    out["chance"] = {m.key: m.chance(n_classes) for m in chosen if m.chance(n_classes) is not None}
+    if n_boot and len(sample):
+        values = {m.key: [] for m in chosen}
+        for w in bootstrap.blocks(len(sample), n_boot, seed, groups):
+            for m in chosen:
+                values[m.key].append(m.fn(sample, w))
+        out["ci"] = {m.key: _interval(m, out[m.key], np.concatenate(values[m.key])) for m in chosen}
+    return out
+
+
+def _interval(m: Metric, estimate, values: np.ndarray):
+    if m.per_class:
+        return [bootstrap.interval(col) for col in values.T]
+    return bootstrap.basic_interval(estimate, values) if m.interval == "basic" else bootstrap.interval(values)
+
+
+def headline(registry: tuple[Metric, ...]) -> list[Metric]:
+    """The metrics `compare` and the sweep show, in order."""
+    return [m for m in registry if m.compare]
+
+
+def tabled(registry: tuple[Metric, ...]) -> list[Metric]:
+    """The metrics of the report's main table for this registry, in order."""
+    return [m for m in registry if m.table]

@@ -1,0 +1,170 @@
+"""Stage three's numbers: the closed set per variant, the open set, the unseen-generator threshold,
+the baselines, the leakage audit, the prototypes and the data of the explanation figures, from the
+embeddings of a trained result. What it reads comes through a Reader, which the score stage gives it
+(checked against the locks), so everything here is computation."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.engine.images import BadImage, load_image
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.manifest import Manifest
+from leakpipe.pipeline.math import bootstrap
+from leakpipe.pipeline.math.prototypes import usage as prototype_usage
+from leakpipe.pipeline.report import baselines as bl, evaluate as ev
+from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes
+from leakpipe.pipeline.store import latent_store
+
+RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
+                   "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy.")
+
+
+class Reader(Protocol):
+    """What scoring reads of one trained result and its workspace."""
+
+    name: str  # the result's name (its fingerprint prefix)
+    run_cfg: Config  # the config it was trained with
+    random_vae: bool
+    prototypes: np.ndarray | None  # (C, M, D), None for the linear head
+
+    def split(self, name: str) -> tuple[ev.Split, dict]: ...  # embeddings with manifest columns and file hashes
+    def manifest(self, name: str) -> Manifest: ...
+    def manifest_path(self, name: str) -> Path: ...
+    def store(self, name: str) -> str: ...  # the latent store of a split
+    def stage_features(self, rows: np.ndarray) -> dict: ...  # the backbone's features (Fig. 3)
+
+
+def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple[dict, dict]:
+    """(metrics, figure data) of the result `r` reads, under the `score` settings of `cfg`."""
+    run_cfg, split_of = r.run_cfg, r.split
+    if r.random_vae:
+        notes = [RANDOM_VAE_NOTE, *notes]
+
+    closed, attrs = split_of(cfg.score.closed)
+    classes, held_out = attrs["classes"], run_cfg.train.exclude
+    trained_on = ~np.isin(closed.labels, held_out)  # a held-out generator's rows are never trained on
+    by_part = {p: closed.select((closed.partition == p) & trained_on) for p in ("train", "val", "test")}
+    seen, leakage = ev.seen_in_training(by_part["train"], by_part["val"]), {}
+
+    def clean(s, name):
+        """The rows the model never saw in any form; the others are counted and left out."""
+        mask, leakage[name] = ev.leaked(s, seen)
+        return s.select(~mask)
+
+    tests = {"raw": clean(by_part["test"], "raw")}
+    for name in (s for s in cfg.score.postprocessed if s in have):
+        pp, _ = split_of(name)
+        clash = sorted(set(pp.variant) & tests.keys())
+        if clash:
+            raise UserError(f"{r.manifest_path(name)}: variant(s) {', '.join(clash)} also come from another "
+                            "scored manifest; give each post-processing step its own variant name")
+        pp = pp.select(~np.isin(pp.labels, held_out))
+        tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
+    if len(tests["raw"]) == 0:
+        raise UserError(f"{r.manifest_path(cfg.score.closed)} has no valid test rows to score"
+                        + (f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
+                           if leakage["raw"]["rows"] else ""))
+    try:
+        m = {"result": r.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
+             "head": "prototypes" if run_cfg.model.prototypes else "linear",
+             "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap,
+                                     cfg.score.seed),
+             "attention": ev.attention_by_class(tests["raw"], classes),
+             "invalid_rows": {cfg.score.closed: closed.n_invalid}}
+    except ValueError as exc:
+        raise UserError(f"run {r.name}: {exc}") from None
+    figs = {"test": tests["raw"], "classes": classes, "open": None}
+    kind = cfg.score.kde_embedding
+    key = ev.SETTING_OF[kind]
+    if held_out:
+        left_out = clean(closed.select((closed.partition == "test") & ~trained_on), "held_out")
+        m["held_out"] = ev.held_out(by_part["train"], tests["raw"], left_out, cfg.score)
+    if cfg.score.open in have:
+        opened = clean(split_of(cfg.score.open)[0], cfg.score.open)
+        correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], classes)
+        res = ev.open_set(by_part["train"], tests["raw"], opened, cfg.score, correct)
+        m["open"], kde = res.metrics, res.kdes[key]
+        figs.update(open=opened, kde_scores=res.scores)
+    else:
+        m["open_missing"] = next((n for n in notes if n.startswith("open")), "no open split")
+        kde = ev.kde_for(by_part["train"], kind, cfg.score)
+    try:
+        unseen = ev.calibrate_unseen(kde, by_part["val"], kind, cfg.score.unseen_tpr)
+    except ValueError as exc:
+        raise UserError(f"{r.manifest_path(cfg.score.closed)}: {exc}") from None
+    if "kde_scores" in figs:
+        s = figs["kde_scores"][key]
+        unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
+        unseen["closed_test_passed"] = float((s["closed"] >= unseen["log_density_threshold"]).mean())
+    m["unseen_threshold"] = unseen
+    if cfg.score.baselines:
+        m["baselines"] = _baselines(r, cfg, by_part["train"], tests["raw"], classes)
+        m["notes"] = [*m["notes"], *bl.notes(m["baselines"])]
+    m["leakage"] = leakage
+    leaks = {k: v["rows"] for k, v in leakage.items() if v["rows"]}
+    if leaks:
+        m["notes"] = [*m["notes"], "Leakage audit: rows the model saw in training in some form (the same file, "
+                      "group or source image) were left out of every metric: " +
+                      ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
+    m["notes"] = [*m["notes"], *ev.chance_notes(m)]
+    prototypes = r.prototypes
+    if prototypes is not None and len(by_part["train"]):
+        tr = by_part["train"]
+        m["prototypes"] = prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes)
+    figs.update(_explanation_data(r, cfg, by_part["train"], tests["raw"], classes, prototypes))
+    return m, figs
+
+
+FIG3_ROWS = 2000  # closed test rows drawn in the per-stage maps (evenly spaced), enough for a 2-D map
+GALLERY_K = 3  # training images shown per prototype
+
+
+def _explanation_data(r: Reader, cfg: Config, train, test, classes: list[str],
+                      prototypes: np.ndarray | None) -> dict:
+    """Data of the explanation figures: per-stage features of the closed test rows (Fig. 3) and, with
+    prototypes, the training images each one wins, nearest first (gallery)."""
+    label_index = ev.label_index
+    pick = np.unique(np.linspace(0, len(test) - 1, min(len(test), FIG3_ROWS)).astype(int))
+    out = {"stages": r.stage_features(test.ids["row"][pick]), "stage_labels": label_index(test, classes)[pick]}
+    if prototypes is not None and len(train):
+        near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
+                                     prototypes, GALLERY_K)
+        manifest = r.manifest(cfg.score.closed)
+        thumb = replace(cfg.preprocess, size=64, max_pixels=cfg.preprocess.max_pixels)
+        def picture(i):  # an image removed since it was encoded is drawn blank, not an error
+            try:
+                return load_image(manifest.abspath(int(train.ids["row"][i])), thumb)
+            except (OSError, UserError):
+                return np.full((64, 64, 3), 255, np.uint8)
+
+        out["gallery"] = [[[picture(i) for i in ks if i >= 0] for ks in per_class] for per_class in near]
+    return out
+
+
+def _baselines(r: Reader, cfg: Config, train, test, classes: list[str]) -> dict:
+    """Chance, the forensic pixel baseline and a linear probe on z0, fitted on the closed training rows and
+    scored, paired with the model, on the same (leakage-audited) test rows."""
+    ytr, yte = ev.label_index(train, classes), ev.label_index(test, classes)
+    m = r.manifest(cfg.score.closed)
+    store = latent_store.open_store(r.store(cfg.score.closed))
+    try:
+        pixels = [bl.forensic_matrix([m.abspath(int(i)) for i in s.ids["row"]], cfg.score.baseline_max_side,
+                                     cfg.preprocess.max_pixels) for s in (train, test)]
+        z0 = [latent_store.read_rows(store, s.ids["row"])["mean"].reshape(len(s), -1) for s in (train, test)]
+    except (OSError, BadImage, latent_store.DamagedRows) as exc:
+        return {"chance": 1 / len(classes), "skipped": f"baselines left out: {exc}"}
+    w = bootstrap.Resamples(cfg.score.bootstrap, cfg.score.seed, test.groups) if cfg.score.bootstrap else None
+    right = {"head": test.arrays["logits"].argmax(1) == yte,
+             "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte, "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte}
+    out = {"chance": 1 / len(classes), "forensic_max_side": cfg.score.baseline_max_side,
+           "z0_is_pixels": r.run_cfg.vae.source == "pixels",
+           **{k: bl.scored(v, w) for k, v in right.items()}}
+    if w is not None:
+        for a, b in (("head", "forensic"), ("head", "z0_probe"), ("z0_probe", "forensic")):
+            out[f"{a}_minus_{b}"] = bl.paired_difference(right[a], right[b], w)
+    return out

@@ -1,0 +1,49 @@
+"""Every profile and every `sweep --list` entry trains for one epoch and scores, through the CLI, on a
+tiny workspace; an entry whose encoder cannot be had offline is reported as not run, with its reason,
+and the sweep goes on (and exits 0)."""
+import pytest
+
+from leakpipe.pipeline.ledger import runs
+from leakpipe.pipeline.workspace import Workspace
+from leakpipe.workflows.sweep import ABLATIONS
+from tests.conftest import cli, synth_workspace
+
+# one epoch, tiny widths, the cheap parts of scoring: what is tested is that each entry runs end to end
+TINY = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
+        "score.bootstrap=20", "score.kde_folds=2", "score.postprocessed=", "score.baselines=false"]
+HEAVY = ("resnet50", "resnet101")  # the ResNet family runs in the default suite as every other entry
+
+
+@pytest.fixture(scope="module")
+def sws(tmp_path_factory):
+    root = synth_workspace(tmp_path_factory.mktemp("sweep"))
+    for split in ("closed", "open"):
+        assert cli(root, "encode", "--split", split).exit_code == 0
+    return root
+
+
+def sweep(root, names):
+    return cli(root, "sweep", "--only", ",".join(names), *[a for s in TINY for a in ("--set", s)])
+
+
+def test_every_light_entry_and_profile_runs_end_to_end(sws):
+    names = [n for n in ABLATIONS if n not in HEAVY]
+    assert {"full", "paper", "authors-code", "efficientnet_b4", "vit_b_16"} <= set(names)  # every family, profile
+    r = sweep(sws, names)
+    assert r.exit_code == 0, r.output
+    table = (sws / "cache" / "sweep.md").read_text()
+    ran = [n for n in names if n != "sdxl-vae"]
+    for name in ran:
+        assert f"| {name} |" in table, name
+        result = runs.pointed(Workspace(sws), name)
+        assert result is not None and (result / "metrics.json").exists(), name
+    not_run = table.split("Not run here")[1]
+    assert "- sdxl-vae:" in not_run and "stabilityai/sdxl-vae" in not_run  # why: its VAE is not at hand offline
+    assert "Failed" not in table
+
+
+@pytest.mark.slow
+def test_the_heavy_backbones_run_end_to_end(sws):
+    r = sweep(sws, HEAVY)
+    assert r.exit_code == 0, r.output
+    assert all(f"| {n} |" in (sws / "cache" / "sweep.md").read_text() for n in HEAVY)

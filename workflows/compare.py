@@ -1,0 +1,158 @@
+"""`leakpipe compare`: one row per scored run, with 95% intervals in every cell, and each run against
+the first on the same test images (paired bootstrap differences)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger import runs
+from leakpipe.pipeline.ledger.results import load_checked_scores, load_split
+from leakpipe.pipeline.math import bootstrap, metrics
+from leakpipe.pipeline.report import registry
+from leakpipe.pipeline.report.render import fmt as _f, with_ci
+from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.workspace import Workspace
+
+
+def _differences(cfgs: dict[str, dict]) -> dict[str, str]:
+    """Per run, the training settings in which it differs from the first run (the baseline)."""
+    base = next(iter(cfgs.values()))
+    keys = sorted({f"{s}.{k}" for c in cfgs.values() for s in TRAIN_SECTIONS for k in c.get(s, {})})
+    return {run: ", ".join(f"{k}={json.dumps(_get(c, k))}" for k in keys if _get(c, k) != _get(base, k))
+            for run, c in cfgs.items()}
+
+
+def _get(cfg: dict, key: str):
+    section, name = key.split(".", 1)
+    return cfg.get(section, {}).get(name)
+
+
+CLOSED_COLUMNS = registry.headline(registry.CLOSED)
+OPEN_COLUMNS = registry.headline(registry.OPEN)
+
+
+def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
+    """A markdown table, one row per run, of the registry's headline metrics (closed set: the head with
+    its 95% intervals, and Mahalanobis; the worst post-processing step; the open set with gating off and
+    on), with its settings that differ from the first run's and the result it points at; then each run
+    against the first on the same test images (paired bootstrap). Raises naming every run not scored."""
+    groups = {n: runs.seed_group(ws, n) for n in names}
+    names = [m for n in names for m in (groups[n] or [n])]  # a seed group is compared through its members
+    results = {r: runs.pointed(ws, r) for r in names}
+    missing = [r for r, out in results.items() if out is None or not (out / "metrics.json").exists()]
+    if missing:
+        raise UserError(f"not scored: {', '.join(missing)}; run `leakpipe score --run RUN` for each")
+    scored = {r: json.loads((out / "metrics.json").read_text()) for r, out in results.items()}
+    diffs = _differences({r: json.loads((out / "config.json").read_text()) for r, out in results.items()})
+    first = CLOSED_COLUMNS[0]
+    head = ([m.label for m in CLOSED_COLUMNS] + [f"Mahalanobis {first.label}", f"worst post-proc. {first.label}"]
+            + [f"open {m.label} (gating off / on)" for m in OPEN_COLUMNS])
+    lines = ["| run | result | differs in | " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(head)]
+    for r in names:
+        raw, o = scored[r]["closed"]["raw"], scored[r].get("open", {})
+        pp = [v["head"][first.key] for k, v in scored[r]["closed"].items() if k != "raw"]
+        cells = ([with_ci(raw["head"], m.key) for m in CLOSED_COLUMNS] + [_f(raw["mahalanobis"][first.key]),
+                 _f(min(pp)) if pp else "n/a"] + [f"{with_ci(o.get('gating_off', {}), m.key)} / "
+                                                   f"{with_ci(o.get('gating_on', {}), m.key)}" for m in OPEN_COLUMNS])
+        lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | " + " | ".join(cells) + " |")
+    if len(names) > 1 and cfg is not None and cfg.score.bootstrap:
+        lines += paired_lines(ws, names, results, cfg)
+    for group, members in groups.items():
+        if members and cfg is not None:
+            lines += ["", seeds_table(ws, group, members, cfg).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def paired_lines(ws: Workspace, names: list[str], results: dict, cfg: Config) -> list[str]:
+    """Each run against the first on the test images both scored: every headline metric's difference."""
+    cols = [*(f"{m.label} difference | p" for m in CLOSED_COLUMNS), *(f"open {m.label} difference | p"
+                                                                     for m in OPEN_COLUMNS)]
+    lines = ["", f"Paired against `{names[0]}` on the same test images ({cfg.score.bootstrap} paired "
+             "bootstrap resamples; p: two-sided; the open set with gating off, closed test vs open):", "",
+             "| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * (2 * len(cols))]
+    base, base_open = _predictions(ws, results[names[0]], cfg), _open_scores(results[names[0]])
+    for r in names[1:]:
+        d = {**paired(_predictions(ws, results[r], cfg), base, cfg), **paired_open(_open_scores(results[r]), base_open, cfg)}
+        cells = [f"{_signed(d[m.key])} | {_f(d[m.key]['p'])}" if d.get(m.key) else "n/a | n/a"
+                 for m in (*CLOSED_COLUMNS, *OPEN_COLUMNS)]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_table(ws: Workspace, group: str, members: list[str], cfg: Config) -> str:
+    """Mean +- sd across the seeds of a group (training variation) and the pooled 95% interval of the
+    seed-averaged metric (the seeds' predictions on the same bootstrap resamples of the same test
+    images: test-sampling variation), for the closed-set headline metrics."""
+    preds = [_predictions(ws, runs.pointed(ws, r), cfg) for r in members]
+    rows = sorted(set.intersection(*(set(p) for p in preds)))
+    y = np.array([preds[0][r][0] for r in rows])
+    samples = [registry.Closed(np.stack([p[r][1] for r in rows]), y, len(preds[0][rows[0]][1]), True) for p in preds]
+    rs = bootstrap.Resamples(max(cfg.score.bootstrap, 1), cfg.score.seed)
+    lines = [f"| {group}: {len(members)} seeds ({', '.join(members)}) | mean +- sd across seeds | pooled 95% interval |",
+             "|---|---:|---:|"]
+    for m in CLOSED_COLUMNS:
+        per_seed = [float(m.fn(s, metrics.unit(len(rows)))[0]) for s in samples]
+        pooled = rs.of(lambda w: np.mean([m.fn(s, w) for s in samples], axis=0), len(rows))
+        lo, hi = bootstrap.interval(pooled)
+        lines.append(f"| {m.label} | {np.mean(per_seed):.3f} +- {np.std(per_seed, ddof=1):.3f} | [{lo:.3f}, {hi:.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def _open_scores(result: Path, setting: str = "gating_off") -> dict | None:
+    """{("closed" | "open", manifest row): KDE log-density} a scored result saved, or None."""
+    t = load_checked_scores(result)
+    if t is None:
+        return None
+    return {**{("closed", int(r)): float(s) for r, s in zip(t["closed_rows"], t[f"{setting}.closed"])},
+            **{("open", int(r)): float(s) for r, s in zip(t["open_rows"], t[f"{setting}.open"])}}
+
+
+def _difference(fn, a, b, n: int, cfg: Config) -> dict:
+    """fn(a) - fn(b), a metric of two samples of the same rows, with its paired bootstrap interval and p."""
+    one = metrics.unit(n)
+    rs = bootstrap.Resamples(cfg.score.bootstrap, cfg.score.seed)
+    return bootstrap.paired(float((fn(a, one) - fn(b, one))[0]), rs.of(lambda w: fn(a, w) - fn(b, w), n))
+
+
+def paired_open(a: dict | None, b: dict | None, cfg: Config) -> dict:
+    """The open-set headline metrics of run a minus run b on the closed and open rows both scored, on
+    the same bootstrap resamples ({} if either has no open scores)."""
+    if not a or not b:
+        return {}
+    keys = sorted(a.keys() & b.keys())
+    closed = [k for k in keys if k[0] == "closed"]
+    opened = [k for k in keys if k[0] == "open"]
+    sa, sb = (registry.Open(np.array([x[k] for k in closed]), np.array([x[k] for k in opened])) for x in (a, b))
+    return {m.key: _difference(m.fn, sa, sb, len(sa), cfg) for m in OPEN_COLUMNS}
+
+
+def _signed(d: dict) -> str:
+    return f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def _predictions(ws: Workspace, result: Path, cfg: Config) -> dict:
+    """{manifest row: (label index, posterior)} of a result's closed test rows."""
+    split, attrs = load_split(ws, result, cfg.score.closed)
+    test = split.select(split.partition == "test")
+    probs = metrics.softmax(test.arrays["logits"].astype(np.float64))
+    return {int(r): (attrs["classes"].index(lab), probs[k]) for k, (r, lab) in enumerate(zip(test.ids["row"], test.labels))}
+
+
+def paired(a: dict, b: dict, cfg: Config) -> dict:
+    """Run a minus run b on the test rows both scored: each closed-set headline metric's difference with
+    its paired-bootstrap interval and two-sided p-value (the same resamples for both runs)."""
+    rows = sorted(a.keys() & b.keys())
+    y = np.array([a[r][0] for r in rows])
+    sa, sb = (registry.Closed(np.stack([p[r][1] for r in rows]), y, len(a[rows[0]][1]), True) for p in (a, b))
+    return {m.key: _difference(m.fn, sa, sb, len(rows), cfg) for m in CLOSED_COLUMNS}
+
+
+def write_compare(path: Path, table: str) -> None:
+    """Write the table unless the file already holds it (a rerun that changes nothing touches nothing)."""
+    path = Path(path)
+    if not (path.exists() and path.read_text() == table):
+        atomic_write_text(path, table)

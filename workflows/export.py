@@ -1,0 +1,50 @@
+"""`leakpipe export DIR`: a scored run as a self-contained attributor folder, for `attribute --model`
+and the Hugging Face Hub: model.safetensors (weights, prototypes and the feature path it was trained
+with), reference.safetensors (the closed training embeddings the comparators are fitted on),
+attributor.json (classes, the encoder's identity, the threshold, the code identity of the encode and
+embed stages and a checksum of every file), config.json, metrics.json and a model card README.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from leakpipe.pipeline.engine import attributor as att_lib
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger import runs
+from leakpipe.pipeline.ledger.graph import Graph, run_config, trained_lock
+from leakpipe.pipeline.report.card import model_card
+from leakpipe.stages.attribute import code_identity, from_result
+
+
+def export(g: Graph, run: str, dest: Path) -> Path:
+    """Write the scored run's attributor to `dest` (a new or empty folder)."""
+    ws, ws_cfg = g.ws, g.cfg
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} is not empty; export into a new folder")
+    att = from_result(g, run, "cpu")
+    out = runs.pointed(ws, run)
+    trained_lock(out, deep=True)  # a damaged model is refused, never exported
+    lat = g.plan("encode", ws_cfg.score.closed, cfg=run_config(out, ws_cfg)).data
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json", "metrics.json"):
+        shutil.copyfile(out / name, dest / name)
+    save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
+    record = {"format": att_lib.FORMAT, "classes": att.classes, "run": run, "result": out.name,
+              "encoder": {"vae_source": att.cfg.vae.source, "encoder_fingerprint": lat.encoder_fp,
+                          "vae_config": vae_lib.model_config(lat.source), "preprocess": att.cfg.preprocess.__dict__,
+                          "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
+                          "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
+              "code": code_identity(g),
+              "unseen_threshold": att.threshold, "score": {"maha_floor": ws_cfg.score.maha_floor,
+                                                           "kde_dtype": ws_cfg.score.kde_dtype},
+              "files": {name: att_lib.hash_file(dest / name) for name in att_lib.FILES}}
+    (dest / "attributor.json").write_text(json.dumps(record, indent=1))
+    (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
+    return dest
