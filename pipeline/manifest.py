@@ -60,6 +60,11 @@ class Manifest:
     def abspath(self, i: int) -> Path:
         return self.root / self.rows[i]["path"]
 
+    def abspaths(self) -> list[str]:
+        """Every row's file as an absolute path string (the root is resolved, paths normalised)."""
+        prefix = f"{self.root}/"
+        return [prefix + p for p in self.column("path")]
+
     def line(self, i: int) -> int:
         return self.first_line + i
 

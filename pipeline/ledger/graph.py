@@ -117,13 +117,6 @@ class Latents:
 UNREADABLE = "0" * 32  # stands for a file that cannot be read: never a valid row
 
 
-def _file_hash(hashes: HashCache, path: Path) -> str:
-    try:
-        return hashes.hash(path)
-    except OSError:  # unreadable (permissions, I/O error): encode reports the row, with its reason
-        return UNREADABLE
-
-
 def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = None,
             memo: dict | None = None) -> Latents:
     """Stage one's declaration for `split`. `memo` (a dict kept by the caller) reuses declarations
@@ -135,12 +128,13 @@ def latents(ws: Workspace, cfg: Config, split: str, hashes: HashCache | None = N
     hashes = hashes or HashCache(ws.hash_cache)
     source = vae_lib.resolve(cfg.vae, ws.root)
     encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, ENCODE_CODE)
-    file_hashes = [_file_hash(hashes, manifest.abspath(i)) for i in range(len(manifest))]
+    # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
+    file_hashes = [h or UNREADABLE for h in hashes.hash_many(manifest.abspaths())]
     hashes.save()
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
         [["config.json", canonical_hash(vae_lib.model_config(source))]]
     inputs = Inputs(values(cfg, ENCODE_KEYS), {},
-                    {f"manifest {split}": [[r["path"], h] for r, h in zip(manifest.rows, file_hashes)],
+                    {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)],
                      "vae files": vae_files}, ENCODE_CODE)
     lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
                   ws.store_lock(split, encoder_fp), ws.store_lock(split, encoder_fp, "writer.lock"), inputs)
