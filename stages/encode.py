@@ -13,6 +13,7 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import graph, locks
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.store.locking import exclusive
 from leakpipe.pipeline.workspace import Workspace
 
@@ -80,7 +81,20 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
+def _trusted_chunks(p: graph.Latents, group, lock: dict | None, hashes: HashCache):
+    """Chunks whose files are byte for byte what the store's last lock recorded (None: check every
+    chunk). Not after a reader reported damage: that damage may sit in a file whose stat is intact."""
+    from leakpipe.pipeline.store import chunk_checks, storage
+
+    if lock is None or p.damage_report.exists() or \
+            locks.outputs_root(p.lock, lock) != storage.normalize(p.store) or \
+            lock["inputs"]["config"].get("store.chunk_rows") != group["mean"].chunks[0]:
+        return None
+    return chunk_checks.unchanged_chunks(p.store, group, lock["outputs"], hashes)
+
+
+def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None,
+            hashes: HashCache | None = None) -> None:
     import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
@@ -96,7 +110,9 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     group, result.copied = latent_store.prepare(
         p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows,
         cfg.store.dtype, attrs)
-    valid, damaged = latent_store.row_states(group, want)  # every reused row is read and checked
+    # every reused row is read and checked, except in chunks unchanged since the lock vouched for them
+    trusted = _trusted_chunks(p, group, lock, hashes) if hashes is not None else None
+    valid, damaged = latent_store.row_states(group, want, trusted)
     pending = np.nonzero(~valid)[0]
     result.reused = int(valid.sum()) - result.copied
     result.damaged = int(damaged.sum())
@@ -108,7 +124,7 @@ def _encode(p: graph.Latents, cfg: Config, result: EncodeResult, log) -> None:
     device = vae_lib.resolve_device(cfg.encode.device)
     log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with "
         f"{p.source.label} on {device}")
-    paths = [p.manifest.abspath(i) for i in range(len(want))]
+    paths = p.manifest.abspaths()
     start = time.perf_counter()
     with progress(len(pending), f"encode {p.manifest.name}") as bar:
         if cfg.encode.workers or cfg.encode.scheduler:
@@ -156,7 +172,8 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
             result.up_to_date = True
             return result
         log(f"encode {split}: " + "; ".join(verdict.reasons))
-        _encode(p, cfg, result, log)
+        hashes = HashCache(ws.hash_cache)
+        _encode(p, cfg, result, log, verdict.lock, hashes)
         failures_csv = ws.failures_csv(split)
         if result.failures:
             _write_failures(failures_csv, result.failures, p.manifest)
@@ -168,8 +185,14 @@ def run(ws: Workspace, split: str, cfg: Config, skip_bad: bool = False, log=prin
                     "rows and rerun, or pass --skip-bad to accept the split without them.")
         else:
             failures_csv.unlink(missing_ok=True)
-        bad = sorted(p.manifest.rows[r]["path"] for r, _ in result.failures)
-        locks.write_lock(p.lock, "encode", p.inputs, p.store, split=split, skipped_bad=bad,
-                         vae=p.source.label, encoder=p.encoder_fp)
+        paths = p.manifest.column("path")
+        bad = sorted(paths[r] for r, _ in result.failures)
+        since = time.time_ns()
+        lock = locks.write_lock(p.lock, "encode", p.inputs, p.store, split=split, skipped_bad=bad,
+                                vae=p.source.label, encoder=p.encoder_fp)
+        from leakpipe.pipeline.store import chunk_checks
+
+        chunk_checks.remember(p.store, lock["outputs"], hashes, since)  # the next encode need not read them
+        hashes.save()
         p.damage_report.unlink(missing_ok=True)
     return result
