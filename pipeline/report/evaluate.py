@@ -136,7 +136,7 @@ def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
         out[name] = per_generator(kde.score_samples(closed_test.embedding(kind)),
                                   kde.score_samples(left_out.embedding(kind)), left_out.labels, cfg)
         for v in out[name].values():
-            v["bandwidth"] = kde.bandwidth_
+            v["bandwidth"], v["kde_reference"] = kde.bandwidth_, kde.reference
     return out
 
 
@@ -190,7 +190,7 @@ class OpenSet:
 
 def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
     kde = GaussianKDE(bandwidth=cfg.kde_bandwidth or None, grid_factors=tuple(cfg.kde_grid),
-                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype)
+                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype, max_reference=cfg.kde_max_reference)
     return kde.fit(train.embedding(kind))
 
 
@@ -204,7 +204,8 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.n
         res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
                             "open": kde.score_samples(opened.embedding(kind))}
         res.metrics[name] = {**metrics.open_set(res.scores[name]["closed"], res.scores[name]["open"]),
-                             "bandwidth": kde.bandwidth_, "cv": kde.cv, "chance": {"auroc": 0.5, "eer": 0.5}}
+                             "bandwidth": kde.bandwidth_, "kde_reference": kde.reference, "cv": kde.cv,
+                             "chance": {"auroc": 0.5, "eer": 0.5}}
         if cfg.bootstrap:
             res.metrics[name]["ci"] = open_intervals(res.scores[name]["closed"], res.scores[name]["open"],
                                                      cfg.bootstrap, cfg.seed, res.metrics[name]["ovl"])
@@ -254,7 +255,8 @@ def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str, tpr: float) -> dic
     scores = kde.score_samples(val.embedding(kind))
     if len(scores) == 0:
         raise ValueError("no validation embeddings to calibrate the unseen-generator threshold on")
-    return {"embedding": kind, "bandwidth": kde.bandwidth_, "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
+    return {"embedding": kind, "bandwidth": kde.bandwidth_, "kde_reference": kde.reference,
+            "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
             "target_tpr": tpr, "n_val": int(len(scores))}
 
 

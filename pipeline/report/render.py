@@ -262,6 +262,7 @@ def report_markdown(m: dict) -> str:
             lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | {with_ci(r, 'auroc')} | "
                          f"{with_ci(r, 'eer')} | {with_ci(r, 'ovl')} | {with_ci(r, 'fpr_at_95tpr')} |")
         lines.append("| chance | | | | 0.500 | 0.500 | | |")
+        lines += kde_cap_lines(m["open"])
         oscr = {k: r["oscr"]["area"] for k, r in m["open"].items() if "oscr" in r}
         if oscr:
             lines += ["", "Area under the open-set classification rate curve (closed images accepted *and* correctly "
@@ -295,6 +296,16 @@ def report_markdown(m: dict) -> str:
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
     return "\n".join(lines)
+
+
+def kde_cap_lines(open_set: dict) -> list[str]:
+    """One sentence when the KDE's reference was a subsample (score.kde_max_reference)."""
+    ref = next((r["kde_reference"] for r in open_set.values() if r.get("kde_reference")), None)
+    if not ref or ref["used"] >= ref["rows"]:
+        return []
+    return ["", f"The KDE reference is a seeded subsample of {ref['used']:,} of the {ref['rows']:,} closed "
+            f"training embeddings (score.kde_max_reference = {ref['max_reference']:,}, seed {ref['seed']}); "
+            "its error against the exact KDE is measured in benchmarks/RESULTS.md (section Scale)."]
 
 
 def prototype_lines(p: dict, classes: list[str]) -> list[str]:
