@@ -231,18 +231,16 @@ def _images_under(folder: str, rel: str) -> list[str]:
     while stack:
         here, prefix = stack.pop()
         with os.scandir(here) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append((e.path, f"{prefix}{e.name}/"))
-                elif _suffix(e.name) in IMAGE_SUFFIXES and e.is_file():
-                    out.append(prefix + e.name)
+            entries = list(it)
+        stack += [(e.path, f"{prefix}{e.name}/") for e in entries if e.is_dir(follow_symlinks=False)]
+        names = [e.name for e in entries if _is_image_name(e.name.lower()) and e.is_file()]
+        out += [prefix + name for name in names]
     return out
 
 
-def _suffix(name: str) -> str:
-    """Path(name).suffix.lower(): '' for '.png' and 'x.' as pathlib has it."""
-    i = name.rfind(".")
-    return name[i:].lower() if 0 < i < len(name) - 1 else ""
+def _is_image_name(low: str) -> bool:
+    """What Path(name).suffix.lower() in IMAGE_SUFFIXES says ('.png' alone has no suffix)."""
+    return low.endswith(IMAGE_SUFFIXES) and low not in IMAGE_SUFFIXES
 
 
 def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import operator
 import os
 import posixpath
 import stat
@@ -23,13 +25,24 @@ def parse(body: str) -> tuple[tuple[str, ...], dict[str, list[str]]]:
     `path` are stripped, missing fields are "" and extra fields dropped (as csv.DictReader reads it)."""
     if '"' in body or "\r" in body:  # quoting or \r line ends: the csv module's rules apply
         return _parse_csv(body)
-    lines = body.split("\n")
-    header = lines[0].split(",") if lines[0] else []
-    fields = [ln.split(",") for ln in lines[1:] if ln]  # csv skips empty lines
-    if fields and set(map(len, fields)) != {len(header)}:
-        fields = [(f + [""] * len(header))[:len(header)] for f in fields]
-    values = list(zip(*fields)) if fields else [()] * len(header)
-    return tuple(header), _columns(header, [list(v) for v in values])
+    first, _, data = body.partition("\n")
+    header = first.split(",") if first else []
+    values = _fields(data, len(header))
+    return tuple(header), _columns(header, values)
+
+
+def _fields(data: str, n_cols: int) -> list[list[str]]:
+    """Columns of unquoted CSV lines: when every line has n_cols fields (the usual case), one split
+    of the whole text and a slice per column; else line by line, padded or cut to n_cols."""
+    data = data if data.endswith("\n") or not data else data + "\n"
+    if n_cols and data and "\n\n" not in data and not data.startswith("\n"):
+        raw = np.frombuffer(data.encode(), np.uint8)  # "," and "\n" are single bytes in UTF-8
+        commas, ends = np.flatnonzero(raw == 44), np.flatnonzero(raw == 10)
+        if np.all(np.diff(np.searchsorted(commas, np.r_[-1, ends])) == n_cols - 1):
+            flat = data[:-1].replace("\n", ",").split(",")
+            return [flat[k::n_cols] for k in range(n_cols)]
+    rows = [(f + [""] * n_cols)[:n_cols] for f in (ln.split(",") for ln in data.split("\n") if ln)]
+    return [list(v) for v in zip(*rows)] if rows else [[] for _ in range(n_cols)]
 
 
 def _parse_csv(body: str) -> tuple[tuple[str, ...], dict[str, list[str]]]:
@@ -61,8 +74,11 @@ def odd_rows(paths: list[str]) -> list[int]:
     joined = "\n" + "\n".join(paths) + "\n"
     if joined.count("\n") != len(paths) + 1:
         return list(range(len(paths)))  # a quoted line break in a path: the joined form cannot locate rows
-    starts = 1 + np.concatenate([[0], np.cumsum(np.fromiter(map(len, paths), np.int64, len(paths)) + 1)[:-1]])
-    found = {i for needle in _ODD if needle in joined for i in _rows_at(joined, starts, needle)}
+    needles = [needle for needle in _ODD if needle in joined]
+    found = set()
+    if needles:
+        starts = 1 + np.concatenate([[0], np.cumsum(np.fromiter(map(len, paths), np.int64, len(paths)) + 1)[:-1]])
+        found = {i for needle in needles for i in _rows_at(joined, starts, needle)}
     found |= set(np.flatnonzero(np.fromiter(map(str.isspace, paths), bool, len(paths))).tolist())
     return sorted(found)
 
@@ -87,12 +103,25 @@ def suspects(m, check_files: bool) -> list[int]:
     if set(m.column("partition")) - set(PARTITIONS):
         out |= {i for i, p in enumerate(m.column("partition")) if p not in PARTITIONS}
     climbs = {i for i in odd_rows(paths) if paths[i] == ".." or paths[i].startswith(("../", "/"))}
-    groups: dict[str, list[int]] = {}
-    for i, (folder, _, _) in enumerate(map(str.rpartition, paths, ["/"] * n)):
-        groups.setdefault(folder, []).append(i)
-    for folder, rows in groups.items():
-        out |= set(rows) if _outside(m.root, folder) else _odd_files(m, folder, rows, check_files)
+    for folder, runs in _folder_runs(paths).items():
+        if _outside(m.root, folder):
+            out |= {i for a, b in runs for i in range(a, b)}
+        else:
+            out |= _odd_files(m, folder, runs, check_files)
     return sorted(out | climbs)
+
+
+def _folder_runs(paths: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """{folder: [(start, stop), ...]}: the runs of consecutive rows in each folder (a manifest lists
+    a folder's files together, so there are few)."""
+    if not paths:
+        return {}
+    folders = np.array(list(map(operator.itemgetter(0), map(str.rpartition, paths, itertools.repeat("/")))), dtype=object)
+    cuts = np.flatnonzero(folders[1:] != folders[:-1]) + 1
+    runs: dict[str, list[tuple[int, int]]] = {}
+    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(paths)]):
+        runs.setdefault(folders[a], []).append((a, b))
+    return runs
 
 
 def _outside(root, folder: str) -> bool:
@@ -100,18 +129,19 @@ def _outside(root, folder: str) -> bool:
     return not (real == top or real.startswith(top.rstrip("/") + "/"))
 
 
-def _odd_files(m, folder: str, rows: list[int], check_files: bool) -> set[int]:
+def _odd_files(m, folder: str, runs: list[tuple[int, int]], check_files: bool) -> set[int]:
     """Rows of one folder whose file is a symbolic link, or (check_files) not a regular file."""
     full = os.path.join(str(m.root), folder)
-    paths, skip = m.column("path"), len(folder) + 1 if folder else 0
+    paths, prefix = m.column("path"), f"{folder}/" if folder else ""
+    rows = [i for a, b in runs for i in range(a, b)]
     if len(rows) >= _LISTED:
         try:
             with os.scandir(full) as it:  # d_type: no stat per entry
-                regular = {e.name for e in it if e.is_file(follow_symlinks=False)}
-            rows = [i for i in rows if paths[i][skip:] not in regular]
+                regular = {prefix + e.name for e in it if e.is_file(follow_symlinks=False)}
+            rows = [i for a, b in runs if set(paths[a:b]) - regular for i in range(a, b) if paths[i] not in regular]
         except OSError:  # missing, not a folder, unreadable: each row says which
             pass
-    kinds = {i: _kind(os.path.join(full, paths[i][skip:])) for i in rows}
+    kinds = {i: _kind(os.path.join(str(m.root), paths[i])) for i in rows}
     return {i for i, k in kinds.items() if k == "link" or (check_files and k != "file")}
 
 

@@ -158,3 +158,18 @@ def test_two_encodes_of_different_splits_share_the_cache(ws):
 
 def test_stamps_with_inodes_above_2_63_are_kept(tmp_path):
     assert hashing._signed(2**64 - 5) == -5 and hashing._signed(7) == 7
+
+
+def test_bulk_matching_equals_a_search_entry_by_entry():
+    import numpy as np
+
+    r = np.random.default_rng(1)
+    values = np.array([0, 1, 255, 256, -1, 2**40, -2**62], np.int64)  # zero bytes, sign bits, repeats
+    cached = values[r.integers(0, 7, (3000, 5))]
+    cached[:, 4] = cached[:, 3] + r.choice([-1, hashing.RACY_NS], 3000)  # some entries racy
+    want = values[r.integers(0, 7, (2000, 4))]
+    found = hashing._matches(cached, want)
+    fresh = cached[:, 3] <= cached[:, 4] - hashing.RACY_NS
+    for i, row in enumerate(want):
+        ok = np.flatnonzero(np.all(cached[:, :4] == row, axis=1) & fresh)
+        assert found[i] in ok if len(ok) else found[i] == -1

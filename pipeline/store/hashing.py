@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import sqlite3
 import struct
@@ -76,12 +77,15 @@ def _stat_all(paths: list[str]) -> list:
 
 def _stamps(stats: list) -> tuple[np.ndarray, np.ndarray]:
     """((n, 4) int64 stamps of the stat results, (n,) bool: the file could be stat'ed)."""
-    rows = [(s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) if s is not None else (0, 0, 0, 0) for s in stats]
+    seen = np.array([s is not None for s in stats], bool)
+    fields = operator.attrgetter("st_dev", "st_ino", "st_size", "st_mtime_ns")
+    rows = map(fields, stats) if seen.all() else (fields(s) if s is not None else (0, 0, 0, 0) for s in stats)
     try:
-        stamps = np.array(rows, np.int64).reshape(-1, 4)
+        stamps = np.fromiter((v for row in rows for v in row), np.int64, 4 * len(stats)).reshape(-1, 4)
     except OverflowError:  # an inode or device number above 2**63
+        rows = (fields(s) if s is not None else (0, 0, 0, 0) for s in stats)
         stamps = np.array([(_signed(a), _signed(b), c, d) for a, b, c, d in rows], np.int64).reshape(-1, 4)
-    return stamps, np.array([s is not None for s in stats], bool)
+    return stamps, seen
 
 
 def _folder_range(paths: list[str]) -> tuple[str, str]:
@@ -91,21 +95,37 @@ def _folder_range(paths: list[str]) -> tuple[str, str]:
     return low, low[:-1] + chr(ord("/") + 1)
 
 
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix(stamps: np.ndarray) -> np.ndarray:
+    """One uint64 per (dev, ino, size, mtime_ns) row (splitmix64 chained): a sort key."""
+    u = stamps[:, :4].astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = _splitmix(u[:, 0])
+        for k in (1, 2, 3):
+            h = _splitmix(h ^ u[:, k])
+    return h
+
+
 def _matches(cached: np.ndarray, want: np.ndarray) -> np.ndarray:
     """For each row of `want` (n, 4), the index into `cached` (m, 5) of an entry with that exact
-    (dev, ino, size, mtime_ns) hashed long enough after the mtime; -1 if none. Keys are compared as
-    32-byte strings (numpy's fixed-width bytes), so the match is one sort and one binary search."""
+    (dev, ino, size, mtime_ns) hashed long enough after the mtime; -1 if none. One sort and one
+    binary search on a 64-bit mix of the four, then the four compared: two stamps that share a mix
+    only cost a file read."""
     out = np.full(len(want), -1, np.int64)
     fresh = np.flatnonzero(cached[:, 3] <= cached[:, 4] - RACY_NS)
     if len(fresh) == 0 or len(want) == 0:
         return out
-    keys = np.ascontiguousarray(cached[fresh, :4]).view("S32").ravel()
+    keys = _mix(cached[fresh])
     order = np.argsort(keys)
-    keys = keys[order]
-    query = np.ascontiguousarray(want).view("S32").ravel()
-    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    hit = keys[pos] == query
-    out[hit] = fresh[order[pos[hit]]]
+    pos = np.minimum(np.searchsorted(keys[order], _mix(want)), len(keys) - 1)
+    candidate = fresh[order[pos]]
+    hit = np.all(cached[candidate, :4] == want, axis=1)
+    out[hit] = candidate[hit]
     return out
 
 
@@ -202,7 +222,9 @@ class HashCache:
         cached, digests = self._entries(*_folder_range(keys))
         found = np.where(seen, _matches(cached, want), -1)
         hexes = digests[np.maximum(found, 0)].tobytes().hex() if len(digests) else ""
-        out = [hexes[32 * i:32 * i + 32] if j >= 0 else None for i, j in enumerate(found.tolist())]
+        out = [hexes[k:k + 32] for k in range(0, len(hexes), 32)] or [None] * len(keys)
+        for i in np.flatnonzero(found < 0).tolist():
+            out[i] = None
         for i in np.flatnonzero((found < 0) & seen).tolist():
             try:
                 out[i] = self._hash_now(keys[i], tuple(want[i].tolist()))
