@@ -133,7 +133,7 @@ def du(path: Path) -> int:
 
 
 # ---------------------------------------------------------------- score on synthetic embeddings
-def score_only(n_test: int, n_boot: int) -> None:
+def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
     """Runs in its own process (the parent takes its peak RSS): stage three's evaluation."""
     from leakpipe.pipeline.config import ScoreConfig
     from leakpipe.pipeline.report import evaluate as ev
@@ -150,7 +150,7 @@ def score_only(n_test: int, n_boot: int) -> None:
         labels = np.array([f"g{c}" for c in y], dtype=object)
         return ev.Split(name, arrays, labels, np.full(n, partition, dtype=object), np.full(n, "raw", dtype=object))
 
-    cfg = ScoreConfig(bootstrap=n_boot, kde_folds=5)
+    cfg = ScoreConfig(bootstrap=n_boot, kde_folds=5, kde_max_reference=kde_cap)
     train, val, test = split("train", n_test, partition="train"), split("val", n_test // 5, partition="val"), split("test", n_test)
     opened = split("open", n_test // 5, offset=CLASSES - 2)
     start = time.perf_counter()
@@ -163,10 +163,40 @@ def score_only(n_test: int, n_boot: int) -> None:
                       "kde_reference": res.metrics["gating_off"].get("kde_reference"), "threshold": unseen}))
 
 
-def score(n_test: int, n_boot: int) -> tuple[float, float, dict]:
-    seconds, rss, out = timed([sys.executable, __file__, "--score-only", str(n_test), "--score-bootstrap", str(n_boot)],
-                              Path.cwd())
+def score(n_test: int, n_boot: int, kde_cap: int) -> tuple[float, float, dict]:
+    seconds, rss, out = timed([sys.executable, __file__, "--score-only", str(n_test), "--score-bootstrap", str(n_boot),
+                               "--score-kde-cap", str(kde_cap)], Path.cwd())
     return seconds, rss, json.loads(out.strip().splitlines()[-1])
+
+
+def kde_cap_error(n: int = 8000, dim: int = 16, caps=(4000, 2000, 1000), seeds=(0, 1, 2)) -> str:
+    """score.kde_max_reference against the exact KDE where both fit: n references of 4 classes,
+    1,000 closed and 1,000 open queries (the classes shifted by 1.2), bandwidth cross-validated on each
+    (2 folds, 5 factors, to keep the exact fit to a minute here)."""
+    from leakpipe.pipeline.math.kde import GaussianKDE
+    from leakpipe.pipeline.math.metrics import open_set
+
+    out = [f"| cap (of {n:,} references, {dim}-D) | open-set AUROC, exact -> capped (per seed) | "
+           "median abs log-density error (nats) | bandwidth ratio |", "|---:|---|---:|---:|"]
+    per_cap = {c: [] for c in caps}
+    for seed in seeds:
+        r = np.random.default_rng(seed)
+        centres = r.normal(0, 1.5, (4, dim))
+        x = centres[r.integers(0, 4, n)] + r.normal(0, 1, (n, dim))
+        q = np.r_[centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)),
+                  centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)) + 1.2]
+        kw = dict(folds=2, grid_factors=(0.1, 0.2, 0.4, 0.8, 1.6), seed=seed)
+        exact = GaussianKDE(**kw).fit(x)
+        e = exact.score_samples(q)
+        for cap in caps:
+            kde = GaussianKDE(max_reference=cap, **kw).fit(x)
+            c = kde.score_samples(q)
+            per_cap[cap].append((open_set(e[:1000], e[1000:])["auroc"], open_set(c[:1000], c[1000:])["auroc"],
+                                 float(np.median(np.abs(c - e))), kde.bandwidth_ / exact.bandwidth_))
+    for cap, rows in per_cap.items():
+        out.append(f"| {cap:,} | " + ", ".join(f"{a:.3f} -> {b:.3f} ({b - a:+.3f})" for a, b, _, _ in rows)
+                   + f" | {np.mean([r[2] for r in rows]):.2f} | {np.mean([r[3] for r in rows]):.3f} |")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- tables
@@ -212,11 +242,17 @@ def main():
     ap.add_argument("--workdir", type=Path, help="where the workspaces go [a new temporary folder]")
     ap.add_argument("--score-rows", type=int, default=100000, help="closed test rows of the score run (0: none)")
     ap.add_argument("--score-bootstrap", default="0,1000", help="score.bootstrap values to run score with")
+    ap.add_argument("--score-kde-cap", type=int, default=2000,
+                    help="score.kde_max_reference of the score run: the KDE's time is (test + open rows) x cap "
+                         "plus 13 x cap^2 for its bandwidth, whatever the training set")
+    ap.add_argument("--kde-error", action="store_true", help="only measure the capped KDE against the exact one")
     ap.add_argument("--score-only", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the workspaces")
     a = ap.parse_args()
     if a.score_only:
-        return score_only(a.score_only, int(a.score_bootstrap))
+        return score_only(a.score_only, int(a.score_bootstrap), a.score_kde_cap)
+    if a.kde_error:
+        return print(kde_cap_error())
     root = a.workdir or Path(tempfile.mkdtemp(prefix="leakpipe-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load average "
@@ -228,7 +264,7 @@ def main():
             shutil.rmtree(root / f"ws-{n}", ignore_errors=True)
     print(tables(rows) + "\n\n" + goals(rows))
     for n_boot in (int(b) for b in a.score_bootstrap.split(",") if b) if a.score_rows else ():
-        seconds, rss, facts = score(a.score_rows, n_boot)
+        seconds, rss, facts = score(a.score_rows, n_boot, a.score_kde_cap)
         print(f"- score, {a.score_rows:,} closed test rows (synthetic embeddings), score.bootstrap = {n_boot}: "
               f"{seconds:.1f} s, peak RSS {rss:.0f} MiB (goal < 4096: {'met' if rss < 4096 else 'MISSED'}); "
               f"KDE reference {facts['kde_reference']}")
