@@ -142,6 +142,9 @@ class ScoreConfig:
     kde_grid: list[float] = field(default_factory=lambda: [round(10 ** (-1.5 + k / 6), 5) for k in range(13)])
     kde_folds: int = 5
     kde_dtype: str = "float64"  # float64 | float32
+    # KDE reference (closed training embeddings) above this many rows: a seeded subsample of this
+    # many; 0 = every row. Bounds the time (quadratic in the reference) and memory of the open set.
+    kde_max_reference: int = 20000
     kde_embedding: str = "h_bar"  # what `attribute` flags unseen generators with: h_bar | gated (h_bar * w)
     unseen_tpr: float = 0.95  # the unseen threshold keeps this fraction of closed validation images
     dual: bool = False  # the paper's "dual" open-set setting (uses ground truth; not a detector)
@@ -249,7 +252,7 @@ RANGES = [
     ("train.ema_half_life", 0, None, ">= 0 and finite (0 = off)"),
     ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"), ("train.crop", 0, None, ">= 0 (0 = off)"), ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
-    ("score.kde_folds", 2, None, ">= 2"), ("score.baseline_max_side", 8, None, ">= 8 pixels"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("score.kde_folds", 2, None, ">= 2"), ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"), ("score.baseline_max_side", 8, None, ">= 8 pixels"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
     ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
 ]

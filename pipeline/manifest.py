@@ -19,9 +19,9 @@ import posixpath
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from leakpipe.pipeline import manifest_columns as columnar
 from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.config import canonical_hash
 from leakpipe.pipeline import names
@@ -42,34 +42,55 @@ class ManifestError(UserError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
 
 
-@dataclass
 class Manifest:
-    name: str
-    root: Path
-    rows: list[dict] = field(default_factory=list)
-    columns: tuple[str, ...] = REQUIRED
-    source: Path | None = None
-    first_line: int = 4  # file line of rows[0], for messages
+    """A manifest's rows, kept as one list of strings per column (`rows`, a list of dicts, is made on
+    first use: a million dicts cost a second, and most callers only need a column or two)."""
+
+    def __init__(self, name: str, root: Path, rows: list[dict] | None = None, columns: tuple[str, ...] = REQUIRED,
+                 source: Path | None = None, first_line: int = 4, cols: dict[str, list[str]] | None = None):
+        self.name, self.root, self.columns, self.source = name, root, tuple(columns), source
+        self.first_line = first_line  # file line of row 0, for messages
+        if cols is None:
+            rows = list(rows or [])
+            cols = {c: [r.get(c, "") for r in rows] for c in dict.fromkeys([*columns, *(k for r in rows[:1] for k in r)])}
+        self._cols, self._rows = cols, rows
+        self._n = len(next(iter(cols.values()))) if cols else 0
+
+    @property
+    def rows(self) -> list[dict]:
+        if self._rows is None:
+            names = list(self._cols)
+            self._rows = [dict(zip(names, values)) for values in zip(*self._cols.values())]
+        return self._rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._n
 
     def column(self, name: str) -> list[str]:
-        return [r[name] for r in self.rows]
+        """The column's values, row by row (the manifest's own list: do not modify it)."""
+        return self._cols[name]
+
+    def has_column(self, name: str) -> bool:
+        return name in self._cols
 
     def abspath(self, i: int) -> Path:
-        return self.root / self.rows[i]["path"]
+        return self.root / self._cols["path"][i]
+
+    def abspaths(self) -> list[str]:
+        """Every row's file as an absolute path string (the root is resolved, paths normalised)."""
+        prefix = f"{self.root}/"
+        return [prefix + p for p in self._cols["path"]]
 
     def line(self, i: int) -> int:
         return self.first_line + i
 
     def rows_hash(self) -> str:
         """Hash of the rows (all columns, in order): changes when anything in the file changes."""
-        return canonical_hash([[r[c] for c in self.columns] for r in self.rows])
+        return canonical_hash([list(values) for values in zip(*(self._cols[c] for c in self.columns))])
 
     def labels(self) -> list[str]:
         """Sorted class names of the rows that have a partition (the closed-set classes)."""
-        return sorted({r["label"] for r in self.rows})
+        return sorted(set(self._cols["label"]))
 
 
 def manifest_path(manifests_dir: Path, name: str) -> Path:
@@ -108,16 +129,12 @@ def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -
         comments[key.strip()] = value.strip()
         n_comment, offset = n_comment + 1, (end + 1 if end >= 0 else len(text))
     root = _root(path, comments.get("root", "."))
-    reader = csv.DictReader(io.StringIO(text[offset:], newline=""))
-    columns = tuple(reader.fieldnames or ())
+    columns, cols = columnar.parse(text[offset:])
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ManifestError(str(path), [f"line {n_comment + 1}: missing column(s) {', '.join(missing)};"
                                         f" the header must name {', '.join(REQUIRED)}"])
-    rows = [{c: (v or "").strip() if c != "path" else (v or "") for c, v in r.items() if c is not None}
-            for r in reader]
-    m = Manifest(name=path.stem, root=root, rows=rows, columns=columns, source=path,
-                 first_line=n_comment + 2)
+    m = Manifest(name=path.stem, root=root, columns=columns, source=path, first_line=n_comment + 2, cols=cols)
     problems = _normalise_paths(m)
     if validate:
         problems += validation_problems(m, check_files)
@@ -129,38 +146,42 @@ def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -
 def _normalise_paths(m: Manifest) -> list[str]:
     """One file, one row: './x', 'a//x' and 'b/../a/x' all become 'a/x'; a second row naming the
     same file is an error (it could sit in two partitions under two labels)."""
+    paths = m.column("path")
+    given = {i: paths[i] for i in columnar.odd_rows(paths)}
+    for i, p in given.items():
+        paths[i] = columnar.normalise(p)
+    if len(set(paths)) + max(paths.count("") - 1, 0) == len(paths):  # every non-empty path once
+        return []
     problems, seen = [], {}
-    for i, row in enumerate(m.rows):
-        given = row["path"]
-        norm = posixpath.normpath(given.replace("\\", "/")) if given.strip() else ""
-        row["path"] = "" if norm == "." else norm
-        if row["path"] in seen and row["path"]:
-            alias = "" if given == row["path"] else f", written here as {given!r}"
-            problems.append(f"line {m.line(i)}: duplicate path {row['path']!r} (first on line "
-                            f"{seen[row['path']]}{alias}); keep one row per file")
-        seen.setdefault(row["path"], m.line(i))
+    for i, p in enumerate(paths):
+        if p in seen and p:
+            written = given.get(i, p)
+            alias = "" if written == p else f", written here as {written!r}"
+            problems.append(f"line {m.line(i)}: duplicate path {p!r} (first on line {seen[p]}{alias}); "
+                            "keep one row per file")
+        seen.setdefault(p, m.line(i))
     return problems
 
 
 def validation_problems(m: Manifest, check_files: bool = True) -> list[str]:
-    """All problems at once: unknown partitions, empty labels, escaping or missing paths."""
-    problems = []
-    for i, row in enumerate(m.rows):
-        where = f"line {m.line(i)}"
-        p = row["path"]
-        if not p:
-            problems.append(f"{where}: empty path")
-            continue
-        if not row["label"]:
-            problems.append(f"{where}: empty label for {p!r}")
-        if row["partition"] not in PARTITIONS:
-            problems.append(f"{where}: unknown partition {row['partition']!r} for {p!r}; "
-                            f"expected train, val, test or empty")
-        full = (m.root / p).resolve()
-        if os.path.isabs(p) or not full.is_relative_to(m.root):
-            problems.append(f"{where}: path {p!r} escapes the manifest root {m.root}")
-        elif check_files and not full.is_file():
-            problems.append(f"{where}: file not found: {full}")
+    """All problems at once: unknown partitions, empty labels, escaping or missing paths. Rows are
+    screened in bulk (`manifest_columns.suspects`); only suspects are checked one by one."""
+    return [msg for i in columnar.suspects(m, check_files) for msg in _row_problems(m, i, check_files)]
+
+
+def _row_problems(m: Manifest, i: int, check_files: bool) -> list[str]:
+    where, p = f"line {m.line(i)}", m.column("path")[i]
+    label, partition = m.column("label")[i], m.column("partition")[i]
+    if not p:
+        return [f"{where}: empty path"]
+    problems = [f"{where}: empty label for {p!r}"] if not label else []
+    if partition not in PARTITIONS:
+        problems.append(f"{where}: unknown partition {partition!r} for {p!r}; expected train, val, test or empty")
+    full = (m.root / p).resolve()
+    if os.path.isabs(p) or not full.is_relative_to(m.root):
+        problems.append(f"{where}: path {p!r} escapes the manifest root {m.root}")
+    elif check_files and not full.is_file():
+        problems.append(f"{where}: file not found: {full}")
     return problems
 
 
@@ -175,26 +196,48 @@ def _csv_line(values: list[str]) -> str:
 def write_manifest(path: Path, root: Path, rows: list[dict], columns=REQUIRED) -> None:
     path = Path(path)
     root_rel = os.path.relpath(Path(root).resolve(), path.parent.resolve())
-    lines = [f"{HEADER}\n# root: {root_rel}\n", _csv_line(list(columns))]
-    lines += [_csv_line([str(r.get(c, "")) for c in columns]) for r in rows]
-    atomic_write_text(path, "".join(lines))
+    cols = [[str(r.get(c, "")) for r in rows] for c in columns]
+    if any(ch in "\0".join(col) for col in [list(columns), *cols] for ch in ',"\r\n'):  # some need quoting
+        body = [_csv_line([col[i] for col in cols]) for i in range(len(rows))]
+    else:  # nothing to quote (the usual case): no csv writer per row
+        body = [",".join(values) + "\n" for values in zip(*cols)]
+    atomic_write_text(path, "".join([f"{HEADER}\n# root: {root_rel}\n", _csv_line(list(columns)), *body]))
 
 
 def scan_tree(root: Path) -> dict[str, list[str]]:
-    """{label: [relative paths]} for a folder-per-generator tree (nested folders included)."""
+    """{label: [relative paths]} for a folder-per-generator tree (nested folders included; links to
+    files count, links to folders are not followed)."""
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(str(root), ["not a folder; expected ROOT/<generator>/<images>"])
     tree = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f.relative_to(root).as_posix() for f in d.rglob("*")
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(_images_under(str(d), d.name + "/"))
         if files:
             tree[d.name] = files
     if not tree:
         raise ManifestError(str(root), [f"no images ({', '.join(IMAGE_SUFFIXES)}) in any "
                                         "sub-folder; expected ROOT/<generator>/<images>"])
     return tree
+
+
+def _images_under(folder: str, rel: str) -> list[str]:
+    """Relative paths (prefixed by `rel`) of the image files under `folder`, by os.scandir: the
+    directory entries say which are folders and files, so only links cost a stat."""
+    out, stack = [], [(folder, rel)]
+    while stack:
+        here, prefix = stack.pop()
+        with os.scandir(here) as it:
+            entries = list(it)
+        stack += [(e.path, f"{prefix}{e.name}/") for e in entries if e.is_dir(follow_symlinks=False)]
+        names = [e.name for e in entries if _is_image_name(e.name.lower()) and e.is_file()]
+        out += [prefix + name for name in names]
+    return out
+
+
+def _is_image_name(low: str) -> bool:
+    """What Path(name).suffix.lower() in IMAGE_SUFFIXES says ('.png' alone has no suffix)."""
+    return low.endswith(IMAGE_SUFFIXES) and low not in IMAGE_SUFFIXES
 
 
 def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0,
@@ -353,5 +396,5 @@ def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str
 def summary(m: Manifest) -> dict:
     return {"rows": len(m), "root": str(m.root),
             "by_label": dict(sorted(Counter(m.column("label")).items())),
-            "by_partition": dict(sorted(Counter(r["partition"] or "(none)" for r in m.rows).items())),
+            "by_partition": dict(sorted(Counter(p or "(none)" for p in m.column("partition")).items())),
             "by_variant": dict(sorted(Counter(m.column("variant")).items()))}

@@ -26,7 +26,7 @@ class Workspace:
 
     @property
     def hash_cache(self) -> Path:
-        return self.cache / "file-hashes.json"
+        return self.cache / "file-hashes.sqlite"  # file-hashes.json before; migrated once
 
     def manifest(self, split: str) -> Path:
         from leakpipe.pipeline.manifest import check_name

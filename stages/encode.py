@@ -18,7 +18,7 @@ from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
-from leakpipe.pipeline.ledger.locks import Inputs, Verdict
+from leakpipe.pipeline.ledger.locks import Inputs, Verdict, outputs_root
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import Manifest, read_manifest
 from leakpipe.pipeline.store import storage
@@ -95,7 +95,20 @@ def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _encode(p: Latents, cfg: Config, result: EncodeResult, log) -> None:
+def _trusted_chunks(p: Latents, group, lock: dict | None, hashes: HashCache):
+    """Chunks whose files are byte for byte what the store's last lock recorded (None: check every
+    chunk). Not after a reader reported damage: that damage may sit in a file whose stat is intact."""
+    from leakpipe.pipeline.store import chunk_checks
+
+    if lock is None or p.damage_report.exists() or \
+            outputs_root(p.lock, lock) != storage.normalize(p.store) or \
+            lock["inputs"]["config"].get("store.chunk_rows") != group["mean"].chunks[0]:
+        return None
+    return chunk_checks.unchanged_chunks(p.store, group, lock["outputs"], hashes)
+
+
+def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None,
+            hashes: HashCache | None = None) -> None:
     import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
@@ -111,7 +124,9 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log) -> None:
     group, result.copied = latent_store.prepare(
         p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows,
         cfg.store.dtype, attrs)
-    valid, damaged = latent_store.row_states(group, want)  # every reused row is read and checked
+    # every reused row is read and checked, except in chunks unchanged since the lock vouched for them
+    trusted = _trusted_chunks(p, group, lock, hashes) if hashes is not None else None
+    valid, damaged = latent_store.row_states(group, want, trusted)
     pending = np.nonzero(~valid)[0]
     result.reused = int(valid.sum()) - result.copied
     result.damaged = int(damaged.sum())
@@ -123,7 +138,7 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log) -> None:
     device = vae_lib.resolve_device(cfg.encode.device)
     log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with "
         f"{p.source.label} on {device}")
-    paths = [p.manifest.abspath(i) for i in range(len(want))]
+    paths = p.manifest.abspaths()
     start = time.perf_counter()
     with progress(len(pending), f"encode {p.manifest.name}") as bar:
         if cfg.encode.workers or cfg.encode.scheduler:
@@ -158,13 +173,6 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log) -> None:
 UNREADABLE = "0" * 32  # stands for a file that cannot be read: never a valid row
 
 
-def _file_hash(hashes: HashCache, path: Path) -> str:
-    try:
-        return hashes.hash(path)
-    except OSError:  # unreadable (permissions, I/O error): encode reports the row, with its reason
-        return UNREADABLE
-
-
 def _previous(lock: Path) -> Path | None:
     """The split's most recent lock of another encoder, to explain a change of VAE against."""
     others = [p for p in lock.parent.glob("*.lock.json") if p != lock]
@@ -194,12 +202,13 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
     manifest = read_manifest(ws.manifest(split))
     source = vae_lib.resolve(cfg.vae, ws.root)
     encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, STAGE.code_identity())
-    file_hashes = [_file_hash(hashes, manifest.abspath(i)) for i in range(len(manifest))]
+    # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
+    file_hashes = [h or UNREADABLE for h in hashes.hash_many(manifest.abspaths())]
     hashes.save()
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
         [["config.json", canonical_hash(vae_lib.model_config(source))]]
     inputs = Inputs(values(cfg, KEYS), {},
-                    {f"manifest {split}": [[r["path"], h] for r, h in zip(manifest.rows, file_hashes)],
+                    {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)],
                      "vae files": vae_files}, STAGE.code_identity())
     lock = ws.store_lock(split, encoder_fp)
     lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
@@ -212,7 +221,8 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
 
     return Plan(STAGE, split, inputs, lock, lat.writer_lock, sweep, outputs_at=lat.store, previous=_previous(lock),
                 command=f"leakpipe encode --split {split}", extra_checks=[_checks(lat)], data=lat,
-                facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split)})
+                facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split),
+                       "hashes": hashes})
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
@@ -224,7 +234,7 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
                         "see; encode.workers starts worker processes. Use a folder or an object store URL.")
     result = EncodeResult(lat.split, lat.store, lat.source.label, len(lat.manifest))
     log(f"encode {lat.split}: " + "; ".join(verdict.reasons))
-    _encode(lat, cfg, result, log)
+    _encode(lat, cfg, result, log, verdict.lock, plan.facts["hashes"])
     failures_csv = plan.facts["failures_csv"]
     if result.failures:
         _write_failures(failures_csv, result.failures, lat.manifest)
@@ -237,9 +247,18 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     else:
         failures_csv.unlink(missing_ok=True)
     lat.damage_report.unlink(missing_ok=True)
-    bad = sorted(lat.manifest.rows[r]["path"] for r, _ in result.failures)
+    paths = lat.manifest.column("path")
+    bad = sorted(paths[r] for r, _ in result.failures)
+    since = time.time_ns()
+
+    def locked(lock: dict) -> None:  # the next encode need not read back the chunks this lock vouches for
+        from leakpipe.pipeline.store import chunk_checks
+
+        chunk_checks.remember(lat.store, lock["outputs"], plan.facts["hashes"], since)
+        plan.facts["hashes"].save()
+
     return Done(lat.store, {"split": lat.split, "skipped_bad": bad, "vae": lat.source.label,
-                            "encoder": lat.encoder_fp}, result)
+                            "encoder": lat.encoder_fp}, result, locked)
 
 
 STAGE = Stage("encode", KEYS, CODE, plan, work)

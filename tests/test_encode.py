@@ -195,3 +195,53 @@ def test_lock_records_rows_and_checksums(ws):
     lock = ledger.read_lock(Path(res.store).with_name(Path(res.store).stem + ".lock.json"))
     assert lock["stage"] == "encode" and len(lock["inputs"]["files"]["manifest closed"]) == 12
     assert "source_hash/zarr.json" in lock["outputs"]
+
+
+@pytest.fixture
+def chunk_reads(monkeypatch):
+    """The chunks whose rows encode reads back and checks (one read_rows call per chunk)."""
+    from leakpipe.pipeline.store import latent_store
+
+    seen, real = [], latent_store.read_rows
+
+    def read_rows(group, idx):
+        seen.append(int(idx[0]) // group["mean"].chunks[0])
+        return real(group, idx)
+    monkeypatch.setattr(latent_store, "read_rows", read_rows)
+    return seen
+
+
+def test_only_changed_chunks_are_read_back(ws, counting, chunk_reads):
+    run(ws)  # 12 rows, chunks of 4
+    chunk_reads.clear()
+    write_images(ws / "data", labels=("c",), n=1, seed=5)  # row 12: a new chunk
+    cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
+    res = run(ws)
+    assert res.encoded == 1 and res.reused == 12 and chunk_reads == []  # no stored chunk changed
+    store = Path(res.store)
+    flip = store / "mean" / "c" / "1" / "0" / "0" / "0"  # chunk 1 (rows 4-7): damaged
+    data = bytearray(flip.read_bytes())
+    data[-1] ^= 0xFF
+    flip.write_bytes(bytes(data))
+    write_images(ws / "data", labels=("a",), n=1, seed=99)  # row 0 (chunk 0): another image
+    counting["images"] = 0
+    res = run(ws)
+    assert chunk_reads == [1] and res.damaged == 4 and counting["images"] == 5 and res.reused == 8
+    assert run(ws).up_to_date and cli(ws, "verify").exit_code == 0
+
+
+def test_a_relayout_links_the_chunks_whose_rows_stay(ws, counting, chunk_reads):
+    first = run(ws)
+    inode = (Path(first.store) / "mean" / "c" / "0" / "0" / "0" / "0").stat().st_ino
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    write_manifest(ws / "manifests" / "closed.csv", m.root, m.rows[:5] + m.rows[6:])  # rows 6.. move up
+    chunk_reads.clear()
+    counting["images"] = 0
+    res = run(ws)
+    assert counting["images"] == 0 and res.copied == 7 and res.reused == 4
+    assert (Path(res.store) / "mean" / "c" / "0" / "0" / "0" / "0").stat().st_ino == inode  # not rewritten
+    assert sorted(chunk_reads) == [1, 2]  # the copied chunks are checked, the linked one is not
+    g = store_of(res)
+    for i, row in enumerate(m.rows[:5] + m.rows[6:]):
+        assert g["source_hash"][i].tobytes().hex() == graph.latents(Workspace(ws), ws_config(ws), "closed").file_hashes[i]
+    assert cli(ws, "verify").exit_code == 0

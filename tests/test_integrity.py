@@ -141,11 +141,14 @@ def test_damaged_outputs_are_recomputed(ws, name):
 def test_damaged_lock_and_hash_cache_are_recomputed(ws):
     lock = next((ws / "cache" / "latents" / "closed").glob("*.lock.json"))
     lock.write_text(lock.read_text()[:-40])  # torn by hand
-    (ws / "cache" / "file-hashes.json").write_text("[]")
+    (ws / "cache" / "file-hashes.sqlite").write_text("[]")
     out = ok(ws, "encode", "--split", "closed")
     assert "0 encoded" in out and "48 already valid" in out  # rows checked, not trusted blindly
-    (ws / "cache" / "file-hashes.json").write_text("\ufeff{")
-    ok(ws, "status")
+    assert "file-hash cache" in out and "damaged" in out and "rebuilt" in out
+    for wal in ws.glob("cache/file-hashes.sqlite-*"):  # a damaged copy of the database alone
+        wal.unlink()
+    (ws / "cache" / "file-hashes.sqlite").write_text("\ufeff{")
+    assert "rebuilt" in ok(ws, "status")
 
 
 # ---------------------------------------------------------------- readers and writers

@@ -74,3 +74,75 @@ def test_missing_columns(tmp_path):
 def test_show_counts(ws):
     r = cli(ws, "manifest", "show", "closed")
     assert r.exit_code == 0 and "a=6  b=6" in r.output and "raw=12" in r.output
+
+
+def reference_problems(path, check_files=True):
+    """The row-by-row reader the bulk checks replaced (csv.DictReader, then normpath, resolve and
+    is_file per row): the bulk one must report exactly the same problems, in the same order."""
+    import csv
+    import io
+    import os
+    import posixpath
+
+    text = path.read_text(encoding="utf-8-sig")
+    head = text.split("\n", 2)
+    root = (path.parent / head[1].split(":", 1)[1].strip()).resolve()
+    rows = list(csv.DictReader(io.StringIO(head[2], newline="")))
+    problems, seen = [], {}
+    for i, row in enumerate(rows):
+        given = row["path"] or ""
+        norm = posixpath.normpath(given.replace("\\", "/")) if given.strip() else ""
+        row["path"] = "" if norm == "." else norm
+        if row["path"] in seen and row["path"]:
+            alias = "" if given == row["path"] else f", written here as {given!r}"
+            problems.append(f"line {4 + i}: duplicate path {row['path']!r} (first on line {seen[row['path']]}{alias}); "
+                            "keep one row per file")
+        seen.setdefault(row["path"], 4 + i)
+    for i, row in enumerate(rows):
+        where, p = f"line {4 + i}", row["path"]
+        if not p:
+            problems.append(f"{where}: empty path")
+            continue
+        if not (row["label"] or "").strip():
+            problems.append(f"{where}: empty label for {p!r}")
+        if (row["partition"] or "").strip() not in mf.PARTITIONS:
+            problems.append(f"{where}: unknown partition {(row['partition'] or '').strip()!r} for {p!r}; "
+                            "expected train, val, test or empty")
+        full = (root / p).resolve()
+        if os.path.isabs(p) or not full.is_relative_to(root):
+            problems.append(f"{where}: path {p!r} escapes the manifest root {root}")
+        elif check_files and not full.is_file():
+            problems.append(f"{where}: file not found: {full}")
+    return problems
+
+
+@pytest.mark.parametrize("check_files", [True, False])
+def test_bulk_checks_report_what_row_by_row_checks_did(tmp_path, check_files):
+    data = tmp_path / "data"
+    write_images(data, labels=("big", "small"), n=12, size=(8, 8))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.png").write_bytes((data / "big" / "000.png").read_bytes())
+    (data / "big" / "out.png").symlink_to(tmp_path / "outside" / "o.png")  # a link leaving the root
+    (data / "big" / "in.png").symlink_to(data / "small" / "000.png")  # a link inside it: fine
+    (data / "away").symlink_to(tmp_path / "outside")  # a folder leaving the root
+    (data / "big" / "dir.png").mkdir()
+    good = [f"big/{i:03d}.png" for i in range(1, 12)] + [f"small/{i:03d}.png" for i in range(1, 5)]
+    odd = ["./big/000.png", "big//000.png", "small/../big/000.png", "small\\005.png", "big/in.png",
+           "big/out.png", "away/o.png", "../outside/o.png", "/etc/passwd", "big/missing.png", "big/dir.png",
+           "   ", "", "small/006.png", "small/007.png"]
+    lines = [f"{p},big,train,raw" for p in good + odd[:-2]]
+    lines += ["small/006.png,,train,raw", "small/007.png,small,holdout,raw", "small/008.png , small ,val, raw"]
+    path = tmp_path / "manifests" / "m.csv"
+    path.parent.mkdir()
+    for body in ("\n".join(lines), "\n".join(lines).replace("small\\005", '"small\\005"')):  # fast, csv
+        path.write_text(f"# leakpipe manifest v1\n# root: ../data\npath,label,partition,variant\n{body}\n")
+        want = reference_problems(path, check_files)
+        with pytest.raises(mf.ManifestError) as err:
+            mf.read_manifest(path, check_files=check_files)
+        assert err.value.problems == want and len(want) >= 9
+    clean = "\n".join(f"{p},big,train,raw" for p in good)
+    path.write_text(f"# leakpipe manifest v1\n# root: ../data\npath,label,partition,variant\n{clean}\n")
+    m = mf.read_manifest(path, check_files=check_files)
+    assert m.column("path") == good and m.rows[0] == {"path": good[0], "label": "big", "partition": "train",
+                                                      "variant": "raw"}
+    assert m.abspaths()[0] == str(data.resolve() / good[0])

@@ -46,7 +46,9 @@ class Attributor:
 
         h = self.reference["h_bar"].astype(np.float64)
         maha = Mahalanobis(len(self.classes), cfg_score.maha_floor).fit(h, self.reference["labels"])
-        kde = GaussianKDE(bandwidth=self.threshold["bandwidth"], dtype=cfg_score.kde_dtype)
+        ref = self.threshold.get("kde_reference", {})  # the reference rows the threshold was calibrated on
+        kde = GaussianKDE(bandwidth=self.threshold["bandwidth"], dtype=cfg_score.kde_dtype,
+                          max_reference=ref.get("max_reference", 0), seed=ref.get("seed", 0))
         return maha, kde.fit(embedding(h, self.reference["w"], self.threshold["embedding"]))
 
 

@@ -49,8 +49,10 @@ def plan_batches(pending: np.ndarray, chunk_rows: int, batch_size: int) -> list[
     """Pending rows grouped by chunk, each chunk cut into batches of at most `batch_size`."""
     batches = []
     chunks = pending // chunk_rows
-    for c in np.unique(chunks):
-        rows = pending[chunks == c].tolist()
+    order = np.argsort(chunks, kind="stable")  # by chunk, rows in their given order within it
+    cuts = np.flatnonzero(np.diff(chunks[order])) + 1  # one split, not a scan of every row per chunk
+    for part in np.split(pending[order], cuts) if len(pending) else []:
+        rows = part.tolist()
         batches += [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
     return batches
 

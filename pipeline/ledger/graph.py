@@ -38,7 +38,8 @@ def values(cfg: Config, keys: tuple[str, ...]) -> dict:
 
 def label_rows(manifest: Manifest) -> list[list[str]]:
     """[[path, "label|partition|variant"], ...]: what training and scoring read besides the latents."""
-    return [[r["path"], f"{r['label']}|{r['partition']}|{r.get('variant', '')}"] for r in manifest.rows]
+    cols = (manifest.column(c) for c in ("path", "label", "partition", "variant"))
+    return [[p, f"{label}|{part}|{variant}"] for p, label, part, variant in zip(*cols)]
 
 
 def score_splits(cfg: Config) -> list[tuple[str, str]]:

@@ -67,7 +67,7 @@ def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | No
         raise UserError(f"embeddings of {split!r} have {len(e['valid'])} rows but {ws.manifest(split)} has "
                         f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
     v = e["valid"]
-    col = lambda name: np.array(m.column(name) if name in m.rows[0] else [""] * len(m), dtype=object)[v]  # noqa: E731
+    col = lambda name: np.array(m.column(name) if m.has_column(name) else [""] * len(m), dtype=object)[v]  # noqa: E731
     ids = {"path": col("path"), "group": col("group"), "source": col("source"), "row": np.nonzero(v)[0]}
     if content is not None:
         ids["content"] = np.array(content, dtype=object)[v]

@@ -42,11 +42,12 @@ class Stage:
 @dataclass
 class Done:
     """What `work` made: the outputs for the lock (a folder, or files beside the lock), extra lock
-    fields, and the stage's own result object for its summary."""
+    fields, the stage's own result object for its summary, and what to do once the lock is written."""
 
     outputs: Path | str | list[Path] | None
     extra: dict = field(default_factory=dict)
     result: Any = None
+    locked: Callable[[dict], None] | None = None  # given the written lock (encode records its chunks)
 
 
 @dataclass
@@ -124,7 +125,9 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
         else:
             done = plan.stage.work(plan, cfg, log, verdict)
             if plan.writes and done.outputs is not None:
-                locks.write_lock(plan.lock, plan.stage.name, plan.inputs, done.outputs, **done.extra)
+                lock = locks.write_lock(plan.lock, plan.stage.name, plan.inputs, done.outputs, **done.extra)
+                if done.locked is not None:
+                    done.locked(lock)
         if plan.writes and plan.finish is not None:
             plan.finish()
     return done

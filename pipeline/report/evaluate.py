@@ -116,7 +116,7 @@ def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
         out[name] = per_generator(kde.score_samples(closed_test.embedding(kind)),
                                   kde.score_samples(left_out.embedding(kind)), left_out.labels, cfg)
         for v in out[name].values():
-            v["bandwidth"] = kde.bandwidth_
+            v["bandwidth"], v["kde_reference"] = kde.bandwidth_, kde.reference
     return out
 
 
@@ -170,7 +170,7 @@ class OpenSet:
 
 def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
     kde = GaussianKDE(bandwidth=cfg.kde_bandwidth or None, grid_factors=tuple(cfg.kde_grid),
-                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype)
+                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype, max_reference=cfg.kde_max_reference)
     return kde.fit(train.embedding(kind))
 
 
@@ -184,7 +184,8 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.n
         res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
                             "open": kde.score_samples(opened.embedding(kind))}
         res.metrics[name] = {**open_metrics(res.scores[name]["closed"], res.scores[name]["open"], cfg.bootstrap,
-                                            cfg.seed), "bandwidth": kde.bandwidth_, "cv": kde.cv}
+                                            cfg.seed), "bandwidth": kde.bandwidth_, "kde_reference": kde.reference,
+                             "cv": kde.cv}
         res.metrics[name]["per_generator"] = per_generator(res.scores[name]["closed"], res.scores[name]["open"],
                                                            opened.labels, cfg)
         if correct is not None:
@@ -231,7 +232,8 @@ def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str, tpr: float) -> dic
     scores = kde.score_samples(val.embedding(kind))
     if len(scores) == 0:
         raise ValueError("no validation embeddings to calibrate the unseen-generator threshold on")
-    return {"embedding": kind, "bandwidth": kde.bandwidth_, "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
+    return {"embedding": kind, "bandwidth": kde.bandwidth_, "kde_reference": kde.reference,
+            "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
             "target_tpr": tpr, "n_val": int(len(scores))}
 
 

@@ -82,6 +82,7 @@ def report_markdown(m: dict) -> str:
                          + " | ".join(with_ci(r, c.key) for c in cols) + " |")
         lines.append("| chance | | | | " + " | ".join(fmt(c.chance(2)) if c.chance(2) is not None else ""
                                                        for c in cols) + " |")
+        lines += kde_cap_lines(m["open"])
         oscr = {k: r["oscr"]["area"] for k, r in m["open"].items() if "oscr" in r}
         if oscr:
             lines += ["", "Area under the open-set classification rate curve (closed images accepted *and* correctly "
@@ -115,6 +116,16 @@ def report_markdown(m: dict) -> str:
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
     return "\n".join(lines)
+
+
+def kde_cap_lines(open_set: dict) -> list[str]:
+    """One sentence when the KDE's reference was a subsample (score.kde_max_reference)."""
+    ref = next((r["kde_reference"] for r in open_set.values() if r.get("kde_reference")), None)
+    if not ref or ref["used"] >= ref["rows"]:
+        return []
+    return ["", f"The KDE reference is a seeded subsample of {ref['used']:,} of the {ref['rows']:,} closed "
+            f"training embeddings (score.kde_max_reference = {ref['max_reference']:,}, seed {ref['seed']}); "
+            "its error against the exact KDE is measured in benchmarks/RESULTS.md (section Scale)."]
 
 
 def prototype_lines(p: dict, classes: list[str]) -> list[str]:

@@ -68,12 +68,16 @@ def _readable(group: zarr.Group, row: int) -> bool:
         return False
 
 
-def row_states(group: zarr.Group, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def row_states(group: zarr.Group, want: np.ndarray, trusted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(valid, damaged) boolean (N,): valid rows match the wanted source hash and their bytes their
-    latent_hash; damaged rows match the source hash but not their bytes (or do not decode)."""
+    latent_hash; damaged rows match the source hash but not their bytes (or do not decode).
+    `trusted` (one bool per chunk): chunks known to hold the bytes a lock vouched for (see
+    chunk_checks), whose rows are not read again."""
     claimed = valid_rows(group, want)
     ok = claimed.copy()
-    for start, stop in chunk_bounds(len(want), group["mean"].chunks[0]):
+    for k, (start, stop) in enumerate(chunk_bounds(len(want), group["mean"].chunks[0])):
+        if trusted is not None and k < len(trusted) and trusted[k]:
+            continue
         rows = np.nonzero(claimed[start:stop])[0] + start
         if len(rows):
             try:
@@ -92,6 +96,11 @@ def hash_rows(hex_hashes: list[str]) -> np.ndarray:
 
 def chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)]
+
+
+def chunk_key(arr, k: int) -> str:
+    """The file name of chunk `k` (along N) of `arr`, relative to the array's folder."""
+    return arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
 
 def open_store(location: str | Path, mode: str = "r") -> zarr.Group:
@@ -133,8 +142,21 @@ def valid_rows(group: zarr.Group, want: np.ndarray) -> np.ndarray:
     return np.all(have == want, axis=1) & np.any(want != 0, axis=1)
 
 
-def _source_index(old_hashes: np.ndarray) -> dict[bytes, int]:
-    return {h.tobytes(): j for j, h in enumerate(old_hashes) if h.any()}
+def source_rows(old_hashes: np.ndarray, new_hashes: np.ndarray) -> np.ndarray:
+    """src[i] = an old row whose (non-zero) hash is new_hashes[i] (the last such row), or -1. Hashes
+    are compared as 16-byte strings: one sort and one binary search, not a dict of a million rows."""
+    src = np.full(len(new_hashes), -1, np.int64)
+    have = np.flatnonzero(np.any(old_hashes != 0, axis=1))[::-1]  # last first: it wins among equals
+    if len(have) == 0 or len(new_hashes) == 0:
+        return src
+    keys = np.ascontiguousarray(old_hashes[have]).view(f"S{HASH_BYTES}").ravel()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    query = np.ascontiguousarray(new_hashes).view(f"S{HASH_BYTES}").ravel()
+    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    hit = keys[pos] == query
+    src[hit] = have[order[pos[hit]]]
+    return src
 
 
 def plan_layout(old_hashes: np.ndarray, new_hashes: np.ndarray, old_chunk: int, chunk_rows: int):
@@ -144,12 +166,12 @@ def plan_layout(old_hashes: np.ndarray, new_hashes: np.ndarray, old_chunk: int, 
     appended, dropped from the end, or changed in place): a resize suffices. Otherwise
     ("relayout", src) with src[i] = old row to copy into new row i, or -1.
     """
-    index = _source_index(old_hashes)
-    src = np.array([index.get(h.tobytes(), -1) for h in new_hashes], dtype=np.int64)
-    stays = np.arange(len(new_hashes))
-    in_place = old_chunk == chunk_rows and all(
-        s == -1 or s == i or (i < len(old_hashes) and np.array_equal(old_hashes[i], new_hashes[i]))
-        for i, s in zip(stays, src))
+    src = source_rows(old_hashes, new_hashes)
+    n = min(len(old_hashes), len(new_hashes))
+    same = np.zeros(len(new_hashes), bool)
+    same[:n] = np.all(old_hashes[:n] == new_hashes[:n], axis=1)
+    stays = (src == -1) | (src == np.arange(len(new_hashes))) | same
+    in_place = old_chunk == chunk_rows and bool(stays.all())
     return ("in_place", None) if in_place else ("relayout", src)
 
 
@@ -168,17 +190,25 @@ def _relayout_paths(location: str) -> tuple[str, str]:
 
 
 def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) -> int:
-    """Copy reusable rows into a fresh store in the new order, then swap it in. Returns rows copied."""
+    """Copy reusable rows into a fresh store in the new order, then swap it in; chunks whose rows all
+    stay are linked, not copied, so their files (and the lock's record of them) are unchanged.
+    Returns rows copied."""
     tmp, done = _relayout_paths(location)
     storage.remove(tmp)
     latent_shape = old["mean"].shape[1:]
     new = create(tmp, len(src), latent_shape, chunk_rows, str(old["mean"].dtype), dict(old.attrs))
     old_data = {name: old[name] for name in ARRAYS}
-    for start, stop in chunk_bounds(len(src), chunk_rows):
+    copied = 0
+    kept = _unmoved_chunks(src, old["source_hash"].shape[0], old["mean"].chunks[0], chunk_rows)
+    for k, (start, stop) in enumerate(chunk_bounds(len(src), chunk_rows)):
         take = src[start:stop]
         keep = np.nonzero(take >= 0)[0]
+        if kept[k]:  # no row of it moves: the same files, linked rather than copied
+            _link_chunk(old, location, tmp, k)
+            continue
         if len(keep) == 0:
             continue
+        copied += len(keep)
         for name in ARRAYS:  # hashes last, as in every write
             block = np.zeros((stop - start, *old_data[name].shape[1:]), old_data[name].dtype)
             block[keep] = _take(old_data[name], take[keep])
@@ -186,7 +216,25 @@ def _relayout(location: str, old: zarr.Group, src: np.ndarray, chunk_rows: int) 
     with storage.open_file(done, "wb") as fh:  # from here on the new layout wins, even after a crash
         fh.write(b"relayout complete")
     _swap_in(location)
-    return int((src >= 0).sum())
+    return copied
+
+
+def _unmoved_chunks(src: np.ndarray, old_rows: int, old_chunk: int, chunk_rows: int) -> np.ndarray:
+    """Boolean per new chunk: it covers the same rows as an old chunk and every row it reuses sits
+    where it sat (rows to re-encode may be among them: their old hashes do not match)."""
+    bounds = chunk_bounds(len(src), chunk_rows)
+    if old_chunk != chunk_rows:
+        return np.zeros(len(bounds), bool)
+    at = src == np.arange(len(src))
+    return np.array([stop <= old_rows and at[start:stop].any() and bool(((src[start:stop] == -1) | at[start:stop]).all())
+                     for start, stop in bounds], bool)
+
+
+def _link_chunk(old: zarr.Group, location: str, tmp: str, k: int) -> None:
+    for name in ARRAYS:
+        rel = chunk_key(old[name], k)
+        if storage.exists(storage.join(location, name, rel)):  # an absent chunk reads as zeros: so it stays
+            storage.link(storage.join(location, name, rel), storage.join(tmp, name, rel))
 
 
 def _take(arr, rows: np.ndarray) -> np.ndarray:

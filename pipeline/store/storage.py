@@ -106,3 +106,19 @@ def copy_tree(src: str, dst: str, last: str) -> None:
 def move(src: str, dst: str) -> None:
     """Rename a folder; local only (atomic there)."""
     os.replace(src, dst)
+
+
+def link(src: str, dst: str) -> None:
+    """Make `dst` hold the bytes of the file `src` without copying them where possible: a hard link
+    on a local disk (a plain copy where links are refused), a server-side copy on object storage."""
+    if is_url(src):
+        fs, s = filesystem(src)
+        fs.copy(s, filesystem(dst)[1])
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        import shutil
+
+        shutil.copyfile(src, dst)
