@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -188,12 +188,11 @@ def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, cl
                       prototypes: np.ndarray | None) -> dict:
     """Data of the explanation figures: per-stage features of the closed test rows (Fig. 3) and, with
     prototypes, the training images each one wins, nearest first (gallery)."""
-    from leakpipe.pipeline.engine.images import load_image
     from leakpipe.pipeline.engine.trained import stage_features
     from leakpipe.pipeline.engine.vae import resolve_device
     from leakpipe.pipeline.manifest import read_manifest
     from leakpipe.pipeline.report.evaluate import label_index
-    from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes
+    from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
 
     pick = np.unique(np.linspace(0, len(test) - 1, min(len(test), FIG3_ROWS)).astype(int))
     lat = graph.latents(ws, graph.run_config(run_dir, cfg), cfg.score.closed)
@@ -204,14 +203,8 @@ def _explanation_data(ws: Workspace, run_dir: Path, cfg: Config, train, test, cl
         near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
                                      prototypes, GALLERY_K)
         manifest = read_manifest(ws.manifest(cfg.score.closed), check_files=False)
-        thumb = replace(cfg.preprocess, size=64, max_pixels=cfg.preprocess.max_pixels)
-        def picture(i):  # an image removed since it was encoded is drawn blank, not an error
-            try:
-                return load_image(manifest.abspath(int(train.ids["row"][i])), thumb)
-            except (OSError, UserError):
-                return np.full((64, 64, 3), 255, np.uint8)
-
-        out["gallery"] = [[[picture(i) for i in ks if i >= 0] for ks in per_class] for per_class in near]
+        out["gallery"] = prototype_thumbnails(near, lambda i: manifest.abspath(int(train.ids["row"][i])),
+                                              cfg.preprocess)
     return out
 
 
