@@ -79,11 +79,13 @@ def run(ws: Workspace, ws_cfg, paths: list[Path], run: str = "default", top: int
     from leakpipe.pipeline.engine.vae import resolve_device
 
     device = resolve_device(ws_cfg.compute.device)
-    att = (att_lib.from_folder(att_lib.locate(model), device) if model else
-           att_lib.from_result(ws, ws_cfg, run, device))
-    if vae:
-        att.cfg.vae.source, att.base = vae, Path.cwd()
-    att_lib.check_encoder(att)
+    if model:
+        att = att_lib.load_exported(model, vae, device)
+    else:
+        att = att_lib.from_result(ws, ws_cfg, run, device)
+        if vae:
+            att.cfg.vae.source, att.base = vae, Path.cwd()
+        att_lib.check_encoder(att)
     return attribute(att, ws_cfg, paths, top, run if not model else model)
 
 

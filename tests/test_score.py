@@ -178,8 +178,9 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert r.exit_code == 0, r.output
     card = (tmp_path / "att" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: leakpipe\n") and "model-index:" in card and "Random-weight VAE" in card
-    assert {p.name for p in (tmp_path / "att").iterdir()} == {"model.safetensors", "reference.safetensors", "config.json",
-                                                               "metrics.json", "attributor.json", "README.md"}
+    assert {p.name for p in (tmp_path / "att").iterdir()} == {
+        "model.safetensors", "reference.safetensors", "gallery.safetensors", "config.json", "metrics.json",
+        "attributor.json", "README.md"}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)

@@ -3,6 +3,7 @@ unseen-generator KDE) and the encoder it expects, from a scored run or from an e
 
 An exported folder is self-contained: `model.safetensors` (weights, prototypes, feature statistics),
 `reference.safetensors` (the closed training embeddings the comparators are fitted on),
+`gallery.safetensors` (thumbnails of the training images each prototype wins, nearest first),
 `attributor.json` (classes, encoder identity, threshold, checksums of every file), `config.json`,
 `metrics.json` and a model card `README.md` (Hugging Face Hub conventions).
 """
@@ -21,7 +22,8 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.store.hashing import HASH_BYTES
 
 FORMAT = "leakpipe-attributor-1"
-FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")
+FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")  # needed to attribute
+GALLERY = "gallery.safetensors"  # optional (a linear head has no prototypes); checksummed like FILES
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Attributor:
     result: str  # the trained result's fingerprint prefix (cache/results/<result>)
     encoder_fp: str | None = None  # recorded encoder fingerprint (exported folders)
     base: Path | None = None  # what a relative vae.source is relative to
+    rows: np.ndarray | None = None  # manifest rows of the reference embeddings (scored runs)
+    folder: Path | None = None  # the exported folder it was read from
 
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
@@ -69,7 +73,7 @@ def from_result(ws, ws_cfg: Config, run: str, device) -> Attributor:
     tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
     reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
     return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
-                      out.name, base=ws.root)
+                      out.name, base=ws.root, rows=tr.ids["row"])
 
 
 def export(ws, ws_cfg: Config, run: str, dest: Path) -> Path:
@@ -89,21 +93,58 @@ def export(ws, ws_cfg: Config, run: str, dest: Path) -> Path:
     for name in ("model.safetensors", "config.json", "metrics.json"):
         shutil.copyfile(out / name, dest / name)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
+    files = list(FILES)
+    if att.model.prototypes is not None:
+        save_file(_gallery(att, lat.manifest), str(dest / GALLERY))
+        files.append(GALLERY)
     from leakpipe.pipeline.engine import vae as vae_lib
 
+    # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
+    vae_source = vae_lib.recorded_source(att.cfg.vae.source, ws.root)
+    vae_config = vae_lib.recorded_source(att.cfg.vae.config) if att.cfg.vae.config else ""
     record = {"format": FORMAT, "classes": att.classes, "run": run, "result": out.name,
-              "encoder": {"vae_source": att.cfg.vae.source, "encoder_fingerprint": lat.encoder_fp,
+              "encoder": {"vae_source": vae_source, "vae_config_file": vae_config,
+                          "encoder_fingerprint": lat.encoder_fp,
                           "vae_config": vae_lib.model_config(lat.source), "preprocess": att.cfg.preprocess.__dict__,
                           "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
                           "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
               "unseen_threshold": att.threshold, "score": {"maha_floor": ws_cfg.score.maha_floor,
                                                            "kde_dtype": ws_cfg.score.kde_dtype},
-              "files": {name: _hash(dest / name) for name in FILES}}
+              "files": {name: _hash(dest / name) for name in files}}
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))
     from leakpipe.pipeline.report.card import model_card
 
     (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
     return dest
+
+
+def _gallery(att: Attributor, manifest) -> dict:
+    """The report's prototype gallery as tensors: `thumbnails` (C, M, K, THUMB, THUMB, 3) uint8, the
+    training images each prototype wins (nearest first), and `count` (C, M), how many of K are real."""
+    from leakpipe.pipeline.report.explain_figures import THUMB, nearest_to_prototypes, prototype_thumbnails
+    from leakpipe.stages.score import GALLERY_K
+
+    protos = att.model.prototypes.detach().float().cpu().numpy()
+    near = nearest_to_prototypes(att.reference["h_bar"], att.reference["w"], att.reference["labels"], protos,
+                                 GALLERY_K)
+    pictures = prototype_thumbnails(near, lambda i: manifest.abspath(int(att.rows[i])), att.cfg.preprocess)
+    thumbs = np.full((*near.shape, THUMB, THUMB, 3), 255, np.uint8)
+    count = np.zeros(near.shape[:2], np.int64)
+    for c, per_class in enumerate(pictures):
+        for m, images in enumerate(per_class):
+            count[c, m] = len(images)
+            for j, im in enumerate(images):
+                thumbs[c, m, j] = im
+    return {"thumbnails": thumbs, "count": count}
+
+
+def gallery(att: Attributor) -> dict | None:
+    """The exported gallery (checked with the folder by from_folder), or None."""
+    from safetensors.numpy import load_file
+
+    if att.folder is None or not (att.folder / GALLERY).is_file():
+        return None
+    return load_file(str(att.folder / GALLERY))
 
 
 def locate(model: str) -> Path:
@@ -136,7 +177,9 @@ def from_folder(folder: Path, device) -> Attributor:
         raise UserError(f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`") from None
     if record.get("format") != FORMAT:
         raise UserError(f"{record_path}: format {record.get('format')!r}, expected {FORMAT!r}")
-    bad = [n for n in FILES if not (folder / n).is_file() or _hash(folder / n) != record["files"][n]]
+    listed = record.get("files", {})
+    bad = [n for n in dict.fromkeys([*FILES, *listed])
+           if n not in listed or not (folder / n).is_file() or _hash(folder / n) != listed[n]]
     if bad:
         raise UserError(f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); "
                         "export it again")
@@ -144,9 +187,23 @@ def from_folder(folder: Path, device) -> Attributor:
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     cfg = run_config(folder)
     model, build, classes, cfg = model_from(load(data), {k: json.loads(v) for k, v in header.items()}, cfg, device)
+    cfg.vae.source = record["encoder"]["vae_source"]  # absolute or a Hub id (older exports: as trained)
+    cfg.vae.config = record["encoder"].get("vae_config_file", cfg.vae.config)
     return Attributor(model, build, classes, cfg, load_file(str(folder / "reference.safetensors")),
                       record["unseen_threshold"], f"attributor {folder}", record["result"],
-                      record["encoder"]["encoder_fingerprint"], Path.cwd())
+                      record["encoder"]["encoder_fingerprint"], Path.cwd(), folder=folder)
+
+
+def load_exported(model: str, vae: str | None, device, log=lambda msg: None) -> Attributor:
+    """An exported attributor (folder or Hub id), with its VAE (`vae` overrides the recorded one)
+    checked against the recorded encoder fingerprint: what `attribute --model` and `app` use."""
+    log(f"reading attributor {model} (checksums of every file)")
+    att = from_folder(locate(model), device)
+    if vae:
+        att.cfg.vae.source, att.base = vae, Path.cwd()
+    log(f"checking the VAE {att.cfg.vae.source} (encoder fingerprint)")
+    check_encoder(att)
+    return att
 
 
 def check_encoder(att: Attributor) -> None:
