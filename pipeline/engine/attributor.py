@@ -5,7 +5,8 @@ An exported folder is self-contained: `model.safetensors` (weights, prototypes, 
 `reference.safetensors` (the closed training embeddings the comparators are fitted on),
 `gallery.safetensors` (thumbnails of the training images each prototype wins, nearest first),
 `attributor.json` (classes, encoder identity, threshold, checksums of every file), `config.json`,
-`metrics.json` and a model card `README.md` (Hugging Face Hub conventions).
+`metrics.json`, a model card `README.md` (Hugging Face Hub conventions), and `app.py` with
+`requirements.txt`, so that the folder also runs as a Hugging Face Space (`leakpipe app`'s page).
 """
 from __future__ import annotations
 
@@ -112,9 +113,12 @@ def export(ws, ws_cfg: Config, run: str, dest: Path) -> Path:
                                                            "kde_dtype": ws_cfg.score.kde_dtype},
               "files": {name: _hash(dest / name) for name in files}}
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))
+    from leakpipe.pipeline.app import space_files
     from leakpipe.pipeline.report.card import model_card
 
     (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
+    for name, text in space_files().items():  # not checksummed: a Space owner may edit them
+        (dest / name).write_text(text)
     return dest
 
 
