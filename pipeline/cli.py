@@ -165,7 +165,26 @@ def export(ws, cfg, dest, run_name):
 
     out = do_export(graph(ws, cfg), run_name, dest)
     click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
-               f"attribute with `leakpipe attribute --model {out} IMAGE...`")
+               f"attribute with `leakpipe attribute --model {out} IMAGE...`, serve a web page with "
+               f"`leakpipe app --model {out}`, or push the folder as a Hugging Face Space (README)")
+
+
+@main.command()
+@click.option("--model", required=True, help="The attributor: a folder written by `leakpipe export`, or a "
+              "Hugging Face Hub repository id holding one.")
+@click.option("--vae", "vae_source", help="Where the attributor's VAE is on this machine (Hub id, folder or "
+              ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; the default "
+              "serves this machine only (0.0.0.0: every network interface).")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to show.")
+@_workspace_options
+def app(ws, cfg, model, vae_source, host, port, top):
+    """A web page for an attributor: drop images, see the top generators, the unseen-generator verdict
+    and the explanation (needs the `app` extra: pip install 'leakpipe[app]')."""
+    from leakpipe.workflows.app import serve
+
+    serve(model, vae_source, host, port, cfg, top, log=_log, echo=click.echo)
 
 
 @main.command()

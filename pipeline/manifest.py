@@ -166,7 +166,7 @@ def _normalise_paths(m: Manifest) -> list[str]:
 def validation_problems(m: Manifest, check_files: bool = True) -> list[str]:
     """All problems at once: unknown partitions, empty labels, escaping or missing paths. Rows are
     screened in bulk (`manifest_columns.suspects`); only suspects are checked one by one."""
-    return [msg for i in columnar.suspects(m, check_files) for msg in _row_problems(m, i, check_files)]
+    return [msg for i in columnar.suspects(m, check_files, PARTITIONS) for msg in _row_problems(m, i, check_files)]
 
 
 def _row_problems(m: Manifest, i: int, check_files: bool) -> list[str]:

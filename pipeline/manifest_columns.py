@@ -89,19 +89,17 @@ def normalise(path: str) -> str:
     return "" if norm == "." else norm
 
 
-def suspects(m, check_files: bool) -> list[int]:
+def suspects(m, check_files: bool, partitions: tuple[str, ...]) -> list[int]:
     """Sorted rows that may break a rule of `validation_problems` (every other row breaks none):
     an empty path, label or unknown partition; a path that is absolute or climbs out of the root;
     one in a folder that resolves outside the root; a symbolic link (it may point outside); and
     with `check_files`, one that is not a regular file in its folder's listing."""
-    from leakpipe.pipeline.manifest import PARTITIONS
-
     paths, n = m.column("path"), len(m)
     out = set(np.flatnonzero(np.array(paths, dtype=object) == "").tolist()) if "" in paths else set()
     if "" in m.column("label"):
         out |= set(np.flatnonzero(np.array(m.column("label"), dtype=object) == "").tolist())
-    if set(m.column("partition")) - set(PARTITIONS):
-        out |= {i for i, p in enumerate(m.column("partition")) if p not in PARTITIONS}
+    if set(m.column("partition")) - set(partitions):
+        out |= {i for i, p in enumerate(m.column("partition")) if p not in partitions}
     climbs = {i for i in odd_rows(paths) if paths[i] == ".." or paths[i].startswith(("../", "/"))}
     for folder, runs in _folder_runs(paths).items():
         if _outside(m.root, folder):

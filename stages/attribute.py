@@ -6,7 +6,6 @@ threshold and KDE bandwidth come from the run's metrics.json.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from leakpipe.pipeline.ledger.graph import Graph
 from leakpipe.pipeline.ledger.results import load_split, load_trained
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report.evaluate import label_index
+from leakpipe.stages import embed, encode
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
@@ -76,9 +76,9 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     return rows
 
 
-def code_identity(g: Graph) -> dict:
+def code_identity() -> dict:
     """The code an attributor's numbers depend on: that of the encode and embed stages."""
-    return {name: g.stages[name].code_identity() for name in ("encode", "embed")}
+    return {s.name: s.code_identity() for s in (encode.STAGE, embed.STAGE)}
 
 
 def from_result(g: Graph, run: str, device) -> Attributor:
@@ -94,7 +94,7 @@ def from_result(g: Graph, run: str, device) -> Attributor:
     tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
     reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
     return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
-                      out.name, base=ws.root)
+                      out.name, base=ws.root, rows=tr.ids["row"])
 
 
 def check_code(att: Attributor, current: dict, allow: bool) -> list[str]:
@@ -117,16 +117,30 @@ def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: 
     and preprocessing come from the attributor's own config (`vae` overrides where its VAE is, and
     must have the same encoder fingerprint)."""
     device = resolve_device(g.cfg.compute.device)
-    att = att_lib.from_folder(att_lib.locate(model), device) if model else from_result(g, run, device)
-    differ = check_code(att, code_identity(g), allow_code_change) if model else []
-    if vae:
-        att = dataclasses.replace(att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)),
-                                  base=Path.cwd())
-    att_lib.check_encoder(att, g.stages["encode"].code_identity())
+    if model:
+        att, differ = load_exported(model, vae, device, allow_code_change)
+    else:
+        att, differ = from_result(g, run, device), []
+        att = att_lib.with_vae(att, vae) if vae else att
+        att_lib.check_encoder(att, encode.STAGE.code_identity())
     results = attribute(att, g.cfg, paths, top, run if not model else model)
     for r in results:
         r["code_differs"] = differ
     return results
+
+
+def load_exported(model: str, vae: str | None, device, allow_code_change: bool = False,
+                  log=lambda msg: None) -> tuple[Attributor, list[str]]:
+    """An exported attributor (folder or Hub id) with every file checked, its code compared with this
+    leakpipe's (see check_code) and its VAE (`vae` overrides the recorded one) checked against the
+    recorded encoder fingerprint: what `attribute --model` and `app` use. (attributor, code differences)."""
+    log(f"reading attributor {model} (checksums of every file)")
+    att = att_lib.from_folder(att_lib.locate(model), device)
+    differ = check_code(att, code_identity(), allow_code_change)
+    att = att_lib.with_vae(att, vae) if vae else att
+    log(f"checking the VAE {att.cfg.vae.source} (encoder fingerprint)")
+    att_lib.check_encoder(att, encode.STAGE.code_identity())
+    return att, differ
 
 
 def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict]:

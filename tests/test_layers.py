@@ -12,6 +12,7 @@ LAYERS = [
     ("leakpipe.pipeline.errors", "leakpipe.pipeline.names", "leakpipe.pipeline.progress", "leakpipe.pipeline.math",
      "leakpipe.pipeline.nn", "leakpipe.pipeline.store"),
     ("leakpipe.pipeline.config", "leakpipe.pipeline.config_files", "leakpipe.pipeline.manifest",
+     "leakpipe.pipeline.manifest_columns",
      "leakpipe.pipeline.workspace"),
     ("leakpipe.pipeline.bench",),
     ("leakpipe.pipeline.engine",),

@@ -177,9 +177,11 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     r = cli(sws, "export", str(tmp_path / "att"), *SETS)
     assert r.exit_code == 0, r.output
     card = (tmp_path / "att" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: leakpipe\n") and "model-index:" in card and "Random-weight VAE" in card
-    assert {p.name for p in (tmp_path / "att").iterdir()} == {"model.safetensors", "reference.safetensors", "config.json",
-                                                               "metrics.json", "attributor.json", "README.md"}
+    assert card.startswith("---\n") and "\nlibrary_name: leakpipe\n" in card and "model-index:" in card
+    assert "Random-weight VAE" in card and "\nsdk: gradio\n" in card and "\napp_file: app.py\n" in card  # a Space too
+    assert {p.name for p in (tmp_path / "att").iterdir()} == {
+        "model.safetensors", "reference.safetensors", "gallery.safetensors", "config.json", "metrics.json",
+        "attributor.json", "README.md", "app.py", "requirements.txt"}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,24 @@ def test_pickle_and_missing_sources_are_refused(tmp_path):
         resolve(VaeConfig(source=str(tmp_path / "vae.ckpt")))
     with pytest.raises(VaeError, match="does not exist"):
         resolve(VaeConfig(source="./nowhere/vae"))
+
+
+def test_a_missing_local_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """An exported attributor used to record `vae` (workspace-relative): from elsewhere it was read as a
+    Hub id ("not in the local Hugging Face cache"). A Hub id is exactly owner/name; the rest is local."""
+    from leakpipe.pipeline.engine import vae as vae_lib
+
+    looked_up = []
+    monkeypatch.setattr(vae_lib, "_resolve_hub", lambda cfg: looked_up.append(cfg.source))
+    for source in ("vae", "./vae", "../models/vae", "a/b/c", "~/vae", "vae.safetensors", "owner/vae.safetensors"):
+        with pytest.raises(VaeError, match=r"^missing local path: VAE source .* does not exist") as err:
+            resolve(VaeConfig(source=source), tmp_path)
+        assert "Hugging Face" not in str(err.value)
+    with pytest.raises(VaeError, match=re.escape(f"looked for {tmp_path / 'vae'}")):
+        resolve(VaeConfig(source="vae"), tmp_path)
+    assert not looked_up
+    resolve(VaeConfig(source="stabilityai/sd-vae-ft-mse"), tmp_path)
+    assert looked_up == ["stabilityai/sd-vae-ft-mse"]
 
 
 def test_fingerprint_tracks_weights_config_and_preprocessing(tiny_vae, tmp_path):

@@ -2,7 +2,9 @@
 and the Hugging Face Hub: model.safetensors (weights, prototypes and the feature path it was trained
 with), reference.safetensors (the closed training embeddings the comparators are fitted on),
 attributor.json (classes, the encoder's identity, the threshold, the code identity of the encode and
-embed stages and a checksum of every file), config.json, metrics.json and a model card README.md.
+embed stages and a checksum of every file), gallery.safetensors (the report's prototype gallery),
+config.json, metrics.json, a model card README.md, and app.py with requirements.txt (a Hugging Face
+Space that serves `leakpipe app`'s page).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, run_config, trained_lock
 from leakpipe.pipeline.report.card import model_card
 from leakpipe.stages.attribute import code_identity, from_result
+from leakpipe.workflows.app import space_files
 
 
 def export(g: Graph, run: str, dest: Path) -> Path:
@@ -36,15 +39,45 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     for name in ("model.safetensors", "config.json", "metrics.json"):
         shutil.copyfile(out / name, dest / name)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
+    files = list(att_lib.FILES)
+    if att.model.prototypes is not None:
+        save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
+        files.append(att_lib.GALLERY)
+    # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
+    vae_source = vae_lib.recorded_source(att.cfg.vae.source, ws.root)
+    vae_config = vae_lib.recorded_source(att.cfg.vae.config, ws.root) if att.cfg.vae.config else ""
     record = {"format": att_lib.FORMAT, "classes": att.classes, "run": run, "result": out.name,
-              "encoder": {"vae_source": att.cfg.vae.source, "encoder_fingerprint": lat.encoder_fp,
+              "encoder": {"vae_source": vae_source, "vae_config_file": vae_config,
+                          "encoder_fingerprint": lat.encoder_fp,
                           "vae_config": vae_lib.model_config(lat.source), "preprocess": att.cfg.preprocess.__dict__,
                           "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
                           "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
-              "code": code_identity(g),
+              "code": code_identity(),
               "unseen_threshold": att.threshold, "score": {"maha_floor": ws_cfg.score.maha_floor,
                                                            "kde_dtype": ws_cfg.score.kde_dtype},
-              "files": {name: att_lib.hash_file(dest / name) for name in att_lib.FILES}}
+              "files": {name: att_lib.hash_file(dest / name) for name in files}}
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))
     (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
+    for name, text in space_files().items():  # not checksummed: a Space owner may edit them
+        (dest / name).write_text(text)
     return dest
+
+
+def _gallery(att, manifest) -> dict:
+    """The report's prototype gallery as tensors: `thumbnails` (C, M, K, THUMB, THUMB, 3) uint8, the
+    training images each prototype wins (nearest first), and `count` (C, M), how many of K are real."""
+    from leakpipe.pipeline.report.explain_figures import THUMB, nearest_to_prototypes, prototype_thumbnails
+    from leakpipe.pipeline.report.scoring import GALLERY_K
+
+    protos = att.model.prototypes.detach().float().cpu().numpy()
+    near = nearest_to_prototypes(att.reference["h_bar"], att.reference["w"], att.reference["labels"], protos,
+                                 GALLERY_K)
+    pictures = prototype_thumbnails(near, lambda i: manifest.abspath(int(att.rows[i])), att.cfg.preprocess)
+    thumbs = np.full((*near.shape, THUMB, THUMB, 3), 255, np.uint8)
+    count = np.zeros(near.shape[:2], np.int64)
+    for c, per_class in enumerate(pictures):
+        for m, images in enumerate(per_class):
+            count[c, m] = len(images)
+            for j, im in enumerate(images):
+                thumbs[c, m, j] = im
+    return {"thumbnails": thumbs, "count": count}

@@ -3,11 +3,14 @@ unseen-generator KDE) and the encoder it expects, from a scored run or from an e
 
 An exported folder is self-contained: `model.safetensors` (weights, prototypes, feature statistics),
 `reference.safetensors` (the closed training embeddings the comparators are fitted on),
-`attributor.json` (classes, encoder identity, threshold, checksums of every file), `config.json`,
-`metrics.json` and a model card `README.md` (Hugging Face Hub conventions).
+`gallery.safetensors` (thumbnails of the training images each prototype wins, nearest first),
+`attributor.json` (classes, encoder identity, threshold, code identity, checksums of every file),
+`config.json`, `metrics.json`, a model card `README.md` (Hugging Face Hub conventions), and `app.py`
+with `requirements.txt`, so that the folder also runs as a Hugging Face Space (`leakpipe app`'s page).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,8 @@ from leakpipe.pipeline.store.hashing import hash_file
 
 FORMAT = "leakpipe-attributor-2"  # 2: the code identity of the encode and embed stages
 FORMATS = ("leakpipe-attributor-1", FORMAT)  # 1 is read as exported by unrecorded code
-FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")
+FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")  # needed to attribute
+GALLERY = "gallery.safetensors"  # optional (a linear head has no prototypes); checksummed like FILES
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Attributor:
     encoder_fp: str | None = None  # recorded encoder fingerprint (exported folders)
     base: Path | None = None  # what a relative vae.source is relative to
     code: dict | None = None  # the stages' code identities it was exported with (exported folders)
+    rows: np.ndarray | None = None  # manifest rows of the reference embeddings (scored runs)
+    folder: Path | None = None  # the exported folder it was read from
 
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
@@ -81,16 +87,37 @@ def from_folder(folder: Path, device) -> Attributor:
         raise UserError(f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`") from None
     if record.get("format") not in FORMATS:
         raise UserError(f"{record_path}: format {record.get('format')!r}, expected one of {', '.join(FORMATS)}")
-    bad = [n for n in FILES if not (folder / n).is_file() or hash_file(folder / n) != record["files"][n]]
+    listed = record.get("files", {})
+    bad = [n for n in dict.fromkeys([*FILES, *listed])
+           if n not in listed or not (folder / n).is_file() or hash_file(folder / n) != listed[n]]
     if bad:
         raise UserError(f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); "
                         "export it again")
     tensors, meta = read_safetensors((folder / "model.safetensors").read_bytes())
     cfg = from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
     model, build, classes, cfg = model_from(tensors, meta, cfg, device)
+    # where the VAE is: absolute or a Hub id since exports record it so (older ones: as trained)
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(
+        cfg.vae, source=record["encoder"]["vae_source"],
+        config=record["encoder"].get("vae_config_file", cfg.vae.config)))
     return Attributor(model, build, classes, cfg, load_file(str(folder / "reference.safetensors")),
                       record["unseen_threshold"], f"attributor {folder}", record["result"],
-                      record["encoder"]["encoder_fingerprint"], Path.cwd(), record.get("code", {}))
+                      record["encoder"]["encoder_fingerprint"], Path.cwd(), record.get("code", {}), folder=folder)
+
+
+def with_vae(att: Attributor, vae: str) -> Attributor:
+    """The attributor with its VAE looked for at `vae` (relative to the working folder)."""
+    return dataclasses.replace(att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)),
+                               base=Path.cwd())
+
+
+def gallery(att: Attributor) -> dict | None:
+    """The exported gallery (checked with the folder by from_folder), or None."""
+    from safetensors.numpy import load_file
+
+    if att.folder is None or not (att.folder / GALLERY).is_file():
+        return None
+    return load_file(str(att.folder / GALLERY))
 
 
 def check_encoder(att: Attributor, encode_code) -> None:

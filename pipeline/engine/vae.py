@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -118,12 +119,28 @@ def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
         return _resolve_single_file(p, cfg.config, cfg.source)
     if p.is_dir():
         return _resolve_folder(p, cfg.subfolder, cfg.source)
-    looks_local = cfg.source.startswith((".", "/", "~")) or cfg.source.endswith(".safetensors") \
-        or cfg.source.count("/") > 1 or not cfg.source
-    if looks_local:
-        raise VaeError(f"VAE source {cfg.source!r} does not exist; give a diffusers folder, a "
-                       ".safetensors file or a Hub id such as stabilityai/stable-diffusion-2-1-base")
+    if not is_hub_id(cfg.source):
+        where = f" (looked for {p.resolve()})" if str(p.resolve()) != cfg.source else ""
+        raise VaeError(f"missing local path: VAE source {cfg.source!r} does not exist{where}; give a diffusers "
+                       "folder, a .safetensors file or a Hub id such as stabilityai/stable-diffusion-2-1-base")
     return _resolve_hub(cfg)
+
+
+def is_hub_id(source: str) -> bool:
+    """A Hub repository id is exactly `owner/name`; anything else (`vae`, `./vae`, `a/b/c`, `~/x`,
+    `C:\\x`, `x.safetensors`) is a local path."""
+    owner, _, name = source.partition("/")
+    legal = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+    return bool(name) and all(legal.fullmatch(x) for x in (owner, name)) and not source.endswith(".safetensors")
+
+
+def recorded_source(source: str, base: Path | None = None) -> str:
+    """`source` as it can be found from any folder: an existing local path made absolute (a relative
+    one is relative to `base`), a Hub id or "pixels" as it is."""
+    if source == PIXELS:
+        return source
+    p = local_path(source, base)
+    return str(p.resolve()) if p.exists() else source
 
 
 def model_config(src: VaeSource) -> dict:

@@ -14,6 +14,16 @@ def _metric(kind: str, name: str, value, ci) -> list[str]:
     return lines + ([f"        args: {{ci95_low: {ci[0]:.4f}, ci95_high: {ci[1]:.4f}}}"] if ci else [])
 
 
+def _gradio_version() -> str | None:
+    """The installed gradio's version (the Space then runs the one the page was tried with), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradio")
+    except PackageNotFoundError:
+        return None
+
+
 def model_card(record: dict, m: dict, cfg: Config) -> str:
     head = m["closed"]["raw"]["head"]
     metrics = [*_metric("accuracy", "closed-set top-1", head["top1"], head.get("ci", {}).get("top1")),
@@ -22,7 +32,10 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
         if kind != "dual":
             metrics += _metric("roc_auc", f"open-set AUROC ({kind})", r["auroc"], r.get("ci", {}).get("auroc"))
     enc = record["encoder"]
-    front = ["---", "library_name: leakpipe", "pipeline_tag: image-classification",
+    # the Space keys (sdk, app_file) let the folder be pushed as a Hugging Face Space unchanged (app.py)
+    front = ["---", f"title: {json.dumps('leakpipe ' + record['result'][:12])}", "sdk: gradio",
+             *([f"sdk_version: {_gradio_version()}"] if _gradio_version() else []), "app_file: app.py",
+             "library_name: leakpipe", "pipeline_tag: image-classification",
              "tags: [image-forensics, generator-attribution, proto-leaknet, open-set]",
              "model-index:", f"  - name: {json.dumps('leakpipe attributor ' + record['result'])}", "    results:",
              "      - task: {type: image-classification, name: generator attribution}",
@@ -52,6 +65,8 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
             body.append(f"| open-set AUROC, {kind.replace('_', ' ')} | {with_ci(r, 'auroc')} | 0.500 |")
     body += ["", *[f"> {n}" for n in m.get("notes", [])], "",
              "## Use", "", "```", f"leakpipe attribute --model THIS_FOLDER_OR_HUB_ID --vae {enc['vae_source']} IMAGE...",
-             "```", "", f"Unseen-generator threshold: log-density {record['unseen_threshold']['log_density_threshold']:.3f} "
+             "```", "", "A web page for it: `leakpipe app --model THIS_FOLDER_OR_HUB_ID` (needs `leakpipe[app]`); pushed "
+             "as a Hugging Face Space, the folder's `app.py` serves the same page.", "",
+             f"Unseen-generator threshold: log-density {record['unseen_threshold']['log_density_threshold']:.3f} "
              f"(keeps {record['unseen_threshold']['target_tpr']:.0%} of closed validation images).", ""]
     return "\n".join(front + body)

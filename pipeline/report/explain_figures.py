@@ -84,6 +84,29 @@ def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, 
     return out
 
 
+THUMB = 64  # px, the gallery's thumbnails (report and exported attributor)
+
+
+def prototype_thumbnails(near: np.ndarray, path_of, preprocess) -> list[list[list[np.ndarray]]]:
+    """The gallery's pictures: per class and prototype, the THUMB px thumbnails of the training rows in
+    `near` (nearest_to_prototypes' indices, -1 for none); `path_of(i)` is row i's image file. An image
+    removed since it was encoded is drawn blank, not an error."""
+    from dataclasses import replace
+
+    from leakpipe.pipeline.engine.images import load_image
+    from leakpipe.pipeline.errors import UserError
+
+    thumb = replace(preprocess, size=THUMB)
+
+    def picture(i):
+        try:
+            return load_image(path_of(int(i)), thumb)
+        except (OSError, UserError):
+            return np.full((THUMB, THUMB, 3), 255, np.uint8)
+
+    return [[[picture(i) for i in ks if i >= 0] for ks in per_class] for per_class in near]
+
+
 def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], path: Path) -> None:
     """The prototype gallery: per generator (rows) and prototype (column groups), the training images
     nearest to the prototype."""

@@ -4,20 +4,19 @@ embeddings of a trained result. What it reads comes through a Reader, which the 
 (checked against the locks), so everything here is computation."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from leakpipe.pipeline.config import Config
-from leakpipe.pipeline.engine.images import BadImage, load_image
+from leakpipe.pipeline.engine.images import BadImage
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.math import bootstrap
 from leakpipe.pipeline.math.prototypes import usage as prototype_usage
 from leakpipe.pipeline.report import baselines as bl, evaluate as ev
-from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes
+from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
 from leakpipe.pipeline.store import latent_store
 
 RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
@@ -135,14 +134,8 @@ def _explanation_data(r: Reader, cfg: Config, train, test, classes: list[str],
         near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
                                      prototypes, GALLERY_K)
         manifest = r.manifest(cfg.score.closed)
-        thumb = replace(cfg.preprocess, size=64, max_pixels=cfg.preprocess.max_pixels)
-        def picture(i):  # an image removed since it was encoded is drawn blank, not an error
-            try:
-                return load_image(manifest.abspath(int(train.ids["row"][i])), thumb)
-            except (OSError, UserError):
-                return np.full((64, 64, 3), 255, np.uint8)
-
-        out["gallery"] = [[[picture(i) for i in ks if i >= 0] for ks in per_class] for per_class in near]
+        out["gallery"] = prototype_thumbnails(near, lambda i: manifest.abspath(int(train.ids["row"][i])),
+                                              cfg.preprocess)
     return out
 
 

@@ -1,0 +1,241 @@
+"""`leakpipe app`: a web page for an exported attributor (gradio, the `app` extra).
+
+A person drops one or more images on the page and sees, per image, what `leakpipe attribute --json`
+gives for it (the same function computes it: `stages.attribute.attribute`): the top generators with
+their probabilities, the unseen-generator verdict with its KDE log-density against the calibrated
+threshold, a_t per timestep, the top gated features, and the winning prototype with the training
+images it wins, nearest first (the report's gallery, stored in the folder by `leakpipe export`).
+
+gradio is imported only when a page is built, so the rest of leakpipe starts fast and works without
+it. `leakpipe export` writes `app.py` and `requirements.txt` (`space_files`) into the folder, so
+that the folder runs as a Hugging Face Space unchanged.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from leakpipe.pipeline.errors import UserError
+
+INSTALL = "pip install 'leakpipe[app]'"
+MAX_FILE_SIZE = "50mb"  # per upload; gradio refuses bigger files before they reach leakpipe
+DEFAULT_PORT = 7860
+
+SPACE_APP = '''"""This folder's leakpipe attributor as a web page: a Hugging Face Space's entry point (written by
+`leakpipe export`; `python app.py` runs it locally too, on http://127.0.0.1:7860).
+
+The VAE: the one recorded in attributor.json (a Hub id, or a local path of the machine it was
+exported on), a copy in ./vae beside this file, or the Space variable LEAKPIPE_VAE (a Hub id or a
+path). It must have the recorded encoder fingerprint, or the page refuses to start.
+"""
+import os
+from pathlib import Path
+
+from leakpipe.workflows.app import build, launch
+
+here = Path(__file__).resolve().parent
+vae = os.environ.get("LEAKPIPE_VAE") or (str(here / "vae") if (here / "vae").is_dir() else None)
+demo = build(str(here), vae=vae)
+
+if __name__ == "__main__":
+    launch(demo, host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+           port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+'''
+
+
+def space_files() -> dict[str, str]:
+    """What `leakpipe export` adds so the folder is a Hugging Face Space: the entry point and its
+    requirements (this leakpipe version with the `app` extra, from the package index)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pin = f"=={version('leakpipe')}"
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree that is not installed
+        pin = ""
+    return {"app.py": SPACE_APP,
+            "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
+                                "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
+                                f"leakpipe[app]{pin}\n"}
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a forensic tool
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(f"the web app needs gradio, which is not installed: {INSTALL}") from None
+    return gradio
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Page:
+    """What the page serves: a loaded attributor and the settings `attribute` takes."""
+    att: object
+    ws_cfg: object
+    label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
+    top: int
+    gallery: dict | None  # thumbnails (C, M, K, 64, 64, 3) and count (C, M), or None
+
+
+def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr) -> Page:
+    """The attributor `model` (a folder written by `leakpipe export`, or a Hub id), every file checked,
+    its VAE found and its encoder fingerprint compared, as `attribute --model` does."""
+    from leakpipe.pipeline.config_files import load_config
+    from leakpipe.pipeline.engine import attributor as att_lib
+    from leakpipe.pipeline.engine.vae import resolve_device
+    from leakpipe.stages.attribute import load_exported
+
+    ws_cfg = ws_cfg or load_config()
+    att, _ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
+    return Page(att, ws_cfg, model, top, att_lib.gallery(att))
+
+
+def _md(text) -> str:
+    """Plain text inside Markdown (file and generator names may hold *, _, |, < ...)."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in str(text))
+
+
+def _result_markdown(r: dict) -> str:
+    e = r["explanation"]
+    verdict = (f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
+               f"{r['unseen_threshold']:.2f}" if r["unseen_generator"] else
+               f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}")
+    lines = [f"### {_md(r['image'])}", "", "| generator | probability |", "|---|---:|",
+             *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]], ""]
+    if "prediction_set" in r:
+        lines += [f"Prediction set: {', '.join(_md(g) for g in r['prediction_set'])}", ""]
+    lines += [f"Unseen-generator verdict: {verdict}.", "",
+              f"Mahalanobis: {_md(r['mahalanobis']['generator'])} (score {r['mahalanobis']['score']:.2f}).", ""]
+    p = e.get("winning_prototype")
+    if p:
+        lines += [f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
+                  f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
+                  + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def analyse(page: Page, files) -> tuple:
+    """The page's answer to an upload: (status, results, a_t rows, gated-feature rows, gallery, JSON).
+    Files that cannot be attributed are named in the status with the reason; the others are attributed."""
+    from leakpipe.pipeline.engine.images import BadImage, load_image
+    from leakpipe.stages.attribute import attribute
+
+    paths = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files] if files else [])]
+    empty = ("", None, None, None, None)
+    if not paths:
+        return ("Drop one or more images above.", *empty)
+    good, bad = [], []
+    for p in paths:
+        try:
+            load_image(p, page.att.cfg.preprocess)
+            good.append(p)
+        except (BadImage, OSError) as exc:
+            bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")
+    problems = ("\n".join(f"- {_md(b)}" for b in bad))
+    if not good:
+        return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
+    try:
+        results = attribute(page.att, page.ws_cfg, [Path(p) for p in good], page.top, page.label)
+    except UserError as exc:
+        return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
+    except Exception as exc:  # the server keeps serving; the details go to its log, not the page
+        traceback.print_exc()
+        return (f"**Something went wrong on the server** ({_md(type(exc).__name__)}: {_md(exc)}); the page "
+                "keeps working, and the server's log has the details.", *empty)
+    for r, p in zip(results, good):
+        r["image"] = Path(p).name  # the upload's own name, not the server's temporary path
+    status = f"Attributed {len(results)} of {len(paths)} images with {_md(page.att.name)}, VAE {_md(page.att.cfg.vae.source)}."
+    if bad:
+        status += f" Not attributed:\n\n{problems}"
+    timesteps = results[0]["timesteps"]
+    a_t = [[r["image"], *[round(a, 4) for a in r["explanation"]["a_t"]]] for r in results]
+    gated = [[r["image"], f["dim"], round(f["w"], 4), round(f["h_bar"], 4)]
+             for r in results for f in r["explanation"]["top_gated_features"]]
+    return (status, "\n\n".join(_result_markdown(r) for r in results), _table(["image", *[f"t={t}" for t in timesteps]], a_t),
+            _table(["image", "feature", "w", "h_bar"], gated), _thumbnails(page, results), results)
+
+
+def _table(headers: list[str], rows: list[list]) -> dict:
+    return {"headers": headers, "data": rows}
+
+
+def _thumbnails(page: Page, results: list[dict]) -> list:
+    """(picture, caption) of the training images each result's winning prototype wins, nearest first."""
+    if page.gallery is None:
+        return []
+    out = []
+    for r in results:
+        p = r["explanation"].get("winning_prototype")
+        if not p:
+            continue
+        c, m = page.att.classes.index(p["generator"]), p["index"]
+        for j in range(int(page.gallery["count"][c, m])):
+            out.append((page.gallery["thumbnails"][c, m, j],
+                        f"{r['image']}: {p['generator']} prototype #{m}, nearest training image {j + 1}"))
+    return out
+
+
+def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr):
+    """The gradio Blocks of the page for an attributor (a folder, a Hub id, or a loaded `Page`)."""
+    gr = _gradio()
+    page = model_or_page if isinstance(model_or_page, Page) else load(model_or_page, vae, ws_cfg, top, log)
+    att = page.att
+    log("app: building the page")
+    with gr.Blocks(title=f"leakpipe: {att.result[:12]}", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
+                    f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
+                    f"training ({att.cfg.preprocess.size} px); an image whose KDE log-density falls below the "
+                    f"calibrated threshold ({att.threshold['log_density_threshold']:.2f}) is flagged as made by "
+                    "an unseen generator.")
+        files = gr.File(file_count="multiple", type="filepath", label="Images (drop one or more)", elem_id="images")
+        go = gr.Button("Attribute", variant="primary", elem_id="attribute")
+        status = gr.Markdown(elem_id="status")
+        results = gr.Markdown(elem_id="results")
+        a_t = gr.Dataframe(label="a_t: temporal attention per timestep", elem_id="a_t", interactive=False)
+        gated = gr.Dataframe(label="top gated features (largest w)", elem_id="gated", interactive=False)
+        near = gr.Gallery(label="winning prototype: the training images it wins, nearest first", columns=6,
+                          format="png", height="auto", elem_id="gallery")  # lossless: no webp artefacts
+        raw = gr.JSON(label="all numbers (as `leakpipe attribute --json`)", elem_id="json")
+        outputs = [status, results, a_t, gated, near, raw]
+        go.click(lambda f: analyse(page, f), files, outputs, api_name="attribute")
+        files.upload(lambda f: analyse(page, f), files, outputs, api_visibility="private")
+    return demo
+
+
+def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool = True) -> str:
+    """Serve `demo` on host:port (loopback unless told otherwise); returns the page's address. With
+    `block`, serves until Ctrl+C."""
+    try:
+        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
+                                share=False, ssr_mode=False, max_file_size=MAX_FILE_SIZE, show_error=False)
+    except OSError as exc:
+        raise UserError(f"cannot serve on {host}:{port} ({exc}); choose another --port") from None
+    if block:
+        demo.block_thread()
+    return url
+
+
+def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, ws_cfg=None,
+          top: int = 3, log=_stderr, echo=print, block: bool = True):
+    """`leakpipe app`: load, build, serve, and say in one line what is served where. Returns the Blocks
+    (close it with .close()) and the address."""
+    log("app: loading gradio")
+    _gradio()  # before the attributor: without the extra, say so at once
+    page = load(model, vae, ws_cfg, top, log)
+    demo = build(page, log=log)
+    log(f"app: starting the web server on {host}:{port}")
+    url = launch(demo, host, port, block=False)
+    att = page.att
+    echo(f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
+         f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}"
+         + (" (Ctrl+C stops)" if block else ""))
+    if block:
+        demo.block_thread()
+    return demo, url
