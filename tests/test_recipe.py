@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from leakpipe.pipeline.config import Config, ConfigError
@@ -183,12 +184,16 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
     base, _, _ = _train(rws, "k-base", common)
     want = load_file(str(base.run_dir / "model.safetensors"))
     for sets in (["train.ema_half_life=0"], ["train.label_smoothing=0"], ["model.prototype_init=random"],
-                 ["train.lr_schedule=constant"], ["train.augment=hflip"], ["train.prototype_pull=0.1"],
-                 ["train.select=val_loss"]):
+                 ["train.lr_schedule=constant"], ["train.augment=hflip"], ["train.prototype_pull=0.1"]):
         other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
         assert other.run_dir != base.run_dir, sets  # a training input: its own result
         got = load_file(str(other.run_dir / "model.safetensors"))
         assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in want), sets
+    # which epoch is kept: the one of least validation loss, recorded with the model
+    kept, _, _ = _train(rws, "k-select", [*common, "train.select=val_loss"])
+    losses = [h["val_loss"] for h in json.loads((kept.run_dir / "history.json").read_text())]
+    assert kept.best_epoch == 1 + int(np.argmin(losses))
+    assert json.loads(safe_open(str(kept.run_dir / "model.safetensors"), "pt").metadata()["best_epoch"]) == kept.best_epoch
 
 
 def test_crops_train_and_tiles_evaluate_through_the_stage(rws):
