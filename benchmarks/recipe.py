@@ -61,16 +61,16 @@ VARIANTS = {
     "leakpipe": (),  # the default recipe
     "paper": P,
     "authors-code": PROFILES["authors-code"],
+    # one piece of the recipe at a time back to the paper's setting (or a candidate left out of it)
     "stem-imagenet": ("model.stem=imagenet",),
     "lr-constant": ("train.lr_schedule=constant", "train.warmup_epochs=0"),
     "no-ema": ("train.ema_half_life=0",),
     "no-label-smoothing": ("train.label_smoothing=0",),
-    "prototypes-random": ("model.prototype_init=random",),
     "select-val-auc": ("train.select=val_auc",),
+    "prototypes-kmeans": ("model.prototype_init=kmeans",),
+    "prototype-pull-0.1": ("train.prototype_pull=0.1",),
+    "kmeans-pull-0.1": ("model.prototype_init=kmeans", "train.prototype_pull=0.1"),
     "hflip": ("train.augment=hflip",),
-    "pull-0.01": ("train.prototype_pull=0.01",),
-    "pull-0.1": ("train.prototype_pull=0.1",),
-    "random-pull-0.1": ("model.prototype_init=random", "train.prototype_pull=0.1"),
 }
 
 

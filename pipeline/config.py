@@ -99,7 +99,8 @@ class ModelConfig:
     # first convolution: imagenet (7x7 stride 2 + max-pool) | small (3x3 stride 1) | auto (small up to 64 px)
     stem: str = "auto"
     # random: N(0, 0.5^2) | kmeans: k-means of each class's training embeddings after the warm-up epochs
-    prototype_init: str = "kmeans"
+    # (random is the default: k-means placed more distinct prototypes but cost top-1, benchmarks/recipe.py)
+    prototype_init: str = "random"
 
 
 @dataclass(frozen=True)

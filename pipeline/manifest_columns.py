@@ -94,7 +94,7 @@ def suspects(m, check_files: bool, partitions: tuple[str, ...]) -> list[int]:
     an empty path, label or unknown partition; a path that is absolute or climbs out of the root;
     one in a folder that resolves outside the root; a symbolic link (it may point outside); and
     with `check_files`, one that is not a regular file in its folder's listing."""
-    paths, n = m.column("path"), len(m)
+    paths = m.column("path")
     out = set(np.flatnonzero(np.array(paths, dtype=object) == "").tolist()) if "" in paths else set()
     if "" in m.column("label"):
         out |= set(np.flatnonzero(np.array(m.column("label"), dtype=object) == "").tolist())

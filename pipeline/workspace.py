@@ -7,6 +7,7 @@ from pathlib import Path
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.config import DEFAULT_PROFILE, Config
 from leakpipe.pipeline.config_files import load_config
+from leakpipe.pipeline.manifest import check_name
 
 
 @dataclass
@@ -29,7 +30,6 @@ class Workspace:
         return self.cache / "file-hashes.sqlite"  # file-hashes.json before; migrated once
 
     def manifest(self, split: str) -> Path:
-        from leakpipe.pipeline.manifest import check_name
 
         return self.manifests / f"{check_name(split)}.csv"
 

@@ -21,6 +21,8 @@ from leakpipe.pipeline.ledger.results import load_split, load_trained
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report.evaluate import label_index
 from leakpipe.stages import embed, encode
+from leakpipe.pipeline.store.hashing import hash_file
+from leakpipe.pipeline.engine import vae as vae_lib
 
 
 def load_images(paths: list[Path], cfg) -> np.ndarray:
@@ -43,7 +45,6 @@ def load_images(paths: list[Path], cfg) -> np.ndarray:
 
 def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """z0 moments (mean, logvar) exactly as stage one stores and stage two reads them."""
-    from leakpipe.pipeline.engine import vae as vae_lib
     from leakpipe.pipeline.engine.encoding import encode_batch
 
     vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
@@ -148,7 +149,6 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict
 
     from leakpipe.pipeline.engine.data import eval_noise
     from leakpipe.pipeline.store import latent_store
-    from leakpipe.pipeline.store.hashing import hash_file
 
     cfg, model, build, classes = att.cfg, att.model, att.build, att.classes
     device = build.device

@@ -19,6 +19,7 @@ from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.store.locking import shared
+from leakpipe.pipeline.engine.vae import resolve_device
 
 KEYS = ("train.eval_seed", "compute.precision")  # besides the model, which carries the rest of its config
 CODE = ("leakpipe.pipeline.math.diffusion", "leakpipe.pipeline.math.dct", "leakpipe.pipeline.math.features",
@@ -69,7 +70,6 @@ def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
     from leakpipe.pipeline.engine.data import LatentRows  # torch: imported when embedding runs
     from leakpipe.pipeline.engine.precision import channels_last, compiled
     from leakpipe.pipeline.engine.training import predict
-    from leakpipe.pipeline.engine.vae import resolve_device
     from leakpipe.pipeline.ledger.results import load_trained
     from leakpipe.pipeline.store import embeddings, latent_store
 

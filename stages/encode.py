@@ -24,6 +24,7 @@ from leakpipe.pipeline.manifest import Manifest, read_manifest
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.progress import progress
 
 KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
 CODE = ("leakpipe.pipeline.engine.images:_open", "leakpipe.pipeline.engine.images:to_rgb",
@@ -112,7 +113,6 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | Non
     import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
-    from leakpipe.pipeline.progress import progress
 
     from leakpipe.pipeline.store import latent_store
     from leakpipe.pipeline.engine.encoding import ChunkWriter, encode_pending

@@ -22,6 +22,8 @@ from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
+from leakpipe.pipeline.engine.vae import resolve_device
+from leakpipe.pipeline.engine.vae import is_random
 
 KEYS = section_keys("score")
 CODE = ("leakpipe.pipeline.math.metrics", "leakpipe.pipeline.math.bootstrap", "leakpipe.pipeline.math.kde",
@@ -87,7 +89,6 @@ class Reading:
 
     @cached_property
     def random_vae(self) -> bool:
-        from leakpipe.pipeline.engine.vae import is_random
 
         return is_random(self.run_cfg.vae, self.g.ws.root)
 
@@ -113,7 +114,6 @@ class Reading:
         return _latents(self.g, self.result, self.cfg, name).store
 
     def stage_features(self, rows):
-        from leakpipe.pipeline.engine.vae import resolve_device
         from leakpipe.pipeline.ledger.results import stage_features
 
         return stage_features(self.result, self.store(self.cfg.score.closed), rows,

@@ -24,6 +24,11 @@ def tiny_vae(tmp_path_factory) -> Path:
     return save_random_vae(tmp_path_factory.mktemp("vae") / "tiny", TINY_BLOCKS, seed=0)
 
 
+# The tests train with the ImageNet stem: on their 8 x 8 and 16 x 16 latents the default small stem
+# costs several times the compute. tests/test_recipe.py trains the default one through the stage.
+CPU_STEM = '[model]\nstem = "imagenet"\n'
+
+
 def synth_workspace(root: Path) -> Path:
     """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
     chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from."""
@@ -32,7 +37,7 @@ def synth_workspace(root: Path) -> Path:
     write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
-                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n')
+                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n' + CPU_STEM)
     return root
 
 
@@ -57,6 +62,8 @@ chunk_rows = 4
 [encode]
 num_workers = 0
 batch_size = 3
+[model]
+stem = "imagenet"
 """
 
 

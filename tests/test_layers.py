@@ -103,3 +103,52 @@ def test_the_light_commands_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'zarr', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+HEAVY = ("torch", "diffusers", "zarr", "sklearn", "skimage", "scipy", "matplotlib", "gradio", "dask", "distributed",
+         "s3fs", "tensorboard", "huggingface_hub", "PIL")  # each costs start-up time a light command must not pay
+OPTIONAL = ("leakpipe.pipeline.engine.tboard", "leakpipe.workflows.app")  # behind an extra (tensorboard, gradio)
+START_UP = ("leakpipe.pipeline.cli",)  # every command starts here: each imports what it runs
+
+
+def _top_level(path: Path) -> list[str]:
+    """What a module imports when it is imported (its module-level imports, names included)."""
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return out
+
+
+def heavy(module: str, seen: frozenset = frozenset()) -> bool:
+    """Whether importing `module` imports one of HEAVY (through leakpipe's module-level imports)."""
+    if module.split(".")[0] in HEAVY:
+        return True
+    path = modules().get(module)
+    if path is None or module in seen:
+        return False
+    return any(heavy(m, seen | {module}) for m in _top_level(path)
+               if m.split(".")[0] in HEAVY or m in modules())
+
+
+def test_imports_sit_at_the_top_unless_heavy():
+    """An import of a leakpipe module inside a function is there for start-up time: the module it
+    imports is heavy (torch, zarr, PIL ...), behind an optional extra, or the importer is the CLI,
+    where each command imports what it runs. Everything else goes at the top of the module."""
+    lazy = []
+    for name, path in modules().items():
+        if name.startswith(START_UP):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("leakpipe."):
+                    targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules() else node.module
+                               for a in node.names]
+                    if not any(heavy(t) or t.startswith(OPTIONAL) for t in targets):
+                        lazy.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module} {[a.name for a in node.names]}")
+    assert lazy == [], "\n".join(lazy)

@@ -17,7 +17,7 @@ from leakpipe.stages import graph, encode, train
 from click.testing import CliRunner
 
 from leakpipe.pipeline.cli import main
-from tests.conftest import TINY_BLOCKS, cli
+from tests.conftest import CPU_STEM, TINY_BLOCKS, cli
 
 SETS = ["--set", "train.epochs=4", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2"]
 
@@ -31,7 +31,7 @@ def sws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        '[train]\nbatch_size = 16\n')
+        '[train]\nbatch_size = 16\n' + CPU_STEM)
     ws = Workspace(root)
     for split in ("closed", "closed-pp", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)

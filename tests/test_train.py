@@ -17,7 +17,7 @@ from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, embed, encode, train
-from tests.conftest import TINY_BLOCKS, cli, kill_midway
+from tests.conftest import CPU_STEM, TINY_BLOCKS, cli, kill_midway
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
 
@@ -30,7 +30,7 @@ def tws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        '[train]\nbatch_size = 16\npatience = 10\n')
+        '[train]\nbatch_size = 16\npatience = 10\n' + CPU_STEM)
     ws = Workspace(root)
     for split in ("closed", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.engine.vae import resolve_device
+from leakpipe.pipeline.engine import attributor as att_lib
+from leakpipe.pipeline.config_files import load_config
 
 INSTALL = "pip install 'leakpipe[app]'"
 MAX_FILE_SIZE = "50mb"  # per upload; gradio refuses bigger files before they reach leakpipe
@@ -87,9 +90,6 @@ class Page:
 def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr) -> Page:
     """The attributor `model` (a folder written by `leakpipe export`, or a Hub id), every file checked,
     its VAE found and its encoder fingerprint compared, as `attribute --model` does."""
-    from leakpipe.pipeline.config_files import load_config
-    from leakpipe.pipeline.engine import attributor as att_lib
-    from leakpipe.pipeline.engine.vae import resolve_device
     from leakpipe.stages.attribute import load_exported
 
     ws_cfg = ws_cfg or load_config()

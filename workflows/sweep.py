@@ -46,8 +46,8 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "lr-constant": ("train.lr_schedule=constant", "train.warmup_epochs=0"),
     "no-ema": ("train.ema_half_life=0",),
     "no-label-smoothing": ("train.label_smoothing=0",),
-    "prototypes-random": ("model.prototype_init=random",),
-    "no-prototype-pull": ("train.prototype_pull=0",),
+    "prototypes-kmeans": ("model.prototype_init=kmeans",),
+    "prototype-pull": ("train.prototype_pull=0.1",),  # a candidate the recipe leaves out
     "select-val-auc": ("train.select=val_auc",),
     # Table 5: timesteps, schedules, DCT map
     "T0": ("diffusion.timesteps=0",),

@@ -21,6 +21,9 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.config_files import from_dict
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.store.hashing import hash_file
+from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
 FORMAT = "leakpipe-attributor-2"  # 2: the code identity of the encode and embed stages
 FORMATS = ("leakpipe-attributor-1", FORMAT)  # 1 is read as exported by unrecorded code
@@ -47,7 +50,6 @@ class Attributor:
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
         from leakpipe.pipeline.math.kde import GaussianKDE
-        from leakpipe.pipeline.math.mahalanobis import Mahalanobis
         from leakpipe.pipeline.math.kde import embedding
 
         h = self.reference["h_bar"].astype(np.float64)
@@ -125,8 +127,6 @@ def check_encoder(att: Attributor, encode_code) -> None:
     differs from the one the attributor was trained on."""
     import tempfile
 
-    from leakpipe.pipeline.engine import vae as vae_lib
-    from leakpipe.pipeline.store.hashing import HashCache
 
     if att.encoder_fp is None:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from leakpipe.pipeline.engine.vae import resolve_device
 
 
 def launched_rank() -> int:
@@ -58,7 +59,6 @@ def setup(device_name: str):
     import torch
     import torch.distributed as dist
 
-    from leakpipe.pipeline.engine.vae import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)

@@ -16,6 +16,7 @@ import numpy as np
 from distributed import WorkerPlugin, get_worker
 
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.engine import vae as vae_lib
 
 PLUGIN = "leakpipe-vae"
 
@@ -33,7 +34,6 @@ class VaePlugin(WorkerPlugin):
     def setup(self, worker):
         import torch
 
-        from leakpipe.pipeline.engine import vae as vae_lib
 
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -14,12 +14,12 @@ import numpy as np
 
 from leakpipe.pipeline.math import bootstrap, metrics
 from leakpipe.pipeline.math.probe import probe  # noqa: F401  (the baselines' classifier)
+from leakpipe.pipeline.math.forensic import features
 
 
 def forensic_matrix(paths: list, max_side: int, max_pixels: int) -> np.ndarray:
     """(N, F) forensic features of the files, each read at its native resolution."""
     from leakpipe.pipeline.engine.images import load_native
-    from leakpipe.pipeline.math.forensic import features
 
     return np.stack([features(load_native(p, max_side, max_pixels)) for p in paths])
 

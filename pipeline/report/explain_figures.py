@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from leakpipe.pipeline.report.figures import _colours, _plt, _save, beyond_note, onto_axes, project_2d
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.math.prototypes import weighted_distances
 
 
 def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path) -> None:
@@ -67,7 +69,6 @@ def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, 
     nearest of the class's prototypes to them by d_cm, Eq. 9), nearest first; -1 where it wins fewer
     than k. A collapsed prototype wins none, so the gallery shows it empty instead of repeating the
     images of its neighbour."""
-    from leakpipe.pipeline.math.prototypes import weighted_distances
 
     n_c, n_m, _ = prototypes.shape
     out = np.full((n_c, n_m, k), -1, np.int64)
@@ -94,7 +95,6 @@ def prototype_thumbnails(near: np.ndarray, path_of, preprocess) -> list[list[lis
     from dataclasses import replace
 
     from leakpipe.pipeline.engine.images import load_image
-    from leakpipe.pipeline.errors import UserError
 
     thumb = replace(preprocess, size=THUMB)
 
