@@ -52,8 +52,8 @@ SETS = {
     "synth-b": DataSet(SynthSpec(6, 4, 80, 96, 0.25, 1, ()), (16, 32, 64, 64), 1, "",
                        "6 generators x 80 images, 96 px, difficulty 0.25, data seed 1, a narrower random VAE "
                        "(seed 1), default config"),
-    "synth-c": DataSet(SynthSpec(15, 5, 30, 128, 0.5, 2, ()), (32, 64, 64, 64), 2, "",
-                       "15 generators x 30 images, 128 px, difficulty 0.5, data seed 2, random VAE seed 2, "
+    "synth-c": DataSet(SynthSpec(8, 4, 40, 64, 0.3, 2, ()), (32, 64, 64, 64), 2, "",
+                       "8 generators x 40 images, 64 px, difficulty 0.3, data seed 2, random VAE seed 2, "
                        "default config"),
 }
 P = PROFILES["paper"]

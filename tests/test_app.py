@@ -155,7 +155,7 @@ def test_export_records_the_absolute_vae_and_the_gallery(exported):
     from leakpipe.pipeline.manifest import read_manifest
     from leakpipe.pipeline.report.evaluate import label_index
     from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
-    from leakpipe.pipeline.engine.trained import load_checked
+    from leakpipe.pipeline.ledger.results import load_checked
     from safetensors.numpy import load_file
 
     root, att, _ = exported

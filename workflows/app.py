@@ -85,6 +85,7 @@ class Page:
     label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
     top: int
     gallery: dict | None  # thumbnails (C, M, K, 64, 64, 3) and count (C, M), or None
+    code_differs: list  # how this leakpipe's code differs from the exporter's (empty: the same)
 
 
 def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr) -> Page:
@@ -93,8 +94,8 @@ def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_std
     from leakpipe.stages.attribute import load_exported
 
     ws_cfg = ws_cfg or load_config()
-    att, _ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
-    return Page(att, ws_cfg, model, top, att_lib.gallery(att))
+    att, differ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
+    return Page(att, ws_cfg, model, top, att_lib.gallery(att), differ)
 
 
 def _md(text) -> str:
@@ -143,6 +144,8 @@ def analyse(page: Page, files) -> tuple:
         return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
     try:
         results = attribute(page.att, page.ws_cfg, [Path(p) for p in good], page.top, page.label)
+        for r in results:  # as `attribute --json` gives them
+            r["code_differs"] = page.code_differs
     except UserError as exc:
         return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
     except Exception as exc:  # the server keeps serving; the details go to its log, not the page
