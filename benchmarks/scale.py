@@ -174,10 +174,7 @@ def kde_cap_error(n: int = 8000, dim: int = 16, caps=(4000, 2000, 1000), seeds=(
     1,000 closed and 1,000 open queries (the classes shifted by 1.2), bandwidth cross-validated on each
     (2 folds, 5 factors, to keep the exact fit to a minute here)."""
     from leakpipe.pipeline.math.kde import GaussianKDE
-    from leakpipe.pipeline.math.metrics import auroc, point
-
-    def open_auroc(closed, opened):  # closed images are the positives: higher log-density, known generator
-        return point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
+    from leakpipe.pipeline.math.metrics import open_auroc
 
     out = [f"| cap (of {n:,} references, {dim}-D) | open-set AUROC, exact -> capped (per seed) | "
            "median abs log-density error (nats) | bandwidth ratio |", "|---:|---|---:|---:|"]

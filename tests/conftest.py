@@ -59,11 +59,11 @@ source = "{vae}"
 size = 32
 [store]
 chunk_rows = 4
+[model]
+stem = "imagenet"
 [encode]
 num_workers = 0
 batch_size = 3
-[model]
-stem = "imagenet"
 """
 
 

@@ -45,6 +45,7 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
 
     from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
     from leakpipe.pipeline.engine.ddp import Ddp, wrap
+    from leakpipe.pipeline.engine.fit import rows_of
     from leakpipe.pipeline.engine.training import train_epoch
 
     if world > 1:
@@ -53,7 +54,7 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     ws = Workspace(root)
     cfg = ws.config(None, ["model.embed_dim=8", "model.prototypes_per_class=2"])
     p = graph(ws, cfg).plan("encode", "closed").data
-    tr, tr_y, _, _, classes = train._rows(p)
+    tr, tr_y, _, _, classes = rows_of(p)
     data = LatentRows(p.store, tr, tr_y, 2 ** 30)
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(data, 64)

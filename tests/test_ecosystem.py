@@ -90,7 +90,10 @@ def test_vae_random_and_info(tmp_path):
     from leakpipe.pipeline.store.hashing import HashCache
 
     cfg = load_config(None, [f"vae.source={tmp_path / 'v'}"])
-    fp = vae_lib.encoder_fingerprint(cfg, vae_lib.resolve(cfg.vae), HashCache(tmp_path / "h.json"))
+    from leakpipe.stages import STAGES
+
+    fp = vae_lib.encoder_fingerprint(cfg, vae_lib.resolve(cfg.vae), HashCache(tmp_path / "h.json"),
+                                     STAGES["encode"].code_identity())
     assert f"fingerprint:    {fp}" in r.output  # what encode will name the store
     missing = cli(tmp_path, "vae", "info", "./nope")
     assert missing.exit_code != 0 and "does not exist" in missing.output
@@ -129,7 +132,7 @@ def test_every_option_has_help():
 def test_embedding_map_colours_and_limits():
     import numpy as np
 
-    from leakpipe.pipeline.report.render import _colours, onto_axes, robust_limits
+    from leakpipe.pipeline.report.figures import _colours, onto_axes, robust_limits
 
     for n in (3, 8, 9, 10, 18, 25):
         colours = _colours(n)

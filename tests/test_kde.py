@@ -86,7 +86,7 @@ def test_capped_reference_is_seeded_recorded_and_close_to_the_exact_kde():
     on each. Measured for seeds 0, 1, 2: open-set AUROC 0.836, 0.914, 0.908 exact and 0.827, 0.901,
     0.899 with a cap of 1,000 (-0.009 to -0.013); median |log p difference| 0.55 to 0.73 nats; the
     bandwidths within 1%. The bounds below leave room for other BLAS builds, not for a wrong sample."""
-    from leakpipe.pipeline.math.metrics import open_set
+    from leakpipe.pipeline.math.metrics import open_auroc
 
     r = np.random.default_rng(0)
     centres = r.normal(0, 1.5, (4, 8))
@@ -99,7 +99,7 @@ def test_capped_reference_is_seeded_recorded_and_close_to_the_exact_kde():
     assert capped.reference == {"rows": 4000, "used": 1000, "max_reference": 1000, "seed": 0}
     assert exact.reference["used"] == 4000 and len(capped.reference_) == 1000
     e, c = exact.score_samples(q), capped.score_samples(q)
-    auroc = [open_set(s[:1000], s[1000:])["auroc"] for s in (e, c)]
+    auroc = [open_auroc(s[:1000], s[1000:]) for s in (e, c)]
     assert 0.8 < auroc[0] < 0.9 and abs(auroc[1] - auroc[0]) < 0.02
     assert np.median(np.abs(c - e)) < 1.0 and abs(capped.bandwidth_ / exact.bandwidth_ - 1) < 0.05
     again = GaussianKDE(folds=2, grid_factors=grid, max_reference=1000).fit(x)

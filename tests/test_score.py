@@ -270,16 +270,16 @@ def test_dual_separates_identically_distributed_sets():
     """The authors' dual setting on closed and open embeddings drawn from one distribution: it reaches
     an AUROC near 1 (measured 0.986; 0.488 without a gate), because gating changes the closed set's scale and not the open
     set's. It measures the gate, not the generator."""
-    from leakpipe.pipeline.math.metrics import open_set
+    from leakpipe.pipeline.math.metrics import open_auroc
     from leakpipe.pipeline.report.evaluate import dual_scores
 
     rng = np.random.default_rng(0)
     h = rng.normal(0, 1, (600, 16))
     w = 1 / (1 + np.exp(-rng.normal(0, 1, (600, 16))))  # sigmoid gates, as the model's
     closed, opened = dual_scores(h[:300] * w[:300], h[300:])
-    assert open_set(closed, opened)["auroc"] > 0.95
+    assert open_auroc(closed, opened) > 0.95
     plain = dual_scores(h[:300], h[300:])  # the same protocol with no gate: chance
-    assert abs(open_set(*plain)["auroc"] - 0.5) < 0.1
+    assert abs(open_auroc(*plain) - 0.5) < 0.1
 
 
 def test_seeds_train_one_run_each_and_report_mean_sd_and_pooled_interval(sws):

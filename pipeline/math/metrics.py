@@ -95,6 +95,11 @@ def auroc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray
     return _ratio(wins, gp.sum(axis=1) * gn.sum(axis=1))
 
 
+def open_auroc(closed: np.ndarray, opened: np.ndarray) -> float:
+    """AUROC of known (closed, the positives: higher log-density) against unseen scores (Eq. 18), the point estimate."""
+    return point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
+
+
 def eer(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Where FPR = FNR, interpolated between the two ROC points that bracket it (as metrics.eer)."""
     fpr, tpr = roc(scores, positive, w)
