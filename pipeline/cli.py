@@ -174,10 +174,7 @@ def export(ws, cfg, dest, run_name):
     from leakpipe.stages import graph
     from leakpipe.workflows.export import export as do_export
 
-    out = do_export(graph(ws, cfg), run_name, dest)
-    click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
-               f"attribute with `leakpipe attribute --model {out} IMAGE...`, serve a web page with "
-               f"`leakpipe app --model {out}`, or push the folder as a Hugging Face Space (README)")
+    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log).summary())
 
 
 @main.command()
