@@ -20,7 +20,8 @@ from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
 @_workspace_options
 def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides, profile):
-    """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
+    """Stage one: encode images to z0 moments in cache/latents/SPLIT/FP12.zarr (FP12: the encoder
+    fingerprint's first 12 hex digits)."""
     from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.stages import encode as stage, graph
 
