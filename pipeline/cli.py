@@ -20,12 +20,15 @@ from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
 @_workspace_options
 def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides, profile):
-    """Stage one: encode images to z0 moments in cache/latents/SPLIT/<encoder>.zarr."""
+    """Stage one: encode images to z0 moments in cache/latents/SPLIT/FP12.zarr (FP12: the encoder
+    fingerprint's first 12 hex digits)."""
     from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.stages import encode as stage, graph
 
-    if vae_source:
-        cfg = _persist_vae(ws, cfg, vae_source, config_file, overrides)
+    set_vae = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "vae.source"]
+    if vae_source or set_vae:  # --set vae.source=X on encode is remembered as --vae X is
+        cfg = _persist_vae(ws, cfg, vae_source or _workspace_path(ws, set_vae[-1]), config_file, overrides,
+                           "--vae" if vae_source else "--set vae.source")
     flags = {"encode.skip_bad": skip_bad and "true", "encode.workers": workers, "encode.scheduler": scheduler}
     cfg = with_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v not in (None, "", False)])
     g = graph(ws, cfg)
@@ -33,10 +36,16 @@ def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_fil
         click.echo(stage.run(g, split, log=_log).summary())
 
 
-def _persist_vae(ws, cfg, source: str, config_file, overrides):
-    """`--vae` is the workspace's encoder from now on: saved as vae.source in its config file (a local
-    path relative to the workspace when it lies inside it), so train, score, status and attribute
-    find this encoder's cache with no flag. Returns the config with it."""
+def _workspace_path(ws, source: str) -> str:
+    """A config value's relative path is relative to the workspace (a --vae path, to the current folder)."""
+    inside = ws.root / source
+    return str(inside) if not Path(source).expanduser().is_absolute() and inside.exists() else source
+
+
+def _persist_vae(ws, cfg, source: str, config_file, overrides, flag: str = "--vae"):
+    """`--vae` (or `--set vae.source`) on encode is the workspace's encoder from now on: saved as
+    vae.source in its config file (a local path relative to the workspace when it lies inside it), so
+    train, score, status and attribute find this encoder's cache with no flag. Returns the config with it."""
     from leakpipe.pipeline.config_files import persist_setting, with_overrides
     from leakpipe.pipeline.engine.vae import resolve
 
@@ -49,9 +58,12 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides):
     path = config_file or ws.root / "leakpipe.toml"
     was = persist_setting(path, "vae.source", source)
     if was != source:
-        _log(f"note: vae.source = {source} saved in {path} (was {was or 'the default'}): train, score, "
-             "status and attribute now use this encoder's cache")
-    if any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
+        from leakpipe.pipeline.config import Config
+
+        _log(f"note: vae.source = {source} saved in {path} by {flag} (was {was or 'the default'}): train, "
+             "score, status and attribute now use this encoder's cache with no flag; `leakpipe encode --split "
+             f"SPLIT --vae {was or Config().vae.source}` switches back")
+    if flag == "--vae" and any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
         _log("note: --set vae.source was given as well; --vae wins for this command")
     return cfg
 
@@ -163,10 +175,7 @@ def export(ws, cfg, dest, run_name):
     from leakpipe.stages import graph
     from leakpipe.workflows.export import export as do_export
 
-    out = do_export(graph(ws, cfg), run_name, dest)
-    click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
-               f"attribute with `leakpipe attribute --model {out} IMAGE...`, serve a web page with "
-               f"`leakpipe app --model {out}`, or push the folder as a Hugging Face Space (README)")
+    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log).summary())
 
 
 @main.command()

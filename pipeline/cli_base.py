@@ -55,7 +55,7 @@ def _workspace_options(fn):
     @click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
                   help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
                   "method with the measured training recipe), paper (as printed) or authors-code (the "
-                  "authors' released code's); the README lists every difference.")
+                  "authors' released code's); the docs' Configuration page lists every difference.")
     @functools.wraps(fn)
     @_friendly
     def wrapper(workspace, config_file, overrides, profile, **kwargs):

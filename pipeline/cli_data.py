@@ -34,7 +34,7 @@ def manifest():
 @click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
 @_workspace_options
 def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant, group_by):
-    """Scan a folder-per-generator tree ROOT/<generator>/<images> into manifests/SPLIT.csv."""
+    """Scan a folder-per-generator tree ROOT/GENERATOR/IMAGE into manifests/SPLIT.csv."""
     from leakpipe.pipeline import manifest as mf
 
     tree = mf.scan_tree(root)

@@ -295,8 +295,8 @@ def valid_keys() -> list[str]:
 
 # Named starting points under the TOML file and --set. `leakpipe` (the defaults above): the paper's
 # method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
-# ambiguities resolved as the README says. `authors-code`: the defaults of the authors' released
-# pipeline/train_eval.py, each checked there (README: "Profiles").
+# ambiguities resolved as docs/guide/ambiguities.md says. `authors-code`: the defaults of the authors'
+# released pipeline/train_eval.py, each checked there (docs/guide/configuration.md, "Profiles").
 _PAPER = ("model.stem=imagenet", "model.prototype_init=random", "train.lr_schedule=constant",
           "train.warmup_epochs=0", "train.ema_half_life=0", "train.label_smoothing=0", "train.select=val_auc")
 PROFILES: dict[str, tuple[str, ...]] = {

@@ -18,7 +18,7 @@ from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
-from leakpipe.pipeline.ledger.locks import Inputs, Verdict, outputs_root
+from leakpipe.pipeline.ledger.locks import VAE_FILES, Inputs, Verdict, outputs_root
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import Manifest, read_manifest
 from leakpipe.pipeline.store import storage
@@ -52,6 +52,7 @@ class EncodeResult:
     waited: dict = field(default_factory=dict)  # seconds the VAE's device waited: {"decode": .., "write": ..}
     up_to_date: bool = False
     failures_csv: Path | None = None
+    failure_text: str = ""  # the first failures, inline, and where the CSV is (failure_lines)
 
     def summary(self) -> str:
         if self.up_to_date:
@@ -65,7 +66,7 @@ class EncodeResult:
         if self.encoded and self.seconds and self.waited:
             text += "\n  " + waiting_line(self.waited, self.seconds)
         if self.failures:
-            text += f"\n  failures listed in {self.failures_csv}"
+            text += self.failure_text
         return text
 
 
@@ -85,6 +86,17 @@ def _latent_shape(source: vae_lib.VaeSource, size: int) -> tuple[int, int, int]:
     cfg = vae_lib.model_config(source)
     factor = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
     return cfg.get("latent_channels", 4), size // factor, size // factor
+
+
+SHOWN_FAILURES = 5  # failures printed inline (line, path, reason); the CSV lists every one
+
+
+def failure_lines(failures: list, manifest: Manifest, csv_path: Path | None, shown: int = SHOWN_FAILURES) -> str:
+    """The first `shown` failures as indented 'line N: PATH: REASON' lines, then where the rest are."""
+    rows = sorted(failures)
+    text = "".join(f"\n  line {manifest.line(row)}: {manifest.abspath(row)}: {reason}" for row, reason in rows[:shown])
+    more = f"all {len(rows)}" if len(rows) > shown else "each"
+    return text + (f"\n  {more} with line, path and reason in {csv_path}" if csv_path else "")
 
 
 def _write_failures(path: Path, failures: list, manifest: Manifest) -> None:
@@ -209,7 +221,7 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
         [["config.json", canonical_hash(vae_lib.model_config(source))]]
     inputs = Inputs(values(cfg, KEYS), {},
                     {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)],
-                     "vae files": vae_files}, STAGE.code_identity())
+                     VAE_FILES: vae_files}, STAGE.code_identity())
     lock = ws.store_lock(split, encoder_fp)
     lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
                   lock, ws.store_lock(split, encoder_fp, "writer.lock"))
@@ -239,11 +251,12 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     if result.failures:
         _write_failures(failures_csv, result.failures, lat.manifest)
         result.failures_csv = failures_csv
+        result.failure_text = failure_lines(result.failures, lat.manifest, failures_csv)
         if not cfg.encode.skip_bad:
             raise EncodeFailures(
-                f"{len(result.failures)} of {result.rows} images could not be read; every other "
-                f"row was encoded. See {failures_csv} (line, path, reason). Fix or remove those "
-                "rows and rerun, or pass --skip-bad to accept the split without them.")
+                f"{len(result.failures)} of {result.rows} images could not be read; every other row was "
+                f"encoded:{result.failure_text}\nFix or remove those rows and rerun, or pass --skip-bad to "
+                "accept the split without them.")
     else:
         failures_csv.unlink(missing_ok=True)
     lat.damage_report.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ exported VAE location. Servers listen on loopback only, on a free port, and are 
 import builtins
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -248,7 +249,12 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(exported, serve
     assert status.startswith("Attributed 1 of 3 images") and "notes.png: not an image" in status
     assert "empty.png: empty file" in status and [r["image"] for r in raw] == ["first.png"]
     assert raw == _attribute_json(att, images, "first.png")  # the others do not change its numbers
-    assert "Traceback" not in served.err.read_text()
+    err = served.err.read_text()
+    assert "Traceback" not in err
+    # one line per request in the server's log, counts only (upload names come from anyone)
+    assert re.search(r"app: request \d+: 0 of 1 images attributed in \d+\.\d s", err)
+    assert re.search(r"app: request \d+: 1 of 3 images attributed in \d+\.\d s", err)
+    assert "notes.png" not in err
 
 
 def test_app_says_what_it_serves_and_where(exported, served):
@@ -266,6 +272,24 @@ def test_app_says_what_it_serves_and_where(exported, served):
         other = next((a for a in addresses if not a.startswith("127.")), None)
         if other:
             assert s.connect_ex((other, served.port)) != 0
+
+
+def test_export_prints_progress_and_a_summary(exported, tmp_path):
+    root, _, _ = exported
+    dest = tmp_path / "att"
+    r = cli(root, "export", str(dest), *SETS)
+    assert r.exit_code == 0, r.output
+    result = json.loads((dest / "attributor.json").read_text())["result"]
+    for line in ("export default: reading the result and its closed training embeddings",
+                 f"export default: checking result {result[:12]} against its lock",
+                 "export default: the prototype gallery (the training images each prototype wins, from closed)"):
+        assert line in r.stderr, line
+    files = sorted(p.name for p in dest.iterdir())
+    size = sum((dest / f).stat().st_size for f in files) / 1e6
+    (summary,) = r.stdout.splitlines()  # one line
+    assert summary.startswith(f"export default: result {result[:12]} -> {dest}, {len(files)} files "
+                              f"({', '.join(files)}), {size:.1f} MB in ")
+    assert f"`leakpipe app --model {dest}`" in summary
 
 
 def test_exported_app_py_runs_as_a_space(exported, tmp_path):
@@ -353,3 +377,15 @@ def test_without_gradio_only_the_app_fails(exported, tmp_path, monkeypatch):
     started = subprocess.run([sys.executable, "-c", "import sys, leakpipe.pipeline.cli; print('gradio' in sys.modules)"],
                              capture_output=True, text=True, timeout=120)
     assert started.stdout.strip() == "False"  # the command line never imports it before `app`
+
+
+def test_app_stops_on_ctrl_c_with_a_summary(exported, served):
+    """Last in this file: it stops the module's server. Ctrl+C ends `leakpipe app` with one line that
+    adds up the requests its log reported."""
+    served.stop()
+    assert served.proc.returncode == 0
+    requests = [tuple(map(int, m)) for m in re.findall(r"app: request \d+: (\d+) of (\d+) images", served.err.read_text())]
+    done, images = sum(a for a, _ in requests), sum(n for _, n in requests)
+    n = len(requests)
+    assert (f"app: stopped after {n} request{'' if n == 1 else 's'}: {done} of {images} image"
+            f"{'' if images == 1 else 's'} attributed, {images - done} not") in served.out.read_text()

@@ -1,4 +1,5 @@
 """Stage one: store contents, incremental cases, failures, locks."""
+import re
 import shutil
 from pathlib import Path
 
@@ -155,13 +156,36 @@ def test_bad_images_are_reported_and_the_rest_encoded(ws):
     cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
     r = cli(ws, "encode", "--split", "closed")
     assert r.exit_code != 0 and "2 of 14 images could not be read" in r.output
-    failures = (ws / "cache" / "latents" / "closed.failures.csv").read_text()
+    csv_path = ws / "cache" / "latents" / "closed.failures.csv"
+    failures = csv_path.read_text()
     assert "zero.png,empty file" in failures and "text.png,not an image" in failures
+    # the terminal names each failure (line, path, reason), then the CSV
+    lines = {int(row.split(",")[0]): row.split(",")[1] for row in failures.splitlines()[1:]}
+    for n, path in lines.items():
+        reason = "empty file (0 bytes)" if path.endswith("zero.png") else "not an image Pillow can read"
+        assert f"line {n}: {path}: {reason}" in r.output
+    assert f"each with line, path and reason in {csv_path}" in r.output
     g = zarr.open_group(str(next((ws / "cache" / "latents" / "closed").glob("*.zarr"))), mode="r")
     assert (g["source_hash"][:].any(axis=1)).sum() == 12
     r = cli(ws, "encode", "--split", "closed", "--skip-bad")
     assert r.exit_code == 0 and "2 failed" in r.output
     assert "up to date" in cli(ws, "encode", "--split", "closed", "--skip-bad").output
+
+
+def test_encode_shows_the_first_five_failures_inline(ws):
+    """Seven bad files: five are named in the message (sorted by manifest line), the rest in the CSV."""
+    for i in range(7):
+        (ws / "data" / "b" / f"bad{i}.png").write_text(f"not a picture {i}")
+    cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed")
+    r = cli(ws, "encode", "--split", "closed")
+    assert r.exit_code != 0 and "7 of 19 images could not be read" in r.output
+    csv_path = ws / "cache" / "latents" / "closed.failures.csv"
+    rows = [row.split(",") for row in csv_path.read_text().splitlines()[1:]]
+    assert len(rows) == 7 and [int(x[0]) for x in rows] == sorted(int(x[0]) for x in rows)
+    shown = [f"line {line}: {path}: not an image Pillow can read" for line, path, _ in rows]
+    assert all(s in r.output for s in shown[:5]) and not any(s in r.output for s in shown[5:])
+    assert f"all 7 with line, path and reason in {csv_path}" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_verify_finds_corruption_missing_chunks_and_partials(ws):
@@ -242,6 +266,34 @@ def test_a_relayout_links_the_chunks_whose_rows_stay(ws, counting, chunk_reads):
     assert (Path(res.store) / "mean" / "c" / "0" / "0" / "0" / "0").stat().st_ino == inode  # not rewritten
     assert sorted(chunk_reads) == [1, 2]  # the copied chunks are checked, the linked one is not
     g = store_of(res)
+    want = graph(Workspace(ws), ws_config(ws)).plan("encode", "closed").data.file_hashes
     for i, row in enumerate(m.rows[:5] + m.rows[6:]):
-        assert g["source_hash"][i].tobytes().hex() == graph.latents(Workspace(ws), ws_config(ws), "closed").file_hashes[i]
+        assert g["source_hash"][i].tobytes().hex() == want[i]
     assert cli(ws, "verify").exit_code == 0
+
+
+def test_switching_to_pixels_is_said_in_words_and_set_vae_source_is_remembered(ws, tiny_vae, tmp_path):
+    """`encode --set vae.source=pixels` is saved like --vae (later commands need no flag), and the
+    reasons say "VAE -> pixels (no encoder)", not how many entries of the VAE's file list changed."""
+    assert cli(ws, "encode", "--split", "closed").exit_code == 0
+    r = cli(ws, "encode", "--split", "closed", "--set", "vae.source=pixels")
+    assert r.exit_code == 0, r.output
+    toml = ws / "leakpipe.toml"
+    assert f"vae.source = pixels saved in {toml} by --set vae.source (was {tiny_vae})" in r.output
+    assert f"--vae {tiny_vae}` switches back" in r.output
+    assert 'source = "pixels"' in toml.read_text() and "VAE pixels" in r.output
+    assert "VAE -> pixels (no encoder)" in r.output and "vae files" not in r.output
+    st = cli(ws, "status")  # no flag: the workspace's encoder is now pixels
+    assert re.search(r"encode closed +up to date", st.output) and "VAE pixels" in st.output, st.output
+    other = vae_lib.save_random_vae(tmp_path / "other-vae", (8, 16), seed=3)
+    back = cli(ws, "status", "--set", f"vae.source={other}")  # explained against the pixels store
+    assert "pixels (no encoder) -> VAE" in back.output and "vae files" not in back.output, back.output
+    assert 'source = "pixels"' in toml.read_text()  # status never saves a setting
+
+
+def test_a_relative_set_vae_source_is_relative_to_the_workspace(ws, tiny_vae, tmp_path, monkeypatch):
+    shutil.copytree(tiny_vae, ws / "models" / "vae")
+    monkeypatch.chdir(tmp_path)  # not the workspace: the path is read as the config reads it
+    r = cli(ws, "encode", "--split", "closed", "--set", "vae.source=models/vae")
+    assert r.exit_code == 0, r.output
+    assert 'source = "./models/vae"' in (ws / "leakpipe.toml").read_text() and "VAE ./models/vae" in r.output

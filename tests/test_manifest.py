@@ -146,3 +146,22 @@ def test_bulk_checks_report_what_row_by_row_checks_did(tmp_path, check_files):
     assert m.column("path") == good and m.rows[0] == {"path": good[0], "label": "big", "partition": "train",
                                                       "variant": "raw"}
     assert m.abspaths()[0] == str(data.resolve() / good[0])
+
+
+def test_the_checkout_is_a_workspace_and_its_readmes_stay(ws):
+    """The repository's cache/README.md and manifests/README.md (tracked: a clone is a workspace) sit
+    beside a workspace's real files: they are no split, and gc never frees them."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("cache", "manifests"):
+        text = (repo / folder / "README.md").read_text()
+        assert text.startswith(f"# {folder}/") and "ignored by git" in text
+        (ws / folder).mkdir(exist_ok=True)
+        shutil.copyfile(repo / folder / "README.md", ws / folder / "README.md")
+    assert cli(ws, "encode", "--split", "closed").exit_code == 0
+    st = cli(ws, "status")
+    assert st.exit_code == 0 and "encode closed" in st.output and "README" not in st.output, st.output
+    assert cli(ws, "gc").exit_code == 0 and cli(ws, "verify").exit_code == 0
+    assert (ws / "cache" / "README.md").is_file() and (ws / "manifests" / "README.md").is_file()

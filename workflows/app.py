@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine.vae import resolve_device
@@ -79,13 +81,34 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class Page:
-    """What the page serves: a loaded attributor and the settings `attribute` takes."""
+    """What the page serves: a loaded attributor and the settings `attribute` takes, and a tally of
+    what it has answered (for the server's log and the summary when it stops)."""
     att: object
     ws_cfg: object
     label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
     top: int
     gallery: dict | None  # thumbnails (C, M, K, 64, 64, 3) and count (C, M), or None
-    code_differs: list  # how this leakpipe's code differs from the exporter's (empty: the same)
+    log: Callable[[str], None] = _stderr
+    code_differs: list = field(default_factory=list)  # as `attribute --model` states with each result
+    tally: dict = field(default_factory=lambda: {"requests": 0, "images": 0, "attributed": 0})
+
+    def answered(self, images: int, attributed: int, seconds: float) -> None:
+        """One line per upload in the server's log: counts only, never a file name (they come from anyone)."""
+        t = self.tally
+        t["requests"] += 1
+        t["images"] += images
+        t["attributed"] += attributed
+        self.log(f"app: request {t['requests']}: {attributed} of {images} images attributed in {seconds:.1f} s")
+
+    def summary(self) -> str:
+        t = self.tally
+        return (f"app: stopped after {_plural(t['requests'], 'request')}: {t['attributed']} of "
+                f"{_plural(t['images'], 'image')} attributed, {t['images'] - t['attributed']} not "
+                "(unreadable, or an error the page showed)")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr) -> Page:
@@ -95,7 +118,7 @@ def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_std
 
     ws_cfg = ws_cfg or load_config()
     att, differ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
-    return Page(att, ws_cfg, model, top, att_lib.gallery(att), differ)
+    return Page(att, ws_cfg, model, top, att_lib.gallery(att), log, differ)
 
 
 def _md(text) -> str:
@@ -125,13 +148,20 @@ def _result_markdown(r: dict) -> str:
 def analyse(page: Page, files) -> tuple:
     """The page's answer to an upload: (status, results, a_t rows, gated-feature rows, gallery, JSON).
     Files that cannot be attributed are named in the status with the reason; the others are attributed."""
+    paths = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files] if files else [])]
+    if not paths:
+        return ("Drop one or more images above.", "", None, None, None, None)
+    start = time.perf_counter()
+    answer = _answer(page, paths)
+    page.answered(len(paths), len(answer[-1] or []), time.perf_counter() - start)
+    return answer
+
+
+def _answer(page: Page, paths: list[str]) -> tuple:
     from leakpipe.pipeline.engine.images import BadImage, load_image
     from leakpipe.stages.attribute import attribute
 
-    paths = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files] if files else [])]
     empty = ("", None, None, None, None)
-    if not paths:
-        return ("Drop one or more images above.", *empty)
     good, bad = [], []
     for p in paths:
         try:
@@ -144,8 +174,6 @@ def analyse(page: Page, files) -> tuple:
         return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
     try:
         results = attribute(page.att, page.ws_cfg, [Path(p) for p in good], page.top, page.label)
-        for r in results:  # as `attribute --json` gives them
-            r["code_differs"] = page.code_differs
     except UserError as exc:
         return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
     except Exception as exc:  # the server keeps serving; the details go to its log, not the page
@@ -154,6 +182,7 @@ def analyse(page: Page, files) -> tuple:
                 "keeps working, and the server's log has the details.", *empty)
     for r, p in zip(results, good):
         r["image"] = Path(p).name  # the upload's own name, not the server's temporary path
+        r["code_differs"] = page.code_differs
     status = f"Attributed {len(results)} of {len(paths)} images with {_md(page.att.name)}, VAE {_md(page.att.cfg.vae.source)}."
     if bad:
         status += f" Not attributed:\n\n{problems}"
@@ -240,5 +269,6 @@ def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int
          f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}"
          + (" (Ctrl+C stops)" if block else ""))
     if block:
-        demo.block_thread()
+        demo.block_thread()  # until Ctrl+C
+        echo(page.summary())
     return demo, url

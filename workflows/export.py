@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +27,34 @@ from leakpipe.stages.attribute import code_identity, from_result
 from leakpipe.workflows.app import space_files
 
 
-def export(g: Graph, run: str, dest: Path) -> Path:
+@dataclass
+class Exported:
+    """What `export` wrote: the folder, its files, and how long it took."""
+    run: str
+    result: str
+    dest: Path
+    files: list[str]
+    seconds: float
+
+    def summary(self) -> str:
+        size = sum((self.dest / f).stat().st_size for f in self.files)
+        return (f"export {self.run}: result {self.result[:12]} -> {self.dest}, {len(self.files)} files "
+                f"({', '.join(self.files)}), {size / 1e6:.1f} MB in {self.seconds:.1f} s; attribute with "
+                f"`leakpipe attribute --model {self.dest} IMAGE...`, serve a web page with `leakpipe app "
+                f"--model {self.dest}`, or push the folder as a Hugging Face Space (see the docs' user guide)")
+
+
+def export(g: Graph, run: str, dest: Path, log=print) -> Exported:
     """Write the scored run's attributor to `dest` (a new or empty folder)."""
+    start = time.perf_counter()
     ws, ws_cfg = g.ws, g.cfg
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} is not empty; export into a new folder")
+    log(f"export {run}: reading the result and its closed training embeddings")
     att = from_result(g, run, "cpu")
     out = runs.pointed(ws, run)
+    log(f"export {run}: checking result {out.name[:12]} against its lock")
     trained_lock(out, deep=True)  # a damaged model is refused, never exported
     lat = g.plan("encode", ws_cfg.score.closed, cfg=run_config(out, ws_cfg)).data
     dest.mkdir(parents=True, exist_ok=True)
@@ -41,6 +63,7 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
     files = list(att_lib.FILES)
     if att.model.prototypes is not None:
+        log(f"export {run}: the prototype gallery (the training images each prototype wins, from {lat.manifest.name})")
         save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
         files.append(att_lib.GALLERY)
     # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
@@ -60,7 +83,7 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
     for name, text in space_files().items():  # not checksummed: a Space owner may edit them
         (dest / name).write_text(text)
-    return dest
+    return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
 
 
 def _gallery(att, manifest) -> dict:

@@ -82,18 +82,34 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def files_changed(old: list, new: list, changed: str = "file") -> str:
+def files_changed(old: list, new: list, changed: str = "file", unit: str = "row") -> str:
     """'12 rows added, 3 files changed, 1 row removed' (or 'rows reordered') between two row lists."""
     was, now = dict(map(tuple, old)), dict(map(tuple, new))
     added, removed = len(now.keys() - was.keys()), len(was.keys() - now.keys())
     n_changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
-    parts = [f"{_plural(added, 'row')} added" if added else "",
+    parts = [f"{_plural(added, unit)} added" if added else "",
              f"{_plural(n_changed, changed)} changed" if n_changed else "",
-             f"{_plural(removed, 'row')} removed" if removed else ""]
+             f"{_plural(removed, unit)} removed" if removed else ""]
     words = ", ".join(p for p in parts if p)
     if not words and [r[0] for r in old] != [r[0] for r in new]:
         words = "rows reordered"
     return words or "unchanged"
+
+
+VAE_FILES = "vae files"  # stage one's files input: [[weights file name, hash], ..., ["config.json", hash]]
+
+
+def _encoder_kind(vae_files: list) -> str:
+    """A VAE has weight files; `vae.source = pixels` has its config alone (no encoder to weigh)."""
+    return "VAE" if any(name != "config.json" for name, _ in vae_files) else "pixels (no encoder)"
+
+
+def _files_reason(key: str, old: list, new: list) -> str:
+    if key == VAE_FILES and old and new and _encoder_kind(old) != _encoder_kind(new):
+        return f"{_encoder_kind(old)} -> {_encoder_kind(new)}"  # to or from vae.source = pixels
+    if key == VAE_FILES:
+        return f"{key}: {files_changed(old, new, 'file', unit='file')}"
+    return f"{key}: {files_changed(old, new, 'row' if key.startswith('labels') else 'file')}"
 
 
 def explain(old: dict, new: Inputs) -> list[str]:
@@ -105,7 +121,7 @@ def explain(old: dict, new: Inputs) -> list[str]:
     reasons += [f"{k}: {_show(_setting(was, k))} -> {_show(_setting(new.config, k))}"
                 for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]
     files = old.get("files", {})
-    reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []), 'row' if k.startswith('labels') else 'file')}"
+    reasons += [_files_reason(k, files.get(k, []), new.files.get(k, []))
                 for k in sorted(set(files) | set(new.files)) if files.get(k) != new.files.get(k)]
     ups = old.get("upstream", {})
     for name in sorted(set(ups) | set(new.upstream)):
