@@ -1,6 +1,7 @@
 """The README front page and the documentation site's sources: the README's commands are what CI
 runs, its links resolve, and the docs stay optional (mkdocs builds the site in .ci/run; nothing in
 leakpipe imports it)."""
+
 import re
 from pathlib import Path
 

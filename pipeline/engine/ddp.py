@@ -6,6 +6,7 @@ On CUDA, BatchNorm becomes SyncBatchNorm so a step matches the single-process st
 SyncBatchNorm does not exist, so each rank normalises with its shard's statistics (the one
 documented difference from a single process). Rank 0 writes checkpoints, the model and embeddings.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,6 @@ def setup(device_name: str):
     import torch
     import torch.distributed as dist
 
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world == 1:
@@ -81,7 +81,9 @@ def wrap(model, ctx: Ddp, device):
         return model
     if device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def unwrap(model):
