@@ -340,7 +340,7 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-STAGE = Stage("encode", KEYS, CODE, plan, work)
+STAGE = Stage("encode", KEYS, CODE, plan, work, deep=False)
 
 
 def run(graph: Graph, split: str, log=print) -> EncodeResult:

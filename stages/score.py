@@ -249,6 +249,7 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
         command=command,
         facts={"result": out.name},
         data=Scoring(run, out, g),
+        guard=lambda: trained_lock(out, deep=True),  # a damaged model is refused, never scored
     )
 
 

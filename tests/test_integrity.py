@@ -363,8 +363,8 @@ def test_damaged_checkpoint_is_detected_not_resumed(tmp_path):
 def test_train_restarts_a_result_whose_checkpoint_is_damaged(ws):
     more = [*FAST, "model.embed_dim=4"]
     plan = graph(Workspace(ws), Workspace(ws).config(None, more)).plan("train", "default")
-    (plan.result / "checkpoint").mkdir(parents=True)
-    (plan.result / "checkpoint" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    (plan.data.result / "checkpoint").mkdir(parents=True)
+    (plan.data.result / "checkpoint" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     out = ok(ws, "train", *[a for s in more for a in ("--set", s)])
     assert "checkpoint" in out and "damaged" in out and "training this result from the start" in out
 

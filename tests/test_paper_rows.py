@@ -101,7 +101,7 @@ def test_first_conv_adaptation_and_its_errors(tmp_path):
     torch.testing.assert_close(
         model.backbone.conv1.weight, adapt_state(src.state_dict(), model.backbone)[0]["conv1.weight"]
     )
-    save_file({"conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "bad.safetensors")
+    save_file({"conv1.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "bad.safetensors")  # 32 filters, not 64
     with pytest.raises(UserError, match=r"bad.safetensors does not fit model.backbone.*conv1.weight"):
         init_backbone(model, tmp_path / "bad.safetensors")
 

@@ -34,6 +34,9 @@ class Stage:
     plan: Callable[..., "Plan"]
     work: Callable[["Plan", Config, Callable, Verdict], "Done"]
     implicit: bool = False  # a downstream stage's runner may run it (cheap and deterministic: embed)
+    # its outputs are hashed before they are vouched for; encode's are not (a store of a million rows):
+    # every reader checks each row's checksum as it reads, and encode re-encodes what a reader reported
+    deep: bool = True
 
     def code_identity(self):
         """What a lock records of this stage's code: its legacy label or the identity (code.py)."""
@@ -70,6 +73,7 @@ class Plan:
     facts: dict = field(default_factory=dict)  # for status: vae, store, result
     extra_checks: list[Callable[[Verdict], Verdict]] = field(default_factory=list)
     finish: Callable[[], None] | None = None  # after the work or when up to date (point a run name)
+    guard: Callable[[], None] | None = None  # raises if an input it reads is damaged, up to date or not
     replan: Callable[[], "Plan"] | None = None  # the same instance planned again (upstream has changed)
     writes: bool = True  # False on DDP ranks other than 0: they work but never lock or write
     data: Any = None  # what the stage's work and its downstream read (graph.Latents for encode)
@@ -94,7 +98,7 @@ def upstream_ready(plan: Plan, cfg: Config, log, implicit: frozenset[str]) -> bo
     first for any other. True if anything ran."""
     ran = False
     for up in plan.upstream:
-        verdict = up.check(deep=True)
+        verdict = up.check(deep=up.stage.deep)
         if verdict.up_to_date:
             continue
         if up.inputs is not None and (up.stage.implicit or up.stage.name in implicit):
@@ -123,7 +127,9 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
     with exclusive(plan.writer_lock, plan.title) if plan.writes else nullcontext():
         if plan.writes and plan.sweep is not None:
             plan.sweep()  # none of its writers can be alive under this lock
-        verdict = plan.check(deep=True)  # again, now that no other writer can change it
+        if plan.guard is not None:
+            plan.guard()  # a damaged input is refused before anything is vouched for
+        verdict = plan.check(deep=plan.stage.deep)  # again, now that no other writer can change it
         if verdict.up_to_date:
             done = Done(None)
         else:
