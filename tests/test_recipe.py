@@ -226,7 +226,7 @@ def test_crops_train_and_tiles_evaluate_through_the_stage(rws):
     m = score.run(graph(ws, cfg), "crop", log=lambda m: None).metrics
     assert 0 <= m["closed"]["raw"]["head"]["top1"] <= 1 and "prototypes" in m
     image = ws.root / "data" / "closed" / "closed00" / "00000.png"
-    got = attribute.run(ws, cfg, [image], "crop")
+    got = attribute.run(graph(ws, cfg), [image], "crop")
     assert got[0]["top"][0]["generator"] in m["classes"]
     with pytest.raises(Exception, match="train.crop = 16 is not smaller"):
         _train(rws, "crop-big", ["train.epochs=1", "train.crop=16"])
