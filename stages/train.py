@@ -110,8 +110,8 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     lat = lat_plan.data
     files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
     init = init_file(ws, cfg) if cfg.model.init else None
-    if init:  # the starting weights are an input: a changed file retrains
-        files[f"model.init {cfg.model.init}"] = hash_file(init)
+    if init:  # the starting weights are an input: a changed file retrains ([[path, hash]], like every file list)
+        files["model.init file"] = [[cfg.model.init, hash_file(init)]]
     inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files,
                     STAGE.code_identity())
     result = runs.result_dir(ws, inputs.fingerprint())

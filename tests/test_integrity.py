@@ -389,3 +389,25 @@ def test_seeds_exclude_and_split_errors_name_what_to_change(ws):
     (ws / "manifests" / "broken.csv").write_text(lines)
     r = cli(ws, "train", "--set", "train.split=broken", *SETS)
     assert r.exit_code != 0 and "10 problem(s): line 4: file not found" in r.output and "(7 more)" in r.output
+
+
+def test_model_init_on_a_run_name_trained_before_then_status_score_and_retrain(ws):
+    import torch
+    from safetensors.torch import save_file
+
+    from leakpipe.pipeline.nn.backbones import ResNet
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in ResNet("resnet18", 3, num_classes=1000).state_dict().items()},
+              ws / "rn18.safetensors")
+    init = [*SETS, "--set", "model.init=rn18.safetensors"]
+    assert "training because" in ok(ws, "train", *init)  # `default` was trained before, without init
+    lock = json.loads((runs.pointed(Workspace(ws), "default") / "train.lock.json").read_text())
+    assert lock["inputs"]["files"]["model.init file"] == [["rn18.safetensors", lock["inputs"]["files"]["model.init file"][0][1]]]
+    assert "train  default         up to date" in ok(ws, "status", *init)
+    ok(ws, "score", *init)
+    assert "up to date, nothing to do" in ok(ws, "train", *init)
+    said = ok(ws, "status", *SETS)  # the workspace without init: the name's result differs in it
+    assert "model.init: rn18.safetensors -> ;" in said and "model.init file: 1 row removed" in said
+    flip(ws / "rn18.safetensors", at=-5)
+    assert "model.init file: 1 file changed" in ok(ws, "status", *init)
