@@ -149,11 +149,14 @@ def embed(ws, cfg, run_name, splits):
 @click.option("--allow-code-change", is_flag=True, help="Attribute with an exported attributor whose code (encode "
               "and embed stages) differs from this leakpipe's; each result says so.")
 @_workspace_options
-def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change):
-    """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
+def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change, config_file,
+              overrides, profile):
+    """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation.
+    The attributor's own preprocessing is used; --set preprocess.max_pixels raises its size guard."""
     from leakpipe.stages import attribute as stage, graph
 
-    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change)
+    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change,
+                        overrides)
     click.echo(json.dumps(results, indent=1) if as_json else stage.format_text(results))
 
 

@@ -124,7 +124,7 @@ def _result_markdown(r: dict) -> str:
 def analyse(page: Page, files) -> tuple:
     """The page's answer to an upload: (status, results, a_t rows, gated-feature rows, gallery, JSON).
     Files that cannot be attributed are named in the status with the reason; the others are attributed."""
-    from leakpipe.pipeline.engine.images import BadImage, load_image
+    from leakpipe.pipeline.engine.images import BadImage, read_image
     from leakpipe.stages.attribute import attribute
 
     paths = [str(f) for f in (files if isinstance(files, (list, tuple)) else [files] if files else [])]
@@ -134,7 +134,7 @@ def analyse(page: Page, files) -> tuple:
     good, bad = [], []
     for p in paths:
         try:
-            load_image(p, page.att.cfg.preprocess)
+            read_image(p, page.att.cfg.preprocess)
             good.append(p)
         except (BadImage, OSError) as exc:
             bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")
