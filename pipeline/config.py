@@ -3,6 +3,7 @@
 Each stage fingerprints only the sections that change its outputs (see `section_hash`), so
 execution knobs such as batch size or worker count never invalidate a cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -222,13 +223,28 @@ CHOICES = {
 }
 # Keys added after results were first stored, with the default that reproduces the earlier behaviour:
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
-ADDED_KEYS = {"features.standardize": True, "features.dct_stats": "per_channel", "model.init": "",
-              "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": [],
-              "compute.precision": "fp32", "model.stem": "imagenet", "model.prototype_init": "random",
-              "train.lr_schedule": "constant", "train.warmup_epochs": 0, "train.ema_half_life": 0.0,
-              "train.label_smoothing": 0.0, "train.augment": [], "train.crop": 0, "train.select": "val_auc",
-              "train.prototype_pull": 0.0, "diffusion.noise": True,
-              "features.highpass": "none"}
+ADDED_KEYS = {
+    "features.standardize": True,
+    "features.dct_stats": "per_channel",
+    "model.init": "",
+    "model.gate": "linear",
+    "train.time_dropout": 0.0,
+    "train.entropy_penalty": 0.0,
+    "train.exclude": [],
+    "compute.precision": "fp32",
+    "model.stem": "imagenet",
+    "model.prototype_init": "random",
+    "train.lr_schedule": "constant",
+    "train.warmup_epochs": 0,
+    "train.ema_half_life": 0.0,
+    "train.label_smoothing": 0.0,
+    "train.augment": [],
+    "train.crop": 0,
+    "train.select": "val_auc",
+    "train.prototype_pull": 0.0,
+    "diffusion.noise": True,
+    "features.highpass": "none",
+}
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
@@ -237,28 +253,46 @@ TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
 # (key, lowest, highest, what is allowed), checked on load; None = unbounded on that side
 RANGES = [
-    ("preprocess.size", 8, None, ">= 8 pixels"), ("preprocess.max_pixels", 1, None, ">= 1"),
+    ("preprocess.size", 8, None, ">= 8 pixels"),
+    ("preprocess.max_pixels", 1, None, ">= 1"),
     ("store.chunk_rows", 1, None, ">= 1"),
-    ("encode.batch_size", 1, None, ">= 1"), ("encode.num_workers", -1, None, ">= 0, or -1 (auto)"),
-    ("encode.torch_threads", 0, None, ">= 0"), ("encode.workers", 0, None, ">= 0"),
-    ("latent.scale", 0, None, "> 0 and finite"), ("diffusion.num_steps", 1, None, ">= 1"),
-    ("features.dct_k", 1, None, ">= 1"), ("model.embed_dim", 1, None, ">= 1"),
-    ("model.prototypes_per_class", 1, None, ">= 1"), ("model.tau", 0, None, "> 0 and finite"),
-    ("train.epochs", 1, None, ">= 1"), ("train.batch_size", 1, None, ">= 1"),
-    ("train.lr", 0, None, "> 0 and finite"), ("train.weight_decay", 0, None, ">= 0 and finite"),
-    ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
-    ("train.shuffle_chunks", 1, None, ">= 1"), ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
-    ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("train.warmup_epochs", 0, None, ">= 0"),
+    ("encode.batch_size", 1, None, ">= 1"),
+    ("encode.num_workers", -1, None, ">= 0, or -1 (auto)"),
+    ("encode.torch_threads", 0, None, ">= 0"),
+    ("encode.workers", 0, None, ">= 0"),
+    ("latent.scale", 0, None, "> 0 and finite"),
+    ("diffusion.num_steps", 1, None, ">= 1"),
+    ("features.dct_k", 1, None, ">= 1"),
+    ("model.embed_dim", 1, None, ">= 1"),
+    ("model.prototypes_per_class", 1, None, ">= 1"),
+    ("model.tau", 0, None, "> 0 and finite"),
+    ("train.epochs", 1, None, ">= 1"),
+    ("train.batch_size", 1, None, ">= 1"),
+    ("train.lr", 0, None, "> 0 and finite"),
+    ("train.weight_decay", 0, None, ">= 0 and finite"),
+    ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"),
+    ("train.patience", 0, None, ">= 0"),
+    ("train.shuffle_chunks", 1, None, ">= 1"),
+    ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
+    ("train.entropy_penalty", 0, None, ">= 0 and finite"),
+    ("train.warmup_epochs", 0, None, ">= 0"),
     ("train.prototype_pull", 0, None, ">= 0 and finite (0 = off)"),
     ("train.ema_half_life", 0, None, ">= 0 and finite (0 = off)"),
-    ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"), ("train.crop", 0, None, ">= 0 (0 = off)"), ("score.maha_floor", 0, None, ">= 0 and finite"),
-    ("train.seed", 0, 2 ** 32 - 1, "an integer from 0 to 2**32 - 1"),
-    ("train.eval_seed", 0, 2 ** 32 - 1, "an integer from 0 to 2**32 - 1"),
-    ("score.seed", 0, 2 ** 32 - 1, "an integer from 0 to 2**32 - 1"),
+    ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"),
+    ("train.crop", 0, None, ">= 0 (0 = off)"),
+    ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("train.seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
+    ("train.eval_seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
+    ("score.seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
-    ("score.kde_folds", 2, None, ">= 2"), ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"), ("score.baseline_max_side", 8, None, ">= 8 pixels"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("score.kde_folds", 2, None, ">= 2"),
+    ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
+    ("score.baseline_max_side", 8, None, ">= 8 pixels"),
+    ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"),
+    ("score.unseen_tpr", 0, 1, "between 0 and 1"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
-    ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
+    ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"),
+    ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
 _STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what compute.device and encode.device take
@@ -275,9 +309,15 @@ def validation_problems(cfg: Config) -> list[str]:
         if bad:
             out.append(f"{key} = {v!r}: must be {allowed}")
     d = cfg.diffusion
-    if not d.timesteps or any(not 0 <= t < d.num_steps for t in d.timesteps) or len(set(d.timesteps)) != len(d.timesteps):
-        out.append(f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
-                   "(diffusion.num_steps - 1), at least one")
+    if (
+        not d.timesteps
+        or any(not 0 <= t < d.num_steps for t in d.timesteps)
+        or len(set(d.timesteps)) != len(d.timesteps)
+    ):
+        out.append(
+            f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
+            "(diffusion.num_steps - 1), at least one"
+        )
     for key, v in (("compute.device", cfg.compute.device), ("encode.device", cfg.encode.device)):
         if not DEVICE.fullmatch(v):
             out.append(f"{key} = {v!r}: must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N")
@@ -304,16 +344,37 @@ def valid_keys() -> list[str]:
 # method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
 # ambiguities resolved as the README says. `authors-code`: the defaults of the authors' released
 # pipeline/train_eval.py, each checked there (README: "Profiles").
-_PAPER = ("model.stem=imagenet", "model.prototype_init=random", "train.lr_schedule=constant",
-          "train.warmup_epochs=0", "train.ema_half_life=0", "train.label_smoothing=0", "train.select=val_auc")
+_PAPER = (
+    "model.stem=imagenet",
+    "model.prototype_init=random",
+    "train.lr_schedule=constant",
+    "train.warmup_epochs=0",
+    "train.ema_half_life=0",
+    "train.label_smoothing=0",
+    "train.select=val_auc",
+)
 PROFILES: dict[str, tuple[str, ...]] = {
     "leakpipe": (),
     "paper": _PAPER,
     "authors-code": (
-        *_PAPER, "diffusion.schedule=linear", "diffusion.timesteps=0", "model.prototypes_per_class=6",
-        "features.dct_map=none", "features.standardize=false", "model.tau_learnable=true", "model.tau=1.0",
-        "model.gate=mlp", "train.time_dropout=0.3", "train.entropy_penalty=0.1", "train.lr=3e-4",
-        "train.batch_size=16", "train.epochs=10", "train.select=val_loss", "train.patience=10", "train.seed=42",
-        "train.grad_clip=5.0"),
+        *_PAPER,
+        "diffusion.schedule=linear",
+        "diffusion.timesteps=0",
+        "model.prototypes_per_class=6",
+        "features.dct_map=none",
+        "features.standardize=false",
+        "model.tau_learnable=true",
+        "model.tau=1.0",
+        "model.gate=mlp",
+        "train.time_dropout=0.3",
+        "train.entropy_penalty=0.1",
+        "train.lr=3e-4",
+        "train.batch_size=16",
+        "train.epochs=10",
+        "train.select=val_loss",
+        "train.patience=10",
+        "train.seed=42",
+        "train.grad_clip=5.0",
+    ),
 }
 DEFAULT_PROFILE = "leakpipe"

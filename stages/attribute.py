@@ -4,6 +4,7 @@ Uses a scored run: its VAE config encodes the images exactly as stage one would 
 same stored dtype), each image gets the seeded eval noise of its content hash, and the unseen-generator
 threshold and KDE bandwidth come from the run's metrics.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,19 +64,33 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     rows = []
     for i in range(len(out.logits)):
         w, h = out.w[i], out.h_bar[i]
-        e = {"a_t": out.a_t[i].tolist(),
-             "top_gated_features": [{"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])}
-                                    for d in w.argsort(descending=True)[:top]]}
+        e = {
+            "a_t": out.a_t[i].tolist(),
+            "top_gated_features": [
+                {"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])} for d in w.argsort(descending=True)[:top]
+            ],
+        }
         if pi_cm is not None:
             c = int(out.logits[i].argmax())
             m = int(pi_cm[i, c].argmax())
             p = prototypes[c, m]
             e["responsibilities"] = {g: pi_cm[i, k].tolist() for k, g in enumerate(classes)}
             e["winning_prototype"] = {
-                "generator": classes[c], "index": m, "responsibility": float(pi_cm[i, c, m]),
+                "generator": classes[c],
+                "index": m,
+                "responsibility": float(pi_cm[i, c, m]),
                 "distance": float(out.distances[i, c, m]),
-                "top_contributions": [{"dim": int(d), "r": float(r[i, d]), "w": float(w[d]), "h_bar": float(h[d]),
-                                       "prototype": float(p[d])} for d in r[i].argsort(descending=True)[:top]]}
+                "top_contributions": [
+                    {
+                        "dim": int(d),
+                        "r": float(r[i, d]),
+                        "w": float(w[d]),
+                        "h_bar": float(h[d]),
+                        "prototype": float(p[d]),
+                    }
+                    for d in r[i].argsort(descending=True)[:top]
+                ],
+            }
         rows.append(e)
     return rows
 
@@ -90,27 +105,44 @@ def from_result(g: Graph, run: str, device) -> Attributor:
     ws, ws_cfg = g.ws, g.cfg
     out = runs.pointed(ws, run)
     if out is None or not (out / "metrics.json").exists():
-        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
-                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
+        raise UserError(
+            f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
+            f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)"
+        )
     m = json.loads((out / "metrics.json").read_text())
     model, build, classes, cfg = load_trained(out, device)
     closed, _ = load_split(ws, out, ws_cfg.score.closed)
     tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
     reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
-    return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
-                      out.name, base=ws.root, rows=tr.ids["row"])
+    return Attributor(
+        model,
+        build,
+        classes,
+        cfg,
+        reference,
+        m["unseen_threshold"],
+        f"run {run} (result {out.name})",
+        out.name,
+        base=ws.root,
+        rows=tr.ids["row"],
+    )
 
 
 def check_code(att: Attributor, current: dict, allow: bool) -> list[str]:
     """An exported attributor's code (its encode and embed stages) against this leakpipe's: refused
     when they differ, unless `allow`; then the differences are returned, to be stated with each result."""
-    differ = [f"{stage}: {w}" for stage, now in current.items()
-              for w in code_id.changed((att.code or {}).get(stage, "unrecorded"), now)]
+    differ = [
+        f"{stage}: {w}"
+        for stage, now in current.items()
+        for w in code_id.changed((att.code or {}).get(stage, "unrecorded"), now)
+    ]
     if differ and not allow:
-        raise UserError(f"{att.name} was exported by a leakpipe whose code differs from this one's "
-                        f"({'; '.join(differ)}); its threshold and metrics were measured with that code. Export it "
-                        "again with this version, or pass --allow-code-change to attribute with it anyway "
-                        "(each result then says so)")
+        raise UserError(
+            f"{att.name} was exported by a leakpipe whose code differs from this one's "
+            f"({'; '.join(differ)}); its threshold and metrics were measured with that code. Export it "
+            "again with this version, or pass --allow-code-change to attribute with it anyway "
+            "(each result then says so)"
+        )
     return differ
 
 
@@ -123,18 +155,31 @@ def preprocess_for(att: Attributor, overrides=()):
     given = [o for o in overrides if parse_override(o)[0].startswith("preprocess.")]
     guard = [o for o in given if parse_override(o)[0] == "preprocess.max_pixels"]
     wanted = with_overrides(att.cfg, given).preprocess
-    differ = [f"{k} = {getattr(att.cfg.preprocess, k)!r}" for k, v in vars(wanted).items()
-              if k != "max_pixels" and v != getattr(att.cfg.preprocess, k)]
+    differ = [
+        f"{k} = {getattr(att.cfg.preprocess, k)!r}"
+        for k, v in vars(wanted).items()
+        if k != "max_pixels" and v != getattr(att.cfg.preprocess, k)
+    ]
     if differ:
-        raise UserError(f"--set {', '.join(o for o in given if o not in guard)}: {att.name} was trained on images "
-                        f"preprocessed with preprocess.{', preprocess.'.join(differ)}, and attributing must "
-                        "preprocess as training did (its encoder fingerprint holds these settings). Leave them out; "
-                        "only preprocess.max_pixels, a size guard, may be set for attribute")
+        raise UserError(
+            f"--set {', '.join(o for o in given if o not in guard)}: {att.name} was trained on images "
+            f"preprocessed with preprocess.{', preprocess.'.join(differ)}, and attributing must "
+            "preprocess as training did (its encoder fingerprint holds these settings). Leave them out; "
+            "only preprocess.max_pixels, a size guard, may be set for attribute"
+        )
     return dataclasses.replace(att.cfg.preprocess, max_pixels=wanted.max_pixels)
 
 
-def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: str | None = None,
-        vae: str | None = None, allow_code_change: bool = False, overrides=()) -> list[dict]:
+def run(
+    g: Graph,
+    paths: list[Path],
+    run: str = "default",
+    top: int = 3,
+    model: str | None = None,
+    vae: str | None = None,
+    allow_code_change: bool = False,
+    overrides=(),
+) -> list[dict]:
     """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
     folder or Hub id). The workspace config gives the device and the score settings; the model, VAE
     and preprocessing come from the attributor's own config (`vae` overrides where its VAE is, and
@@ -152,8 +197,9 @@ def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: 
     return results
 
 
-def load_exported(model: str, vae: str | None, device, allow_code_change: bool = False,
-                  log=lambda msg: None) -> tuple[Attributor, list[str]]:
+def load_exported(
+    model: str, vae: str | None, device, allow_code_change: bool = False, log=lambda msg: None
+) -> tuple[Attributor, list[str]]:
     """An exported attributor (folder or Hub id) with every file checked, its code compared with this
     leakpipe's (see check_code) and its VAE (`vae` overrides the recorded one) checked against the
     recorded encoder fingerprint: what `attribute --model` and `app` use. (attributor, code differences)."""
@@ -191,12 +237,22 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
     results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
         order = probs[i].argsort(descending=True)[:top]
-        results.append({
-            "image": str(p), "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
-            "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
-            "kde_log_density": float(log_density[i]), "unseen_threshold": u["log_density_threshold"],
-            "unseen_generator": bool(log_density[i] < u["log_density_threshold"]), "explanation": why,
-            "attributor": att.name, "run": label, "result": att.result, "vae": cfg.vae.source, "timesteps": cfg.diffusion.timesteps})
+        results.append(
+            {
+                "image": str(p),
+                "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
+                "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
+                "kde_log_density": float(log_density[i]),
+                "unseen_threshold": u["log_density_threshold"],
+                "unseen_generator": bool(log_density[i] < u["log_density_threshold"]),
+                "explanation": why,
+                "attributor": att.name,
+                "run": label,
+                "result": att.result,
+                "vae": cfg.vae.source,
+                "timesteps": cfg.diffusion.timesteps,
+            }
+        )
     return results
 
 
@@ -207,20 +263,30 @@ def format_text(results: list[dict]) -> str:
     timesteps = results[0]["timesteps"] if results else []
     for r in results:
         flag = "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
-        lines += [r["image"],
-                  "  top: " + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
-                  f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
-                  f"  KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: {flag}",
-                  "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
-                  "  top gated features: " + ", ".join(f"#{f['dim']} (w {f['w']:.2f})"
-                                                       for f in r["explanation"]["top_gated_features"])]
+        lines += [
+            r["image"],
+            "  top: " + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
+            f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
+            f"  KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: {flag}",
+            "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
+            "  top gated features: "
+            + ", ".join(f"#{f['dim']} (w {f['w']:.2f})" for f in r["explanation"]["top_gated_features"]),
+        ]
         p = r["explanation"].get("winning_prototype")
         if p:
-            lines.append(f"  winning prototype: {p['generator']} #{p['index']} "
-                         f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})")
-            lines.append(f"  responsibilities of {p['generator']}'s prototypes: " + ", ".join(
-                f"#{m} {v:.3f}" for m, v in enumerate(r["explanation"]["responsibilities"][p["generator"]])))
-            lines.append("  features that set its distance (r = w (h_bar - p)^2): " + ", ".join(
-                f"#{f['dim']} r {f['r']:.3f} (w {f['w']:.2f}, h_bar {f['h_bar']:.2f}, p {f['prototype']:.2f})"
-                for f in p["top_contributions"]))
+            lines.append(
+                f"  winning prototype: {p['generator']} #{p['index']} "
+                f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})"
+            )
+            lines.append(
+                f"  responsibilities of {p['generator']}'s prototypes: "
+                + ", ".join(f"#{m} {v:.3f}" for m, v in enumerate(r["explanation"]["responsibilities"][p["generator"]]))
+            )
+            lines.append(
+                "  features that set its distance (r = w (h_bar - p)^2): "
+                + ", ".join(
+                    f"#{f['dim']} r {f['r']:.3f} (w {f['w']:.2f}, h_bar {f['h_bar']:.2f}, p {f['prototype']:.2f})"
+                    for f in p["top_contributions"]
+                )
+            )
     return "\n".join(lines)

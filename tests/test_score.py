@@ -1,5 +1,6 @@
 """Stage three and `attribute` on a tiny trained run: outputs, numbers recomputed from the stores,
 idempotence and staleness, embedding on demand, the dual flag, errors."""
+
 import json
 import re
 import shutil
@@ -31,7 +32,8 @@ def sws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        '[train]\nbatch_size = 16\n')
+        "[train]\nbatch_size = 16\n"
+    )
     ws = Workspace(root)
     for split in ("closed", "closed-pp", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)
@@ -66,8 +68,10 @@ def test_metrics_report_and_figures(sws):
         assert o["cv"]["bandwidth"] == o["bandwidth"]
     assert "dual" not in m["open"]
     # every headline number carries its 95% interval, around it, and the chance level beside it
-    for r, keys in ((m["closed"]["raw"]["head"], ("top1", "balanced_accuracy", "macro_auc")),
-                    (m["open"]["gating_off"], ("auroc", "eer", "fpr_at_95tpr"))):
+    for r, keys in (
+        (m["closed"]["raw"]["head"], ("top1", "balanced_accuracy", "macro_auc")),
+        (m["open"]["gating_off"], ("auroc", "eer", "fpr_at_95tpr")),
+    ):
         for k in keys:
             lo, hi = r["ci"][k]
             assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
@@ -78,7 +82,9 @@ def test_metrics_report_and_figures(sws):
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"]["top5"] is None  # 4 classes
     b = m["baselines"]  # beside the model on the same images: chance, forensic pixels, a probe on z0
-    assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(m["closed"]["raw"]["head"]["top1"])
+    assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(
+        m["closed"]["raw"]["head"]["top1"]
+    )
     assert 0 <= b["z0_probe_minus_forensic"]["p"] <= 1 and b["forensic_max_side"] == 512
     for key in ("forensic", "z0_probe"):
         lo, hi = b[key]["ci"]["top1"]
@@ -91,8 +97,18 @@ def test_metrics_report_and_figures(sws):
     u = m["unseen_threshold"]
     assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval",
-                    "| forensic pixel baseline |", "| linear probe on z0 |", "Prototypes:"):
+    for heading in (
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "step2",
+        "gating_on",
+        "| chance |",
+        "95% bootstrap interval",
+        "| forensic pixel baseline |",
+        "| linear probe on z0 |",
+        "Prototypes:",
+    ):
         assert heading in report
     robustness = report.split("## Table 2")[1].split("## Table 3")[0]  # every cell with its interval
     assert robustness.count(" [") == 2 * 2 * len(m["closed"]) and "Per-class" in report.split("## Table 2")[0]
@@ -180,8 +196,16 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert card.startswith("---\n") and "\nlibrary_name: leakpipe\n" in card and "model-index:" in card
     assert "Random-weight VAE" in card and "\nsdk: gradio\n" in card and "\napp_file: app.py\n" in card  # a Space too
     assert {p.name for p in (tmp_path / "att").iterdir()} == {
-        "model.safetensors", "reference.safetensors", "gallery.safetensors", "config.json", "metrics.json",
-        "attributor.json", "README.md", "app.py", "requirements.txt"}
+        "model.safetensors",
+        "reference.safetensors",
+        "gallery.safetensors",
+        "config.json",
+        "metrics.json",
+        "attributor.json",
+        "README.md",
+        "app.py",
+        "requirements.txt",
+    }
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)
@@ -191,7 +215,15 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert out.exit_code == 0, out.output
     outside = json.loads(out.stdout)
     for a, b in zip(inside, outside):
-        for key in ("top", "mahalanobis", "kde_log_density", "unseen_threshold", "unseen_generator", "explanation", "result"):
+        for key in (
+            "top",
+            "mahalanobis",
+            "kde_log_density",
+            "unseen_threshold",
+            "unseen_generator",
+            "explanation",
+            "result",
+        ):
             assert a[key] == b[key], key
     other = tmp_path / "other-vae"
     save_random_vae(other, TINY_BLOCKS, seed=5)
@@ -253,8 +285,23 @@ def test_post_processed_steps_from_several_manifests(sws):
 def test_post_processed_copies_of_training_images_are_left_out(sws):
     """A post-processed manifest of every closed row (train and val included): its copies of images the
     model was fitted or selected on are counted and left out; only copies of test images are scored."""
-    assert cli(sws, "postprocess", "--split", "closed", "--partition", "all", "--steps", "1", "--name",
-               "closed-all", "--workers", "1").exit_code == 0
+    assert (
+        cli(
+            sws,
+            "postprocess",
+            "--split",
+            "closed",
+            "--partition",
+            "all",
+            "--steps",
+            "1",
+            "--name",
+            "closed-all",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     assert cli(sws, "encode", "--split", "closed-all").exit_code == 0
     m = json.loads(score(sws, "--json", "--set", "score.postprocessed=closed-all").stdout)
     rows = read_manifest(sws / "manifests" / "closed.csv").rows
@@ -271,11 +318,17 @@ def test_same_group_or_content_counts_as_seen():
 
     def split(name, paths, groups, contents):
         n = len(paths)
-        ids = {"path": np.array(paths, object), "group": np.array(groups, object),
-               "source": np.array([""] * n, object), "content": np.array(contents, object)}
+        ids = {
+            "path": np.array(paths, object),
+            "group": np.array(groups, object),
+            "source": np.array([""] * n, object),
+            "content": np.array(contents, object),
+        }
         return Split(name, {}, np.array(["a"] * n), np.array(["train"] * n), np.array(["raw"] * n), 0, ids)
 
-    seen = seen_in_training(split("closed", ["x.png", "y.png"], ["p1", "p2"], ["h1", "h2"]), split("closed", [], [], []))
+    seen = seen_in_training(
+        split("closed", ["x.png", "y.png"], ["p1", "p2"], ["h1", "h2"]), split("closed", [], [], [])
+    )
     mask, how = leaked(split("open", ["a.png", "b.png", "c.png"], ["p1", "p9", "p8"], ["h7", "h2", "h3"]), seen)
     assert mask.tolist() == [True, True, False] and how["group"] == 1 and how["content"] == 1
 

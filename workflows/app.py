@@ -10,6 +10,7 @@ gradio is imported only when a page is built, so the rest of leakpipe starts fas
 it. `leakpipe export` writes `app.py` and `requirements.txt` (`space_files`) into the folder, so
 that the folder runs as a Hugging Face Space unchanged.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,10 +56,12 @@ def space_files() -> dict[str, str]:
         pin = f"=={version('leakpipe')}"
     except PackageNotFoundError:  # pragma: no cover - run from a source tree that is not installed
         pin = ""
-    return {"app.py": SPACE_APP,
-            "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
-                                "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
-                                f"leakpipe[app]{pin}\n"}
+    return {
+        "app.py": SPACE_APP,
+        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
+        "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
+        f"leakpipe[app]{pin}\n",
+    }
 
 
 def _gradio():
@@ -77,6 +80,7 @@ def _stderr(msg: str) -> None:
 @dataclass
 class Page:
     """What the page serves: a loaded attributor and the settings `attribute` takes."""
+
     att: object
     ws_cfg: object
     label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
@@ -104,20 +108,37 @@ def _md(text) -> str:
 
 def _result_markdown(r: dict) -> str:
     e = r["explanation"]
-    verdict = (f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
-               f"{r['unseen_threshold']:.2f}" if r["unseen_generator"] else
-               f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}")
-    lines = [f"### {_md(r['image'])}", "", "| generator | probability |", "|---|---:|",
-             *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]], ""]
+    verdict = (
+        f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
+        f"{r['unseen_threshold']:.2f}"
+        if r["unseen_generator"]
+        else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"
+    )
+    lines = [
+        f"### {_md(r['image'])}",
+        "",
+        "| generator | probability |",
+        "|---|---:|",
+        *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]],
+        "",
+    ]
     if "prediction_set" in r:
         lines += [f"Prediction set: {', '.join(_md(g) for g in r['prediction_set'])}", ""]
-    lines += [f"Unseen-generator verdict: {verdict}.", "",
-              f"Mahalanobis: {_md(r['mahalanobis']['generator'])} (score {r['mahalanobis']['score']:.2f}).", ""]
+    lines += [
+        f"Unseen-generator verdict: {verdict}.",
+        "",
+        f"Mahalanobis: {_md(r['mahalanobis']['generator'])} (score {r['mahalanobis']['score']:.2f}).",
+        "",
+    ]
     p = e.get("winning_prototype")
     if p:
-        lines += [f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
-                  f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
-                  + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"]) + ".", ""]
+        lines += [
+            f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
+            f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
+            + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"])
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -138,7 +159,7 @@ def analyse(page: Page, files) -> tuple:
             good.append(p)
         except (BadImage, OSError) as exc:
             bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")
-    problems = ("\n".join(f"- {_md(b)}" for b in bad))
+    problems = "\n".join(f"- {_md(b)}" for b in bad)
     if not good:
         return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
     try:
@@ -147,8 +168,11 @@ def analyse(page: Page, files) -> tuple:
         return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
     except Exception as exc:  # the server keeps serving; the details go to its log, not the page
         traceback.print_exc()
-        return (f"**Something went wrong on the server** ({_md(type(exc).__name__)}: {_md(exc)}); the page "
-                "keeps working, and the server's log has the details.", *empty)
+        return (
+            f"**Something went wrong on the server** ({_md(type(exc).__name__)}: {_md(exc)}); the page "
+            "keeps working, and the server's log has the details.",
+            *empty,
+        )
     for r, p in zip(results, good):
         r["image"] = Path(p).name  # the upload's own name, not the server's temporary path
     status = f"Attributed {len(results)} of {len(paths)} images with {_md(page.att.name)}, VAE {_md(page.att.cfg.vae.source)}."
@@ -156,10 +180,19 @@ def analyse(page: Page, files) -> tuple:
         status += f" Not attributed:\n\n{problems}"
     timesteps = results[0]["timesteps"]
     a_t = [[r["image"], *[round(a, 4) for a in r["explanation"]["a_t"]]] for r in results]
-    gated = [[r["image"], f["dim"], round(f["w"], 4), round(f["h_bar"], 4)]
-             for r in results for f in r["explanation"]["top_gated_features"]]
-    return (status, "\n\n".join(_result_markdown(r) for r in results), _table(["image", *[f"t={t}" for t in timesteps]], a_t),
-            _table(["image", "feature", "w", "h_bar"], gated), _thumbnails(page, results), results)
+    gated = [
+        [r["image"], f["dim"], round(f["w"], 4), round(f["h_bar"], 4)]
+        for r in results
+        for f in r["explanation"]["top_gated_features"]
+    ]
+    return (
+        status,
+        "\n\n".join(_result_markdown(r) for r in results),
+        _table(["image", *[f"t={t}" for t in timesteps]], a_t),
+        _table(["image", "feature", "w", "h_bar"], gated),
+        _thumbnails(page, results),
+        results,
+    )
 
 
 def _table(headers: list[str], rows: list[list]) -> dict:
@@ -177,8 +210,12 @@ def _thumbnails(page: Page, results: list[dict]) -> list:
             continue
         c, m = page.att.classes.index(p["generator"]), p["index"]
         for j in range(int(page.gallery["count"][c, m])):
-            out.append((page.gallery["thumbnails"][c, m, j],
-                        f"{r['image']}: {p['generator']} prototype #{m}, nearest training image {j + 1}"))
+            out.append(
+                (
+                    page.gallery["thumbnails"][c, m, j],
+                    f"{r['image']}: {p['generator']} prototype #{m}, nearest training image {j + 1}",
+                )
+            )
     return out
 
 
@@ -189,19 +226,26 @@ def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=
     att = page.att
     log("app: building the page")
     with gr.Blocks(title=f"leakpipe: {att.result[:12]}", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
-                    f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
-                    f"training ({att.cfg.preprocess.size} px); an image whose KDE log-density falls below the "
-                    f"calibrated threshold ({att.threshold['log_density_threshold']:.2f}) is flagged as made by "
-                    "an unseen generator.")
+        gr.Markdown(
+            f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
+            f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
+            f"training ({att.cfg.preprocess.size} px); an image whose KDE log-density falls below the "
+            f"calibrated threshold ({att.threshold['log_density_threshold']:.2f}) is flagged as made by "
+            "an unseen generator."
+        )
         files = gr.File(file_count="multiple", type="filepath", label="Images (drop one or more)", elem_id="images")
         go = gr.Button("Attribute", variant="primary", elem_id="attribute")
         status = gr.Markdown(elem_id="status")
         results = gr.Markdown(elem_id="results")
         a_t = gr.Dataframe(label="a_t: temporal attention per timestep", elem_id="a_t", interactive=False)
         gated = gr.Dataframe(label="top gated features (largest w)", elem_id="gated", interactive=False)
-        near = gr.Gallery(label="winning prototype: the training images it wins, nearest first", columns=6,
-                          format="png", height="auto", elem_id="gallery")  # lossless: no webp artefacts
+        near = gr.Gallery(
+            label="winning prototype: the training images it wins, nearest first",
+            columns=6,
+            format="png",
+            height="auto",
+            elem_id="gallery",
+        )  # lossless: no webp artefacts
         raw = gr.JSON(label="all numbers (as `leakpipe attribute --json`)", elem_id="json")
         outputs = [status, results, a_t, gated, near, raw]
         go.click(lambda f: analyse(page, f), files, outputs, api_name="attribute")
@@ -213,8 +257,16 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool 
     """Serve `demo` on host:port (loopback unless told otherwise); returns the page's address. With
     `block`, serves until Ctrl+C."""
     try:
-        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                                share=False, ssr_mode=False, max_file_size=MAX_FILE_SIZE, show_error=False)
+        _, url, _ = demo.launch(
+            server_name=host,
+            server_port=port,
+            prevent_thread_lock=True,
+            quiet=True,
+            share=False,
+            ssr_mode=False,
+            max_file_size=MAX_FILE_SIZE,
+            show_error=False,
+        )
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port} ({exc}); choose another --port") from None
     if block:
@@ -222,8 +274,17 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool 
     return url
 
 
-def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, ws_cfg=None,
-          top: int = 3, log=_stderr, echo=print, block: bool = True):
+def serve(
+    model: str,
+    vae: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    ws_cfg=None,
+    top: int = 3,
+    log=_stderr,
+    echo=print,
+    block: bool = True,
+):
     """`leakpipe app`: load, build, serve, and say in one line what is served where. Returns the Blocks
     (close it with .close()) and the address."""
     log("app: loading gradio")
@@ -233,9 +294,10 @@ def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int
     log(f"app: starting the web server on {host}:{port}")
     url = launch(demo, host, port, block=False)
     att = page.att
-    echo(f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
-         f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}"
-         + (" (Ctrl+C stops)" if block else ""))
+    echo(
+        f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
+        f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}" + (" (Ctrl+C stops)" if block else "")
+    )
     if block:
         demo.block_thread()
     return demo, url

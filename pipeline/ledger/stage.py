@@ -6,6 +6,7 @@ everything else, the same way for every stage: the writer lock, sweeping what ki
 the check against the lock, the work, and writing the lock last. It walks upstream first: a stale
 upstream stage it may run is run, any other is named as the command to run first.
 """
+
 from __future__ import annotations
 
 import errno
@@ -104,8 +105,9 @@ def upstream_ready(plan: Plan, cfg: Config, log, implicit: frozenset[str]) -> bo
             log(f"{plan.title}: {up.title} left out: {'; '.join(verdict.reasons)}")
         else:
             first = verdict.blocked[0] if verdict.blocked else up.command
-            raise UserError(f"{plan.title}: {up.title} is not up to date ({'; '.join(verdict.reasons)}); "
-                            f"run `{first}` first")
+            raise UserError(
+                f"{plan.title}: {up.title} is not up to date ({'; '.join(verdict.reasons)}); run `{first}` first"
+            )
     return ran
 
 
@@ -115,8 +117,10 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
     if upstream_ready(plan, cfg, log, implicit) and plan.replan is not None:
         plan = plan.replan()  # the upstream identities it reads have changed
     if plan.inputs is None:
-        raise UserError(f"{plan.title}: {'; '.join(plan.blocked.reasons)}"
-                        + (f"; run `{plan.blocked.blocked[0]}` first" if plan.blocked.blocked else ""))
+        raise UserError(
+            f"{plan.title}: {'; '.join(plan.blocked.reasons)}"
+            + (f"; run `{plan.blocked.blocked[0]}` first" if plan.blocked.blocked else "")
+        )
     with ExitStack() as held:
         denied = _hold_writer_lock(plan, held)
         writes = plan.writes and denied is None
@@ -126,10 +130,12 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
         if verdict.up_to_date:
             done = Done(None)
         elif denied is not None:
-            raise UserError(f"{plan.title} is not up to date ({'; '.join(verdict.reasons)}), and its outputs cannot be "
-                            f"written by this user: {denied}. Run it as a user who can write there; a read-only "
-                            "cache serves the commands that only read (status, runs, verify, attribute, compare, "
-                            "and score of an up-to-date run)")
+            raise UserError(
+                f"{plan.title} is not up to date ({'; '.join(verdict.reasons)}), and its outputs cannot be "
+                f"written by this user: {denied}. Run it as a user who can write there; a read-only "
+                "cache serves the commands that only read (status, runs, verify, attribute, compare, "
+                "and score of an up-to-date run)"
+            )
         else:
             done = plan.stage.work(plan, cfg, log, verdict)
             if plan.writes and done.outputs is not None:

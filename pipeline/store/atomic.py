@@ -4,6 +4,7 @@ A reader (or a rerun after a kill) therefore sees the old version or the new one
 Files and folders are created with the permissions the umask gives (0644 and 0755 under the usual
 022), as any other tool creates them, so colleagues on a shared machine can read what leakpipe wrote.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Model files and training checkpoints: safetensors for tensors, JSON for the rest. Never pickle."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,15 +17,17 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = 
     again with the metadata keys (and their JSON values' keys) sorted; the tensors are untouched."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata={k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()})
+    data = save(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        metadata={k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()},
+    )
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     if "__metadata__" in header:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -36,7 +39,7 @@ def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata with its JSON values decoded) of a safetensors file's bytes."""
     from safetensors.torch import load
 
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     return load(data), {k: json.loads(v) for k, v in header.items()}
 
 
@@ -46,8 +49,11 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
     sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
-               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {
+        f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+    }
     return tensors, sd["param_groups"]
 
 
@@ -77,18 +83,30 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(folder: Path, model, opt, best: dict[str, torch.Tensor], state: dict,
-                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+def save_checkpoint(
+    folder: Path,
+    model,
+    opt,
+    best: dict[str, torch.Tensor],
+    state: dict,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """One file: weights, optimizer state, the best weights so far (with the feature statistics), the
     training state and `extra` named groups of tensors (the weight average), with a checksum of every
     tensor in its header. A single atomic rename, so a kill leaves the previous checkpoint or this
     one, never a mix of two epochs."""
     opt_tensors, groups = _optimizer_tensors(opt)
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
-               **{f"best.{k}": v for k, v in best.items()},
-               **{f"extra.{name}.{k}": v for name, group in (extra or {}).items() for k, v in group.items()}}
-    save_tensors(Path(folder) / CHECKPOINT, tensors,
-                 {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)})
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **opt_tensors,
+        **{f"best.{k}": v for k, v in best.items()},
+        **{f"extra.{name}.{k}": v for name, group in (extra or {}).items() for k, v in group.items()},
+    }
+    save_tensors(
+        Path(folder) / CHECKPOINT,
+        tensors,
+        {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)},
+    )
 
 
 def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, dict, dict] | None:
