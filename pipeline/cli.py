@@ -101,15 +101,15 @@ def train(ws, cfg, run_name, seeds):
     from leakpipe.workflows.pipeline import train_and_embed
 
     main_rank = launched_rank() == 0  # under torchrun only rank 0 reports
-    seed_list = _seeds(seeds) if seeds else [cfg.train.seed]
-    names = [f"{run_name}-seed{s}" for s in seed_list] if seeds else [run_name]
+    seed_list = _seeds(seeds) if seeds is not None else [cfg.train.seed]
+    names = [f"{run_name}-seed{s}" for s in seed_list] if seeds is not None else [run_name]
     for seed, name in zip(seed_list, names):
         g = graph(ws, with_overrides(cfg, [f"train.seed={seed}"]))
         if main_rank:
             click.echo(train_and_embed(g, name, log=_log).summary())
         else:
             stage.run(g, name, log=lambda msg: None)
-    if seeds and main_rank:
+    if seeds is not None and main_rank:
         runs.write_seed_group(ws, run_name, seed_list, names)
         click.echo(f"seed group {run_name}: {', '.join(names)}; `leakpipe score --run {run_name}` scores them all")
 
@@ -120,7 +120,12 @@ def _seeds(text: str) -> list[int]:
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--seeds") from None
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise click.BadParameter("give at least two distinct seeds, e.g. 0,1,2", param_hint="--seeds")
+        raise click.BadParameter(f"got {text!r}; give at least two distinct seeds, e.g. 0,1,2", param_hint="--seeds")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:  # checked before any seed trains (train.seed takes 0 to 2**32 - 1)
+        raise click.BadParameter(
+            f"{', '.join(map(str, bad))}: a seed is an integer from 0 to 2**32 - 1", param_hint="--seeds"
+        )
     return seeds
 
 
@@ -187,11 +192,14 @@ def embed(ws, cfg, run_name, splits):
     "and embed stages) differs from this leakpipe's; each result says so.",
 )
 @_workspace_options
-def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change):
-    """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
+def attribute(
+    ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change, config_file, overrides, profile
+):
+    """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation.
+    The attributor's own preprocessing is used; --set preprocess.max_pixels raises its size guard."""
     from leakpipe.stages import attribute as stage, graph
 
-    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change)
+    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change, overrides)
     click.echo(json.dumps(results, indent=1) if as_json else stage.format_text(results))
 
 

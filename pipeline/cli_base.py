@@ -35,6 +35,19 @@ def _disk_full(exc: BaseException) -> str | None:
     )
 
 
+def _denied(exc: BaseException) -> str | None:
+    """The message for a file this user may not write (permissions, a read-only file system); None otherwise."""
+    if not (isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+        return None
+    where = exc.filename or "a file"
+    return (
+        f"{where}: {exc.strerror}: this user cannot write there, and this command needs to. Run it as a user "
+        "who can write there (in a workspace: its cache/ and manifests/ folders), or choose a place of your own "
+        "(-C for another workspace); the commands that only read (status, runs, verify, attribute, compare, "
+        "and score of an up-to-date run) work on a read-only cache."
+    )
+
+
 def _friendly(fn):
     """User errors and a full disk as one-paragraph messages, never a traceback."""
 
@@ -45,7 +58,7 @@ def _friendly(fn):
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            message = _disk_full(exc)
+            message = _disk_full(exc) or _denied(exc)
             if message is None:
                 raise
             raise click.ClickException(message) from None

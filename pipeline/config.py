@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from leakpipe.pipeline.errors import UserError
@@ -281,6 +282,9 @@ RANGES = [
     ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"),
     ("train.crop", 0, None, ">= 0 (0 = off)"),
     ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("train.seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
+    ("train.eval_seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
+    ("score.seed", 0, 2**32 - 1, "an integer from 0 to 2**32 - 1"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
     ("score.kde_folds", 2, None, ">= 2"),
     ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
@@ -292,6 +296,7 @@ RANGES = [
     ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
 _STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what compute.device and encode.device take
 
 
 def validation_problems(cfg: Config) -> list[str]:
@@ -314,6 +319,9 @@ def validation_problems(cfg: Config) -> list[str]:
             f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
             "(diffusion.num_steps - 1), at least one"
         )
+    for key, v in (("compute.device", cfg.compute.device), ("encode.device", cfg.encode.device)):
+        if not DEVICE.fullmatch(v):
+            out.append(f"{key} = {v!r}: must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N")
     if not cfg.score.kde_grid or any(not (g > 0) for g in cfg.score.kde_grid):
         out.append(f"score.kde_grid = {cfg.score.kde_grid}: must be positive bandwidth factors, at least one")
     return out

@@ -7,6 +7,7 @@ threshold and KDE bandwidth come from the run's metrics.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,17 +27,20 @@ from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.engine import vae as vae_lib
 
 
-def load_images(paths: list[Path], cfg) -> np.ndarray:
+def load_images(paths: list[Path], preprocess) -> np.ndarray:
     """All images as (N, H, W, 3) uint8, or one error naming every bad path."""
-    from leakpipe.pipeline.engine.images import BadImage, load_image
+    from leakpipe.pipeline.engine.images import BadImage, read_image
 
     images, problems = [], []
     for p in paths:
+        if Path(p).is_dir():
+            problems.append(f"{p}: a folder, not an image file; give its images (e.g. {Path(p) / '*.png'})")
+            continue
         if not Path(p).is_file():
             problems.append(f"{p}: no such file")
             continue
         try:
-            images.append(load_image(p, cfg.preprocess))
+            images.append(read_image(p, preprocess))
         except BadImage as exc:
             problems.append(str(exc) if str(p) in str(exc) else f"{p}: {exc}")
     if problems:
@@ -143,6 +147,30 @@ def check_code(att: Attributor, current: dict, allow: bool) -> list[str]:
     return differ
 
 
+def preprocess_for(att: Attributor, overrides=()):
+    """The attributor's preprocessing with the `--set preprocess.*` overrides that may change: only
+    preprocess.max_pixels (a guard); any other is the attributor's own (its encoder fingerprint holds it),
+    so a different value is refused, naming the key and the attributor's value."""
+    from leakpipe.pipeline.config_files import parse_override, with_overrides
+
+    given = [o for o in overrides if parse_override(o)[0].startswith("preprocess.")]
+    guard = [o for o in given if parse_override(o)[0] == "preprocess.max_pixels"]
+    wanted = with_overrides(att.cfg, given).preprocess
+    differ = [
+        f"{k} = {getattr(att.cfg.preprocess, k)!r}"
+        for k, v in vars(wanted).items()
+        if k != "max_pixels" and v != getattr(att.cfg.preprocess, k)
+    ]
+    if differ:
+        raise UserError(
+            f"--set {', '.join(o for o in given if o not in guard)}: {att.name} was trained on images "
+            f"preprocessed with preprocess.{', preprocess.'.join(differ)}, and attributing must "
+            "preprocess as training did (its encoder fingerprint holds these settings). Leave them out; "
+            "only preprocess.max_pixels, a size guard, may be set for attribute"
+        )
+    return dataclasses.replace(att.cfg.preprocess, max_pixels=wanted.max_pixels)
+
+
 def run(
     g: Graph,
     paths: list[Path],
@@ -151,11 +179,12 @@ def run(
     model: str | None = None,
     vae: str | None = None,
     allow_code_change: bool = False,
+    overrides=(),
 ) -> list[dict]:
     """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
     folder or Hub id). The workspace config gives the device and the score settings; the model, VAE
     and preprocessing come from the attributor's own config (`vae` overrides where its VAE is, and
-    must have the same encoder fingerprint)."""
+    must have the same encoder fingerprint; `overrides`, the --set items, may raise preprocess.max_pixels)."""
     device = resolve_device(g.cfg.compute.device)
     if model:
         att, differ = load_exported(model, vae, device, allow_code_change)
@@ -163,7 +192,7 @@ def run(
         att, differ = from_result(g, run, device), []
         att = att_lib.with_vae(att, vae) if vae else att
         att_lib.check_encoder(att, encode.STAGE.code_identity())
-    results = attribute(att, g.cfg, paths, top, run if not model else model)
+    results = attribute(att, g.cfg, paths, top, run if not model else model, preprocess_for(att, overrides))
     for r in results:
         r["code_differs"] = differ
     return results
@@ -184,7 +213,7 @@ def load_exported(
     return att, differ
 
 
-def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict]:
+def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=None) -> list[dict]:
     import torch
 
     from leakpipe.pipeline.engine.data import eval_noise
@@ -192,7 +221,7 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict
 
     cfg, model, build, classes = att.cfg, att.model, att.build, att.classes
     device = build.device
-    images = load_images(paths, cfg)
+    images = load_images(paths, preprocess or cfg.preprocess)
     mean, logvar = encode_images(images, cfg, device, att.base)
     hashes = latent_store.hash_rows([hash_file(Path(p)) for p in paths])
     with torch.inference_mode():

@@ -265,12 +265,14 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     have, notes = _available(s.graph, s.result, cfg, s.run)
     log(f"score {s.run}: scoring because " + "; ".join(verdict.reasons))
     from leakpipe.pipeline.report import evaluate as ev, scoring  # heavy (torch, sklearn): when scoring runs
+    from leakpipe.pipeline.engine.images import allow_pixels
     from leakpipe.pipeline.report.outputs import write_outputs
 
     if cfg.score.dual:
         log(f"WARNING: {ev.DUAL_WARNING}.")
     start = time.perf_counter()
     reading = Reading(s.graph, s.result, cfg)
+    allow_pixels(max(cfg.preprocess.max_pixels, reading.run_cfg.preprocess.max_pixels))  # thumbnails, baselines
     m, figs = scoring.evaluate(reading, cfg, have, notes)
     files = write_outputs(s.result, m, figs, cfg, reading.prototypes)
     return Done(

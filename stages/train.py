@@ -10,6 +10,7 @@ trained before is restored, not trained again.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.engine.ddp import launched_rank
+from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.graph import Graph, Latents, init_file, label_rows, ready_latents, section_keys, values
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
@@ -123,6 +125,8 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     current, command = runs.pointed(ws, runs.check_name(run)), f"leakpipe train --run {run}"
     lat_plan, verdict = ready_latents(graph, cfg.train.split, cfg)
     upstream = [lat_plan] if lat_plan else []
+    if lat_plan is None and not ws.manifest(cfg.train.split).exists():
+        verdict.reasons[0] = f"train.split = {cfg.train.split}: {verdict.reasons[0]}"
     if not verdict.up_to_date:
         return Plan(
             STAGE,
@@ -139,8 +143,8 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     lat = lat_plan.data
     files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
     init = init_file(ws, cfg) if cfg.model.init else None
-    if init:  # the starting weights are an input: a changed file retrains
-        files[f"model.init {cfg.model.init}"] = hash_file(init)
+    if init:  # the starting weights are an input: a changed file retrains ([[path, hash]], like every file list)
+        files["model.init file"] = [[cfg.model.init, hash_file(init)]]
     inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files, STAGE.code_identity())
     result = runs.result_dir(ws, inputs.fingerprint())
     t = Training(run, lat, result, current, init)
@@ -168,11 +172,29 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     )
 
 
+def check_exclude(t: Training, exclude: list[str]) -> None:
+    """`train.exclude` must leave 2 generators with train rows and 2 with val rows: said of that key,
+    before any training (the trainer's own messages speak of the manifest)."""
+    if not exclude:
+        return
+    m = t.latents.manifest
+    for part in ("train", "val"):
+        have = sorted({label for label, p in zip(m.column("label"), m.column("partition")) if p == part})
+        left = [g for g in have if g not in exclude]
+        if have and len(left) < 2:
+            raise UserError(
+                f"train.exclude = {json.dumps(exclude)} leaves {len(left)} of the {len(have)} generators "
+                f"with {part} rows in {m.source} ({', '.join(left) or 'none'}); training needs at least 2. "
+                "Exclude fewer generators (`sweep --logo` holds out one at a time)"
+            )
+
+
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     from leakpipe.pipeline.engine.fit import fit  # torch: imported when a training runs, not by status
     from leakpipe.pipeline.store.latent_store import DamagedRows
 
     t: Training = plan.data
+    check_exclude(t, cfg.train.exclude)
     result = TrainResult(t.run, t.result, t.latents.described)
     if verdict.restore:
         log(f"train {t.run}: restoring the stored result {t.result}: " + "; ".join(verdict.reasons[:-1]))

@@ -3,6 +3,7 @@ two writers at once."""
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -182,3 +183,76 @@ def test_bulk_matching_equals_a_search_entry_by_entry():
     for i, row in enumerate(want):
         ok = np.flatnonzero(np.all(cached[:, :4] == row, axis=1) & fresh)
         assert found[i] in ok if len(ok) else found[i] == -1
+
+
+READ_ONLY = """
+import json, sys
+from leakpipe.pipeline.store.hashing import HashCache
+notes = []
+h = HashCache(sys.argv[1], log=notes.append)
+out = h.hash_many(sys.argv[2:])
+h.close()
+print(json.dumps({"hashes": out, "reads": h.reads, "read_only": h.read_only, "notes": notes}))
+"""
+
+
+@pytest.mark.parametrize(
+    "state", ["closed cleanly (no -wal, -shm)", "held open by its owner (-wal, -shm there)", "never made"]
+)
+def test_a_read_only_cache_is_read_not_written(state):
+    """As a user who cannot write the cache or its folder: the hashes it holds are used, new ones are
+    computed and not kept, one note says so, and nothing in the folder changes."""
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as an unprivileged user (uid 65534)")
+    tmp_path = Path(tempfile.mkdtemp(prefix="leakpipe-ro-"))  # pytest's own folder is not open to other users
+    top = tmp_path / "top"
+    data = files(top / "data", 4)
+    cache = top / "cache" / "file-hashes.sqlite"
+    cache.parent.mkdir()
+    owner = None
+    if state != "never made":
+        h = HashCache(cache)
+        want = h.hash_many(data[:3])  # the fourth is not in the cache
+        if state.startswith("held"):
+            owner = h
+            owner.save()
+        else:
+            h.close()
+    subprocess.run(["chmod", "-R", "a+rX,a-w", str(top)], check=True)
+    os.chmod(tmp_path, 0o755)
+    before = sorted(os.listdir(cache.parent))
+    try:
+        r = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                READ_ONLY,
+                str(cache),
+                *map(str, data),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=top,
+        )
+        after = sorted(os.listdir(cache.parent))
+    finally:
+        if owner is not None:
+            owner.close()
+        subprocess.run(["chmod", "-R", "u+w", str(top)], check=True)
+        truth = [hash_file(p) for p in data]
+        shutil.rmtree(tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["hashes"] == truth and got["read_only"]
+    assert got["reads"] == (4 if state == "never made" else 1)  # cached hashes are used
+    assert len(got["notes"]) == 1 and "not writable by this user" in got["notes"][0]
+    assert after == before  # nothing written, nothing made
+    if state != "never made":
+        assert want == got["hashes"][:3]

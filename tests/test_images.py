@@ -88,3 +88,24 @@ def _png_bytes():
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 10000), (10000, 1), (3, 5000)])
+def test_a_thin_image_is_refused_before_it_is_resized(tmp_path, size):
+    """A small file whose shorter side is resized to preprocess.size would be huge (1 x 10000 px: 3 GB)."""
+    from leakpipe.pipeline.engine.images import read_image
+
+    p = save(tmp_path, Image.new("RGB", size), "thin.png")
+    with pytest.raises(BadImage, match=r"aspect ratio .*would make it .* pixels, more than preprocess.max_pixels"):
+        read_image(p, PreprocessConfig(size=256))
+    assert read_image(p, PreprocessConfig(size=4)).shape == (4, 4, 3)  # small enough resized: decoded
+
+
+def test_max_pixels_raises_pillows_own_limit(tmp_path, monkeypatch):
+    from leakpipe.pipeline.engine.images import read_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)  # Pillow's limit, lowered for a small test image
+    p = save(tmp_path, Image.new("RGB", (120, 120)), "big.png")
+    with pytest.raises(BadImage, match="decompression bomb guard.*Raise preprocess.max_pixels"):
+        read_image(p, PreprocessConfig(size=16, max_pixels=50 * 50))
+    assert read_image(p, PreprocessConfig(size=16, max_pixels=120 * 120)).shape == (16, 16, 3)  # the advice works

@@ -271,6 +271,10 @@ def test_split_json_is_matched_by_relative_path(tmp_path):
         ("preprocess.size", "0", ">= 8"),
         ("diffusion.timesteps", "0,5,1000", "0 to 999"),
         ("compute.eval_batch_size", "0", ">= 1"),
+        ("train.seed", "-1", "0 to 2"),
+        ("score.seed", "-5", "0 to 2"),
+        ("compute.device", "bogus", "cuda:N"),
+        ("encode.device", "gpu0", "cuda:N"),
     ],
 )
 def test_config_values_are_checked_on_load(key, value, says):
@@ -389,3 +393,54 @@ def test_split_json_in_every_form_the_authors_read(tmp_path):
     (root / "Split.json").write_text(json.dumps({"train": [0, 7]}))
     r = cli(tmp_path, "manifest", "build", str(root), "--split", "s3")
     assert r.exit_code != 0 and "index out of range (the class has 4 files)" in r.output
+
+
+# ---------------------------------------------------------------- settings that name their key (issue 24)
+def test_seeds_exclude_and_split_errors_name_what_to_change(ws):
+    before = sorted((ws / "cache" / "results").iterdir())
+    r = cli(ws, "train", "--seeds", "-1,2", *SETS)
+    assert r.exit_code != 0 and "-1: a seed is an integer from 0 to 2**32 - 1" in r.output
+    r = cli(ws, "train", "--seeds", "", *SETS)
+    assert r.exit_code != 0 and "at least two distinct seeds" in r.output
+    r = cli(ws, "train", "--set", "train.seed=-2", *SETS)
+    assert r.exit_code != 0 and "train.seed = -2" in r.output
+    assert sorted((ws / "cache" / "results").iterdir()) == before  # nothing trained, no partial result
+    for exclude, left in (
+        ('["closed00","closed01","closed02"]', "0 of the 3"),
+        ('["closed00","closed01"]', "1 of the 3"),
+    ):
+        r = cli(ws, "train", "--run", "ex", "--set", f"train.exclude={exclude}", *SETS)
+        assert r.exit_code != 0 and "train.exclude = " in r.output and f"leaves {left} generators" in r.output
+    r = cli(ws, "train", "--set", "train.split=nosuch", *SETS)
+    assert r.exit_code != 0 and "train.split = nosuch: there is no manifest" in r.output
+    assert "manifests here: closed, open" in r.output and "manifest build ROOT --split nosuch" in r.output
+    lines = (ws / "manifests" / "closed.csv").read_text().replace("closed00/0000", "closed00/9999")
+    (ws / "manifests" / "broken.csv").write_text(lines)
+    r = cli(ws, "train", "--set", "train.split=broken", *SETS)
+    assert r.exit_code != 0 and "10 problem(s): line 4: file not found" in r.output and "(7 more)" in r.output
+
+
+def test_model_init_on_a_run_name_trained_before_then_status_score_and_retrain(ws):
+    import torch
+    from safetensors.torch import save_file
+
+    from leakpipe.pipeline.nn.backbones import ResNet
+
+    torch.manual_seed(0)
+    save_file(
+        {k: v.contiguous() for k, v in ResNet("resnet18", 3, num_classes=1000).state_dict().items()},
+        ws / "rn18.safetensors",
+    )
+    init = [*SETS, "--set", "model.init=rn18.safetensors"]
+    assert "training because" in ok(ws, "train", *init)  # `default` was trained before, without init
+    lock = json.loads((runs.pointed(Workspace(ws), "default") / "train.lock.json").read_text())
+    assert lock["inputs"]["files"]["model.init file"] == [
+        ["rn18.safetensors", lock["inputs"]["files"]["model.init file"][0][1]]
+    ]
+    assert "train  default         up to date" in ok(ws, "status", *init)
+    ok(ws, "score", *init)
+    assert "up to date, nothing to do" in ok(ws, "train", *init)
+    said = ok(ws, "status", *SETS)  # the workspace without init: the name's result differs in it
+    assert "model.init: rn18.safetensors -> ;" in said and "model.init file: 1 row removed" in said
+    flip(ws / "rn18.safetensors", at=-5)
+    assert "model.init file: 1 file changed" in ok(ws, "status", *init)

@@ -334,6 +334,32 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in target.iterdir()] == ["b"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_are_made_with_the_umask_and_safetensors_bytes_are_deterministic(tmp_path, umask):
+    import torch
+
+    from leakpipe.pipeline.store.atomic import atomic_path, atomic_write_text
+    from leakpipe.pipeline.store.checkpoint import load_tensors, save_tensors
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        with atomic_path(tmp_path / "store", folder=True) as tmp:
+            (tmp / "a").write_text("1")
+        tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+        meta = {k: {"v": i, "nested": {"z": 1, "a": 2}} for i, k in enumerate("qwertyuiopasdfgh")}
+        for name in ("one", "two"):  # safetensors orders the metadata by a hash map, differently each call
+            save_tensors(tmp_path / f"{name}.safetensors", tensors, meta)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "store").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "store" / "a").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    back, got = load_tensors(tmp_path / "one.safetensors")
+    assert got == meta and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
 def test_a_run_folder_from_leakpipe_0_1_is_kept(ws):
     old = ws / "cache" / "runs" / "old"
     old.mkdir(parents=True)

@@ -250,6 +250,20 @@ def test_attribute_and_score_errors(sws, tmp_path):
     assert r.exit_code != 0 and "leakpipe train --run nope" in r.output
 
 
+def test_attribute_takes_only_the_size_guard_from_set(sws, tmp_path):
+    score(sws)
+    rows = read_manifest(sws / "manifests" / "closed.csv")
+    path = str(rows.abspath(0))
+    r = cli(sws, "attribute", path, *SETS, "--set", "preprocess.size=64")
+    assert r.exit_code != 0 and "--set preprocess.size=64" in r.output and "preprocess.size = 32" in r.output
+    assert "only preprocess.max_pixels" in r.output
+    r = cli(sws, "attribute", path, *SETS, "--set", "preprocess.max_pixels=100")  # honoured: 32 x 32 is too many
+    assert r.exit_code != 0 and "exceeds preprocess.max_pixels=100" in r.output
+    assert cli(sws, "attribute", path, *SETS, "--set", "preprocess.size=32").exit_code == 0  # the same value is fine
+    r = cli(sws, "attribute", str(tmp_path), *SETS)
+    assert r.exit_code != 0 and "a folder, not an image file" in r.output
+
+
 def test_post_processed_steps_from_several_manifests(sws):
     """WILD ships one folder per step: score.postprocessed takes several manifests."""
     lines = (sws / "manifests" / "closed-pp.csv").read_text().splitlines(keepends=True)

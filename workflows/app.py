@@ -181,14 +181,14 @@ def analyse(page: Page, files) -> tuple:
 
 
 def _answer(page: Page, paths: list[str]) -> tuple:
-    from leakpipe.pipeline.engine.images import BadImage, load_image
+    from leakpipe.pipeline.engine.images import BadImage, read_image
     from leakpipe.stages.attribute import attribute
 
     empty = ("", None, None, None, None)
     good, bad = [], []
     for p in paths:
         try:
-            load_image(p, page.att.cfg.preprocess)
+            read_image(p, page.att.cfg.preprocess)
             good.append(p)
         except (BadImage, OSError) as exc:
             bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
-from leakpipe.pipeline.ledger.graph import Graph, ready_latents, values
+from leakpipe.pipeline.ledger.graph import Graph, one_line, ready_latents, values
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
 from leakpipe.pipeline.ledger.stage import Plan
 from leakpipe.pipeline.store import storage
@@ -26,7 +26,7 @@ def _latents_entry(g: Graph, split: str) -> dict:
     try:
         return _plan_entry(g.plan("encode", split))
     except UserError as exc:
-        return _entry("encode", split, Verdict(False, [str(exc).splitlines()[0]]))
+        return _entry("encode", split, Verdict(False, [one_line(exc)]))
 
 
 def _result_entries(g: Graph, name: str, result: Path) -> list[dict]:

@@ -65,7 +65,7 @@ def encode_chunk(
     written with their hashes (hex) and the rows that failed with the reason."""
     from leakpipe.pipeline.engine import encoding
     from leakpipe.pipeline.store import latent_store
-    from leakpipe.pipeline.engine.images import BadImage, load_image
+    from leakpipe.pipeline.engine.images import BadImage, read_image
 
     plugin = get_worker().plugins[PLUGIN]
     done, means, logvars, failed = [], [], [], []
@@ -73,7 +73,7 @@ def encode_chunk(
         batch, images = [], []
         for r, p in zip(rows[k : k + batch_size], paths[k : k + batch_size]):
             try:
-                images.append(load_image(p, preprocess))
+                images.append(read_image(p, preprocess))
                 batch.append(r)
             except BadImage as exc:
                 failed.append((r, str(exc)))

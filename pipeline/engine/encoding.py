@@ -19,7 +19,7 @@ import torch
 
 from leakpipe.pipeline.store import latent_store
 from leakpipe.pipeline.config import PreprocessConfig
-from leakpipe.pipeline.engine.images import BadImage, load_image, to_model_range
+from leakpipe.pipeline.engine.images import BadImage, read_image, to_model_range
 
 
 class ImageRows(torch.utils.data.Dataset):
@@ -33,7 +33,7 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int):
         try:
-            return row, load_image(self.paths[row], self.cfg), None
+            return row, read_image(self.paths[row], self.cfg), None
         except BadImage as exc:
             return row, None, str(exc)
 

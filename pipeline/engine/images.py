@@ -121,6 +121,46 @@ def load_native(path: Path | str, max_side: int, max_pixels: int) -> np.ndarray:
     return arr[top : top + side_h, left : left + side_w]
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit to `preprocess.max_pixels` (never lower it), so that
+    raising that setting lets Pillow decode such an image; leakpipe's own guard still refuses anything
+    above the setting."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def check_size(path: Path | str, cfg: PreprocessConfig) -> None:
+    """Refuse an image whose *resized* size exceeds `preprocess.max_pixels`: resizing the shorter side of
+    a thin image to `size` makes a huge one (1 x 10000 px would become 2,560,000 x 256, 3 GB), however
+    small the file. Reads the header only; a file Pillow cannot open is left to load_image to report."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+    except Exception:  # noqa: BLE001 -- load_image says what is wrong with it
+        return
+    if cfg.resize != "shorter" or min(w, h) < 1 or w * h > cfg.max_pixels:
+        return  # too large as it is: load_image refuses it (the decompression-bomb guard)
+    scale = cfg.size / min(w, h)
+    nw, nh = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
+    if nw * nh > cfg.max_pixels:
+        raise BadImage(
+            f"image is {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1): resizing its shorter side "
+            f"to preprocess.size={cfg.size} would make it {nw}x{nh} = {nw * nh:,} pixels, more than "
+            f"preprocess.max_pixels={cfg.max_pixels:,}; crop it nearer to square first, or raise "
+            "preprocess.max_pixels if the memory is there"
+        )
+
+
+def read_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:
+    """load_image behind the size guards (check_size, and Pillow's limit raised to preprocess.max_pixels):
+    what encode, attribute and the app call for every input image."""
+    allow_pixels(cfg.max_pixels)
+    check_size(path, cfg)
+    return load_image(path, cfg)
+
+
 def to_model_range(batch_uint8):
     """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float in [-1, 1] (SPEC 3.1)."""
     return batch_uint8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

@@ -168,15 +168,29 @@ class Latents:
         return f"latents of {self.split} (VAE {self.source.label}, store {self.store})"
 
 
+def one_line(exc: Exception, most: int = 3) -> str:
+    """An error's message on one line: its first line and the first `most` problems it lists."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    more = len(lines) - 1 - most
+    return " ".join(lines[:1]) + " " + "; ".join(lines[1 : 1 + most]) + (f"; ... ({more} more)" if more > 0 else "")
+
+
 def ready_latents(graph: Graph, split: str, cfg: Config | None = None) -> tuple[Plan | None, Verdict]:
     """(the encode plan of `split`, its verdict), where latents that cannot be planned (a manifest or a
     VAE missing, a store out of reach) or are stale are a blocked verdict naming `leakpipe encode`."""
     command = f"leakpipe encode --split {split}"
+    path = graph.ws.manifest(split)
+    if not path.exists():
+        return None, Verdict(
+            False,
+            [f"there is no manifest {path} (manifests here: {', '.join(graph.ws.splits()) or 'none'})"],
+            blocked=[f"leakpipe manifest build ROOT --split {split}"],
+        )
     try:
         plan = graph.plan("encode", split, cfg=cfg)
         verdict = plan.check()
     except UserError as exc:
-        return None, Verdict(False, [f"latents of {split}: {str(exc).splitlines()[0]}"], blocked=[command])
+        return None, Verdict(False, [f"latents of {split}: {one_line(exc)}"], blocked=[command])
     if not verdict.up_to_date:
         return plan, Verdict(False, [f"latents of {split} are stale: " + "; ".join(verdict.reasons)], blocked=[command])
     return plan, verdict

@@ -97,9 +97,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _pairs(rows) -> list[tuple]:
+    """A lock's file list as (path, hash) pairs; a bare hash (how model.init was once recorded) is one
+    pair with no path."""
+    rows = rows if isinstance(rows, list) else [rows]
+    return [tuple(r) if isinstance(r, list) and len(r) == 2 else ("", str(r)) for r in rows]
+
+
 def files_changed(old: list, new: list, changed: str = "file", unit: str = "row") -> str:
     """'12 rows added, 3 files changed, 1 row removed' (or 'rows reordered') between two row lists."""
-    was, now = dict(map(tuple, old)), dict(map(tuple, new))
+    old, new = _pairs(old), _pairs(new)
+    was, now = dict(old), dict(new)
     added, removed = len(now.keys() - was.keys()), len(was.keys() - now.keys())
     n_changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
     parts = [

@@ -9,7 +9,8 @@ upstream stage it may run is run, any other is named as the command to run first
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import errno
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -124,20 +125,43 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
             f"{plan.title}: {'; '.join(plan.blocked.reasons)}"
             + (f"; run `{plan.blocked.blocked[0]}` first" if plan.blocked.blocked else "")
         )
-    with exclusive(plan.writer_lock, plan.title) if plan.writes else nullcontext():
-        if plan.writes and plan.sweep is not None:
+    with ExitStack() as held:
+        denied = _hold_writer_lock(plan, held)
+        writes = plan.writes and denied is None
+        if writes and plan.sweep is not None:
             plan.sweep()  # none of its writers can be alive under this lock
         if plan.guard is not None:
             plan.guard()  # a damaged input is refused before anything is vouched for
         verdict = plan.check(deep=plan.stage.deep)  # again, now that no other writer can change it
         if verdict.up_to_date:
             done = Done(None)
+        elif denied is not None:
+            raise UserError(
+                f"{plan.title} is not up to date ({'; '.join(verdict.reasons)}), and its outputs cannot be "
+                f"written by this user: {denied}. Run it as a user who can write there; a read-only "
+                "cache serves the commands that only read (status, runs, verify, attribute, compare, "
+                "and score of an up-to-date run)"
+            )
         else:
             done = plan.stage.work(plan, cfg, log, verdict)
             if plan.writes and done.outputs is not None:
                 lock = locks.write_lock(plan.lock, plan.stage.name, plan.inputs, done.outputs, **done.extra)
                 if done.locked is not None:
                     done.locked(lock)
-        if plan.writes and plan.finish is not None:
+        if writes and plan.finish is not None:
             plan.finish()
     return done
+
+
+def _hold_writer_lock(plan: Plan, held: ExitStack) -> str | None:
+    """Take the plan's writer lock into `held`; where this user cannot write it (a read-only cache), say
+    why instead (the stage may then still find itself up to date, which needs no writing)."""
+    if not plan.writes:
+        return None
+    try:
+        held.enter_context(exclusive(plan.writer_lock, plan.title))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return f"{exc.filename or plan.writer_lock}: {exc.strerror}"
+    return None

@@ -1,6 +1,8 @@
 """The one way leakpipe writes a file or a folder: to a temporary name beside it, fsync, rename.
 
 A reader (or a rerun after a kill) therefore sees the old version or the new one, never half of one.
+Files and folders are created with the permissions the umask gives (0644 and 0755 under the usual
+022), as any other tool creates them, so colleagues on a shared machine can read what leakpipe wrote.
 """
 
 from __future__ import annotations
@@ -8,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -20,17 +22,28 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _new_temporary(path: Path, folder: bool) -> Path:
+    """A new file or folder `.NAME.<random>.tmp` beside `path`, made with mode 0666 or 0777 less the
+    umask (tempfile's mkstemp and mkdtemp make 0600 and 0700, whatever the umask)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str, folder: bool = False):
     """Yield a temporary path beside `path`; when the block succeeds, fsync what was written there
     and rename it onto `path` (replacing a file, or a folder when `folder`). On error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (
-        Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        if folder
-        else Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")[1])
-    )
+    tmp = _new_temporary(path, folder)
     try:
         yield tmp
         _fsync_tree(tmp)

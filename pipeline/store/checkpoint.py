@@ -7,19 +7,32 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from leakpipe.pipeline.store.atomic import atomic_path
+from leakpipe.pipeline.store.atomic import atomic_write_bytes
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata: safetensors writes its
+    `__metadata__` in hash-map order (it differs from one call to the next), so the header is written
+    again with the metadata keys (and their JSON values' keys) sorted; the tensors are untouched."""
+    from safetensors.torch import save
+
+    data = save(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        metadata={k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()},
+    )
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Atomic safetensors write; `metadata` values are JSON-encoded into the header."""
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={k: json.dumps(v) for k, v in (metadata or {}).items()},
-        )
+    """Atomic safetensors write; `metadata` values are JSON-encoded into the header (deterministic bytes)."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:

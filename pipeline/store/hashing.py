@@ -150,8 +150,9 @@ class HashCache:
         self._log = log or (lambda msg: print(f"note: {msg}", file=sys.stderr))
         self._pending: list[tuple] = []
         self._flushed = time.monotonic()
+        self.read_only = False  # the cache cannot be written by this user: read from, never added to
         self._db = self._open()
-        if self.legacy.exists():
+        if self.legacy.exists() and not self.read_only:
             self._migrate()
 
     # ------------------------------------------------------------ the database
@@ -172,16 +173,56 @@ class HashCache:
                 db.execute(f"PRAGMA user_version={SCHEMA}")
         return db
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection | None:
         try:
             return self._connect()
+        except PermissionError as exc:  # the cache folder cannot be made
+            return self._open_read_only(exc)
         except sqlite3.DatabaseError as exc:
-            if not _is_damage(exc):
-                raise
-            return self._rebuild(exc)
+            if _is_damage(exc):
+                return self._rebuild(exc)
+            if isinstance(exc, sqlite3.OperationalError) and _not_writable(self.path, exc):
+                return self._open_read_only(exc)
+            raise
 
-    def _rebuild(self, exc: Exception) -> sqlite3.Connection:
+    def _open_read_only(self, exc: Exception) -> sqlite3.Connection | None:
+        """The cache of a user who cannot write it (a shared or read-only workspace): opened read-only,
+        or, where SQLite cannot open a WAL database so (its -shm file cannot be made), as an immutable
+        file; failing that, no cache. Hashes are then computed and not kept, and a note says so once."""
+        self.read_only = True
+        db = None
+        for mode in ("ro", "ro&immutable=1"):
+            try:
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True, timeout=BUSY_SECONDS)
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                    raise sqlite3.DatabaseError(f"schema version, expected {SCHEMA}")
+                db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+                break
+            except sqlite3.Error:
+                if db is not None:
+                    db.close()
+                db = None
+        self._note(
+            f"the file-hash cache {self.path} is not writable by this user ({exc}); "
+            + (
+                "hashes are read from it and not added, so files it lacks are hashed each time"
+                if db is not None
+                else "it cannot be read either, so every file is hashed each time"
+            )
+        )
+        return db
+
+    def _rebuild(self, exc: Exception) -> sqlite3.Connection | None:
         """Set the damaged database aside (as *.damaged, replacing an earlier one) and start afresh."""
+        if self.read_only:  # not ours to replace: no cache this time
+            self._note(
+                f"the file-hash cache {self.path} is damaged ({exc}) and not writable by this user; "
+                "every file is hashed this time"
+            )
+            if self._db is not None:
+                self._db.close()
+            self._db = None
+            return None
         if getattr(self, "_db", None) is not None:
             self._db.close()
         for suffix in ("", "-wal", "-shm"):
@@ -195,14 +236,17 @@ class HashCache:
         self._db = self._connect()
         return self._db
 
-    def _run(self, fn):
-        """fn(db), rebuilding a database that turns out damaged and retrying once."""
+    def _run(self, fn, empty=None):
+        """fn(db), rebuilding a database that turns out damaged and retrying once; `empty` without a cache."""
+        if self._db is None:
+            return empty
         try:
             return fn(self._db)
         except sqlite3.DatabaseError as exc:
             if not _is_damage(exc):
                 raise
-            return fn(self._rebuild(exc))
+            db = self._rebuild(exc)
+            return fn(db) if db is not None else empty
 
     def _note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -250,7 +294,7 @@ class HashCache:
             "SELECT CAST(group_concat(stamp, '') AS BLOB), CAST(group_concat(hash, '') AS BLOB) "
             "FROM files WHERE path >= ? AND path < ?"
         )
-        stamps, hashes = self._run(lambda db: db.execute(sql, (low, high)).fetchone())
+        stamps, hashes = self._run(lambda db: db.execute(sql, (low, high)).fetchone(), (None, None))
         stamps, hashes = stamps or b"", hashes or b""
         if len(stamps) != 8 * 5 * (len(hashes) // HASH_BYTES) or len(hashes) % HASH_BYTES:
             return self._rowwise(low, high)  # a stamp or hash of the wrong length: read row by row
@@ -258,7 +302,8 @@ class HashCache:
 
     def _rowwise(self, low: str, high: str) -> tuple[np.ndarray, np.ndarray]:
         rows = self._run(
-            lambda db: db.execute("SELECT stamp, hash FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall()
+            lambda db: db.execute("SELECT stamp, hash FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall(),
+            [],
         )
         good = [(_STAMP.unpack(s), h) for s, h in rows if len(s) == _STAMP.size and len(h) == HASH_BYTES]
         return (
@@ -289,7 +334,7 @@ class HashCache:
 
     def _flush(self) -> None:
         rows, self._pending, self._flushed = self._pending, [], time.monotonic()
-        if not rows:
+        if not rows or self.read_only:  # said once, when it was opened
             return
 
         def write(db):
@@ -299,6 +344,13 @@ class HashCache:
         try:
             self._run(write)
         except sqlite3.OperationalError as exc:  # busy past BUSY_SECONDS, read-only, full disk: a cache
+            if _not_writable(self.path, exc):  # opened (its -wal and -shm were there), but not ours to write
+                self.read_only = True
+                self._note(
+                    f"the file-hash cache {self.path} is not writable by this user ({exc}); hashes are "
+                    "read from it and not added, so files it lacks are hashed each time"
+                )
+                return
             self._note(
                 f"{len(rows)} file hashes were not cached in {self.path} ({exc}); they are computed again next time"
             )
@@ -309,7 +361,8 @@ class HashCache:
 
     def close(self) -> None:
         self._flush()
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     # ------------------------------------------------------------ file-hashes.json, once
     def _migrate(self) -> None:
@@ -340,6 +393,18 @@ class HashCache:
 
 def _is_hex(text) -> bool:
     return isinstance(text, str) and len(text) == 2 * HASH_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
+def _not_writable(path: Path, exc: sqlite3.OperationalError) -> bool:
+    """The database (or its folder, where SQLite makes its -wal and -shm files) cannot be written by
+    this user, as opposed to a busy database."""
+    said = str(exc).lower()
+    return (
+        "readonly" in said
+        or "unable to open" in said
+        or not os.access(path.parent, os.W_OK)
+        or (path.exists() and not os.access(path, os.W_OK))
+    )
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
