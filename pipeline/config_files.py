@@ -11,8 +11,8 @@ import tomllib
 import typing
 from pathlib import Path
 
-from leakpipe.pipeline.config import (ADDED_KEYS, CHOICES, DEFAULT_PROFILE, ITEM_CHOICES, PROFILES, SECTIONS,
-                                      Config, ConfigError, validation_problems, valid_keys)
+from leakpipe.pipeline.config import (ADDED_KEYS, CHOICES, DEFAULT_PROFILE, ITEM_CHOICES, PROFILES, RETIRED_KEYS,
+                                      SECTIONS, Config, ConfigError, validation_problems, valid_keys)
 from leakpipe.pipeline.store.atomic import atomic_write_text
 
 
@@ -82,6 +82,8 @@ def _unknown(key: str) -> ConfigError:
 def assign(data: dict, key: str, raw) -> None:
     """Set dotted `key` in `data` (a config as nested dicts, see Config.to_dict) to `raw`, converted to
     the key's type and checked against its choices; unknown keys list the valid ones."""
+    if key in RETIRED_KEYS:
+        raise ConfigError(f"{key} was replaced by {RETIRED_KEYS[key]}")
     if key not in valid_keys():
         raise _unknown(key)
     section, name = key.split(".", 1)
@@ -155,7 +157,8 @@ def from_dict(stored: dict, where: str = "a stored config") -> Config:
         assign(data, key, value)
     if not isinstance(stored, dict):
         raise ConfigError(f"{where}: not a config (expected an object of [section] tables)")
-    _apply(data, stored, where)
+    _apply(data, {s: {k: v for k, v in t.items() if f"{s}.{k}" not in RETIRED_KEYS} if isinstance(t, dict) else t
+                  for s, t in stored.items()}, where)
     return build(data, f" ({where})")
 
 
