@@ -1,8 +1,10 @@
 """`leakpipe export DIR`: a scored run as a self-contained attributor folder, for `attribute --model`
 and the Hugging Face Hub: model.safetensors (weights, prototypes and the feature path it was trained
 with), reference.safetensors (the closed training embeddings the comparators are fitted on),
-attributor.json (classes, the encoder's identity, the threshold, the code identity of the encode and
-embed stages and a checksum of every file), gallery.safetensors (the report's prototype gallery),
+calibration.safetensors (the closed validation images' KDE log-densities: the unseen p-values),
+attributor.json (classes, the encoder's identity, the threshold, the decisions: temperature,
+conformal thresholds and level; the code identity of the encode and embed stages and a checksum of
+every file), gallery.safetensors (the report's prototype gallery),
 config.json, metrics.json, a model card README.md, and app.py with requirements.txt (a Hugging Face
 Space that serves `leakpipe app`'s page).
 """
@@ -39,7 +41,9 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     for name in ("model.safetensors", "config.json", "metrics.json"):
         shutil.copyfile(out / name, dest / name)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
-    files = list(att_lib.FILES)
+    save_file({"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)},
+              str(dest / att_lib.CALIBRATION))
+    files = [*att_lib.FILES, att_lib.CALIBRATION]
     if att.model.prototypes is not None:
         save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
         files.append(att_lib.GALLERY)
@@ -53,7 +57,7 @@ def export(g: Graph, run: str, dest: Path) -> Path:
                           "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
                           "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
               "code": code_identity(),
-              "unseen_threshold": att.threshold, "score": {"maha_floor": ws_cfg.score.maha_floor,
+              "unseen_threshold": att.threshold, "decisions": att.decisions, "score": {"maha_floor": ws_cfg.score.maha_floor,
                                                            "kde_dtype": ws_cfg.score.kde_dtype},
               "files": {name: att_lib.hash_file(dest / name) for name in files}}
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))

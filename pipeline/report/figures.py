@@ -207,6 +207,6 @@ def reliability_figure(calibration: dict, path: Path) -> None:
                    zorder=3)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (largest class probability)", ylabel="accuracy",
            title="reliability, closed test (raw)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)
