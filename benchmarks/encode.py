@@ -11,6 +11,7 @@ decoded images and for writes; a naive loop (decode, encode one image, np.save) 
 wall time of a no-op `leakpipe encode` on a 10,000-row manifest of small images, start-up included.
 SD2.1's VAE architecture with random weights (same FLOPs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,7 @@ def make_workspace(ws: Path, data: Path, vae_dir: Path, split: str = "bench", **
     rows, _ = build_rows(scan_tree(data), None)
     write_manifest(ws / "manifests" / f"{split}.csv", data, rows)
     settings.setdefault("vae", {})["source"] = str(vae_dir)
-    lines = [f"[{k}]\n" + "".join(f"{a} = {json.dumps(v)}\n" for a, v in d.items())
-             for k, d in settings.items()]
+    lines = [f"[{k}]\n" + "".join(f"{a} = {json.dumps(v)}\n" for a, v in d.items()) for k, d in settings.items()]
     (ws / "leakpipe.toml").write_text("".join(lines))
     return Workspace(ws).config()
 
@@ -74,7 +74,7 @@ def bare(vae, x, batch, device, repeats=1) -> float:
         t = time.perf_counter()
         for _ in range(repeats):
             for k in starts:
-                vae.encode(x[k:k + batch]).latent_dist.mean.sum()
+                vae.encode(x[k : k + batch]).latent_dist.mean.sum()
         sync(device)
     return repeats * len(starts) * batch / (time.perf_counter() - t)
 
@@ -93,9 +93,11 @@ def naive(vae, paths, cfg, device, dtype, out: Path) -> float:
 
 # Dense tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity); float32 is the plain
 # FP32 rate (TF32 off). Used only to print the FLOP limit; --peak-tflops overrides.
-PEAK_TFLOPS = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
-               "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
-               "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}}
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+}
 
 
 def peak_tflops(device, dtype: str, override: float) -> float | None:
@@ -120,40 +122,55 @@ def throughput(args, tmp: Path) -> list[str]:
     vae_dir = vae_lib.save_random_vae(tmp / "sd21-vae", **SD21)
     data = tmp / "data"
     make_images(data, args.n, args.source_size)  # decoded, resized to 256 and cropped like real inputs
-    lines = ["| dtype | compile | batch | bare VAE img/s | leakpipe encode img/s | encode/bare | FLOP limit img/s "
-             "| bare/limit | device waited: decode / write s | naive loop img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | compile | batch | bare VAE img/s | leakpipe encode img/s | encode/bare | FLOP limit img/s "
+        "| bare/limit | device waited: decode / write s | naive loop img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     paths = sorted((data / "g").glob("*.png"))
     for dtype in args.dtypes.split(","):
         torch_dtype = getattr(torch, dtype)
         cfg = Config()
-        x = torch.stack([to_model_range(torch.from_numpy(load_image(p, cfg.preprocess))[None])[0]
-                         for p in paths]).to(device, torch_dtype)
+        x = torch.stack([to_model_range(torch.from_numpy(load_image(p, cfg.preprocess))[None])[0] for p in paths]).to(
+            device, torch_dtype
+        )
         plain = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
         flops = flops_per_image(plain, x)
         peak = peak_tflops(device, dtype, args.peak_tflops)
         limit = peak * 1e12 / flops if peak else None
-        naive_rate = naive(plain, paths[:max(4, args.n // 4)], cfg, device, torch_dtype, tmp / "naive")
-        print(f"{dtype}: {flops / 1e9:.1f} GFLOP per image (counted)"
-              + (f", peak {peak} TFLOP/s -> at most {limit:.0f} img/s" if peak else ""), flush=True)
-        for compile_ in ([False, True] if args.compile else [False]):
+        naive_rate = naive(plain, paths[: max(4, args.n // 4)], cfg, device, torch_dtype, tmp / "naive")
+        print(
+            f"{dtype}: {flops / 1e9:.1f} GFLOP per image (counted)"
+            + (f", peak {peak} TFLOP/s -> at most {limit:.0f} img/s" if peak else ""),
+            flush=True,
+        )
+        for compile_ in [False, True] if args.compile else [False]:
             model = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
             channels_last(model, device)
             model.encode = compiled(model.encode, compile_)
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 bare_rate = bare(model, x, batch, device)
                 ws = tmp / f"ws-{dtype}-{batch}-{compile_}"
-                cfg = make_workspace(ws, data, vae_dir, vae={"dtype": dtype},
-                                     encode={"batch_size": batch, "num_workers": args.workers, "device": args.device},
-                                     compute={"compile": compile_}, store={"chunk_rows": max(64, batch)})
+                cfg = make_workspace(
+                    ws,
+                    data,
+                    vae_dir,
+                    vae={"dtype": dtype},
+                    encode={"batch_size": batch, "num_workers": args.workers, "device": args.device},
+                    compute={"compile": compile_},
+                    store={"chunk_rows": max(64, batch)},
+                )
                 stage.run(graph(Workspace(ws), cfg), "bench", log=lambda m: None)  # model load, compile, warm caches
                 shutil.rmtree(ws / "cache" / "latents")
                 t = time.perf_counter()
                 res = stage.run(graph(Workspace(ws), cfg), "bench", log=lambda m: None)
                 enc_rate = res.encoded / (time.perf_counter() - t)
                 lim = f"{limit:.0f} | {bare_rate / limit:.3f}" if limit else "n/a | n/a"
-                lines.append(f"| {dtype} | {'on' if compile_ else 'off'} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | "
-                             f"{enc_rate / bare_rate:.3f} | {lim} | {res.waited.get('decode', 0):.2f} / "
-                             f"{res.waited.get('write', 0):.2f} | {naive_rate:.2f} |")
+                lines.append(
+                    f"| {dtype} | {'on' if compile_ else 'off'} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | "
+                    f"{enc_rate / bare_rate:.3f} | {lim} | {res.waited.get('decode', 0):.2f} / "
+                    f"{res.waited.get('write', 0):.2f} | {naive_rate:.2f} |"
+                )
                 print(lines[-1], flush=True)
     return lines
 
@@ -166,8 +183,14 @@ def noop(rows: int, tmp: Path) -> list[str]:
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{i:05d}.png")
     vae_dir = vae_lib.save_random_vae(tmp / "tiny-vae", (8, 16), seed=0)
-    make_workspace(ws, data, vae_dir, preprocess={"size": 16}, encode={"batch_size": 256, "num_workers": 1},
-                   store={"chunk_rows": 256})
+    make_workspace(
+        ws,
+        data,
+        vae_dir,
+        preprocess={"size": 16},
+        encode={"batch_size": 256, "num_workers": 1},
+        store={"chunk_rows": 256},
+    )
     cmd = [sys.executable, "-m", "leakpipe.pipeline.cli", "encode", "--split", "bench", "-C", str(ws)]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
@@ -178,8 +201,9 @@ def noop(rows: int, tmp: Path) -> list[str]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         times.append(time.perf_counter() - t)
         assert "up to date" in out, out
-    return [f"no-op rerun, {rows} rows: {min(times):.2f} s (median {sorted(times)[1]:.2f} s; "
-            f"first encode {first:.1f} s)"]
+    return [
+        f"no-op rerun, {rows} rows: {min(times):.2f} s (median {sorted(times)[1]:.2f} s; first encode {first:.1f} s)"
+    ]
 
 
 def main():
@@ -196,8 +220,11 @@ def main():
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {args.device} ({dev}), {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"python {platform.python_version()}", flush=True)
+    print(
+        f"device: {args.device} ({dev}), {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"python {platform.python_version()}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         lines = [] if args.skip_throughput else throughput(args, Path(tmp))
         lines += noop(args.noop_rows, Path(tmp)) if args.noop_rows else []

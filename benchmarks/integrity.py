@@ -8,6 +8,7 @@ Reports seconds per 1,000 rows for: reading the rows (zarr), reading and checkin
 the ratio of checking to reading. An SD2.1 encode of the same rows costs ~1.1 s per row on the
 2-core CPU used here (RESULTS.md), so that is the scale the check is compared with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +57,18 @@ def main() -> None:
         checked = timed(lambda: latent_store.read_rows(group, idx), args.repeats)
         states = timed(lambda: latent_store.row_states(group, want), args.repeats)
     per_k = 1000 / args.rows
-    print(f"device: CPU ({platform.processor() or platform.machine()}), {args.rows} rows of 4x32x32 float32, "
-          f"chunks of {args.chunk}, best of {args.repeats}")
+    print(
+        f"device: CPU ({platform.processor() or platform.machine()}), {args.rows} rows of 4x32x32 float32, "
+        f"chunks of {args.chunk}, best of {args.repeats}"
+    )
     print("| what | s per 1,000 rows |\n|---|---:|")
     print(f"| read mean + logvar (zarr) | {plain * per_k:.3f} |")
     print(f"| read and check against latent_hash (train, embed) | {checked * per_k:.3f} |")
     print(f"| row_states: the check encode makes before reusing rows | {states * per_k:.3f} |")
-    print(f"checked / plain read: {checked / plain:.2f}x; row_states per row: {states / args.rows * 1e3:.3f} ms "
-          f"(an SD2.1 encode: ~1,100 ms per row on this CPU)")
+    print(
+        f"checked / plain read: {checked / plain:.2f}x; row_states per row: {states / args.rows * 1e3:.3f} ms "
+        f"(an SD2.1 encode: ~1,100 ms per row on this CPU)"
+    )
 
 
 if __name__ == "__main__":

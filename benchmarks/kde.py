@@ -6,6 +6,7 @@ Both score n queries against n references. The reference for the difference is a
 numpy log-sum-exp on a subset of queries (scikit-learn's tree KDE drifts at small bandwidths in high
 dimension, its issue #25799, so "difference to sklearn" alone would not say who is wrong).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,13 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check", type=int, default=200, help="queries checked against numpy float64")
     a = ap.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, device {a.device}, n = {a.n} references and queries")
-    print("| D | h | leakpipe s | sklearn s | speed-up | max abs diff leakpipe vs numpy | max abs diff sklearn vs numpy |")
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {a.device}, n = {a.n} references and queries"
+    )
+    print(
+        "| D | h | leakpipe s | sklearn s | speed-up | max abs diff leakpipe vs numpy | max abs diff sklearn vs numpy |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     r = np.random.default_rng(0)
     for d in map(int, a.dims.split(",")):
@@ -49,10 +54,12 @@ def main():
             t = time.perf_counter()
             theirs = KernelDensity(bandwidth=h).fit(x).score_samples(q)
             t_sk = time.perf_counter() - t
-            ref = direct(q[:a.check], x, h)
-            print(f"| {d} | {h:g} | {t_ours:.2f} | {t_sk:.2f} | {t_sk / t_ours:.0f}x | "
-                  f"{np.abs(ours[:a.check] - ref).max():.1e} | {np.abs(theirs[:a.check] - ref).max():.1e} |",
-                  flush=True)
+            ref = direct(q[: a.check], x, h)
+            print(
+                f"| {d} | {h:g} | {t_ours:.2f} | {t_sk:.2f} | {t_sk / t_ours:.0f}x | "
+                f"{np.abs(ours[: a.check] - ref).max():.1e} | {np.abs(theirs[: a.check] - ref).max():.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

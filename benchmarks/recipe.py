@@ -10,6 +10,7 @@ seed-averaged head against the z0 probe (95% bootstrap interval over test images
 same for Mahalanobis on the embeddings (Eq. 13), the open-set AUROC (gating off), how many prototypes
 win a training image, and the training time per run. Print the table with --markdown for RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,27 @@ class DataSet:
 
 DEMO_TOML = "[model]\nembed_dim = 64\nprototypes_per_class = 2\n[train]\nepochs = 15\nbatch_size = 32\n"
 SETS = {
-    "demo": DataSet(SynthSpec(10, 10, 40, 128, 0.1, 0, ()), (32, 64, 64, 64), 0, DEMO_TOML,
-                    "`leakpipe demo`: 10 generators x 40 images, 128 px, difficulty 0.1, demo VAE, its config"),
-    "synth-b": DataSet(SynthSpec(6, 4, 80, 96, 0.25, 1, ()), (16, 32, 64, 64), 1, "",
-                       "6 generators x 80 images, 96 px, difficulty 0.25, data seed 1, a narrower random VAE "
-                       "(seed 1), default config"),
-    "synth-c": DataSet(SynthSpec(15, 5, 30, 128, 0.5, 2, ()), (32, 64, 64, 64), 2, "",
-                       "15 generators x 30 images, 128 px, difficulty 0.5, data seed 2, random VAE seed 2, "
-                       "default config"),
+    "demo": DataSet(
+        SynthSpec(10, 10, 40, 128, 0.1, 0, ()),
+        (32, 64, 64, 64),
+        0,
+        DEMO_TOML,
+        "`leakpipe demo`: 10 generators x 40 images, 128 px, difficulty 0.1, demo VAE, its config",
+    ),
+    "synth-b": DataSet(
+        SynthSpec(6, 4, 80, 96, 0.25, 1, ()),
+        (16, 32, 64, 64),
+        1,
+        "",
+        "6 generators x 80 images, 96 px, difficulty 0.25, data seed 1, a narrower random VAE (seed 1), default config",
+    ),
+    "synth-c": DataSet(
+        SynthSpec(15, 5, 30, 128, 0.5, 2, ()),
+        (32, 64, 64, 64),
+        2,
+        "",
+        "15 generators x 30 images, 128 px, difficulty 0.5, data seed 2, random VAE seed 2, default config",
+    ),
 }
 P = PROFILES["paper"]
 VARIANTS = {
@@ -81,7 +95,8 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
         write_benchmark(ws_root / "data", ws_root / "manifests", ds.spec)
         save_random_vae(ws_root / "vae", ds.vae_blocks, seed=ds.vae_seed)
         (ws_root / "leakpipe.toml").write_text(
-            f'[vae]\nsource = "./vae"\n[preprocess]\nsize = {ds.spec.size}\n[encode]\nnum_workers = 1\n' + ds.toml)
+            f'[vae]\nsource = "./vae"\n[preprocess]\nsize = {ds.spec.size}\n[encode]\nnum_workers = 1\n' + ds.toml
+        )
     ws = Workspace(ws_root)
     for split in ds.splits:
         log(encode.run(graph(ws, ws.config()), split, log=log).summary())
@@ -104,12 +119,17 @@ def run_variant(ws: Workspace, name: str, overrides: tuple, seed: int, log) -> d
     m = scored.metrics
     history = json.loads((result / "history.json").read_text())
     seconds = json.loads((result / "train.lock.json").read_text()).get("seconds")  # as trained, even if restored
-    return {"rows": te.ids["row"], "y": y, "groups": te.groups, "head": te.arrays["logits"].argmax(1) == y,
-            "maha": maha.score(te.embedding("h_bar")).argmax(1) == y,
-            "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc", float("nan")),
-            "prototypes": m.get("prototypes", {}).get("winning_fraction", float("nan")),
-            "seconds": seconds,
-            "epochs": len(history)}
+    return {
+        "rows": te.ids["row"],
+        "y": y,
+        "groups": te.groups,
+        "head": te.arrays["logits"].argmax(1) == y,
+        "maha": maha.score(te.embedding("h_bar")).argmax(1) == y,
+        "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc", float("nan")),
+        "prototypes": m.get("prototypes", {}).get("winning_fraction", float("nan")),
+        "seconds": seconds,
+        "epochs": len(history),
+    }
 
 
 def probe(ws: Workspace, rows: np.ndarray) -> np.ndarray:
@@ -151,11 +171,16 @@ def fmt_diff(d: dict) -> str:
 
 
 def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str]:
-    lines = [f"### {name}: {ds.about}", "",
-             f"Closed test: {len(base)} images; z0 probe top-1 {base.mean():.3f}; chance {1 / ds.spec.n_closed:.3f}.",
-             "", "| variant | seeds | head top-1 (mean +- sd) | head - z0 probe (seed mean, paired) | "
-             f"head - {rows[0].variant} | Mahalanobis top-1 | Mahalanobis - z0 probe | open AUROC | "
-             "prototypes winning | s / run |", "|---|---:|---:|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"### {name}: {ds.about}",
+        "",
+        f"Closed test: {len(base)} images; z0 probe top-1 {base.mean():.3f}; chance {1 / ds.spec.n_closed:.3f}.",
+        "",
+        "| variant | seeds | head top-1 (mean +- sd) | head - z0 probe (seed mean, paired) | "
+        f"head - {rows[0].variant} | Mahalanobis top-1 | Mahalanobis - z0 probe | open AUROC | "
+        "prototypes winning | s / run |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|---:|",
+    ]
     recipe = [x["head"] for x in rows[0].results]
     for r in rows:
         heads = [x["head"] for x in r.results]
@@ -170,7 +195,8 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
             f"{fmt_diff(paired(heads, recipe, groups)) if r is not rows[0] else '-'} | "
             f"{np.mean(mt):.3f} | {fmt_diff(paired(mahas, base, groups))} | "
             f"{np.nanmean([x['open_auroc'] for x in r.results]):.3f} | "
-            f"{np.nanmean([x['prototypes'] for x in r.results]):.2f} | {np.mean(secs) if secs else float('nan'):.0f} |")
+            f"{np.nanmean([x['prototypes'] for x in r.results]):.2f} | {np.mean(secs) if secs else float('nan'):.0f} |"
+        )
     return lines
 
 
@@ -178,16 +204,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="demo,synth-b,synth-c")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--variants", default="leakpipe,paper",
-                    help="comma-separated: names of VARIANTS, or NAME:key=value;key=value")
+    ap.add_argument(
+        "--variants", default="leakpipe,paper", help="comma-separated: names of VARIANTS, or NAME:key=value;key=value"
+    )
     ap.add_argument("--root", default="build/recipe")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     import torch
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     seeds = [int(s) for s in args.seeds.split(",")]
     out = []
     for name in args.sets.split(","):
@@ -202,8 +232,11 @@ def main():
             for seed in seeds:
                 row.results.append(run_variant(ws, variant, overrides, seed, log))
                 r = row.results[-1]
-                print(f"{name} {variant} seed {seed}: head {r['head'].mean():.3f} maha {r['maha'].mean():.3f} "
-                      f"open {r['open_auroc']:.3f} ({r['seconds'] or 0:.0f} s)", flush=True)
+                print(
+                    f"{name} {variant} seed {seed}: head {r['head'].mean():.3f} maha {r['maha'].mean():.3f} "
+                    f"open {r['open_auroc']:.3f} ({r['seconds'] or 0:.0f} s)",
+                    flush=True,
+                )
             rows.append(row)
         base = probe(ws, rows[0].results[0]["rows"])
         out += table(name, ds, rows, base) + [""]

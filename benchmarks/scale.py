@@ -21,6 +21,7 @@ open set by KDE gating off and on, the unseen-generator threshold), on synthetic
 rows), because training a model on a million latents is not practical on a CPU. Figures and the
 pixel baselines, which read the images, are not in it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ def png(pixels: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 1))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_images(data: Path, n: int, seed: int = 0) -> float:
@@ -91,8 +97,10 @@ def workspace(root: Path, n: int) -> Path:
     shutil.rmtree(ws, ignore_errors=True)
     print(f"  writing {n} images: {write_images(ws / 'data', n):.0f} s", file=sys.stderr)
     save_random_vae(ws / "vae", (8, 16), seed=0)
-    (ws / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 8\n[store]\nchunk_rows = 1024\n'
-                                      '[encode]\nnum_workers = 0\nbatch_size = 256\n')
+    (ws / "leakpipe.toml").write_text(
+        '[vae]\nsource = "./vae"\n[preprocess]\nsize = 8\n[store]\nchunk_rows = 1024\n'
+        "[encode]\nnum_workers = 0\nbatch_size = 256\n"
+    )
     return ws
 
 
@@ -109,22 +117,29 @@ def added(ws: Path, folder: str, name: str) -> tuple[float, float, float]:
 def one_size(root: Path, n: int) -> dict:
     ws = workspace(root, n)
     row = {"rows": n}
-    for key, args in (("manifest build", ("manifest", "build", "data", "--split", "closed")),
-                      ("first encode", ("encode", "--split", "closed")),
-                      ("no-op encode", ("encode", "--split", "closed")),
-                      ("status", ("status",)), ("verify", ("verify",))):
+    for key, args in (
+        ("manifest build", ("manifest", "build", "data", "--split", "closed")),
+        ("first encode", ("encode", "--split", "closed")),
+        ("no-op encode", ("encode", "--split", "closed")),
+        ("status", ("status",)),
+        ("verify", ("verify",)),
+    ):
         row[key] = leakpipe(ws, *args)[:2]
         print(f"  {n}: {key} {row[key][0]:.2f} s, {row[key][1]:.0f} MiB", file=sys.stderr)
     assert "up to date" in leakpipe(ws, "encode", "--split", "closed")[2]
-    for key, folder, name in (("added, rows stay", f"g{CLASSES - 1}", "zz-added.png"),
-                              ("added, rows move", "g0", "zz-added.png")):
+    for key, folder, name in (
+        ("added, rows stay", f"g{CLASSES - 1}", "zz-added.png"),
+        ("added, rows move", "g0", "zz-added.png"),
+    ):
         build, enc, rss = added(ws, folder, name)
         row[key] = (build + enc, rss)
         row[key + " (build, encode)"] = (build, enc)
         print(f"  {n}: {key}: build {build:.2f} s + encode {enc:.2f} s, {rss:.0f} MiB", file=sys.stderr)
-    row["disk"] = {"store MiB": du(ws / "cache" / "latents") / 2**20,
-                   "hash cache MiB": du(ws / "cache" / "file-hashes.sqlite") / 2**20,
-                   "lock MiB": sum(p.stat().st_size for p in (ws / "cache" / "latents").rglob("*.lock.json")) / 2**20}
+    row["disk"] = {
+        "store MiB": du(ws / "cache" / "latents") / 2**20,
+        "hash cache MiB": du(ws / "cache" / "file-hashes.sqlite") / 2**20,
+        "lock MiB": sum(p.stat().st_size for p in (ws / "cache" / "latents").rglob("*.lock.json")) / 2**20,
+    }
     return row
 
 
@@ -151,21 +166,45 @@ def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
         return ev.Split(name, arrays, labels, np.full(n, partition, dtype=object), np.full(n, "raw", dtype=object))
 
     cfg = ScoreConfig(bootstrap=n_boot, kde_folds=5, kde_max_reference=kde_cap)
-    train, val, test = split("train", n_test, partition="train"), split("val", n_test // 5, partition="val"), split("test", n_test)
+    train, val, test = (
+        split("train", n_test, partition="train"),
+        split("val", n_test // 5, partition="val"),
+        split("test", n_test),
+    )
     opened = split("open", n_test // 5, offset=CLASSES - 2)
     start = time.perf_counter()
     closed = ev.closed_set(train, {"raw": test}, classes, cfg.maha_floor, cfg.bootstrap, cfg.seed)
     t_closed = time.perf_counter() - start
     res = ev.open_set(train, test, opened, cfg)
     unseen, _ = ev.calibrate_unseen(res.kdes["gating_off"], val, "h_bar")
-    print(json.dumps({"closed_s": t_closed, "total_s": time.perf_counter() - start,
-                      "top1": closed["raw"]["head"]["top1"], "auroc": res.metrics["gating_off"]["auroc"],
-                      "kde_reference": res.metrics["gating_off"].get("kde_reference"), "threshold": unseen}))
+    print(
+        json.dumps(
+            {
+                "closed_s": t_closed,
+                "total_s": time.perf_counter() - start,
+                "top1": closed["raw"]["head"]["top1"],
+                "auroc": res.metrics["gating_off"]["auroc"],
+                "kde_reference": res.metrics["gating_off"].get("kde_reference"),
+                "threshold": unseen,
+            }
+        )
+    )
 
 
 def score(n_test: int, n_boot: int, kde_cap: int) -> tuple[float, float, dict]:
-    seconds, rss, out = timed([sys.executable, __file__, "--score-only", str(n_test), "--score-bootstrap", str(n_boot),
-                               "--score-kde-cap", str(kde_cap)], Path.cwd())
+    seconds, rss, out = timed(
+        [
+            sys.executable,
+            __file__,
+            "--score-only",
+            str(n_test),
+            "--score-bootstrap",
+            str(n_boot),
+            "--score-kde-cap",
+            str(kde_cap),
+        ],
+        Path.cwd(),
+    )
     return seconds, rss, json.loads(out.strip().splitlines()[-1])
 
 
@@ -179,26 +218,40 @@ def kde_cap_error(n: int = 8000, dim: int = 16, caps=(4000, 2000, 1000), seeds=(
     def open_auroc(closed, opened):  # closed images are the positives: higher log-density, known generator
         return point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
 
-    out = [f"| cap (of {n:,} references, {dim}-D) | open-set AUROC, exact -> capped (per seed) | "
-           "median abs log-density error (nats) | bandwidth ratio |", "|---:|---|---:|---:|"]
+    out = [
+        f"| cap (of {n:,} references, {dim}-D) | open-set AUROC, exact -> capped (per seed) | "
+        "median abs log-density error (nats) | bandwidth ratio |",
+        "|---:|---|---:|---:|",
+    ]
     per_cap = {c: [] for c in caps}
     for seed in seeds:
         r = np.random.default_rng(seed)
         centres = r.normal(0, 1.5, (4, dim))
         x = centres[r.integers(0, 4, n)] + r.normal(0, 1, (n, dim))
-        q = np.r_[centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)),
-                  centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)) + 1.2]
+        q = np.r_[
+            centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)),
+            centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, dim)) + 1.2,
+        ]
         kw = dict(folds=2, grid_factors=(0.1, 0.2, 0.4, 0.8, 1.6), seed=seed)
         exact = GaussianKDE(**kw).fit(x)
         e = exact.score_samples(q)
         for cap in caps:
             kde = GaussianKDE(max_reference=cap, **kw).fit(x)
             c = kde.score_samples(q)
-            per_cap[cap].append((open_auroc(e[:1000], e[1000:]), open_auroc(c[:1000], c[1000:]),
-                                 float(np.median(np.abs(c - e))), kde.bandwidth_ / exact.bandwidth_))
+            per_cap[cap].append(
+                (
+                    open_auroc(e[:1000], e[1000:]),
+                    open_auroc(c[:1000], c[1000:]),
+                    float(np.median(np.abs(c - e))),
+                    kde.bandwidth_ / exact.bandwidth_,
+                )
+            )
     for cap, rows in per_cap.items():
-        out.append(f"| {cap:,} | " + ", ".join(f"{a:.3f} -> {b:.3f} ({b - a:+.3f})" for a, b, _, _ in rows)
-                   + f" | {np.mean([r[2] for r in rows]):.2f} | {np.mean([r[3] for r in rows]):.3f} |")
+        out.append(
+            f"| {cap:,} | "
+            + ", ".join(f"{a:.3f} -> {b:.3f} ({b - a:+.3f})" for a, b, _, _ in rows)
+            + f" | {np.mean([r[2] for r in rows]):.2f} | {np.mean([r[3] for r in rows]):.3f} |"
+        )
     return "\n".join(out)
 
 
@@ -209,17 +262,26 @@ GOALS = {"no-op encode": 2, "status": 2, "added, rows stay": 3}  # at 100 k, wit
 
 def tables(rows: list[dict]) -> str:
     base = rows[0]
-    out = ["| command | " + " | ".join(f"{r['rows']:,} rows" for r in rows) + " |",
-           "|---|" + "---:|" * len(rows)]
+    out = ["| command | " + " | ".join(f"{r['rows']:,} rows" for r in rows) + " |", "|---|" + "---:|" * len(rows)]
     for cmd in CMDS:
         cells = [f"{r[cmd][0]:.2f} s ({r[cmd][0] / base[cmd][0]:.1f}x), {r[cmd][1]:.0f} MiB" for r in rows]
         out.append(f"| {cmd} | " + " | ".join(cells) + " |")
     for key in ("store MiB", "hash cache MiB", "lock MiB"):
         out.append(f"| {key} on disk | " + " | ".join(f"{r['disk'][key]:.1f}" for r in rows) + " |")
-    out += ["", "seconds (ratio to the smallest size), peak RSS; 'added': manifest build + encode "
-            "(build / encode: " + "; ".join(f"{r['rows']:,}: " + ", ".join(
+    out += [
+        "",
+        "seconds (ratio to the smallest size), peak RSS; 'added': manifest build + encode "
+        "(build / encode: "
+        + "; ".join(
+            f"{r['rows']:,}: "
+            + ", ".join(
                 f"{r[k + ' (build, encode)'][0]:.2f} / {r[k + ' (build, encode)'][1]:.2f}"
-                for k in ("added, rows stay", "added, rows move")) for r in rows) + ")"]
+                for k in ("added, rows stay", "added, rows move")
+            )
+            for r in rows
+        )
+        + ")",
+    ]
     return "\n".join(out)
 
 
@@ -229,7 +291,9 @@ def goals(rows: list[dict]) -> str:
     if 1000 in by and 100000 in by:
         for cmd, limit in GOALS.items():
             ratio = by[100000][cmd][0] / by[1000][cmd][0]
-            out.append(f"- {cmd} at 100 k / 1 k: {ratio:.2f}x (goal <= {limit}x): {'met' if ratio <= limit else 'MISSED'}")
+            out.append(
+                f"- {cmd} at 100 k / 1 k: {ratio:.2f}x (goal <= {limit}x): {'met' if ratio <= limit else 'MISSED'}"
+            )
     if 1000000 in by:
         big = by[1000000]
         for cmd in ("no-op encode", "status"):
@@ -245,9 +309,13 @@ def main():
     ap.add_argument("--workdir", type=Path, help="where the workspaces go [a new temporary folder]")
     ap.add_argument("--score-rows", type=int, default=100000, help="closed test rows of the score run (0: none)")
     ap.add_argument("--score-bootstrap", default="0,1000", help="score.bootstrap values to run score with")
-    ap.add_argument("--score-kde-cap", type=int, default=2000,
-                    help="score.kde_max_reference of the score run: the KDE's time is (test + open rows) x cap "
-                         "plus 13 x cap^2 for its bandwidth, whatever the training set")
+    ap.add_argument(
+        "--score-kde-cap",
+        type=int,
+        default=2000,
+        help="score.kde_max_reference of the score run: the KDE's time is (test + open rows) x cap "
+        "plus 13 x cap^2 for its bandwidth, whatever the training set",
+    )
     ap.add_argument("--kde-error", action="store_true", help="only measure the capped KDE against the exact one")
     ap.add_argument("--score-only", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the workspaces")
@@ -258,8 +326,10 @@ def main():
         return print(kde_cap_error())
     root = a.workdir or Path(tempfile.mkdtemp(prefix="leakpipe-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load average "
-          f"{os.getloadavg()[0]:.1f} at the start; workspaces in {root}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the start; workspaces in {root}"
+    )
     rows = []
     for n in (int(s) for s in a.sizes.split(",")):
         rows.append(one_size(root, n))
@@ -268,9 +338,11 @@ def main():
     print(tables(rows) + "\n\n" + goals(rows))
     for n_boot in (int(b) for b in a.score_bootstrap.split(",") if b) if a.score_rows else ():
         seconds, rss, facts = score(a.score_rows, n_boot, a.score_kde_cap)
-        print(f"- score, {a.score_rows:,} closed test rows (synthetic embeddings), score.bootstrap = {n_boot}: "
-              f"{seconds:.1f} s, peak RSS {rss:.0f} MiB (goal < 4096: {'met' if rss < 4096 else 'MISSED'}); "
-              f"KDE reference {facts['kde_reference']}")
+        print(
+            f"- score, {a.score_rows:,} closed test rows (synthetic embeddings), score.bootstrap = {n_boot}: "
+            f"{seconds:.1f} s, peak RSS {rss:.0f} MiB (goal < 4096: {'met' if rss < 4096 else 'MISSED'}); "
+            f"KDE reference {facts['kde_reference']}"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

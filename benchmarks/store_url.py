@@ -6,6 +6,7 @@ no-op rerun, `status` and `verify` wall times, on one manifest and a tiny random
 What it isolates is leakpipe's own cost of reaching a store through fsspec (listing, checksums,
 chunk PUTs); the moto server runs on this machine, so network latency is not in these figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,21 +63,29 @@ def main():
         (ws / "data" / f"g{i % 4}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ws / "data" / f"g{i % 4}" / f"{i}.png")
     vae = save_random_vae(ws / "vae", (8, 16), seed=0)
-    (ws / "leakpipe.toml").write_text(f'[vae]\nsource = "{vae}"\n[preprocess]\nsize = 32\n[store]\n'
-                                      f'chunk_rows = {a.chunk_rows}\n[encode]\nnum_workers = 0\nbatch_size = 16\n')
+    (ws / "leakpipe.toml").write_text(
+        f'[vae]\nsource = "{vae}"\n[preprocess]\nsize = 32\n[store]\n'
+        f"chunk_rows = {a.chunk_rows}\n[encode]\nnum_workers = 0\nbatch_size = 16\n"
+    )
     timed("manifest", "build", str(ws / "data"), "--split", "closed", "-C", str(ws))
     where = {"local": "", "memory://": "memory://bench/latents"}
     if (s3 := s3_endpoint()) is not None:
         where["s3 (moto)"] = s3
-    print(f"# {platform.machine()}, {os.cpu_count()} cores; {a.n} rows of 32x32 images, chunks of "
-          f"{a.chunk_rows} rows, tiny random VAE; seconds, and the ratio to the local store")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores; {a.n} rows of 32x32 images, chunks of "
+        f"{a.chunk_rows} rows, tiny random VAE; seconds, and the ratio to the local store"
+    )
     print("| store | first encode | no-op rerun | status | verify |")
     print("|---|---:|---:|---:|---:|")
     base = None
     for name, url in where.items():
         sets = ["--set", f"store.url={url}", "-C", str(ws)]
-        row = [timed("encode", "--split", "closed", *sets), timed("encode", "--split", "closed", *sets),
-               timed("status", *sets), timed("verify", *sets)]
+        row = [
+            timed("encode", "--split", "closed", *sets),
+            timed("encode", "--split", "closed", *sets),
+            timed("status", *sets),
+            timed("verify", *sets),
+        ]
         base = base or row
         print(f"| {name} | " + " | ".join(f"{t:.2f} ({t / b:.2f}x)" for t, b in zip(row, base)) + " |")
 

@@ -6,6 +6,7 @@ Prints the time to generate N images of SIZE x SIZE with all cores (worker proce
 table of the pixel baseline's test top-1 (logistic regression on channel means + low-frequency
 DCT) for each difficulty and post-processing step, 10 closed generators.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,14 @@ def main():
     ap.add_argument("--per-generator", type=int, default=100)
     ap.add_argument("--difficulties", default="0.5,1,2,4")
     args = ap.parse_args()
-    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}", flush=True)
+    print(
+        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         print(speed(args.speed_images, args.size, Path(tmp)), flush=True)
-        lines = table([float(d) for d in args.difficulties.split(",")], args.per_generator,
-                      args.table_size, Path(tmp))
+        lines = table([float(d) for d in args.difficulties.split(",")], args.per_generator, args.table_size, Path(tmp))
     print("\n".join(lines))
 
 

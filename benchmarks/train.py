@@ -11,6 +11,7 @@
     FeatureBuilder, train_epoch): per compute.precision, with compute.compile off and on, and on a
     GPU with the cache held on the GPU or in pinned host memory (compute.gpu_cache_gb).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,13 @@ def synthetic_store(path: Path, rows: int, chunk_rows: int = 256) -> Path:
     group = latent_store.create(str(path), rows, (4, 32, 32), chunk_rows, "float16", {})
     for start, stop in latent_store.chunk_bounds(rows, chunk_rows):
         n = stop - start
-        latents = {"mean": rng.normal(size=(n, 4, 32, 32)).astype(np.float16),
-                   "logvar": np.full((n, 4, 32, 32), -5.0, np.float16)}
-        latent_store.write_chunk(group, start, stop, np.arange(start, stop), latents,
-                                 rng.integers(1, 255, (n, 16), dtype=np.uint8))
+        latents = {
+            "mean": rng.normal(size=(n, 4, 32, 32)).astype(np.float16),
+            "logvar": np.full((n, 4, 32, 32), -5.0, np.float16),
+        }
+        latent_store.write_chunk(
+            group, start, stop, np.arange(start, stop), latents, rng.integers(1, 255, (n, 16), dtype=np.uint8)
+        )
     return path
 
 
@@ -79,7 +83,7 @@ def from_cache(args, device, tmp: Path) -> list[str]:
     placements = ["gpu", "pinned"] if device.type == "cuda" else ["host"]
     lines = ["| precision | compile | latents | img/s |", "|---|---|---|---|"]
     for prec in args.precisions.split(","):
-        for compile_ in ([False, True] if args.compile else [False]):
+        for compile_ in [False, True] if args.compile else [False]:
             for place in placements:
                 cfg = Config()
                 tc = replace(cfg.train, batch_size=args.cache_batch, seed=0)
@@ -87,8 +91,8 @@ def from_cache(args, device, tmp: Path) -> list[str]:
                 model = channels_last(build_model(cfg, 10).to(device), device, prec)  # as the stage lays it out
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                 build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
-                data = LatentRows(store, rows, rows % 10, 2 ** 34)
-                data.place(device, 2 ** 40 if place == "gpu" else 0)
+                data = LatentRows(store, rows, rows % 10, 2**34)
+                data.place(device, 2**40 if place == "gpu" else 0)
                 forward, scaler = compiled(model, compile_), grad_scaler(device, prec)
 
                 def epoch(k):
@@ -96,8 +100,10 @@ def from_cache(args, device, tmp: Path) -> list[str]:
 
                 epoch(0)
                 seconds = _once(lambda: [epoch(k) for k in (1, 2)], device) / 2
-                lines.append(f"| {prec} | {'on' if compile_ else 'off'} | {data.placement.split('latents ')[1]} | "
-                             f"{len(rows) / seconds:.0f} |")
+                lines.append(
+                    f"| {prec} | {'on' if compile_ else 'off'} | {data.placement.split('latents ')[1]} | "
+                    f"{len(rows) / seconds:.0f} |"
+                )
                 print(lines[-1], flush=True)
     return lines
 
@@ -149,14 +155,20 @@ def main():
     for fn in (lambda: step(feats), with_features):
         fn()
     for _ in range(args.repeats):
-        for key, fn in (("model-only", lambda: step(feats)), ("full", with_features),
-                        ("features", lambda: build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device)))):
+        for key, fn in (
+            ("model-only", lambda: step(feats)),
+            ("full", with_features),
+            ("features", lambda: build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device))),
+        ):
             samples[key].append(_once(fn, device))
     med = {k: float(np.median(v)) for k, v in samples.items()}
-    print(f"(a) medians of {args.repeats} interleaved: model-only step {med['model-only'] * 1e3:.1f} ms, "
-          f"with feature path {med['full'] * 1e3:.1f} ms (overhead {100 * (med['full'] / med['model-only'] - 1):.1f}%); "
-          f"feature path alone {med['features'] * 1e3:.2f} ms = {100 * med['features'] / med['model-only']:.1f}% "
-          "of a step (goal <= 5%)", flush=True)
+    print(
+        f"(a) medians of {args.repeats} interleaved: model-only step {med['model-only'] * 1e3:.1f} ms, "
+        f"with feature path {med['full'] * 1e3:.1f} ms (overhead {100 * (med['full'] / med['model-only'] - 1):.1f}%); "
+        f"feature path alone {med['features'] * 1e3:.2f} ms = {100 * med['features'] / med['model-only']:.1f}% "
+        "of a step (goal <= 5%)",
+        flush=True,
+    )
 
     tmp = Path("/tmp/leakpipe-bench-train")
     vae_dir = vae_lib.save_random_vae(tmp / "sd21", (128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
@@ -170,7 +182,7 @@ def main():
 
     def epoch_vae():
         for k in range(n_batches):
-            x = to_model_range(images[k * b:(k + 1) * b].to(device))
+            x = to_model_range(images[k * b : (k + 1) * b].to(device))
             with torch.no_grad():
                 post = vae.encode(x).latent_dist
             m = post.mean.cpu().numpy()
@@ -178,8 +190,11 @@ def main():
 
     t_cache = timed(epoch_cache, device, 3)
     t_vae = timed(epoch_vae, device, 1)
-    print(f"(b) epoch of {n_batches * b} images: from cache {t_cache:.2f} s, VAE in the loop {t_vae:.2f} s: "
-          f"{t_vae / t_cache:.0f}x faster (goal >= 100x)", flush=True)
+    print(
+        f"(b) epoch of {n_batches * b} images: from cache {t_cache:.2f} s, VAE in the loop {t_vae:.2f} s: "
+        f"{t_vae / t_cache:.0f}x faster (goal >= 100x)",
+        flush=True,
+    )
     print("(c) training from a Zarr latent cache through the stage's path:")
     print("\n".join(from_cache(args, device, tmp)))
 

@@ -1,5 +1,6 @@
 """The `leakpipe` command. Heavy libraries (torch, diffusers, zarr) are imported inside commands
 that need them, so `status`, `manifest` and no-op reruns start fast."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,12 @@ from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 # ---------------------------------------------------------------- stage one
 @main.command()
 @click.option("--split", "splits", multiple=True, required=True, help="Manifest name (repeatable).")
-@click.option("--vae", "vae_source", help="Hub id, diffusers folder or .safetensors (vae.source). Saved in "
-              "the workspace config, so later commands use this encoder's cache.")
+@click.option(
+    "--vae",
+    "vae_source",
+    help="Hub id, diffusers folder or .safetensors (vae.source). Saved in "
+    "the workspace config, so later commands use this encoder's cache.",
+)
 @click.option("--skip-bad", is_flag=True, help="Accept the split without unreadable images.")
 @click.option("--workers", type=int, help="Encode on a local dask cluster of N worker processes.")
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
@@ -49,8 +54,10 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides):
     path = config_file or ws.root / "leakpipe.toml"
     was = persist_setting(path, "vae.source", source)
     if was != source:
-        _log(f"note: vae.source = {source} saved in {path} (was {was or 'the default'}): train, score, "
-             "status and attribute now use this encoder's cache")
+        _log(
+            f"note: vae.source = {source} saved in {path} (was {was or 'the default'}): train, score, "
+            "status and attribute now use this encoder's cache"
+        )
     if any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
         _log("note: --set vae.source was given as well; --vae wins for this command")
     return cfg
@@ -59,8 +66,11 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides):
 # ---------------------------------------------------------------- stage two
 @main.command()
 @click.option("--run", "run_name", default="default", show_default=True, help="Run name (ablations).")
-@click.option("--seeds", help="Comma-separated training seeds: one run NAME-seedS per seed over the same "
-              "cache, recorded as the seed group NAME (score and compare then show mean +- sd).")
+@click.option(
+    "--seeds",
+    help="Comma-separated training seeds: one run NAME-seedS per seed over the same "
+    "cache, recorded as the seed group NAME (score and compare then show mean +- sd).",
+)
 @_workspace_options
 def train(ws, cfg, run_name, seeds):
     """Stage two: train from the latent cache (or resume, or restore a stored result), then embed
@@ -99,8 +109,11 @@ def _seeds(text: str) -> list[int]:
 # ---------------------------------------------------------------- stage three
 @main.command()
 @click.option("--run", "run_name", default="default", show_default=True, help="Run to score.")
-@click.option("--dual", is_flag=True, help="Also report the paper's 'dual' open-set setting (not a "
-              "detector: it uses each sample's ground-truth domain).")
+@click.option(
+    "--dual",
+    is_flag=True,
+    help="Also report the paper's 'dual' open-set setting (not a detector: it uses each sample's ground-truth domain).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
 @_workspace_options
 def score(ws, cfg, run_name, dual, as_json):
@@ -136,14 +149,25 @@ def embed(ws, cfg, run_name, splits):
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--run", "run_name", default="default", show_default=True, help="A scored run of the workspace.")
-@click.option("--model", help="An exported attributor instead of a run: a folder written by `leakpipe export`, "
-              "or a Hugging Face Hub repository id holding one; works outside any workspace.")
-@click.option("--vae", "vae_source", help="Where the attributor's VAE is on this machine (Hub id, folder or "
-              ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.")
+@click.option(
+    "--model",
+    help="An exported attributor instead of a run: a folder written by `leakpipe export`, "
+    "or a Hugging Face Hub repository id holding one; works outside any workspace.",
+)
+@click.option(
+    "--vae",
+    "vae_source",
+    help="Where the attributor's VAE is on this machine (Hub id, folder or "
+    ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.",
+)
 @click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--allow-code-change", is_flag=True, help="Attribute with an exported attributor whose code (encode "
-              "and embed stages) differs from this leakpipe's; each result says so.")
+@click.option(
+    "--allow-code-change",
+    is_flag=True,
+    help="Attribute with an exported attributor whose code (encode "
+    "and embed stages) differs from this leakpipe's; each result says so.",
+)
 @_workspace_options
 def attribute(ws, cfg, images, run_name, model, vae_source, top, as_json, allow_code_change):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation."""
@@ -164,18 +188,31 @@ def export(ws, cfg, dest, run_name):
     from leakpipe.workflows.export import export as do_export
 
     out = do_export(graph(ws, cfg), run_name, dest)
-    click.echo(f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
-               f"attribute with `leakpipe attribute --model {out} IMAGE...`, serve a web page with "
-               f"`leakpipe app --model {out}`, or push the folder as a Hugging Face Space (README)")
+    click.echo(
+        f"export {run_name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); "
+        f"attribute with `leakpipe attribute --model {out} IMAGE...`, serve a web page with "
+        f"`leakpipe app --model {out}`, or push the folder as a Hugging Face Space (README)"
+    )
 
 
 @main.command()
-@click.option("--model", required=True, help="The attributor: a folder written by `leakpipe export`, or a "
-              "Hugging Face Hub repository id holding one.")
-@click.option("--vae", "vae_source", help="Where the attributor's VAE is on this machine (Hub id, folder or "
-              ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; the default "
-              "serves this machine only (0.0.0.0: every network interface).")
+@click.option(
+    "--model",
+    required=True,
+    help="The attributor: a folder written by `leakpipe export`, or a Hugging Face Hub repository id holding one.",
+)
+@click.option(
+    "--vae",
+    "vae_source",
+    help="Where the attributor's VAE is on this machine (Hub id, folder or "
+    ".safetensors) [default: the recorded source]; it must have the recorded encoder fingerprint.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; the default serves this machine only (0.0.0.0: every network interface).",
+)
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to show.")
 @_workspace_options
@@ -189,11 +226,18 @@ def app(ws, cfg, model, vae_source, host, port, top):
 
 @main.command()
 @click.option("--only", help="Comma-separated ablations [default: all of them].")
-@click.option("--logo", is_flag=True, help="Leave-one-generator-out instead of the ablations: one run per known "
-              "generator, trained without it, its test images scored as an unseen generator (AUROC per generator).")
+@click.option(
+    "--logo",
+    is_flag=True,
+    help="Leave-one-generator-out instead of the ablations: one run per known "
+    "generator, trained without it, its test images scored as an unseen generator (AUROC per generator).",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the runs the sweep would make and their settings.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Result table [default: WORKSPACE/cache/sweep.md, or cache/sweep-logo.md with --logo].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Result table [default: WORKSPACE/cache/sweep.md, or cache/sweep-logo.md with --logo].",
+)
 @_workspace_options
 def sweep(ws, cfg, only, logo, list_only, out):
     """Ablations of the paper's Tables 3-5 over one latent cache (train + score each, then compare), or
@@ -210,11 +254,17 @@ def sweep(ws, cfg, only, logo, list_only, out):
         return
     params = click.get_current_context().params  # the workspace's --config and --set come first
     names, skipped, failed = stage.run(
-        ws, lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra], params["profile"]), plan,
-        log=_log)
+        ws,
+        lambda extra: ws.config(params["config_file"], [*params["overrides"], *extra], params["profile"]),
+        plan,
+        log=_log,
+    )
     table = stage.logo_table(ws, names) if logo else compare_runs(ws, names, cfg)
-    table += "".join(f"\n{title} (the rest of the sweep ran):\n\n" + "".join(f"- {k}: {v}\n" for k, v in part.items())
-                     for title, part in (("Not run here", skipped), ("Failed", failed)) if part)
+    table += "".join(
+        f"\n{title} (the rest of the sweep ran):\n\n" + "".join(f"- {k}: {v}\n" for k, v in part.items())
+        for title, part in (("Not run here", skipped), ("Failed", failed))
+        if part
+    )
     out = out or ws.cache / ("sweep-logo.md" if logo else "sweep.md")
     write_compare(out, table)
     click.echo(table + f"-> {out}")
@@ -224,8 +274,7 @@ def sweep(ws, cfg, only, logo, list_only, out):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the table (markdown) here.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table (markdown) here.")
 @_workspace_options
 def compare(ws, cfg, runs, out):
     """Top-1 and macro AUC (head, Mahalanobis), post-processing and open set, one row per scored RUN."""

@@ -1,5 +1,6 @@
 """What every `leakpipe` command shares: the group, the workspace options (-C, --config, --set,
 --profile) and errors as one-paragraph messages, never a traceback."""
+
 from __future__ import annotations
 
 import errno
@@ -19,18 +20,24 @@ def _disk_full(exc: BaseException) -> str | None:
     """The message for a full disk (or quota), however the writer reported it; None otherwise."""
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     # safetensors (Rust) reports it in its message: "I/O error: No space left on device (os error 28)"
-    full = full or type(exc).__name__ == "SafetensorError" and bool(
-        re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b|StorageFull|QuotaExceeded", str(exc)))
+    full = (
+        full
+        or type(exc).__name__ == "SafetensorError"
+        and bool(re.search(rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b|StorageFull|QuotaExceeded", str(exc)))
+    )
     if not full:
         return None
     where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
-    return (f"No space left on the device{where}. Nothing was corrupted: every file is written to a "
-            "temporary name and renamed only when complete. Free some space (`leakpipe gc` lists what it "
-            "can free) and rerun the command; it continues where it stopped.")
+    return (
+        f"No space left on the device{where}. Nothing was corrupted: every file is written to a "
+        "temporary name and renamed only when complete. Free some space (`leakpipe gc` lists what it "
+        "can free) and rerun the command; it continues where it stopped."
+    )
 
 
 def _friendly(fn):
     """User errors and a full disk as one-paragraph messages, never a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -42,20 +49,42 @@ def _friendly(fn):
             if message is None:
                 raise
             raise click.ClickException(message) from None
+
     return wrapper
 
 
 def _workspace_options(fn):
-    @click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
-                  default=".", show_default=True, help="Workspace folder (holds manifests/ and cache/).")
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Config TOML (default: WORKSPACE/leakpipe.toml if present).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).")
-    @click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-                  help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
-                  "method with the measured training recipe), paper (as printed) or authors-code (the "
-                  "authors' released code's); the README lists every difference.")
+    @click.option(
+        "-C",
+        "--workspace",
+        "workspace",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=".",
+        show_default=True,
+        help="Workspace folder (holds manifests/ and cache/).",
+    )
+    @click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Config TOML (default: WORKSPACE/leakpipe.toml if present).",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one setting, e.g. --set vae.dtype=float16 (repeatable).",
+    )
+    @click.option(
+        "--profile",
+        type=click.Choice(list(PROFILES)),
+        default=DEFAULT_PROFILE,
+        show_default=True,
+        help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
+        "method with the measured training recipe), paper (as printed) or authors-code (the "
+        "authors' released code's); the README lists every difference.",
+    )
     @functools.wraps(fn)
     @_friendly
     def wrapper(workspace, config_file, overrides, profile, **kwargs):
@@ -64,6 +93,7 @@ def _workspace_options(fn):
         if "config_file" in inspect.signature(fn).parameters:
             kwargs.update(config_file=config_file, overrides=overrides, profile=profile)
         return fn(ws=ws, cfg=cfg, **kwargs)
+
     return wrapper
 
 

@@ -1,4 +1,5 @@
 """`leakpipe manifest`, `synth`, `postprocess` and `demo`: getting images into a workspace."""
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,32 @@ def manifest():
 @manifest.command("build")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", "split", required=True, help="Manifest name, e.g. closed, closed-pp, open.")
-@click.option("--partition", type=click.Choice(["auto", "ratio", "file", "none"]), default="auto",
-              show_default=True, help="auto: ROOT/Split.json if present, else seeded ratios.")
-@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Split JSON {train|val|test: {class: [file names]}} (the authors' format).")
+@click.option(
+    "--partition",
+    type=click.Choice(["auto", "ratio", "file", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: ROOT/Split.json if present, else seeded ratios.",
+)
+@click.option(
+    "--split-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Split JSON {train|val|test: {class: [file names]}} (the authors' format).",
+)
 @click.option("--ratios", default="0.5,0.2,0.3", show_default=True, help="train,val,test per class.")
-@click.option("--group-by", help="A regex on each file name (its first group, e.g. 'prompt(\\d+)') or a CSV "
-              "(path,group) giving each image a group: ratio splits keep a group in one partition, "
-              "intervals resample groups, and score audits them for leakage.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seed of the ratio split (the same seed and files give the same partitions).")
+@click.option(
+    "--group-by",
+    help="A regex on each file name (its first group, e.g. 'prompt(\\d+)') or a CSV "
+    "(path,group) giving each image a group: ratio splits keep a group in one partition, "
+    "intervals resample groups, and score audits them for leakage.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the ratio split (the same seed and files give the same partitions).",
+)
 @click.option("--variant", default="raw", show_default=True, help="Variant column for every row.")
 @_workspace_options
 def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, variant, group_by):
@@ -67,8 +84,7 @@ def manifest_build(ws, cfg, root, split, partition, split_file, ratios, seed, va
     _print_summary(mf.summary(m), out)
     click.echo(f"  {source}" + (f"; {len({r['group'] for r in rows})} groups ({group_by})" if groups else ""))
     if unassigned:
-        _log(f"note: {len(unassigned)} images are not listed in {split_file} and were left out, "
-             f"e.g. {unassigned[0]}")
+        _log(f"note: {len(unassigned)} images are not listed in {split_file} and were left out, e.g. {unassigned[0]}")
 
 
 @manifest.command("show")
@@ -93,14 +109,20 @@ def _steps(text: str) -> tuple[int, ...]:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Image folder [default: WORKSPACE/data/synth].")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Image folder [default: WORKSPACE/data/synth]."
+)
 @click.option("--closed", "n_closed", default=10, show_default=True, help="Known generators.")
 @click.option("--open", "n_open", default=10, show_default=True, help="Unseen generators.")
 @click.option("--per-generator", default=100, show_default=True, help="Images per generator.")
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
-@click.option("--difficulty", default=1.0, show_default=True, type=click.FloatRange(min=0.05),
-              help="Fingerprint strength is 1/difficulty.")
+@click.option(
+    "--difficulty",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Fingerprint strength is 1/difficulty.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the images, the split and the post-processing.")
 @click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
@@ -122,13 +144,18 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 @main.command()
 @click.option("--split", required=True, help="Manifest to copy from.")
 @click.option("--partition", default="test", show_default=True, help="Rows to copy ('all' for every row).")
-@click.option("--steps", default="1,2,3", show_default=True,
-              help="Comma-separated steps k: each image of step k gets 1 to k distinct operations in random order, "
-              "drawn from JPEG and WebP re-encoding, resize, crop, rotation, blur, brightness/contrast and "
-              "greyscale; one variant (stepK) per step, each operation recorded in the ops column.")
+@click.option(
+    "--steps",
+    default="1,2,3",
+    show_default=True,
+    help="Comma-separated steps k: each image of step k gets 1 to k distinct operations in random order, "
+    "drawn from JPEG and WebP re-encoding, resize, crop, rotation, blur, brightness/contrast and "
+    "greyscale; one variant (stepK) per step, each operation recorded in the ops column.",
+)
 @click.option("--name", help="Output manifest [default: SPLIT-pp].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Image folder [default: WORKSPACE/data/NAME].")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Image folder [default: WORKSPACE/data/NAME]."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the operations and their parameters.")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
 @_workspace_options
@@ -140,8 +167,9 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
     m = mf.read_manifest(ws.manifest(split))
     name = name or f"{split}-pp"
     out = out or ws.root / "data" / name
-    rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition,
-                            workers or os.cpu_count() or 1)
+    rows = postprocess_rows(
+        m, out, _steps(steps), seed, None if partition == "all" else partition, workers or os.cpu_count() or 1
+    )
     if not rows:
         raise click.ClickException(f"no rows of {ws.manifest(split)} have partition {partition!r}")
     mf.write_manifest(ws.manifest(name), out, rows, PP_COLUMNS)
@@ -149,10 +177,18 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 
 
 @main.command()
-@click.option("--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of "
-              "the seeded random demo VAE.")
-@click.option("-C", "--workspace", "workspace", type=click.Path(file_okay=False, path_type=Path),
-              default="demo", show_default=True, help="Workspace folder for the demo.")
+@click.option(
+    "--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of the seeded random demo VAE."
+)
+@click.option(
+    "-C",
+    "--workspace",
+    "workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="demo",
+    show_default=True,
+    help="Workspace folder for the demo.",
+)
 @click.option("--closed", "n_closed", type=int, help="Known generators [default: 10].")
 @click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
 @click.option("--per-generator", type=int, help="Images per generator [default: 40].")
@@ -171,8 +207,10 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
     spec = stage.spec_with(n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
     lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs, log=_log)
     click.echo("\n".join(lines))
-    click.echo(f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
-               f"report {ws.cache / 'runs' / 'default' / 'report.md'}")
+    click.echo(
+        f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
+        f"report {ws.cache / 'runs' / 'default' / 'report.md'}"
+    )
 
 
 @main.group()
@@ -192,8 +230,10 @@ def vae_random(path, seed):
     if (path / "config.json").exists():
         raise UserError(f"{path} already holds a VAE (config.json); give a new folder")
     save_random_vae(path, DEMO_VAE_BLOCKS, seed=seed)
-    click.echo(f"vae random: seeded random weights (seed {seed}) in {path}; use it with "
-               f"`leakpipe encode --vae {path}`. Its numbers show the pipeline working, not a real encoder.")
+    click.echo(
+        f"vae random: seeded random weights (seed {seed}) in {path}; use it with "
+        f"`leakpipe encode --vae {path}`. Its numbers show the pipeline working, not a real encoder."
+    )
 
 
 @vae.command("info")
@@ -214,14 +254,17 @@ def vae_info(ws, cfg, source):
     fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache), STAGES["encode"].code_identity())
     keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
     where = src.label if src.kind == vae_lib.PIXELS else f"{src.kind} {src.location}"
-    lines = [f"source:         {source}", f"resolves to:    {where}",
-             f"weights:        {', '.join(str(w) for w in src.weights) or '(none)'}",
-             "architecture:   " + ", ".join(f"{k} {arch[k]}" for k in keys if k in arch),
-             f"parameters:     {total:,} ({encoder:,} in the encoder stage one runs)",
-             f"scaling factor: {arch.get('scaling_factor', 'not in its config (SD uses 0.18215)')}; "
-             f"leakpipe's latent.scale is {cfg.latent.scale}",
-             f"fingerprint:    {fp} (store cache/latents/SPLIT/{fp[:12]}.zarr with preprocess.size "
-             f"{cfg.preprocess.size}, vae.dtype {cfg.vae.dtype}, store.dtype {cfg.store.dtype})"]
+    lines = [
+        f"source:         {source}",
+        f"resolves to:    {where}",
+        f"weights:        {', '.join(str(w) for w in src.weights) or '(none)'}",
+        "architecture:   " + ", ".join(f"{k} {arch[k]}" for k in keys if k in arch),
+        f"parameters:     {total:,} ({encoder:,} in the encoder stage one runs)",
+        f"scaling factor: {arch.get('scaling_factor', 'not in its config (SD uses 0.18215)')}; "
+        f"leakpipe's latent.scale is {cfg.latent.scale}",
+        f"fingerprint:    {fp} (store cache/latents/SPLIT/{fp[:12]}.zarr with preprocess.size "
+        f"{cfg.preprocess.size}, vae.dtype {cfg.vae.dtype}, store.dtype {cfg.store.dtype})",
+    ]
     if vae_lib.is_random(cfg.vae, ws.root):
         lines.append("note:           seeded random weights (leakpipe vae random or the demo), not a pretrained VAE")
     click.echo("\n".join(lines))

@@ -1,4 +1,5 @@
 """`leakpipe status`, `runs`, `verify`, `gc` and `config`: what the workspace holds and why."""
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,23 @@ def runs(ws, cfg, as_json):
     from leakpipe.workflows import status as st
 
     rows = st.run_rows(graph(ws, cfg))
-    click.echo(json.dumps(rows, indent=1) if as_json else st.format_runs(rows) if rows else
-               "no trained results yet; run `leakpipe train`")
+    click.echo(
+        json.dumps(rows, indent=1)
+        if as_json
+        else st.format_runs(rows)
+        if rows
+        else "no trained results yet; run `leakpipe train`"
+    )
 
 
 def _lock_files(ws) -> list[Path]:
-    return sorted([*ws.cache.glob("latents/*/*.lock.json"), *ws.cache.glob("results/*/*.lock.json"),
-                   *ws.cache.glob("results/*/embeddings/*.lock.json")])
+    return sorted(
+        [
+            *ws.cache.glob("latents/*/*.lock.json"),
+            *ws.cache.glob("results/*/*.lock.json"),
+            *ws.cache.glob("results/*/embeddings/*.lock.json"),
+        ]
+    )
 
 
 @main.command()
@@ -59,14 +70,17 @@ def verify(ws, cfg):
             problems.append(f"unreadable lock file (damaged, or from an older leakpipe): {lock_path}")
             continue
         found = ledger.verify(lock_path, lock, deep=True)
-        click.echo(f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
-                   + ("ok" if not found else f"{len(found)} problem(s)"))
+        click.echo(
+            f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
+            + ("ok" if not found else f"{len(found)} problem(s)")
+        )
         problems += found
     for p in problems:
         click.echo(f"  {p}")
     if problems:
-        raise click.ClickException(f"{len(problems)} problem(s); rerun the stage to repair them "
-                                   "(it rewrites whatever does not verify)")
+        raise click.ClickException(
+            f"{len(problems)} problem(s); rerun the stage to repair them (it rewrites whatever does not verify)"
+        )
     click.echo(f"verified {len(lock_files)} lock(s): all checksums match")
 
 
@@ -85,27 +99,32 @@ def gc(ws, cfg, dry_run):
     garbage, freed = st.garbage(graph(ws, cfg)), 0
     for location, size in garbage:
         if dry_run:
-            click.echo(f"would remove {location} ({size / 2 ** 20:.1f} MiB)")
+            click.echo(f"would remove {location} ({size / 2**20:.1f} MiB)")
             continue
         store = location.endswith(".zarr")
         split, name = location.rstrip("/").split("/")[-2:]
-        lock = ws.store_lock(split, name[:-len(".zarr")], "writer.lock") if store else Path(location) / ".writer.lock"
+        lock = ws.store_lock(split, name[: -len(".zarr")], "writer.lock") if store else Path(location) / ".writer.lock"
         try:  # a result being trained has no name yet, a store may be encoded or read: never pull either away
             with exclusive(lock, location):
-                click.echo(f"removing {location} ({size / 2 ** 20:.1f} MiB)")
+                click.echo(f"removing {location} ({size / 2**20:.1f} MiB)")
                 storage.remove(location)
                 if store:
-                    ws.store_lock(split, name[:-len(".zarr")], "lock.json").unlink(missing_ok=True)
+                    ws.store_lock(split, name[: -len(".zarr")], "lock.json").unlink(missing_ok=True)
             freed += size
         except Busy:
-            click.echo(f"skipping {location}: in use by another leakpipe process (a training, an encode or "
-                       "a reader); run gc again when it has finished")
+            click.echo(
+                f"skipping {location}: in use by another leakpipe process (a training, an encode or "
+                "a reader); run gc again when it has finished"
+            )
             continue
         if store:
             lock.unlink(missing_ok=True)
-    total = (sum(s for _, s in garbage) if dry_run else freed) / 2 ** 20
-    click.echo(f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
-               if garbage else "gc: nothing to remove")
+    total = (sum(s for _, s in garbage) if dry_run else freed) / 2**20
+    click.echo(
+        f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
+        if garbage
+        else "gc: nothing to remove"
+    )
 
 
 @main.command("config")

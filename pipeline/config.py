@@ -3,6 +3,7 @@
 Each stage fingerprints only the sections that change its outputs (see `section_hash`), so
 execution knobs such as batch size or worker count never invalidate a cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -231,17 +232,34 @@ CHOICES = {
 }
 # Keys that were replaced: a stored config (a result's or an export's config.json) that has one still
 # loads, the key dropped; set in a TOML file or with --set, the error names what replaced it.
-RETIRED_KEYS = {"score.unseen_tpr": "score.alpha (the unseen-generator flag is a conformal p-value at level "
-                                    "alpha; unseen_tpr = 0.95 reads as alpha = 0.05)"}
+RETIRED_KEYS = {
+    "score.unseen_tpr": "score.alpha (the unseen-generator flag is a conformal p-value at level "
+    "alpha; unseen_tpr = 0.95 reads as alpha = 0.05)"
+}
 # Keys added after results were first stored, with the default that reproduces the earlier behaviour:
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
-ADDED_KEYS = {"features.standardize": True, "features.dct_stats": "per_channel", "model.init": "",
-              "model.gate": "linear", "train.time_dropout": 0.0, "train.entropy_penalty": 0.0, "train.exclude": [],
-              "compute.precision": "fp32", "model.stem": "imagenet", "model.prototype_init": "random",
-              "train.lr_schedule": "constant", "train.warmup_epochs": 0, "train.ema_half_life": 0.0,
-              "train.label_smoothing": 0.0, "train.augment": [], "train.crop": 0, "train.select": "val_auc",
-              "train.prototype_pull": 0.0, "diffusion.noise": True,
-              "features.highpass": "none"}
+ADDED_KEYS = {
+    "features.standardize": True,
+    "features.dct_stats": "per_channel",
+    "model.init": "",
+    "model.gate": "linear",
+    "train.time_dropout": 0.0,
+    "train.entropy_penalty": 0.0,
+    "train.exclude": [],
+    "compute.precision": "fp32",
+    "model.stem": "imagenet",
+    "model.prototype_init": "random",
+    "train.lr_schedule": "constant",
+    "train.warmup_epochs": 0,
+    "train.ema_half_life": 0.0,
+    "train.label_smoothing": 0.0,
+    "train.augment": [],
+    "train.crop": 0,
+    "train.select": "val_auc",
+    "train.prototype_pull": 0.0,
+    "diffusion.noise": True,
+    "features.highpass": "none",
+}
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
 # Sections that change what stage two learns (its fingerprint); encode/compute are execution only.
@@ -250,25 +268,43 @@ TRAIN_SECTIONS = ("latent", "diffusion", "features", "model", "train")
 
 # (key, lowest, highest, what is allowed), checked on load; None = unbounded on that side
 RANGES = [
-    ("preprocess.size", 8, None, ">= 8 pixels"), ("preprocess.max_pixels", 1, None, ">= 1"),
+    ("preprocess.size", 8, None, ">= 8 pixels"),
+    ("preprocess.max_pixels", 1, None, ">= 1"),
     ("store.chunk_rows", 1, None, ">= 1"),
-    ("encode.batch_size", 1, None, ">= 1"), ("encode.num_workers", -1, None, ">= 0, or -1 (auto)"),
-    ("encode.torch_threads", 0, None, ">= 0"), ("encode.workers", 0, None, ">= 0"),
-    ("latent.scale", 0, None, "> 0 and finite"), ("diffusion.num_steps", 1, None, ">= 1"),
-    ("features.dct_k", 1, None, ">= 1"), ("model.embed_dim", 1, None, ">= 1"),
-    ("model.prototypes_per_class", 1, None, ">= 1"), ("model.tau", 0, None, "> 0 and finite"),
-    ("train.epochs", 1, None, ">= 1"), ("train.batch_size", 1, None, ">= 1"),
-    ("train.lr", 0, None, "> 0 and finite"), ("train.weight_decay", 0, None, ">= 0 and finite"),
-    ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"), ("train.patience", 0, None, ">= 0"),
-    ("train.shuffle_chunks", 1, None, ">= 1"), ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
-    ("train.entropy_penalty", 0, None, ">= 0 and finite"), ("train.warmup_epochs", 0, None, ">= 0"),
+    ("encode.batch_size", 1, None, ">= 1"),
+    ("encode.num_workers", -1, None, ">= 0, or -1 (auto)"),
+    ("encode.torch_threads", 0, None, ">= 0"),
+    ("encode.workers", 0, None, ">= 0"),
+    ("latent.scale", 0, None, "> 0 and finite"),
+    ("diffusion.num_steps", 1, None, ">= 1"),
+    ("features.dct_k", 1, None, ">= 1"),
+    ("model.embed_dim", 1, None, ">= 1"),
+    ("model.prototypes_per_class", 1, None, ">= 1"),
+    ("model.tau", 0, None, "> 0 and finite"),
+    ("train.epochs", 1, None, ">= 1"),
+    ("train.batch_size", 1, None, ">= 1"),
+    ("train.lr", 0, None, "> 0 and finite"),
+    ("train.weight_decay", 0, None, ">= 0 and finite"),
+    ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"),
+    ("train.patience", 0, None, ">= 0"),
+    ("train.shuffle_chunks", 1, None, ">= 1"),
+    ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
+    ("train.entropy_penalty", 0, None, ">= 0 and finite"),
+    ("train.warmup_epochs", 0, None, ">= 0"),
     ("train.prototype_pull", 0, None, ">= 0 and finite (0 = off)"),
     ("train.ema_half_life", 0, None, ">= 0 and finite (0 = off)"),
-    ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"), ("train.crop", 0, None, ">= 0 (0 = off)"), ("score.maha_floor", 0, None, ">= 0 and finite"),
+    ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"),
+    ("train.crop", 0, None, ">= 0 (0 = off)"),
+    ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.kde_bandwidth", 0, None, ">= 0 and finite (0 = cross-validated)"),
-    ("score.kde_folds", 2, None, ">= 2"), ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"), ("score.baseline_max_side", 8, None, ">= 8 pixels"), ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"), ("score.alpha", 0, 1, "between 0 and 1, both excluded"),
+    ("score.kde_folds", 2, None, ">= 2"),
+    ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
+    ("score.baseline_max_side", 8, None, ">= 8 pixels"),
+    ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"),
+    ("score.alpha", 0, 1, "between 0 and 1, both excluded"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
-    ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"), ("compute.eval_batch_size", 1, None, ">= 1"),
+    ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"),
+    ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
 _STRICT = {"latent.scale", "model.tau", "train.lr", "score.alpha"}  # the lower bound itself is not allowed
 _STRICT_HIGH = {"score.alpha"}  # nor the upper one
@@ -281,14 +317,25 @@ def validation_problems(cfg: Config) -> list[str]:
     out = []
     for key, low, high, allowed in RANGES:
         v = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-        bad = (not math.isfinite(v) or v < low or (key in _STRICT and v == low) or (high is not None and v > high)
-               or (key in _STRICT_HIGH and v == high))
+        bad = (
+            not math.isfinite(v)
+            or v < low
+            or (key in _STRICT and v == low)
+            or (high is not None and v > high)
+            or (key in _STRICT_HIGH and v == high)
+        )
         if bad:
             out.append(f"{key} = {v!r}: must be {allowed}")
     d = cfg.diffusion
-    if not d.timesteps or any(not 0 <= t < d.num_steps for t in d.timesteps) or len(set(d.timesteps)) != len(d.timesteps):
-        out.append(f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
-                   "(diffusion.num_steps - 1), at least one")
+    if (
+        not d.timesteps
+        or any(not 0 <= t < d.num_steps for t in d.timesteps)
+        or len(set(d.timesteps)) != len(d.timesteps)
+    ):
+        out.append(
+            f"diffusion.timesteps = {d.timesteps}: must be distinct steps from 0 to {d.num_steps - 1} "
+            "(diffusion.num_steps - 1), at least one"
+        )
     if not cfg.score.kde_grid or any(not (g > 0) for g in cfg.score.kde_grid):
         out.append(f"score.kde_grid = {cfg.score.kde_grid}: must be positive bandwidth factors, at least one")
     return out
@@ -312,16 +359,37 @@ def valid_keys() -> list[str]:
 # method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
 # ambiguities resolved as the README says. `authors-code`: the defaults of the authors' released
 # pipeline/train_eval.py, each checked there (README: "Profiles").
-_PAPER = ("model.stem=imagenet", "model.prototype_init=random", "train.lr_schedule=constant",
-          "train.warmup_epochs=0", "train.ema_half_life=0", "train.label_smoothing=0", "train.select=val_auc")
+_PAPER = (
+    "model.stem=imagenet",
+    "model.prototype_init=random",
+    "train.lr_schedule=constant",
+    "train.warmup_epochs=0",
+    "train.ema_half_life=0",
+    "train.label_smoothing=0",
+    "train.select=val_auc",
+)
 PROFILES: dict[str, tuple[str, ...]] = {
     "leakpipe": (),
     "paper": _PAPER,
     "authors-code": (
-        *_PAPER, "diffusion.schedule=linear", "diffusion.timesteps=0", "model.prototypes_per_class=6",
-        "features.dct_map=none", "features.standardize=false", "model.tau_learnable=true", "model.tau=1.0",
-        "model.gate=mlp", "train.time_dropout=0.3", "train.entropy_penalty=0.1", "train.lr=3e-4",
-        "train.batch_size=16", "train.epochs=10", "train.select=val_loss", "train.patience=10", "train.seed=42",
-        "train.grad_clip=5.0"),
+        *_PAPER,
+        "diffusion.schedule=linear",
+        "diffusion.timesteps=0",
+        "model.prototypes_per_class=6",
+        "features.dct_map=none",
+        "features.standardize=false",
+        "model.tau_learnable=true",
+        "model.tau=1.0",
+        "model.gate=mlp",
+        "train.time_dropout=0.3",
+        "train.entropy_penalty=0.1",
+        "train.lr=3e-4",
+        "train.batch_size=16",
+        "train.epochs=10",
+        "train.select=val_loss",
+        "train.patience=10",
+        "train.seed=42",
+        "train.grad_clip=5.0",
+    ),
 }
 DEFAULT_PROFILE = "leakpipe"

@@ -3,6 +3,7 @@ result's stored config.json (`from_dict`); overrides of a loaded config (`with_o
 written back into the TOML file (`persist_setting`). Every value is typed and checked on the way in, and
 the Config that comes out is immutable.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,19 @@ import tomllib
 import typing
 from pathlib import Path
 
-from leakpipe.pipeline.config import (ADDED_KEYS, CHOICES, DEFAULT_PROFILE, ITEM_CHOICES, PROFILES, RETIRED_KEYS,
-                                      SECTIONS, Config, ConfigError, validation_problems, valid_keys)
+from leakpipe.pipeline.config import (
+    ADDED_KEYS,
+    CHOICES,
+    DEFAULT_PROFILE,
+    ITEM_CHOICES,
+    PROFILES,
+    RETIRED_KEYS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    validation_problems,
+    valid_keys,
+)
 from leakpipe.pipeline.store.atomic import atomic_write_text
 
 
@@ -48,8 +60,7 @@ def _coerce(key: str, raw, typ):
             (inner,) = set(typing.get_args(typ)) - {Ellipsis}
             if isinstance(raw, str):
                 text = raw.strip()
-                items = json.loads(text) if text.startswith("[") else [
-                    p.strip() for p in text.split(",") if p.strip()]
+                items = json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
             else:
                 items = list(raw)
             return [_coerce(key, item, inner) for item in items]
@@ -72,10 +83,15 @@ def _unknown(key: str) -> ConfigError:
     else:
         names = [x.split(".", 1)[1] for x in keys]
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.7) or [
-            k for k in keys if k.split(".", 1)[1] in difflib.get_close_matches(name, names, 3, 0.75)]
-    hint = (f"did you mean {' or '.join(near)}?" if near else
-            f"the keys of [{section}] are {', '.join(same)}" if same else
-            f"sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}")
+            k for k in keys if k.split(".", 1)[1] in difflib.get_close_matches(name, names, 3, 0.75)
+        ]
+    hint = (
+        f"did you mean {' or '.join(near)}?"
+        if near
+        else f"the keys of [{section}] are {', '.join(same)}"
+        if same
+        else f"sections: {', '.join(dict.fromkeys(k.split('.')[0] for k in keys))}"
+    )
     return ConfigError(f"unknown setting {key!r}: {hint} (`leakpipe config` lists every key)")
 
 
@@ -123,7 +139,9 @@ def _apply(data: dict, tables: dict, path) -> None:
                 raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_config(path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = DEFAULT_PROFILE) -> Config:
+def load_config(
+    path: Path | None = None, overrides: typing.Iterable[str] = (), profile: str = DEFAULT_PROFILE
+) -> Config:
     """Defaults, then the profile, then the TOML file (if any), then `key=value` overrides, in that order."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -157,8 +175,14 @@ def from_dict(stored: dict, where: str = "a stored config") -> Config:
         assign(data, key, value)
     if not isinstance(stored, dict):
         raise ConfigError(f"{where}: not a config (expected an object of [section] tables)")
-    _apply(data, {s: {k: v for k, v in t.items() if f"{s}.{k}" not in RETIRED_KEYS} if isinstance(t, dict) else t
-                  for s, t in stored.items()}, where)
+    _apply(
+        data,
+        {
+            s: {k: v for k, v in t.items() if f"{s}.{k}" not in RETIRED_KEYS} if isinstance(t, dict) else t
+            for s, t in stored.items()
+        },
+        where,
+    )
     return build(data, f" ({where})")
 
 
@@ -193,8 +217,10 @@ def persist_setting(path: Path, key: str, value) -> object:
     check = Config().to_dict()
     _apply(check, _toml(new, path), path)
     if check[section][name] != value:
-        raise ConfigError(f"{path}: could not set {key} (the file defines it in a way leakpipe does not "
-                          f"edit); set it by hand: [{section}] {line}")
+        raise ConfigError(
+            f"{path}: could not set {key} (the file defines it in a way leakpipe does not "
+            f"edit); set it by hand: [{section}] {line}"
+        )
     atomic_write_text(path, new)
     return before
 

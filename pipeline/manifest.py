@@ -9,6 +9,7 @@ File format:
 
 The row key is `path`; the content key is the file's hash (computed by the stages, not stored).
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,13 +47,23 @@ class Manifest:
     """A manifest's rows, kept as one list of strings per column (`rows`, a list of dicts, is made on
     first use: a million dicts cost a second, and most callers only need a column or two)."""
 
-    def __init__(self, name: str, root: Path, rows: list[dict] | None = None, columns: tuple[str, ...] = REQUIRED,
-                 source: Path | None = None, first_line: int = 4, cols: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        rows: list[dict] | None = None,
+        columns: tuple[str, ...] = REQUIRED,
+        source: Path | None = None,
+        first_line: int = 4,
+        cols: dict[str, list[str]] | None = None,
+    ):
         self.name, self.root, self.columns, self.source = name, root, tuple(columns), source
         self.first_line = first_line  # file line of row 0, for messages
         if cols is None:
             rows = list(rows or [])
-            cols = {c: [r.get(c, "") for r in rows] for c in dict.fromkeys([*columns, *(k for r in rows[:1] for k in r)])}
+            cols = {
+                c: [r.get(c, "") for r in rows] for c in dict.fromkeys([*columns, *(k for r in rows[:1] for k in r)])
+            }
         self._cols, self._rows = cols, rows
         self._n = len(next(iter(cols.values()))) if cols else 0
 
@@ -105,26 +116,33 @@ def check_name(name: str) -> str:
 def _root(path: Path, text: str) -> Path:
     root = (Path(text) if os.path.isabs(text) else path.parent / text).resolve()
     if root == Path(root.anchor):
-        raise ManifestError(str(path), [f"root {text!r} is the filesystem root; the root must be the "
-                                        "folder that holds the images (fix the '# root:' line)"])
+        raise ManifestError(
+            str(path),
+            [
+                f"root {text!r} is the filesystem root; the root must be the "
+                "folder that holds the images (fix the '# root:' line)"
+            ],
+        )
     if not root.is_dir():
-        raise ManifestError(str(path), [f"root {text!r} ({root}) is not a folder; fix the '# root:' "
-                                        "line or move the images back"])
+        raise ManifestError(
+            str(path), [f"root {text!r} ({root}) is not a folder; fix the '# root:' line or move the images back"]
+        )
     return root
 
 
 def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -> Manifest:
     path = Path(path)
     if not path.exists():
-        raise ManifestError(str(path), ["file does not exist; build it with "
-                                        "`leakpipe manifest build ROOT --split NAME`"])
+        raise ManifestError(
+            str(path), ["file does not exist; build it with `leakpipe manifest build ROOT --split NAME`"]
+        )
     # only "\n" ends a line: \r and U+2028 may be part of a (quoted) file name
     with open(path, encoding="utf-8-sig", newline="") as fh:
         text = fh.read()
     comments, n_comment, offset = {}, 0, 0
     while text.startswith("#", offset):
         end = text.find("\n", offset)
-        line = text[offset:end if end >= 0 else len(text)].rstrip("\r")
+        line = text[offset : end if end >= 0 else len(text)].rstrip("\r")
         key, _, value = line[1:].partition(":")
         comments[key.strip()] = value.strip()
         n_comment, offset = n_comment + 1, (end + 1 if end >= 0 else len(text))
@@ -132,8 +150,13 @@ def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -
     columns, cols = columnar.parse(text[offset:])
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
-        raise ManifestError(str(path), [f"line {n_comment + 1}: missing column(s) {', '.join(missing)};"
-                                        f" the header must name {', '.join(REQUIRED)}"])
+        raise ManifestError(
+            str(path),
+            [
+                f"line {n_comment + 1}: missing column(s) {', '.join(missing)};"
+                f" the header must name {', '.join(REQUIRED)}"
+            ],
+        )
     m = Manifest(name=path.stem, root=root, columns=columns, source=path, first_line=n_comment + 2, cols=cols)
     problems = _normalise_paths(m)
     if validate:
@@ -157,8 +180,9 @@ def _normalise_paths(m: Manifest) -> list[str]:
         if p in seen and p:
             written = given.get(i, p)
             alias = "" if written == p else f", written here as {written!r}"
-            problems.append(f"line {m.line(i)}: duplicate path {p!r} (first on line {seen[p]}{alias}); "
-                            "keep one row per file")
+            problems.append(
+                f"line {m.line(i)}: duplicate path {p!r} (first on line {seen[p]}{alias}); keep one row per file"
+            )
         seen.setdefault(p, m.line(i))
     return problems
 
@@ -216,8 +240,10 @@ def scan_tree(root: Path) -> dict[str, list[str]]:
         if files:
             tree[d.name] = files
     if not tree:
-        raise ManifestError(str(root), [f"no images ({', '.join(IMAGE_SUFFIXES)}) in any "
-                                        "sub-folder; expected ROOT/<generator>/<images>"])
+        raise ManifestError(
+            str(root),
+            [f"no images ({', '.join(IMAGE_SUFFIXES)}) in any sub-folder; expected ROOT/<generator>/<images>"],
+        )
     return tree
 
 
@@ -240,8 +266,9 @@ def _is_image_name(low: str) -> bool:
     return low.endswith(IMAGE_SUFFIXES) and low not in IMAGE_SUFFIXES
 
 
-def partition_by_ratio(tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0,
-                       groups: dict[str, str] | None = None) -> dict:
+def partition_by_ratio(
+    tree: dict[str, list[str]], ratios=(0.5, 0.2, 0.3), seed: int = 0, groups: dict[str, str] | None = None
+) -> dict:
     """{path: partition}: a seeded shuffle per class split train/val/test by `ratios`. With `groups`
     ({path: group}), whole groups are shuffled and assigned across all classes, so one group (a
     prompt, a source photo) never sits in two partitions."""
@@ -297,13 +324,21 @@ def groups_of(tree: dict[str, list[str]], group_by: str) -> dict[str, str]:
         where = f"the regex {group_by!r}"
     missing = sorted(p for p, g in found.items() if not g)
     if missing:
-        raise ManifestError(group_by, [f"{len(missing)} images get no group from {where}, e.g. "
-                                       + ", ".join(missing[:3])])
+        raise ManifestError(
+            group_by, [f"{len(missing)} images get no group from {where}, e.g. " + ", ".join(missing[:3])]
+        )
     return found
 
 
-PARTITION_KEYS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}  # the keys the authors' code reads, any case
+PARTITION_KEYS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}  # the keys the authors' code reads, any case
 AUTHORS_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # the files their index lists count
 
 
@@ -320,7 +355,7 @@ def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> t
     except (OSError, ValueError) as exc:
         return {}, [f"{split_file}: cannot be read as JSON ({exc})"], []
     if not isinstance(data, dict):
-        return {}, [f"{split_file}: expected {{\"train\": {{class: [files]}}, \"val\": ..., \"test\": ...}}"], []
+        return {}, [f'{split_file}: expected {{"train": {{class: [files]}}, "val": ..., "test": ...}}'], []
     index = {label: _class_index(label, files) for label, files in tree.items()}
     out, problems, notes = {}, [], []
 
@@ -335,20 +370,29 @@ def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> t
     for key, value in data.items():
         part = PARTITION_KEYS.get(str(key).lower())
         if part is None:
-            notes.append(f"{split_file}: key {key!r} is not a partition (train, val, test or their aliases); "
-                         "ignored, as the authors' code ignores it")
+            notes.append(
+                f"{split_file}: key {key!r} is not a partition (train, val, test or their aliases); "
+                "ignored, as the authors' code ignores it"
+            )
         elif isinstance(value, dict):
             for label, names in value.items():
                 for name in names if isinstance(names, list) else [names]:
                     assign(part, label, str(name), *_match(index.get(label), label, str(name)))
         elif isinstance(value, list):
             for label, files in tree.items():
-                counted = sorted((p for p in files if p.lower().endswith(AUTHORS_SUFFIXES)),
-                                 key=lambda p: posixpath.basename(p).lower())
+                counted = sorted(
+                    (p for p in files if p.lower().endswith(AUTHORS_SUFFIXES)),
+                    key=lambda p: posixpath.basename(p).lower(),
+                )
                 for i in value:
                     ok = isinstance(i, int) and 0 <= i < len(counted)
-                    assign(part, label, f"#{i}", counted[i] if ok else None,
-                           "" if ok else f"index out of range (the class has {len(counted)} files)")
+                    assign(
+                        part,
+                        label,
+                        f"#{i}",
+                        counted[i] if ok else None,
+                        "" if ok else f"index out of range (the class has {len(counted)} files)",
+                    )
         else:
             problems.append(f"{split_file}: {key!r} must map classes to file lists, or be a list of indices")
     return out, problems, notes
@@ -356,7 +400,7 @@ def partition_from_split_file(tree: dict[str, list[str]], split_file: Path) -> t
 
 def _class_index(label: str, files: list[str]) -> tuple[dict, dict]:
     """({path relative to the class folder: tree path}, {file name: [tree paths]})."""
-    rel = {p[len(label) + 1:]: p for p in files}
+    rel = {p[len(label) + 1 :]: p for p in files}
     names: dict[str, list[str]] = {}
     for r, p in rel.items():
         names.setdefault(posixpath.basename(r), []).append(p)
@@ -379,8 +423,9 @@ def _match(index, label: str, entry: str) -> tuple[str | None, str]:
     return None, "not in the tree"
 
 
-def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw",
-               groups: dict[str, str] | None = None):
+def build_rows(
+    tree: dict[str, list[str]], partitions: dict | None, variant: str = "raw", groups: dict[str, str] | None = None
+):
     """Rows for every image; with a split file, images it does not list are left out (and counted)."""
     rows, unassigned = [], []
     for label, files in tree.items():
@@ -394,7 +439,10 @@ def build_rows(tree: dict[str, list[str]], partitions: dict | None, variant: str
 
 
 def summary(m: Manifest) -> dict:
-    return {"rows": len(m), "root": str(m.root),
-            "by_label": dict(sorted(Counter(m.column("label")).items())),
-            "by_partition": dict(sorted(Counter(p or "(none)" for p in m.column("partition")).items())),
-            "by_variant": dict(sorted(Counter(m.column("variant")).items()))}
+    return {
+        "rows": len(m),
+        "root": str(m.root),
+        "by_label": dict(sorted(Counter(m.column("label")).items())),
+        "by_partition": dict(sorted(Counter(p or "(none)" for p in m.column("partition")).items())),
+        "by_variant": dict(sorted(Counter(m.column("variant")).items())),
+    }

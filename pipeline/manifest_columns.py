@@ -3,6 +3,7 @@ row beyond a few C-level string operations (GenImage has 1.35 M rows: each micro
 second). Rows that might have a problem are found first, in bulk; only those go through the
 row-by-row checks that word the messages, so the messages are the same as before.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,7 +49,7 @@ def _fields(data: str, n_cols: int) -> list[list[str]]:
 def _parse_csv(body: str) -> tuple[tuple[str, ...], dict[str, list[str]]]:
     reader = csv.reader(io.StringIO(body, newline=""))
     header = next(reader, [])
-    rows = [(r + [""] * len(header))[:len(header)] for r in reader if r]
+    rows = [(r + [""] * len(header))[: len(header)] for r in reader if r]
     return tuple(header), _columns(header, [list(v) for v in zip(*rows)] if rows else [[] for _ in header])
 
 
@@ -114,7 +115,9 @@ def _folder_runs(paths: list[str]) -> dict[str, list[tuple[int, int]]]:
     a folder's files together, so there are few)."""
     if not paths:
         return {}
-    folders = np.array(list(map(operator.itemgetter(0), map(str.rpartition, paths, itertools.repeat("/")))), dtype=object)
+    folders = np.array(
+        list(map(operator.itemgetter(0), map(str.rpartition, paths, itertools.repeat("/")))), dtype=object
+    )
     cuts = np.flatnonzero(folders[1:] != folders[:-1]) + 1
     runs: dict[str, list[tuple[int, int]]] = {}
     for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(paths)]):

@@ -1,5 +1,6 @@
 """Progress for long work: a tqdm bar on a terminal, and a plain line at least every INTERVAL seconds
 when stderr is a pipe or a log file (where tqdm switches itself off and a run would look hung)."""
+
 from __future__ import annotations
 
 import sys
@@ -30,9 +31,13 @@ class Lines:
     def _line(self, now: float, done: bool = False) -> None:
         rate = self.n / max(now - self.start, 1e-9)
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {rate:.1f} {self.unit}/s"
-              + (f", {self.postfix}" if self.postfix else "") + (", done" if done else ""),
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {rate:.1f} {self.unit}/s"
+            + (f", {self.postfix}" if self.postfix else "")
+            + (", done" if done else ""),
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.n and time.monotonic() - self.start >= INTERVAL:  # a long task ends with its last line

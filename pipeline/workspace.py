@@ -1,4 +1,5 @@
 """Where things live in a workspace (a folder holding manifests/, cache/ and leakpipe.toml)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

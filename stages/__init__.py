@@ -1,6 +1,7 @@
 """The stages, one declaration each (`STAGE` in each module), and the graph that plans them by name.
 
 A stage never imports another: it reaches its upstream through the graph (ledger/graph.py)."""
+
 from __future__ import annotations
 
 from leakpipe.pipeline.config import Config

@@ -6,6 +6,7 @@ fitted on the validation partition is applied: the temperature (calibrated poste
 thresholds (prediction set at level 1 - score.alpha) and the validation KDE scores (the unseen
 p-value, flagged at p <= score.alpha), from the run's metrics.json and calibration.safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,19 +64,33 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     rows = []
     for i in range(len(out.logits)):
         w, h = out.w[i], out.h_bar[i]
-        e = {"a_t": out.a_t[i].tolist(),
-             "top_gated_features": [{"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])}
-                                    for d in w.argsort(descending=True)[:top]]}
+        e = {
+            "a_t": out.a_t[i].tolist(),
+            "top_gated_features": [
+                {"dim": int(d), "w": float(w[d]), "h_bar": float(h[d])} for d in w.argsort(descending=True)[:top]
+            ],
+        }
         if pi_cm is not None:
             c = int(out.logits[i].argmax())
             m = int(pi_cm[i, c].argmax())
             p = prototypes[c, m]
             e["responsibilities"] = {g: pi_cm[i, k].tolist() for k, g in enumerate(classes)}
             e["winning_prototype"] = {
-                "generator": classes[c], "index": m, "responsibility": float(pi_cm[i, c, m]),
+                "generator": classes[c],
+                "index": m,
+                "responsibility": float(pi_cm[i, c, m]),
                 "distance": float(out.distances[i, c, m]),
-                "top_contributions": [{"dim": int(d), "r": float(r[i, d]), "w": float(w[d]), "h_bar": float(h[d]),
-                                       "prototype": float(p[d])} for d in r[i].argsort(descending=True)[:top]]}
+                "top_contributions": [
+                    {
+                        "dim": int(d),
+                        "r": float(r[i, d]),
+                        "w": float(w[d]),
+                        "h_bar": float(h[d]),
+                        "prototype": float(p[d]),
+                    }
+                    for d in r[i].argsort(descending=True)[:top]
+                ],
+            }
         rows.append(e)
     return rows
 
@@ -90,37 +105,64 @@ def from_result(g: Graph, run: str, device) -> Attributor:
     ws, ws_cfg = g.ws, g.cfg
     out = runs.pointed(ws, run)
     if out is None or not (out / "metrics.json").exists():
-        raise UserError(f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
-                        f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)")
+        raise UserError(
+            f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
+            f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)"
+        )
     m = json.loads((out / "metrics.json").read_text())
     val = load_checked_scores(out, att_lib.CALIBRATION)
     if "conformal" not in m or val is None:
-        raise UserError(f"run {run!r} was scored by an earlier leakpipe ({out / 'metrics.json'} has no prediction "
-                        f"sets or calibration); run `leakpipe score --run {run}` again")
+        raise UserError(
+            f"run {run!r} was scored by an earlier leakpipe ({out / 'metrics.json'} has no prediction "
+            f"sets or calibration); run `leakpipe score --run {run}` again"
+        )
     model, build, classes, cfg = load_trained(out, device)
     closed, _ = load_split(ws, out, ws_cfg.score.closed)
     tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
     reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
-    return Attributor(model, build, classes, cfg, reference, m["unseen_threshold"], f"run {run} (result {out.name})",
-                      out.name, base=ws.root, rows=tr.ids["row"], decisions=decisions.applied(m),
-                      val_scores=val["unseen_val_scores"])
+    return Attributor(
+        model,
+        build,
+        classes,
+        cfg,
+        reference,
+        m["unseen_threshold"],
+        f"run {run} (result {out.name})",
+        out.name,
+        base=ws.root,
+        rows=tr.ids["row"],
+        decisions=decisions.applied(m),
+        val_scores=val["unseen_val_scores"],
+    )
 
 
 def check_code(att: Attributor, current: dict, allow: bool) -> list[str]:
     """An exported attributor's code (its encode and embed stages) against this leakpipe's: refused
     when they differ, unless `allow`; then the differences are returned, to be stated with each result."""
-    differ = [f"{stage}: {w}" for stage, now in current.items()
-              for w in code_id.changed((att.code or {}).get(stage, "unrecorded"), now)]
+    differ = [
+        f"{stage}: {w}"
+        for stage, now in current.items()
+        for w in code_id.changed((att.code or {}).get(stage, "unrecorded"), now)
+    ]
     if differ and not allow:
-        raise UserError(f"{att.name} was exported by a leakpipe whose code differs from this one's "
-                        f"({'; '.join(differ)}); its threshold and metrics were measured with that code. Export it "
-                        "again with this version, or pass --allow-code-change to attribute with it anyway "
-                        "(each result then says so)")
+        raise UserError(
+            f"{att.name} was exported by a leakpipe whose code differs from this one's "
+            f"({'; '.join(differ)}); its threshold and metrics were measured with that code. Export it "
+            "again with this version, or pass --allow-code-change to attribute with it anyway "
+            "(each result then says so)"
+        )
     return differ
 
 
-def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: str | None = None,
-        vae: str | None = None, allow_code_change: bool = False) -> list[dict]:
+def run(
+    g: Graph,
+    paths: list[Path],
+    run: str = "default",
+    top: int = 3,
+    model: str | None = None,
+    vae: str | None = None,
+    allow_code_change: bool = False,
+) -> list[dict]:
     """Attribute `paths` with a scored run of the workspace, or with an exported attributor (`model`: a
     folder or Hub id). The workspace config gives the device and the score settings; the model, VAE
     and preprocessing come from the attributor's own config (`vae` overrides where its VAE is, and
@@ -138,8 +180,9 @@ def run(g: Graph, paths: list[Path], run: str = "default", top: int = 3, model: 
     return results
 
 
-def load_exported(model: str, vae: str | None, device, allow_code_change: bool = False,
-                  log=lambda msg: None) -> tuple[Attributor, list[str]]:
+def load_exported(
+    model: str, vae: str | None, device, allow_code_change: bool = False, log=lambda msg: None
+) -> tuple[Attributor, list[str]]:
     """An exported attributor (folder or Hub id) with every file checked, its code compared with this
     leakpipe's (see check_code) and its VAE (`vae` overrides the recorded one) checked against the
     recorded encoder fingerprint: what `attribute --model` and `app` use. (attributor, code differences)."""
@@ -186,38 +229,61 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str) -> list[dict
     results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
         order = np.argsort(-probs[i], kind="stable")[:top]
-        results.append({
-            "image": str(p), "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
-            "posterior": dict(zip(classes, probs[i].tolist())), "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
-            "calibration": d["calibration"] if d else {"method": "none", "temperature": 1.0},
-            "prediction_set": [classes[c] for c in np.nonzero(sets[i])[0]] if sets is not None else None,
-            "prediction_set_level": d["conformal"]["level"] if d else None,
-            "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
-            "kde_log_density": float(log_density[i]),  # the cut is -inf when no p-value can reach alpha: None
-            "unseen_threshold": u["log_density_threshold"] if np.isfinite(u["log_density_threshold"]) else None,
-            "unseen_p_value": float(p_value[i]) if p_value is not None else None,
-            "unseen_alpha": d["alpha"] if d else None, "unseen_n_val": len(att.val_scores) if d else None,
-            "unseen_generator": bool(unseen[i]), "explanation": why,
-            "attributor": att.name, "run": label, "result": att.result, "vae": cfg.vae.source, "timesteps": cfg.diffusion.timesteps})
+        results.append(
+            {
+                "image": str(p),
+                "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
+                "posterior": dict(zip(classes, probs[i].tolist())),
+                "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
+                "calibration": d["calibration"] if d else {"method": "none", "temperature": 1.0},
+                "prediction_set": [classes[c] for c in np.nonzero(sets[i])[0]] if sets is not None else None,
+                "prediction_set_level": d["conformal"]["level"] if d else None,
+                "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
+                "kde_log_density": float(log_density[i]),  # the cut is -inf when no p-value can reach alpha: None
+                "unseen_threshold": u["log_density_threshold"] if np.isfinite(u["log_density_threshold"]) else None,
+                "unseen_p_value": float(p_value[i]) if p_value is not None else None,
+                "unseen_alpha": d["alpha"] if d else None,
+                "unseen_n_val": len(att.val_scores) if d else None,
+                "unseen_generator": bool(unseen[i]),
+                "explanation": why,
+                "attributor": att.name,
+                "run": label,
+                "result": att.result,
+                "vae": cfg.vae.source,
+                "timesteps": cfg.diffusion.timesteps,
+            }
+        )
     return results
 
 
 def set_text(r: dict) -> str:
     """'{closed03, closed07} at 90%': an image's prediction set and its level (an empty set: no known
     generator is plausible at that level)."""
-    return ("{" + ", ".join(r["prediction_set"]) + "}" + f" at {r['prediction_set_level']:.0%}"
-            + ("" if r["prediction_set"] else " (no known generator at this level)"))
+    return (
+        "{"
+        + ", ".join(r["prediction_set"])
+        + "}"
+        + f" at {r['prediction_set_level']:.0%}"
+        + ("" if r["prediction_set"] else " (no known generator at this level)")
+    )
 
 
 def unseen_text(r: dict) -> str:
     """The unseen-generator verdict with its evidence: the p-value at level alpha, or (attributors
     exported before p-values) the log-density against the threshold."""
     if r.get("unseen_p_value") is None:
-        return (f"KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: "
-                + ("UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"))
-    return (f"KDE log-density {r['kde_log_density']:.2f}, p = {r['unseen_p_value']:.3f} against {r['unseen_n_val']} "
-            f"closed validation images: " + (f"UNSEEN GENERATOR (p <= {r['unseen_alpha']:g})" if r["unseen_generator"]
-                                              else f"known generator (p > {r['unseen_alpha']:g})"))
+        return f"KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: " + (
+            "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
+        )
+    return (
+        f"KDE log-density {r['kde_log_density']:.2f}, p = {r['unseen_p_value']:.3f} against {r['unseen_n_val']} "
+        f"closed validation images: "
+        + (
+            f"UNSEEN GENERATOR (p <= {r['unseen_alpha']:g})"
+            if r["unseen_generator"]
+            else f"known generator (p > {r['unseen_alpha']:g})"
+        )
+    )
 
 
 def format_text(results: list[dict]) -> str:
@@ -226,22 +292,32 @@ def format_text(results: list[dict]) -> str:
         lines.append(f"{r['attributor']}, VAE {r['vae']}")
     timesteps = results[0]["timesteps"] if results else []
     for r in results:
-        lines += [r["image"],
-                  *([f"  prediction set: {set_text(r)}"] if r.get("prediction_set") is not None else []),
-                  f"  top ({r['calibration']['method'].replace('_', ' ')}): "
-                  + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
-                  f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
-                  f"  {unseen_text(r)}",
-                  "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
-                  "  top gated features: " + ", ".join(f"#{f['dim']} (w {f['w']:.2f})"
-                                                       for f in r["explanation"]["top_gated_features"])]
+        lines += [
+            r["image"],
+            *([f"  prediction set: {set_text(r)}"] if r.get("prediction_set") is not None else []),
+            f"  top ({r['calibration']['method'].replace('_', ' ')}): "
+            + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
+            f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
+            f"  {unseen_text(r)}",
+            "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
+            "  top gated features: "
+            + ", ".join(f"#{f['dim']} (w {f['w']:.2f})" for f in r["explanation"]["top_gated_features"]),
+        ]
         p = r["explanation"].get("winning_prototype")
         if p:
-            lines.append(f"  winning prototype: {p['generator']} #{p['index']} "
-                         f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})")
-            lines.append(f"  responsibilities of {p['generator']}'s prototypes: " + ", ".join(
-                f"#{m} {v:.3f}" for m, v in enumerate(r["explanation"]["responsibilities"][p["generator"]])))
-            lines.append("  features that set its distance (r = w (h_bar - p)^2): " + ", ".join(
-                f"#{f['dim']} r {f['r']:.3f} (w {f['w']:.2f}, h_bar {f['h_bar']:.2f}, p {f['prototype']:.2f})"
-                for f in p["top_contributions"]))
+            lines.append(
+                f"  winning prototype: {p['generator']} #{p['index']} "
+                f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})"
+            )
+            lines.append(
+                f"  responsibilities of {p['generator']}'s prototypes: "
+                + ", ".join(f"#{m} {v:.3f}" for m, v in enumerate(r["explanation"]["responsibilities"][p["generator"]]))
+            )
+            lines.append(
+                "  features that set its distance (r = w (h_bar - p)^2): "
+                + ", ".join(
+                    f"#{f['dim']} r {f['r']:.3f} (w {f['w']:.2f}, h_bar {f['h_bar']:.2f}, p {f['prototype']:.2f})"
+                    for f in p["top_contributions"]
+                )
+            )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ Declared inputs: the evaluation noise seed and the precision, the trained model 
 checksum) and the latents of the split; its code is the feature path, the model and `predict`. The
 model's own saved feature path (statistics, alpha_t, sigma_t, DCT bases) is what embedding uses.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,10 +22,18 @@ from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.store.locking import shared
 
 KEYS = ("train.eval_seed", "compute.precision")  # besides the model, which carries the rest of its config
-CODE = ("leakpipe.pipeline.math.diffusion", "leakpipe.pipeline.math.dct", "leakpipe.pipeline.math.features",
-        "leakpipe.pipeline.nn.model", "leakpipe.pipeline.nn.backbones", "leakpipe.pipeline.engine.data",
-        "leakpipe.pipeline.engine.training:predict", "leakpipe.pipeline.engine.precision:autocast",
-        "leakpipe.pipeline.engine.trained:model_from", "leakpipe.pipeline.store.embeddings")
+CODE = (
+    "leakpipe.pipeline.math.diffusion",
+    "leakpipe.pipeline.math.dct",
+    "leakpipe.pipeline.math.features",
+    "leakpipe.pipeline.nn.model",
+    "leakpipe.pipeline.nn.backbones",
+    "leakpipe.pipeline.engine.data",
+    "leakpipe.pipeline.engine.training:predict",
+    "leakpipe.pipeline.engine.precision:autocast",
+    "leakpipe.pipeline.engine.trained:model_from",
+    "leakpipe.pipeline.store.embeddings",
+)
 
 
 def result_of(ws, run: str) -> Path:
@@ -53,16 +62,35 @@ def plan(graph: Graph, ws_cfg: Config, result: Path, split: str, name: str = "")
     lat_plan, verdict = ready_latents(graph, split, cfg)
     lock, writer = result / "embeddings" / f"{split}.lock.json", result / ".writer.lock"
     if not verdict.up_to_date:
-        return Plan(STAGE, target, None, lock, writer, None, [lat_plan] if lat_plan else [], blocked=verdict,
-                    command=f"leakpipe embed --run {name or result.name} --split {split}")
+        return Plan(
+            STAGE,
+            target,
+            None,
+            lock,
+            writer,
+            None,
+            [lat_plan] if lat_plan else [],
+            blocked=verdict,
+            command=f"leakpipe embed --run {name or result.name} --split {split}",
+        )
     train_lock = trained_lock(result)
-    model = Upstream(train_lock["outputs"]["model.safetensors"]["blake2b"], "retrained",
-                     {"trained": train_lock.get("written", "?")})
-    inputs = Inputs(values(cfg, KEYS), {"model": model, f"latents of {split}": lat_plan.data.identity()}, {},
-                    STAGE.code_identity())
-    return Plan(STAGE, target, inputs, lock, writer, lambda: sweep_orphans(result), [lat_plan],
-                command=f"leakpipe embed --run {name or result.name} --split {split}",
-                data=Embedding(split, result, lat_plan.data))
+    model = Upstream(
+        train_lock["outputs"]["model.safetensors"]["blake2b"], "retrained", {"trained": train_lock.get("written", "?")}
+    )
+    inputs = Inputs(
+        values(cfg, KEYS), {"model": model, f"latents of {split}": lat_plan.data.identity()}, {}, STAGE.code_identity()
+    )
+    return Plan(
+        STAGE,
+        target,
+        inputs,
+        lock,
+        writer,
+        lambda: sweep_orphans(result),
+        [lat_plan],
+        command=f"leakpipe embed --run {name or result.name} --split {split}",
+        data=Embedding(split, result, lat_plan.data),
+    )
 
 
 def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
@@ -83,13 +111,24 @@ def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
     with shared(lat.writer_lock, f"latent store {lat.store}"):
         rows = latent_store.valid_rows(latent_store.open_store(lat.store), want).nonzero()[0]
         try:
-            data = LatentRows(lat.store, rows, rows * 0, ws_cfg.compute.memory_budget_gb * 2 ** 30)
-            outputs = predict(model, data, build, ws_cfg.compute.eval_batch_size, ws_cfg.compute.precision,
-                              compiled(model, ws_cfg.compute.compile, ws_cfg.compute.compile_backend))
+            data = LatentRows(lat.store, rows, rows * 0, ws_cfg.compute.memory_budget_gb * 2**30)
+            outputs = predict(
+                model,
+                data,
+                build,
+                ws_cfg.compute.eval_batch_size,
+                ws_cfg.compute.precision,
+                compiled(model, ws_cfg.compute.compile, ws_cfg.compute.compile_backend),
+            )
         except latent_store.DamagedRows as exc:
             raise lat.report_damage(exc.rows, "embed") from None
-    embeddings.write(e.path, len(want), rows, outputs, {"split": e.split, "classes": classes,
-                                                        "timesteps": cfg.diffusion.timesteps, "result": e.result.name})
+    embeddings.write(
+        e.path,
+        len(want),
+        rows,
+        outputs,
+        {"split": e.split, "classes": classes, "timesteps": cfg.diffusion.timesteps, "result": e.result.name},
+    )
     log(f"embed {e.split}: {len(rows)} of {len(want)} rows -> {e.path}")
     return Done(e.path, {"split": e.split}, e.split)
 

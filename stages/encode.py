@@ -5,6 +5,7 @@ rows with their files' hashes, and the VAE's files; its code is the preprocessin
 (never the store writer, so a new writer never re-encodes anyone's cache). Output: the store
 `cache/latents/<split>/<fp12>.zarr` (or under store.url), named by the encoder fingerprint.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,10 +27,16 @@ from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.store.hashing import HashCache
 
 KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
-CODE = ("leakpipe.pipeline.engine.images:_open", "leakpipe.pipeline.engine.images:to_rgb",
-        "leakpipe.pipeline.engine.images:resize_crop", "leakpipe.pipeline.engine.images:load_image",
-        "leakpipe.pipeline.engine.images:to_model_range", "leakpipe.pipeline.engine.encoding:encode_batch",
-        "leakpipe.pipeline.engine.vae:load_vae", "leakpipe.pipeline.nn.pixels")
+CODE = (
+    "leakpipe.pipeline.engine.images:_open",
+    "leakpipe.pipeline.engine.images:to_rgb",
+    "leakpipe.pipeline.engine.images:resize_crop",
+    "leakpipe.pipeline.engine.images:load_image",
+    "leakpipe.pipeline.engine.images:to_model_range",
+    "leakpipe.pipeline.engine.encoding:encode_batch",
+    "leakpipe.pipeline.engine.vae:load_vae",
+    "leakpipe.pipeline.nn.pixels",
+)
 
 
 class EncodeFailures(UserError):
@@ -54,13 +61,14 @@ class EncodeResult:
 
     def summary(self) -> str:
         if self.up_to_date:
-            return (f"encode {self.split}: up to date ({self.rows} rows), nothing to do; VAE {self.vae} "
-                    f"-> {self.store}")
+            return f"encode {self.split}: up to date ({self.rows} rows), nothing to do; VAE {self.vae} -> {self.store}"
         rate = self.encoded / self.seconds if self.seconds else 0.0
-        text = (f"encode {self.split}: {self.rows} rows: {self.encoded} encoded ({rate:.1f} img/s), "
-                f"{self.reused} already valid, {self.copied} reused by copy, "
-                + (f"{self.damaged} rows damaged and re-encoded, " if self.damaged else "") +
-                f"{len(self.failures)} failed; VAE {self.vae} -> {self.store}")
+        text = (
+            f"encode {self.split}: {self.rows} rows: {self.encoded} encoded ({rate:.1f} img/s), "
+            f"{self.reused} already valid, {self.copied} reused by copy, "
+            + (f"{self.damaged} rows damaged and re-encoded, " if self.damaged else "")
+            + f"{len(self.failures)} failed; VAE {self.vae} -> {self.store}"
+        )
         if self.encoded and self.seconds and self.waited:
             text += "\n  " + waiting_line(self.waited, self.seconds)
         if self.failures:
@@ -71,8 +79,10 @@ class EncodeResult:
 def waiting_line(waited: dict, seconds: float) -> str:
     """How long the VAE's device stood idle, and what to change when that is more than a tenth of the run."""
     decode, write = waited.get("decode", 0.0), waited.get("write", 0.0)
-    text = (f"the VAE waited {decode:.1f} s for decoded images and {write:.1f} s for writes "
-            f"({100 * (decode + write) / seconds:.0f}% of {seconds:.1f} s)")
+    text = (
+        f"the VAE waited {decode:.1f} s for decoded images and {write:.1f} s for writes "
+        f"({100 * (decode + write) / seconds:.0f}% of {seconds:.1f} s)"
+    )
     if decode > 0.1 * seconds:
         text += "; raise encode.num_workers (image decoding is the bottleneck)"
     if write > 0.1 * seconds:
@@ -100,15 +110,19 @@ def _trusted_chunks(p: Latents, group, lock: dict | None, hashes: HashCache):
     chunk). Not after a reader reported damage: that damage may sit in a file whose stat is intact."""
     from leakpipe.pipeline.store import chunk_checks
 
-    if lock is None or p.damage_report.exists() or \
-            outputs_root(p.lock, lock) != storage.normalize(p.store) or \
-            lock["inputs"]["config"].get("store.chunk_rows") != group["mean"].chunks[0]:
+    if (
+        lock is None
+        or p.damage_report.exists()
+        or outputs_root(p.lock, lock) != storage.normalize(p.store)
+        or lock["inputs"]["config"].get("store.chunk_rows") != group["mean"].chunks[0]
+    ):
         return None
     return chunk_checks.unchanged_chunks(p.store, group, lock["outputs"], hashes)
 
 
-def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None,
-            hashes: HashCache | None = None) -> None:
+def _encode(
+    p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None, hashes: HashCache | None = None
+) -> None:
     import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
@@ -118,12 +132,17 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | Non
     from leakpipe.pipeline.engine.encoding import ChunkWriter, encode_pending
 
     want = latent_store.hash_rows(p.file_hashes)
-    attrs = {"split": p.manifest.name, "encoder_fingerprint": p.encoder_fp, "vae": p.source.label,
-             "vae_config": vae_lib.model_config(p.source), "preprocess": cfg.preprocess.__dict__,
-             "compute_dtype": cfg.vae.dtype}
+    attrs = {
+        "split": p.manifest.name,
+        "encoder_fingerprint": p.encoder_fp,
+        "vae": p.source.label,
+        "vae_config": vae_lib.model_config(p.source),
+        "preprocess": cfg.preprocess.__dict__,
+        "compute_dtype": cfg.vae.dtype,
+    }
     group, result.copied = latent_store.prepare(
-        p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows,
-        cfg.store.dtype, attrs)
+        p.store, want, _latent_shape(p.source, cfg.preprocess.size), cfg.store.chunk_rows, cfg.store.dtype, attrs
+    )
     # every reused row is read and checked, except in chunks unchanged since the lock vouched for them
     trusted = _trusted_chunks(p, group, lock, hashes) if hashes is not None else None
     valid, damaged = latent_store.row_states(group, want, trusted)
@@ -131,13 +150,14 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | Non
     result.reused = int(valid.sum()) - result.copied
     result.damaged = int(damaged.sum())
     if result.damaged:
-        log(f"encode {p.manifest.name}: {result.damaged} rows damaged (their bytes do not match their "
-            f"checksums, or their chunk is missing or undecodable); re-encoding them")
+        log(
+            f"encode {p.manifest.name}: {result.damaged} rows damaged (their bytes do not match their "
+            f"checksums, or their chunk is missing or undecodable); re-encoding them"
+        )
     if len(pending) == 0:
         return
     device = vae_lib.resolve_device(cfg.encode.device)
-    log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with "
-        f"{p.source.label} on {device}")
+    log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with {p.source.label} on {device}")
     paths = p.manifest.abspaths()
     start = time.perf_counter()
     with progress(len(pending), f"encode {p.manifest.name}") as bar:
@@ -145,10 +165,13 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | Non
             from leakpipe.pipeline.engine import distributed
 
             with distributed.connect(cfg.encode.workers, cfg.encode.scheduler) as client:
-                log(f"encode {p.manifest.name}: on dask {client.scheduler.address}, "
-                    f"{len(client.scheduler_info()['workers'])} workers")
-                _, result.failures = distributed.encode_pending(client, p.source, cfg, p.store, paths,
-                                                                pending, want, bar)
+                log(
+                    f"encode {p.manifest.name}: on dask {client.scheduler.address}, "
+                    f"{len(client.scheduler_info()['workers'])} workers"
+                )
+                _, result.failures = distributed.encode_pending(
+                    client, p.source, cfg, p.store, paths, pending, want, bar
+                )
         else:
             import torch
 
@@ -160,9 +183,18 @@ def _encode(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | Non
                     channels_last(model, device)
                     model.encode = compiled(model.encode, cfg.compute.compile, cfg.compute.compile_backend)
                 writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
-                result.waited = encode_pending(model, device, paths, pending, writer, cfg.preprocess,
-                                               cfg.encode.batch_size, decode_workers(cfg.encode.num_workers, device),
-                                               cfg.store.dtype, progress=bar)
+                result.waited = encode_pending(
+                    model,
+                    device,
+                    paths,
+                    pending,
+                    writer,
+                    cfg.preprocess,
+                    cfg.encode.batch_size,
+                    decode_workers(cfg.encode.num_workers, device),
+                    cfg.store.dtype,
+                    progress=bar,
+                )
             finally:
                 torch.set_num_threads(threads)
             result.failures = writer.failures
@@ -181,10 +213,14 @@ def _previous(lock: Path) -> Path | None:
 
 def _checks(lat: Latents):
     """What the lock alone cannot see: a store made before row checksums, and damage a reader found."""
+
     def check(verdict: Verdict) -> Verdict:
         if verdict.up_to_date and not storage.exists(storage.join(lat.store, "latent_hash", "zarr.json")):
-            return Verdict(False, ["the store has no row checksums yet (made before they existed); "
-                                   "encode adds them without encoding"], verdict.lock)
+            return Verdict(
+                False,
+                ["the store has no row checksums yet (made before they existed); encode adds them without encoding"],
+                verdict.lock,
+            )
         if lat.damage_report.exists():
             try:
                 found = json.loads(lat.damage_report.read_text())
@@ -193,6 +229,7 @@ def _checks(lat: Latents):
                 what = "a reader found rows that failed their checksums"
             return Verdict(False, [f"damaged: {what}"], verdict.lock)
         return verdict
+
     return check
 
 
@@ -205,24 +242,46 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
     # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
     file_hashes = [h or UNREADABLE for h in hashes.hash_many(manifest.abspaths())]
     hashes.save()
-    vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + \
-        [["config.json", canonical_hash(vae_lib.model_config(source))]]
-    inputs = Inputs(values(cfg, KEYS), {},
-                    {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)],
-                     "vae files": vae_files}, STAGE.code_identity())
+    vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + [
+        ["config.json", canonical_hash(vae_lib.model_config(source))]
+    ]
+    inputs = Inputs(
+        values(cfg, KEYS),
+        {},
+        {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)], "vae files": vae_files},
+        STAGE.code_identity(),
+    )
     lock = ws.store_lock(split, encoder_fp)
-    lat = Latents(split, manifest, source, encoder_fp, file_hashes, ws.latent_store(split, encoder_fp, cfg.store.url),
-                  lock, ws.store_lock(split, encoder_fp, "writer.lock"))
+    lat = Latents(
+        split,
+        manifest,
+        source,
+        encoder_fp,
+        file_hashes,
+        ws.latent_store(split, encoder_fp, cfg.store.url),
+        lock,
+        ws.store_lock(split, encoder_fp, "writer.lock"),
+    )
     storage.probe(lat.store)  # an unreachable URL store is a UserError, before any work
 
     def sweep():  # a lock write that was killed
         for orphan in lock.parent.glob(f".{lock.name}.*.tmp"):
             orphan.unlink(missing_ok=True)
 
-    return Plan(STAGE, split, inputs, lock, lat.writer_lock, sweep, outputs_at=lat.store, previous=_previous(lock),
-                command=f"leakpipe encode --split {split}", extra_checks=[_checks(lat)], data=lat,
-                facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split),
-                       "hashes": hashes})
+    return Plan(
+        STAGE,
+        split,
+        inputs,
+        lock,
+        lat.writer_lock,
+        sweep,
+        outputs_at=lat.store,
+        previous=_previous(lock),
+        command=f"leakpipe encode --split {split}",
+        extra_checks=[_checks(lat)],
+        data=lat,
+        facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split), "hashes": hashes},
+    )
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
@@ -230,8 +289,10 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     unless `skip_bad`), every other row is still encoded."""
     lat: Latents = plan.data
     if cfg.encode.workers and lat.store.startswith("memory://"):
-        raise UserError(f"store.url {cfg.store.url!r} is a memory store, which only this process can "
-                        "see; encode.workers starts worker processes. Use a folder or an object store URL.")
+        raise UserError(
+            f"store.url {cfg.store.url!r} is a memory store, which only this process can "
+            "see; encode.workers starts worker processes. Use a folder or an object store URL."
+        )
     result = EncodeResult(lat.split, lat.store, lat.source.label, len(lat.manifest))
     log(f"encode {lat.split}: " + "; ".join(verdict.reasons))
     _encode(lat, cfg, result, log, verdict.lock, plan.facts["hashes"])
@@ -243,7 +304,8 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
             raise EncodeFailures(
                 f"{len(result.failures)} of {result.rows} images could not be read; every other "
                 f"row was encoded. See {failures_csv} (line, path, reason). Fix or remove those "
-                "rows and rerun, or pass --skip-bad to accept the split without them.")
+                "rows and rerun, or pass --skip-bad to accept the split without them."
+            )
     else:
         failures_csv.unlink(missing_ok=True)
     lat.damage_report.unlink(missing_ok=True)
@@ -257,8 +319,12 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
         chunk_checks.remember(lat.store, lock["outputs"], plan.facts["hashes"], since)
         plan.facts["hashes"].save()
 
-    return Done(lat.store, {"split": lat.split, "skipped_bad": bad, "vae": lat.source.label,
-                            "encoder": lat.encoder_fp}, result, locked)
+    return Done(
+        lat.store,
+        {"split": lat.split, "skipped_bad": bad, "vae": lat.source.label, "encoder": lat.encoder_fp},
+        result,
+        locked,
+    )
 
 
 STAGE = Stage("encode", KEYS, CODE, plan, work)

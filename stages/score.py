@@ -6,6 +6,7 @@ report (report/scoring.py computes every number, report/decisions.py those an ex
 Embeddings that are missing or stale are made first (embed is an implicit upstream stage); a split
 that cannot be embedded is left out, with a note.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,21 +18,43 @@ from pathlib import Path
 from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
-from leakpipe.pipeline.ledger.graph import (Graph, Latents, label_rows, run_config, score_splits, section_keys,
-                                            trained_lock, values)
+from leakpipe.pipeline.ledger.graph import (
+    Graph,
+    Latents,
+    label_rows,
+    run_config,
+    score_splits,
+    section_keys,
+    trained_lock,
+    values,
+)
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
 
 KEYS = section_keys("score")
-CODE = ("leakpipe.pipeline.math.metrics", "leakpipe.pipeline.math.bootstrap", "leakpipe.pipeline.math.kde",
-        "leakpipe.pipeline.math.mahalanobis", "leakpipe.pipeline.math.forensic", "leakpipe.pipeline.math.probe",
-        "leakpipe.pipeline.math.prototypes", "leakpipe.pipeline.math.calibration", "leakpipe.pipeline.math.conformal",
-        "leakpipe.pipeline.report.registry", "leakpipe.pipeline.report.evaluate", "leakpipe.pipeline.report.decisions",
-        "leakpipe.pipeline.report.scoring", "leakpipe.pipeline.report.baselines", "leakpipe.pipeline.report.render",
-        "leakpipe.pipeline.report.figures", "leakpipe.pipeline.report.explain_figures",
-        "leakpipe.pipeline.report.outputs", "leakpipe.pipeline.engine.images:load_native")
+CODE = (
+    "leakpipe.pipeline.math.metrics",
+    "leakpipe.pipeline.math.bootstrap",
+    "leakpipe.pipeline.math.kde",
+    "leakpipe.pipeline.math.mahalanobis",
+    "leakpipe.pipeline.math.forensic",
+    "leakpipe.pipeline.math.probe",
+    "leakpipe.pipeline.math.prototypes",
+    "leakpipe.pipeline.math.calibration",
+    "leakpipe.pipeline.math.conformal",
+    "leakpipe.pipeline.report.registry",
+    "leakpipe.pipeline.report.evaluate",
+    "leakpipe.pipeline.report.decisions",
+    "leakpipe.pipeline.report.scoring",
+    "leakpipe.pipeline.report.baselines",
+    "leakpipe.pipeline.report.render",
+    "leakpipe.pipeline.report.figures",
+    "leakpipe.pipeline.report.explain_figures",
+    "leakpipe.pipeline.report.outputs",
+    "leakpipe.pipeline.engine.images:load_native",
+)
 
 
 def _ci(r: dict, key: str) -> str:
@@ -53,10 +76,12 @@ class ScoreResult:
         m, head = self.metrics, f"score {self.run}: "
         raw = m["closed"]["raw"]
         h = raw["head"]
-        lines = [head + ("up to date, nothing to do" if self.up_to_date else f"done in {self.seconds:.0f} s"),
-                 f"  closed test: top-1 {_ci(h, 'top1')} (chance {h['chance']['top1']:.3f}), macro AUC "
-                 f"{_ci(h, 'macro_auc')} (Mahalanobis {raw['mahalanobis']['top1']:.3f} / "
-                 f"{raw['mahalanobis']['macro_auc']:.3f})"]
+        lines = [
+            head + ("up to date, nothing to do" if self.up_to_date else f"done in {self.seconds:.0f} s"),
+            f"  closed test: top-1 {_ci(h, 'top1')} (chance {h['chance']['top1']:.3f}), macro AUC "
+            f"{_ci(h, 'macro_auc')} (Mahalanobis {raw['mahalanobis']['top1']:.3f} / "
+            f"{raw['mahalanobis']['macro_auc']:.3f})",
+        ]
         for variant, r in m["closed"].items():
             if variant != "raw":
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
@@ -79,9 +104,11 @@ def decision_summary(m: dict) -> list[str]:
     if not c or not s:
         return []
     before, after, sets = m["closed"]["raw"]["head"], c["variants"]["raw"], s["variants"]["raw"]
-    line = (f"  decisions at {s['level']:.0%}: ECE {_ci(before, 'ece')} -> {_ci(after, 'ece')} ({c['method']}); "
-            f"{s['score']} sets: coverage {_ci(sets, 'coverage')}, mean size {_ci(sets, 'set_size')}; unseen flag "
-            f"(p <= {u['alpha']:g}): false alarms {_ci(u, 'false_alarm_rate')}")
+    line = (
+        f"  decisions at {s['level']:.0%}: ECE {_ci(before, 'ece')} -> {_ci(after, 'ece')} ({c['method']}); "
+        f"{s['score']} sets: coverage {_ci(sets, 'coverage')}, mean size {_ci(sets, 'set_size')}; unseen flag "
+        f"(p <= {u['alpha']:g}): false alarms {_ci(u, 'false_alarm_rate')}"
+    )
     return [line + (f", detected {_ci(u, 'detection_rate')}" if "detection_rate" in u else "")]
 
 
@@ -132,8 +159,13 @@ class Reading:
         from leakpipe.pipeline.engine.vae import resolve_device
         from leakpipe.pipeline.ledger.results import stage_features
 
-        return stage_features(self.result, self.store(self.cfg.score.closed), rows,
-                              resolve_device(self.cfg.compute.device), self.cfg.compute.eval_batch_size)
+        return stage_features(
+            self.result,
+            self.store(self.cfg.score.closed),
+            rows,
+            resolve_device(self.cfg.compute.device),
+            self.cfg.compute.eval_batch_size,
+        )
 
 
 def _latents(g: Graph, result: Path, cfg: Config, split: str) -> Latents:
@@ -149,18 +181,26 @@ def _available(g: Graph, run_dir: Path, cfg: Config, name: str) -> tuple[list[st
         if verdict is not None and verdict.up_to_date:
             have.append(split)
         elif role == "closed":
-            raise UserError(f"the embeddings of {split!r} under {run_dir} are not up to date "
-                            f"({'; '.join(verdict.reasons) if verdict else 'no manifest'}); run "
-                            f"`leakpipe embed --run RUN`, or `leakpipe score`, which embeds first")
+            raise UserError(
+                f"the embeddings of {split!r} under {run_dir} are not up to date "
+                f"({'; '.join(verdict.reasons) if verdict else 'no manifest'}); run "
+                f"`leakpipe embed --run RUN`, or `leakpipe score`, which embeds first"
+            )
         elif verdict is None:
-            notes.append(f"{role} split {split!r} is not in manifests/; build it and run "
-                         f"`leakpipe encode --split {split}` to include it")
+            notes.append(
+                f"{role} split {split!r} is not in manifests/; build it and run "
+                f"`leakpipe encode --split {split}` to include it"
+            )
         elif verdict.blocked:
-            notes.append(f"{role} split {split!r} is left out: {'; '.join(verdict.reasons)}; run "
-                         f"`{verdict.blocked[0]}` to include it")
+            notes.append(
+                f"{role} split {split!r} is left out: {'; '.join(verdict.reasons)}; run "
+                f"`{verdict.blocked[0]}` to include it"
+            )
         else:
-            notes.append(f"{role} split {split!r} has stale embeddings ({'; '.join(verdict.reasons)}); "
-                         "run `leakpipe score` to embed it")
+            notes.append(
+                f"{role} split {split!r} has stale embeddings ({'; '.join(verdict.reasons)}); "
+                "run `leakpipe score` to embed it"
+            )
     return have, notes
 
 
@@ -177,12 +217,31 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
     ws, out = g.ws, runs.pointed(g.ws, runs.check_name(run))
     command = f"leakpipe score --run {run}"
     if out is None or locks.read_lock(out / "train.lock.json") is None:
-        return Plan(STAGE, run, None, Path(), Path(), None, command=command, blocked=Verdict(
-            False, [f"run {run!r} has no trained result"], blocked=[f"leakpipe train --run {run}"]))
+        return Plan(
+            STAGE,
+            run,
+            None,
+            Path(),
+            Path(),
+            None,
+            command=command,
+            blocked=Verdict(False, [f"run {run!r} has no trained result"], blocked=[f"leakpipe train --run {run}"]),
+        )
     if not ws.manifest(cfg.score.closed).exists():
-        return Plan(STAGE, run, None, Path(), Path(), None, command=command, blocked=Verdict(
-            False, [f"no manifest {ws.manifest(cfg.score.closed)}: score needs the closed split"],
-            blocked=[f"leakpipe manifest build ROOT --split {cfg.score.closed}"]))
+        return Plan(
+            STAGE,
+            run,
+            None,
+            Path(),
+            Path(),
+            None,
+            command=command,
+            blocked=Verdict(
+                False,
+                [f"no manifest {ws.manifest(cfg.score.closed)}: score needs the closed split"],
+                blocked=[f"leakpipe manifest build ROOT --split {cfg.score.closed}"],
+            ),
+        )
     roles = [(role, split) for role, split in score_splits(cfg) if ws.manifest(split).exists()]
     upstream = [g.plan("embed", out, split, run) for _, split in roles]
     optional = frozenset(p.target for (role, _), p in zip(roles, upstream) if role != "closed")
@@ -191,12 +250,26 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
         lock = locks.read_lock(out / "embeddings" / f"{split}.lock.json")
         if lock is not None:
             model = lock["inputs"]["upstream"]["model"]["about"]
-            ups[f"embeddings of {split}"] = Upstream(lock["fingerprint"], "recomputed",
-                                                     {"model trained": model.get("trained")})
-            files[f"labels and partitions of {split}"] = label_rows(read_manifest(ws.manifest(split), check_files=False))
+            ups[f"embeddings of {split}"] = Upstream(
+                lock["fingerprint"], "recomputed", {"model trained": model.get("trained")}
+            )
+            files[f"labels and partitions of {split}"] = label_rows(
+                read_manifest(ws.manifest(split), check_files=False)
+            )
     inputs = Inputs(values(cfg, KEYS), ups, files, STAGE.code_identity())
-    return Plan(STAGE, run, inputs, out / "score.lock.json", out / ".writer.lock", lambda: sweep_orphans(out),
-                upstream, optional, command=command, facts={"result": out.name}, data=Scoring(run, out, g))
+    return Plan(
+        STAGE,
+        run,
+        inputs,
+        out / "score.lock.json",
+        out / ".writer.lock",
+        lambda: sweep_orphans(out),
+        upstream,
+        optional,
+        command=command,
+        facts={"result": out.name},
+        data=Scoring(run, out, g),
+    )
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
@@ -204,8 +277,10 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     trained_lock(s.result, deep=True)  # a damaged model is refused, never scored
     trained = s.graph.plan("train", s.run).check()
     if not trained.up_to_date:
-        log(f"score {s.run}: note: scoring the result {s.run!r} points at ({s.result.name}); `leakpipe train --run "
-            f"{s.run}` would not keep it: {'; '.join(trained.reasons)}")
+        log(
+            f"score {s.run}: note: scoring the result {s.run!r} points at ({s.result.name}); `leakpipe train --run "
+            f"{s.run}` would not keep it: {'; '.join(trained.reasons)}"
+        )
     have, notes = _available(s.graph, s.result, cfg, s.run)
     log(f"score {s.run}: scoring because " + "; ".join(verdict.reasons))
     from leakpipe.pipeline.report import evaluate as ev, scoring  # heavy (torch, sklearn): when scoring runs
@@ -217,8 +292,17 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     reading = Reading(s.graph, s.result, cfg)
     m, figs = scoring.evaluate(reading, cfg, have, notes)
     files = write_outputs(s.result, m, figs, cfg, reading.prototypes)
-    return Done(files, {}, ScoreResult(s.run, s.result, m, seconds=time.perf_counter() - start,
-                                       latents=_latents(s.graph, s.result, cfg, cfg.score.closed).described))
+    return Done(
+        files,
+        {},
+        ScoreResult(
+            s.run,
+            s.result,
+            m,
+            seconds=time.perf_counter() - start,
+            latents=_latents(s.graph, s.result, cfg, cfg.score.closed).described,
+        ),
+    )
 
 
 STAGE = Stage("score", KEYS, CODE, plan, work)
@@ -232,5 +316,10 @@ def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
     if done.result is not None:
         return done.result
     out = p.data.result
-    return ScoreResult(run, out, json.loads((out / "metrics.json").read_text()), up_to_date=True,
-                       latents=_latents(g, out, g.cfg, g.cfg.score.closed).described)
+    return ScoreResult(
+        run,
+        out,
+        json.loads((out / "metrics.json").read_text()),
+        up_to_date=True,
+        latents=_latents(g, out, g.cfg, g.cfg.score.closed).described,
+    )

@@ -7,6 +7,7 @@ engine/fit.py). A result is stored under its training fingerprint (cache/results
 name points at it: retraining a name under another config keeps the earlier result, and a config
 trained before is restored, not trained again.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -26,11 +27,21 @@ from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.workspace import Workspace
 
 KEYS = (*section_keys(*TRAIN_SECTIONS), "compute.precision")
-CODE = ("leakpipe.pipeline.math.diffusion", "leakpipe.pipeline.math.dct", "leakpipe.pipeline.math.features",
-        "leakpipe.pipeline.math.kmeans", "leakpipe.pipeline.nn.model", "leakpipe.pipeline.nn.backbones",
-        "leakpipe.pipeline.engine.data", "leakpipe.pipeline.engine.training", "leakpipe.pipeline.engine.fit",
-        "leakpipe.pipeline.engine.precision", "leakpipe.pipeline.engine.ddp",
-        "leakpipe.pipeline.engine.trained:build_model", "leakpipe.pipeline.engine.trained:init_backbone")
+CODE = (
+    "leakpipe.pipeline.math.diffusion",
+    "leakpipe.pipeline.math.dct",
+    "leakpipe.pipeline.math.features",
+    "leakpipe.pipeline.math.kmeans",
+    "leakpipe.pipeline.nn.model",
+    "leakpipe.pipeline.nn.backbones",
+    "leakpipe.pipeline.engine.data",
+    "leakpipe.pipeline.engine.training",
+    "leakpipe.pipeline.engine.fit",
+    "leakpipe.pipeline.engine.precision",
+    "leakpipe.pipeline.engine.ddp",
+    "leakpipe.pipeline.engine.trained:build_model",
+    "leakpipe.pipeline.engine.trained:init_backbone",
+)
 
 
 @dataclass
@@ -53,8 +64,10 @@ class TrainResult:
             done = "up to date, nothing to do" if self.up_to_date else "restored a stored result, no training"
             return f"train {self.run}: {done}; {where}"
         resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
-        return (f"train {self.run}: {self.epochs} epochs{resumed} in {self.seconds:.0f} s; best epoch "
-                f"{self.best_epoch}, validation macro AUC {self.val_macro_auc:.4f}; {where}")
+        return (
+            f"train {self.run}: {self.epochs} epochs{resumed} in {self.seconds:.0f} s; best epoch "
+            f"{self.best_epoch}, validation macro AUC {self.val_macro_auc:.4f}; {where}"
+        )
 
 
 def run_dir(ws: Workspace, run: str) -> Path:
@@ -77,6 +90,7 @@ class Training:
 def _restore(t: Training, inputs: Inputs):
     """A result stored under this config but not pointed at by the name is restored, not retrained; an
     interrupted training of it resumes from its checkpoint."""
+
     def check(stored: Verdict) -> Verdict:
         if stored.up_to_date and t.current == t.result:
             return stored
@@ -84,13 +98,22 @@ def _restore(t: Training, inputs: Inputs):
             had = t.current / "train.lock.json" if t.current else None
             old = locks.read_lock(had) if had else None
             why = locks.explain(old["inputs"], inputs) if old else [f"run {t.run!r} is new"]
-            return Verdict(False, why + [f"a result trained with this config is stored (cache/results/"
-                                         f"{t.result.name}, {stored.lock.get('written', '?')}); train restores it "
-                                         "without training"], stored.lock, restore=True)
+            return Verdict(
+                False,
+                why
+                + [
+                    f"a result trained with this config is stored (cache/results/"
+                    f"{t.result.name}, {stored.lock.get('written', '?')}); train restores it "
+                    "without training"
+                ],
+                stored.lock,
+                restore=True,
+            )
         ckpt = t.result / "checkpoint" / "checkpoint.safetensors"
         if ckpt.exists():
             stored.reasons.append(f"an interrupted training of this config resumes from {ckpt.parent}")
         return stored
+
     return check
 
 
@@ -101,15 +124,24 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     lat_plan, verdict = ready_latents(graph, cfg.train.split, cfg)
     upstream = [lat_plan] if lat_plan else []
     if not verdict.up_to_date:
-        return Plan(STAGE, run, None, Path(), Path(), None, upstream, blocked=verdict, command=command,
-                    facts={"result": current.name if current else None})
+        return Plan(
+            STAGE,
+            run,
+            None,
+            Path(),
+            Path(),
+            None,
+            upstream,
+            blocked=verdict,
+            command=command,
+            facts={"result": current.name if current else None},
+        )
     lat = lat_plan.data
     files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
     init = init_file(ws, cfg) if cfg.model.init else None
     if init:  # the starting weights are an input: a changed file retrains
         files[f"model.init {cfg.model.init}"] = hash_file(init)
-    inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files,
-                    STAGE.code_identity())
+    inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files, STAGE.code_identity())
     result = runs.result_dir(ws, inputs.fingerprint())
     t = Training(run, lat, result, current, init)
 
@@ -118,10 +150,22 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
         runs.point(ws, run, result)
 
     had = current / "train.lock.json" if current and current != result else None
-    return Plan(STAGE, run, inputs, result / "train.lock.json", result / ".writer.lock",
-                lambda: sweep_orphans(result), upstream, command=command, previous=had,
-                facts={"result": current.name if current else None, "current_config_result": result.name},
-                extra_checks=[_restore(t, inputs)], finish=finish, writes=launched_rank() == 0, data=t)
+    return Plan(
+        STAGE,
+        run,
+        inputs,
+        result / "train.lock.json",
+        result / ".writer.lock",
+        lambda: sweep_orphans(result),
+        upstream,
+        command=command,
+        previous=had,
+        facts={"result": current.name if current else None, "current_config_result": result.name},
+        extra_checks=[_restore(t, inputs)],
+        finish=finish,
+        writes=launched_rank() == 0,
+        data=t,
+    )
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
@@ -148,9 +192,16 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     if not plan.writes:
         return Done(None, result=result)
     atomic_write_json(t.result / "config.json", cfg.to_dict())
-    return Done([t.result / "model.safetensors", t.result / "config.json", t.result / "history.json"],
-                {"stores": [str(t.latents.store)], "vae": t.latents.source.label, "world_size": fitted.world_size,
-                 "seconds": round(result.seconds, 1)}, result)
+    return Done(
+        [t.result / "model.safetensors", t.result / "config.json", t.result / "history.json"],
+        {
+            "stores": [str(t.latents.store)],
+            "vae": t.latents.source.label,
+            "world_size": fitted.world_size,
+            "seconds": round(result.seconds, 1),
+        },
+        result,
+    )
 
 
 STAGE = Stage("train", KEYS, CODE, plan, work)

@@ -31,8 +31,9 @@ def synth_workspace(root: Path) -> Path:
 
     write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
-    (root / "leakpipe.toml").write_text('[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
-                                        '[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n')
+    (root / "leakpipe.toml").write_text(
+        '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n'
+    )
     return root
 
 
@@ -87,8 +88,12 @@ def kill_midway(slowed: str, pause: float, body: str, ready, timeout: float = 12
     """Run `body` in a subprocess with `slowed` ("module.function") sleeping `pause` s after each
     call, SIGKILL it as soon as `ready()` is true, and check it was still running then."""
     module, name = slowed.rsplit(".", 1)
-    proc = subprocess.Popen([sys.executable, "-c", SLOWED, module, name, str(pause), body],
-                            cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOWED, module, name, str(pause), body],
+        cwd=os.getcwd(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
@@ -100,4 +105,3 @@ def kill_midway(slowed: str, pause: float, body: str, ready, timeout: float = 12
 def cli(ws: Path, *args: str):
     """Run `leakpipe ARGS -C ws` in-process (every command takes -C)."""
     return CliRunner().invoke(main, [*args, "-C", str(ws)], catch_exceptions=False)
-

@@ -1,6 +1,7 @@
 """`leakpipe app` on an exported tiny attributor: the page through gradio's own client (equal to
 `attribute --json`), bad uploads, the exported Space entry point, a real headless Chromium, and the
 exported VAE location. Servers listen on loopback only, on a free port, and are always stopped."""
+
 import builtins
 import json
 import os
@@ -25,8 +26,16 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import encode, graph
 from tests.conftest import cli, synth_workspace
 
-FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=2", "train.batch_size=16",
-        "score.kde_folds=2", "score.postprocessed=", "score.bootstrap=50", "score.baselines=false"]
+FAST = [
+    "train.epochs=2",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=2",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+    "score.bootstrap=50",
+    "score.baselines=false",
+]
 SETS = [a for s in FAST for a in ("--set", s)]
 START = 300  # s: a server that has not answered by then has failed (torch + gradio import on a busy machine)
 RUN = "from leakpipe.pipeline.cli import main; main()"
@@ -83,8 +92,13 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.out, self.err = logs / "stdout.txt", logs / "stderr.txt"
-        self.proc = subprocess.Popen([sys.executable, *args(self.port)], cwd=cwd, stdout=self.out.open("w"),
-                                     stderr=self.err.open("w"), env={**os.environ, **env(self.port)})
+        self.proc = subprocess.Popen(
+            [sys.executable, *args(self.port)],
+            cwd=cwd,
+            stdout=self.out.open("w"),
+            stderr=self.err.open("w"),
+            env={**os.environ, **env(self.port)},
+        )
         deadline = time.monotonic() + START
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,8 +176,14 @@ def test_export_records_the_absolute_vae_and_the_gallery(exported):
     record = json.loads((att / "attributor.json").read_text())
     assert Workspace(root).config().vae.source == "./vae"  # the workspace has it relative ...
     assert record["encoder"]["vae_source"] == str((root / "vae").resolve())  # ... the export absolute
-    assert set(record["files"]) == {"model.safetensors", "reference.safetensors", "config.json", "metrics.json",
-                                    "calibration.safetensors", "gallery.safetensors"}
+    assert set(record["files"]) == {
+        "model.safetensors",
+        "reference.safetensors",
+        "config.json",
+        "metrics.json",
+        "calibration.safetensors",
+        "gallery.safetensors",
+    }
     g = load_file(str(att / "gallery.safetensors"))
     assert g["thumbnails"].shape == (3, 2, 3, 64, 64, 3) and g["thumbnails"].dtype == np.uint8
     # the report's gallery: the training images each prototype wins, nearest first, at 64 px
@@ -193,8 +213,17 @@ def test_attribute_model_from_another_folder_without_vae(exported, tmp_path, mon
     r = CliRunner().invoke(main, ["attribute", "--model", str(att), str(images / "first.png"), "--json"])
     assert r.exit_code == 0, r.output
     outside = json.loads(r.stdout)
-    for key in ("top", "mahalanobis", "kde_log_density", "unseen_generator", "explanation", "result", "prediction_set",
-                "posterior", "unseen_p_value"):
+    for key in (
+        "top",
+        "mahalanobis",
+        "kde_log_density",
+        "unseen_generator",
+        "explanation",
+        "result",
+        "prediction_set",
+        "posterior",
+        "unseen_p_value",
+    ):
         assert inside[0][key] == outside[0][key], key
     assert outside[0]["vae"] == str((root / "vae").resolve())
 
@@ -212,12 +241,16 @@ def test_a_damaged_gallery_is_refused(exported, tmp_path):
 
 def test_page_equals_attribute_json(exported, served):
     _, att, images = exported
-    status, results, a_t, gated, gallery, raw = _predict(_client(served.url), images / "first.png",
-                                                         images / "second.png")
+    status, results, a_t, gated, gallery, raw = _predict(
+        _client(served.url), images / "first.png", images / "second.png"
+    )
     assert raw == _attribute_json(att, images, "first.png", "second.png")  # the same numbers, every one
     assert status.startswith("Attributed 2 of 2 images")
     for r in raw:
-        assert f"### {r['image']}" in results and f"| {r['top'][0]['generator']} | {r['top'][0]['probability']:.3f} |" in results
+        assert (
+            f"### {r['image']}" in results
+            and f"| {r['top'][0]['generator']} | {r['top'][0]['probability']:.3f} |" in results
+        )
         assert ("UNSEEN GENERATOR" if r["unseen_generator"] else "known generator") in results
         assert f"KDE log-density {r['kde_log_density']:.2f}" in results and f"p = {r['unseen_p_value']:.3f}" in results
         assert "**Prediction set**: {" + ", ".join(r["prediction_set"]) + "} at 90%" in results
@@ -232,7 +265,10 @@ def test_page_equals_attribute_json(exported, served):
     wins = [r["explanation"]["winning_prototype"] for r in raw]
     assert len(gallery) == sum(int(g["count"][classes.index(p["generator"]), p["index"]]) for p in wins)
     first = wins[0]
-    assert gallery[0]["caption"] == f"first.png: {first['generator']} prototype #{first['index']}, nearest training image 1"
+    assert (
+        gallery[0]["caption"]
+        == f"first.png: {first['generator']} prototype #{first['index']}, nearest training image 1"
+    )
     shown = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))  # lossless: PNG, never webp
     assert np.array_equal(shown, g["thumbnails"][classes.index(first["generator"]), first["index"], 0])
 
@@ -240,8 +276,11 @@ def test_page_equals_attribute_json(exported, served):
 def test_bad_uploads_show_a_message_and_the_server_keeps_serving(exported, served):
     _, att, images = exported
     client = _client(served.url)
-    for name, words in (("notes.png", "not an image Pillow can read"), ("bomb.png", "decompression bomb guard"),
-                        ("empty.png", "empty file (0 bytes)")):
+    for name, words in (
+        ("notes.png", "not an image Pillow can read"),
+        ("bomb.png", "decompression bomb guard"),
+        ("empty.png", "empty file (0 bytes)"),
+    ):
         status, results, a_t, gated, gallery, raw = _predict(client, images / name)
         assert status.startswith("**No image could be attributed**") and f"{name}: {words}" in status, status
         assert "Traceback" not in status and raw is None and not results and not gallery
@@ -256,12 +295,19 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(exported, serve
 def test_app_says_what_it_serves_and_where(exported, served):
     _, att, _ = exported
     out, err = served.out.read_text(), served.err.read_text()
-    for line in ("app: loading gradio", f"app: reading attributor {att}", "app: checking the VAE",
-                 "app: building the page", f"app: starting the web server on 127.0.0.1:{served.port}"):
+    for line in (
+        "app: loading gradio",
+        f"app: reading attributor {att}",
+        "app: checking the VAE",
+        "app: building the page",
+        f"app: starting the web server on 127.0.0.1:{served.port}",
+    ):
         assert line in err, line
     record = json.loads((att / "attributor.json").read_text())
-    assert (f"app: serving attributor {att} (result {record['result'][:12]}, 3 generators: closed00, closed01, "
-            f"closed02) with VAE {record['encoder']['vae_source']} at http://127.0.0.1:{served.port}/") in out
+    assert (
+        f"app: serving attributor {att} (result {record['result'][:12]}, 3 generators: closed00, closed01, "
+        f"closed02) with VAE {record['encoder']['vae_source']} at http://127.0.0.1:{served.port}/"
+    ) in out
     with socket.socket() as s:  # loopback only by default
         s.settimeout(2)
         addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
@@ -275,8 +321,12 @@ def test_exported_app_py_runs_as_a_space(exported, tmp_path):
     GRADIO_SERVER_PORT set, from another folder."""
     pytest.importorskip("gradio", reason="the web app needs the app extra: pip install 'leakpipe[app]'")
     _, att, images = exported
-    space = Server(lambda port: [str(att / "app.py")], tmp_path, tmp_path,
-                   env=lambda port: {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)})
+    space = Server(
+        lambda port: [str(att / "app.py")],
+        tmp_path,
+        tmp_path,
+        env=lambda port: {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)},
+    )
     try:
         status, *_, raw = _predict(_client(space.url), images / "first.png")
     finally:
@@ -290,8 +340,13 @@ def test_exported_app_py_runs_as_a_space(exported, tmp_path):
 
 
 def _chromium() -> str | None:
-    for c in (os.environ.get("LEAKPIPE_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-              shutil.which("chromium-browser"), shutil.which("google-chrome")):
+    for c in (
+        os.environ.get("LEAKPIPE_CHROMIUM"),
+        "/usr/lib/chromium/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ):
         if c and Path(c).is_file():
             return c
     return None
@@ -313,15 +368,17 @@ def test_page_in_headless_chromium(exported, served, tmp_path):
             page = browser.new_page(viewport={"width": 1200, "height": 1400})
             page.goto(served.url, timeout=120_000)
             page.locator("#images input[type=file]").set_input_files(str(images / "first.png"))
-            page.wait_for_function("() => (document.querySelector('#status') || {}).innerText?.includes('Attributed')",
-                                   timeout=120_000)
+            page.wait_for_function(
+                "() => (document.querySelector('#status') || {}).innerText?.includes('Attributed')", timeout=120_000
+            )
             results = page.locator("#results").inner_text()
             page.screenshot(path=str(shot), full_page=True)
             # a bad upload in the page: a message there, no traceback
             page.goto(served.url, timeout=120_000)
             page.locator("#images input[type=file]").set_input_files(str(images / "notes.png"))
-            page.wait_for_function("() => (document.querySelector('#status') || {}).innerText?.includes('No image')",
-                                   timeout=120_000)
+            page.wait_for_function(
+                "() => (document.querySelector('#status') || {}).innerText?.includes('No image')", timeout=120_000
+            )
             bad = page.locator("#status").inner_text()
         finally:
             browser.close()
@@ -352,6 +409,10 @@ def test_without_gradio_only_the_app_fails(exported, tmp_path, monkeypatch):
     assert (tmp_path / "again" / "app.py").is_file()
     r = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "again"), str(images / "first.png")])
     assert r.exit_code == 0, r.output
-    started = subprocess.run([sys.executable, "-c", "import sys, leakpipe.pipeline.cli; print('gradio' in sys.modules)"],
-                             capture_output=True, text=True, timeout=120)
+    started = subprocess.run(
+        [sys.executable, "-c", "import sys, leakpipe.pipeline.cli; print('gradio' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert started.stdout.strip() == "False"  # the command line never imports it before `app`

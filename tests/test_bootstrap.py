@@ -1,5 +1,6 @@
 """The vectorised bootstrap equals, resample by resample, the plain metrics on explicitly
 resampled rows (and groups), to float rounding."""
+
 import numpy as np
 import pytest
 
@@ -25,25 +26,33 @@ def test_every_metric_matches_a_loop_over_explicit_resamples(data):
     labels, probs, scores, positive = data
     w = bootstrap.weights(len(labels), 40, seed=0)
     pred = probs.argmax(1)
-    got = {"top1": metrics.top1(pred == labels, w),
-           "balanced": metrics.balanced_accuracy(pred, labels, 4, w),
-           "macro_auc": metrics.macro_auc(probs, labels, w),
-           "auroc": metrics.auroc(scores, positive, w),
-           "eer": metrics.eer(scores, positive, w),
-           "fpr95": metrics.fpr_at_tpr(scores, positive, w)}
+    got = {
+        "top1": metrics.top1(pred == labels, w),
+        "balanced": metrics.balanced_accuracy(pred, labels, 4, w),
+        "macro_auc": metrics.macro_auc(probs, labels, w),
+        "auroc": metrics.auroc(scores, positive, w),
+        "eer": metrics.eer(scores, positive, w),
+        "fpr95": metrics.fpr_at_tpr(scores, positive, w),
+    }
     per_class = metrics.per_class_auc(probs, labels, w)
     assert np.allclose(metrics.macro_auc(probs, labels, w, per_class), got["macro_auc"], atol=1e-15)
     for b in range(len(w)):
         i = resampled(w[b])
         recalls = [np.mean(pred[i][labels[i] == k] == k) for k in range(4) if (labels[i] == k).any()]
-        want = {"top1": metrics.point(metrics.top1, probs[i].argmax(1) == labels[i]), "balanced": np.mean(recalls),
-                "macro_auc": metrics.point(metrics.macro_auc, probs[i], labels[i]),
-                "auroc": metrics.point(metrics.auroc, scores[i], positive[i]), "eer": metrics.point(metrics.eer, scores[i], positive[i]),
-                "fpr95": metrics.point(metrics.fpr_at_tpr, scores[i], positive[i])}
+        want = {
+            "top1": metrics.point(metrics.top1, probs[i].argmax(1) == labels[i]),
+            "balanced": np.mean(recalls),
+            "macro_auc": metrics.point(metrics.macro_auc, probs[i], labels[i]),
+            "auroc": metrics.point(metrics.auroc, scores[i], positive[i]),
+            "eer": metrics.point(metrics.eer, scores[i], positive[i]),
+            "fpr95": metrics.point(metrics.fpr_at_tpr, scores[i], positive[i]),
+        }
         for k in want:
             assert got[k][b] == pytest.approx(want[k], abs=1e-12), (k, b)
         for k in range(4):
-            assert per_class[b, k] == pytest.approx(metrics.point(metrics.auroc, probs[i, k], labels[i] == k), abs=1e-12), (k, b)
+            assert per_class[b, k] == pytest.approx(
+                metrics.point(metrics.auroc, probs[i, k], labels[i] == k), abs=1e-12
+            ), (k, b)
 
 
 def test_groups_are_drawn_whole():
@@ -86,8 +95,13 @@ def test_a_model_at_chance_is_said_to_be_at_chance():
     n = len(y)
 
     def metrics_of(logits):
-        split = evaluate.Split("t", {"logits": logits, "h_bar": rng.normal(0, 1, (n, 3)), "w": np.ones((n, 3))},
-                               np.array([f"c{k}" for k in y]), np.array(["test"] * n), np.array(["raw"] * n))
+        split = evaluate.Split(
+            "t",
+            {"logits": logits, "h_bar": rng.normal(0, 1, (n, 3)), "w": np.ones((n, 3))},
+            np.array([f"c{k}" for k in y]),
+            np.array(["test"] * n),
+            np.array(["raw"] * n),
+        )
         train = split.select(np.ones(n, bool))
         closed = evaluate.closed_set(train, {"raw": split}, ["c0", "c1", "c2", "c3"], 1e-3, n_boot=500, seed=0)
         return {"closed": closed, "open": {}}
@@ -108,18 +122,31 @@ def test_the_real_photo_case_is_said_in_words():
     pixel = rng.random(n) < 0.72
     z0 = rng.random(n) < 1 / 6
     w = bootstrap.Resamples(1000, seed=0)
-    b = {"chance": 1 / 6, "head": bl.scored(head, w), "forensic": bl.scored(pixel, w), "z0_probe": bl.scored(z0, w),
-         "head_minus_forensic": bl.paired_difference(head, pixel, w),
-         "z0_probe_minus_forensic": bl.paired_difference(z0, pixel, w)}
+    b = {
+        "chance": 1 / 6,
+        "head": bl.scored(head, w),
+        "forensic": bl.scored(pixel, w),
+        "z0_probe": bl.scored(z0, w),
+        "head_minus_forensic": bl.paired_difference(head, pixel, w),
+        "z0_probe_minus_forensic": bl.paired_difference(z0, pixel, w),
+    }
     said = bl.notes(b)
     assert len(said) == 3 and "significantly below the forensic pixel baseline" in said[0] and "at chance" in said[1]
     assert "neither the model" in said[2] and "vae.source = pixels" in said[2]
     assert b["head_minus_forensic"]["p"] < 0.01
-    good = {**b, "head_minus_forensic": bl.paired_difference(pixel, head, w), "z0_probe": bl.scored(pixel, w),
-            "z0_probe_minus_forensic": bl.paired_difference(pixel, pixel, w)}
+    good = {
+        **b,
+        "head_minus_forensic": bl.paired_difference(pixel, head, w),
+        "z0_probe": bl.scored(pixel, w),
+        "z0_probe_minus_forensic": bl.paired_difference(pixel, pixel, w),
+    }
     assert bl.notes(good) == []
-    weak = {**b, "forensic": bl.scored(z0, w), "head_minus_forensic": bl.paired_difference(head, z0, w),
-            "z0_probe_minus_forensic": bl.paired_difference(z0, z0, w)}  # no traces anywhere: only "at chance"
+    weak = {
+        **b,
+        "forensic": bl.scored(z0, w),
+        "head_minus_forensic": bl.paired_difference(head, z0, w),
+        "z0_probe_minus_forensic": bl.paired_difference(z0, z0, w),
+    }  # no traces anywhere: only "at chance"
     assert len(bl.notes(weak)) == 1 and "at chance" in bl.notes(weak)[0]
 
 
@@ -181,14 +208,23 @@ def test_ovl_interval_covers_known_overlaps():
 
     rng = np.random.default_rng(11)
     mixture = lambda n: np.where(rng.random(n) < 0.1, rng.normal(-100, 2, n), rng.normal(-250, 50, n))  # noqa: E731
-    truth = integrate.quad(lambda x: min(stats.norm.pdf(x, -100, 2), 0.1 * stats.norm.pdf(x, -100, 2)
-                                         + 0.9 * stats.norm.pdf(x, -250, 50)), -600, 100, points=[-100, -250], limit=500)[0]
-    cases = [(lambda n: rng.normal(-100, 2, n), mixture, truth),
-             (lambda n: rng.normal(0, 1, n), lambda n: rng.normal(0.5, 1, n), 2 * stats.norm.cdf(-0.25))]
+    truth = integrate.quad(
+        lambda x: min(stats.norm.pdf(x, -100, 2), 0.1 * stats.norm.pdf(x, -100, 2) + 0.9 * stats.norm.pdf(x, -250, 50)),
+        -600,
+        100,
+        points=[-100, -250],
+        limit=500,
+    )[0]
+    cases = [
+        (lambda n: rng.normal(-100, 2, n), mixture, truth),
+        (lambda n: rng.normal(0, 1, n), lambda n: rng.normal(0.5, 1, n), 2 * stats.norm.cdf(-0.25)),
+    ]
     for closed, opened, true in cases:
         hits = 0
         for k in range(40):
             a, b = closed(200), opened(200)
-            lo, hi = bootstrap.basic_interval(metrics.point(metrics.ovl, a, b, n=400), metrics.ovl(a, b, bootstrap.weights(400, 200, k)))
+            lo, hi = bootstrap.basic_interval(
+                metrics.point(metrics.ovl, a, b, n=400), metrics.ovl(a, b, bootstrap.weights(400, 200, k))
+            )
             hits += lo <= true <= hi
         assert hits >= 33, (true, hits)  # 95% nominal; binomial(40, 0.95) is >= 35 in 86% of runs

@@ -12,15 +12,22 @@ def test_defaults_follow_the_spec():
 
 def test_toml_then_overrides(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[preprocess]\nsize = 128\n[encode]\nbatch_size = 4\n')
+    f.write_text("[preprocess]\nsize = 128\n[encode]\nbatch_size = 4\n")
     cfg = load_config(f, ["encode.batch_size=9", "vae.dtype=float16"])
     assert cfg.preprocess.size == 128 and cfg.encode.batch_size == 9 and cfg.vae.dtype == "float16"
 
 
-@pytest.mark.parametrize("key, says", [
-    ("vae.sourse", "did you mean vae.source?"), ("train.epoch", "did you mean train.epochs?"),
-    ("epochs", "did you mean train.epochs?"), ("trian.lr", "did you mean train.lr?"),
-    ("model.zzz", "the keys of [model] are backbone, init"), ("foo.bar", "sections: vae, preprocess")])
+@pytest.mark.parametrize(
+    "key, says",
+    [
+        ("vae.sourse", "did you mean vae.source?"),
+        ("train.epoch", "did you mean train.epochs?"),
+        ("epochs", "did you mean train.epochs?"),
+        ("trian.lr", "did you mean train.lr?"),
+        ("model.zzz", "the keys of [model] are backbone, init"),
+        ("foo.bar", "sections: vae, preprocess"),
+    ],
+)
 def test_unknown_key_suggests_the_nearest(key, says):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"{key}=x"])
@@ -28,12 +35,15 @@ def test_unknown_key_suggests_the_nearest(key, says):
     assert len(str(err.value)) < 300  # a suggestion, not every key
 
 
-@pytest.mark.parametrize("item, words", [
-    ("preprocess.size=big", "expected int"),
-    ("vae.dtype=float64", "not one of"),
-    ("store.chunk_rows", "key=value"),
-    ("preprocess.size=1.5", "expected int"),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("preprocess.size=big", "expected int"),
+        ("vae.dtype=float64", "not one of"),
+        ("store.chunk_rows", "key=value"),
+        ("preprocess.size=1.5", "expected int"),
+    ],
+)
 def test_type_and_choice_errors(item, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, [item])
@@ -101,7 +111,12 @@ def test_a_retired_key_names_its_replacement_and_stored_configs_still_load():
     for bad in ("0", "1", "1.5"):
         with pytest.raises(ConfigError, match="score.alpha .*: must be between 0 and 1, both excluded"):
             load_config(None, [f"score.alpha={bad}"])
-    assert load_config(None, ["score.alpha=0.05", "score.conformal=aps", "score.mondrian=true",
-                              "score.calibration=class_temperature"]).score.conformal == "aps"
+    assert (
+        load_config(
+            None,
+            ["score.alpha=0.05", "score.conformal=aps", "score.mondrian=true", "score.calibration=class_temperature"],
+        ).score.conformal
+        == "aps"
+    )
     with pytest.raises(ConfigError, match="score.calibration: 'zscore' is not one of temperature"):
         load_config(None, ["score.calibration=zscore"])

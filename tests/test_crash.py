@@ -1,4 +1,5 @@
 """SIGKILL an encode part-way; the rerun must end with the same bytes as an uninterrupted run."""
+
 import shutil
 
 import numpy as np
@@ -7,7 +8,6 @@ import zarr
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, encode as stage
 from tests.conftest import cli, kill_midway, write_images
-
 
 
 def arrays(store):
@@ -24,10 +24,13 @@ def test_sigkill_then_rerun_equals_uninterrupted(ws, tmp_path):
 
     # chunk writes are slowed so the kill lands mid-run; nothing else differs from a normal encode
     store_dir = ws / "cache" / "latents" / "closed"
-    kill_midway("leakpipe.pipeline.store.latent_store.write_chunk", 0.15,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import encode, graph\n"
-                f"ws = Workspace({str(ws)!r})\nencode.run(graph(ws, ws.config()), 'closed', log=print)",
-                ready=lambda: len(list(store_dir.glob("*.zarr/source_hash/c/*/*"))) >= 3)
+    kill_midway(
+        "leakpipe.pipeline.store.latent_store.write_chunk",
+        0.15,
+        f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import encode, graph\n"
+        f"ws = Workspace({str(ws)!r})\nencode.run(graph(ws, ws.config()), 'closed', log=print)",
+        ready=lambda: len(list(store_dir.glob("*.zarr/source_hash/c/*/*"))) >= 3,
+    )
 
     store = next(store_dir.glob("*.zarr"))
     valid = zarr.open_group(str(store), mode="r")["source_hash"][:].any(axis=1).sum()

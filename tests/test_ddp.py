@@ -9,6 +9,7 @@
    single, 0.972 and 0.981 DDP in two runs; the gap comes from per-shard BatchNorm statistics); the lock
    records the world size, and a damaged result retrains to the same model bitwise.
 """
+
 import json
 import shutil
 from dataclasses import replace
@@ -54,7 +55,7 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     cfg = ws.config(None, ["model.embed_dim=8", "model.prototypes_per_class=2"])
     p = graph(ws, cfg).plan("encode", "closed").data
     tr, tr_y, _, _, classes = train._rows(p)
-    data = LatentRows(p.store, tr, tr_y, 2 ** 30)
+    data = LatentRows(p.store, tr, tr_y, 2**30)
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(data, 64)
     torch.manual_seed(0)
@@ -69,8 +70,16 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     # full-size steps and would hide whether the gradients themselves agree
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # 18 training rows in batches of 7, 7 and 4: unequal shards (3 + 4) check the loss scaling
-    tc = replace(cfg.train, batch_size=7, seed=0, grad_clip=0.0, lr_schedule="constant", warmup_epochs=0,
-                 lr=0.05, label_smoothing=0.0)
+    tc = replace(
+        cfg.train,
+        batch_size=7,
+        seed=0,
+        grad_clip=0.0,
+        lr_schedule="constant",
+        warmup_epochs=0,
+        lr=0.05,
+        label_smoothing=0.0,
+    )
     train_epoch(wrap(model, ctx, torch.device("cpu")), opt, data, build, tc, 1, ddp=ctx)
     if rank == 0:
         moved = sum(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
@@ -85,8 +94,9 @@ def test_sharded_steps_equal_single_process(tws, tmp_path):
         _steps(0, 1, str(tws), "", str(tmp_path / "single.pt"))
     finally:  # _steps pins 1 thread; later tests compare bitwise against subprocesses using the default
         torch.set_num_threads(threads)
-    torch.multiprocessing.spawn(_steps, args=(2, str(tws), f"file://{tmp_path / 'rdv'}", str(tmp_path / "ddp.pt")),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _steps, args=(2, str(tws), f"file://{tmp_path / 'rdv'}", str(tmp_path / "ddp.pt")), nprocs=2, join=True
+    )
     a, b = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert a.pop("moved") > 10 and b.pop("moved") > 10  # the steps changed the weights
     for k in a:
@@ -95,9 +105,24 @@ def test_sharded_steps_equal_single_process(tws, tmp_path):
 
 def torchrun(ws, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--no-python", "--",
-                        str(BIN / "leakpipe"), "train", "-C", str(ws), *args],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            "--",
+            str(BIN / "leakpipe"),
+            "train",
+            "-C",
+            str(ws),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout + r.stderr
 

@@ -1,5 +1,6 @@
 """Calibration, conformal prediction sets and unseen p-values: known answers on synthetic data, and the
 same sets and thresholds as MAPIE on the same scores."""
+
 import warnings
 
 import numpy as np
@@ -63,10 +64,17 @@ def test_split_conformal_coverage_has_its_known_finite_sample_value(score, mondr
     p = calib.scaled_posterior((rng.normal(0, 2, (*y.shape, c)) + 1.5 * np.eye(c)[y]).reshape(-1, c), 1.0)
     p, u = p.reshape(*y.shape, c), rng.uniform(size=y.shape)  # the randomised test score too: exact coverage
     k = cal_y.shape[1]
-    covered = [metrics.point(metrics.coverage, conformal.prediction_sets(
-        conformal.class_scores(p[t, k:], score, u[t, k:]),
-        conformal.thresholds(conformal.class_scores(p[t, :k], score, u[t, :k]), y[t, :k], c, alpha, mondrian)),
-        y[t, k:]) for t in range(trials)]
+    covered = [
+        metrics.point(
+            metrics.coverage,
+            conformal.prediction_sets(
+                conformal.class_scores(p[t, k:], score, u[t, k:]),
+                conformal.thresholds(conformal.class_scores(p[t, :k], score, u[t, :k]), y[t, :k], c, alpha, mondrian),
+            ),
+            y[t, k:],
+        )
+        for t in range(trials)
+    ]
     mean, se = np.mean(covered), np.std(covered) / np.sqrt(trials)
     assert 1 - alpha <= mean <= 1 - alpha + 1 / (n + 1)
     assert abs(mean - 50 / 55) < 4 * se, (mean, se)
@@ -137,7 +145,8 @@ def test_sets_thresholds_and_coverage_match_mapie(score):
     ours = conformal.prediction_sets(conformal.class_scores(p[test], score, 0.0), q)
     assert (ours == theirs[:, :, 0]).all()
     assert metrics.point(metrics.coverage, ours, y[test]) == pytest.approx(
-        float(classification_coverage_score(y[test], theirs)[0]))
+        float(classification_coverage_score(y[test], theirs)[0])
+    )
     assert metrics.point(metrics.set_size, ours) == pytest.approx(float(classification_mean_width_score(theirs)[0]))
 
 
@@ -160,8 +169,13 @@ def test_mondrian_thresholds_are_mapie_per_class():
 
 def _split(name, logits, y, classes, partition):
     n = len(y)
-    return Split(name, {"logits": logits.astype(np.float32)}, np.array([classes[k] for k in y], object),
-                 np.full(n, partition, object), np.full(n, "raw", object))
+    return Split(
+        name,
+        {"logits": logits.astype(np.float32)},
+        np.array([classes[k] for k in y], object),
+        np.full(n, partition, object),
+        np.full(n, "raw", object),
+    )
 
 
 def test_decisions_on_splits_report_coverage_shortfall_and_notes():
@@ -171,8 +185,10 @@ def test_decisions_on_splits_report_coverage_shortfall_and_notes():
     rng, classes = np.random.default_rng(7), ["a", "b", "c"]
     logits, _, y = _posterior(rng, 2400, 3)
     val = _split("closed", logits[:400] * 3, y[:400], classes, "val")
-    tests = {"raw": _split("closed", logits[400:] * 3, y[400:], classes, "test"),
-             "step1": _split("closed", rng.permutation(logits[400:]) * 3, y[400:], classes, "test")}
+    tests = {
+        "raw": _split("closed", logits[400:] * 3, y[400:], classes, "test"),
+        "step1": _split("closed", rng.permutation(logits[400:]) * 3, y[400:], classes, "test"),
+    }
     cfg = ScoreConfig(bootstrap=200)
     c = decisions.calibration(val, tests, classes, cfg)
     assert c["temperature"] == pytest.approx(3.0, rel=0.15)

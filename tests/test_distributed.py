@@ -4,6 +4,7 @@ even when a worker process is SIGKILLed mid-run.
 CPU convolutions round differently with different intra-op thread counts (measured here: up to
 1.5e-6, one float32 ulp, between 2 threads and a dask worker's 1), so both sides run with
 encode.torch_threads = 1 and must then agree bitwise."""
+
 import os
 import shutil
 import signal
@@ -68,13 +69,17 @@ def test_killed_worker_process_still_gives_every_row(dws):
     from distributed import Client, LocalCluster
 
     ws, want = dws
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(_slow_batches)
         pids = client.run(os.getpid)
         cfg = Workspace(ws).config(None, [f"encode.scheduler={cluster.scheduler_address}"])
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", stage.run(graph(Workspace(ws), cfg), "closed", log=lambda m: None)))
+        t = threading.Thread(
+            target=lambda: box.setdefault("r", stage.run(graph(Workspace(ws), cfg), "closed", log=lambda m: None))
+        )
         t.start()
         store_dir = ws / "cache" / "latents" / "closed"
         deadline = time.time() + 120

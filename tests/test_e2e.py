@@ -1,13 +1,22 @@
 """End to end: every documented command in a temporary workspace on a tiny synthetic set, then
 everything again, which must do no work (no file under cache/ changes)."""
+
 import json
 
 import pytest
 
 from tests.conftest import TOML, cli
 
-TRAIN = ["--set", "train.epochs=2", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2",
-         "--set", "train.batch_size=8"]
+TRAIN = [
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "model.embed_dim=16",
+    "--set",
+    "model.prototypes_per_class=2",
+    "--set",
+    "train.batch_size=8",
+]
 
 
 def ok(ws, *args):
@@ -19,20 +28,40 @@ def ok(ws, *args):
 def snapshot(ws):
     """Size and mtime of every file under cache/ except the flock files (their holder note is
     rewritten by each writer that takes them)."""
-    return {str(p.relative_to(ws)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted((ws / "cache").rglob("*")) if p.is_file() and not p.name.endswith("writer.lock")}
+    return {
+        str(p.relative_to(ws)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted((ws / "cache").rglob("*"))
+        if p.is_file() and not p.name.endswith("writer.lock")
+    }
 
 
 def every_command(ws, photos):
     out = {}
-    ok(ws, "synth", "--closed", "3", "--open", "2", "--per-generator", "12", "--size", "32",
-       "--difficulty", "0.1", "--steps", "", "--workers", "1") if not (ws / "manifests").exists() else None
+    ok(
+        ws,
+        "synth",
+        "--closed",
+        "3",
+        "--open",
+        "2",
+        "--per-generator",
+        "12",
+        "--size",
+        "32",
+        "--difficulty",
+        "0.1",
+        "--steps",
+        "",
+        "--workers",
+        "1",
+    ) if not (ws / "manifests").exists() else None
     if not (ws / "manifests" / "closed-pp.csv").exists():
         ok(ws, "postprocess", "--split", "closed", "--steps", "1,2", "--workers", "1")
     out["build"] = ok(ws, "manifest", "build", str(photos), "--split", "photos", "--partition", "none")
     out["show"] = ok(ws, "manifest", "show", "closed")
-    out["encode"] = ok(ws, "encode", "--split", "closed", "--split", "closed-pp", "--split", "open",
-                       "--split", "photos")
+    out["encode"] = ok(
+        ws, "encode", "--split", "closed", "--split", "closed-pp", "--split", "open", "--split", "photos"
+    )
     out["train"] = ok(ws, "train", *TRAIN)
     out["score"] = ok(ws, "score", *TRAIN)
     out["json"] = cli(ws, "score", "--json", *TRAIN).stdout

@@ -1,5 +1,6 @@
 """What a researcher's tools expect: TensorBoard event files, a `vae` command, progress lines in logs,
 help text on every option."""
+
 import builtins
 import json
 
@@ -11,8 +12,16 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, encode
 from tests.conftest import cli, synth_workspace
 
-FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=2", "train.batch_size=16",
-        "score.kde_folds=2", "score.postprocessed=", "score.bootstrap=50", "score.baselines=false"]
+FAST = [
+    "train.epochs=2",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=2",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+    "score.bootstrap=50",
+    "score.baselines=false",
+]
 
 
 def sets(*extra):
@@ -37,8 +46,15 @@ def test_tensorboard_events_read_back(scored):
     result = runs.pointed(Workspace(scored), "default")
     train = EventAccumulator(str(result / "tensorboard" / "train"), size_guidance={"histograms": 0}).Reload()
     tags = train.Tags()
-    for tag in ("train/loss", "train/accuracy", "val/macro_auc", "train/learning_rate",
-                "attention/a_t_mean_t0", "attention/a_t_mean_t5", "attention/a_t_mean_t10"):
+    for tag in (
+        "train/loss",
+        "train/accuracy",
+        "val/macro_auc",
+        "train/learning_rate",
+        "attention/a_t_mean_t0",
+        "attention/a_t_mean_t5",
+        "attention/a_t_mean_t10",
+    ):
         assert [e.step for e in train.Scalars(tag)] == [1, 2], tag
     history = json.loads((result / "history.json").read_text())
     assert [e.value for e in train.Scalars("val/macro_auc")] == pytest.approx([h["val_macro_auc"] for h in history])
@@ -82,8 +98,14 @@ def test_vae_random_and_info(tmp_path):
     assert again.exit_code != 0 and "already holds a VAE" in again.output
     r = cli(tmp_path, "vae", "info", str(tmp_path / "v"))
     assert r.exit_code == 0, r.output
-    for words in ("resolves to:    folder", "block_out_channels [32, 64, 64, 64]", "latent_channels 4",
-                  "parameters:     1,250,759", "scaling factor: 0.18215", "seeded random weights"):
+    for words in (
+        "resolves to:    folder",
+        "block_out_channels [32, 64, 64, 64]",
+        "latent_channels 4",
+        "parameters:     1,250,759",
+        "scaling factor: 0.18215",
+        "seeded random weights",
+    ):
         assert words in r.output, words
     from leakpipe.pipeline.config_files import load_config
     from leakpipe.pipeline.engine import vae as vae_lib
@@ -120,8 +142,12 @@ def test_every_option_has_help():
         else:
             yield " ".join(path), cmd
 
-    missing = [(name, p.opts) for name, cmd in walk(main, []) for p in cmd.params
-               if isinstance(p, click.Option) and not (p.help or "").strip()]
+    missing = [
+        (name, p.opts)
+        for name, cmd in walk(main, [])
+        for p in cmd.params
+        if isinstance(p, click.Option) and not (p.help or "").strip()
+    ]
     assert not missing
     assert all(cmd.help for _, cmd in walk(main, []))
 

@@ -1,4 +1,5 @@
 """Stage one: store contents, incremental cases, failures, locks."""
+
 import shutil
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def counting(monkeypatch):
         def encode(x):
             seen["images"] += len(x)
             return real_encode(x)
+
         model.encode = encode
         return model
+
     monkeypatch.setattr(vae_lib, "load_vae", load)
     return seen
 
@@ -207,6 +210,7 @@ def chunk_reads(monkeypatch):
     def read_rows(group, idx):
         seen.append(int(idx[0]) // group["mean"].chunks[0])
         return real(group, idx)
+
     monkeypatch.setattr(latent_store, "read_rows", read_rows)
     return seen
 
@@ -243,5 +247,7 @@ def test_a_relayout_links_the_chunks_whose_rows_stay(ws, counting, chunk_reads):
     assert sorted(chunk_reads) == [1, 2]  # the copied chunks are checked, the linked one is not
     g = store_of(res)
     for i, row in enumerate(m.rows[:5] + m.rows[6:]):
-        assert g["source_hash"][i].tobytes().hex() == graph.latents(Workspace(ws), ws_config(ws), "closed").file_hashes[i]
+        assert (
+            g["source_hash"][i].tobytes().hex() == graph.latents(Workspace(ws), ws_config(ws), "closed").file_hashes[i]
+        )
     assert cli(ws, "verify").exit_code == 0

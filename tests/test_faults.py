@@ -2,6 +2,7 @@
 chunks, locks, models, checkpoints, metrics), rerun it, and require the result to equal, bitwise, an
 uninterrupted run from the same starting state. The default suite tries 2 kill points per stage;
 `pytest -m slow tests/test_faults.py` tries up to 12 spread over every commit of the stage."""
+
 import json
 import shutil
 import signal
@@ -15,8 +16,18 @@ from safetensors.torch import load_file
 
 from tests.conftest import cli, synth_workspace
 
-SETS = [a for s in ("train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
-                    "score.kde_folds=2", "score.postprocessed=") for a in ("--set", s)]
+SETS = [
+    a
+    for s in (
+        "train.epochs=2",
+        "model.embed_dim=8",
+        "model.prototypes_per_class=1",
+        "train.batch_size=16",
+        "score.kde_folds=2",
+        "score.postprocessed=",
+    )
+    for a in ("--set", s)
+]
 KILLER = """
 import atexit, os, signal, sys
 target, count = int(sys.argv[1]), [0]
@@ -42,8 +53,9 @@ STAGES = {  # stage: (state it starts from, command)
 
 def run(ws, args, kill_at=0):
     """The command in a fresh process, killed before commit `kill_at` (0: never); (returncode, commits)."""
-    r = subprocess.run([sys.executable, "-c", KILLER, str(kill_at), *args, "-C", str(ws)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, str(kill_at), *args, "-C", str(ws)], capture_output=True, text=True, timeout=300
+    )
     commits = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("COMMITS ")]
     if kill_at == 0:
         assert r.returncode == 0, r.stdout + r.stderr
@@ -56,8 +68,11 @@ def states(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     fresh = synth_workspace(root / "fresh")
     out = {"fresh": fresh}
-    for name, before, args in (("encoded", "fresh", ["encode", "--split", "closed", "--split", "open"]),
-                               ("trained", "encoded", ["train", *SETS]), ("embedded", "trained", ["embed", *SETS])):
+    for name, before, args in (
+        ("encoded", "fresh", ["encode", "--split", "closed", "--split", "open"]),
+        ("trained", "encoded", ["train", *SETS]),
+        ("embedded", "trained", ["embed", *SETS]),
+    ):
         shutil.copytree(out[before], root / name, symlinks=True)
         out[name] = root / name
         assert cli(out[name], *args).exit_code == 0

@@ -1,6 +1,7 @@
 """The forensic pixel baseline: its features read codec and resampling traces at native resolution,
 so it tells apart images that differ only in how they were processed, where the old 64-px baseline
 (low-frequency DCT of a resized copy: content) cannot."""
+
 import io
 
 import numpy as np
@@ -34,8 +35,9 @@ def _jpeg(arr: np.ndarray, q: int) -> np.ndarray:
 
 def test_quantisation_and_grid_show_in_the_features():
     rng = np.random.default_rng(1)
-    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((128, 128),
-                                                                                                 Image.BICUBIC))
+    smooth = np.asarray(
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((128, 128), Image.BICUBIC)
+    )
     smooth = np.clip(smooth + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8)
     raw, coded = (forensic.luminance(x.astype(float)) for x in (smooth, _jpeg(smooth, 50)))
     assert forensic.blockiness(coded).min() > forensic.blockiness(raw).max() + 0.1  # the 8-px grid shows
@@ -49,12 +51,12 @@ def test_quantisation_and_grid_show_in_the_features():
 def test_native_crop_is_on_the_grid_and_never_resized(tmp_path):
     arr = np.random.default_rng(2).integers(0, 255, (700, 1001, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
-    got = load_native(tmp_path / "a.png", 512, 10 ** 8)
+    got = load_native(tmp_path / "a.png", 512, 10**8)
     assert got.shape == (512, 512, 3)
     top, left = (700 - 512) // 2 // 8 * 8, (1001 - 512) // 2 // 8 * 8
-    assert top % 8 == 0 and left % 8 == 0 and np.array_equal(got, arr[top:top + 512, left:left + 512])
+    assert top % 8 == 0 and left % 8 == 0 and np.array_equal(got, arr[top : top + 512, left : left + 512])
     Image.fromarray(arr[:100, :61]).save(tmp_path / "b.png")
-    assert load_native(tmp_path / "b.png", 512, 10 ** 8).shape == (96, 56, 3)
+    assert load_native(tmp_path / "b.png", 512, 10**8).shape == (96, 56, 3)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,9 @@ def codec_set(tmp_path_factory):
     """4 classes that differ only in processing (PNG, JPEG 90, JPEG 70, bicubic down-up), the same 24
     photo crops of 128 px in each, split by crop."""
     root = tmp_path_factory.mktemp("codecs")
-    write_codec_set(root / "data", root / "m", n=24, size=128, seed=0,
-                    chains=("png", "jpeg90", "jpeg70", "down-up-bicubic"))
+    write_codec_set(
+        root / "data", root / "m", n=24, size=128, seed=0, chains=("png", "jpeg90", "jpeg70", "down-up-bicubic")
+    )
     return mf.read_manifest(root / "m" / "closed.csv")
 
 
@@ -78,7 +81,7 @@ def test_forensic_baseline_sees_codecs_where_the_64px_one_does_not(codec_set):
     assert not set(groups[part == "train"]) & set(groups[part == "test"])  # a crop sits in one partition
     paths = [m.abspath(i) for i in range(len(m))]
     tr, te = part == "train", part == "test"
-    x = forensic_matrix(paths, 512, 10 ** 8)
+    x = forensic_matrix(paths, 512, 10**8)
     low = np.stack([pixel_features(p) for p in paths])
     acc = {name: float((probe(f[tr], y[tr], f[te]) == y[te]).mean()) for name, f in (("forensic", x), ("64px", low))}
     print("measured", acc, int(te.sum()))

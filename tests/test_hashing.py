@@ -1,5 +1,6 @@
 """The file-hash cache (SQLite): what it reads, racy files, damage, the JSON it replaces, kills and
 two writers at once."""
+
 import json
 import os
 import signal
@@ -87,7 +88,7 @@ def test_a_damaged_database_is_set_aside_and_rebuilt_with_a_note(tmp_path, damag
     want = cache.hash_many(paths)
     cache.close()
     data = db.read_bytes()
-    db.write_bytes(b"this is not a database" * 200 if damage == "garbage" else data[:len(data) // 2])
+    db.write_bytes(b"this is not a database" * 200 if damage == "garbage" else data[: len(data) // 2])
     notes = []
     again = HashCache(db, log=notes.append)
     assert again.hash_many(paths) == want and again.reads == 300
@@ -113,9 +114,11 @@ def test_file_hashes_json_is_migrated_once(tmp_path):
 def test_a_kill_mid_write_leaves_a_usable_cache(tmp_path):
     paths = files(tmp_path / "a", 400)
     db = tmp_path / "h.sqlite"
-    body = ("import time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
-            "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.002), real(p))[1]\n"
-            f"hashing.HashCache({str(db)!r}).hash_many({[str(p) for p in paths]!r})\n")
+    body = (
+        "import time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
+        "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.002), real(p))[1]\n"
+        f"hashing.HashCache({str(db)!r}).hash_many({[str(p) for p in paths]!r})\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", body])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and rows(db) < 50:
@@ -140,11 +143,17 @@ def test_two_encodes_of_different_splits_share_the_cache(ws):
     write_images(ws / "data2", labels=("c", "d"), n=15, seed=3)
     settled(*(ws / "data2").rglob("*.png"), *(ws / "data").rglob("*.png"))
     assert cli(ws, "manifest", "build", str(ws / "data2"), "--split", "other").exit_code == 0
-    body = ("import sys, time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
-            "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.05), real(p))[1]  # overlap\n"
-            "from leakpipe.pipeline.cli import main\nmain(['encode', '--split', sys.argv[-1], '-C', sys.argv[-2]])\n")
-    procs = [subprocess.Popen([sys.executable, "-c", body, str(ws), split], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for split in ("closed", "other")]
+    body = (
+        "import sys, time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
+        "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.05), real(p))[1]  # overlap\n"
+        "from leakpipe.pipeline.cli import main\nmain(['encode', '--split', sys.argv[-1], '-C', sys.argv[-2]])\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", body, str(ws), split], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for split in ("closed", "other")
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "12 encoded" in outputs[0] and "30 encoded" in outputs[1] and "note:" not in "".join(outputs)
@@ -164,7 +173,7 @@ def test_bulk_matching_equals_a_search_entry_by_entry():
     import numpy as np
 
     r = np.random.default_rng(1)
-    values = np.array([0, 1, 255, 256, -1, 2**40, -2**62], np.int64)  # zero bytes, sign bits, repeats
+    values = np.array([0, 1, 255, 256, -1, 2**40, -(2**62)], np.int64)  # zero bytes, sign bits, repeats
     cached = values[r.integers(0, 7, (3000, 5))]
     cached[:, 4] = cached[:, 3] + r.choice([-1, hashing.RACY_NS], 3000)  # some entries racy
     want = values[r.integers(0, 7, (2000, 4))]

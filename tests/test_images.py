@@ -47,7 +47,7 @@ def test_palette_cmyk_gray_and_16bit(tmp_path):
     pal = Image.new("RGB", (16, 16), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
     assert tuple(load_image(save(tmp_path, pal, "p.png"), CFG)[0, 0]) == (10, 200, 30)
     cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red
-    assert tuple(load_image(save(tmp_path, cmyk, "c.jpg", quality=100), CFG)[4, 4]) [0] > 240
+    assert tuple(load_image(save(tmp_path, cmyk, "c.jpg", quality=100), CFG)[4, 4])[0] > 240
     gray = Image.new("L", (16, 16), 77)
     assert (load_image(save(tmp_path, gray, "g.png"), CFG) == 77).all()
     sixteen = Image.fromarray(np.full((16, 16), 257 * 100, np.uint16))
@@ -62,11 +62,14 @@ def test_animated_uses_first_frame(tmp_path):
     assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
-    (lambda p: p.write_bytes(_png_bytes()[:300]), "truncated"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_bytes(b"this is not an image"), "not an image"),
+        (lambda p: p.write_bytes(_png_bytes()[:300]), "truncated"),
+    ],
+)
 def test_bad_files_say_why(tmp_path, make, reason):
     p = tmp_path / "bad.png"
     make(p)

@@ -1,6 +1,7 @@
 """Integrity: damaged data is detected, recomputed and never used or vouched for; bad inputs are
 clear errors naming the file, the row and what to do; readers and writers of a store exclude each
 other. Each case is one the issue found by hand."""
+
 import errno
 import json
 import shutil
@@ -20,8 +21,14 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
 from tests.conftest import cli, synth_workspace
 
-FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
-        "score.kde_folds=2", "score.postprocessed="]
+FAST = [
+    "train.epochs=1",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=1",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+]
 SETS = [a for s in FAST for a in ("--set", s)]
 
 
@@ -80,7 +87,9 @@ def test_damaged_latent_chunk_is_reencoded_never_vouched(ws, damage):
         rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
         src = rows[3].split(",")[0]
         shutil.copy(ws / "data" / "closed" / src, ws / "data" / "closed" / "closed00" / "extra.png")
-        (ws / "manifests" / "closed.csv").write_text("\n".join(rows + [rows[3].replace(src, "closed00/extra.png", 1)]) + "\n")
+        (ws / "manifests" / "closed.csv").write_text(
+            "\n".join(rows + [rows[3].replace(src, "closed00/extra.png", 1)]) + "\n"
+        )
     if damage == "deleted":  # the cheap check (sizes) already sees a missing chunk
         assert "output missing" in cli(ws, "status").output
     out = ok(ws, "encode", "--split", "closed")
@@ -175,6 +184,7 @@ def test_bad_images_and_unreadable_files_are_rows_not_aborts(ws, monkeypatch):
         if str(file) == str(locked):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", denied)
     rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
     first = rows[3]
@@ -234,8 +244,10 @@ def test_split_json_is_matched_by_relative_path(tmp_path):
             (root / label / sub).mkdir(parents=True)
             for i in range(2):
                 Image.new("RGB", (8, 8), (i, 0, 0)).save(root / label / sub / f"{i}.png")
-    split = {"train": {"a": ["x/0.png", "y/0.png"], "b": ["x/0.png", "y/0.png"]},
-             "test": {"a": ["x/1.png", "y/1.png"], "b": ["x/1.png", "y/1.png"]}}
+    split = {
+        "train": {"a": ["x/0.png", "y/0.png"], "b": ["x/0.png", "y/0.png"]},
+        "test": {"a": ["x/1.png", "y/1.png"], "b": ["x/1.png", "y/1.png"]},
+    }
     (root / "Split.json").write_text(json.dumps(split))
     ok(tmp_path, "manifest", "build", str(root), "--split", "s")
     text = (tmp_path / "manifests" / "s.csv").read_text()
@@ -248,11 +260,19 @@ def test_split_json_is_matched_by_relative_path(tmp_path):
     assert not (tmp_path / "manifests" / "s2.csv").exists()
 
 
-@pytest.mark.parametrize("key,value,says", [
-    ("train.epochs", "-1", ">= 1"), ("train.lr", "nan", "finite"), ("store.chunk_rows", "0", ">= 1"),
-    ("train.batch_size", "0", ">= 1"), ("encode.batch_size", "-3", ">= 1"), ("preprocess.size", "0", ">= 8"),
-    ("diffusion.timesteps", "0,5,1000", "0 to 999"), ("compute.eval_batch_size", "0", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "key,value,says",
+    [
+        ("train.epochs", "-1", ">= 1"),
+        ("train.lr", "nan", "finite"),
+        ("store.chunk_rows", "0", ">= 1"),
+        ("train.batch_size", "0", ">= 1"),
+        ("encode.batch_size", "-3", ">= 1"),
+        ("preprocess.size", "0", ">= 8"),
+        ("diffusion.timesteps", "0,5,1000", "0 to 999"),
+        ("compute.eval_batch_size", "0", ">= 1"),
+    ],
+)
 def test_config_values_are_checked_on_load(key, value, says):
     with pytest.raises(ConfigError, match=says) as err:
         load_config(None, [f"{key}={value}"])
@@ -268,6 +288,7 @@ def test_full_disk_is_a_clear_error_and_a_rerun_completes(ws, monkeypatch):
     def full(path):
         calls["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
     monkeypatch.setattr(atomic, "_fsync_tree", full)
     r = cli(ws, "train", *[a for s in (*FAST, "model.embed_dim=4") for a in ("--set", s)])
     assert r.exit_code != 0 and "No space left" in r.output and "Free some space" in r.output
@@ -280,8 +301,10 @@ def test_full_disk_is_a_clear_error_and_a_rerun_completes(ws, monkeypatch):
 def test_single_class_validation_is_an_error_before_training(ws):
     m = ws / "manifests" / "closed.csv"
     lines = m.read_text().splitlines()
-    lines = [ln if not (",val," in ln and not ln.split(",")[1].endswith("00")) else ln.replace(",val,", ",test,")
-             for ln in lines]
+    lines = [
+        ln if not (",val," in ln and not ln.split(",")[1].endswith("00")) else ln.replace(",val,", ",test,")
+        for ln in lines
+    ]
     m.write_text("\n".join(lines) + "\n")
     assert "labels and partitions of closed: 6 rows changed" in cli(ws, "status").output
     ok(ws, "encode", "--split", "closed")
@@ -354,8 +377,9 @@ def test_split_json_in_every_form_the_authors_read(tmp_path):
         (root / label).mkdir(parents=True)
         for name in ("C.png", "a.png", "B.png", "d.png"):
             Image.new("RGB", (8, 8)).save(root / label / name)
-    (root / "Split.json").write_text(json.dumps({"Training": [0, 1], "VALIDATION": [2], "testing": [3],
-                                                 "open": {"x": ["y.png"]}}))
+    (root / "Split.json").write_text(
+        json.dumps({"Training": [0, 1], "VALIDATION": [2], "testing": [3], "open": {"x": ["y.png"]}})
+    )
     r = cli(tmp_path, "manifest", "build", str(root), "--split", "s")
     assert r.exit_code == 0 and "key 'open' is not a partition" in r.output, r.output
     text = (tmp_path / "manifests" / "s.csv").read_text()

@@ -1,4 +1,5 @@
 """KDE (Eq. 16-17) against a direct float64 numpy log-sum-exp; Mahalanobis (Eq. 13)."""
+
 import numpy as np
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_cross_validated_bandwidth_generalises():
     assert not kde.cv["at_grid_edge"]
     fresh_ll = [GaussianKDE(bandwidth=h).fit(x).score_samples(fresh).mean() for h in kde.cv["grid"]]
     assert kde.score_samples(fresh).mean() >= max(fresh_ll) - 0.05 * abs(max(fresh_ll))
-    assert GaussianKDE(grid_factors=kde.grid_factors, folds=5, seed=0).fit(x).bandwidth_ == kde.bandwidth_  # seeded folds
+    assert (
+        GaussianKDE(grid_factors=kde.grid_factors, folds=5, seed=0).fit(x).bandwidth_ == kde.bandwidth_
+    )  # seeded folds
 
 
 def test_kde_needs_two_points():
@@ -91,8 +94,10 @@ def test_capped_reference_is_seeded_recorded_and_close_to_the_exact_kde():
     r = np.random.default_rng(0)
     centres = r.normal(0, 1.5, (4, 8))
     x = centres[r.integers(0, 4, 4000)] + r.normal(0, 1, (4000, 8))
-    q = np.r_[centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, 8)),
-              centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, 8)) + 1.2]
+    q = np.r_[
+        centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, 8)),
+        centres[r.integers(0, 4, 1000)] + r.normal(0, 1, (1000, 8)) + 1.2,
+    ]
     grid = (0.1, 0.2, 0.4, 0.8, 1.6)
     exact = GaussianKDE(folds=2, grid_factors=grid).fit(x)
     capped = GaussianKDE(folds=2, grid_factors=grid, max_reference=1000).fit(x)

@@ -1,6 +1,7 @@
 """The layers of the code: each module imports only from its own layer or the ones below, and no two
 packages of a layer import each other. Read from the source (ast), so lazy imports inside functions
 count too; an import under `if TYPE_CHECKING:` is a type only and is left out."""
+
 import ast
 from pathlib import Path
 
@@ -9,11 +10,21 @@ import leakpipe.pipeline
 ROOT = Path(leakpipe.pipeline.__file__).parent.parent  # the checkout: pipeline/, stages/, workflows/
 # lowest first: math, nn and store know nothing of leakpipe's config; the CLI sits on everything
 LAYERS = [
-    ("leakpipe.pipeline.errors", "leakpipe.pipeline.names", "leakpipe.pipeline.progress", "leakpipe.pipeline.math",
-     "leakpipe.pipeline.nn", "leakpipe.pipeline.store"),
-    ("leakpipe.pipeline.config", "leakpipe.pipeline.config_files", "leakpipe.pipeline.manifest",
-     "leakpipe.pipeline.manifest_columns",
-     "leakpipe.pipeline.workspace"),
+    (
+        "leakpipe.pipeline.errors",
+        "leakpipe.pipeline.names",
+        "leakpipe.pipeline.progress",
+        "leakpipe.pipeline.math",
+        "leakpipe.pipeline.nn",
+        "leakpipe.pipeline.store",
+    ),
+    (
+        "leakpipe.pipeline.config",
+        "leakpipe.pipeline.config_files",
+        "leakpipe.pipeline.manifest",
+        "leakpipe.pipeline.manifest_columns",
+        "leakpipe.pipeline.workspace",
+    ),
     ("leakpipe.pipeline.bench",),
     ("leakpipe.pipeline.engine",),
     ("leakpipe.pipeline.report",),
@@ -21,8 +32,12 @@ LAYERS = [
     ("leakpipe.stages",),
     ("leakpipe.workflows",),
     ("leakpipe.pipeline.cli_base",),
-    ("leakpipe.pipeline.cli", "leakpipe.pipeline.cli_data", "leakpipe.pipeline.cli_ledger",
-     "leakpipe.pipeline.cli_app"),
+    (
+        "leakpipe.pipeline.cli",
+        "leakpipe.pipeline.cli_data",
+        "leakpipe.pipeline.cli_ledger",
+        "leakpipe.pipeline.cli_app",
+    ),
 ]
 
 
@@ -39,8 +54,11 @@ def part(module: str) -> tuple[int, str] | None:
 
 def modules() -> dict[str, Path]:
     out = {}
-    for folder, package in (("pipeline", "leakpipe.pipeline"), ("stages", "leakpipe.stages"),
-                            ("workflows", "leakpipe.workflows")):
+    for folder, package in (
+        ("pipeline", "leakpipe.pipeline"),
+        ("stages", "leakpipe.stages"),
+        ("workflows", "leakpipe.workflows"),
+    ):
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT / folder).with_suffix("")
             name = ".".join((package, *rel.parts))
@@ -67,8 +85,15 @@ def imports(path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            out += [(node.lineno, f"{node.module}.{a.name}" if part(f"{node.module}.{a.name}") and
-                     f"{node.module}.{a.name}" in modules() else node.module) for a in node.names]
+            out += [
+                (
+                    node.lineno,
+                    f"{node.module}.{a.name}"
+                    if part(f"{node.module}.{a.name}") and f"{node.module}.{a.name}" in modules()
+                    else node.module,
+                )
+                for a in node.names
+            ]
     return [(line, name) for line, name in out if name.startswith("leakpipe.")]
 
 
@@ -99,7 +124,9 @@ def test_the_light_commands_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import leakpipe.pipeline.cli, leakpipe.stages, leakpipe.workflows.status; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'zarr', 'sklearn', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys; import leakpipe.pipeline.cli, leakpipe.stages, leakpipe.workflows.status; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'zarr', 'sklearn', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

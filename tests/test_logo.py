@@ -1,5 +1,6 @@
 """Leave-one-generator-out: `train.exclude` keeps a generator out of training, score treats its test
 images as an unseen generator, and `sweep --logo` makes one such run per known generator."""
+
 import json
 
 import pytest
@@ -14,8 +15,16 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, encode, train
 from tests.conftest import cli, synth_workspace
 
-FAST = ["train.epochs=2", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
-        "score.kde_folds=2", "score.postprocessed=", "score.bootstrap=200", "score.baselines=false"]
+FAST = [
+    "train.epochs=2",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=1",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+    "score.bootstrap=200",
+    "score.baselines=false",
+]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,10 @@ def test_build_from_split_file(tmp_path):
     assert r.exit_code == 0 and "left out" in r.output
     m = mf.read_manifest(tmp_path / "manifests" / "closed.csv")
     assert {r["path"]: r["partition"] for r in m.rows} == {
-        "g1/000.png": "train", "g1/001.png": "train", "g1/002.png": "val"}
+        "g1/000.png": "train",
+        "g1/001.png": "train",
+        "g1/002.png": "val",
+    }
     split["test"] = {"g1": ["missing.png"]}
     (tmp_path / "data" / "Split.json").write_text(json.dumps(split))
     r = cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")
@@ -49,18 +52,24 @@ def test_validation_reports_every_problem_with_line_numbers(tmp_path):
     write_images(tmp_path / "data", labels=("g1",), n=2, size=(8, 8))
     (tmp_path / "m.csv").write_text(
         "# root: data\npath,label,partition,variant\n"
-        "g1/000.png,g1,train,raw\n"      # line 3: fine
-        "g1/000.png,g1,train,raw\n"      # 4: duplicate
-        "g1/001.png,,val,raw\n"          # 5: empty label
-        "g1/001b.png,g1,holdout,raw\n"   # 6: unknown partition + missing file
+        "g1/000.png,g1,train,raw\n"  # line 3: fine
+        "g1/000.png,g1,train,raw\n"  # 4: duplicate
+        "g1/001.png,,val,raw\n"  # 5: empty label
+        "g1/001b.png,g1,holdout,raw\n"  # 6: unknown partition + missing file
         "../../etc/passwd,g1,test,raw\n"  # 7: escapes root
-        "/abs.png,g1,test,raw\n")        # 8: absolute
+        "/abs.png,g1,test,raw\n"
+    )  # 8: absolute
     with pytest.raises(mf.ManifestError) as err:
         mf.read_manifest(tmp_path / "m.csv")
     text = str(err.value)
-    for expected in ("line 4: duplicate path 'g1/000.png' (first on line 3)", "line 5: empty label",
-                     "line 6: unknown partition 'holdout'", "line 6: file not found",
-                     "line 7: path '../../etc/passwd' escapes", "line 8: path '/abs.png' escapes"):
+    for expected in (
+        "line 4: duplicate path 'g1/000.png' (first on line 3)",
+        "line 5: empty label",
+        "line 6: unknown partition 'holdout'",
+        "line 6: file not found",
+        "line 7: path '../../etc/passwd' escapes",
+        "line 8: path '/abs.png' escapes",
+    ):
         assert expected in text
     assert len(err.value.problems) == 6
 
@@ -95,8 +104,10 @@ def reference_problems(path, check_files=True):
         row["path"] = "" if norm == "." else norm
         if row["path"] in seen and row["path"]:
             alias = "" if given == row["path"] else f", written here as {given!r}"
-            problems.append(f"line {4 + i}: duplicate path {row['path']!r} (first on line {seen[row['path']]}{alias}); "
-                            "keep one row per file")
+            problems.append(
+                f"line {4 + i}: duplicate path {row['path']!r} (first on line {seen[row['path']]}{alias}); "
+                "keep one row per file"
+            )
         seen.setdefault(row["path"], 4 + i)
     for i, row in enumerate(rows):
         where, p = f"line {4 + i}", row["path"]
@@ -106,8 +117,10 @@ def reference_problems(path, check_files=True):
         if not (row["label"] or "").strip():
             problems.append(f"{where}: empty label for {p!r}")
         if (row["partition"] or "").strip() not in mf.PARTITIONS:
-            problems.append(f"{where}: unknown partition {(row['partition'] or '').strip()!r} for {p!r}; "
-                            "expected train, val, test or empty")
+            problems.append(
+                f"{where}: unknown partition {(row['partition'] or '').strip()!r} for {p!r}; "
+                "expected train, val, test or empty"
+            )
         full = (root / p).resolve()
         if os.path.isabs(p) or not full.is_relative_to(root):
             problems.append(f"{where}: path {p!r} escapes the manifest root {root}")
@@ -127,9 +140,23 @@ def test_bulk_checks_report_what_row_by_row_checks_did(tmp_path, check_files):
     (data / "away").symlink_to(tmp_path / "outside")  # a folder leaving the root
     (data / "big" / "dir.png").mkdir()
     good = [f"big/{i:03d}.png" for i in range(1, 12)] + [f"small/{i:03d}.png" for i in range(1, 5)]
-    odd = ["./big/000.png", "big//000.png", "small/../big/000.png", "small\\005.png", "big/in.png",
-           "big/out.png", "away/o.png", "../outside/o.png", "/etc/passwd", "big/missing.png", "big/dir.png",
-           "   ", "", "small/006.png", "small/007.png"]
+    odd = [
+        "./big/000.png",
+        "big//000.png",
+        "small/../big/000.png",
+        "small\\005.png",
+        "big/in.png",
+        "big/out.png",
+        "away/o.png",
+        "../outside/o.png",
+        "/etc/passwd",
+        "big/missing.png",
+        "big/dir.png",
+        "   ",
+        "",
+        "small/006.png",
+        "small/007.png",
+    ]
     lines = [f"{p},big,train,raw" for p in good + odd[:-2]]
     lines += ["small/006.png,,train,raw", "small/007.png,small,holdout,raw", "small/008.png , small ,val, raw"]
     path = tmp_path / "manifests" / "m.csv"
@@ -143,6 +170,10 @@ def test_bulk_checks_report_what_row_by_row_checks_did(tmp_path, check_files):
     clean = "\n".join(f"{p},big,train,raw" for p in good)
     path.write_text(f"# leakpipe manifest v1\n# root: ../data\npath,label,partition,variant\n{clean}\n")
     m = mf.read_manifest(path, check_files=check_files)
-    assert m.column("path") == good and m.rows[0] == {"path": good[0], "label": "big", "partition": "train",
-                                                      "variant": "raw"}
+    assert m.column("path") == good and m.rows[0] == {
+        "path": good[0],
+        "label": "big",
+        "partition": "train",
+        "variant": "raw",
+    }
     assert m.abspaths()[0] == str(data.resolve() / good[0])

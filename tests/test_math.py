@@ -1,4 +1,5 @@
 """Equations 1-4 against references: diffusers' DDPMScheduler and scipy's DCT."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +17,13 @@ DIFFUSERS_NAMES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_li
 
 @pytest.mark.parametrize("schedule", diffusion.SCHEDULES)
 def test_schedules_match_diffusers(schedule):
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAMES[schedule],
-                        beta_start=0.00085, beta_end=0.012)
+    ref = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAMES[schedule], beta_start=0.00085, beta_end=0.012
+    )
     ours = diffusion.alphas_cumprod(schedule)
     # diffusers keeps betas in float32 and multiplies them up in float32; we stay in float64
     np.testing.assert_allclose(diffusion.betas(schedule).numpy(), ref.betas.double().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(ours.numpy(), torch.cumprod(1 - ref.betas.double(), 0).numpy(),
-                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(ours.numpy(), torch.cumprod(1 - ref.betas.double(), 0).numpy(), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(ours.numpy(), ref.alphas_cumprod.double().numpy(), atol=2e-6)
     z0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 4, 8, 8)
     ts = [0, 5, 10]

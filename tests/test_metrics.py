@@ -1,4 +1,5 @@
 """Metrics against scikit-learn (random scores, ties, perfect separation, edge cases)."""
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -32,7 +33,9 @@ def test_roc_matches_sklearn(name, scores, positive):
 def test_eer_and_fpr95_on_known_cases():
     sep = np.r_[np.zeros(10), np.ones(10)], np.r_[np.zeros(10, bool), np.ones(10, bool)]
     assert metrics.point(metrics.eer, *sep) == 0.0 and metrics.point(metrics.fpr_at_tpr, *sep) == 0.0
-    assert metrics.point(metrics.eer, -sep[0], sep[1]) == 1.0 and metrics.point(metrics.fpr_at_tpr, -sep[0], sep[1]) == 1.0
+    assert (
+        metrics.point(metrics.eer, -sep[0], sep[1]) == 1.0 and metrics.point(metrics.fpr_at_tpr, -sep[0], sep[1]) == 1.0
+    )
     # identical distributions (all tied): EER 0.5 at the chance diagonal, FPR@95 = 1
     tied = np.ones(40), np.arange(40) % 2 == 0
     assert metrics.point(metrics.eer, *tied) == pytest.approx(0.5) and metrics.point(metrics.fpr_at_tpr, *tied) == 1.0
@@ -78,17 +81,38 @@ OVL_CASES = {  # name: (sample a, sample b, density a, density b, integration ra
         lambda r, n: r.normal(-100, 2, n),
         lambda r, n: np.where(r.random(n) < 0.1, r.normal(-100, 2, n), r.normal(-250, 50, n)),
         lambda x: stats.norm.pdf(x, -100, 2),
-        lambda x: 0.1 * stats.norm.pdf(x, -100, 2) + 0.9 * stats.norm.pdf(x, -250, 50), -600, 100, [-100, -250]),
+        lambda x: 0.1 * stats.norm.pdf(x, -100, 2) + 0.9 * stats.norm.pdf(x, -250, 50),
+        -600,
+        100,
+        [-100, -250],
+    ),
     "heavy tails (Student t, 2 dof)": (
-        lambda r, n: stats.t.rvs(2, size=n, random_state=r), lambda r, n: stats.t.rvs(2, loc=3, size=n, random_state=r),
-        lambda x: stats.t.pdf(x, 2), lambda x: stats.t.pdf(x, 2, loc=3), -2000, 2000, [0, 1.5, 3]),
+        lambda r, n: stats.t.rvs(2, size=n, random_state=r),
+        lambda r, n: stats.t.rvs(2, loc=3, size=n, random_state=r),
+        lambda x: stats.t.pdf(x, 2),
+        lambda x: stats.t.pdf(x, 2, loc=3),
+        -2000,
+        2000,
+        [0, 1.5, 3],
+    ),
     "bimodal against unimodal": (
         lambda r, n: np.where(r.random(n) < 0.5, r.normal(-3, 0.5, n), r.normal(3, 0.5, n)),
         lambda r, n: r.normal(0, 2, n),
         lambda x: 0.5 * stats.norm.pdf(x, -3, 0.5) + 0.5 * stats.norm.pdf(x, 3, 0.5),
-        lambda x: stats.norm.pdf(x, 0, 2), -15, 15, [-3, 0, 3]),
-    "shifted normals": (lambda r, n: r.normal(0, 1, n), lambda r, n: r.normal(2, 1, n),
-                        stats.norm.pdf, lambda x: stats.norm.pdf(x, 2), -10, 12, [1]),
+        lambda x: stats.norm.pdf(x, 0, 2),
+        -15,
+        15,
+        [-3, 0, 3],
+    ),
+    "shifted normals": (
+        lambda r, n: r.normal(0, 1, n),
+        lambda r, n: r.normal(2, 1, n),
+        stats.norm.pdf,
+        lambda x: stats.norm.pdf(x, 2),
+        -10,
+        12,
+        [1],
+    ),
 }
 
 
@@ -105,6 +129,7 @@ def test_ovl_of_two_samples_of_one_distribution_is_near_one():
     """Two finite samples never overlap fully; measured 0.96 at n = 2000."""
     rng = np.random.default_rng(0)
     assert ovl(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000)) > 0.93
+
 
 def test_absent_class_and_single_class():
     y = np.array([0, 0, 1, 1])
@@ -131,13 +156,17 @@ def test_confusion_and_closed_set_match_sklearn():
     r = np.random.default_rng(3)
     s, y = r.random((300, 5)), r.integers(0, 5, 300)
     got = registry.evaluate(registry.CLOSED, registry.Closed(s, y, 5), 5)
-    np.testing.assert_array_equal(metrics.confusion_matrix(s.argmax(1), y, 5),
-                                  confusion_matrix(y, s.argmax(1), labels=range(5)))
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(s.argmax(1), y, 5), confusion_matrix(y, s.argmax(1), labels=range(5))
+    )
     assert got["macro_auc"] == pytest.approx(np.mean([roc_auc_score(y == c, s[:, c]) for c in range(5)]))
     assert got["top1"] == (s.argmax(1) == y).mean()
     assert "ece" not in got and "top5" not in got  # not a posterior; top-5 of 5 classes is always 1
     o = registry.evaluate(registry.OPEN, registry.Open(r.normal(1, 1, 50), r.normal(0, 1, 70)), 2, n_boot=20)
-    assert set(o) == {"auroc", "eer", "ovl", "fpr_at_95tpr", "chance", "ci"} and set(o["ci"]) == set(o) - {"chance", "ci"}
+    assert set(o) == {"auroc", "eer", "ovl", "fpr_at_95tpr", "chance", "ci"} and set(o["ci"]) == set(o) - {
+        "chance",
+        "ci",
+    }
 
 
 def test_top_k_matches_scikit_learn():
@@ -147,13 +176,16 @@ def test_top_k_matches_scikit_learn():
     scores, labels = rng.normal(0, 1, (300, 8)), rng.integers(0, 8, 300)
     for k in (1, 3, 5):
         assert metrics.point(metrics.top_k, scores, labels, k) == pytest.approx(
-            top_k_accuracy_score(labels, scores, k=k, labels=range(8)))
+            top_k_accuracy_score(labels, scores, k=k, labels=range(8))
+        )
 
 
 def test_expected_calibration_error():
     # by hand: confidences 0.9, 0.9 (one right) and 0.6 (right): |0.5-0.9| * 2/3 + |1-0.6| * 1/3
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
-    assert metrics.point(metrics.expected_calibration_error, probs, np.array([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+    assert metrics.point(metrics.expected_calibration_error, probs, np.array([0, 1, 1])) == pytest.approx(
+        0.4 * 2 / 3 + 0.4 / 3
+    )
     rng = np.random.default_rng(2)
     probs = metrics.softmax(rng.normal(0, 1.5, (20000, 5)))
     calibrated = np.array([rng.choice(5, p=p) for p in probs])  # labels drawn from the posterior itself

@@ -1,4 +1,5 @@
 """The model: ResNet layouts, shapes, attention, and the prototype posterior (Eq. 5-11)."""
+
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from leakpipe.pipeline.nn.model import ProtoLeakNet as _ProtoLeakNet, ResNet
 def ProtoLeakNet(n_classes, in_channels=8, side=16, **model):
     """The model from its config section, as the stage builds it (imagenet stem unless given)."""
     return _ProtoLeakNet(ModelConfig(**{"stem": "imagenet", **model}), n_classes, in_channels, side)
+
 
 # torchvision's resnet18/50/101 have 11,689,512 / 25,557,032 / 44,549,160 parameters with a
 # 1000-class fc on 3-channel input; without the fc (512*1000+1000 or 2048*1000+1000) that is:
@@ -34,6 +36,7 @@ def test_small_stem_keeps_every_position():
     x = torch.randn(2, 8, 16, 16)
     assert net.layer1(net.maxpool(net.bn1(net.conv1(x)))).shape[-2:] == (16, 16)  # ImageNet's keeps 4 x 4
     from leakpipe.pipeline.nn.backbones import build, resolve_stem
+
     assert resolve_stem("auto", 32) == "small" and resolve_stem("auto", 256) == "imagenet"
     assert build("resnet18", 8, 32, "auto").conv1.kernel_size == (3, 3)
     assert build("resnet18", 8, 256, "auto").conv1.kernel_size == (7, 7)
@@ -92,6 +95,7 @@ def test_nearest_prototype_wins():
         m.prototypes.zero_()
         m.prototypes[1] += 10.0
     from leakpipe.pipeline.nn.model import class_logits, prototype_distances, soft_min_distance
+
     h = torch.zeros(1, 4)  # sits on class 0's prototype
     d = prototype_distances(h, torch.ones(1, 4), m.prototypes)
     assert class_logits(soft_min_distance(d, 1.0)).argmax().item() == 0

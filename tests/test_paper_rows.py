@@ -1,5 +1,6 @@
 """The paper's remaining rows: Table 4 backbones with torchvision's layouts, model.init, the pixels
 encoder, the authors-code profile, and the DCT statistics options."""
+
 import json
 
 import numpy as np
@@ -36,13 +37,27 @@ def test_parameter_counts_match_torchvision():
 
 def test_state_dict_keys_follow_torchvision_names():
     e = EfficientNet(3, num_classes=1000).state_dict()
-    assert {"features.0.0.weight", "features.0.1.running_mean", "features.1.0.block.1.fc1.weight",
-            "features.2.0.block.0.0.weight", "features.8.0.weight", "classifier.1.weight"} <= e.keys()
+    assert {
+        "features.0.0.weight",
+        "features.0.1.running_mean",
+        "features.1.0.block.1.fc1.weight",
+        "features.2.0.block.0.0.weight",
+        "features.8.0.weight",
+        "classifier.1.weight",
+    } <= e.keys()
     assert len([k for k in e if k.startswith("features.") and k.endswith(".block.0.0.weight")]) == 32  # 32 MBConvs
     v = VisionTransformer(3, 224, 16, num_classes=1000).state_dict()
-    assert {"conv_proj.weight", "class_token", "encoder.pos_embedding", "encoder.layers.11.ln_1.weight",
-            "encoder.layers.0.self_attention.in_proj_weight", "encoder.layers.0.mlp.0.weight",
-            "encoder.layers.0.mlp.3.bias", "encoder.ln.weight", "heads.head.weight"} <= v.keys()
+    assert {
+        "conv_proj.weight",
+        "class_token",
+        "encoder.pos_embedding",
+        "encoder.layers.11.ln_1.weight",
+        "encoder.layers.0.self_attention.in_proj_weight",
+        "encoder.layers.0.mlp.0.weight",
+        "encoder.layers.0.mlp.3.bias",
+        "encoder.ln.weight",
+        "heads.head.weight",
+    } <= v.keys()
     assert v["encoder.pos_embedding"].shape == (1, 197, 768)
 
 
@@ -83,7 +98,9 @@ def test_first_conv_adaptation_and_its_errors(tmp_path):
     model = build_model(cfg, 3)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "rn18.safetensors")
     init_backbone(model, tmp_path / "rn18.safetensors")  # the default small stem: a resized 3 x 3 kernel
-    torch.testing.assert_close(model.backbone.conv1.weight, adapt_state(src.state_dict(), model.backbone)[0]["conv1.weight"])
+    torch.testing.assert_close(
+        model.backbone.conv1.weight, adapt_state(src.state_dict(), model.backbone)[0]["conv1.weight"]
+    )
     save_file({"conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match=r"bad.safetensors does not fit model.backbone.*conv1.weight"):
         init_backbone(model, tmp_path / "bad.safetensors")
@@ -203,8 +220,17 @@ def test_profile_settings_reach_the_features():
 def test_sweep_entry_that_changes_the_encoder_encodes_first(pixels_ws):
     from tests.conftest import cli
 
-    r = cli(pixels_ws, "sweep", "--only", "pixels", *[a for s in [*FAST, "score.postprocessed=", "score.baselines=false",
-                                                                    "score.bootstrap=50"] for a in ("--set", s)])
+    r = cli(
+        pixels_ws,
+        "sweep",
+        "--only",
+        "pixels",
+        *[
+            a
+            for s in [*FAST, "score.postprocessed=", "score.baselines=false", "score.bootstrap=50"]
+            for a in ("--set", s)
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "encode open: " in r.output and "VAE pixels" in r.output  # closed: encoded by the test above
     assert "| pixels |" in r.stdout

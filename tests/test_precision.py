@@ -1,6 +1,7 @@
 """The GPU path's settings on a CPU: every precision and the compile path train and reach the fp32
 result within a stated tolerance, fp32 stays bitwise deterministic, the precision is a training
 input while compile is not, and the CUDA-only pieces fall back or say what to do."""
+
 import json
 import re
 
@@ -32,7 +33,9 @@ TOLERANCE = 0.05
 
 
 def best_val_auc(root, run) -> float:
-    return max(h["val_macro_auc"] for h in json.loads((train.run_dir(Workspace(root), run) / "history.json").read_text()))
+    return max(
+        h["val_macro_auc"] for h in json.loads((train.run_dir(Workspace(root), run) / "history.json").read_text())
+    )
 
 
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
@@ -59,9 +62,11 @@ def test_half_precision_inference_agrees_with_fp32(tws):
     rows = read_manifest(tws / "manifests" / "closed.csv").rows
     val = np.array([i for i, r in enumerate(rows) if r["partition"] == "val"])
     labels = np.array([classes.index(rows[i]["label"]) for i in val])
-    data = LatentRows(p.store, val, labels, 2 ** 30)
-    out = {prec: predict(precision.channels_last(model, build.device, prec), data, build, 64, prec)
-           for prec in ("fp32", "bf16", "fp16")}
+    data = LatentRows(p.store, val, labels, 2**30)
+    out = {
+        prec: predict(precision.channels_last(model, build.device, prec), data, build, 64, prec)
+        for prec in ("fp32", "bf16", "fp16")
+    }
     auc = {k: metrics.point(metrics.macro_auc, metrics.softmax(v["logits"]), labels) for k, v in out.items()}
     for prec in ("bf16", "fp16"):
         agree = (out[prec]["logits"].argmax(1) == out["fp32"]["logits"].argmax(1)).mean()
@@ -102,15 +107,22 @@ def _engine(root, cfg, epochs, forward=None):
     classes = sorted({r["label"] for r in rows})
     part = {p: np.array([i for i, r in enumerate(rows) if r["partition"] == p]) for p in ("train", "val")}
     label = np.array([classes.index(r["label"]) for r in rows])
-    tr, va = (LatentRows(store, part[p], label[part[p]], 2 ** 30) for p in ("train", "val"))
+    tr, va = (LatentRows(store, part[p], label[part[p]], 2**30) for p in ("train", "val"))
     torch.manual_seed(0)
     model = build_model(cfg, len(classes))
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(tr, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     for epoch in range(1, epochs + 1):
-        train_epoch(model, opt, tr, build, replace(cfg.train, batch_size=16, seed=0, epochs=epochs), epoch,
-                    forward=None if forward is None else forward(model))
+        train_epoch(
+            model,
+            opt,
+            tr,
+            build,
+            replace(cfg.train, batch_size=16, seed=0, epochs=epochs),
+            epoch,
+            forward=None if forward is None else forward(model),
+        )
     recalibrate_batchnorm(model, tr, build, 16)
     val = predict(model, va, build, 64)
     return model, metrics.point(metrics.macro_auc, metrics.softmax(val["logits"]), va.labels)
@@ -168,7 +180,8 @@ def test_cuda_only_pieces_fall_back_or_say_what_to_do(tws):
     cpu = torch.device("cpu")  # on a CPU only half precision is laid out NHWC (measured faster there)
     assert precision.channels_last(torch.nn.Conv2d(1, 1, 3), cpu).weight.is_contiguous()
     assert precision.channels_last(torch.nn.Conv2d(1, 1, 3), cpu, "bf16").weight.is_contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
 
 
 def test_placed_latents_give_the_same_batches(tws, monkeypatch):
@@ -176,12 +189,12 @@ def test_placed_latents_give_the_same_batches(tws, monkeypatch):
     ws = Workspace(tws)
     store = graph(ws, ws.config()).plan("encode", "closed").data.store
     rows = np.arange(40)
-    plain = LatentRows(store, rows, rows % 4, 2 ** 30)
-    placed = LatentRows(store, rows, rows % 4, 2 ** 30)
-    placed.place(torch.device("cpu"), 2 ** 30)
+    plain = LatentRows(store, rows, rows % 4, 2**30)
+    placed = LatentRows(store, rows, rows % 4, 2**30)
+    placed.place(torch.device("cpu"), 2**30)
     assert placed.placement == "latents in host memory"
     monkeypatch.setattr(data_module, "cache_placement", lambda *a: "gpu")
-    placed.place(torch.device("cpu"), 2 ** 30)
+    placed.place(torch.device("cpu"), 2**30)
     assert placed.placement == "latents on the GPU"
     for (p1, m1, lv1, y1), (p2, m2, lv2, y2) in zip(plain.batches(16, seed=3), placed.batches(16, seed=3)):
         assert np.array_equal(p1, p2) and np.array_equal(y1, y2)

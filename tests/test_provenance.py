@@ -1,6 +1,7 @@
 """Provenance: `status` predicts exactly what each stage then does, for every kind of change, in
 words; trained results are kept per config (run cache) and run names point at them; the VAE
 follows the cache; installed import names cannot clash."""
+
 import json
 import os
 import re
@@ -17,8 +18,14 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, embed, encode, score, train
 from tests.conftest import TINY_BLOCKS, cli, synth_workspace, write_images
 
-FAST = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
-        "score.kde_folds=2", "score.postprocessed="]
+FAST = [
+    "train.epochs=1",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=1",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+]
 HEX = re.compile(r"(?<![/\w])[0-9a-f]{12,}(?![\w.])")  # a bare hash, not part of a path
 
 
@@ -152,9 +159,23 @@ def _status_with(pkg: Path, ws: Path) -> dict:
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(pkg)}
-    out = subprocess.run([sys.executable, "-c", "import leakpipe.pipeline, sys; assert leakpipe.pipeline.__file__"
-                          f".startswith({str(pkg)!r}); from leakpipe.pipeline.cli import main; main()", "status",
-                          "--json", "-C", str(ws), *sets()], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import leakpipe.pipeline, sys; assert leakpipe.pipeline.__file__"
+            f".startswith({str(pkg)!r}); from leakpipe.pipeline.cli import main; main()",
+            "status",
+            "--json",
+            "-C",
+            str(ws),
+            *sets(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {(e["stage"], e["name"]): e for e in json.loads(out.stdout)}
 
 
@@ -165,15 +186,20 @@ def test_code_identity_comes_from_the_code(ws, tmp_path):
     pkg = _package_copy(tmp_path / "pkg")
     diffusion = pkg / "leakpipe" / "pipeline" / "math" / "diffusion.py"
     text = diffusion.read_text()
-    diffusion.write_text(text.replace('"""Noise schedules', '# a comment\n"""Noise  schedules, reworded')
-                         .replace("return torch.cumprod(1 - betas(schedule, num_steps), dim=0)",
-                                  "return torch.cumprod(\n        1 - betas(schedule, num_steps),  # why\n        dim=0)"))
+    diffusion.write_text(
+        text.replace('"""Noise schedules', '# a comment\n"""Noise  schedules, reworded').replace(
+            "return torch.cumprod(1 - betas(schedule, num_steps), dim=0)",
+            "return torch.cumprod(\n        1 - betas(schedule, num_steps),  # why\n        dim=0)",
+        )
+    )
     cosmetic = _status_with(pkg, ws)
     assert all(e["up_to_date"] for e in cosmetic.values()), [e for e in cosmetic.values() if not e["up_to_date"]]
     diffusion.write_text(text.replace("(t + 0.008) / 1.008", "(t + 0.009) / 1.009"))
     edited = _status_with(pkg, ws)
     for key in (("train", "default"), ("embed", "default/closed"), ("embed", "default/open")):
-        assert not edited[key]["up_to_date"] and "code changed: leakpipe.pipeline.math.diffusion" in edited[key]["reasons"]
+        assert (
+            not edited[key]["up_to_date"] and "code changed: leakpipe.pipeline.math.diffusion" in edited[key]["reasons"]
+        )
     assert edited[("encode", "closed")]["up_to_date"] and edited[("score", "default")]["up_to_date"]
 
 
@@ -187,18 +213,21 @@ def test_a_legacy_code_label_reads_as_its_code(ws, monkeypatch):
     lock_path = runs.pointed(Workspace(ws), "default") / "score.lock.json"
     lock = json.loads(lock_path.read_text())
     identity = lock["inputs"]["code"]
-    monkeypatch.setitem(code_id.LEGACY, "score-test", identity if isinstance(identity, dict) else
-                        code_id.identity(STAGES["score"].code))
+    monkeypatch.setitem(
+        code_id.LEGACY, "score-test", identity if isinstance(identity, dict) else code_id.identity(STAGES["score"].code)
+    )
     from leakpipe.pipeline.ledger.locks import Inputs, Upstream
 
     lock["inputs"]["code"] = "score-test"  # as an older leakpipe wrote it
     i = lock["inputs"]
-    lock["fingerprint"] = Inputs(i["config"], {k: Upstream(**u) for k, u in i["upstream"].items()}, i["files"],
-                                 "score-test").fingerprint()
+    lock["fingerprint"] = Inputs(
+        i["config"], {k: Upstream(**u) for k, u in i["upstream"].items()}, i["files"], "score-test"
+    ).fingerprint()
     lock_path.write_text(json.dumps(lock))
     assert "code changed" not in " ".join(status(ws)[("score", "default")]["reasons"])
-    monkeypatch.setitem(code_id.LEGACY, "score-test", {**code_id.LEGACY["score-test"],
-                                                       "leakpipe.pipeline.math.metrics": "0" * 32})
+    monkeypatch.setitem(
+        code_id.LEGACY, "score-test", {**code_id.LEGACY["score-test"], "leakpipe.pipeline.math.metrics": "0" * 32}
+    )
     assert "code changed: leakpipe.pipeline.math.metrics" in status(ws)[("score", "default")]["reasons"]
 
 
@@ -215,6 +244,7 @@ def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypat
 
     def no_training(*a, **k):
         raise AssertionError("trained although a stored result matches")
+
     monkeypatch.setattr("leakpipe.pipeline.engine.fit.fit", no_training)
     res = train.run(graph(w, w.config(None, FAST)), "default", log=lambda m: None)
     assert res.restored and runs.pointed(w, "default") == first
@@ -280,8 +310,10 @@ def test_the_vae_follows_the_cache(tmp_path, tiny_vae):
 
 
 def test_installed_names_do_not_take_bare_pipeline_or_stages(tmp_path):
-    code = ("import importlib.util as u, leakpipe.pipeline, leakpipe.stages\n"
-            "print(u.find_spec('pipeline'), u.find_spec('stages'))")
+    code = (
+        "import importlib.util as u, leakpipe.pipeline, leakpipe.stages\n"
+        "print(u.find_spec('pipeline'), u.find_spec('stages'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None None"
 

@@ -1,6 +1,7 @@
 """The training recipe: every key of it reaches the model and trains through the stage, each piece does
 what it says (schedule, weight average, crops and tiles, k-means prototypes, precise BatchNorm on
 class-sorted data), and the profiles select it or the paper's settings."""
+
 import json
 
 import numpy as np
@@ -12,8 +13,13 @@ from safetensors.torch import load_file
 from leakpipe.pipeline.config import Config, ConfigError
 from leakpipe.pipeline.config_files import load_config, with_overrides
 from leakpipe.pipeline.engine.data import FeatureBuilder, crop_views, tile_offsets, tiles
-from leakpipe.pipeline.engine.training import (WeightAverage, lr_factor, prototype_pull, recalibrate_batchnorm,
-                                               stratified_sample)
+from leakpipe.pipeline.engine.training import (
+    WeightAverage,
+    lr_factor,
+    prototype_pull,
+    recalibrate_batchnorm,
+    stratified_sample,
+)
 from leakpipe.pipeline.math import prototypes as proto_math
 from leakpipe.pipeline.math.kmeans import class_centres, kmeans
 from leakpipe.pipeline.workspace import Workspace
@@ -36,7 +42,7 @@ def test_weight_average_is_an_exponential_moving_average():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     avg = WeightAverage(model, half_life_steps=4)
-    assert avg.decay == pytest.approx(0.5 ** 0.25)
+    assert avg.decay == pytest.approx(0.5**0.25)
     want = model.weight.detach().clone()
     for k in range(30):
         with torch.no_grad():
@@ -55,7 +61,11 @@ def test_crops_start_on_the_8_pixel_grid_and_tiles_cover_the_centre():
     pixels = (3, 256, 256)  # vae.source = pixels: one z0 pixel per image pixel
     assert build.grid(pixels) == 8 and build.grid((4, 32, 32)) == 1  # an SD latent pixel is 8 image pixels
     views = build.draw_views(500, pixels, torch.Generator().manual_seed(0))
-    assert (views[:, :2] % 8 == 0).all() and views[:, :2].max() <= 256 - 64 and set(views[:, 2:].unique().tolist()) == {0, 1}
+    assert (
+        (views[:, :2] % 8 == 0).all()
+        and views[:, :2].max() <= 256 - 64
+        and set(views[:, 2:].unique().tolist()) == {0, 1}
+    )
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     got = crop_views(x, torch.tensor([[0, 4], [4, 0]]), 4, torch.tensor([[True, False], [False, True]]))
     assert torch.equal(got[0], x[0, :, 0:4, 4:8].flip(-1)) and torch.equal(got[1], x[1, :, 4:8, 0:4].flip(-2))
@@ -66,8 +76,9 @@ def test_crops_start_on_the_8_pixel_grid_and_tiles_cover_the_centre():
 
 
 def test_feature_switches_for_pixels():
-    cfg = load_config(None, ["diffusion.noise=false", "features.dct_map=none", "features.standardize=false",
-                             "diffusion.timesteps=0"])
+    cfg = load_config(
+        None, ["diffusion.noise=false", "features.dct_map=none", "features.standardize=false", "diffusion.timesteps=0"]
+    )
     build = FeatureBuilder(cfg, torch.device("cpu"))
     m = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     f = build(m, m, torch.randn(2, 1, 3, 16, 16))
@@ -102,9 +113,10 @@ def test_precise_batchnorm_sees_every_class_of_a_class_sorted_store(tmp_path):
     group = latent_store.create(str(tmp_path / "s.zarr"), n, mean.shape[1:], 64, "float32", {})
     for start, stop in latent_store.chunk_bounds(n, 64):
         rows = np.arange(start, stop)
-        latent_store.write_chunk(group, start, stop, rows, {"mean": mean[rows], "logvar": 0 * mean[rows]},
-                                 np.ones((len(rows), 16), np.uint8))
-    data = LatentRows(str(tmp_path / "s.zarr"), np.arange(n), labels, 2 ** 30)
+        latent_store.write_chunk(
+            group, start, stop, rows, {"mean": mean[rows], "logvar": 0 * mean[rows]}, np.ones((len(rows), 16), np.uint8)
+        )
+    data = LatentRows(str(tmp_path / "s.zarr"), np.arange(n), labels, 2**30)
     cfg = load_config(None, ["diffusion.timesteps=0", "features.dct_map=none", "features.standardize=false"])
     build = FeatureBuilder(cfg, torch.device("cpu"))
     bn = torch.nn.BatchNorm2d(4)
@@ -183,8 +195,14 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
     common = ["train.epochs=2", "model.stem=imagenet"]
     base, _, _ = _train(rws, "k-base", common)
     want = load_file(str(base.run_dir / "model.safetensors"))
-    for sets in (["train.ema_half_life=0"], ["train.label_smoothing=0"], ["model.prototype_init=random"],
-                 ["train.lr_schedule=constant"], ["train.augment=hflip"], ["train.prototype_pull=0.1"]):
+    for sets in (
+        ["train.ema_half_life=0"],
+        ["train.label_smoothing=0"],
+        ["model.prototype_init=random"],
+        ["train.lr_schedule=constant"],
+        ["train.augment=hflip"],
+        ["train.prototype_pull=0.1"],
+    ):
         other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
         assert other.run_dir != base.run_dir, sets  # a training input: its own result
         got = load_file(str(other.run_dir / "model.safetensors"))
@@ -193,7 +211,9 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
     kept, _, _ = _train(rws, "k-select", [*common, "train.select=val_loss"])
     losses = [h["val_loss"] for h in json.loads((kept.run_dir / "history.json").read_text())]
     assert kept.best_epoch == 1 + int(np.argmin(losses))
-    assert json.loads(safe_open(str(kept.run_dir / "model.safetensors"), "pt").metadata()["best_epoch"]) == kept.best_epoch
+    assert (
+        json.loads(safe_open(str(kept.run_dir / "model.safetensors"), "pt").metadata()["best_epoch"]) == kept.best_epoch
+    )
 
 
 def test_crops_train_and_tiles_evaluate_through_the_stage(rws):

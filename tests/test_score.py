@@ -1,5 +1,6 @@
 """Stage three and `attribute` on a tiny trained run: outputs, numbers recomputed from the stores,
 idempotence and staleness, embedding on demand, the dual flag, errors."""
+
 import json
 import re
 import shutil
@@ -31,7 +32,8 @@ def sws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        '[train]\nbatch_size = 16\n')
+        "[train]\nbatch_size = 16\n"
+    )
     ws = Workspace(root)
     for split in ("closed", "closed-pp", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)
@@ -66,8 +68,10 @@ def test_metrics_report_and_figures(sws):
         assert o["cv"]["bandwidth"] == o["bandwidth"]
     assert "dual" not in m["open"]
     # every headline number carries its 95% interval, around it, and the chance level beside it
-    for r, keys in ((m["closed"]["raw"]["head"], ("top1", "balanced_accuracy", "macro_auc")),
-                    (m["open"]["gating_off"], ("auroc", "eer", "fpr_at_95tpr"))):
+    for r, keys in (
+        (m["closed"]["raw"]["head"], ("top1", "balanced_accuracy", "macro_auc")),
+        (m["open"]["gating_off"], ("auroc", "eer", "fpr_at_95tpr")),
+    ):
         for k in keys:
             lo, hi = r["ci"][k]
             assert lo <= r[k] + 1e-9 and r[k] <= hi + 1e-9 and hi - lo > 0, (k, lo, r[k], hi)
@@ -78,7 +82,9 @@ def test_metrics_report_and_figures(sws):
     assert m["closed"]["raw"]["head"]["chance"]["top1"] == pytest.approx(1 / 4)
     assert 0 <= m["closed"]["raw"]["head"]["ece"] <= 1 and m["closed"]["raw"]["head"].get("top5") is None  # 4 classes
     b = m["baselines"]  # beside the model on the same images: chance, forensic pixels, a probe on z0
-    assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(m["closed"]["raw"]["head"]["top1"])
+    assert b["chance"] == pytest.approx(1 / 4) and b["head"]["top1"] == pytest.approx(
+        m["closed"]["raw"]["head"]["top1"]
+    )
     assert 0 <= b["z0_probe_minus_forensic"]["p"] <= 1 and b["forensic_max_side"] == 512
     for key in ("forensic", "z0_probe"):
         lo, hi = b[key]["ci"]["top1"]
@@ -95,10 +101,24 @@ def test_metrics_report_and_figures(sws):
         assert u["ci"][k][0] <= u[k] <= u["ci"][k][1]
     check_decisions(m, e, rows, out)
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "step2", "gating_on", "| chance |", "95% bootstrap interval",
-                    "| forensic pixel baseline |", "| linear probe on z0 |", "Prototypes:",
-                    "## Decisions at 90%", "exchangeable", "| class_temperature |", "| aps_mondrian |",
-                    "| closed test (known generators: false alarms", "| open set (unseen generators: detected)"):
+    for heading in (
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "step2",
+        "gating_on",
+        "| chance |",
+        "95% bootstrap interval",
+        "| forensic pixel baseline |",
+        "| linear probe on z0 |",
+        "Prototypes:",
+        "## Decisions at 90%",
+        "exchangeable",
+        "| class_temperature |",
+        "| aps_mondrian |",
+        "| closed test (known generators: false alarms",
+        "| open set (unseen generators: detected)",
+    ):
         assert heading in report
     robustness = report.split("## Table 2")[1].split("## Table 3")[0]  # every cell with its interval
     assert robustness.count(" [") == 2 * 2 * len(m["closed"]) and "Per-class" in report.split("## Table 2")[0]
@@ -125,8 +145,11 @@ def check_decisions(m, e, rows, out):
     assert c["method"] == "temperature" and c["n_val"] == val.sum() == 32
     assert c["temperature"] == pytest.approx(calib.fit_temperature(e["logits"][val].astype(np.float64), y[val]))
     after = c["variants"]["raw"]
-    assert after["ece"] == pytest.approx(metrics.point(metrics.expected_calibration_error, calib.scaled_posterior(
-        e["logits"][test], c["temperature"]), y[test]))
+    assert after["ece"] == pytest.approx(
+        metrics.point(
+            metrics.expected_calibration_error, calib.scaled_posterior(e["logits"][test], c["temperature"]), y[test]
+        )
+    )
     # ECE is biased up in resamples, so its percentile interval may sit just above the estimate
     assert 0 <= after["ci"]["ece"][0] < after["ci"]["ece"][1] and set(c["variants"]) == set(m["closed"])
     assert c["methods"]["temperature"]["val_nll"] <= c["methods"]["none"]["val_nll"] + 1e-9  # what it minimises
@@ -194,8 +217,18 @@ def test_decision_settings_change_the_sets_and_the_calibration(sws):
     """score.conformal, score.mondrian, score.calibration and score.alpha reach the numbers: APS with one
     threshold per class at 80%, one temperature per class; with 8 validation images per class Mondrian
     is finite at 80% (it needs 4) and the report says nothing is infinite; at 90% (needs 9) it would be."""
-    r = score(sws, "--json", "--set", "score.conformal=aps", "--set", "score.mondrian=true", "--set",
-              "score.calibration=class_temperature", "--set", "score.alpha=0.2")
+    r = score(
+        sws,
+        "--json",
+        "--set",
+        "score.conformal=aps",
+        "--set",
+        "score.mondrian=true",
+        "--set",
+        "score.calibration=class_temperature",
+        "--set",
+        "score.alpha=0.2",
+    )
     m = json.loads(r.stdout)
     s, c = m["conformal"], m["calibration"]
     assert (s["score"], s["mondrian"], s["level"]) == ("aps", True, 0.8) and len(set(s["thresholds"])) == 4
@@ -232,7 +265,7 @@ def test_attribute_matches_the_stored_embeddings(sws):
         top = res[k]["top"][0]
         assert top["generator"] == classes[int(e["pi"][i].argmax())]  # a global temperature keeps the ranking
         assert res[k]["uncalibrated_posterior"][top["generator"]] == pytest.approx(float(e["pi"][i].max()), abs=1e-4)
-        calibrated = calib.scaled_posterior(e["logits"][i:i + 1], t)[0]  # the calibrated posterior of score
+        calibrated = calib.scaled_posterior(e["logits"][i : i + 1], t)[0]  # the calibrated posterior of score
         assert [res[k]["posterior"][g] for g in classes] == pytest.approx(calibrated.tolist(), abs=1e-4)
         assert top["probability"] == pytest.approx(float(calibrated.max()), abs=1e-4)
         assert res[k]["prediction_set"] == [g for g, p in zip(classes, e["pi"][i]) if 1 - p <= q + 1e-6]
@@ -265,15 +298,30 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert card.startswith("---\n") and "\nlibrary_name: leakpipe\n" in card and "model-index:" in card
     assert "Random-weight VAE" in card and "\nsdk: gradio\n" in card and "\napp_file: app.py\n" in card  # a Space too
     assert {p.name for p in (tmp_path / "att").iterdir()} == {
-        "model.safetensors", "reference.safetensors", "gallery.safetensors", "config.json", "metrics.json",
-        "calibration.safetensors", "attributor.json", "README.md", "app.py", "requirements.txt"}
-    for row in ("| ECE of the posterior, temperature |", "| prediction-set coverage (lac, guaranteed >= 90%) |",
-                "| unseen flag at p <= 0.1: false alarms on known generators |", "a prediction set at 90%"):
+        "model.safetensors",
+        "reference.safetensors",
+        "gallery.safetensors",
+        "config.json",
+        "metrics.json",
+        "calibration.safetensors",
+        "attributor.json",
+        "README.md",
+        "app.py",
+        "requirements.txt",
+    }
+    for row in (
+        "| ECE of the posterior, temperature |",
+        "| prediction-set coverage (lac, guaranteed >= 90%) |",
+        "| unseen flag at p <= 0.1: false alarms on known generators |",
+        "a prediction set at 90%",
+    ):
         assert row in card, row
     record = json.loads((tmp_path / "att" / "attributor.json").read_text())
     assert record["format"] == "leakpipe-attributor-3" and "calibration.safetensors" in record["files"]
-    assert record["decisions"]["conformal"]["thresholds"] == json.loads(
-        (tmp_path / "att" / "metrics.json").read_text())["conformal"]["thresholds"]
+    assert (
+        record["decisions"]["conformal"]["thresholds"]
+        == json.loads((tmp_path / "att" / "metrics.json").read_text())["conformal"]["thresholds"]
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)
@@ -283,8 +331,19 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert out.exit_code == 0, out.output
     outside = json.loads(out.stdout)
     for a, b in zip(inside, outside):
-        for key in ("top", "mahalanobis", "kde_log_density", "unseen_threshold", "unseen_generator", "explanation",
-                    "result", "prediction_set", "posterior", "unseen_p_value", "calibration"):
+        for key in (
+            "top",
+            "mahalanobis",
+            "kde_log_density",
+            "unseen_threshold",
+            "unseen_generator",
+            "explanation",
+            "result",
+            "prediction_set",
+            "posterior",
+            "unseen_p_value",
+            "calibration",
+        ):
             assert a[key] == b[key], key
     other = tmp_path / "other-vae"
     save_random_vae(other, TINY_BLOCKS, seed=5)
@@ -312,7 +371,8 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert r["prediction_set"] is None and r["unseen_p_value"] is None
     assert r["unseen_generator"] == (r["kde_log_density"] < r["unseen_threshold"])
     assert r["calibration"]["method"] == "none" and r["top"][0]["probability"] == pytest.approx(
-        inside[0]["uncalibrated_posterior"][r["top"][0]["generator"]], abs=1e-6)
+        inside[0]["uncalibrated_posterior"][r["top"][0]["generator"]], abs=1e-6
+    )
 
 
 def test_attribute_and_score_errors(sws, tmp_path):
@@ -348,8 +408,23 @@ def test_post_processed_steps_from_several_manifests(sws):
 def test_post_processed_copies_of_training_images_are_left_out(sws):
     """A post-processed manifest of every closed row (train and val included): its copies of images the
     model was fitted or selected on are counted and left out; only copies of test images are scored."""
-    assert cli(sws, "postprocess", "--split", "closed", "--partition", "all", "--steps", "1", "--name",
-               "closed-all", "--workers", "1").exit_code == 0
+    assert (
+        cli(
+            sws,
+            "postprocess",
+            "--split",
+            "closed",
+            "--partition",
+            "all",
+            "--steps",
+            "1",
+            "--name",
+            "closed-all",
+            "--workers",
+            "1",
+        ).exit_code
+        == 0
+    )
     assert cli(sws, "encode", "--split", "closed-all").exit_code == 0
     m = json.loads(score(sws, "--json", "--set", "score.postprocessed=closed-all").stdout)
     rows = read_manifest(sws / "manifests" / "closed.csv").rows
@@ -366,11 +441,17 @@ def test_same_group_or_content_counts_as_seen():
 
     def split(name, paths, groups, contents):
         n = len(paths)
-        ids = {"path": np.array(paths, object), "group": np.array(groups, object),
-               "source": np.array([""] * n, object), "content": np.array(contents, object)}
+        ids = {
+            "path": np.array(paths, object),
+            "group": np.array(groups, object),
+            "source": np.array([""] * n, object),
+            "content": np.array(contents, object),
+        }
         return Split(name, {}, np.array(["a"] * n), np.array(["train"] * n), np.array(["raw"] * n), 0, ids)
 
-    seen = seen_in_training(split("closed", ["x.png", "y.png"], ["p1", "p2"], ["h1", "h2"]), split("closed", [], [], []))
+    seen = seen_in_training(
+        split("closed", ["x.png", "y.png"], ["p1", "p2"], ["h1", "h2"]), split("closed", [], [], [])
+    )
     mask, how = leaked(split("open", ["a.png", "b.png", "c.png"], ["p1", "p9", "p8"], ["h7", "h2", "h3"]), seen)
     assert mask.tolist() == [True, True, False] and how["group"] == 1 and how["content"] == 1
 
@@ -383,7 +464,9 @@ def test_dual_separates_identically_distributed_sets():
     from leakpipe.pipeline.report.evaluate import dual_scores
 
     def open_set(closed, opened):
-        return {"auroc": point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])}
+        return {
+            "auroc": point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
+        }
 
     rng = np.random.default_rng(0)
     h = rng.normal(0, 1, (600, 16))
@@ -406,8 +489,13 @@ def test_seeds_train_one_run_each_and_report_mean_sd_and_pooled_interval(sws):
     assert "multi: 2 seeds (multi-seed0, multi-seed1)" in s.output and "mean +- sd across seeds" in s.output
     c = cli(sws, "compare", "default", "multi", *SETS)
     assert c.exit_code == 0 and "| multi-seed1 |" in c.output and "pooled 95% interval" in c.output
-    for column in ("| ECE before / after calibration |", "| set coverage (1 - alpha) |", "| mean set size (1 - alpha) |",
-                   "| worst post-proc. set coverage |", "| unseen flag: false alarms (p <= alpha) |"):
+    for column in (
+        "| ECE before / after calibration |",
+        "| set coverage (1 - alpha) |",
+        "| mean set size (1 - alpha) |",
+        "| worst post-proc. set coverage |",
+        "| unseen flag: false alarms (p <= alpha) |",
+    ):
         assert column in c.output, column
     row = next(line for line in c.output.splitlines() if line.startswith("| default |"))
     m = json.loads((train.run_dir(Workspace(sws), "default") / "metrics.json").read_text())

@@ -2,6 +2,7 @@
 in for object storage (no rename, one atomic PUT per object), `file://` for the local URL form. The
 same bytes as a local store, the same idempotence, relayouts that survive a crash, verify and gc,
 dask worker processes; training from a URL store is in test_train."""
+
 import uuid
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def arrays(location):
 
 
 def lock_of(ws_path, result) -> dict:
-    fp12 = Path(result.store).name[:-len(".zarr")]
+    fp12 = Path(result.store).name[: -len(".zarr")]
     return ledger.read_lock(Workspace(ws_path).store_lock("closed", fp12))
 
 
@@ -87,6 +88,7 @@ def test_relayout_on_object_storage_survives_a_crash_mid_copy(ws, url, monkeypat
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-copy")
         return real_copy(self, *a, **k)
+
     monkeypatch.setattr(type(fs), "copy", killed_on_second_copy)
     with pytest.raises(KeyboardInterrupt):
         run(ws, f"store.url={url}")
@@ -111,6 +113,7 @@ def test_relayout_killed_before_it_completes_leaves_the_old_store(ws, url, monke
         if location.endswith(".relayout.done"):
             raise KeyboardInterrupt("killed before the new layout was marked complete")
         return real_open(location, mode)
+
     monkeypatch.setattr(storage, "open_file", killed_before_marker)
     with pytest.raises(KeyboardInterrupt):
         run(ws, f"store.url={url}")
@@ -128,6 +131,7 @@ def test_local_relayout_killed_between_delete_and_rename_is_finished(ws, monkeyp
 
     def killed(src, dst):
         raise KeyboardInterrupt("killed after the old store was deleted, before the rename")
+
     monkeypatch.setattr(storage, "move", killed)
     with pytest.raises(KeyboardInterrupt):
         run(ws)
@@ -219,8 +223,12 @@ def s3(monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir("leakpipe")
@@ -234,8 +242,18 @@ def test_s3_store_with_worker_processes_and_a_relayout(ws, s3):
     """Two dask worker processes write an S3 store; reordering the manifest then relays it out with
     server-side copies (no rename on S3), and every row keeps its bytes."""
     want = arrays(run(ws, "encode.torch_threads=1").store)
-    r = cli(ws, "encode", "--split", "closed", "--workers", "2", "--set", f"store.url={s3}",
-            "--set", "encode.torch_threads=1")
+    r = cli(
+        ws,
+        "encode",
+        "--split",
+        "closed",
+        "--workers",
+        "2",
+        "--set",
+        f"store.url={s3}",
+        "--set",
+        "encode.torch_threads=1",
+    )
     assert r.exit_code == 0, r.output
     assert "2 workers" in r.output and f"-> {s3}/closed/" in r.output
     store = r.output.strip().rsplit("-> ", 1)[1]

@@ -1,6 +1,7 @@
 """Every profile and every `sweep --list` entry trains for one epoch and scores, through the CLI, on a
 tiny workspace; an entry whose encoder cannot be had offline is reported as not run, with its reason,
 and the sweep goes on (and exits 0)."""
+
 import pytest
 
 from leakpipe.pipeline.ledger import runs
@@ -9,8 +10,16 @@ from leakpipe.workflows.sweep import ABLATIONS
 from tests.conftest import cli, synth_workspace
 
 # one epoch, tiny widths, the cheap parts of scoring: what is tested is that each entry runs end to end
-TINY = ["train.epochs=1", "model.embed_dim=8", "model.prototypes_per_class=1", "train.batch_size=16",
-        "score.bootstrap=20", "score.kde_folds=2", "score.postprocessed=", "score.baselines=false"]
+TINY = [
+    "train.epochs=1",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=1",
+    "train.batch_size=16",
+    "score.bootstrap=20",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+    "score.baselines=false",
+]
 HEAVY = ("resnet50", "resnet101")  # the ResNet family runs in the default suite as every other entry
 
 

@@ -1,4 +1,5 @@
 """The synthetic benchmark and post-processing: shape, determinism, replayable ops, calibration."""
+
 import hashlib
 from collections import Counter
 
@@ -14,13 +15,17 @@ from tests.conftest import cli
 
 
 def tree_hashes(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def make(ws, out, *extra):
-    r = cli(ws, "synth", "--out", str(out), "--closed", "3", "--open", "2", "--per-generator", "10",
-            "--size", "48", *extra)
+    r = cli(
+        ws, "synth", "--out", str(out), "--closed", "3", "--open", "2", "--per-generator", "10", "--size", "48", *extra
+    )
     assert r.exit_code == 0, r.output
     return r
 
@@ -47,8 +52,9 @@ def test_same_arguments_give_identical_bytes_and_seed_changes_them(tmp_path):
     assert a == b and len(a) == 30 + 27 + 20
     raw = {k for k in a if not k.startswith("closed-pp/")}
     assert raw <= set(c) and all(a[k] != c[k] for k in set(a) & set(c))  # the split moves too
-    assert (tmp_path / "w1/manifests/closed-pp.csv").read_text().split("\n", 2)[2] == \
-        (tmp_path / "w2/manifests/closed-pp.csv").read_text().split("\n", 2)[2]
+    assert (tmp_path / "w1/manifests/closed-pp.csv").read_text().split("\n", 2)[2] == (
+        tmp_path / "w2/manifests/closed-pp.csv"
+    ).read_text().split("\n", 2)[2]
 
 
 def test_content_is_shared_and_fingerprints_differ():
@@ -91,11 +97,29 @@ def test_pixel_baseline_is_calibrated(tmp_path):
     raw test top-1 0.689, step1 0.494, step3 0.456. The bounds leave 0.16-0.34 of margin on each
     side for other platforms' resampling and solver rounding; at 180 test images a binomial
     standard error is about 0.035."""
-    r = cli(tmp_path, "synth", "--out", str(tmp_path / "d"), "--closed", "10", "--open", "0",
-            "--per-generator", "60", "--size", "64", "--steps", "3")
+    r = cli(
+        tmp_path,
+        "synth",
+        "--out",
+        str(tmp_path / "d"),
+        "--closed",
+        "10",
+        "--open",
+        "0",
+        "--per-generator",
+        "60",
+        "--size",
+        "64",
+        "--steps",
+        "3",
+    )
     assert r.exit_code == 0, r.output
-    acc = train_test_accuracy(mf.read_manifest(tmp_path / "manifests" / "closed.csv"),
-                              {"closed": mf.read_manifest(tmp_path / "manifests" / "closed.csv"),
-                               "pp": mf.read_manifest(tmp_path / "manifests" / "closed-pp.csv")})
+    acc = train_test_accuracy(
+        mf.read_manifest(tmp_path / "manifests" / "closed.csv"),
+        {
+            "closed": mf.read_manifest(tmp_path / "manifests" / "closed.csv"),
+            "pp": mf.read_manifest(tmp_path / "manifests" / "closed-pp.csv"),
+        },
+    )
     assert 0.35 <= acc["closed:raw"] <= 0.85, acc
     assert acc["pp:step3"] < acc["closed:raw"], acc  # post-processing hides the fingerprint

@@ -1,5 +1,6 @@
 """Stage two on a tiny VAE and a small synthetic benchmark: learning, idempotence, determinism,
 streaming, embeddings and resume after SIGKILL."""
+
 import json
 import shutil
 from pathlib import Path
@@ -30,7 +31,8 @@ def tws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        '[train]\nbatch_size = 16\npatience = 10\n')
+        "[train]\nbatch_size = 16\npatience = 10\n"
+    )
     ws = Workspace(root)
     for split in ("closed", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)
@@ -119,12 +121,15 @@ def test_resume_after_sigkill_matches_uninterrupted(tws):
     want = weights(tws, "whole")
     shutil.rmtree(whole.run_dir)  # the same config must now train again, and be killed on the way
     ckpt = whole.run_dir / "checkpoint" / "checkpoint.safetensors"
-    kill_midway("leakpipe.pipeline.store.checkpoint.save_checkpoint", 1.0,
-                f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import graph, train\n"
-                f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same
-                f"ws = Workspace({str(tws)!r})\n"
-                f"train.run(graph(ws, ws.config(None, {sets!r})), 'cut', log=print)",
-                ready=lambda: checkpoint_epoch(ckpt) == 2)
+    kill_midway(
+        "leakpipe.pipeline.store.checkpoint.save_checkpoint",
+        1.0,
+        f"from leakpipe.pipeline.workspace import Workspace\nfrom leakpipe.stages import graph, train\n"
+        f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"  # bitwise needs the same
+        f"ws = Workspace({str(tws)!r})\n"
+        f"train.run(graph(ws, ws.config(None, {sets!r})), 'cut', log=print)",
+        ready=lambda: checkpoint_epoch(ckpt) == 2,
+    )
     assert not (whole.run_dir / "model.safetensors").exists()
     v = graph(Workspace(tws), Workspace(tws).config(None, sets)).plan("train", "cut").check()
     assert not v.up_to_date and any("resumes from" in r for r in v.reasons)
@@ -137,6 +142,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tws):
 
 def test_training_needs_an_encoded_cache(tmp_path, tiny_vae):
     from tests.conftest import write_images, TOML
+
     write_images(tmp_path / "data")
     (tmp_path / "leakpipe.toml").write_text(TOML.format(vae=tiny_vae))
     cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "closed")

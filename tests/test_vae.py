@@ -30,6 +30,7 @@ def test_folder_and_single_file_give_the_same_model(tiny_vae, tmp_path):
 
 def test_pipeline_folder_with_vae_subfolder(tiny_vae, tmp_path):
     import shutil
+
     shutil.copytree(tiny_vae, tmp_path / "pipe" / "vae")
     assert resolve(VaeConfig(source=str(tmp_path / "pipe"))).location == tmp_path / "pipe" / "vae"
 
@@ -83,14 +84,12 @@ def test_fingerprint_tracks_weights_config_and_preprocessing(tiny_vae, tmp_path)
 
 
 def test_full_sd21_architecture_gives_4x32x32(tmp_path):
-    folder = save_random_vae(tmp_path / "sd21", (128, 256, 512, 512), norm_num_groups=32,
-                             layers_per_block=2)
+    folder = save_random_vae(tmp_path / "sd21", (128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
     cfg = json.loads((folder / "config.json").read_text())
     packaged = json.loads((resolve(VaeConfig(source=str(folder))).config_path).read_text())
     assert cfg["block_out_channels"] == [128, 256, 512, 512] == packaged["block_out_channels"]
     vae = load_vae(resolve(VaeConfig(source=str(folder))))
-    n_encoder = sum(p.numel() for p in vae.encoder.parameters()) + \
-        sum(p.numel() for p in vae.quant_conv.parameters())
+    n_encoder = sum(p.numel() for p in vae.encoder.parameters()) + sum(p.numel() for p in vae.quant_conv.parameters())
     assert 34_000_000 < n_encoder < 35_000_000  # SD2.1's encoder has 34.2 M parameters
     post = vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist
     assert post.mean.shape == (1, 4, 32, 32) and post.logvar.shape == (1, 4, 32, 32)

@@ -10,6 +10,7 @@ gradio is imported only when a page is built, so the rest of leakpipe starts fas
 it. `leakpipe export` writes `app.py` and `requirements.txt` (`space_files`) into the folder, so
 that the folder runs as a Hugging Face Space unchanged.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,10 +57,12 @@ def space_files() -> dict[str, str]:
         pin = f"=={version('leakpipe')}"
     except PackageNotFoundError:  # pragma: no cover - run from a source tree that is not installed
         pin = ""
-    return {"app.py": SPACE_APP,
-            "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
-                                "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
-                                f"leakpipe[app]{pin}\n"}
+    return {
+        "app.py": SPACE_APP,
+        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
+        "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
+        f"leakpipe[app]{pin}\n",
+    }
 
 
 def _gradio():
@@ -78,6 +81,7 @@ def _stderr(msg: str) -> None:
 @dataclass
 class Page:
     """What the page serves: a loaded attributor and the settings `attribute` takes."""
+
     att: object
     ws_cfg: object
     label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
@@ -107,29 +111,49 @@ def _md(text) -> str:
 def _result_markdown(r: dict) -> str:
     e = r["explanation"]
     if r.get("unseen_p_value") is None:  # an attributor exported before p-values
-        verdict = (f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
-                   f"{r['unseen_threshold']:.2f}" if r["unseen_generator"] else
-                   f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}")
+        verdict = (
+            f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
+            f"{r['unseen_threshold']:.2f}"
+            if r["unseen_generator"]
+            else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"
+        )
     else:
-        verdict = (f"**{'UNSEEN GENERATOR' if r['unseen_generator'] else 'known generator'}**: p = "
-                   f"{r['unseen_p_value']:.3f} {'<=' if r['unseen_generator'] else '>'} {r['unseen_alpha']:g} (KDE "
-                   f"log-density {r['kde_log_density']:.2f} against {r['unseen_n_val']} closed validation images)")
+        verdict = (
+            f"**{'UNSEEN GENERATOR' if r['unseen_generator'] else 'known generator'}**: p = "
+            f"{r['unseen_p_value']:.3f} {'<=' if r['unseen_generator'] else '>'} {r['unseen_alpha']:g} (KDE "
+            f"log-density {r['kde_log_density']:.2f} against {r['unseen_n_val']} closed validation images)"
+        )
     method = r.get("calibration", {}).get("method", "none").replace("_", " ")
     lines = [f"### {_md(r['image'])}", ""]
     if r.get("prediction_set") is not None:
         from leakpipe.stages.attribute import set_text
 
-        lines += [f"**Prediction set**: {_md(set_text(r))} (it holds the true generator of "
-                  f"{r['prediction_set_level']:.0%} of known generators' images like the validation images)", ""]
-    lines += [f"| generator | probability ({_md(method)}) |", "|---|---:|",
-              *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]], ""]
-    lines += [f"Unseen-generator verdict: {verdict}.", "",
-              f"Mahalanobis: {_md(r['mahalanobis']['generator'])} (score {r['mahalanobis']['score']:.2f}).", ""]
+        lines += [
+            f"**Prediction set**: {_md(set_text(r))} (it holds the true generator of "
+            f"{r['prediction_set_level']:.0%} of known generators' images like the validation images)",
+            "",
+        ]
+    lines += [
+        f"| generator | probability ({_md(method)}) |",
+        "|---|---:|",
+        *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]],
+        "",
+    ]
+    lines += [
+        f"Unseen-generator verdict: {verdict}.",
+        "",
+        f"Mahalanobis: {_md(r['mahalanobis']['generator'])} (score {r['mahalanobis']['score']:.2f}).",
+        "",
+    ]
     p = e.get("winning_prototype")
     if p:
-        lines += [f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
-                  f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
-                  + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"]) + ".", ""]
+        lines += [
+            f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
+            f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
+            + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"])
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -137,12 +161,16 @@ def _decisions_markdown(att) -> str:
     """What the page decides for each image, and the level it is guaranteed at."""
     d = att.decisions
     if d is None:  # exported before the decisions
-        return (f"An image whose KDE log-density falls below the calibrated threshold "
-                f"({att.threshold['log_density_threshold']:.2f}) is flagged as made by an unseen generator.")
-    return (f"Probabilities are calibrated ({_md(d['calibration']['method'].replace('_', ' '))}); each image gets a "
-            f"prediction set at {d['conformal']['level']:.0%} and is flagged as made by an unseen generator when its "
-            f"p-value is at most {d['alpha']:g}. Both guarantees hold for images like the validation images of the "
-            "known generators, not for post-processed ones.")
+        return (
+            f"An image whose KDE log-density falls below the calibrated threshold "
+            f"({att.threshold['log_density_threshold']:.2f}) is flagged as made by an unseen generator."
+        )
+    return (
+        f"Probabilities are calibrated ({_md(d['calibration']['method'].replace('_', ' '))}); each image gets a "
+        f"prediction set at {d['conformal']['level']:.0%} and is flagged as made by an unseen generator when its "
+        f"p-value is at most {d['alpha']:g}. Both guarantees hold for images like the validation images of the "
+        "known generators, not for post-processed ones."
+    )
 
 
 def analyse(page: Page, files) -> tuple:
@@ -162,7 +190,7 @@ def analyse(page: Page, files) -> tuple:
             good.append(p)
         except (BadImage, OSError) as exc:
             bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")
-    problems = ("\n".join(f"- {_md(b)}" for b in bad))
+    problems = "\n".join(f"- {_md(b)}" for b in bad)
     if not good:
         return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
     try:
@@ -171,8 +199,11 @@ def analyse(page: Page, files) -> tuple:
         return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
     except Exception as exc:  # the server keeps serving; the details go to its log, not the page
         traceback.print_exc()
-        return (f"**Something went wrong on the server** ({_md(type(exc).__name__)}: {_md(exc)}); the page "
-                "keeps working, and the server's log has the details.", *empty)
+        return (
+            f"**Something went wrong on the server** ({_md(type(exc).__name__)}: {_md(exc)}); the page "
+            "keeps working, and the server's log has the details.",
+            *empty,
+        )
     for r, p in zip(results, good):
         r["image"] = Path(p).name  # the upload's own name, not the server's temporary path
         r["code_differs"] = page.code_differs
@@ -181,10 +212,19 @@ def analyse(page: Page, files) -> tuple:
         status += f" Not attributed:\n\n{problems}"
     timesteps = results[0]["timesteps"]
     a_t = [[r["image"], *[round(a, 4) for a in r["explanation"]["a_t"]]] for r in results]
-    gated = [[r["image"], f["dim"], round(f["w"], 4), round(f["h_bar"], 4)]
-             for r in results for f in r["explanation"]["top_gated_features"]]
-    return (status, "\n\n".join(_result_markdown(r) for r in results), _table(["image", *[f"t={t}" for t in timesteps]], a_t),
-            _table(["image", "feature", "w", "h_bar"], gated), _thumbnails(page, results), results)
+    gated = [
+        [r["image"], f["dim"], round(f["w"], 4), round(f["h_bar"], 4)]
+        for r in results
+        for f in r["explanation"]["top_gated_features"]
+    ]
+    return (
+        status,
+        "\n\n".join(_result_markdown(r) for r in results),
+        _table(["image", *[f"t={t}" for t in timesteps]], a_t),
+        _table(["image", "feature", "w", "h_bar"], gated),
+        _thumbnails(page, results),
+        results,
+    )
 
 
 def _table(headers: list[str], rows: list[list]) -> dict:
@@ -202,8 +242,12 @@ def _thumbnails(page: Page, results: list[dict]) -> list:
             continue
         c, m = page.att.classes.index(p["generator"]), p["index"]
         for j in range(int(page.gallery["count"][c, m])):
-            out.append((page.gallery["thumbnails"][c, m, j],
-                        f"{r['image']}: {p['generator']} prototype #{m}, nearest training image {j + 1}"))
+            out.append(
+                (
+                    page.gallery["thumbnails"][c, m, j],
+                    f"{r['image']}: {p['generator']} prototype #{m}, nearest training image {j + 1}",
+                )
+            )
     return out
 
 
@@ -214,17 +258,24 @@ def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=
     att = page.att
     log("app: building the page")
     with gr.Blocks(title=f"leakpipe: {att.result[:12]}", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
-                    f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
-                    f"training ({att.cfg.preprocess.size} px). " + _decisions_markdown(att))
+        gr.Markdown(
+            f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
+            f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
+            f"training ({att.cfg.preprocess.size} px). " + _decisions_markdown(att)
+        )
         files = gr.File(file_count="multiple", type="filepath", label="Images (drop one or more)", elem_id="images")
         go = gr.Button("Attribute", variant="primary", elem_id="attribute")
         status = gr.Markdown(elem_id="status")
         results = gr.Markdown(elem_id="results")
         a_t = gr.Dataframe(label="a_t: temporal attention per timestep", elem_id="a_t", interactive=False)
         gated = gr.Dataframe(label="top gated features (largest w)", elem_id="gated", interactive=False)
-        near = gr.Gallery(label="winning prototype: the training images it wins, nearest first", columns=6,
-                          format="png", height="auto", elem_id="gallery")  # lossless: no webp artefacts
+        near = gr.Gallery(
+            label="winning prototype: the training images it wins, nearest first",
+            columns=6,
+            format="png",
+            height="auto",
+            elem_id="gallery",
+        )  # lossless: no webp artefacts
         raw = gr.JSON(label="all numbers (as `leakpipe attribute --json`)", elem_id="json")
         outputs = [status, results, a_t, gated, near, raw]
         go.click(lambda f: analyse(page, f), files, outputs, api_name="attribute")
@@ -236,8 +287,16 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool 
     """Serve `demo` on host:port (loopback unless told otherwise); returns the page's address. With
     `block`, serves until Ctrl+C."""
     try:
-        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                                share=False, ssr_mode=False, max_file_size=MAX_FILE_SIZE, show_error=False)
+        _, url, _ = demo.launch(
+            server_name=host,
+            server_port=port,
+            prevent_thread_lock=True,
+            quiet=True,
+            share=False,
+            ssr_mode=False,
+            max_file_size=MAX_FILE_SIZE,
+            show_error=False,
+        )
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port} ({exc}); choose another --port") from None
     if block:
@@ -245,8 +304,17 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool 
     return url
 
 
-def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, ws_cfg=None,
-          top: int = 3, log=_stderr, echo=print, block: bool = True):
+def serve(
+    model: str,
+    vae: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    ws_cfg=None,
+    top: int = 3,
+    log=_stderr,
+    echo=print,
+    block: bool = True,
+):
     """`leakpipe app`: load, build, serve, and say in one line what is served where. Returns the Blocks
     (close it with .close()) and the address."""
     log("app: loading gradio")
@@ -256,9 +324,10 @@ def serve(model: str, vae: str | None = None, host: str = "127.0.0.1", port: int
     log(f"app: starting the web server on {host}:{port}")
     url = launch(demo, host, port, block=False)
     att = page.att
-    echo(f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
-         f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}"
-         + (" (Ctrl+C stops)" if block else ""))
+    echo(
+        f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
+        f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}" + (" (Ctrl+C stops)" if block else "")
+    )
     if block:
         demo.block_thread()
     return demo, url

@@ -1,5 +1,6 @@
 """`leakpipe compare`: one row per scored run, with 95% intervals in every cell, and each run against
 the first on the same test images (paired bootstrap differences)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def _differences(cfgs: dict[str, dict]) -> dict[str, str]:
     """Per run, the training settings in which it differs from the first run (the baseline)."""
     base = next(iter(cfgs.values()))
     keys = sorted({f"{s}.{k}" for c in cfgs.values() for s in TRAIN_SECTIONS for k in c.get(s, {})})
-    return {run: ", ".join(f"{k}={json.dumps(_get(c, k))}" for k in keys if _get(c, k) != _get(base, k))
-            for run, c in cfgs.items()}
+    return {
+        run: ", ".join(f"{k}={json.dumps(_get(c, k))}" for k in keys if _get(c, k) != _get(base, k))
+        for run, c in cfgs.items()
+    }
 
 
 def _get(cfg: dict, key: str):
@@ -38,8 +41,12 @@ UNSEEN_COLUMNS = registry.headline(registry.UNSEEN)
 ECE = next(m for m in registry.CLOSED if m.key == "ece")
 
 
-DECISION_HEADERS = ([f"{ECE.label} before / after calibration"] + [f"{x.label} (1 - alpha)" for x in SET_COLUMNS]
-                    + [f"worst post-proc. {SET_COLUMNS[0].label}"] + [f"{x.label} (p <= alpha)" for x in UNSEEN_COLUMNS])
+DECISION_HEADERS = (
+    [f"{ECE.label} before / after calibration"]
+    + [f"{x.label} (1 - alpha)" for x in SET_COLUMNS]
+    + [f"worst post-proc. {SET_COLUMNS[0].label}"]
+    + [f"{x.label} (p <= alpha)" for x in UNSEEN_COLUMNS]
+)
 
 
 def decision_cells(m: dict) -> list[str]:
@@ -50,9 +57,12 @@ def decision_cells(m: dict) -> list[str]:
     raw = s.get("variants", {}).get("raw", {})
     pp = [v[SET_COLUMNS[0].key] for k, v in s.get("variants", {}).items() if k != "raw"]
     after = c.get("variants", {}).get("raw")
-    return ([f"{with_ci(m['closed']['raw']['head'], ECE.key)} / {with_ci(after, ECE.key) if after else 'n/a'}"]
-            + [with_ci(raw, x.key) if x.key in raw else "n/a" for x in SET_COLUMNS] + [_f(min(pp)) if pp else "n/a"]
-            + [with_ci(u, x.key) if x.key in u else "n/a" for x in UNSEEN_COLUMNS])
+    return (
+        [f"{with_ci(m['closed']['raw']['head'], ECE.key)} / {with_ci(after, ECE.key) if after else 'n/a'}"]
+        + [with_ci(raw, x.key) if x.key in raw else "n/a" for x in SET_COLUMNS]
+        + [_f(min(pp)) if pp else "n/a"]
+        + [with_ci(u, x.key) if x.key in u else "n/a" for x in UNSEEN_COLUMNS]
+    )
 
 
 def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
@@ -69,16 +79,25 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
     scored = {r: json.loads((out / "metrics.json").read_text()) for r, out in results.items()}
     diffs = _differences({r: json.loads((out / "config.json").read_text()) for r, out in results.items()})
     first = CLOSED_COLUMNS[0]
-    head = ([m.label for m in CLOSED_COLUMNS] + [f"Mahalanobis {first.label}", f"worst post-proc. {first.label}"]
-            + [f"open {m.label} (gating off / on)" for m in OPEN_COLUMNS] + DECISION_HEADERS)
+    head = (
+        [m.label for m in CLOSED_COLUMNS]
+        + [f"Mahalanobis {first.label}", f"worst post-proc. {first.label}"]
+        + [f"open {m.label} (gating off / on)" for m in OPEN_COLUMNS]
+        + DECISION_HEADERS
+    )
     lines = ["| run | result | differs in | " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(head)]
     for r in names:
         raw, o = scored[r]["closed"]["raw"], scored[r].get("open", {})
         pp = [v["head"][first.key] for k, v in scored[r]["closed"].items() if k != "raw"]
-        cells = ([with_ci(raw["head"], m.key) for m in CLOSED_COLUMNS] + [_f(raw["mahalanobis"][first.key]),
-                 _f(min(pp)) if pp else "n/a"] + [f"{with_ci(o.get('gating_off', {}), m.key)} / "
-                                                   f"{with_ci(o.get('gating_on', {}), m.key)}" for m in OPEN_COLUMNS]
-                 + decision_cells(scored[r]))
+        cells = (
+            [with_ci(raw["head"], m.key) for m in CLOSED_COLUMNS]
+            + [_f(raw["mahalanobis"][first.key]), _f(min(pp)) if pp else "n/a"]
+            + [
+                f"{with_ci(o.get('gating_off', {}), m.key)} / {with_ci(o.get('gating_on', {}), m.key)}"
+                for m in OPEN_COLUMNS
+            ]
+            + decision_cells(scored[r])
+        )
         lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | " + " | ".join(cells) + " |")
     if len(names) > 1 and cfg is not None and cfg.score.bootstrap:
         lines += paired_lines(ws, names, results, cfg)
@@ -90,16 +109,28 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
 
 def paired_lines(ws: Workspace, names: list[str], results: dict, cfg: Config) -> list[str]:
     """Each run against the first on the test images both scored: every headline metric's difference."""
-    cols = [*(f"{m.label} difference | p" for m in CLOSED_COLUMNS), *(f"open {m.label} difference | p"
-                                                                     for m in OPEN_COLUMNS)]
-    lines = ["", f"Paired against `{names[0]}` on the same test images ({cfg.score.bootstrap} paired "
-             "bootstrap resamples; p: two-sided; the open set with gating off, closed test vs open):", "",
-             "| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * (2 * len(cols))]
+    cols = [
+        *(f"{m.label} difference | p" for m in CLOSED_COLUMNS),
+        *(f"open {m.label} difference | p" for m in OPEN_COLUMNS),
+    ]
+    lines = [
+        "",
+        f"Paired against `{names[0]}` on the same test images ({cfg.score.bootstrap} paired "
+        "bootstrap resamples; p: two-sided; the open set with gating off, closed test vs open):",
+        "",
+        "| run | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * (2 * len(cols)),
+    ]
     base, base_open = _predictions(ws, results[names[0]], cfg), _open_scores(results[names[0]])
     for r in names[1:]:
-        d = {**paired(_predictions(ws, results[r], cfg), base, cfg), **paired_open(_open_scores(results[r]), base_open, cfg)}
-        cells = [f"{_signed(d[m.key])} | {_f(d[m.key]['p'])}" if d.get(m.key) else "n/a | n/a"
-                 for m in (*CLOSED_COLUMNS, *OPEN_COLUMNS)]
+        d = {
+            **paired(_predictions(ws, results[r], cfg), base, cfg),
+            **paired_open(_open_scores(results[r]), base_open, cfg),
+        }
+        cells = [
+            f"{_signed(d[m.key])} | {_f(d[m.key]['p'])}" if d.get(m.key) else "n/a | n/a"
+            for m in (*CLOSED_COLUMNS, *OPEN_COLUMNS)
+        ]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return lines
 
@@ -113,13 +144,17 @@ def seeds_table(ws: Workspace, group: str, members: list[str], cfg: Config) -> s
     y = np.array([preds[0][r][0] for r in rows])
     samples = [registry.Closed(np.stack([p[r][1] for r in rows]), y, len(preds[0][rows[0]][1]), True) for p in preds]
     rs = bootstrap.Resamples(max(cfg.score.bootstrap, 1), cfg.score.seed)
-    lines = [f"| {group}: {len(members)} seeds ({', '.join(members)}) | mean +- sd across seeds | pooled 95% interval |",
-             "|---|---:|---:|"]
+    lines = [
+        f"| {group}: {len(members)} seeds ({', '.join(members)}) | mean +- sd across seeds | pooled 95% interval |",
+        "|---|---:|---:|",
+    ]
     for m in CLOSED_COLUMNS:
         per_seed = [float(m.fn(s, metrics.unit(len(rows)))[0]) for s in samples]
         pooled = rs.of(lambda w: np.mean([m.fn(s, w) for s in samples], axis=0), len(rows))
         lo, hi = bootstrap.interval(pooled)
-        lines.append(f"| {m.label} | {np.mean(per_seed):.3f} +- {np.std(per_seed, ddof=1):.3f} | [{lo:.3f}, {hi:.3f}] |")
+        lines.append(
+            f"| {m.label} | {np.mean(per_seed):.3f} +- {np.std(per_seed, ddof=1):.3f} | [{lo:.3f}, {hi:.3f}] |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,8 +163,10 @@ def _open_scores(result: Path, setting: str = "gating_off") -> dict | None:
     t = load_checked_scores(result)
     if t is None:
         return None
-    return {**{("closed", int(r)): float(s) for r, s in zip(t["closed_rows"], t[f"{setting}.closed"])},
-            **{("open", int(r)): float(s) for r, s in zip(t["open_rows"], t[f"{setting}.open"])}}
+    return {
+        **{("closed", int(r)): float(s) for r, s in zip(t["closed_rows"], t[f"{setting}.closed"])},
+        **{("open", int(r)): float(s) for r, s in zip(t["open_rows"], t[f"{setting}.open"])},
+    }
 
 
 def _difference(fn, a, b, n: int, cfg: Config) -> dict:
@@ -160,7 +197,9 @@ def _predictions(ws: Workspace, result: Path, cfg: Config) -> dict:
     split, attrs = load_split(ws, result, cfg.score.closed)
     test = split.select(split.partition == "test")
     probs = metrics.softmax(test.arrays["logits"].astype(np.float64))
-    return {int(r): (attrs["classes"].index(lab), probs[k]) for k, (r, lab) in enumerate(zip(test.ids["row"], test.labels))}
+    return {
+        int(r): (attrs["classes"].index(lab), probs[k]) for k, (r, lab) in enumerate(zip(test.ids["row"], test.labels))
+    }
 
 
 def paired(a: dict, b: dict, cfg: Config) -> dict:

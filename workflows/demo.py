@@ -1,4 +1,5 @@
 """`leakpipe demo`: a small synthetic benchmark through every stage, end to end, on a CPU."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,10 @@ DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, diffic
 # difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
 # its latents reaches 0.155 top-1 of 10 at difficulty 1), so the demo's fingerprints are 10x stronger
 DEMO_VAE_BLOCKS = (32, 64, 64, 64)  # SD2.1's layout at a quarter of its width: 1/8 latents, 4 ch
-RANDOM_VAE_NOTE = ("NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
-                   "(no pretrained VAE can be shipped or downloaded here); pass --vae for the real one.")
+RANDOM_VAE_NOTE = (
+    "NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
+    "(no pretrained VAE can be shipped or downloaded here); pass --vae for the real one."
+)
 DEMO_TOML = """# written by `leakpipe demo`
 [vae]
 source = "{vae}"
@@ -34,8 +37,7 @@ batch_size = 32
 """
 
 
-def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15,
-          log=print) -> None:
+def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15, log=print) -> None:
     """Synthetic data, manifests, the demo VAE and leakpipe.toml (each only if missing)."""
     if not ws.manifest("closed").exists():
         start = time.perf_counter()
@@ -55,14 +57,17 @@ def spec_with(**changes) -> SynthSpec:
     return dataclasses.replace(DEMO_SPEC, **{k: v for k, v in changes.items() if v is not None})
 
 
-def run(ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpec = DEMO_SPEC,
-        epochs: int = 15, log=print) -> list[str]:
+def run(
+    ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15, log=print
+) -> list[str]:
     """Every stage (each does nothing if up to date); returns the summary lines."""
     setup(ws, vae_source, spec, epochs, log=log)
     cfg = cfg_loader()
     lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae, ws.root) else []
-    lines.append(f"demo data: {spec.n_closed} known + {spec.n_open} unseen generators x {spec.per_generator} "
-                 f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "
-                 "the strength of `leakpipe synth`'s default 1.0); compare its numbers only with baselines at "
-                 "the same difficulty, such as the ones in its own report")
+    lines.append(
+        f"demo data: {spec.n_closed} known + {spec.n_open} unseen generators x {spec.per_generator} "
+        f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "
+        "the strength of `leakpipe synth`'s default 1.0); compare its numbers only with baselines at "
+        "the same difficulty, such as the ones in its own report"
+    )
     return lines + through_score(graph(ws, cfg), "default", log)

@@ -8,6 +8,7 @@ every file), gallery.safetensors (the report's prototype gallery),
 config.json, metrics.json, a model card README.md, and app.py with requirements.txt (a Hugging Face
 Space that serves `leakpipe app`'s page).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     for name in ("model.safetensors", "config.json", "metrics.json"):
         shutil.copyfile(out / name, dest / name)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
-    save_file({"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)},
-              str(dest / att_lib.CALIBRATION))
+    save_file(
+        {"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)}, str(dest / att_lib.CALIBRATION)
+    )
     files = [*att_lib.FILES, att_lib.CALIBRATION]
     if att.model.prototypes is not None:
         save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
@@ -50,16 +52,27 @@ def export(g: Graph, run: str, dest: Path) -> Path:
     # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
     vae_source = vae_lib.recorded_source(att.cfg.vae.source, ws.root)
     vae_config = vae_lib.recorded_source(att.cfg.vae.config, ws.root) if att.cfg.vae.config else ""
-    record = {"format": att_lib.FORMAT, "classes": att.classes, "run": run, "result": out.name,
-              "encoder": {"vae_source": vae_source, "vae_config_file": vae_config,
-                          "encoder_fingerprint": lat.encoder_fp,
-                          "vae_config": vae_lib.model_config(lat.source), "preprocess": att.cfg.preprocess.__dict__,
-                          "vae_dtype": att.cfg.vae.dtype, "store_dtype": att.cfg.store.dtype,
-                          "random_weights": vae_lib.is_random(att.cfg.vae, ws.root)},
-              "code": code_identity(),
-              "unseen_threshold": att.threshold, "decisions": att.decisions, "score": {"maha_floor": ws_cfg.score.maha_floor,
-                                                           "kde_dtype": ws_cfg.score.kde_dtype},
-              "files": {name: att_lib.hash_file(dest / name) for name in files}}
+    record = {
+        "format": att_lib.FORMAT,
+        "classes": att.classes,
+        "run": run,
+        "result": out.name,
+        "encoder": {
+            "vae_source": vae_source,
+            "vae_config_file": vae_config,
+            "encoder_fingerprint": lat.encoder_fp,
+            "vae_config": vae_lib.model_config(lat.source),
+            "preprocess": att.cfg.preprocess.__dict__,
+            "vae_dtype": att.cfg.vae.dtype,
+            "store_dtype": att.cfg.store.dtype,
+            "random_weights": vae_lib.is_random(att.cfg.vae, ws.root),
+        },
+        "code": code_identity(),
+        "unseen_threshold": att.threshold,
+        "decisions": att.decisions,
+        "score": {"maha_floor": ws_cfg.score.maha_floor, "kde_dtype": ws_cfg.score.kde_dtype},
+        "files": {name: att_lib.hash_file(dest / name) for name in files},
+    }
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))
     (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
     for name, text in space_files().items():  # not checksummed: a Space owner may edit them
@@ -74,8 +87,7 @@ def _gallery(att, manifest) -> dict:
     from leakpipe.pipeline.report.scoring import GALLERY_K
 
     protos = att.model.prototypes.detach().float().cpu().numpy()
-    near = nearest_to_prototypes(att.reference["h_bar"], att.reference["w"], att.reference["labels"], protos,
-                                 GALLERY_K)
+    near = nearest_to_prototypes(att.reference["h_bar"], att.reference["w"], att.reference["labels"], protos, GALLERY_K)
     pictures = prototype_thumbnails(near, lambda i: manifest.abspath(int(att.rows[i])), att.cfg.preprocess)
     thumbs = np.full((*near.shape, THUMB, THUMB, 3), 255, np.uint8)
     count = np.zeros(near.shape[:2], np.int64)

@@ -1,6 +1,7 @@
 """The chain of stages for one run name, the one way the CLI, the sweep and the demo walk it:
 encode what is stale, train, embed, score. Each stage runs through the one runner (ledger/stage.py),
 so each does nothing when it is up to date."""
+
 from __future__ import annotations
 
 from leakpipe.pipeline.ledger.graph import Graph, score_splits
@@ -10,8 +11,11 @@ from leakpipe.stages import embed, encode, score, train
 def encode_stale(g: Graph, log=print) -> list:
     """Encode every split that training and scoring read and whose latents are not up to date."""
     splits = dict.fromkeys([g.cfg.train.split, *(s for _, s in score_splits(g.cfg))])
-    return [encode.run(g, s, log) for s in splits if g.ws.manifest(s).exists()
-            and not g.plan("encode", s).check().up_to_date]
+    return [
+        encode.run(g, s, log)
+        for s in splits
+        if g.ws.manifest(s).exists() and not g.plan("encode", s).check().up_to_date
+    ]
 
 
 def train_and_embed(g: Graph, run: str, log=print) -> train.TrainResult:

@@ -1,4 +1,5 @@
 """What `leakpipe status`, `runs` and `gc` report, from each stage's own plan and `check()`."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def format_entries(items: list[dict]) -> str:
             state = "STALE, restorable without recomputing: " + "; ".join(e["reasons"])
         else:
             state = "STALE: " + "; ".join(e["reasons"])
-        facts = ", ".join(f"{label} {e[k]}" for k, label in (("vae", "VAE"), ("store", "store"), ("result", "result"))
-                          if k in e)
+        facts = ", ".join(
+            f"{label} {e[k]}" for k, label in (("vae", "VAE"), ("store", "store"), ("result", "result")) if k in e
+        )
         lines.append(f"{e['stage']:<6} {e['name']:<{width}}  {state}" + (f"  ({facts})" if facts else ""))
     return "\n".join(lines)
 
@@ -75,8 +77,11 @@ def _headline(result: Path) -> dict:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     raw = m.get("closed", {}).get("raw", {}).get("head", {})
-    return {"top1": raw.get("top1"), "macro_auc": raw.get("macro_auc"),
-            "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc")}
+    return {
+        "top1": raw.get("top1"),
+        "macro_auc": raw.get("macro_auc"),
+        "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc"),
+    }
 
 
 def differs(lock: dict, g: Graph, latents: dict) -> list[str]:
@@ -104,10 +109,15 @@ def run_rows(g: Graph) -> list[dict]:
     rows = []
     for result in runs.results(ws):
         lock = locks.read_lock(result / "train.lock.json")
-        rows.append({"names": named.get(result, []), "result": result.name,
-                     "made": lock.get("written") if lock else None,
-                     "differs": differs(lock, g, current) if lock else ["unfinished or from an older leakpipe"],
-                     **_headline(result)})
+        rows.append(
+            {
+                "names": named.get(result, []),
+                "result": result.name,
+                "made": lock.get("written") if lock else None,
+                "differs": differs(lock, g, current) if lock else ["unfinished or from an older leakpipe"],
+                **_headline(result),
+            }
+        )
     return sorted(rows, key=lambda r: (not r["names"], r["names"], r["made"] or ""))
 
 
@@ -117,9 +127,17 @@ def format_runs(rows: list[dict]) -> str:
 
     table = [["run", "result", "made", "top-1", "macro AUC", "open AUROC", "differs from the current config"]]
     for r in rows:
-        table.append([", ".join(r["names"]) or "(none: gc frees it)", r["result"], r["made"] or "-",
-                      num(r.get("top1")), num(r.get("macro_auc")), num(r.get("open_auroc")),
-                      "; ".join(r["differs"]) or "-"])
+        table.append(
+            [
+                ", ".join(r["names"]) or "(none: gc frees it)",
+                r["result"],
+                r["made"] or "-",
+                num(r.get("top1")),
+                num(r.get("macro_auc")),
+                num(r.get("open_auroc")),
+                "; ".join(r["differs"]) or "-",
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
 

@@ -4,6 +4,7 @@ Each ablation is a run name with `--set` overrides on top of the workspace confi
 encoded: training reads the cache, and an ablation whose training config equals that of a result
 already in the run cache (cache/results/) is restored from it, not trained again.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,10 @@ def logo(ws: Workspace, cfg: Config) -> dict[str, tuple[str, ...]]:
         raise UserError(f"no manifest {path}: `sweep --logo` holds out each generator of the training split")
     labels = sorted({r["label"] for r in read_manifest(path, check_files=False).rows if r["partition"] == "train"})
     if len(labels) < 3:
-        raise UserError(f"{path} has {len(labels)} generators with train rows; leaving one out needs at least 3 "
-                        "(2 to train on and 1 to hold out)")
+        raise UserError(
+            f"{path} has {len(labels)} generators with train rows; leaving one out needs at least 3 "
+            "(2 to train on and 1 to hold out)"
+        )
     plan = {f"logo-{re.sub(r'[^A-Za-z0-9._-]', '_', g)}"[:100]: (f"train.exclude={json.dumps([g])}",) for g in labels}
     if len(plan) < len(labels):
         raise UserError(f"{path}: generator names {', '.join(labels)} give clashing run names; rename them")
@@ -117,9 +120,14 @@ def run(ws: Workspace, config_for, plan: dict[str, tuple[str, ...]], log=print) 
 
 def logo_table(ws: Workspace, names: list[str]) -> str:
     """Open-set AUROC with its 95% interval of each held-out generator, from each LOGO run's metrics."""
-    lines = ["# Leave-one-generator-out open set", "", HELD_OUT_NOTE + ".", "",
-             "| held-out generator | run | result | n held out | n closed | AUROC, gating off | AUROC, gating on |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Leave-one-generator-out open set",
+        "",
+        HELD_OUT_NOTE + ".",
+        "",
+        "| held-out generator | run | result | n held out | n closed | AUROC, gating off | AUROC, gating on |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     aurocs = []
     for name in names:
         out = runs.pointed(ws, name)
@@ -127,13 +135,18 @@ def logo_table(ws: Workspace, names: list[str]) -> str:
         h, n_closed = m.get("held_out", {}), m["closed"]["raw"]["head"]["n"]
         for g, v in h.get("gating_off", {}).items():
             aurocs.append(v["auroc"])
-            lines.append(f"| {g} | {name} | {out.name} | {v['n']} | {n_closed} | {with_ci(v, 'auroc')} | "
-                         f"{with_ci(h['gating_on'].get(g, {}), 'auroc')} |")
+            lines.append(
+                f"| {g} | {name} | {out.name} | {v['n']} | {n_closed} | {with_ci(v, 'auroc')} | "
+                f"{with_ci(h['gating_on'].get(g, {}), 'auroc')} |"
+            )
         if not h.get("gating_off"):
-            lines.append(f"| (none: its held-out generator has no test rows) | {name} | {out.name} | 0 | {n_closed} | | |")
+            lines.append(
+                f"| (none: its held-out generator has no test rows) | {name} | {out.name} | 0 | {n_closed} | | |"
+            )
     if aurocs:
-        lines += ["", f"Mean AUROC (gating off) over {len(aurocs)} held-out generators: {sum(aurocs) / len(aurocs):.3f} "
-                  "(chance 0.500). Each interval resamples that generator's and the closed test images."]
+        lines += [
+            "",
+            f"Mean AUROC (gating off) over {len(aurocs)} held-out generators: {sum(aurocs) / len(aurocs):.3f} "
+            "(chance 0.500). Each interval resamples that generator's and the closed test images.",
+        ]
     return "\n".join(lines) + "\n"
-
-

@@ -4,6 +4,7 @@ Logistic regression on per-channel means and the low-frequency k x k DCT-II bloc
 (image resized to `size`): it sees the colour response and the bias field but not the periodic
 artefact or the noise, so it is well above chance and well below perfect by design.
 """
+
 from __future__ import annotations
 
 import numpy as np

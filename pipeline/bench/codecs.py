@@ -6,6 +6,7 @@ when it is installed, scikit-image: one crop per group, seen by every chain, so 
 information about the class and a split by group keeps each crop in one partition. The images are
 stored as PNG, so the file format does not give the chain away; the traces are in the pixels.
 """
+
 from __future__ import annotations
 
 import io
@@ -78,12 +79,19 @@ def crops(n: int, size: int, seed: int) -> list[np.ndarray]:
         photo = pool[int(rng.integers(len(pool)))]
         top = int(rng.integers(0, photo.shape[0] - size + 1))
         left = int(rng.integers(0, photo.shape[1] - size + 1))
-        out.append(photo[top:top + size, left:left + size])
+        out.append(photo[top : top + size, left : left + size])
     return out
 
 
-def write_codec_set(out: Path, manifests: Path, n: int = 90, size: int = 256, seed: int = 0,
-                    chains: tuple[str, ...] = tuple(CHAINS), name: str = "closed") -> int:
+def write_codec_set(
+    out: Path,
+    manifests: Path,
+    n: int = 90,
+    size: int = 256,
+    seed: int = 0,
+    chains: tuple[str, ...] = tuple(CHAINS),
+    name: str = "closed",
+) -> int:
     """n crops through every chain as out/<chain>/<crop>.png, and the manifest `name` split by crop
     (group) 50/20/30. Returns the number of images."""
     out = Path(out)

@@ -3,6 +3,7 @@
 Work is spread over worker processes, one image per task; every image is seeded by its own
 identity (generator, index or path, step), so the bytes do not depend on worker count or order.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -65,13 +66,11 @@ def write_generators(root: Path, names: list[str], spec: SynthSpec, workers: int
     tasks = []
     for name in names:
         fp = synth.make_fingerprint(name, spec.seed, spec.difficulty)
-        tasks += [(fp, spec.seed, i, spec.size, root / name / f"{i:05d}.png")
-                  for i in range(spec.per_generator)]
+        tasks += [(fp, spec.seed, i, spec.size, root / name / f"{i:05d}.png") for i in range(spec.per_generator)]
     _pool_map(_synth_task, tasks, workers)
 
 
-def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None,
-                     workers: int) -> list[dict]:
+def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None, workers: int) -> list[dict]:
     """Post-processed copies of `m`'s rows (of one partition, or all) under out/step<k>/<path>."""
     rows, tasks = [], []
     for row in m.rows:
@@ -81,8 +80,16 @@ def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str
             ops = postprocess.draw_ops(step, synth.rng_for(seed, "postprocess", step, row["path"]))
             rel = f"step{step}/{row['path']}"
             rel = str(Path(rel).with_suffix(".png"))
-            rows.append({**row, "path": rel, "variant": f"step{step}", "ops": ops,
-                         "group": row.get("group", ""), "source": f"{m.name}:{row['path']}"})
+            rows.append(
+                {
+                    **row,
+                    "path": rel,
+                    "variant": f"step{step}",
+                    "ops": ops,
+                    "group": row.get("group", ""),
+                    "source": f"{m.name}:{row['path']}",
+                }
+            )
             tasks.append((m.root / row["path"], out / rel, ops))
     _pool_map(_pp_task, tasks, workers)
     return rows

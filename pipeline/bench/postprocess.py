@@ -5,6 +5,7 @@ parameters are written to the manifest's `ops` column (`jpeg(q=71);rotate(deg=-4
 `apply_ops` replays that text exactly, so each image can be regenerated. Outputs are saved as PNG
 so the codec artefacts of a JPEG/WebP step are kept bit-exactly.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,7 @@ def _draw(name: str, rng: np.random.Generator) -> dict:
 def draw_ops(step: int, rng: np.random.Generator) -> str:
     n = int(rng.integers(1, step + 1))
     names = [OPS[i] for i in rng.permutation(len(OPS))[:n]]
-    return ";".join(f"{name}({','.join(f'{k}={v}' for k, v in _draw(name, rng).items())})"
-                    for name in names)
+    return ";".join(f"{name}({','.join(f'{k}={v}' for k, v in _draw(name, rng).items())})" for name in names)
 
 
 def parse_ops(text: str) -> list[tuple[str, dict]]:
@@ -61,8 +61,7 @@ def apply_op(im: Image.Image, name: str, p: dict) -> Image.Image:
     if name in ("jpeg", "webp"):
         return _codec(im, name.upper(), p["q"])
     if name == "resize":
-        return im.resize((max(8, round(w * p["scale"])), max(8, round(h * p["scale"]))),
-                         Image.Resampling.BICUBIC)
+        return im.resize((max(8, round(w * p["scale"])), max(8, round(h * p["scale"]))), Image.Resampling.BICUBIC)
     if name == "crop":
         cw, ch = max(8, round(w * p["keep"])), max(8, round(h * p["keep"]))
         left, top = round((w - cw) * p["x"]), round((h - ch) * p["y"])

@@ -9,6 +9,7 @@ They are blended into shared content drawn independently of the generator: crops
 that ship with scikit-learn (flips, scale, colour jitter) and procedural scenes (head-and-shoulders
 shapes, gradients, textures), so content never identifies the generator.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -40,8 +41,7 @@ class Fingerprint:
 
 def rng_for(*keys) -> np.random.Generator:
     """A generator seeded by any mix of ints and strings (strings through crc32)."""
-    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(str(k).encode())
-                                  for k in keys])
+    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(str(k).encode()) for k in keys])
 
 
 def make_fingerprint(name: str, seed: int, difficulty: float = 1.0) -> Fingerprint:
@@ -90,7 +90,7 @@ def photo_content(rng: np.random.Generator, size: int) -> np.ndarray:
     h, w, _ = photo.shape
     side = int(min(h, w) * rng.uniform(0.35, 1.0))
     top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+    crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
     arr = np.asarray(crop, dtype=float) / 255
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
@@ -102,8 +102,10 @@ def photo_content(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     small = rng.random((cells, cells, 3))
-    return np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                      dtype=float) / 255
+    return (
+        np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), dtype=float)
+        / 255
+    )
 
 
 def procedural_content(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ and level; code identity, checksums of every file),
 `config.json`, `metrics.json`, a model card `README.md` (Hugging Face Hub conventions), and `app.py`
 with `requirements.txt`, so that the folder also runs as a Hugging Face Space (`leakpipe app`'s page).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,12 @@ class Attributor:
         h = self.reference["h_bar"].astype(np.float64)
         maha = Mahalanobis(len(self.classes), cfg_score.maha_floor).fit(h, self.reference["labels"])
         ref = self.threshold.get("kde_reference", {})  # the reference rows the threshold was calibrated on
-        kde = GaussianKDE(bandwidth=self.threshold["bandwidth"], dtype=cfg_score.kde_dtype,
-                          max_reference=ref.get("max_reference", 0), seed=ref.get("seed", 0))
+        kde = GaussianKDE(
+            bandwidth=self.threshold["bandwidth"],
+            dtype=cfg_score.kde_dtype,
+            max_reference=ref.get("max_reference", 0),
+            seed=ref.get("seed", 0),
+        )
         return maha, kde.fit(embedding(h, self.reference["w"], self.threshold["embedding"]))
 
 
@@ -79,7 +84,9 @@ def locate(model: str) -> Path:
 
         return Path(snapshot_download(model))
     except Exception as exc:
-        raise UserError(f"--model {model}: no such folder, and the Hub repository could not be fetched ({exc})") from None
+        raise UserError(
+            f"--model {model}: no such folder, and the Hub repository could not be fetched ({exc})"
+        ) from None
 
 
 def from_folder(folder: Path, device) -> Attributor:
@@ -93,34 +100,58 @@ def from_folder(folder: Path, device) -> Attributor:
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`") from None
+        raise UserError(
+            f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`"
+        ) from None
     if record.get("format") not in FORMATS:
         raise UserError(f"{record_path}: format {record.get('format')!r}, expected one of {', '.join(FORMATS)}")
     listed = record.get("files", {})
     needed = [*FILES, CALIBRATION] if record["format"] == FORMAT else FILES
-    bad = [n for n in dict.fromkeys([*needed, *listed])
-           if n not in listed or not (folder / n).is_file() or hash_file(folder / n) != listed[n]]
+    bad = [
+        n
+        for n in dict.fromkeys([*needed, *listed])
+        if n not in listed or not (folder / n).is_file() or hash_file(folder / n) != listed[n]
+    ]
     if bad:
-        raise UserError(f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); "
-                        "export it again")
+        raise UserError(
+            f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); export it again"
+        )
     tensors, meta = read_safetensors((folder / "model.safetensors").read_bytes())
     cfg = from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
     model, build, classes, cfg = model_from(tensors, meta, cfg, device)
     # where the VAE is: absolute or a Hub id since exports record it so (older ones: as trained)
-    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(
-        cfg.vae, source=record["encoder"]["vae_source"],
-        config=record["encoder"].get("vae_config_file", cfg.vae.config)))
+    cfg = dataclasses.replace(
+        cfg,
+        vae=dataclasses.replace(
+            cfg.vae,
+            source=record["encoder"]["vae_source"],
+            config=record["encoder"].get("vae_config_file", cfg.vae.config),
+        ),
+    )
     val = load_file(str(folder / CALIBRATION))["unseen_val_scores"] if record["format"] == FORMAT else None
-    return Attributor(model, build, classes, cfg, load_file(str(folder / "reference.safetensors")),
-                      record["unseen_threshold"], f"attributor {folder}", record["result"],
-                      record["encoder"]["encoder_fingerprint"], Path.cwd(), record.get("code", {}), folder=folder,
-                      decisions=record.get("decisions"), val_scores=val)
+    return Attributor(
+        model,
+        build,
+        classes,
+        cfg,
+        load_file(str(folder / "reference.safetensors")),
+        record["unseen_threshold"],
+        f"attributor {folder}",
+        record["result"],
+        record["encoder"]["encoder_fingerprint"],
+        Path.cwd(),
+        record.get("code", {}),
+        folder=folder,
+        decisions=record.get("decisions"),
+        val_scores=val,
+    )
 
 
 def with_vae(att: Attributor, vae: str) -> Attributor:
     """The attributor with its VAE looked for at `vae` (relative to the working folder)."""
-    return dataclasses.replace(att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)),
-                               base=Path.cwd())
+    return dataclasses.replace(
+        att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)), base=Path.cwd()
+    )
 
 
 def gallery(att: Attributor) -> dict | None:
@@ -146,7 +177,9 @@ def check_encoder(att: Attributor, encode_code) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp = vae_lib.encoder_fingerprint(att.cfg, src, HashCache(Path(tmp) / "hashes.json"), encode_code)
     if fp != att.encoder_fp:
-        raise UserError(f"the VAE at hand ({att.cfg.vae.source}) has encoder fingerprint {fp[:12]}, but {att.name} "
-                        f"was trained on latents of encoder {att.encoder_fp[:12]}; its numbers would mean nothing. "
-                        "Give the same VAE (weights, config and dtype) with --vae, or use the leakpipe version "
-                        "that exported it if its encode code differs from this one's")
+        raise UserError(
+            f"the VAE at hand ({att.cfg.vae.source}) has encoder fingerprint {fp[:12]}, but {att.name} "
+            f"was trained on latents of encoder {att.encoder_fp[:12]}; its numbers would mean nothing. "
+            "Give the same VAE (weights, config and dtype) with --vae, or use the leakpipe version "
+            "that exported it if its encode code differs from this one's"
+        )

@@ -4,6 +4,7 @@ Rows are visited in windows of `shuffle_chunks` store chunks (chunk order and ro
 window both shuffled), the same order whether the latents are in memory or streamed, so the memory
 budget never changes a result. Features are built on the training device per batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,11 @@ class LatentRows:
         self.rows, self.labels = np.asarray(rows, np.int64), np.asarray(labels, np.int64)
         self.chunk_rows = self.group["mean"].chunks[0]
         self.latent_shape = tuple(self.group["mean"].shape[1:])
-        self.hashes = self.group["source_hash"].get_orthogonal_selection((self.rows,)) \
-            if len(self.rows) else np.zeros((0, 16), np.uint8)
+        self.hashes = (
+            self.group["source_hash"].get_orthogonal_selection((self.rows,))
+            if len(self.rows)
+            else np.zeros((0, 16), np.uint8)
+        )
         need = 2 * len(self.rows) * int(np.prod(self.latent_shape)) * 4
         self.in_memory = need <= budget_bytes
         self._cache = self._read(np.arange(len(self.rows))) if self.in_memory else None
@@ -40,7 +44,8 @@ class LatentRows:
         if not self.in_memory:
             return "latents streamed by chunk"
         return {"gpu": "latents on the GPU", "pinned": "latents in host memory, batches through pinned buffers"}.get(
-            self._placed, "latents in host memory")
+            self._placed, "latents in host memory"
+        )
 
     def place(self, device: torch.device, gpu_budget_bytes: float) -> None:
         """Where the in-memory latents live while training on `device` (precision.cache_placement):
@@ -81,13 +86,13 @@ class LatentRows:
         """Positions grouped in windows; seed None = store order in one pass (evaluation)."""
         positions = np.arange(len(self.rows))
         if seed is None:
-            return [positions[k:k + 4096] for k in range(0, len(positions), 4096)]
+            return [positions[k : k + 4096] for k in range(0, len(positions), 4096)]
         rng = np.random.default_rng(seed)
         chunk_of = self.rows // self.chunk_rows
         chunks = rng.permutation(np.unique(chunk_of))
         out = []
         for k in range(0, len(chunks), window_chunks):
-            sel = positions[np.isin(chunk_of, chunks[k:k + window_chunks])]
+            sel = positions[np.isin(chunk_of, chunks[k : k + window_chunks])]
             out.append(rng.permutation(sel))
         return out
 
@@ -109,7 +114,7 @@ class LatentRows:
             data = None if self.in_memory else self._read(np.sort(window))
             where = None if self.in_memory else {p: i for i, p in enumerate(np.sort(window))}
             for k in range(0, len(window), batch_size):
-                pos = window[k:k + batch_size]
+                pos = window[k : k + batch_size]
                 if self.in_memory:
                     m, lv = self._take("mean", pos), self._take("logvar", pos)
                 else:
@@ -124,7 +129,7 @@ def eval_noise(hashes: np.ndarray, eval_seed: int, shape: tuple) -> torch.Tensor
     out = torch.empty((len(hashes), *shape))
     g = torch.Generator()
     for i, h in enumerate(hashes):
-        g.manual_seed((int.from_bytes(bytes(h[:8]), "little") ^ eval_seed) & (2 ** 63 - 1))
+        g.manual_seed((int.from_bytes(bytes(h[:8]), "little") ^ eval_seed) & (2**63 - 1))
         out[i] = torch.randn(shape, generator=g)
     return out
 
@@ -152,7 +157,9 @@ def tile_offsets(side: int, crop: int, grid: int) -> list[int]:
 def crop_views(x: torch.Tensor, offsets: torch.Tensor, crop: int, flips: torch.Tensor) -> torch.Tensor:
     """Per sample, the crop x crop window at `offsets` (B, 2: top, left) of x (B, ..., H, W), flipped
     where `flips` (B, 2: horizontal, vertical) says so."""
-    out = torch.stack([x[i, ..., int(t):int(t) + crop, int(l):int(l) + crop] for i, (t, l) in enumerate(offsets.tolist())])
+    out = torch.stack(
+        [x[i, ..., int(t) : int(t) + crop, int(l) : int(l) + crop] for i, (t, l) in enumerate(offsets.tolist())]
+    )
     out = torch.where(flips[:, 0].view(-1, *[1] * (out.dim() - 1)), out.flip(-1), out)
     return torch.where(flips[:, 1].view(-1, *[1] * (out.dim() - 1)), out.flip(-2), out)
 
@@ -160,7 +167,7 @@ def crop_views(x: torch.Tensor, offsets: torch.Tensor, crop: int, flips: torch.T
 def tiles(x: torch.Tensor, crop: int, grid: int) -> torch.Tensor:
     """x (B, ..., H, W) -> (B, K, ..., crop, crop): the tiles of `tile_offsets`, row by row."""
     rows, cols = tile_offsets(x.shape[-2], crop, grid), tile_offsets(x.shape[-1], crop, grid)
-    return torch.stack([x[..., t:t + crop, l:l + crop] for t in rows for l in cols], dim=1)
+    return torch.stack([x[..., t : t + crop, l : l + crop] for t in rows for l in cols], dim=1)
 
 
 @dataclass
@@ -189,8 +196,12 @@ class FeatureBuilder:
         """What a model file keeps of the feature path, so that a trained model is evaluated with the
         values it was trained with, whatever the code computes later: the statistics, alpha_t, sigma_t
         and the DCT bases."""
-        out = {"feature_mean": self.mean, "feature_std": self.std, "feature_alpha": self.alpha,
-               "feature_sigma": self.sigma}
+        out = {
+            "feature_mean": self.mean,
+            "feature_std": self.std,
+            "feature_alpha": self.alpha,
+            "feature_sigma": self.sigma,
+        }
         return {**out, **({"feature_dct_rows": self.dct[0], "feature_dct_cols": self.dct[1]} if self.dct else {})}
 
     @classmethod
@@ -198,8 +209,15 @@ class FeatureBuilder:
         """The feature path of a model file (see `saved`); files from before leakpipe saved alpha_t, sigma_t
         and the DCT bases compute them from the config, as the code that trained them did."""
         dct = (tensors["feature_dct_rows"], tensors["feature_dct_cols"]) if "feature_dct_rows" in tensors else None
-        return cls(cfg, device, tensors["feature_mean"].to(device), tensors["feature_std"].to(device),
-                   tensors.get("feature_alpha"), tensors.get("feature_sigma"), dct)
+        return cls(
+            cfg,
+            device,
+            tensors["feature_mean"].to(device),
+            tensors["feature_std"].to(device),
+            tensors.get("feature_alpha"),
+            tensors.get("feature_sigma"),
+            dct,
+        )
 
     def fix_dct(self, latent_shape: tuple) -> None:
         """Compute the DCT bases once for what the model sees (a crop, or z0 whole), to be saved with it."""
@@ -252,15 +270,22 @@ class FeatureBuilder:
                 out[:, 2 + k] = torch.randint(0, 2, (n,), generator=gen, device=gen.device)
         return out
 
-    def __call__(self, mean: np.ndarray, logvar: np.ndarray, eps: torch.Tensor,
-                 standardise: bool = True, views: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        mean: np.ndarray,
+        logvar: np.ndarray,
+        eps: torch.Tensor,
+        standardise: bool = True,
+        views: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """eps (B, T [+1 if latent.sample], C, h, w): diffusion noise, then the posterior sample's.
         `views` (from draw_views): the training crops and flips; without, the tiles under train.crop."""
         m, lv = (to_device(x, self.device) for x in (mean, logvar))
         eps = eps.to(self.device, non_blocking=True)
         t = self.n_timesteps
-        z0 = diffusion.latent_z0(m, lv, self.cfg.latent.scale, self.cfg.latent.scale_mode,
-                                 eps[:, t] if self.cfg.latent.sample else None)
+        z0 = diffusion.latent_z0(
+            m, lv, self.cfg.latent.scale, self.cfg.latent.scale_mode, eps[:, t] if self.cfg.latent.sample else None
+        )
         if self.cfg.features.highpass == "residual":
             z0 = features.highpass_residual(z0)
         eps, crop, n = eps[:, :t], self.crop(m.shape[1:]), len(m)
@@ -273,8 +298,12 @@ class FeatureBuilder:
         elif crop:
             grid = self.grid(m.shape[1:])
             z0, eps = (tiles(x, crop, grid).flatten(0, 1) for x in (z0, eps))
-        f = features.features(diffusion.diffuse(z0, eps, self.alpha, self.sigma),
-                              self.cfg.features.dct_k, self.cfg.features.dct_map, self.dct)
+        f = features.features(
+            diffusion.diffuse(z0, eps, self.alpha, self.sigma),
+            self.cfg.features.dct_k,
+            self.cfg.features.dct_map,
+            self.dct,
+        )
         if standardise and self.cfg.features.standardize:
             f = features.standardise(f, self.mean, self.std)
         return f.view(n, -1, *f.shape[1:]) if views is None and crop else f

@@ -6,6 +6,7 @@ On CUDA, BatchNorm becomes SyncBatchNorm so a step matches the single-process st
 SyncBatchNorm does not exist, so each rank normalises with its shard's statistics (the one
 documented difference from a single process). Rank 0 writes checkpoints, the model and embeddings.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,7 +82,9 @@ def wrap(model, ctx: Ddp, device):
         return model
     if device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def unwrap(model):

@@ -6,6 +6,7 @@ the row hashes it wrote. The driver holds the store's writer lock, checks the re
 writes the lock file. A task whose worker dies is rerun elsewhere by the scheduler: rewriting a
 whole chunk is idempotent, and each chunk file is replaced atomically.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,14 +42,26 @@ class VaePlugin(WorkerPlugin):
         if device == "auto":
             gpus = torch.cuda.device_count()
             # local workers are named 0..N-1: spread them over the visible GPUs
-            device = f"cuda:{int(worker.name) % gpus}" if gpus and str(worker.name).isdigit() else \
-                ("cuda" if gpus else "cpu")
+            device = (
+                f"cuda:{int(worker.name) % gpus}"
+                if gpus and str(worker.name).isdigit()
+                else ("cuda" if gpus else "cpu")
+            )
         self.torch_device = torch.device(device)
         self.vae = vae_lib.load_vae(self.source, self.dtype, self.torch_device)
 
 
-def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list[str],
-                 row_hashes: np.ndarray, preprocess, batch_size: int, store_dtype: str) -> dict:
+def encode_chunk(
+    store: str,
+    start: int,
+    stop: int,
+    rows: list[int],
+    paths: list[str],
+    row_hashes: np.ndarray,
+    preprocess,
+    batch_size: int,
+    store_dtype: str,
+) -> dict:
     """Worker task: encode `rows` of the chunk [start, stop) and write the chunk. Returns the rows
     written with their hashes (hex) and the rows that failed with the reason."""
     from leakpipe.pipeline.engine import encoding
@@ -59,7 +72,7 @@ def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list
     done, means, logvars, failed = [], [], [], []
     for k in range(0, len(rows), batch_size):  # the batches of encoding.plan_batches
         batch, images = [], []
-        for r, p in zip(rows[k:k + batch_size], paths[k:k + batch_size]):
+        for r, p in zip(rows[k : k + batch_size], paths[k : k + batch_size]):
             try:
                 images.append(load_image(p, preprocess))
                 batch.append(r)
@@ -73,8 +86,14 @@ def encode_chunk(store: str, start: int, stop: int, rows: list[int], paths: list
     if done:
         group = latent_store.open_store(store, "r+")
         idx = np.array(done)
-        latent_store.write_chunk(group, start, stop, idx, {"mean": np.concatenate(means),
-                                 "logvar": np.concatenate(logvars)}, row_hashes[idx - start])
+        latent_store.write_chunk(
+            group,
+            start,
+            stop,
+            idx,
+            {"mean": np.concatenate(means), "logvar": np.concatenate(logvars)},
+            row_hashes[idx - start],
+        )
     return {"rows": done, "hashes": [row_hashes[r - start].tobytes().hex() for r in done], "failed": failed}
 
 
@@ -97,8 +116,12 @@ def connect(workers: int, scheduler: str):
     resources = {"GPU": 1} if 0 < workers <= torch.cuda.device_count() else None
     environ = dict(os.environ)
     try:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, resources=resources,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, resources=resources, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
     finally:  # LocalCluster leaves OMP_NUM_THREADS=1 (and more) in this process's environment,
         os.environ.clear()  # which every later subprocess would inherit
@@ -109,8 +132,9 @@ def gpu_workers(client) -> bool:
     return any(w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
 
 
-def encode_pending(client, source, cfg, store: str, paths: list, pending: np.ndarray, want: np.ndarray,
-                   progress=None) -> tuple[list[int], list]:
+def encode_pending(
+    client, source, cfg, store: str, paths: list, pending: np.ndarray, want: np.ndarray, progress=None
+) -> tuple[list[int], list]:
     """Submit one task per chunk with pending rows; returns (rows written, failures)."""
     from distributed import as_completed
 
@@ -121,10 +145,23 @@ def encode_pending(client, source, cfg, store: str, paths: list, pending: np.nda
     for c in np.unique(pending // chunk):
         rows = pending[pending // chunk == c].tolist()
         start, stop = int(c) * chunk, min((int(c) + 1) * chunk, len(want))
-        futures.append(client.submit(
-            encode_chunk, str(store), start, stop, rows, [str(paths[r]) for r in rows], want[start:stop],
-            cfg.preprocess, cfg.encode.batch_size, cfg.store.dtype, resources=resources, pure=False,
-            key=f"leakpipe-encode-{c}-{want[start:stop].tobytes().hex()[:16]}"))
+        futures.append(
+            client.submit(
+                encode_chunk,
+                str(store),
+                start,
+                stop,
+                rows,
+                [str(paths[r]) for r in rows],
+                want[start:stop],
+                cfg.preprocess,
+                cfg.encode.batch_size,
+                cfg.store.dtype,
+                resources=resources,
+                pure=False,
+                key=f"leakpipe-encode-{c}-{want[start:stop].tobytes().hex()[:16]}",
+            )
+        )
     written, failed = [], []
     for fut in as_completed(futures):
         res = fut.result()

@@ -4,6 +4,7 @@ Batches never straddle a chunk, and each chunk is written once all its pending r
 the batches of a chunk are the same whether a run is fresh or resumed after a crash (bitwise
 identical results on CPU) and a chunk has exactly one writer.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,7 @@ def plan_batches(pending: np.ndarray, chunk_rows: int, batch_size: int) -> list[
     cuts = np.flatnonzero(np.diff(chunks[order])) + 1  # one split, not a scan of every row per chunk
     for part in np.split(pending[order], cuts) if len(pending) else []:
         rows = part.tolist()
-        batches += [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+        batches += [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
     return batches
 
 
@@ -127,8 +128,10 @@ def encode_batch(vae, device, images, store_dtype: str) -> tuple[np.ndarray, np.
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
-        return (post.mean.float().cpu().numpy().astype(store_dtype),
-                post.logvar.float().cpu().numpy().astype(store_dtype))
+        return (
+            post.mean.float().cpu().numpy().astype(store_dtype),
+            post.logvar.float().cpu().numpy().astype(store_dtype),
+        )
 
 
 def decode_workers(requested: int, device) -> int:
@@ -141,16 +144,30 @@ def decode_workers(requested: int, device) -> int:
     return min(spare, 16 if device.type == "cuda" else 2)
 
 
-def encode_pending(vae, device, paths: list[Path], pending: np.ndarray, writer: ChunkWriter,
-                   cfg: PreprocessConfig, batch_size: int, num_workers: int, store_dtype: str,
-                   progress=None) -> dict[str, float]:
+def encode_pending(
+    vae,
+    device,
+    paths: list[Path],
+    pending: np.ndarray,
+    writer: ChunkWriter,
+    cfg: PreprocessConfig,
+    batch_size: int,
+    num_workers: int,
+    store_dtype: str,
+    progress=None,
+) -> dict[str, float]:
     """Encode every pending row into the writer's store; bad files go to writer.failures. Returns the
     seconds the VAE's device stood idle waiting for decoded images ("decode") and for the disk ("write")."""
     batches = plan_batches(pending, writer.chunk_rows, batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageRows(paths, cfg), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-        persistent_workers=False)
+        ImageRows(paths, cfg),
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
     decode, clock = 0.0, time.perf_counter()
     try:
         for rows, images, failed in loader:

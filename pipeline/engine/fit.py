@@ -2,6 +2,7 @@
 the weights kept (train.select), the k-means placement of the prototypes and checkpoints that resume
 bitwise. Everything here defines the trained weights, so all of it is part of the train stage's code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,10 @@ def rows_of(lat: Source, exclude=(), classes=None):
     labels = {r["label"] for r in rows}
     absent = [g for g in exclude if g not in labels]
     if absent:
-        raise UserError(f"train.exclude names {', '.join(absent)}, which {lat.manifest.source} does not label; "
-                        f"its labels are {', '.join(sorted(labels))}")
+        raise UserError(
+            f"train.exclude names {', '.join(absent)}, which {lat.manifest.source} does not label; "
+            f"its labels are {', '.join(sorted(labels))}"
+        )
     valid = valid & np.array([r["label"] not in exclude for r in rows], bool)  # held out: never trained on
     classes = classes or sorted({r["label"] for r, ok in zip(rows, valid) if ok and r["partition"] == "train"})
     index = {c: i for i, c in enumerate(classes)}
@@ -63,17 +66,22 @@ def rows_of(lat: Source, exclude=(), classes=None):
         sel = [i for i, r in enumerate(rows) if valid[i] and r["partition"] == part]
         unknown = sorted({rows[i]["label"] for i in sel} - index.keys())
         if unknown:
-            raise UserError(f"{lat.manifest.source}: {part} rows have labels with no training rows: "
-                            f"{', '.join(unknown)}")
+            raise UserError(
+                f"{lat.manifest.source}: {part} rows have labels with no training rows: {', '.join(unknown)}"
+            )
         out += [np.array(sel, np.int64), np.array([index[rows[i]["label"]] for i in sel], np.int64)]
     val_classes = sorted({classes[k] for k in out[3]})
     if len(out[2]) and len(val_classes) < 2:
-        raise UserError(f"{lat.manifest.source}: the val partition has rows of only 1 class ({val_classes[0]}); "
-                        "early stopping uses the validation macro AUC, which needs at least 2 classes. "
-                        "Give the val partition images of several generators (manifest build --ratios).")
+        raise UserError(
+            f"{lat.manifest.source}: the val partition has rows of only 1 class ({val_classes[0]}); "
+            "early stopping uses the validation macro AUC, which needs at least 2 classes. "
+            "Give the val partition images of several generators (manifest build --ratios)."
+        )
     if len(classes) < 2 or len(out[0]) == 0 or len(out[2]) == 0:
-        raise UserError(f"{lat.manifest.source}: training needs >= 2 classes with train rows and some "
-                        f"val rows; found {len(classes)} classes, {len(out[0])} train, {len(out[2])} val")
+        raise UserError(
+            f"{lat.manifest.source}: training needs >= 2 classes with train rows and some "
+            f"val rows; found {len(classes)} classes, {len(out[0])} train, {len(out[2])} val"
+        )
     return (*out, classes)
 
 
@@ -83,7 +91,7 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
     result = Fitted()
     tc = cfg.train
     tr_rows, tr_y, va_rows, va_y, classes = rows_of(lat, tc.exclude)
-    budget = cfg.compute.memory_budget_gb * 2 ** 30
+    budget = cfg.compute.memory_budget_gb * 2**30
     train_data, val_data = (LatentRows(lat.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
     _check_sizes(cfg, lat.store, train_data.latent_shape)
     ddp, device = ddp_lib.setup(cfg.compute.device)
@@ -99,7 +107,7 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
     forward = compiled(wrapped, cfg.compute.compile, cfg.compute.compile_backend)
     scaler = grad_scaler(device, cfg.compute.precision)
     for data in (train_data, val_data):
-        data.place(device, cfg.compute.gpu_cache_gb * 2 ** 30)
+        data.place(device, cfg.compute.gpu_cache_gb * 2**30)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
@@ -120,17 +128,27 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
             average = WeightAverage(model, tc.ema_half_life * steps, {k: v.to(device) for k, v in extra["ema"].items()})
         log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
     else:
-        state = {"fingerprint": fp, "epoch": 0, "best_score": -float("inf"), "best_auc": -1.0, "best_epoch": 0,
-                 "history": [], "prototypes_placed": False}
+        state = {
+            "fingerprint": fp,
+            "epoch": 0,
+            "best_score": -float("inf"),
+            "best_auc": -1.0,
+            "best_epoch": 0,
+            "history": [],
+            "prototypes_placed": False,
+        }
         best = {}
         build.fit_statistics(train_data, cfg.compute.eval_batch_size)
         average = WeightAverage(model, tc.ema_half_life * steps) if tc.ema_half_life else None
     build.fix_dct(train_data.latent_shape)
     stats = build.saved()  # saved with the model: embed and attribute use these, not today's code
-    log(f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
-        + (f" x {ddp.world} processes (DDP)" if ddp.active else "") + f", {train_data.placement}"
+    log(
+        f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
+        + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
+        + f", {train_data.placement}"
         + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
-        + (", compiled" if cfg.compute.compile else ""))
+        + (", compiled" if cfg.compute.compile else "")
+    )
     board = None
     if cfg.log.tensorboard and ddp.is_main:
         from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
@@ -140,16 +158,19 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
         if tc.select != "last" and state["best_epoch"] and epoch - state["best_epoch"] > tc.patience:
             break
         with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
-            fit = train_epoch(wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler,
-                              forward, average)
+            fit = train_epoch(
+                wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler, forward, average
+            )
         if _prototypes_due(cfg, state, epoch):
             log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
             state["prototypes_placed"] = True
         evaluated = average.averaged(model) if average is not None else model
         record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes))
         state["history"].append({"epoch": epoch, **fit, **record})
-        log(f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
-            f"val macro AUC {record['val_macro_auc']:.4f}")
+        log(
+            f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
+            f"val macro AUC {record['val_macro_auc']:.4f}"
+        )
         if board is not None:
             tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
         score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
@@ -165,10 +186,17 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
     result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
     if not ddp.is_main:
         return result
-    save_tensors(out / "model.safetensors", best,
-                 {"classes": classes, "config": cfg.to_dict(), "best_epoch": state["best_epoch"],
-                  "latent_shape": list(train_data.latent_shape),
-                  "val_macro_auc": state["best_auc"]})
+    save_tensors(
+        out / "model.safetensors",
+        best,
+        {
+            "classes": classes,
+            "config": cfg.to_dict(),
+            "best_epoch": state["best_epoch"],
+            "latent_shape": list(train_data.latent_shape),
+            "val_macro_auc": state["best_auc"],
+        },
+    )
     atomic_write_json(out / "history.json", state["history"])
     return result
 
@@ -176,12 +204,16 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
 def _check_sizes(cfg: Config, store: str, latent_shape: tuple) -> None:
     side = min(latent_shape[-2:])
     if cfg.train.crop >= side:
-        raise UserError(f"train.crop = {cfg.train.crop} is not smaller than the side {side} of the z0 in {store}; "
-                        "lower train.crop, or set it to 0 to train on z0 whole")
+        raise UserError(
+            f"train.crop = {cfg.train.crop} is not smaller than the side {side} of the z0 in {store}; "
+            "lower train.crop, or set it to 0 to train on z0 whole"
+        )
     seen = f"train.crop = {cfg.train.crop}" if cfg.train.crop else f"the latent side {side} of {store}"
     if cfg.features.dct_k > (cfg.train.crop or side):
-        raise UserError(f"features.dct_k = {cfg.features.dct_k} exceeds {seen}; lower features.dct_k, or train "
-                        "on larger crops or images (train.crop, preprocess.size)")
+        raise UserError(
+            f"features.dct_k = {cfg.features.dct_k} exceeds {seen}; lower features.dct_k, or train "
+            "on larger crops or images (train.crop, preprocess.size)"
+        )
 
 
 def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int) -> tuple[dict, dict]:
@@ -192,14 +224,23 @@ def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int) -
     y = val_data.labels
     loss = float(F.cross_entropy(torch.from_numpy(val["logits"]).double(), torch.from_numpy(y)))
     auc = metrics.point(metrics.macro_auc, metrics.softmax(val["logits"]), y)
-    return {"val_loss": loss, "val_macro_auc": auc, "val_acc": metrics.point(metrics.top1, val["logits"].argmax(1) == y)}, val
+    return {
+        "val_loss": loss,
+        "val_macro_auc": auc,
+        "val_acc": metrics.point(metrics.top1, val["logits"].argmax(1) == y),
+    }, val
 
 
 def _prototypes_due(cfg: Config, state: dict, epoch: int) -> bool:
     """model.prototype_init = kmeans places the prototypes once, after the warm-up (at least one
     epoch), when epochs remain to train them."""
-    return (cfg.model.prototypes and cfg.model.prototype_init == "kmeans" and not state["prototypes_placed"]
-            and epoch == max(1, cfg.train.warmup_epochs) and epoch < cfg.train.epochs)
+    return (
+        cfg.model.prototypes
+        and cfg.model.prototype_init == "kmeans"
+        and not state["prototypes_placed"]
+        and epoch == max(1, cfg.train.warmup_epochs)
+        and epoch < cfg.train.epochs
+    )
 
 
 def _place_prototypes(model, opt, average, train_data, build, cfg: Config) -> str:

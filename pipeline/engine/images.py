@@ -10,6 +10,7 @@ Conversions, in order:
 - resize so the shorter side is `size` (bicubic with antialiasing), then a centred size x size crop.
 The result is uint8 HWC RGB; `to_model_range` maps it to [-1, 1] on the compute device.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -36,12 +37,10 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb guard: {exc} Raise preprocess.max_pixels if you trust "
-                       "this file.") from None
+        raise BadImage(f"decompression bomb guard: {exc} Raise preprocess.max_pixels if you trust this file.") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise BadImage(f"decompression bomb guard: {w}x{h} = {w * h} pixels exceeds "
-                       f"preprocess.max_pixels={max_pixels}")
+        raise BadImage(f"decompression bomb guard: {w}x{h} = {w * h} pixels exceeds preprocess.max_pixels={max_pixels}")
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)
     try:
@@ -119,7 +118,7 @@ def load_native(path: Path | str, max_side: int, max_pixels: int) -> np.ndarray:
     if not side_h or not side_w:
         raise BadImage(f"image is {w}x{h}; forensic features need at least 8 x 8 pixels")
     top, left = (h - side_h) // 2 // 8 * 8, (w - side_w) // 2 // 8 * 8
-    return arr[top:top + side_h, left:left + side_w]
+    return arr[top : top + side_h, left : left + side_w]
 
 
 def to_model_range(batch_uint8):

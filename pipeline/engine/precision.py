@@ -6,6 +6,7 @@ embedding fingerprints. `compute.compile` (torch.compile with `compute.compile_b
 channels_last (CUDA only) are execution settings: they change speed, and at most the last bits of
 a float.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ class Compiled:
 
         known = torch._dynamo.list_backends(exclude_tags=())
         if backend not in known:
-            raise UserError(f"compute.compile_backend = {backend!r} is not a torch.compile backend here; "
-                            f"choose one of: {', '.join(sorted(b for b in known if 'TESTING' not in b))}")
+            raise UserError(
+                f"compute.compile_backend = {backend!r} is not a torch.compile backend here; "
+                f"choose one of: {', '.join(sorted(b for b in known if 'TESTING' not in b))}"
+            )
         self.backend, self._fn = backend, torch.compile(fn, backend=backend)
 
     def __call__(self, *args, **kwargs):
@@ -50,10 +53,12 @@ class Compiled:
         try:
             return self._fn(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as exc:
-            raise UserError(f"compute.compile = true, but torch.compile ({self.backend}) failed here: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; set "
-                            "compute.compile = false, or another compute.compile_backend "
-                            "(inductor on a CPU needs a working C++ compiler)") from exc
+            raise UserError(
+                f"compute.compile = true, but torch.compile ({self.backend}) failed here: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; set "
+                "compute.compile = false, or another compute.compile_backend "
+                "(inductor on a CPU needs a working C++ compiler)"
+            ) from exc
 
 
 def compiled(fn, enabled: bool, backend: str = "inductor"):
@@ -82,6 +87,8 @@ def cache_placement(need_bytes: int, device: torch.device, gpu_budget_bytes: flo
 
 def check_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for, but this torch ({torch.__version__}) has no usable CUDA; "
-                        "set compute.device / encode.device to auto or cpu, or install a CUDA build of torch")
+        raise UserError(
+            f"device {device} was asked for, but this torch ({torch.__version__}) has no usable CUDA; "
+            "set compute.device / encode.device to auto or cpu, or install a CUDA build of torch"
+        )
     return device

@@ -1,5 +1,6 @@
 """TensorBoard event files (log.tensorboard = true): training curves, then the score's curves and
 embedding projector, under each result's tensorboard/ folder. Optional: leakpipe[tensorboard]."""
+
 from __future__ import annotations
 
 import shutil
@@ -17,8 +18,10 @@ def writer(folder: Path, purge_step: int | None = None, fresh: bool = False):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError(f"log.tensorboard = true needs TensorBoard, which is not installed: {INSTALL}; "
-                        "or set log.tensorboard = false") from None
+        raise UserError(
+            f"log.tensorboard = true needs TensorBoard, which is not installed: {INSTALL}; "
+            "or set log.tensorboard = false"
+        ) from None
     if fresh:
         shutil.rmtree(folder, ignore_errors=True)
     return SummaryWriter(str(folder), purge_step=purge_step)
@@ -37,8 +40,17 @@ def epoch(w, step: int, fit: dict, val: dict, auc: float, lr: float, timesteps: 
     w.flush()
 
 
-def score(w, probs: np.ndarray, y: np.ndarray, classes: list[str], test_h: np.ndarray,
-          open_h: np.ndarray, open_labels, prototypes: np.ndarray | None, roc_png: Path) -> None:
+def score(
+    w,
+    probs: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    test_h: np.ndarray,
+    open_h: np.ndarray,
+    open_labels,
+    prototypes: np.ndarray | None,
+    roc_png: Path,
+) -> None:
     """The score's one-vs-rest PR curves and ROC figure, and the projector: h_bar of the closed test and
     open rows with their labels, plus the prototypes."""
     import matplotlib.image
@@ -53,6 +65,11 @@ def score(w, probs: np.ndarray, y: np.ndarray, classes: list[str], test_h: np.nd
     if prototypes is not None:
         mats.append(prototypes.reshape(-1, prototypes.shape[-1]))
         meta += [[classes[c], f"prototype {m}"] for c in range(prototypes.shape[0]) for m in range(prototypes.shape[1])]
-    w.add_embedding(np.concatenate(mats).astype(np.float32), metadata=meta, metadata_header=["generator", "set"],
-                    tag="h_bar", global_step=0)
+    w.add_embedding(
+        np.concatenate(mats).astype(np.float32),
+        metadata=meta,
+        metadata_header=["generator", "set"],
+        tag="h_bar",
+        global_step=0,
+    )
     w.flush()

@@ -1,5 +1,6 @@
 """The model of a config, built or loaded: the backbone's starting weights (model.init), and a trained
 model with the feature path it was trained with, from a model file's tensors and metadata."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,10 @@ def init_backbone(model, path: Path) -> list[str]:
     try:
         state, notes = adapt_state(state, model.backbone)
     except ValueError as exc:
-        raise UserError(f"model.init = {path} does not fit model.backbone: {exc}. Give a torchvision "
-                        "state dict of the same architecture") from None
+        raise UserError(
+            f"model.init = {path} does not fit model.backbone: {exc}. Give a torchvision "
+            "state dict of the same architecture"
+        ) from None
     model.backbone.load_state_dict(state)
     return notes
 

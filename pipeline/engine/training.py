@@ -1,5 +1,6 @@
 """One training epoch and batched prediction: the loop of Eq. 12, and the recipe around it (learning
 rate schedule, weight averaging, label smoothing, precise BatchNorm statistics)."""
+
 from __future__ import annotations
 
 import copy
@@ -85,9 +86,20 @@ class WeightAverage:
         return {**self.shadow, "updates": torch.tensor(self.updates)}
 
 
-def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, tc: TrainConfig, epoch: int,
-                progress=None, ddp: Ddp = Ddp(), precision: str = "fp32", scaler=None, forward=None,
-                average: WeightAverage | None = None) -> dict:
+def train_epoch(
+    model,
+    opt,
+    data: LatentRows,
+    build: FeatureBuilder,
+    tc: TrainConfig,
+    epoch: int,
+    progress=None,
+    ddp: Ddp = Ddp(),
+    precision: str = "fp32",
+    scaler=None,
+    forward=None,
+    average: WeightAverage | None = None,
+) -> dict:
     """Cross-entropy (Eq. 12, with train.label_smoothing) with a fresh eps for every sample seen;
     seeded by (train.seed, epoch). The learning rate follows `lr_factor` per step; `average` is
     updated after each. train.prototype_pull weighs `prototype_pull`. With the authors' regularisers: time-dropout of h_t, and
@@ -123,8 +135,9 @@ def train_epoch(model, opt, data: LatentRows, build: FeatureBuilder, tc: TrainCo
         f = build(m[part], lv[part], eps[part], views=None if views is None else views[part])
         with autocast(device, precision):
             out = (forward or model)(f, None if dropped is None else dropped[part])
-            loss = F.cross_entropy(out.logits.float(), labels, reduction="sum",
-                                   label_smoothing=tc.label_smoothing) * (ddp.world / len(pos))
+            loss = F.cross_entropy(out.logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing) * (
+                ddp.world / len(pos)
+            )
             if tc.entropy_penalty > 0 and build.n_timesteps > 1:
                 loss = loss + tc.entropy_penalty * attention_entropy_penalty(out.a_t.float())
             if tc.prototype_pull > 0 and out.distances is not None:
@@ -155,7 +168,7 @@ def stratified_sample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarra
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     share = min(1.0, max_rows / max(len(labels), 1))
-    picked = [rng.permutation(np.nonzero(labels == c)[0])[:max(1, round(n * share))] for c, n in zip(classes, counts)]
+    picked = [rng.permutation(np.nonzero(labels == c)[0])[: max(1, round(n * share))] for c, n in zip(classes, counts)]
     return rng.permutation(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
@@ -163,8 +176,9 @@ BN_ROWS = 6400  # rows precise BN averages over (100 batches of 64), drawn from 
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_size: int,
-                          max_rows: int = BN_ROWS, precision: str = "fp32") -> None:
+def recalibrate_batchnorm(
+    model, data: LatentRows, build: FeatureBuilder, batch_size: int, max_rows: int = BN_ROWS, precision: str = "fp32"
+) -> None:
     """Recompute BatchNorm running statistics with the model's current weights ("precise BN").
 
     With few steps per epoch the exponential running averages (momentum 0.1) are still dominated
@@ -184,10 +198,12 @@ def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_
     sample = stratified_sample(data.labels, max_rows, seed)
     gen = torch.Generator(device=build.device).manual_seed(seed)  # under train.crop: one seeded crop per image
     for k in range(0, len(sample), batch_size):
-        pos = sample[k:k + batch_size]
+        pos = sample[k : k + batch_size]
         if len(pos) > 1:  # under the precision the model is trained and evaluated in
             m, lv = data.rows_at(pos)
-            f = build(m, lv, eval_noise(data.hashes[pos], seed, shape), views=build.draw_views(len(pos), shape[1:], gen))
+            f = build(
+                m, lv, eval_noise(data.hashes[pos], seed, shape), views=build.draw_views(len(pos), shape[1:], gen)
+            )
             with autocast(build.device, precision):
                 model(f)
     for m, momentum in zip(bns, saved):
@@ -195,8 +211,9 @@ def recalibrate_batchnorm(model, data: LatentRows, build: FeatureBuilder, batch_
 
 
 @torch.inference_mode()
-def predict(model, data: LatentRows, build: FeatureBuilder, batch_size: int, precision: str = "fp32",
-            forward=None) -> dict[str, np.ndarray]:
+def predict(
+    model, data: LatentRows, build: FeatureBuilder, batch_size: int, precision: str = "fp32", forward=None
+) -> dict[str, np.ndarray]:
     """Outputs for every row of `data`, in its order, with each image's seeded eval noise (the forward
     pass under `precision`'s autocast; `forward`: a compiled model, else `model`)."""
     model.eval()

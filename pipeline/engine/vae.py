@@ -3,6 +3,7 @@
 `resolve` needs no torch (it only finds files), so the encoder fingerprint and `leakpipe status`
 stay fast; `load_vae` imports torch and diffusers.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def _folder_weights(folder: Path) -> list[Path]:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.ckpt"))
-        hint = (" (only pickle files found: convert them to .safetensors; leakpipe never loads"
-                " pickle)") if pickled else ""
+        hint = (
+            (" (only pickle files found: convert them to .safetensors; leakpipe never loads pickle)") if pickled else ""
+        )
         raise VaeError(f"VAE folder {folder} has no .safetensors weights{hint}")
     return weights
 
@@ -49,20 +51,25 @@ def _resolve_folder(p: Path, subfolder: str, label: str) -> VaeSource:
     for folder in (p, p / subfolder) if subfolder else (p,):
         if (folder / "config.json").is_file():
             return VaeSource("folder", folder, folder / "config.json", _folder_weights(folder), label)
-    raise VaeError(f"{p} is a folder but neither it nor {p / subfolder} holds a diffusers "
-                   "config.json; expected a folder saved by AutoencoderKL.save_pretrained")
+    raise VaeError(
+        f"{p} is a folder but neither it nor {p / subfolder} holds a diffusers "
+        "config.json; expected a folder saved by AutoencoderKL.save_pretrained"
+    )
 
 
 def _resolve_single_file(p: Path, config: str, label: str) -> VaeSource:
     if p.suffix != ".safetensors":
-        raise VaeError(f"{p}: only .safetensors weight files are loaded (leakpipe never loads "
-                       "pickle); convert .ckpt/.bin/.pt files first")
+        raise VaeError(
+            f"{p}: only .safetensors weight files are loaded (leakpipe never loads "
+            "pickle); convert .ckpt/.bin/.pt files first"
+        )
     cfg = Path(config).expanduser() if config else DEFAULT_SINGLE_FILE_CONFIG
     if cfg.is_dir():
         cfg = cfg / "config.json"
     if not cfg.is_file():
-        raise VaeError(f"VAE config {cfg} not found (vae.config): give a diffusers config.json "
-                       "or the folder holding it")
+        raise VaeError(
+            f"VAE config {cfg} not found (vae.config): give a diffusers config.json or the folder holding it"
+        )
     return VaeSource("single_file", p, cfg, [p], label)
 
 
@@ -71,8 +78,11 @@ def _resolve_hub(cfg: VaeConfig) -> VaeSource:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a dependency of diffusers
         raise VaeError("huggingface_hub is not installed") from None
-    patterns = [f"{cfg.subfolder}/config.json", f"{cfg.subfolder}/*.safetensors"] if cfg.subfolder \
+    patterns = (
+        [f"{cfg.subfolder}/config.json", f"{cfg.subfolder}/*.safetensors"]
+        if cfg.subfolder
         else ["config.json", "*.safetensors"]
+    )
     kwargs = dict(repo_id=cfg.source, allow_patterns=patterns, revision=cfg.revision or None)
     try:
         root = snapshot_download(local_files_only=True, **kwargs)
@@ -91,7 +101,8 @@ def _resolve_hub(cfg: VaeConfig) -> VaeSource:
             "cache and could not be downloaded (offline, or no such repository). Either download it "
             f"where there is internet (`huggingface-cli download {cfg.source} --include "
             f"'{cfg.subfolder}/*'`) and copy the cache, or pass a local copy: "
-            "--vae PATH/TO/FOLDER or --vae PATH/TO/vae.safetensors")
+            "--vae PATH/TO/FOLDER or --vae PATH/TO/vae.safetensors"
+        )
     return VaeSource("hub", folder, folder / "config.json", _folder_weights(folder), cfg.source)
 
 
@@ -104,8 +115,13 @@ def local_path(source: str, base: Path | None = None) -> Path:
 PIXELS = "pixels"
 # what stage one stores for vae.source = pixels: the preprocessed image itself as z0's mean, and a
 # log-variance so low that latent.sample draws the image itself
-PIXELS_CONFIG = {"encoder": "identity", "latent_channels": 3, "block_out_channels": [3], "range": [-1.0, 1.0],
-                 "logvar": -30.0}  # block_out_channels: one block, no downsampling (the latent shape's factor 1)
+PIXELS_CONFIG = {
+    "encoder": "identity",
+    "latent_channels": 3,
+    "block_out_channels": [3],
+    "range": [-1.0, 1.0],
+    "logvar": -30.0,
+}  # block_out_channels: one block, no downsampling (the latent shape's factor 1)
 
 
 def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
@@ -121,8 +137,10 @@ def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
         return _resolve_folder(p, cfg.subfolder, cfg.source)
     if not is_hub_id(cfg.source):
         where = f" (looked for {p.resolve()})" if str(p.resolve()) != cfg.source else ""
-        raise VaeError(f"missing local path: VAE source {cfg.source!r} does not exist{where}; give a diffusers "
-                       "folder, a .safetensors file or a Hub id such as stabilityai/stable-diffusion-2-1-base")
+        raise VaeError(
+            f"missing local path: VAE source {cfg.source!r} does not exist{where}; give a diffusers "
+            "folder, a .safetensors file or a Hub id such as stabilityai/stable-diffusion-2-1-base"
+        )
     return _resolve_hub(cfg)
 
 
@@ -172,25 +190,27 @@ def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code) ->
     SPEC section 3. Other code means other bytes for the same image, so a new store; the code of the
     first version ("encode-1", see ledger/code.py) is left out of the hash, so that stores made by it
     keep their names."""
-    return canonical_hash({
-        "weights": [hashes.hash(w) for w in src.weights],
-        "vae_config": model_config(src),
-        "preprocess": cfg.preprocess.__dict__,
-        "compute_dtype": cfg.vae.dtype,
-        "store_dtype": cfg.store.dtype,
-        **({"code": code} if code != "encode-1" else {}),
-    })
+    return canonical_hash(
+        {
+            "weights": [hashes.hash(w) for w in src.weights],
+            "vae_config": model_config(src),
+            "preprocess": cfg.preprocess.__dict__,
+            "compute_dtype": cfg.vae.dtype,
+            "store_dtype": cfg.store.dtype,
+            **({"code": code} if code != "encode-1" else {}),
+        }
+    )
 
 
 def _from_single_file(cls, src: VaeSource, torch_dtype):
     """diffusers reads the config from a folder's config.json; give it one, never the Hub."""
     if src.config_path.name == "config.json":
-        return cls.from_single_file(str(src.location), config=str(src.config_path.parent),
-                                    local_files_only=True, torch_dtype=torch_dtype)
+        return cls.from_single_file(
+            str(src.location), config=str(src.config_path.parent), local_files_only=True, torch_dtype=torch_dtype
+        )
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(src.config_path, Path(tmp) / "config.json")
-        return cls.from_single_file(str(src.location), config=tmp, local_files_only=True,
-                                    torch_dtype=torch_dtype)
+        return cls.from_single_file(str(src.location), config=tmp, local_files_only=True, torch_dtype=torch_dtype)
 
 
 def load_vae(src: VaeSource, dtype: str = "float32", device="cpu"):
@@ -209,8 +229,9 @@ def load_vae(src: VaeSource, dtype: str = "float32", device="cpu"):
         if src.kind == "single_file":
             vae = _from_single_file(AutoencoderKL, src, torch_dtype)
         else:
-            vae = AutoencoderKL.from_pretrained(str(src.location), local_files_only=True,
-                                                torch_dtype=torch_dtype, use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(
+                str(src.location), local_files_only=True, torch_dtype=torch_dtype, use_safetensors=True
+            )
     except Exception as exc:
         raise VaeError(f"cannot load the VAE from {src.location} ({src.kind}): {exc}") from None
     vae.requires_grad_(False)
@@ -229,8 +250,13 @@ def resolve_device(name: str):
     return check_device(torch.device(name))
 
 
-def save_random_vae(folder: Path, block_out_channels=(32, 64, 64, 64), seed: int = 0,
-                    norm_num_groups: int | None = None, layers_per_block: int = 1) -> Path:
+def save_random_vae(
+    folder: Path,
+    block_out_channels=(32, 64, 64, 64),
+    seed: int = 0,
+    norm_num_groups: int | None = None,
+    layers_per_block: int = 1,
+) -> Path:
     """Write a diffusers AutoencoderKL with seeded random weights (tests, demo; no download).
 
     With 4 blocks the latent is 1/8 of the image and has 4 channels, like SD2.1's VAE.
@@ -243,14 +269,21 @@ def save_random_vae(folder: Path, block_out_channels=(32, 64, 64, 64), seed: int
     n = len(block_out_channels)
     groups = norm_num_groups or min(8, block_out_channels[0])
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * n,
-                        up_block_types=["UpDecoderBlock2D"] * n,
-                        block_out_channels=list(block_out_channels), layers_per_block=layers_per_block,
-                        norm_num_groups=groups, sample_size=256)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=groups,
+        sample_size=256,
+    )
     vae.save_pretrained(str(folder), safe_serialization=True)
-    (Path(folder) / RANDOM_MARKER).write_text(f"seeded random weights (seed {seed}) written by leakpipe; "
-                                             "not a pretrained VAE\n")
+    (Path(folder) / RANDOM_MARKER).write_text(
+        f"seeded random weights (seed {seed}) written by leakpipe; not a pretrained VAE\n"
+    )
     return Path(folder)
 
 
@@ -261,4 +294,3 @@ def is_random(cfg: VaeConfig, base: Path | None = None) -> bool:
     """True for a VAE written by save_random_vae (demo, tests): reports must say so."""
     p = local_path(cfg.source, base)
     return (p / RANDOM_MARKER).exists() or (p.is_file() and (p.parent / RANDOM_MARKER).exists())
-

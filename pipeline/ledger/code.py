@@ -10,6 +10,7 @@ A lock written by an earlier leakpipe holds a code *version label* (`train-3`); 
 to the identity its code had when labels were retired, so results made then stay valid for exactly as
 long as the code is unchanged.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,9 +25,13 @@ from leakpipe.pipeline.store.hashing import hash_bytes
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -37,8 +42,9 @@ def normalised(source: str, name: str | None = None) -> str:
     tree = _strip_docstrings(ast.parse(source))
     if name is None:
         return ast.unparse(tree)
-    found = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-             and n.name == name]
+    found = [
+        n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name
+    ]
     if not found:
         raise UserError(f"code entry {name!r}: no top-level function or class of that name")
     return ast.unparse(found[0])
@@ -129,6 +135,10 @@ def changed(old, new) -> list[str]:
     was, now = recorded(old), recorded(new)
     if was is None or now is None:
         return [f"code: {old if was is None else 'this version'} -> {new if now is None else 'this version'}"]
-    return [f"code changed: {e}" + ("" if e in was else " (newly part of the stage)") +
-            ("" if e in now else " (no longer part of the stage)")
-            for e in sorted(set(was) | set(now)) if was.get(e) != now.get(e)]
+    return [
+        f"code changed: {e}"
+        + ("" if e in was else " (newly part of the stage)")
+        + ("" if e in now else " (no longer part of the stage)")
+        for e in sorted(set(was) | set(now))
+        if was.get(e) != now.get(e)
+    ]

@@ -6,6 +6,7 @@ any instance of any of them by name, so a stage reaches its upstream through the
 imports another stage. The stages call `check()` before they work and `leakpipe status` calls the
 same `check()`, so the two always agree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,11 @@ def label_rows(manifest: Manifest) -> list[list[str]]:
 
 def score_splits(cfg: Config) -> list[tuple[str, str]]:
     """(role, split) of every split that score reads."""
-    roles = [("closed", cfg.score.closed), *(("postprocessed", s) for s in cfg.score.postprocessed),
-             ("open", cfg.score.open)]
+    roles = [
+        ("closed", cfg.score.closed),
+        *(("postprocessed", s) for s in cfg.score.postprocessed),
+        ("open", cfg.score.open),
+    ]
     return [(role, split) for role, split in roles if split]  # an empty name: no such split
 
 
@@ -69,12 +73,13 @@ def trained_lock(result: Path, deep: bool = False) -> dict:
     model is refused before anything is computed from it."""
     lock = locks.read_lock(result / "train.lock.json")
     if lock is None:
-        raise UserError(f"{result} holds no finished training (no valid train.lock.json); "
-                        "run `leakpipe train` for it")
+        raise UserError(f"{result} holds no finished training (no valid train.lock.json); run `leakpipe train` for it")
     problems = locks.verify(result / "train.lock.json", lock, deep) if deep else []
     if problems:
-        raise UserError(f"the trained result {result} is damaged ({'; '.join(problems)}); nothing was "
-                        "computed from it. Run `leakpipe train --run NAME` with its config to train it again.")
+        raise UserError(
+            f"the trained result {result} is damaged ({'; '.join(problems)}); nothing was "
+            "computed from it. Run `leakpipe train --run NAME` with its config to train it again."
+        )
     return lock
 
 
@@ -83,8 +88,10 @@ def init_file(ws: Workspace, cfg: Config) -> Path:
     path = Path(cfg.model.init).expanduser()
     path = path if path.is_absolute() else ws.root / path
     if not path.is_file():
-        raise UserError(f"model.init = {cfg.model.init}: no such file ({path}); give a .safetensors state "
-                        "dict with torchvision's parameter names, or set model.init to empty")
+        raise UserError(
+            f"model.init = {cfg.model.init}: no such file ({path}); give a .safetensors state "
+            "dict with torchvision's parameter names, or set model.init to empty"
+        )
     return path
 
 
@@ -141,15 +148,20 @@ class Latents:
         """Record damaged rows for `status` and `encode`, and return the error for the reader to raise."""
         atomic_write_json(self.damage_report, {"rows": rows, "found_by": reader})
         lines = ", ".join(str(self.manifest.line(r)) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
-        return UserError(f"latents of {self.split} are damaged: {len(rows)} row(s) of {self.store} do not "
-                         f"match their checksums (manifest lines {lines}); nothing was trained on them. "
-                         f"Run `leakpipe encode --split {self.split}`, which re-encodes them.")
+        return UserError(
+            f"latents of {self.split} are damaged: {len(rows)} row(s) of {self.store} do not "
+            f"match their checksums (manifest lines {lines}); nothing was trained on them. "
+            f"Run `leakpipe encode --split {self.split}`, which re-encodes them."
+        )
 
     def identity(self) -> Upstream:
         """The latents as an upstream input: the encode lock's fingerprint, with readable facts."""
         lock = locks.read_lock(self.lock)
-        return Upstream(lock["fingerprint"], "re-encoded",
-                        {"vae": lock.get("vae"), "rows": len(self.manifest) - len(lock.get("skipped_bad", []))})
+        return Upstream(
+            lock["fingerprint"],
+            "re-encoded",
+            {"vae": lock.get("vae"), "rows": len(self.manifest) - len(lock.get("skipped_bad", []))},
+        )
 
     @property
     def described(self) -> str:
@@ -166,6 +178,5 @@ def ready_latents(graph: Graph, split: str, cfg: Config | None = None) -> tuple[
     except UserError as exc:
         return None, Verdict(False, [f"latents of {split}: {str(exc).splitlines()[0]}"], blocked=[command])
     if not verdict.up_to_date:
-        return plan, Verdict(False, [f"latents of {split} are stale: " + "; ".join(verdict.reasons)],
-                             blocked=[command])
+        return plan, Verdict(False, [f"latents of {split} are stale: " + "; ".join(verdict.reasons)], blocked=[command])
     return plan, verdict

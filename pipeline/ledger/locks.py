@@ -5,6 +5,7 @@ A lock is written last and atomically, so its presence means the outputs it list
 stages call it before they work and `leakpipe status` calls it to report, so the two cannot
 disagree.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,13 +43,23 @@ class Inputs:
     code: str | dict = ""  # the stage's code identity (ledger/code.py): a legacy label, or {entry: hash}
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "code": self.code, "files": self.files,
-                "upstream": {k: asdict(u) for k, u in self.upstream.items()}}
+        return {
+            "config": self.config,
+            "code": self.code,
+            "files": self.files,
+            "upstream": {k: asdict(u) for k, u in self.upstream.items()},
+        }
 
     def fingerprint(self) -> str:
         """The identity of the outputs: `about` is for reading only and never changes it."""
-        return canonical_hash({"config": self.config, "code": self.code, "files": self.files,
-                               "upstream": {k: u.fingerprint for k, u in self.upstream.items()}})
+        return canonical_hash(
+            {
+                "config": self.config,
+                "code": self.code,
+                "files": self.files,
+                "upstream": {k: u.fingerprint for k, u in self.upstream.items()},
+            }
+        )
 
 
 @dataclass
@@ -60,8 +71,12 @@ class Verdict:
     restore: bool = False  # a stored result matches: the stage restores it without recomputing
 
     def to_dict(self) -> dict:
-        return {"up_to_date": self.up_to_date, "reasons": self.reasons, "blocked_by": self.blocked,
-                "restores_stored_result": self.restore}
+        return {
+            "up_to_date": self.up_to_date,
+            "reasons": self.reasons,
+            "blocked_by": self.blocked,
+            "restores_stored_result": self.restore,
+        }
 
 
 # ---------------------------------------------------------------- reasons in words
@@ -87,9 +102,11 @@ def files_changed(old: list, new: list, changed: str = "file") -> str:
     was, now = dict(map(tuple, old)), dict(map(tuple, new))
     added, removed = len(now.keys() - was.keys()), len(was.keys() - now.keys())
     n_changed = sum(1 for k in now.keys() & was.keys() if now[k] != was[k])
-    parts = [f"{_plural(added, 'row')} added" if added else "",
-             f"{_plural(n_changed, changed)} changed" if n_changed else "",
-             f"{_plural(removed, 'row')} removed" if removed else ""]
+    parts = [
+        f"{_plural(added, 'row')} added" if added else "",
+        f"{_plural(n_changed, changed)} changed" if n_changed else "",
+        f"{_plural(removed, 'row')} removed" if removed else "",
+    ]
     words = ", ".join(p for p in parts if p)
     if not words and [r[0] for r in old] != [r[0] for r in new]:
         words = "rows reordered"
@@ -102,11 +119,17 @@ def explain(old: dict, new: Inputs) -> list[str]:
     if old.get("code") != new.code:
         reasons += code_id.changed(old.get("code"), new.code) or ["code changed"]
     was = old.get("config", {})
-    reasons += [f"{k}: {_show(_setting(was, k))} -> {_show(_setting(new.config, k))}"
-                for k in sorted(set(was) | set(new.config)) if was.get(k) != new.config.get(k)]
+    reasons += [
+        f"{k}: {_show(_setting(was, k))} -> {_show(_setting(new.config, k))}"
+        for k in sorted(set(was) | set(new.config))
+        if was.get(k) != new.config.get(k)
+    ]
     files = old.get("files", {})
-    reasons += [f"{k}: {files_changed(files.get(k, []), new.files.get(k, []), 'row' if k.startswith('labels') else 'file')}"
-                for k in sorted(set(files) | set(new.files)) if files.get(k) != new.files.get(k)]
+    reasons += [
+        f"{k}: {files_changed(files.get(k, []), new.files.get(k, []), 'row' if k.startswith('labels') else 'file')}"
+        for k in sorted(set(files) | set(new.files))
+        if files.get(k) != new.files.get(k)
+    ]
     ups = old.get("upstream", {})
     for name in sorted(set(ups) | set(new.upstream)):
         a, b = ups.get(name), new.upstream.get(name)
@@ -115,8 +138,11 @@ def explain(old: dict, new: Inputs) -> list[str]:
         elif a is None:
             reasons.append(f"{name}: a new input")
         elif a["fingerprint"] != b.fingerprint:
-            diff = [f"{k}: {_show(a['about'].get(k))} -> {_show(v)}" for k, v in b.about.items()
-                    if a.get("about", {}).get(k) != v]
+            diff = [
+                f"{k}: {_show(a['about'].get(k))} -> {_show(v)}"
+                for k, v in b.about.items()
+                if a.get("about", {}).get(k) != v
+            ]
             reasons.append(f"{name}: {b.redone}" + (f" ({'; '.join(diff)})" if diff else ""))
     return reasons
 
@@ -147,9 +173,16 @@ def write_lock(lock_path: Path, stage: str, inputs: Inputs, outputs: Path | str 
     """`outputs`: a folder (everything in it; local or a URL), or a list of files next to the lock."""
     root = str(Path(lock_path).parent) if isinstance(outputs, list) else storage.normalize(outputs)
     files = outputs if isinstance(outputs, list) else None
-    lock = {"format": LOCK_FORMAT, "stage": stage, "fingerprint": inputs.fingerprint(),
-            "inputs": inputs.to_dict(), "outputs_root": _root_record(root, Path(lock_path).parent),
-            "outputs": checksums(root, files), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    lock = {
+        "format": LOCK_FORMAT,
+        "stage": stage,
+        "fingerprint": inputs.fingerprint(),
+        "inputs": inputs.to_dict(),
+        "outputs_root": _root_record(root, Path(lock_path).parent),
+        "outputs": checksums(root, files),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
     atomic_write_json(lock_path, lock)
     return lock
 
@@ -182,13 +215,21 @@ def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
             problems.append(f"output size changed: {full} ({want['size']} -> {size} bytes)")
         elif deep and _hash(full) != want["blake2b"]:
             problems.append(f"checksum mismatch (corrupted): {full}")
-    problems += [f"orphaned partial write (killed writer; safe to delete): {storage.join(root, rel)}"
-                 for rel in sorted(have) if rel.endswith(".partial")]
+    problems += [
+        f"orphaned partial write (killed writer; safe to delete): {storage.join(root, rel)}"
+        for rel in sorted(have)
+        if rel.endswith(".partial")
+    ]
     return problems
 
 
-def check(lock_path: Path, inputs: Inputs, outputs_at: Path | str | None = None,
-          previous: Path | None = None, deep: bool = False) -> Verdict:
+def check(
+    lock_path: Path,
+    inputs: Inputs,
+    outputs_at: Path | str | None = None,
+    previous: Path | None = None,
+    deep: bool = False,
+) -> Verdict:
     """Up to date iff the lock's inputs equal `inputs` and its outputs are all there (sizes; `verify`
     with deep=True hashes). `outputs_at`: where the outputs should be now (a lock whose outputs are
     elsewhere is stale). `previous`: an older lock to explain the change against when this stage has

@@ -1,6 +1,7 @@
 """A trained result as the later stages read it, every file checked against its lock as it is read:
 the model with its feature path, the saved open-set scores, and the embeddings of a split joined with
 its manifest columns."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,14 +24,19 @@ def _checked_bytes(path: Path, lock: dict, todo: str) -> bytes:
     """The file's bytes, hashed as read and compared with the lock's checksum; a mismatch is refused."""
     data = path.read_bytes()
     if hash_bytes(data) != lock["outputs"][path.name]["blake2b"]:
-        raise UserError(f"{path} is damaged (checksum mismatch with {lock['stage']}.lock.json); it was not used. {todo}")
+        raise UserError(
+            f"{path} is damaged (checksum mismatch with {lock['stage']}.lock.json); it was not used. {todo}"
+        )
     return data
 
 
 def load_checked(result: Path, name: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a result's safetensors file, checked against the train lock as read."""
-    return read_safetensors(_checked_bytes(result / name, trained_lock(result),
-                                           "Run `leakpipe train --run NAME` with its config to train it again."))
+    return read_safetensors(
+        _checked_bytes(
+            result / name, trained_lock(result), "Run `leakpipe train --run NAME` with its config to train it again."
+        )
+    )
 
 
 def load_checked_scores(result: Path, name: str = "open_scores.safetensors") -> dict | None:
@@ -58,20 +64,31 @@ def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | No
     lock = read_lock(lock_path)
     problems = verify(lock_path, lock, deep=True) if lock else ["no valid lock: unfinished"]
     if problems:
-        raise UserError(f"the embeddings of {split!r} in {run_dir} cannot be used ({'; '.join(problems)}); "
-                        "run `leakpipe score`, which embeds them again")
+        raise UserError(
+            f"the embeddings of {split!r} in {run_dir} cannot be used ({'; '.join(problems)}); "
+            "run `leakpipe score`, which embeds them again"
+        )
     e = embeddings.read(run_dir / "embeddings" / f"{split}.zarr")
     m = read_manifest(ws.manifest(split), check_files=False)
     if len(m) != len(e["valid"]):
-        raise UserError(f"embeddings of {split!r} have {len(e['valid'])} rows but {ws.manifest(split)} has "
-                        f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again")
+        raise UserError(
+            f"embeddings of {split!r} have {len(e['valid'])} rows but {ws.manifest(split)} has "
+            f"{len(m)}; run `leakpipe encode --split {split}` and `leakpipe score` again"
+        )
     v = e["valid"]
     col = lambda name: np.array(m.column(name) if m.has_column(name) else [""] * len(m), dtype=object)[v]  # noqa: E731
     ids = {"path": col("path"), "group": col("group"), "source": col("source"), "row": np.nonzero(v)[0]}
     if content is not None:
         ids["content"] = np.array(content, dtype=object)[v]
-    return Split(split, {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min", "pi_cm", "r")},
-                 col("label"), col("partition"), col("variant"), int((~v).sum()), ids), e["attrs"]
+    return Split(
+        split,
+        {k: e[k][v] for k in ("h_bar", "w", "a_t", "logits", "pi", "d_min", "pi_cm", "r")},
+        col("label"),
+        col("partition"),
+        col("variant"),
+        int((~v).sum()),
+        ids,
+    ), e["attrs"]
 
 
 def stage_features(result: Path, store: str, rows: np.ndarray, device, batch_size: int = 64) -> dict:
@@ -82,7 +99,7 @@ def stage_features(result: Path, store: str, rows: np.ndarray, device, batch_siz
     from leakpipe.pipeline.engine.data import LatentRows, eval_noise
 
     model, build, _, cfg = load_trained(result, device)
-    data = LatentRows(store, rows, rows * 0, 2 ** 30)
+    data = LatentRows(store, rows, rows * 0, 2**30)
     parts: dict[str, list] = {}
     with torch.inference_mode():
         for pos, m, lv, _ in data.batches(build.eval_rows(batch_size, data.latent_shape), seed=None):

@@ -5,6 +5,7 @@ metrics, report) and is never overwritten by a different config: its name *is* i
 `cache/runs/<name>` is a symbolic link to the result the name was last trained (or restored) as,
 so `cache/runs/default/report.md` keeps working and retraining a name keeps the earlier result.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from leakpipe.pipeline.names import NAME, check_name as _check_name
 from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.workspace import Workspace
+
 
 def check_name(name: str) -> str:
     return _check_name(name, "run", "a folder under cache/runs/")

@@ -6,6 +6,7 @@ everything else, the same way for every stage: the writer lock, sweeping what ki
 the check against the lock, the work, and writing the lock last. It walks upstream first: a stale
 upstream stage it may run is run, any other is named as the command to run first.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -103,8 +104,9 @@ def upstream_ready(plan: Plan, cfg: Config, log, implicit: frozenset[str]) -> bo
             log(f"{plan.title}: {up.title} left out: {'; '.join(verdict.reasons)}")
         else:
             first = verdict.blocked[0] if verdict.blocked else up.command
-            raise UserError(f"{plan.title}: {up.title} is not up to date ({'; '.join(verdict.reasons)}); "
-                            f"run `{first}` first")
+            raise UserError(
+                f"{plan.title}: {up.title} is not up to date ({'; '.join(verdict.reasons)}); run `{first}` first"
+            )
     return ran
 
 
@@ -114,8 +116,10 @@ def run(plan: Plan, cfg: Config, log=print, implicit: frozenset[str] = frozenset
     if upstream_ready(plan, cfg, log, implicit) and plan.replan is not None:
         plan = plan.replan()  # the upstream identities it reads have changed
     if plan.inputs is None:
-        raise UserError(f"{plan.title}: {'; '.join(plan.blocked.reasons)}"
-                        + (f"; run `{plan.blocked.blocked[0]}` first" if plan.blocked.blocked else ""))
+        raise UserError(
+            f"{plan.title}: {'; '.join(plan.blocked.reasons)}"
+            + (f"; run `{plan.blocked.blocked[0]}` first" if plan.blocked.blocked else "")
+        )
     with exclusive(plan.writer_lock, plan.title) if plan.writes else nullcontext():
         if plan.writes and plan.sweep is not None:
             plan.sweep()  # none of its writers can be alive under this lock

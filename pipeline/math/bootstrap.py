@@ -4,6 +4,7 @@ A resample is a weight vector: how many times each row (or each group of rows: a
 prompt) was drawn. The metrics of math/metrics.py take such weights, so a bootstrap is each metric
 on blocks of resampled weights (`blocks`), and `interval` turns the values into a 95% interval.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,7 @@ def weights(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = Non
     return drawn[:, member].astype(np.float64)
 
 
-def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None,
-           cells: int = BLOCK_CELLS):
+def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None, cells: int = BLOCK_CELLS):
     """The resamples of `weights(n_rows, n_boot, seed, groups)`, the same ones in the same order, as
     consecutive blocks of at most `cells` weights (B_block, n_rows), so that memory stays bounded."""
     rng = np.random.default_rng(seed)

@@ -7,6 +7,7 @@ It divides every logit of a row by the same number, so it never changes the pred
 row's ranking of the classes). The per-class variant (the authors' `--calibration-mode perclass_temp`)
 divides column k by its own T_k: more parameters, and it can change the predicted class.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,7 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature=1.0) -> float:
 
 def _prior(s: np.ndarray, n: int) -> float:
     """The prior's share of the per-row objective: (log T)^2 / (2 PRIOR_SD^2 n), summed over the T's."""
-    return float(np.sum(np.square(s))) / (2 * PRIOR_SD ** 2 * n)
+    return float(np.sum(np.square(s))) / (2 * PRIOR_SD**2 * n)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -48,8 +49,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return 1.0
     n = len(labels)
-    res = minimize_scalar(lambda s: nll(logits, labels, np.exp(s)) + _prior(s, n), bounds=LOG_T_BOUNDS,
-                          method="bounded", options={"xatol": 1e-6})
+    res = minimize_scalar(
+        lambda s: nll(logits, labels, np.exp(s)) + _prior(s, n),
+        bounds=LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     return float(np.exp(res.x))
 
 
@@ -67,7 +72,7 @@ def fit_class_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         z = logits / np.exp(s)
         p = scaled_posterior(z, 1.0)
         # d NLL / d log T_k = mean_i (p_ik - y_ik) * (-z_ik)
-        return nll(z, labels) + _prior(s, n), -((p - onehot) * z).mean(axis=0) + s / (PRIOR_SD ** 2 * n)
+        return nll(z, labels) + _prior(s, n), -((p - onehot) * z).mean(axis=0) + s / (PRIOR_SD**2 * n)
 
     res = minimize(objective, np.zeros(c), jac=True, method="L-BFGS-B", bounds=[LOG_T_BOUNDS] * c)
     return np.exp(res.x)
@@ -94,5 +99,9 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(which, conf, minlength=bins) / count
         accuracy = np.bincount(which, right, minlength=bins) / count
-    return {"bins": bins, "count": count.astype(int).tolist(), "confidence": mean_conf.tolist(),
-            "accuracy": accuracy.tolist()}
+    return {
+        "bins": bins,
+        "count": count.astype(int).tolist(),
+        "confidence": mean_conf.tolist(),
+        "accuracy": accuracy.tolist(),
+    }

@@ -12,6 +12,7 @@ Scores: LAC (Sadinle, Lei & Wasserman 2019), s = 1 - p_y, gives the smallest set
 adapts the set to how spread the posterior is. Mondrian (class-conditional) conformal takes one q
 per class from the calibration rows of that class, so each class's coverage holds on its own.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +54,9 @@ def quantile(scores: np.ndarray, alpha: float) -> float:
     return float(scores[k - 1]) if 1 <= k <= len(scores) else (float("inf") if k > len(scores) else -float("inf"))
 
 
-def thresholds(cal_scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float,
-               mondrian: bool = False) -> np.ndarray:
+def thresholds(
+    cal_scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float, mondrian: bool = False
+) -> np.ndarray:
     """(C,) the threshold each class is held to: the same split-conformal quantile of the calibration
     rows' true-class scores for all, or (Mondrian) each class's quantile of its own rows' scores."""
     true = np.asarray(cal_scores, np.float64)[np.arange(len(labels)), labels]

@@ -1,4 +1,5 @@
 """The orthonormal 2-D DCT-II as matrix products, and the low-frequency map of Eq. 4."""
+
 from __future__ import annotations
 
 import math

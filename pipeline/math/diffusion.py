@@ -1,4 +1,5 @@
 """Noise schedules and forward diffusion (paper Eq. 1-3), as pure tensor functions."""
+
 from __future__ import annotations
 
 import math
@@ -8,18 +9,18 @@ import torch
 SCHEDULES = ("cosine", "linear", "scaled_linear")
 
 
-def betas(schedule: str, num_steps: int = 1000, beta_start: float = 0.00085,
-          beta_end: float = 0.012) -> torch.Tensor:
+def betas(schedule: str, num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """beta_1..beta_T in float64: cosine = diffusers' squaredcos_cap_v2; linear and scaled_linear
     with SD's (0.00085, 0.012) endpoints (the authors' code uses linear, SD 2.1 scaled_linear)."""
     if schedule == "cosine":
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return torch.tensor([min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999)
-                             for i in range(num_steps)], dtype=torch.float64)
+        return torch.tensor(
+            [min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999) for i in range(num_steps)], dtype=torch.float64
+        )
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
@@ -34,8 +35,9 @@ def alpha_sigma(abar: torch.Tensor, timesteps) -> tuple[torch.Tensor, torch.Tens
     return a.sqrt(), (1 - a).sqrt()
 
 
-def latent_z0(mean: torch.Tensor, logvar: torch.Tensor | None, scale: float, mode: str,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+def latent_z0(
+    mean: torch.Tensor, logvar: torch.Tensor | None, scale: float, mode: str, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """z0 from the stored posterior (Eq. 1): the mean (or a sample), times s ('multiply', the
     authors' code) or divided by s ('divide', Eq. 1 as printed)."""
     z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise

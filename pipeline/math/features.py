@@ -1,4 +1,5 @@
 """f_t = concat[z_t / sigma_t, DCT_low(z_t / sigma_t)] and its per-timestep standardisation."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ Fridrich and Kodovsky, 2012) with their co-occurrences, the azimuthally averaged
 (resampling moves and removes high frequencies), blockiness at the 8-pixel grid, and the colour
 means. Every function takes float arrays in 0..255 and returns a 1-D feature vector.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def dct_basis(n: int = BLOCK) -> np.ndarray:
 
 def zigzag(n: int = BLOCK) -> list[tuple[int, int]]:
     """JPEG's zig-zag order of the (u, v) frequencies of an n x n block."""
-    return sorted(((u, v) for u in range(n) for v in range(n)),
-                  key=lambda p: (p[0] + p[1], p[0] if (p[0] + p[1]) % 2 else p[1]))
+    return sorted(
+        ((u, v) for u in range(n) for v in range(n)), key=lambda p: (p[0] + p[1], p[0] if (p[0] + p[1]) % 2 else p[1])
+    )
 
 
 def blocks(y: np.ndarray) -> np.ndarray:
@@ -60,11 +62,15 @@ def block_dct(y: np.ndarray) -> np.ndarray:
 # Fixed high-pass filters of the SRM family: first and second order differences, Ker-Bohme's 3 x 3
 # ("KB") and the 5 x 5 "KV" kernel, each predicting a pixel from its neighbours.
 RESIDUAL_KERNELS = {
-    "d1h": np.array([[1.0, -1.0]]), "d1v": np.array([[1.0], [-1.0]]),
-    "d2h": np.array([[1.0, -2.0, 1.0]]), "d2v": np.array([[1.0], [-2.0], [1.0]]),
+    "d1h": np.array([[1.0, -1.0]]),
+    "d1v": np.array([[1.0], [-1.0]]),
+    "d2h": np.array([[1.0, -2.0, 1.0]]),
+    "d2v": np.array([[1.0], [-2.0], [1.0]]),
     "kb": np.array([[-1.0, 2, -1], [2, -4, 2], [-1, 2, -1]]) / 4,
-    "kv": np.array([[-1.0, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2],
-                    [-1, 2, -2, 2, -1]]) / 12,
+    "kv": np.array(
+        [[-1.0, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]]
+    )
+    / 12,
 }
 TRUNCATE = 2  # residuals are rounded and truncated to -T..T, as in the SRM
 
@@ -77,7 +83,7 @@ def filtered(y: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     for i in range(kh):
         for j in range(kw):
             if kernel[i, j]:
-                out += kernel[i, j] * y[i:i + h, j:j + w]
+                out += kernel[i, j] * y[i : i + h, j : j + w]
     return out
 
 
@@ -92,11 +98,11 @@ def residuals(y: np.ndarray) -> np.ndarray:
         c2 = c * c
         var = float(c2.mean()) + 1e-12
         q = np.rint(np.clip(r, -TRUNCATE, TRUNCATE)).astype(np.intp) + TRUNCATE
-        out += [0.5 * np.log(var), np.log(float(np.abs(r).mean()) + 1e-9), float((c2 * c2).mean()) / var ** 2 / 100]
+        out += [0.5 * np.log(var), np.log(float(np.abs(r).mean()) + 1e-9), float((c2 * c2).mean()) / var**2 / 100]
         out += list(np.bincount(q.ravel(), minlength=n_bins) / q.size)
         if name in ("d1h", "kb"):
             pairs = q[:, :-1] * n_bins + q[:, 1:]
-            out += list(np.bincount(pairs.ravel(), minlength=n_bins ** 2) / pairs.size)
+            out += list(np.bincount(pairs.ravel(), minlength=n_bins**2) / pairs.size)
     return np.asarray(out)
 
 
@@ -107,7 +113,7 @@ def radial_spectrum(x: np.ndarray, bins: int = 32) -> np.ndarray:
     win = np.outer(np.hanning(h), np.hanning(w))
     power = np.abs(np.fft.fftshift(np.fft.fft2((x - x.mean()) * win))) ** 2
     fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(h)), np.fft.fftshift(np.fft.fftfreq(w)), indexing="ij")
-    radius = np.sqrt(fx ** 2 + fy ** 2) / 0.5
+    radius = np.sqrt(fx**2 + fy**2) / 0.5
     which = np.minimum((radius * bins).astype(int), bins)  # the corners beyond Nyquist share the last bin
     sums = np.bincount(which.ravel(), power.ravel(), bins + 1)[:bins]
     counts = np.bincount(which.ravel(), minlength=bins + 1)[:bins]
@@ -130,5 +136,14 @@ def features(rgb: np.ndarray) -> np.ndarray:
     """Every feature of an (H, W, 3) array in 0..255 whose sides are multiples of 8."""
     rgb = np.asarray(rgb, np.float64)
     y = luminance(rgb)
-    return np.concatenate([block_dct(y), residuals(y), radial_spectrum(y), radial_spectrum(filtered(y, RESIDUAL_KERNELS["kb"])),
-                           blockiness(y), rgb.mean((0, 1)) / 255, rgb.std((0, 1)) / 255])
+    return np.concatenate(
+        [
+            block_dct(y),
+            residuals(y),
+            radial_spectrum(y),
+            radial_spectrum(filtered(y, RESIDUAL_KERNELS["kb"])),
+            blockiness(y),
+            rgb.mean((0, 1)) / 255,
+            rgb.std((0, 1)) / 255,
+        ]
+    )

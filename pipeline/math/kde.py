@@ -5,6 +5,7 @@ dimension (scikit-learn issue #25799; 447 nats off at h = 1 in 512-D measured he
 Memory is bounded at any N: queries and references are processed in blocks and the log-sum-exp is
 accumulated across reference blocks.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,23 +17,22 @@ import torch
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float,
-                block: int = 1024) -> torch.Tensor:
+def log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, block: int = 1024) -> torch.Tensor:
     """Eq. 16-17: log p(x) = logsumexp_i(-|x - x_i|^2 / 2h^2) - log N - (D/2) log(2 pi h^2)."""
     n, d = reference.shape
     ref_sq = (reference * reference).sum(1)
     out = torch.empty(len(queries), dtype=queries.dtype, device=queries.device)
     for q0 in range(0, len(queries), block):
-        q = queries[q0:q0 + block]
+        q = queries[q0 : q0 + block]
         q_sq = (q * q).sum(1, keepdim=True)
         acc = torch.full((len(q),), -math.inf, dtype=q.dtype, device=q.device)
         for r0 in range(0, n, block):
             # |q - r|^2 = |q|^2 + |r|^2 - 2 q.r, fused, in place: one (block x block) buffer
-            dist = torch.addmm(ref_sq[r0:r0 + block], q, reference[r0:r0 + block].T, alpha=-2)
-            dist.add_(q_sq).clamp_min_(0).mul_(-0.5 / bandwidth ** 2)
+            dist = torch.addmm(ref_sq[r0 : r0 + block], q, reference[r0 : r0 + block].T, alpha=-2)
+            dist.add_(q_sq).clamp_min_(0).mul_(-0.5 / bandwidth**2)
             acc = torch.logaddexp(acc, torch.logsumexp(dist, dim=1))
-        out[q0:q0 + block] = acc
-    return out - math.log(n) - 0.5 * d * math.log(2 * math.pi * bandwidth ** 2)
+        out[q0 : q0 + block] = acc
+    return out - math.log(n) - 0.5 * d * math.log(2 * math.pi * bandwidth**2)
 
 
 def subsample(n: int, k: int, seed: int) -> np.ndarray:
@@ -81,8 +81,12 @@ class GaussianKDE:
 
     def fit(self, x) -> "GaussianKDE":
         x = np.asarray(x)
-        self.reference = {"rows": int(len(x)), "used": int(len(x)), "max_reference": self.max_reference,
-                          "seed": self.seed}
+        self.reference = {
+            "rows": int(len(x)),
+            "used": int(len(x)),
+            "max_reference": self.max_reference,
+            "seed": self.seed,
+        }
         if 0 < self.max_reference < len(x):
             x = x[subsample(len(x), self.max_reference, self.seed)]
             self.reference["used"] = self.max_reference
@@ -95,8 +99,13 @@ class GaussianKDE:
             grid = default_grid(self.reference_, self.grid_factors)
             ll = cv_log_likelihood(self.reference_, grid, self.folds, self.seed, self.block).mean(0)
             self.bandwidth_ = grid[int(np.nanargmax(ll))]
-            self.cv = {"grid": grid, "mean_heldout_loglik": ll.tolist(), "folds": self.folds,
-                       "bandwidth": self.bandwidth_, "at_grid_edge": int(np.nanargmax(ll)) in (0, len(grid) - 1)}
+            self.cv = {
+                "grid": grid,
+                "mean_heldout_loglik": ll.tolist(),
+                "folds": self.folds,
+                "bandwidth": self.bandwidth_,
+                "at_grid_edge": int(np.nanargmax(ll)) in (0, len(grid) - 1),
+            }
         else:
             self.bandwidth_ = float(self.bandwidth)
         return self

@@ -1,5 +1,6 @@
 """k-means (Lloyd's algorithm with k-means++ seeding), for placing a class's prototypes on the modes of
 its embeddings."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The Mahalanobis comparator of Eq. 13: per-class diagonal Gaussians on training embeddings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

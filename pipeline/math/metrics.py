@@ -10,6 +10,7 @@ Conventions: `positive` marks the class whose score should be high (for the open
 samples, scored by their KDE log-density). An AUC is undefined without both positives and
 negatives; it is then NaN (documented), never an exception, so one empty class cannot stop a report.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -83,14 +84,20 @@ def set_size(sets: np.ndarray, w: np.ndarray) -> np.ndarray:
 def per_class_coverage(sets: np.ndarray, labels: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:
     """(B, C): each class's coverage among its own rows (class-conditional), NaN where none was drawn."""
     hit = sets[np.arange(len(labels)), labels].astype(np.float64)
-    return np.stack([_ratio(w @ (hit * (labels == c)), w @ (labels == c).astype(np.float64))
-                     for c in range(n_classes)], axis=1)
+    return np.stack(
+        [_ratio(w @ (hit * (labels == c)), w @ (labels == c).astype(np.float64)) for c in range(n_classes)], axis=1
+    )
 
 
 def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:
     """Mean recall over the classes drawn in each resample."""
-    recalls = np.stack([_ratio(w @ ((labels == c) & (predicted == c)).astype(np.float64),
-                               w @ (labels == c).astype(np.float64)) for c in range(n_classes)], axis=1)
+    recalls = np.stack(
+        [
+            _ratio(w @ ((labels == c) & (predicted == c)).astype(np.float64), w @ (labels == c).astype(np.float64))
+            for c in range(n_classes)
+        ],
+        axis=1,
+    )
     return _nanmean_rows(recalls)
 
 
@@ -180,9 +187,9 @@ def _pilot_bandwidth(x: np.ndarray, max_points: int = 1000) -> float:
     np.fill_diagonal(d2, np.inf)
     best, best_ll = scale, -np.inf
     for h in scale * np.logspace(-3, 0.5, 22):
-        loo = np.exp(-0.5 * d2 / h ** 2).sum(axis=1) / ((len(xs) - 1) * h)
+        loo = np.exp(-0.5 * d2 / h**2).sum(axis=1) / ((len(xs) - 1) * h)
         logs = np.sort(np.log(np.maximum(loo, 1e-300)))
-        ll = logs[len(logs) // 20:].mean()
+        ll = logs[len(logs) // 20 :].mean()
         if ll > best_ll:
             best, best_ll = h, ll
     return float(best)
@@ -193,8 +200,8 @@ def _mixture(at: np.ndarray, centres: np.ndarray, widths: np.ndarray, block: int
     out = np.zeros(len(at))
     step = max(1, block // max(len(centres), 1))
     for s in range(0, len(at), step):
-        z = (at[s:s + step, None] - centres[None]) / widths[None]
-        out[s:s + step] = (np.exp(-0.5 * z * z) / widths[None]).mean(axis=1)
+        z = (at[s : s + step, None] - centres[None]) / widths[None]
+        out[s : s + step] = (np.exp(-0.5 * z * z) / widths[None]).mean(axis=1)
     return out / np.sqrt(2 * np.pi)
 
 
@@ -214,8 +221,10 @@ def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048):
     kdes = [adaptive_kde(np.asarray(x, np.float64)) for x in (a, b)]
     lo = min(float((c - 5 * w).min()) for c, w in kdes)
     hi = max(float((c + 5 * w).max()) for c, w in kdes)
-    local = [c[::max(1, len(c) // 400), None] + w[::max(1, len(c) // 400), None] * np.linspace(-4, 4, 9)[None]
-             for c, w in kdes]
+    local = [
+        c[:: max(1, len(c) // 400), None] + w[:: max(1, len(c) // 400), None] * np.linspace(-4, 4, 9)[None]
+        for c, w in kdes
+    ]
     return kdes, np.unique(np.concatenate([np.linspace(lo, hi, grid_points), *(x.ravel() for x in local)]))
 
 
@@ -230,9 +239,11 @@ def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, block: int = 1 << 22) -> np
     step = max(1, block // max(len(a), len(b)))
     low = np.empty((len(w), len(grid)))
     for s in range(0, len(grid), step):
-        f = [_weighted_mixture(grid[s:s + step], c, h, part)
-             for (c, h), part in zip(kdes, (w[:, :len(a)], w[:, len(a):]))]
-        low[:, s:s + step] = np.minimum(*f)
+        f = [
+            _weighted_mixture(grid[s : s + step], c, h, part)
+            for (c, h), part in zip(kdes, (w[:, : len(a)], w[:, len(a) :]))
+        ]
+        low[:, s : s + step] = np.minimum(*f)
     return np.clip(np.trapezoid(low, grid, axis=1), 0.0, 1.0)
 
 

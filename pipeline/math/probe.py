@@ -1,4 +1,5 @@
 """The linear probe every baseline is: a logistic regression on standardised features."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """How distinct a class's prototypes are: do they stand for different modes of its images, or have
 they collapsed onto one (paper Eq. 9-10 define the distances and the soft minimum)?"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,9 +38,17 @@ def usage(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, prototypes: np.n
         wbar, p = w[sel].mean(0), prototypes[c].astype(np.float64)
         pairs = [float((wbar * (p[a] - p[b]) ** 2).sum()) for a in range(n_m) for b in range(a + 1, n_m)]
         spread = float((wbar * (h_bar[sel] - h_bar[sel].mean(0)) ** 2).sum(1).mean())
-        per_class.append({"n": int(sel.sum()), "winning": int(len(np.unique(win[sel]))),
-                          "separation": float(np.mean(pairs) / spread) if pairs and spread > 0 else float("nan")})
+        per_class.append(
+            {
+                "n": int(sel.sum()),
+                "winning": int(len(np.unique(win[sel]))),
+                "separation": float(np.mean(pairs) / spread) if pairs and spread > 0 else float("nan"),
+            }
+        )
     seps = [r["separation"] for r in per_class if np.isfinite(r["separation"])]
-    return {"per_class": per_class, "per_class_count": n_m,
-            "winning_fraction": float(np.mean([r["winning"] / n_m for r in per_class if r["n"]])),
-            "median_separation": float(np.median(seps)) if seps else float("nan")}
+    return {
+        "per_class": per_class,
+        "per_class_count": n_m,
+        "winning_fraction": float(np.mean([r["winning"] / n_m for r in per_class if r["n"]])),
+        "median_separation": float(np.median(seps)) if seps else float("nan"),
+    }

@@ -5,6 +5,7 @@ networks are written out. Their layouts and parameter counts are torchvision's (
 torchvision state dict loads (`model.init`). Each backbone maps (B, C, H, W) to pooled features
 (B, out_features), and `stages` gives the pooled features after each stage (paper Fig. 3).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,11 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
-RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3)),
-           "resnet101": (Bottleneck, (3, 4, 23, 3))}
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
 
 
 class ResNet(nn.Module):
@@ -89,7 +93,7 @@ class ResNet(nn.Module):
         self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
         cin, stages = 64, []
         for i, n in enumerate(layers):
-            width = 64 * 2 ** i
+            width = 64 * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
@@ -143,8 +147,11 @@ class MBConv(nn.Module):
         super().__init__()
         hidden = _divisible(cin * expand)
         layers = [_conv_bn(cin, hidden, 1)] if hidden != cin else []
-        layers += [_conv_bn(hidden, hidden, k, stride, groups=hidden), SqueezeExcitation(hidden, max(1, cin // 4)),
-                   _conv_bn(hidden, cout, 1, act=False)]
+        layers += [
+            _conv_bn(hidden, hidden, k, stride, groups=hidden),
+            SqueezeExcitation(hidden, max(1, cin // 4)),
+            _conv_bn(hidden, cout, 1, act=False),
+        ]
         self.block = nn.Sequential(*layers)
         self.residual, self.drop = stride == 1 and cin == cout, drop
 
@@ -159,8 +166,15 @@ class MBConv(nn.Module):
 
 
 # (expand ratio, kernel, stride, in, out, layers) of EfficientNet-B0; B4 scales width 1.4, depth 1.8
-_B0 = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
-       (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+_B0 = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
 
 
 class EfficientNet(nn.Module):
@@ -169,10 +183,20 @@ class EfficientNet(nn.Module):
 
     first_conv = "features.0.0"
 
-    def __init__(self, in_channels: int = 8, num_classes: int = 0, width: float = 1.4, depth: float = 1.8,
-                 stochastic_depth: float = 0.2, stem: str = "imagenet"):
+    def __init__(
+        self,
+        in_channels: int = 8,
+        num_classes: int = 0,
+        width: float = 1.4,
+        depth: float = 1.8,
+        stochastic_depth: float = 0.2,
+        stem: str = "imagenet",
+    ):
         super().__init__()
-        conf = [(e, k, s, _divisible(i * width), _divisible(o * width), int(math.ceil(n * depth))) for e, k, s, i, o, n in _B0]
+        conf = [
+            (e, k, s, _divisible(i * width), _divisible(o * width), int(math.ceil(n * depth)))
+            for e, k, s, i, o, n in _B0
+        ]
         total, done = sum(c[-1] for c in conf), 0
         layers: list[nn.Module] = [_conv_bn(in_channels, conf[0][3], 3, 1 if _stem_is_small(stem) else 2)]
         for e, k, s, i, o, n in conf:
@@ -184,7 +208,9 @@ class EfficientNet(nn.Module):
         self.out_features = 4 * conf[-1][4]
         layers.append(_conv_bn(conf[-1][4], self.out_features, 1))
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Dropout(0.4), nn.Linear(self.out_features, num_classes)) if num_classes else None
+        self.classifier = (
+            nn.Sequential(nn.Dropout(0.4), nn.Linear(self.out_features, num_classes)) if num_classes else None
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -239,8 +265,17 @@ class VisionTransformer(nn.Module):
 
     first_conv = "conv_proj"
 
-    def __init__(self, in_channels: int = 8, image_size: int = 32, patch_size: int = 4, num_classes: int = 0,
-                 layers: int = 12, heads: int = 12, dim: int = 768, hidden: int = 3072):
+    def __init__(
+        self,
+        in_channels: int = 8,
+        image_size: int = 32,
+        patch_size: int = 4,
+        num_classes: int = 0,
+        layers: int = 12,
+        heads: int = 12,
+        dim: int = 768,
+        hidden: int = 3072,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"vit_b_16: the input side {image_size} is not a multiple of the patch size {patch_size}")
@@ -251,14 +286,15 @@ class VisionTransformer(nn.Module):
         self.heads = nn.Sequential()  # torchvision's classifier, `heads.head`, only with num_classes
         if num_classes:
             self.heads.add_module("head", nn.Linear(dim, num_classes))
-        fan_in = in_channels * patch_size ** 2
+        fan_in = in_channels * patch_size**2
         nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
         nn.init.zeros_(self.conv_proj.bias)
 
     def stages(self, x) -> list[torch.Tensor]:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"vit_b_16 was built for {self.image_size} x {self.image_size} inputs, got "
-                             f"{tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"vit_b_16 was built for {self.image_size} x {self.image_size} inputs, got {tuple(x.shape[-2:])}"
+            )
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(len(x), -1, -1), x], dim=1) + self.encoder.pos_embedding
         out = []
@@ -320,7 +356,9 @@ def adapt_state(state: dict, backbone: nn.Module) -> tuple[dict, list[str]]:
     if key in state and state[key].shape[-2:] != own[key].shape[-2:]:  # ViT patches, or the small stem
         w, k = state[key], own[key].shape[-1]
         state[key] = F.interpolate(w, size=(k, k), mode="bilinear", align_corners=False) * (w.shape[-1] / k) ** 2
-        notes.append(f"{key}: {w.shape[-1]} x {w.shape[-1]} kernel -> {k} x {k} (bilinear, same response to a flat input)")
+        notes.append(
+            f"{key}: {w.shape[-1]} x {w.shape[-1]} kernel -> {k} x {k} (bilinear, same response to a flat input)"
+        )
     pos = "encoder.pos_embedding"
     if pos in state and state[pos].shape != own[pos].shape:
         p, n_own = state[pos], own[pos].shape[1] - 1
@@ -329,12 +367,23 @@ def adapt_state(state: dict, backbone: nn.Module) -> tuple[dict, list[str]]:
         grid = F.interpolate(grid, size=(g_own, g_own), mode="bicubic", align_corners=False)
         state[pos] = torch.cat([p[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n_own, -1)], dim=1)
         notes.append(f"{pos}: {g} x {g} grid -> {g_own} x {g_own} (bicubic)")
-    bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and v.shape != own[k].shape]
+    bad = [
+        f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if bad or missing or unexpected:
-        raise ValueError("; ".join(filter(None, [
-            f"shapes differ ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})" if bad else "",
-            f"missing {len(missing)} keys ({', '.join(missing[:5])})" if missing else "",
-            f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])})" if unexpected else ""])))
+        raise ValueError(
+            "; ".join(
+                filter(
+                    None,
+                    [
+                        f"shapes differ ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})" if bad else "",
+                        f"missing {len(missing)} keys ({', '.join(missing[:5])})" if missing else "",
+                        f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])})" if unexpected else "",
+                    ],
+                )
+            )
+        )
     return state, notes

@@ -2,6 +2,7 @@
 
 The backbones (paper Table 4) are in `backbones.py`; this module holds the equations and the model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # nn sits below config in the layers: the section is only a t
     from leakpipe.pipeline.config import ModelConfig
 
 TAU_RANGE = (0.5, 5.0)  # a learnable tau is clamped to this, as in the authors' code
+
 
 # ------------------------------------------------------------------ equations as pure functions
 def temporal_attention(h: torch.Tensor, u: torch.Tensor, q: torch.Tensor):
@@ -86,13 +88,14 @@ class ProtoLeakNet(nn.Module):
         self.backbone = build_backbone(cfg.backbone, in_channels, side, cfg.stem)
         self.proj = nn.Linear(self.backbone.out_features, cfg.embed_dim)
         self.attn = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # W_a, b_a (Eq. 6)
-        self.q = nn.Parameter(torch.randn(cfg.embed_dim) / cfg.embed_dim ** 0.5)
+        self.q = nn.Parameter(torch.randn(cfg.embed_dim) / cfg.embed_dim**0.5)
         self.gate_kind = cfg.gate if cfg.gating else "none"
         if self.gate_kind == "linear":
             self.gate = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # A, b (Eq. 8)
         elif self.gate_kind == "mlp":  # the authors' FeatureAttention, applied to each h_t
-            self.gate = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.ReLU(),
-                                      nn.Linear(cfg.embed_dim, cfg.embed_dim))
+            self.gate = nn.Sequential(
+                nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.ReLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
+            )
         else:
             self.gate = None
         if cfg.prototypes:

@@ -1,4 +1,5 @@
 """vae.source = pixels (the authors' "latent mode off"): an encoder that returns the image itself."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace

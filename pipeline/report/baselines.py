@@ -8,6 +8,7 @@ resolution (a centre crop of at most score.baseline_max_side, never resized), so
 resampling traces rather than content. Comparisons are paired: the same bootstrap resamples of the
 same test images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,27 +50,42 @@ def notes(b: dict) -> list[str]:
     out = []
     d = b.get("head_minus_forensic")
     if _below(d):
-        out.append(f"The model's top-1 is significantly below the forensic pixel baseline's on the same test images "
-                   f"(difference {d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): "
-                   "a logistic regression on codec, noise-residual and spectral statistics of the original files "
-                   "attributes these images better.")
+        out.append(
+            f"The model's top-1 is significantly below the forensic pixel baseline's on the same test images "
+            f"(difference {d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): "
+            "a logistic regression on codec, noise-residual and spectral statistics of the original files "
+            "attributes these images better."
+        )
     chance, pixels = b["chance"], b.get("z0_is_pixels", False)
     z = b.get("z0_probe", {})
     lo, hi = z.get("ci", {}).get("top1", [np.nan, np.nan])
     if lo <= chance <= hi:
-        out.append(f"A linear probe on the cached z0 is at chance (top-1 {z['top1']:.3f}, interval {lo:.3f} to "
-                   f"{hi:.3f}; chance {chance:.3f}): " + (
-                       "here z0 is the image itself (vae.source = pixels), whose traces are not linear in the pixel "
-                       "values." if pixels else "stage one may have lost the generator signal before the model saw "
-                       "it (try another encoder, or `vae.source` of the real SD2.1 VAE)."))
+        out.append(
+            f"A linear probe on the cached z0 is at chance (top-1 {z['top1']:.3f}, interval {lo:.3f} to "
+            f"{hi:.3f}; chance {chance:.3f}): "
+            + (
+                "here z0 is the image itself (vae.source = pixels), whose traces are not linear in the pixel values."
+                if pixels
+                else "stage one may have lost the generator signal before the model saw "
+                "it (try another encoder, or `vae.source` of the real SD2.1 VAE)."
+            )
+        )
     f = b.get("forensic", {})
     f_lo = f.get("ci", {}).get("top1", [np.nan])[0]
     if f_lo > chance and _below(b.get("z0_probe_minus_forensic")) and _below(d):
-        seen = (f"The forensic pixel baseline finds traces in the files (top-1 {f['top1']:.3f}, interval from "
-                f"{f_lo:.3f}; chance {chance:.3f}) that neither the model ({b['head']['top1']:.3f}) nor the z0 probe "
-                f"({z['top1']:.3f}) sees: ")
-        out.append(seen + ("the model, on the pixels themselves, does not learn them from this training set (more "
-                           "images or epochs, `features.highpass = residual`, `diffusion.noise = false`)." if pixels else
-                           "the signal is there, but stage one's encoder does not keep it. Try `vae.source = pixels` "
-                           "with `train.crop` (the model on the pixels themselves), or another encoder."))
+        seen = (
+            f"The forensic pixel baseline finds traces in the files (top-1 {f['top1']:.3f}, interval from "
+            f"{f_lo:.3f}; chance {chance:.3f}) that neither the model ({b['head']['top1']:.3f}) nor the z0 probe "
+            f"({z['top1']:.3f}) sees: "
+        )
+        out.append(
+            seen
+            + (
+                "the model, on the pixels themselves, does not learn them from this training set (more "
+                "images or epochs, `features.highpass = residual`, `diffusion.noise = false`)."
+                if pixels
+                else "the signal is there, but stage one's encoder does not keep it. Try `vae.source = pixels` "
+                "with `train.crop` (the model on the pixels themselves), or another encoder."
+            )
+        )
     return out

@@ -2,6 +2,7 @@
 (library_name, tags, model-index with the headline metrics), then what it was trained on and how
 well it did, each number with its interval, and the decisions it makes (calibrated posterior,
 prediction sets, unseen p-values) with their guarantee."""
+
 from __future__ import annotations
 
 import json
@@ -27,53 +28,96 @@ def _gradio_version() -> str | None:
 
 def model_card(record: dict, m: dict, cfg: Config) -> str:
     head = m["closed"]["raw"]["head"]
-    metrics = [*_metric("accuracy", "closed-set top-1", head["top1"], head.get("ci", {}).get("top1")),
-               *_metric("roc_auc", "closed-set macro AUC", head["macro_auc"], head.get("ci", {}).get("macro_auc"))]
+    metrics = [
+        *_metric("accuracy", "closed-set top-1", head["top1"], head.get("ci", {}).get("top1")),
+        *_metric("roc_auc", "closed-set macro AUC", head["macro_auc"], head.get("ci", {}).get("macro_auc")),
+    ]
     for kind, r in m.get("open", {}).items():
         if kind != "dual":
             metrics += _metric("roc_auc", f"open-set AUROC ({kind})", r["auroc"], r.get("ci", {}).get("auroc"))
     sets = m.get("conformal", {}).get("variants", {}).get("raw")
     if sets:
-        metrics += _metric("coverage", f"prediction-set coverage at {m['conformal']['level']:.0%}", sets["coverage"],
-                           sets.get("ci", {}).get("coverage"))
+        metrics += _metric(
+            "coverage",
+            f"prediction-set coverage at {m['conformal']['level']:.0%}",
+            sets["coverage"],
+            sets.get("ci", {}).get("coverage"),
+        )
     enc = record["encoder"]
     # the Space keys (sdk, app_file) let the folder be pushed as a Hugging Face Space unchanged (app.py)
-    front = ["---", f"title: {json.dumps('leakpipe ' + record['result'][:12])}", "sdk: gradio",
-             *([f"sdk_version: {_gradio_version()}"] if _gradio_version() else []), "app_file: app.py",
-             "library_name: leakpipe", "pipeline_tag: image-classification",
-             "tags: [image-forensics, generator-attribution, proto-leaknet, open-set]",
-             "model-index:", f"  - name: {json.dumps('leakpipe attributor ' + record['result'])}", "    results:",
-             "      - task: {type: image-classification, name: generator attribution}",
-             f"        dataset: {{type: custom, name: {json.dumps(cfg.train.split)}}}", "        metrics:",
-             *["  " + x for x in metrics], "---", ""]
-    warn = ["> **Random-weight VAE.** The encoder this was trained with has seeded random weights (the demo's "
-            "or a test's): the numbers show the pipeline working, not Proto-LeakNet's accuracy.", ""] \
-        if enc.get("random_weights") else []
-    body = [f"# leakpipe attributor `{record['result']}`", "", *warn,
-            "Which generator made an image: a Proto-LeakNet model (Giusti, Guarnera, Battiato, 2025) trained "
-            "with leakpipe on latents of a frozen VAE, with an unseen-generator flag.", "",
-            f"- Generators ({len(record['classes'])}): {', '.join(record['classes'])}.",
-            f"- Encoder: `{enc['vae_source']}` (fingerprint `{enc['encoder_fingerprint'][:12]}`), images "
-            f"{cfg.preprocess.size} px ({cfg.preprocess.resize} resize, {cfg.preprocess.crop} crop), VAE dtype "
-            f"{enc['vae_dtype']}. `leakpipe attribute --model` refuses any other encoder.",
-            f"- Model: {cfg.model.backbone}, D = {cfg.model.embed_dim}, "
-            f"{cfg.model.prototypes_per_class if cfg.model.prototypes else 'no'} prototypes per class, gating "
-            f"{'on' if cfg.model.gating else 'off'}, timesteps {cfg.diffusion.timesteps} ({cfg.diffusion.schedule}).",
-            f"- Trained on the train partition of manifest `{cfg.train.split}`"
-            + (f", without {', '.join(cfg.train.exclude)}" if cfg.train.exclude else "") + ".", "",
-            "## How well it did (test partition; 95% bootstrap intervals)", "",
-            "| metric | value | chance |", "|---|---:|---:|",
-            f"| closed-set top-1 | {with_ci(head, 'top1')} | {head['chance']['top1']:.3f} |",
-            f"| closed-set macro AUC | {with_ci(head, 'macro_auc')} | 0.500 |"]
+    front = [
+        "---",
+        f"title: {json.dumps('leakpipe ' + record['result'][:12])}",
+        "sdk: gradio",
+        *([f"sdk_version: {_gradio_version()}"] if _gradio_version() else []),
+        "app_file: app.py",
+        "library_name: leakpipe",
+        "pipeline_tag: image-classification",
+        "tags: [image-forensics, generator-attribution, proto-leaknet, open-set]",
+        "model-index:",
+        f"  - name: {json.dumps('leakpipe attributor ' + record['result'])}",
+        "    results:",
+        "      - task: {type: image-classification, name: generator attribution}",
+        f"        dataset: {{type: custom, name: {json.dumps(cfg.train.split)}}}",
+        "        metrics:",
+        *["  " + x for x in metrics],
+        "---",
+        "",
+    ]
+    warn = (
+        [
+            "> **Random-weight VAE.** The encoder this was trained with has seeded random weights (the demo's "
+            "or a test's): the numbers show the pipeline working, not Proto-LeakNet's accuracy.",
+            "",
+        ]
+        if enc.get("random_weights")
+        else []
+    )
+    body = [
+        f"# leakpipe attributor `{record['result']}`",
+        "",
+        *warn,
+        "Which generator made an image: a Proto-LeakNet model (Giusti, Guarnera, Battiato, 2025) trained "
+        "with leakpipe on latents of a frozen VAE, with an unseen-generator flag.",
+        "",
+        f"- Generators ({len(record['classes'])}): {', '.join(record['classes'])}.",
+        f"- Encoder: `{enc['vae_source']}` (fingerprint `{enc['encoder_fingerprint'][:12]}`), images "
+        f"{cfg.preprocess.size} px ({cfg.preprocess.resize} resize, {cfg.preprocess.crop} crop), VAE dtype "
+        f"{enc['vae_dtype']}. `leakpipe attribute --model` refuses any other encoder.",
+        f"- Model: {cfg.model.backbone}, D = {cfg.model.embed_dim}, "
+        f"{cfg.model.prototypes_per_class if cfg.model.prototypes else 'no'} prototypes per class, gating "
+        f"{'on' if cfg.model.gating else 'off'}, timesteps {cfg.diffusion.timesteps} ({cfg.diffusion.schedule}).",
+        f"- Trained on the train partition of manifest `{cfg.train.split}`"
+        + (f", without {', '.join(cfg.train.exclude)}" if cfg.train.exclude else "")
+        + ".",
+        "",
+        "## How well it did (test partition; 95% bootstrap intervals)",
+        "",
+        "| metric | value | chance |",
+        "|---|---:|---:|",
+        f"| closed-set top-1 | {with_ci(head, 'top1')} | {head['chance']['top1']:.3f} |",
+        f"| closed-set macro AUC | {with_ci(head, 'macro_auc')} | 0.500 |",
+    ]
     for kind, r in m.get("open", {}).items():
         if kind != "dual":
             body.append(f"| open-set AUROC, {kind.replace('_', ' ')} | {with_ci(r, 'auroc')} | 0.500 |")
     body += decision_rows(m)
-    body += ["", *[f"> {n}" for n in m.get("notes", [])], "",
-             "## Use", "", "```", f"leakpipe attribute --model THIS_FOLDER_OR_HUB_ID --vae {enc['vae_source']} IMAGE...",
-             "```", "", "A web page for it: `leakpipe app --model THIS_FOLDER_OR_HUB_ID` (needs `leakpipe[app]`); pushed "
-             "as a Hugging Face Space, the folder's `app.py` serves the same page.", "",
-             *decision_use(record), ""]
+    body += [
+        "",
+        *[f"> {n}" for n in m.get("notes", [])],
+        "",
+        "## Use",
+        "",
+        "```",
+        f"leakpipe attribute --model THIS_FOLDER_OR_HUB_ID --vae {enc['vae_source']} IMAGE...",
+        "```",
+        "",
+        "A web page for it: `leakpipe app --model THIS_FOLDER_OR_HUB_ID` (needs `leakpipe[app]`); pushed "
+        "as a Hugging Face Space, the folder's `app.py` serves the same page.",
+        "",
+        *decision_use(record),
+        "",
+    ]
     return "\n".join(front + body)
 
 
@@ -84,15 +128,22 @@ def decision_rows(m: dict) -> list[str]:
     if not c or not s:
         return []
     raw, level = s["variants"]["raw"], f"{s['level']:.0%}"
-    rows = [f"| ECE of the posterior, uncalibrated | {with_ci(m['closed']['raw']['head'], 'ece')} | |",
-            f"| ECE of the posterior, {c['method'].replace('_', ' ')} | {with_ci(c['variants']['raw'], 'ece')} | |",
-            f"| prediction-set coverage ({s['score']}, guaranteed >= {level}) | {with_ci(raw, 'coverage')} | |",
-            f"| mean prediction-set size | {with_ci(raw, 'set_size')} | |",
-            f"| unseen flag at p <= {u['alpha']:g}: false alarms on known generators | {with_ci(u, 'false_alarm_rate')} | |"]
+    rows = [
+        f"| ECE of the posterior, uncalibrated | {with_ci(m['closed']['raw']['head'], 'ece')} | |",
+        f"| ECE of the posterior, {c['method'].replace('_', ' ')} | {with_ci(c['variants']['raw'], 'ece')} | |",
+        f"| prediction-set coverage ({s['score']}, guaranteed >= {level}) | {with_ci(raw, 'coverage')} | |",
+        f"| mean prediction-set size | {with_ci(raw, 'set_size')} | |",
+        f"| unseen flag at p <= {u['alpha']:g}: false alarms on known generators | {with_ci(u, 'false_alarm_rate')} | |",
+    ]
     if "detection_rate" in u:
-        rows.append(f"| unseen flag at p <= {u['alpha']:g}: unseen generators detected | {with_ci(u, 'detection_rate')} | |")
-    worst = min((v for k, v in s["variants"].items() if k != "raw" and v.get("coverage") is not None),
-                key=lambda v: v["coverage"], default=None)
+        rows.append(
+            f"| unseen flag at p <= {u['alpha']:g}: unseen generators detected | {with_ci(u, 'detection_rate')} | |"
+        )
+    worst = min(
+        (v for k, v in s["variants"].items() if k != "raw" and v.get("coverage") is not None),
+        key=lambda v: v["coverage"],
+        default=None,
+    )
     if worst is not None:
         rows.append(f"| prediction-set coverage, worst post-processing step | {with_ci(worst, 'coverage')} | |")
     return rows
@@ -105,10 +156,12 @@ def decision_use(record: dict) -> list[str]:
         return [f"Unseen-generator threshold: log-density {u['log_density_threshold']:.3f}."]
     t = d["calibration"]["temperature"]
     temp = f"T = {t:.3f}" if isinstance(t, float) else "one T per class, " + ", ".join(f"{x:.2f}" for x in t)
-    return [f"Each image gets a calibrated posterior ({d['calibration']['method'].replace('_', ' ')}, {temp}, fitted on "
-            f"the validation images), a prediction set at {d['conformal']['level']:.0%} (split conformal, "
-            f"{d['conformal']['score']}{', Mondrian' if d['conformal']['mondrian'] else ''}) and an unseen-generator "
-            f"p-value against {u['n_val']} closed validation images, flagged at p <= {d['alpha']:g}. The set holds the "
-            f"true generator with probability at least {d['conformal']['level']:.0%}, and a known generator's image is "
-            f"flagged with probability at most {d['alpha']:g}, only for images exchangeable with the validation "
-            "images: post-processed images and unseen generators' break it (the table above shows by how much)."]
+    return [
+        f"Each image gets a calibrated posterior ({d['calibration']['method'].replace('_', ' ')}, {temp}, fitted on "
+        f"the validation images), a prediction set at {d['conformal']['level']:.0%} (split conformal, "
+        f"{d['conformal']['score']}{', Mondrian' if d['conformal']['mondrian'] else ''}) and an unseen-generator "
+        f"p-value against {u['n_val']} closed validation images, flagged at p <= {d['alpha']:g}. The set holds the "
+        f"true generator with probability at least {d['conformal']['level']:.0%}, and a known generator's image is "
+        f"flagged with probability at most {d['alpha']:g}, only for images exchangeable with the validation "
+        "images: post-processed images and unseen generators' break it (the table above shows by how much)."
+    ]

@@ -5,6 +5,7 @@ images: the calibrated posterior (temperature scaling), split-conformal predicti
 Everything here takes arrays (evaluate.Split) and returns numbers; report/scoring.py calls it and
 stages/attribute.py applies what it records (`applied`) to new images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,12 +15,14 @@ from leakpipe.pipeline.report import registry
 from leakpipe.pipeline.report.evaluate import Split, label_index
 
 METHODS = ("none", "temperature", "class_temperature")  # score.calibration, each measured on every run
-GUARANTEE = ("If a new image and the validation images are exchangeable (drawn alike, from the known "
-             "generators, with no post-processing the validation images lack), its prediction set holds its "
-             "true generator with probability at least {level:.0%}, and a known generator's image is flagged "
-             "as unseen with probability at most {alpha:.0%}. Post-processed images and images of unseen "
-             "generators are not exchangeable with them: the guarantee does not hold there, and the tables "
-             "below show by how much it fails")
+GUARANTEE = (
+    "If a new image and the validation images are exchangeable (drawn alike, from the known "
+    "generators, with no post-processing the validation images lack), its prediction set holds its "
+    "true generator with probability at least {level:.0%}, and a known generator's image is flagged "
+    "as unseen with probability at most {alpha:.0%}. Post-processed images and images of unseen "
+    "generators are not exchangeable with them: the guarantee does not hold there, and the tables "
+    "below show by how much it fails"
+)
 
 
 def _listed(t):
@@ -38,20 +41,36 @@ def calibration(val: Split, tests: dict[str, Split], classes: list[str], cfg) ->
     measured = {}
     for m, t in fitted.items():
         p = calib.scaled_posterior(lt, t)
-        measured[m] = {"temperature": _listed(t), "val_nll": calib.nll(lv, yv, t), "test_nll": calib.nll(lt, yt, t),
-                       "test_ece": metrics.point(metrics.expected_calibration_error, p, yt),
-                       "test_top1": float((p.argmax(1) == yt).mean())}
+        measured[m] = {
+            "temperature": _listed(t),
+            "val_nll": calib.nll(lv, yv, t),
+            "test_nll": calib.nll(lt, yt, t),
+            "test_ece": metrics.point(metrics.expected_calibration_error, p, yt),
+            "test_top1": float((p.argmax(1) == yt).mean()),
+        }
     t = fitted[cfg.calibration]
-    out = {"method": cfg.calibration, "temperature": _listed(t), "n_val": int(len(yv)), "methods": measured,
-           "variants": {}}
+    out = {
+        "method": cfg.calibration,
+        "temperature": _listed(t),
+        "n_val": int(len(yv)),
+        "methods": measured,
+        "variants": {},
+    }
     for variant, s in tests.items():
         y = label_index(s, classes)
         sample = registry.Closed(calib.scaled_posterior(s.arrays["logits"], t), y, len(classes), True)
-        r = registry.evaluate(registry.CLOSED, sample, len(classes), cfg.bootstrap, cfg.seed, s.groups,
-                              only=("top1", "ece")) if len(y) else {}
+        r = (
+            registry.evaluate(
+                registry.CLOSED, sample, len(classes), cfg.bootstrap, cfg.seed, s.groups, only=("top1", "ece")
+            )
+            if len(y)
+            else {}
+        )
         out["variants"][variant] = {"n": int(len(y)), **r}
-    out["reliability"] = {"before": calib.reliability(metrics.softmax(lt), yt),
-                          "after": calib.reliability(calib.scaled_posterior(lt, t), yt)}
+    out["reliability"] = {
+        "before": calib.reliability(metrics.softmax(lt), yt),
+        "after": calib.reliability(calib.scaled_posterior(lt, t), yt),
+    }
     if len(yv) == 0:
         out["note"] = "no validation rows: the posterior is left uncalibrated (T = 1)"
     return out
@@ -82,8 +101,13 @@ def predict_sets(logits: np.ndarray, score: str, q) -> np.ndarray:
 def _sets_of(s: Split, classes: list[str], score: str, q: np.ndarray, cfg) -> dict:
     y = label_index(s, classes)
     sets = predict_sets(s.arrays["logits"], score, q)
-    r = registry.evaluate(registry.CONFORMAL, registry.Sets(sets, y, len(classes)), len(classes), cfg.bootstrap,
-                          cfg.seed, s.groups) if len(y) else {}
+    r = (
+        registry.evaluate(
+            registry.CONFORMAL, registry.Sets(sets, y, len(classes)), len(classes), cfg.bootstrap, cfg.seed, s.groups
+        )
+        if len(y)
+        else {}
+    )
     r.pop("chance", None)
     return {"n": int(len(y)), **r, "empty": float((sets.sum(1) == 0).mean()) if len(y) else float("nan")}
 
@@ -97,15 +121,26 @@ def prediction_sets(val: Split, tests: dict[str, Split], opened: Split | None, c
     q = fit_sets(val, classes, score, alpha, mondrian, cfg.seed)
     y = label_index(val, classes)
     counts = np.bincount(y, minlength=len(classes))
-    out = {"alpha": alpha, "level": 1 - alpha, "score": score, "mondrian": mondrian,
-           "posterior": "the head's posterior pi, uncalibrated (fixed before the validation rows are seen)",
-           "thresholds": q.tolist(), "n_val": int(len(y)), "n_val_per_class": counts.tolist(),
-           "guarantee": GUARANTEE.format(level=1 - alpha, alpha=alpha),
-           "variants": {v: _sets_of(s, classes, score, q, cfg) for v, s in tests.items()}, "notes": []}
+    out = {
+        "alpha": alpha,
+        "level": 1 - alpha,
+        "score": score,
+        "mondrian": mondrian,
+        "posterior": "the head's posterior pi, uncalibrated (fixed before the validation rows are seen)",
+        "thresholds": q.tolist(),
+        "n_val": int(len(y)),
+        "n_val_per_class": counts.tolist(),
+        "guarantee": GUARANTEE.format(level=1 - alpha, alpha=alpha),
+        "variants": {v: _sets_of(s, classes, score, q, cfg) for v, s in tests.items()},
+        "notes": [],
+    }
     if opened is not None and len(opened):
         sets = predict_sets(opened.arrays["logits"], score, q)
-        out["open"] = {"n": int(len(opened)), "set_size": float(sets.sum(1).mean()),
-                       "empty": float((sets.sum(1) == 0).mean())}
+        out["open"] = {
+            "n": int(len(opened)),
+            "set_size": float(sets.sum(1).mean()),
+            "empty": float((sets.sum(1) == 0).mean()),
+        }
     raw = tests["raw"]
     yt = label_index(raw, classes)
     out["methods"] = {}
@@ -113,16 +148,22 @@ def prediction_sets(val: Split, tests: dict[str, Split], opened: Split | None, c
         for mo in (False, True):
             sets = predict_sets(raw.arrays["logits"], sc, fit_sets(val, classes, sc, alpha, mo, cfg.seed))
             out["methods"][sc + ("_mondrian" if mo else "")] = {
-                "coverage": metrics.point(metrics.coverage, sets, yt), "set_size": metrics.point(metrics.set_size, sets)}
+                "coverage": metrics.point(metrics.coverage, sets, yt),
+                "set_size": metrics.point(metrics.set_size, sets),
+            }
     need = int(np.ceil(1 / alpha - 1 - 1e-12))  # rows for a finite threshold: (n + 1)(1 - alpha) <= n
     if len(y) < need:
-        out["notes"].append(f"only {len(y)} validation images, fewer than the {need} that level {1 - alpha:.0%} "
-                            "needs: every prediction set holds every generator")
+        out["notes"].append(
+            f"only {len(y)} validation images, fewer than the {need} that level {1 - alpha:.0%} "
+            "needs: every prediction set holds every generator"
+        )
     elif mondrian and (counts < need).any():
         short = [c for c, n in zip(classes, counts) if n < need]
-        out["notes"].append(f"Mondrian: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer than {need} "
-                            f"validation images, so {'its' if len(short) == 1 else 'their'} threshold is infinite "
-                            "and every prediction set holds them")
+        out["notes"].append(
+            f"Mondrian: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer than {need} "
+            f"validation images, so {'its' if len(short) == 1 else 'their'} threshold is infinite "
+            "and every prediction set holds them"
+        )
     return out
 
 
@@ -132,17 +173,27 @@ def unseen(val_scores: np.ndarray, closed: np.ndarray, opened: np.ndarray | None
     test images (at most alpha under exchangeability) and its detection rate on the open set, with
     intervals; the equivalent log-density cut; a note when n < 1 / alpha makes the p-values coarse."""
     alpha, n = cfg.alpha, len(val_scores)
-    flags = registry.Flags(conformal.p_values(val_scores, closed) <= alpha,
-                           np.zeros(0, bool) if opened is None else conformal.p_values(val_scores, opened) <= alpha)
+    flags = registry.Flags(
+        conformal.p_values(val_scores, closed) <= alpha,
+        np.zeros(0, bool) if opened is None else conformal.p_values(val_scores, opened) <= alpha,
+    )
     r = registry.evaluate(registry.UNSEEN, flags, 2, cfg.bootstrap, cfg.seed)
     r.pop("chance", None)
-    out = {"alpha": alpha, "p_value": "(1 + #{closed validation log-densities <= s}) / (n + 1)",
-           "p_min": 1 / (n + 1), "log_density_threshold": conformal.cut(val_scores, alpha),
-           "n_closed": int(len(closed)), "n_open": int(len(flags.opened)), **r}
+    out = {
+        "alpha": alpha,
+        "p_value": "(1 + #{closed validation log-densities <= s}) / (n + 1)",
+        "p_min": 1 / (n + 1),
+        "log_density_threshold": conformal.cut(val_scores, alpha),
+        "n_closed": int(len(closed)),
+        "n_open": int(len(flags.opened)),
+        **r,
+    }
     if n < 1 / alpha:
-        out["note"] = (f"only {n} closed validation images: p-values come in steps of 1/{n + 1} = {1 / (n + 1):.3f}"
-                       + (f", so none can reach {alpha:g} and no image is ever flagged" if 1 / (n + 1) > alpha else
-                          "") + f"; {int(np.ceil(1 / alpha))} or more make a flag at {alpha:g} meaningful")
+        out["note"] = (
+            f"only {n} closed validation images: p-values come in steps of 1/{n + 1} = {1 / (n + 1):.3f}"
+            + (f", so none can reach {alpha:g} and no image is ever flagged" if 1 / (n + 1) > alpha else "")
+            + f"; {int(np.ceil(1 / alpha))} or more make a flag at {alpha:g} meaningful"
+        )
     return out
 
 
@@ -150,9 +201,16 @@ def applied(m: dict) -> dict:
     """What `attribute` applies to a new image, from a result's metrics.json: the temperature(s), the
     conformal thresholds and level, and the unseen flag's level."""
     c, s = m["calibration"], m["conformal"]
-    return {"alpha": s["alpha"], "calibration": {"method": c["method"], "temperature": c["temperature"]},
-            "conformal": {"score": s["score"], "mondrian": s["mondrian"], "thresholds": s["thresholds"],
-                          "level": s["level"]}}
+    return {
+        "alpha": s["alpha"],
+        "calibration": {"method": c["method"], "temperature": c["temperature"]},
+        "conformal": {
+            "score": s["score"],
+            "mondrian": s["mondrian"],
+            "thresholds": s["thresholds"],
+            "level": s["level"],
+        },
+    }
 
 
 def notes(m: dict) -> list[str]:
@@ -165,7 +223,9 @@ def notes(m: dict) -> list[str]:
         out.append(f"Unseen-generator p-values: {u['note']}.")
     hi = c["variants"]["raw"].get("ci", {}).get("coverage", [np.nan, np.nan])[1]
     if hi < c["level"]:
-        out.append(f"The closed test's prediction-set coverage (95% interval up to {hi:.3f}) is below the guaranteed "
-                   f"{c['level']:.0%}: the test images are not exchangeable with the validation images they were "
-                   "calibrated on (another source, date or processing), and the guarantee does not hold for them.")
+        out.append(
+            f"The closed test's prediction-set coverage (95% interval up to {hi:.3f}) is below the guaranteed "
+            f"{c['level']:.0%}: the test images are not exchangeable with the validation images they were "
+            "calibrated on (another source, date or processing), and the guarantee does not hold for them."
+        )
     return out

@@ -3,6 +3,7 @@
 Everything here takes arrays and returns numbers (and the arrays the figures need); reading the
 stores and writing the report happen in stages/score.py and pipeline/report.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 GATING = {"gating_off": "h_bar", "gating_on": "gated"}
 SETTING_OF = {kind: setting for setting, kind in GATING.items()}
 
-DUAL_WARNING = ("the 'dual' open-set setting scores closed samples with gated embeddings and open "
-                "samples with ungated ones, so it uses each sample's ground-truth domain: it is not a "
-                "detector and its numbers cannot be compared with a deployable method")
+DUAL_WARNING = (
+    "the 'dual' open-set setting scores closed samples with gated embeddings and open "
+    "samples with ungated ones, so it uses each sample's ground-truth domain: it is not a "
+    "detector and its numbers cannot be compared with a deployable method"
+)
 
 
 @dataclass
@@ -40,8 +43,15 @@ class Split:
         return len(self.labels)
 
     def select(self, mask: np.ndarray) -> "Split":
-        return Split(self.name, {k: v[mask] for k, v in self.arrays.items()}, self.labels[mask],
-                     self.partition[mask], self.variant[mask], 0, {k: v[mask] for k, v in self.ids.items()})
+        return Split(
+            self.name,
+            {k: v[mask] for k, v in self.arrays.items()},
+            self.labels[mask],
+            self.partition[mask],
+            self.variant[mask],
+            0,
+            {k: v[mask] for k, v in self.ids.items()},
+        )
 
     @property
     def groups(self) -> np.ndarray | None:
@@ -61,8 +71,9 @@ def label_index(split: Split, classes: list[str]) -> np.ndarray:
     return np.array([index[c] for c in split.labels], np.int64)
 
 
-def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor: float,
-               n_boot: int = 0, seed: int = 0) -> dict:
+def closed_set(
+    train: Split, tests: dict[str, Split], classes: list[str], floor: float, n_boot: int = 0, seed: int = 0
+) -> dict:
     """Per variant: every closed-set metric of the registry for the model's head (scores: the posterior
     pi) and the Mahalanobis comparator (scores: s_c of Eq. 13) fitted on the training embeddings; with
     `n_boot`, 95% bootstrap intervals over the test images (`ci`), and the chance level of each
@@ -72,12 +83,17 @@ def closed_set(train: Split, tests: dict[str, Split], classes: list[str], floor:
     for variant, s in tests.items():
         y = label_index(s, classes)
         out[variant] = {}
-        for scorer, scores, posterior in (("head", metrics.softmax(s.arrays["logits"].astype(np.float64)), True),
-                                          ("mahalanobis", maha.score(s.embedding("h_bar")), False)):
+        for scorer, scores, posterior in (
+            ("head", metrics.softmax(s.arrays["logits"].astype(np.float64)), True),
+            ("mahalanobis", maha.score(s.embedding("h_bar")), False),
+        ):
             sample = registry.Closed(scores, y, len(classes), posterior)
             r = registry.evaluate(registry.CLOSED, sample, len(classes), n_boot, seed, s.groups) if len(y) else {}
-            out[variant][scorer] = {"n": int(len(y)), **r, "confusion": metrics.confusion_matrix(
-                scores.argmax(1), y, len(classes)).tolist()}
+            out[variant][scorer] = {
+                "n": int(len(y)),
+                **r,
+                "confusion": metrics.confusion_matrix(scores.argmax(1), y, len(classes)).tolist(),
+            }
     return out
 
 
@@ -100,11 +116,13 @@ def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cf
     return out
 
 
-HELD_OUT_NOTE = ("Leave-one-generator-out: each generator named here was left out of training (train.exclude) "
-                 "and its closed test images are scored as an unseen generator against the other generators' "
-                 "test images, by the same KDE as the open set. It measures open-set detection on generators "
-                 "of the same data set without using any sample's ground truth at scoring time: the honest "
-                 "replacement for the paper's 'dual' setting")
+HELD_OUT_NOTE = (
+    "Leave-one-generator-out: each generator named here was left out of training (train.exclude) "
+    "and its closed test images are scored as an unseen generator against the other generators' "
+    "test images, by the same KDE as the open set. It measures open-set detection on generators "
+    "of the same data set without using any sample's ground truth at scoring time: the honest "
+    "replacement for the paper's 'dual' setting"
+)
 
 
 def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
@@ -113,8 +131,12 @@ def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
     out = {"note": HELD_OUT_NOTE}
     for name, kind in GATING.items():
         kde = kde_for(train, kind, cfg)
-        out[name] = per_generator(kde.score_samples(closed_test.embedding(kind)),
-                                  kde.score_samples(left_out.embedding(kind)), left_out.labels, cfg)
+        out[name] = per_generator(
+            kde.score_samples(closed_test.embedding(kind)),
+            kde.score_samples(left_out.embedding(kind)),
+            left_out.labels,
+            cfg,
+        )
         for v in out[name].values():
             v["bandwidth"], v["kde_reference"] = kde.bandwidth_, kde.reference
     return out
@@ -133,12 +155,17 @@ def seen_in_training(train: Split, val: Split) -> dict[str, set]:
 def leaked(s: Split, seen: dict[str, set]) -> tuple[np.ndarray, dict]:
     """(mask of rows the model saw in training in some form, counts by how): the same file content,
     the same group (a prompt, a source photo), or a post-processed copy of a training image."""
-    how = {"content": np.array([c in seen["content"] for c in s.ids.get("content", [""] * len(s))], bool),
-           "group": np.array([bool(g) and g in seen["group"] for g in s.ids.get("group", [""] * len(s))], bool),
-           "source": np.array([bool(x) and x in seen["source"] for x in s.ids.get("source", [""] * len(s))], bool)}
+    how = {
+        "content": np.array([c in seen["content"] for c in s.ids.get("content", [""] * len(s))], bool),
+        "group": np.array([bool(g) and g in seen["group"] for g in s.ids.get("group", [""] * len(s))], bool),
+        "source": np.array([bool(x) and x in seen["source"] for x in s.ids.get("source", [""] * len(s))], bool),
+    }
     mask = how["content"] | how["group"] | how["source"]
-    return mask, {"rows": int(mask.sum()), **{k: int(v.sum()) for k, v in how.items()},
-                  "examples": [str(p) for p in s.ids.get("path", np.array([]))[mask][:3]]}
+    return mask, {
+        "rows": int(mask.sum()),
+        **{k: int(v.sum()) for k, v in how.items()},
+        "examples": [str(p) for p in s.ids.get("path", np.array([]))[mask][:3]],
+    }
 
 
 def chance_notes(m: dict) -> list[str]:
@@ -149,13 +176,17 @@ def chance_notes(m: dict) -> list[str]:
         lo, hi = raw.get("ci", {}).get(key, [np.nan, np.nan])
         chance = raw.get("chance", {}).get(key)
         if chance is not None and lo <= chance <= hi:
-            notes.append(f"The 95% interval of the closed-set {name} ({lo:.3f} to {hi:.3f}) includes chance "
-                         f"({chance:.3f}): on this test set the model is not shown to attribute better than guessing.")
+            notes.append(
+                f"The 95% interval of the closed-set {name} ({lo:.3f} to {hi:.3f}) includes chance "
+                f"({chance:.3f}): on this test set the model is not shown to attribute better than guessing."
+            )
     for kind, r in m.get("open", {}).items():
         lo, hi = r.get("ci", {}).get("auroc", [np.nan, np.nan])
         if kind != "dual" and lo <= 0.5 <= hi:
-            notes.append(f"The 95% interval of the open-set AUROC ({kind}: {lo:.3f} to {hi:.3f}) includes chance "
-                         "(0.5): unseen generators are not shown to be told apart from known ones.")
+            notes.append(
+                f"The 95% interval of the open-set AUROC ({kind}: {lo:.3f} to {hi:.3f}) includes chance "
+                "(0.5): unseen generators are not shown to be told apart from known ones."
+            )
     return notes
 
 
@@ -169,8 +200,14 @@ class OpenSet:
 
 
 def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
-    kde = GaussianKDE(bandwidth=cfg.kde_bandwidth or None, grid_factors=tuple(cfg.kde_grid),
-                      folds=cfg.kde_folds, seed=cfg.seed, dtype=cfg.kde_dtype, max_reference=cfg.kde_max_reference)
+    kde = GaussianKDE(
+        bandwidth=cfg.kde_bandwidth or None,
+        grid_factors=tuple(cfg.kde_grid),
+        folds=cfg.kde_folds,
+        seed=cfg.seed,
+        dtype=cfg.kde_dtype,
+        max_reference=cfg.kde_max_reference,
+    )
     return kde.fit(train.embedding(kind))
 
 
@@ -181,21 +218,30 @@ def open_set(train: Split, closed_test: Split, opened: Split, cfg, correct: np.n
     for name, kind in GATING.items():
         kde = kde_for(train, kind, cfg)
         res.kdes[name] = kde
-        res.scores[name] = {"closed": kde.score_samples(closed_test.embedding(kind)),
-                            "open": kde.score_samples(opened.embedding(kind))}
-        res.metrics[name] = {**open_metrics(res.scores[name]["closed"], res.scores[name]["open"], cfg.bootstrap,
-                                            cfg.seed), "bandwidth": kde.bandwidth_, "kde_reference": kde.reference,
-                             "cv": kde.cv}
-        res.metrics[name]["per_generator"] = per_generator(res.scores[name]["closed"], res.scores[name]["open"],
-                                                           opened.labels, cfg)
+        res.scores[name] = {
+            "closed": kde.score_samples(closed_test.embedding(kind)),
+            "open": kde.score_samples(opened.embedding(kind)),
+        }
+        res.metrics[name] = {
+            **open_metrics(res.scores[name]["closed"], res.scores[name]["open"], cfg.bootstrap, cfg.seed),
+            "bandwidth": kde.bandwidth_,
+            "kde_reference": kde.reference,
+            "cv": kde.cv,
+        }
+        res.metrics[name]["per_generator"] = per_generator(
+            res.scores[name]["closed"], res.scores[name]["open"], opened.labels, cfg
+        )
         if correct is not None:
             fpr, ccr, area = metrics.oscr(res.scores[name]["closed"], correct, res.scores[name]["open"])
             keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 101)).astype(int))
             res.metrics[name]["oscr"] = {"area": area, "fpr": fpr[keep].tolist(), "ccr": ccr[keep].tolist()}
     if cfg.dual:
         closed, opened_ = dual_scores(closed_test.embedding("gated"), opened.embedding("h_bar"))
-        res.metrics["dual"] = {**open_metrics(closed, opened_, 0, cfg.seed), "warning": DUAL_WARNING,
-                               "as": "the authors' released open_set.py, mode 'dual'"}
+        res.metrics["dual"] = {
+            **open_metrics(closed, opened_, 0, cfg.seed),
+            "warning": DUAL_WARNING,
+            "as": "the authors' released open_set.py, mode 'dual'",
+        }
     return res
 
 
@@ -232,8 +278,12 @@ def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str) -> tuple[dict, np.
     scores = kde.score_samples(val.embedding(kind))
     if len(scores) == 0:
         raise ValueError("no validation embeddings to calibrate the unseen-generator flag on")
-    return {"embedding": kind, "bandwidth": kde.bandwidth_, "kde_reference": kde.reference,
-            "n_val": int(len(scores))}, np.sort(scores)
+    return {
+        "embedding": kind,
+        "bandwidth": kde.bandwidth_,
+        "kde_reference": kde.reference,
+        "n_val": int(len(scores)),
+    }, np.sort(scores)
 
 
 def attention_by_class(s: Split, classes: list[str]) -> list[list[float]]:

@@ -1,5 +1,6 @@
 """The explanation figures of the report: the paper's Fig. 3 (features after each backbone stage),
 Fig. 5 (top-1 per generator and post-processing step), and a prototype gallery (beyond the paper)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,7 @@ def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes
         ax.set(xlim=xlim, ylim=ylim, xticks=[], yticks=[], xlabel=beyond_note(beyond))
         ax.xaxis.label.set_fontsize(7)
         ax.set_title(f"{name} ({stages[name].shape[1]} dims)", fontsize=9)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6, markerscale=1.5, loc="best")
     fig.suptitle("closed test features after each backbone stage, pooled over timesteps by a_t (PCA)", fontsize=10)
@@ -61,8 +62,9 @@ def class_step_figure(closed: dict, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, prototypes: np.ndarray,
-                          k: int) -> np.ndarray:
+def nearest_to_prototypes(
+    h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, k: int
+) -> np.ndarray:
     """(C, M, k) indices of the training rows of class c that prototype (c, m) wins (it is the
     nearest of the class's prototypes to them by d_cm, Eq. 9), nearest first; -1 where it wins fewer
     than k. A collapsed prototype wins none, so the gallery shows it empty instead of repeating the
@@ -80,7 +82,7 @@ def nearest_to_prototypes(h_bar: np.ndarray, w: np.ndarray, labels: np.ndarray, 
         for m in range(n_m):
             mine = np.nonzero(win == m)[0]
             near = rows[mine[np.argsort(d[mine, m], kind="stable")][:k]]
-            out[c, m, :len(near)] = near
+            out[c, m, : len(near)] = near
     return out
 
 
@@ -112,8 +114,9 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
     nearest to the prototype."""
     plt = _plt()
     n_m, k = len(thumbs[0]), max(len(t) for row in thumbs for t in row)
-    fig, axes = plt.subplots(len(classes), n_m * k, figsize=(0.9 * n_m * k + 1, 0.95 * len(classes) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(classes), n_m * k, figsize=(0.9 * n_m * k + 1, 0.95 * len(classes) + 0.6), squeeze=False
+    )
     for c, row in enumerate(thumbs):
         for m, images in enumerate(row):
             for j in range(k):
@@ -124,11 +127,20 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
                 else:
                     ax.axis("off")
                     if j == 0:  # a prototype that is nearest to none of its class's images
-                        ax.text(0.5, 0.5, "wins no\ntraining\nimage", ha="center", va="center", fontsize=6,
-                                transform=ax.transAxes, color="0.4")
+                        ax.text(
+                            0.5,
+                            0.5,
+                            "wins no\ntraining\nimage",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            transform=ax.transAxes,
+                            color="0.4",
+                        )
                 if c == 0 and j == 0:
                     ax.set_title(f"prototype {m}", fontsize=7, loc="left")
             axes[c, m * k].set_ylabel(classes[c] if m == 0 else "", fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(f"training images each prototype wins, nearest first (d_cm of Eq. 9; up to {k} per prototype)",
-                 fontsize=9)
+    fig.suptitle(
+        f"training images each prototype wins, nearest first (d_cm of Eq. 9; up to {k} per prototype)", fontsize=9
+    )
     _save(fig, path)

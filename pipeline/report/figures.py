@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg): confusion, ROC, embedding map, KDE scores, post-processing,
 attention, reliability; written atomically."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,18 @@ import numpy as np
 from leakpipe.pipeline.math import metrics
 from leakpipe.pipeline.report.evaluate import GATING
 
-FIGURES = ("confusion.png", "roc.png", "embedding_map.png", "kde_scores.png", "postprocessing.png",
-           "attention.png", "stage_maps.png", "class_by_step.png", "prototype_gallery.png", "reliability.png")
+FIGURES = (
+    "confusion.png",
+    "roc.png",
+    "embedding_map.png",
+    "kde_scores.png",
+    "postprocessing.png",
+    "attention.png",
+    "stage_maps.png",
+    "class_by_step.png",
+    "prototype_gallery.png",
+    "reliability.png",
+)
 
 
 def _plt():
@@ -50,8 +61,15 @@ def confusion_figure(confusion: list, classes: list[str], title: str, path: Path
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted generator")
@@ -69,8 +87,13 @@ def roc_figure(scores: np.ndarray, labels: np.ndarray, classes: list[str], title
         if not (labels == c).any() or (labels == c).all():
             continue
         fpr, tpr, _ = metrics.roc_curve(scores[:, c], labels == c)
-        ax.plot(fpr, tpr, color=colours[c], lw=1.3,
-                label=f"{name} (AUC {metrics.point(metrics.auroc, scores[:, c], labels == c):.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            color=colours[c],
+            lw=1.3,
+            label=f"{name} (AUC {metrics.point(metrics.auroc, scores[:, c], labels == c):.3f})",
+        )
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(fontsize=7, loc="lower right", ncol=1 + len(classes) // 12)
@@ -113,21 +136,33 @@ def beyond_note(n: int) -> str:
     return f"{n} point{'s' if n != 1 else ''} beyond the axes, drawn on the edge" if n else ""
 
 
-def embedding_figure(closed: np.ndarray, closed_labels: np.ndarray, classes: list[str], opened: np.ndarray,
-                     method: str, seed: int, path: Path) -> None:
+def embedding_figure(
+    closed: np.ndarray,
+    closed_labels: np.ndarray,
+    classes: list[str],
+    opened: np.ndarray,
+    method: str,
+    seed: int,
+    path: Path,
+) -> None:
     plt = _plt()
     xy, xlim, ylim, beyond = onto_axes(project_2d(np.concatenate([closed, opened]), method, seed))
     fig, ax = plt.subplots(figsize=(7, 5.5))
     colours = _colours(len(classes))
     if len(opened):
-        o = xy[len(closed):]
+        o = xy[len(closed) :]
         ax.scatter(o[:, 0], o[:, 1], s=9, marker="x", color="0.6", lw=0.7, label="open (unseen)")
     for c, name in enumerate(classes):
-        p = xy[:len(closed)][closed_labels == c]
+        p = xy[: len(closed)][closed_labels == c]
         ax.scatter(p[:, 0], p[:, 1], s=10, color=colours[c], label=name)
     name = {"pca": "PCA", "tsne": "t-SNE"}[method]
-    ax.set(xlim=xlim, ylim=ylim, xlabel=f"{name} 1" + (f"  ({beyond_note(beyond)})" if beyond else ""),
-           ylabel=f"{name} 2", title=f"embeddings h_bar of the closed test set and the open set ({name})")
+    ax.set(
+        xlim=xlim,
+        ylim=ylim,
+        xlabel=f"{name} 1" + (f"  ({beyond_note(beyond)})" if beyond else ""),
+        ylabel=f"{name} 2",
+        title=f"embeddings h_bar of the closed test set and the open set ({name})",
+    )
     ax.legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
     _save(fig, path)
 
@@ -144,10 +179,18 @@ def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: P
         ax.hist(np.clip(opened, bins[0], None), bins, alpha=0.6, density=True, label="open (unseen)")
         m = open_metrics[kind]
         if threshold and GATING[kind] == threshold["embedding"] and np.isfinite(threshold["log_density_threshold"]):
-            ax.axvline(threshold["log_density_threshold"], color="k", ls="--", lw=1,
-                       label=f"unseen flag: p <= {threshold['alpha']:g} below")
-        ax.set(xlabel="KDE log-density", ylabel="density",
-               title=f"{kind.replace('_', ' ')}: AUROC {m['auroc']:.3f}, EER {m['eer']:.3f}, OVL {m['ovl']:.3f}")
+            ax.axvline(
+                threshold["log_density_threshold"],
+                color="k",
+                ls="--",
+                lw=1,
+                label=f"unseen flag: p <= {threshold['alpha']:g} below",
+            )
+        ax.set(
+            xlabel="KDE log-density",
+            ylabel="density",
+            title=f"{kind.replace('_', ' ')}: AUROC {m['auroc']:.3f}, EER {m['eer']:.3f}, OVL {m['ovl']:.3f}",
+        )
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
     _save(fig, path)
@@ -163,11 +206,21 @@ def postprocessing_figure(closed: dict, n_classes: int, path: Path) -> None:
         top1 = np.array([closed[v][scorer]["top1"] for v in variants])
         ci = np.array([closed[v][scorer].get("ci", {}).get("top1", [np.nan, np.nan]) for v in variants], float)
         err = None if np.isnan(ci).all() else np.abs(ci.T - top1)  # no bar where there is no interval
-        ax.errorbar(x, top1, yerr=err, fmt=style, capsize=3,
-                    label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)")
+        ax.errorbar(
+            x,
+            top1,
+            yerr=err,
+            fmt=style,
+            capsize=3,
+            label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)",
+        )
     ax.set_xticks(np.arange(len(variants)), variants)
-    ax.set(xlabel="post-processing", ylabel="top-1 accuracy (95% interval)", ylim=(0, 1.02),
-           title="attribution accuracy by post-processing step")
+    ax.set(
+        xlabel="post-processing",
+        ylabel="top-1 accuracy (95% interval)",
+        ylim=(0, 1.02),
+        title="attribution accuracy by post-processing step",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -179,8 +232,12 @@ def attention_figure(a_t: list, classes: list[str], timesteps: list[int], path: 
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 2), 4))
     width = 0.8 / len(timesteps)
     for j, t in enumerate(timesteps):
-        ax.bar(np.arange(len(rows)) + (j - (len(timesteps) - 1) / 2) * width, [v[j] for _, v in rows],
-               width, label=f"t = {t}")
+        ax.bar(
+            np.arange(len(rows)) + (j - (len(timesteps) - 1) / 2) * width,
+            [v[j] for _, v in rows],
+            width,
+            label=f"t = {t}",
+        )
     ax.set_xticks(range(len(rows)), [c for c, _ in rows], rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="mean attention weight a_t", ylim=(0, 1), title="temporal attention by generator (Eq. 6-7)")
     ax.legend(fontsize=8)
@@ -194,19 +251,28 @@ def reliability_figure(calibration: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
     t = calibration["temperature"]
-    after = (f"{calibration['method'].replace('_', ' ')} (T = {t:.2f})" if np.ndim(t) == 0 else
-             f"{calibration['method'].replace('_', ' ')} (T from {min(t):.2f} to {max(t):.2f})")
+    after = (
+        f"{calibration['method'].replace('_', ' ')} (T = {t:.2f})"
+        if np.ndim(t) == 0
+        else f"{calibration['method'].replace('_', ' ')} (T from {min(t):.2f} to {max(t):.2f})"
+    )
     for key, style, label in (("before", "o-", "uncalibrated"), ("after", "s-", after)):
         r = calibration["reliability"][key]
         count = np.asarray(r["count"], float)
         ok = count > 0
         conf, acc = np.asarray(r["confidence"], float)[ok], np.asarray(r["accuracy"], float)[ok]
         ece = float((count[ok] * np.abs(acc - conf)).sum() / max(count.sum(), 1))  # the ECE, from its own bins
-        line, = ax.plot(conf, acc, style[1:], lw=1.2, label=f"{label}, ECE {ece:.3f}")
-        ax.scatter(conf, acc, s=12 + 250 * count[ok] / max(count.sum(), 1), color=line.get_color(), marker=style[0],
-                   zorder=3)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (largest class probability)", ylabel="accuracy",
-           title="reliability, closed test (raw)")
+        (line,) = ax.plot(conf, acc, style[1:], lw=1.2, label=f"{label}, ECE {ece:.3f}")
+        ax.scatter(
+            conf, acc, s=12 + 250 * count[ok] / max(count.sum(), 1), color=line.get_color(), marker=style[0], zorder=3
+        )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="confidence (largest class probability)",
+        ylabel="accuracy",
+        title="reliability, closed test (raw)",
+    )
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)

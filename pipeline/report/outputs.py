@@ -1,5 +1,6 @@
 """Writing one scoring's outputs: the figures, metrics.json, report.md, the open-set scores that
 `compare` pairs runs on and the validation scores that `attribute`'s p-values rank against."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,12 +22,31 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
     fig_dir.mkdir(parents=True, exist_ok=True)
     test, classes = figs["test"], figs["classes"]
     y = label_index(test, classes)
-    figures.confusion_figure(m["closed"]["raw"]["head"]["confusion"], classes,
-                            f"confusion, closed test (raw), {m['head']} head", fig_dir / "confusion.png")
-    figures.roc_figure(metrics.softmax(test.arrays["logits"].astype(np.float64)), y, classes, "one-vs-rest ROC, closed test (raw)", fig_dir / "roc.png")
-    opened = figs["open"].embedding("h_bar") if figs["open"] is not None else np.zeros((0, test.arrays["h_bar"].shape[1]))
-    figures.embedding_figure(test.embedding("h_bar"), y, classes, opened, cfg.score.embedding_map, cfg.score.seed,
-                            fig_dir / "embedding_map.png")
+    figures.confusion_figure(
+        m["closed"]["raw"]["head"]["confusion"],
+        classes,
+        f"confusion, closed test (raw), {m['head']} head",
+        fig_dir / "confusion.png",
+    )
+    figures.roc_figure(
+        metrics.softmax(test.arrays["logits"].astype(np.float64)),
+        y,
+        classes,
+        "one-vs-rest ROC, closed test (raw)",
+        fig_dir / "roc.png",
+    )
+    opened = (
+        figs["open"].embedding("h_bar") if figs["open"] is not None else np.zeros((0, test.arrays["h_bar"].shape[1]))
+    )
+    figures.embedding_figure(
+        test.embedding("h_bar"),
+        y,
+        classes,
+        opened,
+        cfg.score.embedding_map,
+        cfg.score.seed,
+        fig_dir / "embedding_map.png",
+    )
     figures.postprocessing_figure(m["closed"], len(classes), fig_dir / "postprocessing.png")
     figures.attention_figure(m["attention"], classes, m["timesteps"], fig_dir / "attention.png")
     figures.reliability_figure(m["calibration"], fig_dir / "reliability.png")
@@ -47,10 +67,17 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
 
         board = tboard.writer(run_dir / "tensorboard" / "score", fresh=True)
         opened = figs["open"]
-        tboard.score(board, metrics.softmax(test.arrays["logits"].astype(np.float64)), y, classes,
-                     test.arrays["h_bar"], opened.arrays["h_bar"] if opened is not None else np.zeros((0, 1)),
-                     opened.labels if opened is not None else [], prototypes,
-                     fig_dir / "roc.png")
+        tboard.score(
+            board,
+            metrics.softmax(test.arrays["logits"].astype(np.float64)),
+            y,
+            classes,
+            test.arrays["h_bar"],
+            opened.arrays["h_bar"] if opened is not None else np.zeros((0, 1)),
+            opened.labels if opened is not None else [],
+            prototypes,
+            fig_dir / "roc.png",
+        )
         board.close()
     atomic_write_json(run_dir / "metrics.json", m)
     render.write_report(run_dir / "report.md", m)
@@ -62,8 +89,13 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
         rows = {"closed_rows": test.ids["row"], "open_rows": figs["open"].ids["row"]}
         scores = {f"{k}.{side}": v[side] for k, v in figs["kde_scores"].items() for side in ("closed", "open")}
         with atomic_path(run_dir / "open_scores.safetensors") as tmp:
-            save_file({k: np.ascontiguousarray(v, dtype=np.float64 if "." in k else np.int64)
-                       for k, v in {**rows, **scores}.items()}, str(tmp))
+            save_file(
+                {
+                    k: np.ascontiguousarray(v, dtype=np.float64 if "." in k else np.int64)
+                    for k, v in {**rows, **scores}.items()
+                },
+                str(tmp),
+            )
         files.append(run_dir / "open_scores.safetensors")
     else:
         (run_dir / "open_scores.safetensors").unlink(missing_ok=True)

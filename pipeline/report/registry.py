@@ -6,6 +6,7 @@ weights), its chance level, its direction and its interval. metrics.json, the re
 `compare` and `sweep` columns are generated from CLOSED and OPEN: adding a metric is adding it here
 (and a test of its function).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,42 +94,82 @@ class Metric:
 
 CLOSED: tuple[Metric, ...] = (
     Metric("top1", "top-1", lambda s, w: metrics.top1(s.correct, w), lambda c: 1 / c, compare=True),
-    Metric("top5", "top-5", lambda s, w: metrics.top_k(s.scores, s.labels, 5, w), lambda c: 5 / c,
-           applies=lambda s: s.n_classes > 5),
-    Metric("balanced_accuracy", "balanced accuracy",
-           lambda s, w: metrics.balanced_accuracy(s.scores.argmax(1), s.labels, s.n_classes, w), lambda c: 1 / c),
-    Metric("macro_auc", "macro AUC", lambda s, w: metrics.macro_auc(s.scores, s.labels, w), lambda c: 0.5,
-           compare=True),
-    Metric("ece", "ECE", lambda s, w: metrics.expected_calibration_error(s.scores, s.labels, w),
-           higher_is_better=False, applies=lambda s: s.probabilities),
-    Metric("per_class_auc", "one-vs-rest AUC", lambda s, w: metrics.per_class_auc(s.scores, s.labels, w),
-           lambda c: 0.5, table=False, per_class=True),
+    Metric(
+        "top5",
+        "top-5",
+        lambda s, w: metrics.top_k(s.scores, s.labels, 5, w),
+        lambda c: 5 / c,
+        applies=lambda s: s.n_classes > 5,
+    ),
+    Metric(
+        "balanced_accuracy",
+        "balanced accuracy",
+        lambda s, w: metrics.balanced_accuracy(s.scores.argmax(1), s.labels, s.n_classes, w),
+        lambda c: 1 / c,
+    ),
+    Metric(
+        "macro_auc", "macro AUC", lambda s, w: metrics.macro_auc(s.scores, s.labels, w), lambda c: 0.5, compare=True
+    ),
+    Metric(
+        "ece",
+        "ECE",
+        lambda s, w: metrics.expected_calibration_error(s.scores, s.labels, w),
+        higher_is_better=False,
+        applies=lambda s: s.probabilities,
+    ),
+    Metric(
+        "per_class_auc",
+        "one-vs-rest AUC",
+        lambda s, w: metrics.per_class_auc(s.scores, s.labels, w),
+        lambda c: 0.5,
+        table=False,
+        per_class=True,
+    ),
 )
 
 OPEN: tuple[Metric, ...] = (
     Metric("auroc", "AUROC", lambda s, w: metrics.auroc(s.scores, s.positive, w), lambda c: 0.5, compare=True),
     Metric("eer", "EER", lambda s, w: metrics.eer(s.scores, s.positive, w), lambda c: 0.5, higher_is_better=False),
     Metric("ovl", "OVL", lambda s, w: metrics.ovl(s.closed, s.opened, w), higher_is_better=False, interval="basic"),
-    Metric("fpr_at_95tpr", "FPR@95%TPR", lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w),
-           lambda c: 0.95, higher_is_better=False),
+    Metric(
+        "fpr_at_95tpr",
+        "FPR@95%TPR",
+        lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w),
+        lambda c: 0.95,
+        higher_is_better=False,
+    ),
 )
 
 
 # split-conformal prediction sets at level 1 - score.alpha (report/decisions.py)
 CONFORMAL: tuple[Metric, ...] = (
     Metric("coverage", "set coverage", lambda s, w: metrics.coverage(s.sets, s.labels, w), compare=True),
-    Metric("set_size", "mean set size", lambda s, w: metrics.set_size(s.sets, w), higher_is_better=False,
-           compare=True),
-    Metric("per_class_coverage", "coverage per class",
-           lambda s, w: metrics.per_class_coverage(s.sets, s.labels, s.n_classes, w), table=False, per_class=True),
+    Metric("set_size", "mean set size", lambda s, w: metrics.set_size(s.sets, w), higher_is_better=False, compare=True),
+    Metric(
+        "per_class_coverage",
+        "coverage per class",
+        lambda s, w: metrics.per_class_coverage(s.sets, s.labels, s.n_classes, w),
+        table=False,
+        per_class=True,
+    ),
 )
 
 # the unseen-generator flag at conformal p <= score.alpha: its error rate on known generators, its power
 UNSEEN: tuple[Metric, ...] = (
-    Metric("false_alarm_rate", "unseen flag: false alarms", lambda s, w: metrics.fraction(s.closed, w[:, :len(s.closed)]),
-           higher_is_better=False, compare=True),
-    Metric("detection_rate", "unseen flag: detected", lambda s, w: metrics.fraction(s.opened, w[:, len(s.closed):]),
-           applies=lambda s: len(s.opened) > 0, compare=True),
+    Metric(
+        "false_alarm_rate",
+        "unseen flag: false alarms",
+        lambda s, w: metrics.fraction(s.closed, w[:, : len(s.closed)]),
+        higher_is_better=False,
+        compare=True,
+    ),
+    Metric(
+        "detection_rate",
+        "unseen flag: detected",
+        lambda s, w: metrics.fraction(s.opened, w[:, len(s.closed) :]),
+        applies=lambda s: len(s.opened) > 0,
+        compare=True,
+    ),
 )
 
 
@@ -136,8 +177,15 @@ def _listed(x):
     return np.asarray(x).tolist() if np.ndim(x) else float(x)
 
 
-def evaluate(registry: tuple[Metric, ...], sample, n_classes: int = 2, n_boot: int = 0, seed: int = 0,
-             groups: np.ndarray | None = None, only: tuple[str, ...] | None = None) -> dict:
+def evaluate(
+    registry: tuple[Metric, ...],
+    sample,
+    n_classes: int = 2,
+    n_boot: int = 0,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    only: tuple[str, ...] | None = None,
+) -> dict:
     """{key: value, "ci": {key: [low, high]}, "chance": {key: c}} of every metric of `registry` that
     applies to `sample` (or of `only` these keys), with 95% bootstrap intervals over `n_boot`
     resamples of its rows (whole groups when `groups`), drawn in blocks of bounded memory."""

@@ -1,6 +1,7 @@
 """report.md: tables laid out like the paper's Tables 1-3 (closed-set attribution, robustness to
 post-processing, open set), generated from the metric registry, the decisions at level 1 - alpha
 (calibration, prediction sets, unseen-generator p-values), with the notes and the figures."""
+
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.report import registry
 from leakpipe.pipeline.store.atomic import atomic_write_text
+
 
 # ---------------------------------------------------------------- report.md
 def fmt(x, digits=3) -> str:
@@ -26,37 +28,62 @@ def with_ci(r: dict, key: str, index: int | None = None) -> str:
 
 
 def report_markdown(m: dict) -> str:
-    lines = [f"# leakpipe report: result `{m['result']}`", "",
-             f"The trained result `cache/results/{m['result']}` (its training config is its `config.json`); "
-             "`leakpipe runs` lists the run names that point at it.", ""]
+    lines = [
+        f"# leakpipe report: result `{m['result']}`",
+        "",
+        f"The trained result `cache/results/{m['result']}` (its training config is its `config.json`); "
+        "`leakpipe runs` lists the run names that point at it.",
+        "",
+    ]
     if m.get("notes"):
         lines += [f"> {n}" for n in m["notes"]] + [""]
-    lines += [f"Generators ({len(m['classes'])}): {', '.join(m['classes'])}. Timesteps T = {m['timesteps']}. "
-              f"Head: {m['head']}.", ""]
+    lines += [
+        f"Generators ({len(m['classes'])}): {', '.join(m['classes'])}. Timesteps T = {m['timesteps']}. "
+        f"Head: {m['head']}.",
+        "",
+    ]
     closed = m["closed"]
     cols = registry.tabled(registry.CLOSED)
-    lines += ["## Table 1. Closed-set attribution (test partition, raw images)", "",
-              "Each number with its 95% bootstrap interval over the test images; chance beside it.", "",
-              "| scorer | n | " + " | ".join(m.label for m in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    lines += [
+        "## Table 1. Closed-set attribution (test partition, raw images)",
+        "",
+        "Each number with its 95% bootstrap interval over the test images; chance beside it.",
+        "",
+        "| scorer | n | " + " | ".join(m.label for m in cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
         r = closed["raw"][scorer]
         lines.append(f"| {name} | {r['n']} | " + " | ".join(with_ci(r, m.key) for m in cols) + " |")
     chance = closed["raw"]["head"].get("chance", {})
     lines.append("| chance | | " + " | ".join(fmt(chance.get(m.key)) if m.key in chance else "" for m in cols) + " |")
-    lines += ["", "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):", "",
-              "| generator | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
+    lines += [
+        "",
+        "Per-class one-vs-rest AUC (head on the posterior pi / Mahalanobis on s_c):",
+        "",
+        "| generator | " + " | ".join(closed) + " |",
+        "|---|" + "---:|" * len(closed),
+    ]
     for c, name in enumerate(m["classes"]):
-        cells = [f"{with_ci(closed[v]['head'], 'per_class_auc', c)} / {with_ci(closed[v]['mahalanobis'], 'per_class_auc', c)}"
-                 for v in closed]
+        cells = [
+            f"{with_ci(closed[v]['head'], 'per_class_auc', c)} / {with_ci(closed[v]['mahalanobis'], 'per_class_auc', c)}"
+            for v in closed
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     b = m.get("baselines")
     if b and "skipped" not in b:
-        lines += ["", "Beside the model, on the same test images: chance, a forensic pixel baseline (logistic regression on "
-                  "8 x 8 block-DCT statistics on the JPEG grid, noise residuals of fixed high-pass filters, the "
-                  "power spectrum and colour means, from each original file at its native resolution, a centre crop "
-                  f"of at most {b.get('forensic_max_side', 512)} px) and a linear probe on the cached z0 (did stage one "
-                  "keep the signal?):", "", "| | top-1 | model minus this (paired) | p |", "|---|---:|---:|---:|",
-                  f"| chance | {fmt(b['chance'])} | | |"]
+        lines += [
+            "",
+            "Beside the model, on the same test images: chance, a forensic pixel baseline (logistic regression on "
+            "8 x 8 block-DCT statistics on the JPEG grid, noise residuals of fixed high-pass filters, the "
+            "power spectrum and colour means, from each original file at its native resolution, a centre crop "
+            f"of at most {b.get('forensic_max_side', 512)} px) and a linear probe on the cached z0 (did stage one "
+            "keep the signal?):",
+            "",
+            "| | top-1 | model minus this (paired) | p |",
+            "|---|---:|---:|---:|",
+            f"| chance | {fmt(b['chance'])} | | |",
+        ]
         for key, name in (("forensic", "forensic pixel baseline"), ("z0_probe", "linear probe on z0")):
             d = b.get(f"head_minus_{key}")
             diff = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else ""
@@ -67,36 +94,62 @@ def report_markdown(m: dict) -> str:
     if m.get("prototypes"):
         lines += prototype_lines(m["prototypes"], m["classes"])
     pair = registry.headline(registry.CLOSED)
-    lines += ["", f"## Table 2. Robustness to post-processing ({' / '.join(m.label for m in pair)}, each with its "
-              "95% interval)", "", "| scorer | " + " | ".join(closed) + " |", "|---|" + "---:|" * len(closed)]
+    lines += [
+        "",
+        f"## Table 2. Robustness to post-processing ({' / '.join(m.label for m in pair)}, each with its 95% interval)",
+        "",
+        "| scorer | " + " | ".join(closed) + " |",
+        "|---|" + "---:|" * len(closed),
+    ]
     for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis")):
-        lines.append(f"| {name} | " + " | ".join(" / ".join(with_ci(closed[v][scorer], m.key) for m in pair)
-                                                 for v in closed) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(" / ".join(with_ci(closed[v][scorer], m.key) for m in pair) for v in closed)
+            + " |"
+        )
     lines += ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
     if m.get("open"):
         cols = registry.tabled(registry.OPEN)
-        lines += ["| embedding | n closed | n open | bandwidth | " + " | ".join(c.label for c in cols) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(cols)]
+        lines += [
+            "| embedding | n closed | n open | bandwidth | " + " | ".join(c.label for c in cols) + " |",
+            "|---|---:|---:|---:|" + "---:|" * len(cols),
+        ]
         for kind, r in m["open"].items():
             bw = fmt(r.get("bandwidth"), 4) if "bandwidth" in r else "-"
-            lines.append(f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | "
-                         + " | ".join(with_ci(r, c.key) for c in cols) + " |")
-        lines.append("| chance | | | | " + " | ".join(fmt(c.chance(2)) if c.chance(2) is not None else ""
-                                                       for c in cols) + " |")
+            lines.append(
+                f"| {kind} | {r['n_closed']} | {r['n_open']} | {bw} | "
+                + " | ".join(with_ci(r, c.key) for c in cols)
+                + " |"
+            )
+        lines.append(
+            "| chance | | | | " + " | ".join(fmt(c.chance(2)) if c.chance(2) is not None else "" for c in cols) + " |"
+        )
         lines += kde_cap_lines(m["open"])
         oscr = {k: r["oscr"]["area"] for k, r in m["open"].items() if "oscr" in r}
         if oscr:
-            lines += ["", "Area under the open-set classification rate curve (closed images accepted *and* correctly "
-                      "attributed, against open images accepted; 1 = perfect): "
-                      + ", ".join(f"{k} {fmt(a)}" for k, a in oscr.items()) + "."]
+            lines += [
+                "",
+                "Area under the open-set classification rate curve (closed images accepted *and* correctly "
+                "attributed, against open images accepted; 1 = perfect): "
+                + ", ".join(f"{k} {fmt(a)}" for k, a in oscr.items())
+                + ".",
+            ]
         for kind, r in m["open"].items():
             if r.get("per_generator"):
-                lines += ["", f"Open-set AUROC of each unseen generator against the closed test set ({kind}):", "",
-                          "| unseen generator | n | AUROC |", "|---|---:|---:|"]
+                lines += [
+                    "",
+                    f"Open-set AUROC of each unseen generator against the closed test set ({kind}):",
+                    "",
+                    "| unseen generator | n | AUROC |",
+                    "|---|---:|---:|",
+                ]
                 lines += [f"| {g} | {v['n']} | {with_ci(v, 'auroc')} |" for g, v in r["per_generator"].items()]
         if "dual" in m["open"]:
-            lines += ["", f"**Warning:** {m['open']['dual']['warning']}. Its honest replacement on known "
-                      "generators is `leakpipe sweep --logo` (leave-one-generator-out)."]
+            lines += [
+                "",
+                f"**Warning:** {m['open']['dual']['warning']}. Its honest replacement on known "
+                "generators is `leakpipe sweep --logo` (leave-one-generator-out).",
+            ]
     else:
         lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
     if m.get("conformal"):
@@ -104,11 +157,19 @@ def report_markdown(m: dict) -> str:
     if m.get("held_out"):
         lines += held_out_lines(m["held_out"])
     if m.get("leakage"):
-        lines += ["", "## Leakage audit", "",
-                  "Scored rows the model saw while it was trained or selected, in some form, are left out of every "
-                  "number above.", "", "| scored set | left out | same file | same group | copy of a training image |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {k} | {v['rows']} | {v['content']} | {v['group']} | {v['source']} |" for k, v in m["leakage"].items()]
+        lines += [
+            "",
+            "## Leakage audit",
+            "",
+            "Scored rows the model saw while it was trained or selected, in some form, are left out of every "
+            "number above.",
+            "",
+            "| scored set | left out | same file | same group | copy of a training image |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {k} | {v['rows']} | {v['content']} | {v['group']} | {v['source']} |" for k, v in m["leakage"].items()
+        ]
     lines += ["", "## Figures", ""]
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
@@ -123,56 +184,103 @@ def decision_lines(m: dict) -> list[str]:
     closed, level = m["closed"], s["level"]
     t = c["temperature"]
     temp = f"T = {t:.3f}" if isinstance(t, float) else "T per class " + ", ".join(f"{x:.2f}" for x in t)
-    lines = ["", f"## Decisions at {level:.0%}: calibrated posterior, prediction sets, unseen-generator p-values", "",
-             f"{s['guarantee']}.", "",
-             f"**Calibrated posterior** (`score.calibration = {c['method']}`, fitted on {c['n_val']} validation images by "
-             f"negative log-likelihood; {temp}). `leakpipe attribute` reports this posterior. ECE (15 bins) and top-1, "
-             "each with its 95% interval:", "",
-             "| variant | n | ECE before | ECE after | top-1 after |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## Decisions at {level:.0%}: calibrated posterior, prediction sets, unseen-generator p-values",
+        "",
+        f"{s['guarantee']}.",
+        "",
+        f"**Calibrated posterior** (`score.calibration = {c['method']}`, fitted on {c['n_val']} validation images by "
+        f"negative log-likelihood; {temp}). `leakpipe attribute` reports this posterior. ECE (15 bins) and top-1, "
+        "each with its 95% interval:",
+        "",
+        "| variant | n | ECE before | ECE after | top-1 after |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for v, r in c["variants"].items():
-        lines.append(f"| {v} | {r['n']} | {with_ci(closed[v]['head'], 'ece')} | {with_ci(r, 'ece')} | {with_ci(r, 'top1')} |")
-    lines += ["", "Every calibration method on the same images (validation NLL is what each minimises; NLL, ECE and "
-              "top-1 on the raw closed test):", "", "| method | T | validation NLL | test NLL | test ECE | test top-1 |",
-              "|---|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {v} | {r['n']} | {with_ci(closed[v]['head'], 'ece')} | {with_ci(r, 'ece')} | {with_ci(r, 'top1')} |"
+        )
+    lines += [
+        "",
+        "Every calibration method on the same images (validation NLL is what each minimises; NLL, ECE and "
+        "top-1 on the raw closed test):",
+        "",
+        "| method | T | validation NLL | test NLL | test ECE | test top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, r in c["methods"].items():
         tt = r["temperature"]
         tt = fmt(tt) if isinstance(tt, float) else f"{fmt(min(tt), 2)} to {fmt(max(tt), 2)}"
         mark = " (used)" if name == c["method"] else ""
-        lines.append(f"| {name}{mark} | {tt} | {fmt(r['val_nll'])} | {fmt(r['test_nll'])} | {fmt(r['test_ece'])} | "
-                     f"{fmt(r['test_top1'])} |")
-    lines += ["", "The reliability diagram (figures/reliability.png) shows the same before and after, per confidence bin.", "",
-              f"**Prediction sets** (split conformal, `score.conformal = {s['score']}`"
-              + (", Mondrian: one threshold per class" if s["mondrian"] else "")
-              + f", on the head's uncalibrated posterior; {s['n_val']} validation images). Coverage is the fraction of "
-              f"images whose set holds their true generator: {level:.0%} or more is guaranteed on exchangeable images "
-              "only, so the post-processed rows show how far it falls without that:", "",
-              "| variant | n | coverage | shortfall | mean set size | empty sets |", "|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name}{mark} | {tt} | {fmt(r['val_nll'])} | {fmt(r['test_nll'])} | {fmt(r['test_ece'])} | "
+            f"{fmt(r['test_top1'])} |"
+        )
+    lines += [
+        "",
+        "The reliability diagram (figures/reliability.png) shows the same before and after, per confidence bin.",
+        "",
+        f"**Prediction sets** (split conformal, `score.conformal = {s['score']}`"
+        + (", Mondrian: one threshold per class" if s["mondrian"] else "")
+        + f", on the head's uncalibrated posterior; {s['n_val']} validation images). Coverage is the fraction of "
+        f"images whose set holds their true generator: {level:.0%} or more is guaranteed on exchangeable images "
+        "only, so the post-processed rows show how far it falls without that:",
+        "",
+        "| variant | n | coverage | shortfall | mean set size | empty sets |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for v, r in s["variants"].items():
         short = level - r["coverage"] if r.get("coverage") is not None else None
-        lines.append(f"| {v} | {r['n']} | {with_ci(r, 'coverage')} | {fmt(max(short, 0.0)) if short is not None else 'n/a'} | "
-                     f"{with_ci(r, 'set_size')} | {fmt(r['empty'])} |")
+        lines.append(
+            f"| {v} | {r['n']} | {with_ci(r, 'coverage')} | {fmt(max(short, 0.0)) if short is not None else 'n/a'} | "
+            f"{with_ci(r, 'set_size')} | {fmt(r['empty'])} |"
+        )
     if "open" in s:
-        lines += ["", f"On the {s['open']['n']} open-set images (unseen generators, whose true generator no set can "
-                  f"hold) the sets have mean size {fmt(s['open']['set_size'])} ({fmt(s['open']['empty'])} empty)."]
+        lines += [
+            "",
+            f"On the {s['open']['n']} open-set images (unseen generators, whose true generator no set can "
+            f"hold) the sets have mean size {fmt(s['open']['set_size'])} ({fmt(s['open']['empty'])} empty).",
+        ]
     raw = s["variants"]["raw"]
     if raw.get("per_class_coverage") is not None:
-        lines += ["", "Coverage per generator, closed test (raw); the marginal guarantee does not bound any one "
-                  "class unless `score.mondrian = true`:", "", "| generator | validation images | coverage |",
-                  "|---|---:|---:|"]
-        lines += [f"| {g} | {s['n_val_per_class'][k]} | {with_ci(raw, 'per_class_coverage', k)} |"
-                  for k, g in enumerate(m["classes"])]
-    lines += ["", "Every score, with and without Mondrian thresholds, on the raw closed test (points):", "",
-              "| score | coverage | mean set size |", "|---|---:|---:|"]
-    lines += [f"| {k}{' (used)' if k == s['score'] + ('_mondrian' if s['mondrian'] else '') else ''} | "
-              f"{fmt(r['coverage'])} | {fmt(r['set_size'])} |" for k, r in s["methods"].items()]
+        lines += [
+            "",
+            "Coverage per generator, closed test (raw); the marginal guarantee does not bound any one "
+            "class unless `score.mondrian = true`:",
+            "",
+            "| generator | validation images | coverage |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {g} | {s['n_val_per_class'][k]} | {with_ci(raw, 'per_class_coverage', k)} |"
+            for k, g in enumerate(m["classes"])
+        ]
+    lines += [
+        "",
+        "Every score, with and without Mondrian thresholds, on the raw closed test (points):",
+        "",
+        "| score | coverage | mean set size |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {k}{' (used)' if k == s['score'] + ('_mondrian' if s['mondrian'] else '') else ''} | "
+        f"{fmt(r['coverage'])} | {fmt(r['set_size'])} |"
+        for k, r in s["methods"].items()
+    ]
     cut = u["log_density_threshold"]
-    lines += ["", f"**Unseen-generator p-values.** An image's p-value is {u['p_value']} of its KDE log-density s on "
-              f"`{u['embedding']}` against the {u['n_val']} closed validation images; `leakpipe attribute` flags it as "
-              f"from an unseen generator when p <= {u['alpha']:g} (log-density below {fmt(cut)}), which bounds the "
-              f"false-alarm rate on known generators by {u['alpha']:g}.", "",
-              "| | n | flagged |", "|---|---:|---:|",
-              f"| closed test (known generators: false alarms, at most {u['alpha']:g} guaranteed) | {u['n_closed']} | "
-              f"{with_ci(u, 'false_alarm_rate')} |"]
+    lines += [
+        "",
+        f"**Unseen-generator p-values.** An image's p-value is {u['p_value']} of its KDE log-density s on "
+        f"`{u['embedding']}` against the {u['n_val']} closed validation images; `leakpipe attribute` flags it as "
+        f"from an unseen generator when p <= {u['alpha']:g} (log-density below {fmt(cut)}), which bounds the "
+        f"false-alarm rate on known generators by {u['alpha']:g}.",
+        "",
+        "| | n | flagged |",
+        "|---|---:|---:|",
+        f"| closed test (known generators: false alarms, at most {u['alpha']:g} guaranteed) | {u['n_closed']} | "
+        f"{with_ci(u, 'false_alarm_rate')} |",
+    ]
     if u.get("n_open"):
         lines.append(f"| open set (unseen generators: detected) | {u['n_open']} | {with_ci(u, 'detection_rate')} |")
     if "note" in u:
@@ -185,19 +293,25 @@ def kde_cap_lines(open_set: dict) -> list[str]:
     ref = next((r["kde_reference"] for r in open_set.values() if r.get("kde_reference")), None)
     if not ref or ref["used"] >= ref["rows"]:
         return []
-    return ["", f"The KDE reference is a seeded subsample of {ref['used']:,} of the {ref['rows']:,} closed "
-            f"training embeddings (score.kde_max_reference = {ref['max_reference']:,}, seed {ref['seed']}); "
-            "its error against the exact KDE is measured in benchmarks/RESULTS.md (section Scale)."]
+    return [
+        "",
+        f"The KDE reference is a seeded subsample of {ref['used']:,} of the {ref['rows']:,} closed "
+        f"training embeddings (score.kde_max_reference = {ref['max_reference']:,}, seed {ref['seed']}); "
+        "its error against the exact KDE is measured in benchmarks/RESULTS.md (section Scale).",
+    ]
 
 
 def prototype_lines(p: dict, classes: list[str]) -> list[str]:
     """Whether each class's prototypes stand for different modes of its training images."""
     n_m, rows = p["per_class_count"], p["per_class"]
     won = sum(r["winning"] for r in rows)
-    lines = ["", f"Prototypes: {won} of {n_m * len(rows)} ({p['winning_fraction']:.0%}) win at least one training "
-             f"image of their class (are its nearest by d_cm, Eq. 9); median separation {fmt(p['median_separation'])} "
-             "(mean squared distance between two prototypes of a class over the mean squared distance of its images "
-             "from their mean; near 0: collapsed onto one point, about 1: as far apart as the images are spread)."]
+    lines = [
+        "",
+        f"Prototypes: {won} of {n_m * len(rows)} ({p['winning_fraction']:.0%}) win at least one training "
+        f"image of their class (are its nearest by d_cm, Eq. 9); median separation {fmt(p['median_separation'])} "
+        "(mean squared distance between two prototypes of a class over the mean squared distance of its images "
+        "from their mean; near 0: collapsed onto one point, about 1: as far apart as the images are spread).",
+    ]
     if won < n_m * len(rows):
         lines += ["", "| generator | prototypes winning | separation |", "|---|---:|---:|"]
         lines += [f"| {c} | {r['winning']} of {n_m} | {fmt(r['separation'])} |" for c, r in zip(classes, rows)]
@@ -207,8 +321,15 @@ def prototype_lines(p: dict, classes: list[str]) -> list[str]:
 def held_out_lines(h: dict) -> list[str]:
     """The leave-one-generator-out table: each held-out generator against the trained generators' test
     images, gating off and on."""
-    lines = ["", "## Held-out generators (leave-one-generator-out)", "", h["note"] + ".", "",
-             "| held-out generator | n | AUROC, gating off | AUROC, gating on |", "|---|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Held-out generators (leave-one-generator-out)",
+        "",
+        h["note"] + ".",
+        "",
+        "| held-out generator | n | AUROC, gating off | AUROC, gating on |",
+        "|---|---:|---:|---:|",
+    ]
     for g, v in h["gating_off"].items():
         lines.append(f"| {g} | {v['n']} | {with_ci(v, 'auroc')} | {with_ci(h['gating_on'].get(g, {}), 'auroc')} |")
     if not h["gating_off"]:

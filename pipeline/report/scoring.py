@@ -3,6 +3,7 @@ prediction sets and the unseen-generator p-values (report/decisions.py), the bas
 audit, the prototypes and the data of the explanation figures, from the embeddings of a trained result.
 What it reads comes through a Reader, which the score stage gives it (checked against the locks), so
 everything here is computation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,10 @@ from leakpipe.pipeline.report import baselines as bl, decisions, evaluate as ev
 from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
 from leakpipe.pipeline.store import latent_store
 
-RANDOM_VAE_NOTE = ("This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
-                   "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy.")
+RANDOM_VAE_NOTE = (
+    "This run's VAE has seeded random weights (the demo's or a test's), not a pretrained "
+    "encoder: the numbers show the pipeline working, not Proto-LeakNet's accuracy."
+)
 
 
 class Reader(Protocol):
@@ -61,21 +64,34 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         pp, _ = split_of(name)
         clash = sorted(set(pp.variant) & tests.keys())
         if clash:
-            raise UserError(f"{r.manifest_path(name)}: variant(s) {', '.join(clash)} also come from another "
-                            "scored manifest; give each post-processing step its own variant name")
+            raise UserError(
+                f"{r.manifest_path(name)}: variant(s) {', '.join(clash)} also come from another "
+                "scored manifest; give each post-processing step its own variant name"
+            )
         pp = pp.select(~np.isin(pp.labels, held_out))
         tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
     if len(tests["raw"]) == 0:
-        raise UserError(f"{r.manifest_path(cfg.score.closed)} has no valid test rows to score"
-                        + (f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
-                           if leakage["raw"]["rows"] else ""))
+        raise UserError(
+            f"{r.manifest_path(cfg.score.closed)} has no valid test rows to score"
+            + (
+                f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
+                if leakage["raw"]["rows"]
+                else ""
+            )
+        )
     try:
-        m = {"result": r.name, "classes": classes, "timesteps": attrs["timesteps"], "notes": notes,
-             "head": "prototypes" if run_cfg.model.prototypes else "linear",
-             "closed": ev.closed_set(by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap,
-                                     cfg.score.seed),
-             "attention": ev.attention_by_class(tests["raw"], classes),
-             "invalid_rows": {cfg.score.closed: closed.n_invalid}}
+        m = {
+            "result": r.name,
+            "classes": classes,
+            "timesteps": attrs["timesteps"],
+            "notes": notes,
+            "head": "prototypes" if run_cfg.model.prototypes else "linear",
+            "closed": ev.closed_set(
+                by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap, cfg.score.seed
+            ),
+            "attention": ev.attention_by_class(tests["raw"], classes),
+            "invalid_rows": {cfg.score.closed: closed.n_invalid},
+        }
     except ValueError as exc:
         raise UserError(f"run {r.name}: {exc}") from None
     figs = {"test": tests["raw"], "classes": classes, "open": None}
@@ -97,8 +113,11 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         unseen, figs["unseen_val_scores"] = ev.calibrate_unseen(kde, by_part["val"], kind)
     except ValueError as exc:
         raise UserError(f"{r.manifest_path(cfg.score.closed)}: {exc}") from None
-    s = figs["kde_scores"][key] if "kde_scores" in figs else {
-        "closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
+    s = (
+        figs["kde_scores"][key]
+        if "kde_scores" in figs
+        else {"closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
+    )
     m["unseen_threshold"] = {**unseen, **decisions.unseen(figs["unseen_val_scores"], s["closed"], s["open"], cfg.score)}
     m["calibration"] = decisions.calibration(by_part["val"], tests, classes, cfg.score)
     m["conformal"] = decisions.prediction_sets(by_part["val"], tests, figs["open"], classes, cfg.score)
@@ -109,9 +128,13 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
     m["leakage"] = leakage
     leaks = {k: v["rows"] for k, v in leakage.items() if v["rows"]}
     if leaks:
-        m["notes"] = [*m["notes"], "Leakage audit: rows the model saw in training in some form (the same file, "
-                      "group or source image) were left out of every metric: " +
-                      ", ".join(f"{k}: {n}" for k, n in leaks.items()) + "."]
+        m["notes"] = [
+            *m["notes"],
+            "Leakage audit: rows the model saw in training in some form (the same file, "
+            "group or source image) were left out of every metric: "
+            + ", ".join(f"{k}: {n}" for k, n in leaks.items())
+            + ".",
+        ]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
     prototypes = r.prototypes
     if prototypes is not None and len(by_part["train"]):
@@ -125,19 +148,20 @@ FIG3_ROWS = 2000  # closed test rows drawn in the per-stage maps (evenly spaced)
 GALLERY_K = 3  # training images shown per prototype
 
 
-def _explanation_data(r: Reader, cfg: Config, train, test, classes: list[str],
-                      prototypes: np.ndarray | None) -> dict:
+def _explanation_data(r: Reader, cfg: Config, train, test, classes: list[str], prototypes: np.ndarray | None) -> dict:
     """Data of the explanation figures: per-stage features of the closed test rows (Fig. 3) and, with
     prototypes, the training images each one wins, nearest first (gallery)."""
     label_index = ev.label_index
     pick = np.unique(np.linspace(0, len(test) - 1, min(len(test), FIG3_ROWS)).astype(int))
     out = {"stages": r.stage_features(test.ids["row"][pick]), "stage_labels": label_index(test, classes)[pick]}
     if prototypes is not None and len(train):
-        near = nearest_to_prototypes(train.arrays["h_bar"], train.arrays["w"], label_index(train, classes),
-                                     prototypes, GALLERY_K)
+        near = nearest_to_prototypes(
+            train.arrays["h_bar"], train.arrays["w"], label_index(train, classes), prototypes, GALLERY_K
+        )
         manifest = r.manifest(cfg.score.closed)
-        out["gallery"] = prototype_thumbnails(near, lambda i: manifest.abspath(int(train.ids["row"][i])),
-                                              cfg.preprocess)
+        out["gallery"] = prototype_thumbnails(
+            near, lambda i: manifest.abspath(int(train.ids["row"][i])), cfg.preprocess
+        )
     return out
 
 
@@ -148,17 +172,27 @@ def _baselines(r: Reader, cfg: Config, train, test, classes: list[str]) -> dict:
     m = r.manifest(cfg.score.closed)
     store = latent_store.open_store(r.store(cfg.score.closed))
     try:
-        pixels = [bl.forensic_matrix([m.abspath(int(i)) for i in s.ids["row"]], cfg.score.baseline_max_side,
-                                     cfg.preprocess.max_pixels) for s in (train, test)]
+        pixels = [
+            bl.forensic_matrix(
+                [m.abspath(int(i)) for i in s.ids["row"]], cfg.score.baseline_max_side, cfg.preprocess.max_pixels
+            )
+            for s in (train, test)
+        ]
         z0 = [latent_store.read_rows(store, s.ids["row"])["mean"].reshape(len(s), -1) for s in (train, test)]
     except (OSError, BadImage, latent_store.DamagedRows) as exc:
         return {"chance": 1 / len(classes), "skipped": f"baselines left out: {exc}"}
     w = bootstrap.Resamples(cfg.score.bootstrap, cfg.score.seed, test.groups) if cfg.score.bootstrap else None
-    right = {"head": test.arrays["logits"].argmax(1) == yte,
-             "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte, "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte}
-    out = {"chance": 1 / len(classes), "forensic_max_side": cfg.score.baseline_max_side,
-           "z0_is_pixels": r.run_cfg.vae.source == "pixels",
-           **{k: bl.scored(v, w) for k, v in right.items()}}
+    right = {
+        "head": test.arrays["logits"].argmax(1) == yte,
+        "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte,
+        "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte,
+    }
+    out = {
+        "chance": 1 / len(classes),
+        "forensic_max_side": cfg.score.baseline_max_side,
+        "z0_is_pixels": r.run_cfg.vae.source == "pixels",
+        **{k: bl.scored(v, w) for k, v in right.items()},
+    }
     if w is not None:
         for a, b in (("head", "forensic"), ("head", "z0_probe"), ("z0_probe", "forensic")):
             out[f"{a}_minus_{b}"] = bl.paired_difference(right[a], right[b], w)

@@ -2,6 +2,7 @@
 
 A reader (or a rerun after a kill) therefore sees the old version or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,11 @@ def atomic_path(path: Path | str, folder: bool = False):
     and rename it onto `path` (replacing a file, or a folder when `folder`). On error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")) if folder else \
-        Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")[1])
+    tmp = (
+        Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        if folder
+        else Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")[1])
+    )
     try:
         yield tmp
         _fsync_tree(tmp)

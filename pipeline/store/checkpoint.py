@@ -1,4 +1,5 @@
 """Model files and training checkpoints: safetensors for tensors, JSON for the rest. Never pickle."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,15 +15,18 @@ from leakpipe.pipeline.store.atomic import atomic_path
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Atomic safetensors write; `metadata` values are JSON-encoded into the header."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={k: json.dumps(v) for k, v in (metadata or {}).items()},
+        )
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata with its JSON values decoded) of a safetensors file's bytes."""
     from safetensors.torch import load
 
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     return load(data), {k: json.loads(v) for k, v in header.items()}
 
 
@@ -32,8 +36,11 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
     sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
-               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors = {
+        f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+        for i, st in sd["state"].items()
+        for k, v in st.items()
+    }
     return tensors, sd["param_groups"]
 
 
@@ -63,18 +70,30 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(folder: Path, model, opt, best: dict[str, torch.Tensor], state: dict,
-                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+def save_checkpoint(
+    folder: Path,
+    model,
+    opt,
+    best: dict[str, torch.Tensor],
+    state: dict,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """One file: weights, optimizer state, the best weights so far (with the feature statistics), the
     training state and `extra` named groups of tensors (the weight average), with a checksum of every
     tensor in its header. A single atomic rename, so a kill leaves the previous checkpoint or this
     one, never a mix of two epochs."""
     opt_tensors, groups = _optimizer_tensors(opt)
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors,
-               **{f"best.{k}": v for k, v in best.items()},
-               **{f"extra.{name}.{k}": v for name, group in (extra or {}).items() for k, v in group.items()}}
-    save_tensors(Path(folder) / CHECKPOINT, tensors,
-                 {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)})
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **opt_tensors,
+        **{f"best.{k}": v for k, v in best.items()},
+        **{f"extra.{name}.{k}": v for name, group in (extra or {}).items() for k, v in group.items()},
+    }
+    save_tensors(
+        Path(folder) / CHECKPOINT,
+        tensors,
+        {"state": {**state, "param_groups": groups}, "blake2b": tensors_hash(tensors)},
+    )
 
 
 def load_checkpoint(folder: Path, model, opt, fingerprint: str) -> tuple[dict, dict, dict] | None:

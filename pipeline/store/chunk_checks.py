@@ -10,6 +10,7 @@ stat (bit rot under an unchanged mtime) is still caught where it matters: every 
 embed, score) checks latent_hash as it reads, and a reader's damage report makes the next encode
 check every chunk. Stores at URLs have no such stat and are checked row by row, as before.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ unreadable images, have valid = false and zeros elsewhere):
     valid (N,) bool
 Attributes: classes, timesteps, model and latent fingerprints.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,7 @@ from leakpipe.pipeline.store.atomic import atomic_path
 ARRAYS = ("h_bar", "w", "a_t", "logits", "pi", "d_min", "pi_cm", "r")
 
 
-def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray],
-          attrs: dict) -> None:
+def write(path: Path, n_rows: int, valid_rows: np.ndarray, outputs: dict[str, np.ndarray], attrs: dict) -> None:
     """Write to a temporary group, then rename: readers never see a half-written store."""
     with atomic_path(path, folder=True) as tmp:
         _write_group(zarr.open_group(str(tmp), mode="w"), n_rows, valid_rows, outputs, attrs)

@@ -14,6 +14,7 @@ thousand, so two encodes of different splits share the cache, each waiting for t
 at most BUSY_SECONDS, and a killed process loses only its last uncommitted rows. A database that
 SQLite finds damaged is set aside and rebuilt, with a note: it is only a cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,7 +97,7 @@ def _stamps(stats: list) -> tuple[np.ndarray, np.ndarray]:
 def _folder_range(paths: list[str]) -> tuple[str, str]:
     """[low, high) of the keys under the deepest folder holding every path (min and max suffice)."""
     common = os.path.commonprefix([min(paths), max(paths)])
-    low = common[:common.rfind("/") + 1] or "/"
+    low = common[: common.rfind("/") + 1] or "/"
     return low, low[:-1] + chr(ord("/") + 1)
 
 
@@ -164,8 +165,10 @@ class HashCache:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA}")
         if version == 0:  # a new database (a write, so only then)
             with db:
-                db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stamp BLOB NOT NULL, "
-                           "hash BLOB NOT NULL) WITHOUT ROWID")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stamp BLOB NOT NULL, "
+                    "hash BLOB NOT NULL) WITHOUT ROWID"
+                )
                 db.execute(f"PRAGMA user_version={SCHEMA}")
         return db
 
@@ -185,8 +188,10 @@ class HashCache:
             old = Path(f"{self.path}{suffix}")
             if old.exists():
                 os.replace(old, f"{old}.damaged")
-        self._note(f"the file-hash cache {self.path} was damaged ({exc}); it was set aside as "
-                   f"{self.path.name}.damaged and rebuilt, so files are hashed again this once")
+        self._note(
+            f"the file-hash cache {self.path} was damaged ({exc}); it was set aside as "
+            f"{self.path.name}.damaged and rebuilt, so files are hashed again this once"
+        )
         self._db = self._connect()
         return self._db
 
@@ -227,7 +232,7 @@ class HashCache:
         cached, digests = self._entries(*_folder_range(keys))
         found = np.where(seen, _matches(cached, want), -1)
         hexes = digests[np.maximum(found, 0)].tobytes().hex() if len(digests) else ""
-        out = [hexes[k:k + 32] for k in range(0, len(hexes), 32)] or [None] * len(keys)
+        out = [hexes[k : k + 32] for k in range(0, len(hexes), 32)] or [None] * len(keys)
         for i in np.flatnonzero(found < 0).tolist():
             out[i] = None
         for i in np.flatnonzero((found < 0) & seen).tolist():
@@ -241,21 +246,25 @@ class HashCache:
         """(stamps (m, 5) int64, hashes (m, 16) uint8) of every entry with low <= path < high."""
         self._flush()
         # both aggregates walk the same rows in the same order, so their blobs stay aligned
-        sql = ("SELECT CAST(group_concat(stamp, '') AS BLOB), CAST(group_concat(hash, '') AS BLOB) "
-               "FROM files WHERE path >= ? AND path < ?")
+        sql = (
+            "SELECT CAST(group_concat(stamp, '') AS BLOB), CAST(group_concat(hash, '') AS BLOB) "
+            "FROM files WHERE path >= ? AND path < ?"
+        )
         stamps, hashes = self._run(lambda db: db.execute(sql, (low, high)).fetchone())
         stamps, hashes = stamps or b"", hashes or b""
         if len(stamps) != 8 * 5 * (len(hashes) // HASH_BYTES) or len(hashes) % HASH_BYTES:
             return self._rowwise(low, high)  # a stamp or hash of the wrong length: read row by row
-        return (np.frombuffer(stamps, "<i8").reshape(-1, 5),
-                np.frombuffer(hashes, np.uint8).reshape(-1, HASH_BYTES))
+        return (np.frombuffer(stamps, "<i8").reshape(-1, 5), np.frombuffer(hashes, np.uint8).reshape(-1, HASH_BYTES))
 
     def _rowwise(self, low: str, high: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._run(lambda db: db.execute("SELECT stamp, hash FROM files WHERE path >= ? AND path < ?",
-                                               (low, high)).fetchall())
+        rows = self._run(
+            lambda db: db.execute("SELECT stamp, hash FROM files WHERE path >= ? AND path < ?", (low, high)).fetchall()
+        )
         good = [(_STAMP.unpack(s), h) for s, h in rows if len(s) == _STAMP.size and len(h) == HASH_BYTES]
-        return (np.array([s for s, _ in good], np.int64).reshape(-1, 5),
-                np.frombuffer(b"".join(h for _, h in good), np.uint8).reshape(-1, HASH_BYTES))
+        return (
+            np.array([s for s, _ in good], np.int64).reshape(-1, 5),
+            np.frombuffer(b"".join(h for _, h in good), np.uint8).reshape(-1, HASH_BYTES),
+        )
 
     # ------------------------------------------------------------ writes
     def _hash_now(self, key: str, stamp: tuple) -> str:
@@ -286,11 +295,13 @@ class HashCache:
         def write(db):
             with db:
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", rows)
+
         try:
             self._run(write)
         except sqlite3.OperationalError as exc:  # busy past BUSY_SECONDS, read-only, full disk: a cache
-            self._note(f"{len(rows)} file hashes were not cached in {self.path} ({exc}); they are "
-                       "computed again next time")
+            self._note(
+                f"{len(rows)} file hashes were not cached in {self.path} ({exc}); they are computed again next time"
+            )
 
     def save(self) -> None:
         """Commit what is not committed yet (rows are also committed as they come)."""
@@ -319,8 +330,11 @@ class HashCache:
                     kept += 1
         self._flush()
         self.legacy.unlink(missing_ok=True)
-        what = f"{kept} of {len(entries)} entries still current" if isinstance(entries, dict) else \
-            "it could not be read, so nothing was imported"
+        what = (
+            f"{kept} of {len(entries)} entries still current"
+            if isinstance(entries, dict)
+            else "it could not be read, so nothing was imported"
+        )
         self._note(f"moved the file-hash cache {self.legacy.name} to {self.path.name} ({what})")
 
 

@@ -11,6 +11,7 @@ its bytes match latent_hash[i]. Every reader checks the second while it reads, s
 or a missing one (Zarr reads it as zeros), is never used, whatever a lock file says.
 Latents of a chunk are written before their hashes, so a crash can only lose unfinished work.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -108,15 +109,16 @@ def open_store(location: str | Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(storage.normalize(location), mode=mode)
 
 
-def create(location: str, n_rows: int, latent_shape: tuple, chunk_rows: int, dtype: str,
-           attrs: dict) -> zarr.Group:
+def create(location: str, n_rows: int, latent_shape: tuple, chunk_rows: int, dtype: str, attrs: dict) -> zarr.Group:
     group = open_store(location, "w")
     for name in LATENT_ARRAYS:
-        group.create_array(name, shape=(n_rows, *latent_shape), chunks=(chunk_rows, *latent_shape),
-                           dtype=dtype, fill_value=0)
+        group.create_array(
+            name, shape=(n_rows, *latent_shape), chunks=(chunk_rows, *latent_shape), dtype=dtype, fill_value=0
+        )
     for name in ("latent_hash", "source_hash"):
-        group.create_array(name, shape=(n_rows, HASH_BYTES), chunks=(chunk_rows, HASH_BYTES),
-                           dtype="uint8", fill_value=0)
+        group.create_array(
+            name, shape=(n_rows, HASH_BYTES), chunks=(chunk_rows, HASH_BYTES), dtype="uint8", fill_value=0
+        )
     group.attrs.update({"leakpipe_store": STORE_FORMAT, **attrs})
     return group
 
@@ -124,8 +126,9 @@ def create(location: str, n_rows: int, latent_shape: tuple, chunk_rows: int, dty
 def _add_latent_hash(group: zarr.Group) -> None:
     """A store written before latent_hash existed (format 1) gets it from its current bytes, once."""
     n, chunk = group["source_hash"].shape[0], group["mean"].chunks[0]
-    arr = group.create_array("latent_hash", shape=(n, HASH_BYTES), chunks=(chunk, HASH_BYTES),
-                             dtype="uint8", fill_value=0)
+    arr = group.create_array(
+        "latent_hash", shape=(n, HASH_BYTES), chunks=(chunk, HASH_BYTES), dtype="uint8", fill_value=0
+    )
     for start, stop in chunk_bounds(n, chunk):
         arr[start:stop] = content_hashes(group["mean"][start:stop], group["logvar"][start:stop])
     group.attrs["leakpipe_store"] = STORE_FORMAT
@@ -226,8 +229,13 @@ def _unmoved_chunks(src: np.ndarray, old_rows: int, old_chunk: int, chunk_rows: 
     if old_chunk != chunk_rows:
         return np.zeros(len(bounds), bool)
     at = src == np.arange(len(src))
-    return np.array([stop <= old_rows and at[start:stop].any() and bool(((src[start:stop] == -1) | at[start:stop]).all())
-                     for start, stop in bounds], bool)
+    return np.array(
+        [
+            stop <= old_rows and at[start:stop].any() and bool(((src[start:stop] == -1) | at[start:stop]).all())
+            for start, stop in bounds
+        ],
+        bool,
+    )
 
 
 def _link_chunk(old: zarr.Group, location: str, tmp: str, k: int) -> None:
@@ -282,8 +290,9 @@ def _complete(location: str) -> bool:
     return {*LATENT_ARRAYS, "source_hash"} <= names
 
 
-def prepare(location: str, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str,
-            attrs: dict) -> tuple[zarr.Group, int]:
+def prepare(
+    location: str, hashes: np.ndarray, latent_shape: tuple, chunk_rows: int, dtype: str, attrs: dict
+) -> tuple[zarr.Group, int]:
     """Open (or create) the store aligned with the manifest's rows; returns (group, rows copied)."""
     location = storage.normalize(location)
     recover(location)
@@ -310,8 +319,9 @@ def prepare(location: str, hashes: np.ndarray, latent_shape: tuple, chunk_rows: 
     return group, copied
 
 
-def write_chunk(group: zarr.Group, start: int, stop: int, rows: np.ndarray,
-                latents: dict[str, np.ndarray], row_hashes: np.ndarray) -> None:
+def write_chunk(
+    group: zarr.Group, start: int, stop: int, rows: np.ndarray, latents: dict[str, np.ndarray], row_hashes: np.ndarray
+) -> None:
     """Write `rows` (absolute indices inside [start, stop)) of one chunk: latents first, then hashes.
 
     The whole chunk is rewritten (read-modify-write) so each chunk file is replaced atomically and
@@ -325,8 +335,10 @@ def write_chunk(group: zarr.Group, start: int, stop: int, rows: np.ndarray,
         block = np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else _block(arr, start, stop)
         block[local] = latents[name]
         arr[start:stop] = blocks[name] = block
-    for name, new in (("latent_hash", content_hashes(blocks["mean"][local], blocks["logvar"][local])),
-                      ("source_hash", row_hashes)):
+    for name, new in (
+        ("latent_hash", content_hashes(blocks["mean"][local], blocks["logvar"][local])),
+        ("source_hash", row_hashes),
+    ):
         hashes = _block(group[name], start, stop)
         hashes[local] = new
         group[name][start:stop] = hashes

@@ -3,6 +3,7 @@
 Uses flock: the kernel drops it when the holder dies, so a lock left by a killed process is
 recovered automatically; the file keeps the holder's pid and host for the message.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ def exclusive(path: Path, what: str):
     """The one writer of `what`; refused (Busy) while any other process writes or reads it."""
     with _flock(path, what, fcntl.LOCK_EX) as fd:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
         yield
 
 
@@ -47,8 +49,10 @@ def _flock(path: Path, what: str, kind: int):
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a reader"
-            raise Busy(f"{what} is in use by another leakpipe process (writer: {holder}, or readers "
-                       f"such as a training); wait for it to finish, or stop it. Lock file: {path}") from None
+            raise Busy(
+                f"{what} is in use by another leakpipe process (writer: {holder}, or readers "
+                f"such as a training); wait for it to finish, or stop it. Lock file: {path}"
+            ) from None
         yield fd
     finally:
         os.close(fd)  # releases the flock

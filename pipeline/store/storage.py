@@ -6,6 +6,7 @@ replaces each chunk file atomically (temp file + rename); fsspec's local writer 
 on every PUT, which is the same guarantee. Credentials and endpoints come from the environment,
 as for any fsspec user (AWS_PROFILE, FSSPEC_S3_ENDPOINT_URL, ...), never from the config.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ def normalize(location: str | Path) -> str:
     """Absolute path for local locations (`file://` included), the URL otherwise."""
     text = str(location)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     return text.rstrip("/") if is_url(text) else os.path.abspath(os.path.expanduser(text))
 
 
@@ -53,7 +54,8 @@ def probe(location: str) -> None:
         raise UserError(
             f"cannot reach the latent store {location}: {exc}. Check store.url, the credentials in "
             "this environment (and on every dask worker), FSSPEC_S3_ENDPOINT_URL for S3-compatible "
-            "servers, and that the backend is installed (pip install s3fs / gcsfs / adlfs)") from None
+            "servers, and that the backend is installed (pip install s3fs / gcsfs / adlfs)"
+        ) from None
 
 
 def exists(location: str) -> bool:
@@ -73,8 +75,9 @@ def files(location: str) -> dict[str, int]:
     listing call, which on object storage is far cheaper than one request per file."""
     fs, root = filesystem(location)
     prefix = root.rstrip("/") + "/"
-    return {p[len(prefix):]: int(info["size"]) for p, info in fs.find(root, detail=True).items()
-            if p.startswith(prefix)}
+    return {
+        p[len(prefix) :]: int(info["size"]) for p, info in fs.find(root, detail=True).items() if p.startswith(prefix)
+    }
 
 
 def open_file(location: str, mode: str = "rb"):
@@ -87,8 +90,9 @@ def glob(location: str, pattern: str) -> list[str]:
     fs, root = filesystem(location)
     root = root.rstrip("/")
     # rebuilt from `location`: fsspec's unstrip_protocol does not round-trip every protocol
-    return sorted(normalize(location) + p[len(root):] for p in fs.glob(root + "/" + pattern)
-                  if p.startswith(root + "/"))
+    return sorted(
+        normalize(location) + p[len(root) :] for p in fs.glob(root + "/" + pattern) if p.startswith(root + "/")
+    )
 
 
 def copy_tree(src: str, dst: str, last: str) -> None:
