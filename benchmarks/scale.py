@@ -176,7 +176,7 @@ def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
     closed = ev.closed_set(train, {"raw": test}, classes, cfg.maha_floor, cfg.bootstrap, cfg.seed)
     t_closed = time.perf_counter() - start
     res = ev.open_set(train, test, opened, cfg)
-    unseen = ev.calibrate_unseen(res.kdes["gating_off"], val, "h_bar", cfg.unseen_tpr)
+    unseen, _ = ev.calibrate_unseen(res.kdes["gating_off"], val, "h_bar")
     print(
         json.dumps(
             {

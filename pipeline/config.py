@@ -149,7 +149,15 @@ class ScoreConfig:
     # many; 0 = every row. Bounds the time (quadratic in the reference) and memory of the open set.
     kde_max_reference: int = 20000
     kde_embedding: str = "h_bar"  # what `attribute` flags unseen generators with: h_bar | gated (h_bar * w)
-    unseen_tpr: float = 0.95  # the unseen threshold keeps this fraction of closed validation images
+    # the error rate of every decision score states: prediction sets miss the true generator of a known
+    # generator's image with probability at most alpha (split conformal on the val partition), and the
+    # unseen-generator flag (conformal p-value <= alpha) fires on at most alpha of known generators' images
+    alpha: float = 0.1
+    # the posterior attribute reports: temperature (one T fitted on val by NLL) | class_temperature
+    # (one T per class, the authors' perclass_temp) | none
+    calibration: str = "temperature"
+    conformal: str = "lac"  # nonconformity of the prediction sets: lac (smallest sets) | aps (adaptive)
+    mondrian: bool = False  # one conformal threshold per class (class-conditional coverage)
     dual: bool = False  # the paper's "dual" open-set setting (uses ground truth; not a detector)
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
@@ -221,6 +229,14 @@ CHOICES = {
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
     "score.embedding_map": ("pca", "tsne"),
+    "score.calibration": ("temperature", "class_temperature", "none"),
+    "score.conformal": ("lac", "aps"),
+}
+# Keys that were replaced: a stored config (a result's or an export's config.json) that has one still
+# loads, the key dropped; set in a TOML file or with --set, the error names what replaced it.
+RETIRED_KEYS = {
+    "score.unseen_tpr": "score.alpha (the unseen-generator flag is a conformal p-value at level "
+    "alpha; unseen_tpr = 0.95 reads as alpha = 0.05)"
 }
 # Keys added after results were first stored, with the default that reproduces the earlier behaviour:
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.
@@ -290,12 +306,13 @@ RANGES = [
     ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
     ("score.baseline_max_side", 8, None, ">= 8 pixels"),
     ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"),
-    ("score.unseen_tpr", 0, 1, "between 0 and 1"),
+    ("score.alpha", 0, 1, "between 0 and 1, both excluded"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
     ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"),
     ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
-_STRICT = {"latent.scale", "model.tau", "train.lr"}  # the lower bound itself is not allowed
+_STRICT = {"latent.scale", "model.tau", "train.lr", "score.alpha"}  # the lower bound itself is not allowed
+_STRICT_HIGH = {"score.alpha"}  # nor the upper one
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what compute.device and encode.device take
 
 
@@ -306,7 +323,13 @@ def validation_problems(cfg: Config) -> list[str]:
     out = []
     for key, low, high, allowed in RANGES:
         v = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-        bad = not math.isfinite(v) or v < low or (key in _STRICT and v == low) or (high is not None and v > high)
+        bad = (
+            not math.isfinite(v)
+            or v < low
+            or (key in _STRICT and v == low)
+            or (high is not None and v > high)
+            or (key in _STRICT_HIGH and v == high)
+        )
         if bad:
             out.append(f"{key} = {v!r}: must be {allowed}")
     d = cfg.diffusion

@@ -18,6 +18,7 @@ from leakpipe.pipeline.config import (
     DEFAULT_PROFILE,
     ITEM_CHOICES,
     PROFILES,
+    RETIRED_KEYS,
     SECTIONS,
     Config,
     ConfigError,
@@ -97,6 +98,8 @@ def _unknown(key: str) -> ConfigError:
 def assign(data: dict, key: str, raw) -> None:
     """Set dotted `key` in `data` (a config as nested dicts, see Config.to_dict) to `raw`, converted to
     the key's type and checked against its choices; unknown keys list the valid ones."""
+    if key in RETIRED_KEYS:
+        raise ConfigError(f"{key} was replaced by {RETIRED_KEYS[key]}")
     if key not in valid_keys():
         raise _unknown(key)
     section, name = key.split(".", 1)
@@ -172,7 +175,14 @@ def from_dict(stored: dict, where: str = "a stored config") -> Config:
         assign(data, key, value)
     if not isinstance(stored, dict):
         raise ConfigError(f"{where}: not a config (expected an object of [section] tables)")
-    _apply(data, stored, where)
+    _apply(
+        data,
+        {
+            s: {k: v for k, v in t.items() if f"{s}.{k}" not in RETIRED_KEYS} if isinstance(t, dict) else t
+            for s, t in stored.items()
+        },
+        where,
+    )
     return build(data, f" ({where})")
 
 

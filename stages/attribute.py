@@ -1,8 +1,10 @@
 """`leakpipe attribute IMAGE...`: one-off attribution with the three-level explanation (Eq. 14-15).
 
 Uses a scored run: its VAE config encodes the images exactly as stage one would (same preprocessing,
-same stored dtype), each image gets the seeded eval noise of its content hash, and the unseen-generator
-threshold and KDE bandwidth come from the run's metrics.json.
+same stored dtype), each image gets the seeded eval noise of its content hash, and what `score`
+fitted on the validation partition is applied: the temperature (calibrated posterior), the conformal
+thresholds (prediction set at level 1 - score.alpha) and the validation KDE scores (the unseen
+p-value, flagged at p <= score.alpha), from the run's metrics.json and calibration.safetensors.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id, runs
 from leakpipe.pipeline.ledger.graph import Graph
-from leakpipe.pipeline.ledger.results import load_split, load_trained
+from leakpipe.pipeline.ledger.results import load_checked_scores, load_split, load_trained
+from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
+from leakpipe.pipeline.report import decisions
 from leakpipe.pipeline.report.evaluate import label_index
 from leakpipe.stages import embed, encode
 from leakpipe.pipeline.store.hashing import hash_file
@@ -111,6 +115,12 @@ def from_result(g: Graph, run: str, device) -> Attributor:
             f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)"
         )
     m = json.loads((out / "metrics.json").read_text())
+    val = load_checked_scores(out, att_lib.CALIBRATION)
+    if "conformal" not in m or val is None:
+        raise UserError(
+            f"run {run!r} was scored by an earlier leakpipe ({out / 'metrics.json'} has no prediction "
+            f"sets or calibration); run `leakpipe score --run {run}` again"
+        )
     model, build, classes, cfg = load_trained(out, device)
     closed, _ = load_split(ws, out, ws_cfg.score.closed)
     tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
@@ -126,6 +136,8 @@ def from_result(g: Graph, run: str, device) -> Attributor:
         out.name,
         base=ws.root,
         rows=tr.ids["row"],
+        decisions=decisions.applied(m),
+        val_scores=val["unseen_val_scores"],
     )
 
 
@@ -232,19 +244,36 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
     emb = o.h_bar.double().numpy()
     maha_s = maha.score(emb)
     log_density = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
-    probs = torch.softmax(o.logits, 1)
+    d, logits = att.decisions, o.logits.double().numpy()
+    raw = calib.scaled_posterior(logits, 1.0)
+    if d is not None:  # the calibrated posterior, the prediction sets and the unseen p-values of `score`
+        probs = calib.scaled_posterior(logits, d["calibration"]["temperature"])
+        sets = decisions.predict_sets(logits, d["conformal"]["score"], d["conformal"]["thresholds"])
+        p_value = conformal.p_values(att.val_scores, log_density)
+        unseen = p_value <= d["alpha"]
+    else:  # exported before the decisions (format 1 or 2): the posterior as trained, the old threshold
+        probs, sets, p_value = raw, None, None
+        unseen = log_density < u["log_density_threshold"]
     protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
     results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
-        order = probs[i].argsort(descending=True)[:top]
+        order = np.argsort(-probs[i], kind="stable")[:top]
         results.append(
             {
                 "image": str(p),
                 "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
+                "posterior": dict(zip(classes, probs[i].tolist())),
+                "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
+                "calibration": d["calibration"] if d else {"method": "none", "temperature": 1.0},
+                "prediction_set": [classes[c] for c in np.nonzero(sets[i])[0]] if sets is not None else None,
+                "prediction_set_level": d["conformal"]["level"] if d else None,
                 "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
-                "kde_log_density": float(log_density[i]),
-                "unseen_threshold": u["log_density_threshold"],
-                "unseen_generator": bool(log_density[i] < u["log_density_threshold"]),
+                "kde_log_density": float(log_density[i]),  # the cut is -inf when no p-value can reach alpha: None
+                "unseen_threshold": u["log_density_threshold"] if np.isfinite(u["log_density_threshold"]) else None,
+                "unseen_p_value": float(p_value[i]) if p_value is not None else None,
+                "unseen_alpha": d["alpha"] if d else None,
+                "unseen_n_val": len(att.val_scores) if d else None,
+                "unseen_generator": bool(unseen[i]),
                 "explanation": why,
                 "attributor": att.name,
                 "run": label,
@@ -256,18 +285,49 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
     return results
 
 
+def set_text(r: dict) -> str:
+    """'{closed03, closed07} at 90%': an image's prediction set and its level (an empty set: no known
+    generator is plausible at that level)."""
+    return (
+        "{"
+        + ", ".join(r["prediction_set"])
+        + "}"
+        + f" at {r['prediction_set_level']:.0%}"
+        + ("" if r["prediction_set"] else " (no known generator at this level)")
+    )
+
+
+def unseen_text(r: dict) -> str:
+    """The unseen-generator verdict with its evidence: the p-value at level alpha, or (attributors
+    exported before p-values) the log-density against the threshold."""
+    if r.get("unseen_p_value") is None:
+        return f"KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: " + (
+            "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
+        )
+    return (
+        f"KDE log-density {r['kde_log_density']:.2f}, p = {r['unseen_p_value']:.3f} against {r['unseen_n_val']} "
+        f"closed validation images: "
+        + (
+            f"UNSEEN GENERATOR (p <= {r['unseen_alpha']:g})"
+            if r["unseen_generator"]
+            else f"known generator (p > {r['unseen_alpha']:g})"
+        )
+    )
+
+
 def format_text(results: list[dict]) -> str:
     lines = []
     for r in results[:1]:
         lines.append(f"{r['attributor']}, VAE {r['vae']}")
     timesteps = results[0]["timesteps"] if results else []
     for r in results:
-        flag = "UNSEEN GENERATOR (below threshold)" if r["unseen_generator"] else "known generator"
         lines += [
             r["image"],
-            "  top: " + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
+            *([f"  prediction set: {set_text(r)}"] if r.get("prediction_set") is not None else []),
+            f"  top ({r['calibration']['method'].replace('_', ' ')}): "
+            + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),
             f"  Mahalanobis: {r['mahalanobis']['generator']} (score {r['mahalanobis']['score']:.2f})",
-            f"  KDE log-density {r['kde_log_density']:.2f} vs threshold {r['unseen_threshold']:.2f}: {flag}",
+            f"  {unseen_text(r)}",
             "  a_t: " + ", ".join(f"t={t}: {a:.3f}" for t, a in zip(timesteps, r["explanation"]["a_t"])),
             "  top gated features: "
             + ", ".join(f"#{f['dim']} (w {f['w']:.2f})" for f in r["explanation"]["top_gated_features"]),

@@ -2,8 +2,9 @@
 
 Declared inputs: the `score.*` settings and the embeddings (their locks) of the closed, post-processed
 and open splits with their manifests' labels, partitions and variants; its code is the math and the
-report (report/scoring.py computes every number). Embeddings that are missing or stale are made
-first (embed is an implicit upstream stage); a split that cannot be embedded is left out, with a note.
+report (report/scoring.py computes every number, report/decisions.py those an examiner signs).
+Embeddings that are missing or stale are made first (embed is an implicit upstream stage); a split
+that cannot be embedded is left out, with a note.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ CODE = (
     "leakpipe.pipeline.math.forensic",
     "leakpipe.pipeline.math.probe",
     "leakpipe.pipeline.math.prototypes",
+    "leakpipe.pipeline.math.calibration",
+    "leakpipe.pipeline.math.conformal",
     "leakpipe.pipeline.report.registry",
     "leakpipe.pipeline.report.evaluate",
+    "leakpipe.pipeline.report.decisions",
     "leakpipe.pipeline.report.scoring",
     "leakpipe.pipeline.report.baselines",
     "leakpipe.pipeline.report.render",
@@ -85,6 +89,7 @@ class ScoreResult:
                 lines.append(f"  {variant}: top-1 {r['head']['top1']:.3f}, macro AUC {r['head']['macro_auc']:.3f}")
         for kind, r in m.get("open", {}).items():
             lines.append(f"  open set, {kind}: AUROC {_ci(r, 'auroc')}, EER {_ci(r, 'eer')}, OVL {_ci(r, 'ovl')}")
+        lines += decision_summary(m)
         for g, r in m.get("held_out", {}).get("gating_off", {}).items():
             lines.append(f"  held-out generator {g} (never trained on) vs closed test: AUROC {_ci(r, 'auroc')}")
         lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n or n.startswith("Leakage")]
@@ -92,6 +97,21 @@ class ScoreResult:
             lines.append(f"  on {self.latents}")
         lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
         return "\n".join(lines)
+
+
+def decision_summary(m: dict) -> list[str]:
+    """The summary's lines on the decisions: ECE before and after calibration, the prediction sets'
+    coverage and size against their level, the unseen flag's false alarms and detections."""
+    c, s, u = m.get("calibration"), m.get("conformal"), m.get("unseen_threshold", {})
+    if not c or not s:
+        return []
+    before, after, sets = m["closed"]["raw"]["head"], c["variants"]["raw"], s["variants"]["raw"]
+    line = (
+        f"  decisions at {s['level']:.0%}: ECE {_ci(before, 'ece')} -> {_ci(after, 'ece')} ({c['method']}); "
+        f"{s['score']} sets: coverage {_ci(sets, 'coverage')}, mean size {_ci(sets, 'set_size')}; unseen flag "
+        f"(p <= {u['alpha']:g}): false alarms {_ci(u, 'false_alarm_rate')}"
+    )
+    return [line + (f", detected {_ci(u, 'detection_rate')}" if "detection_rate" in u else "")]
 
 
 @dataclass

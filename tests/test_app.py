@@ -182,6 +182,7 @@ def test_export_records_the_absolute_vae_and_the_gallery(exported):
         "reference.safetensors",
         "config.json",
         "metrics.json",
+        "calibration.safetensors",
         "gallery.safetensors",
     }
     g = load_file(str(att / "gallery.safetensors"))
@@ -213,7 +214,17 @@ def test_attribute_model_from_another_folder_without_vae(exported, tmp_path, mon
     r = CliRunner().invoke(main, ["attribute", "--model", str(att), str(images / "first.png"), "--json"])
     assert r.exit_code == 0, r.output
     outside = json.loads(r.stdout)
-    for key in ("top", "mahalanobis", "kde_log_density", "unseen_generator", "explanation", "result"):
+    for key in (
+        "top",
+        "mahalanobis",
+        "kde_log_density",
+        "unseen_generator",
+        "explanation",
+        "result",
+        "prediction_set",
+        "posterior",
+        "unseen_p_value",
+    ):
         assert inside[0][key] == outside[0][key], key
     assert outside[0]["vae"] == str((root / "vae").resolve())
 
@@ -242,7 +253,8 @@ def test_page_equals_attribute_json(exported, served):
             and f"| {r['top'][0]['generator']} | {r['top'][0]['probability']:.3f} |" in results
         )
         assert ("UNSEEN GENERATOR" if r["unseen_generator"] else "known generator") in results
-        assert f"KDE log-density {r['kde_log_density']:.2f}" in results
+        assert f"KDE log-density {r['kde_log_density']:.2f}" in results and f"p = {r['unseen_p_value']:.3f}" in results
+        assert "**Prediction set**: {" + ", ".join(r["prediction_set"]) + "} at 90%" in results
     assert a_t["headers"] == ["image", *[f"t={t}" for t in raw[0]["timesteps"]]]
     assert [row[1:] for row in a_t["data"]] == [[round(a, 4) for a in r["explanation"]["a_t"]] for r in raw]
     assert [row[1] for row in gated["data"]] == [f["dim"] for r in raw for f in r["explanation"]["top_gated_features"]]

@@ -96,3 +96,27 @@ def test_a_stored_config_is_rebuilt_typed_and_validated():
         from_dict(stored, "results/x/config.json")
     with pytest.raises(ConfigError, match="unknown setting 'train.nope'"):
         from_dict({"train": {"nope": 1}})
+
+
+def test_a_retired_key_names_its_replacement_and_stored_configs_still_load():
+    """score.unseen_tpr became score.alpha: --set and TOML files say so; a result's or an export's
+    config.json written with it still loads (the key dropped)."""
+    from leakpipe.pipeline.config_files import from_dict
+
+    with pytest.raises(ConfigError, match="score.unseen_tpr was replaced by score.alpha"):
+        load_config(None, ["score.unseen_tpr=0.9"])
+    stored = Config().to_dict()
+    stored["score"]["unseen_tpr"] = 0.95
+    assert from_dict(stored).score.alpha == 0.1
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(ConfigError, match="score.alpha .*: must be between 0 and 1, both excluded"):
+            load_config(None, [f"score.alpha={bad}"])
+    assert (
+        load_config(
+            None,
+            ["score.alpha=0.05", "score.conformal=aps", "score.mondrian=true", "score.calibration=class_temperature"],
+        ).score.conformal
+        == "aps"
+    )
+    with pytest.raises(ConfigError, match="score.calibration: 'zscore' is not one of temperature"):
+        load_config(None, ["score.calibration=zscore"])

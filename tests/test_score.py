@@ -95,7 +95,11 @@ def test_metrics_report_and_figures(sws):
     assert sorted(per) == ["open00", "open01"] and sum(v["n"] for v in per.values()) == 80
     assert all(v["ci"]["auroc"][0] <= v["auroc"] <= v["ci"]["auroc"][1] for v in per.values())
     u = m["unseen_threshold"]
-    assert u["n_val"] == 32 and 0.75 <= u["closed_test_passed"] <= 1
+    assert u["n_val"] == 32 and u["alpha"] == 0.1 and u["p_min"] == pytest.approx(1 / 33) and "note" not in u
+    assert 0 <= u["false_alarm_rate"] <= 1 and u["n_open"] == 80
+    for k in ("false_alarm_rate", "detection_rate"):
+        assert u["ci"][k][0] <= u[k] <= u["ci"][k][1]
+    check_decisions(m, e, rows, out)
     report = (out / "report.md").read_text()
     for heading in (
         "Table 1",
@@ -108,16 +112,63 @@ def test_metrics_report_and_figures(sws):
         "| forensic pixel baseline |",
         "| linear probe on z0 |",
         "Prototypes:",
+        "## Decisions at 90%",
+        "exchangeable",
+        "| class_temperature |",
+        "| aps_mondrian |",
+        "| closed test (known generators: false alarms",
+        "| open set (unseen generators: detected)",
     ):
         assert heading in report
     robustness = report.split("## Table 2")[1].split("## Table 3")[0]  # every cell with its interval
     assert robustness.count(" [") == 2 * 2 * len(m["closed"]) and "Per-class" in report.split("## Table 2")[0]
     assert sorted(m["figures"]) == sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(m["figures"]) == 9  # the six of Tables 1-3, Fig. 3, Fig. 5 and the prototype gallery
+    assert len(m["figures"]) == 10  # the six of Tables 1-3, Fig. 3, Fig. 5, the prototype gallery, reliability
     for name in m["figures"]:
         img = np.asarray(Image.open(out / "figures" / name).convert("L"), float)
         assert img.shape[0] > 200 and img.std() > 10, name  # drawn, not blank
         assert f"figures/{name}" in report
+
+
+def check_decisions(m, e, rows, out):
+    """The decisions recomputed from the stored embeddings: the temperature fitted on the validation
+    rows' logits, the conformal thresholds from their posteriors, each test row's set and the
+    coverage; the validation KDE scores saved for attribute's p-values."""
+    from safetensors.numpy import load_file
+
+    from leakpipe.pipeline.math import calibration as calib, conformal, metrics
+
+    part = np.array([row["partition"] for row in rows])
+    y = np.array([m["classes"].index(row["label"]) for row in rows])
+    val, test = part == "val", part == "test"
+    c = m["calibration"]
+    assert c["method"] == "temperature" and c["n_val"] == val.sum() == 32
+    assert c["temperature"] == pytest.approx(calib.fit_temperature(e["logits"][val].astype(np.float64), y[val]))
+    after = c["variants"]["raw"]
+    assert after["ece"] == pytest.approx(
+        metrics.point(
+            metrics.expected_calibration_error, calib.scaled_posterior(e["logits"][test], c["temperature"]), y[test]
+        )
+    )
+    # ECE is biased up in resamples, so its percentile interval may sit just above the estimate
+    assert 0 <= after["ci"]["ece"][0] < after["ci"]["ece"][1] and set(c["variants"]) == set(m["closed"])
+    assert c["methods"]["temperature"]["val_nll"] <= c["methods"]["none"]["val_nll"] + 1e-9  # what it minimises
+    assert sum(c["reliability"]["after"]["count"]) == test.sum()
+    s = m["conformal"]
+    assert (s["alpha"], s["score"], s["mondrian"], s["n_val"]) == (0.1, "lac", False, 32) and s["notes"] == []
+    probs = metrics.softmax(e["logits"].astype(np.float64))
+    q = conformal.quantile(1 - probs[val, y[val]], 0.1)  # the 30th of 32 validation scores
+    assert s["thresholds"] == pytest.approx([q] * 4)
+    sets = 1 - probs[test] <= q
+    raw = s["variants"]["raw"]
+    assert raw["coverage"] == pytest.approx(sets[np.arange(test.sum()), y[test]].mean())
+    assert raw["set_size"] == pytest.approx(sets.sum(1).mean()) and len(raw["per_class_coverage"]) == 4
+    assert raw["ci"]["coverage"][0] <= raw["coverage"] <= raw["ci"]["coverage"][1]
+    assert set(s["variants"]) == set(m["closed"]) and s["open"]["n"] == 80
+    saved = load_file(str(out / "calibration.safetensors"))["unseen_val_scores"]
+    assert len(saved) == 32 and (np.diff(saved) >= 0).all()
+    assert m["unseen_threshold"]["log_density_threshold"] == pytest.approx(conformal.cut(saved, 0.1))
+    assert m["unseen_threshold"]["log_density_threshold"] == pytest.approx(saved[2])  # floor(0.1 * 33) = 3rd
 
 
 def test_idempotent_and_stale_on_score_config(sws):
@@ -162,6 +213,38 @@ def test_without_open_split_the_report_says_so(sws):
     score(sws)  # back to the default config for the other tests
 
 
+def test_decision_settings_change_the_sets_and_the_calibration(sws):
+    """score.conformal, score.mondrian, score.calibration and score.alpha reach the numbers: APS with one
+    threshold per class at 80%, one temperature per class; with 8 validation images per class Mondrian
+    is finite at 80% (it needs 4) and the report says nothing is infinite; at 90% (needs 9) it would be."""
+    r = score(
+        sws,
+        "--json",
+        "--set",
+        "score.conformal=aps",
+        "--set",
+        "score.mondrian=true",
+        "--set",
+        "score.calibration=class_temperature",
+        "--set",
+        "score.alpha=0.2",
+    )
+    m = json.loads(r.stdout)
+    s, c = m["conformal"], m["calibration"]
+    assert (s["score"], s["mondrian"], s["level"]) == ("aps", True, 0.8) and len(set(s["thresholds"])) == 4
+    assert np.isfinite(s["thresholds"]).all() and s["notes"] == [] and s["n_val_per_class"] == [8] * 4
+    assert c["method"] == "class_temperature" and len(c["temperature"]) == 4
+    assert c["temperature"] == pytest.approx(c["methods"]["class_temperature"]["temperature"])
+    assert m["unseen_threshold"]["alpha"] == 0.2
+    r = score(sws, "--set", "score.mondrian=true")
+    assert "decisions at 90%: ECE" in r.output and "lac sets: coverage" in r.output
+    m90 = json.loads((train.run_dir(Workspace(sws), "default") / "metrics.json").read_text())
+    assert all(q == float("inf") for q in m90["conformal"]["thresholds"])
+    assert "fewer than 9 validation images" in m90["conformal"]["notes"][0]
+    assert any("Prediction sets: Mondrian" in n for n in m90["notes"])
+    score(sws)  # back to the default config for the other tests
+
+
 def test_attribute_matches_the_stored_embeddings(sws):
     score(sws)
     out = train.run_dir(Workspace(sws), "default")
@@ -173,16 +256,35 @@ def test_attribute_matches_the_stored_embeddings(sws):
     res = json.loads(r.stdout)
     e = embeddings.read(out / "embeddings" / "closed.zarr")
     classes = e["attrs"]["classes"]
+    m = json.loads((out / "metrics.json").read_text())
+    from leakpipe.pipeline.math import calibration as calib, conformal
+
+    t, q = m["calibration"]["temperature"], m["conformal"]["thresholds"][0]
+    val = _val_scores(out)
     for k, i in enumerate(test):
         top = res[k]["top"][0]
-        assert top["generator"] == classes[int(e["pi"][i].argmax())]
-        assert top["probability"] == pytest.approx(float(e["pi"][i].max()), abs=1e-4)
+        assert top["generator"] == classes[int(e["pi"][i].argmax())]  # a global temperature keeps the ranking
+        assert res[k]["uncalibrated_posterior"][top["generator"]] == pytest.approx(float(e["pi"][i].max()), abs=1e-4)
+        calibrated = calib.scaled_posterior(e["logits"][i : i + 1], t)[0]  # the calibrated posterior of score
+        assert [res[k]["posterior"][g] for g in classes] == pytest.approx(calibrated.tolist(), abs=1e-4)
+        assert top["probability"] == pytest.approx(float(calibrated.max()), abs=1e-4)
+        assert res[k]["prediction_set"] == [g for g, p in zip(classes, e["pi"][i]) if 1 - p <= q + 1e-6]
+        assert res[k]["prediction_set_level"] == 0.9 and res[k]["calibration"]["method"] == "temperature"
+        assert res[k]["unseen_p_value"] == pytest.approx(conformal.p_values(val, [res[k]["kde_log_density"]])[0])
+        assert res[k]["unseen_generator"] == (res[k]["unseen_p_value"] <= 0.1)
         assert res[k]["explanation"]["a_t"] == pytest.approx(e["a_t"][i].tolist(), abs=1e-4)
         p = res[k]["explanation"]["winning_prototype"]
         assert p["generator"] == top["generator"] and 0 < p["responsibility"] <= 1
         assert isinstance(res[k]["unseen_generator"], bool)
     text = cli(sws, "attribute", paths[0], *SETS).output
-    assert "winning prototype" in text and "KDE log-density" in text
+    assert "winning prototype" in text and "KDE log-density" in text and "against 32 closed validation images" in text
+    assert "  prediction set: {" + ", ".join(res[0]["prediction_set"]) + "} at 90%" in text
+
+
+def _val_scores(out):
+    from safetensors.numpy import load_file
+
+    return load_file(str(out / "calibration.safetensors"))["unseen_val_scores"]
 
 
 def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch):
@@ -201,11 +303,25 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
         "gallery.safetensors",
         "config.json",
         "metrics.json",
+        "calibration.safetensors",
         "attributor.json",
         "README.md",
         "app.py",
         "requirements.txt",
     }
+    for row in (
+        "| ECE of the posterior, temperature |",
+        "| prediction-set coverage (lac, guaranteed >= 90%) |",
+        "| unseen flag at p <= 0.1: false alarms on known generators |",
+        "a prediction set at 90%",
+    ):
+        assert row in card, row
+    record = json.loads((tmp_path / "att" / "attributor.json").read_text())
+    assert record["format"] == "leakpipe-attributor-3" and "calibration.safetensors" in record["files"]
+    assert (
+        record["decisions"]["conformal"]["thresholds"]
+        == json.loads((tmp_path / "att" / "metrics.json").read_text())["conformal"]["thresholds"]
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no workspace here: the folder is all it needs (and the VAE)
@@ -223,12 +339,17 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
             "unseen_generator",
             "explanation",
             "result",
+            "prediction_set",
+            "posterior",
+            "unseen_p_value",
+            "calibration",
         ):
             assert a[key] == b[key], key
     other = tmp_path / "other-vae"
     save_random_vae(other, TINY_BLOCKS, seed=5)
     refused = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), "--vae", str(other), paths[0]])
     assert refused.exit_code != 0 and "encoder fingerprint" in refused.output and "--vae" in refused.output
+    shutil.copyfile(tmp_path / "att" / "reference.safetensors", tmp_path / "reference.safetensors")
     with open(tmp_path / "att" / "reference.safetensors", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\xff" * 8)
@@ -236,6 +357,22 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert damaged.exit_code != 0 and "reference.safetensors missing or damaged" in damaged.output
     again = cli(sws, "export", str(tmp_path / "att"), *SETS)
     assert again.exit_code != 0 and "not empty" in again.output
+    # an attributor exported before the decisions (format 2: no calibration.safetensors) still attributes
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "att", old)
+    shutil.copyfile(tmp_path / "reference.safetensors", old / "reference.safetensors")  # undamaged
+    record = json.loads((old / "attributor.json").read_text())
+    del record["decisions"], record["files"]["calibration.safetensors"]
+    (old / "calibration.safetensors").unlink()
+    (old / "attributor.json").write_text(json.dumps({**record, "format": "leakpipe-attributor-2"}))
+    out = CliRunner().invoke(main, ["attribute", "--model", str(old), "--vae", vae, paths[0], "--json"])
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)[0]
+    assert r["prediction_set"] is None and r["unseen_p_value"] is None
+    assert r["unseen_generator"] == (r["kde_log_density"] < r["unseen_threshold"])
+    assert r["calibration"]["method"] == "none" and r["top"][0]["probability"] == pytest.approx(
+        inside[0]["uncalibrated_posterior"][r["top"][0]["generator"]], abs=1e-6
+    )
 
 
 def test_attribute_and_score_errors(sws, tmp_path):
@@ -340,6 +477,11 @@ def test_dual_separates_identically_distributed_sets():
     from leakpipe.pipeline.math.metrics import open_auroc
     from leakpipe.pipeline.report.evaluate import dual_scores
 
+    def open_set(closed, opened):
+        return {
+            "auroc": point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
+        }
+
     rng = np.random.default_rng(0)
     h = rng.normal(0, 1, (600, 16))
     w = 1 / (1 + np.exp(-rng.normal(0, 1, (600, 16))))  # sigmoid gates, as the model's
@@ -361,5 +503,16 @@ def test_seeds_train_one_run_each_and_report_mean_sd_and_pooled_interval(sws):
     assert "multi: 2 seeds (multi-seed0, multi-seed1)" in s.output and "mean +- sd across seeds" in s.output
     c = cli(sws, "compare", "default", "multi", *SETS)
     assert c.exit_code == 0 and "| multi-seed1 |" in c.output and "pooled 95% interval" in c.output
+    for column in (
+        "| ECE before / after calibration |",
+        "| set coverage (1 - alpha) |",
+        "| mean set size (1 - alpha) |",
+        "| worst post-proc. set coverage |",
+        "| unseen flag: false alarms (p <= alpha) |",
+    ):
+        assert column in c.output, column
+    row = next(line for line in c.output.splitlines() if line.startswith("| default |"))
+    m = json.loads((train.run_dir(Workspace(sws), "default") / "metrics.json").read_text())
+    assert f"{m['conformal']['variants']['raw']['coverage']:.3f} [" in row and " / " in row
     bad = cli(sws, "train", "--seeds", "3", *SETS)
     assert bad.exit_code != 0 and "at least two distinct seeds" in bad.output

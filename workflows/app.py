@@ -1,9 +1,9 @@
 """`leakpipe app`: a web page for an exported attributor (gradio, the `app` extra).
 
 A person drops one or more images on the page and sees, per image, what `leakpipe attribute --json`
-gives for it (the same function computes it: `stages.attribute.attribute`): the top generators with
-their probabilities, the unseen-generator verdict with its KDE log-density against the calibrated
-threshold, a_t per timestep, the top gated features, and the winning prototype with the training
+gives for it (the same function computes it: `stages.attribute.attribute`): the prediction set at its
+level, the top generators with their calibrated probabilities, the unseen-generator verdict with its
+p-value, a_t per timestep, the top gated features, and the winning prototype with the training
 images it wins, nearest first (the report's gallery, stored in the folder by `leakpipe export`).
 
 gradio is imported only when a page is built, so the rest of leakpipe starts fast and works without
@@ -134,22 +134,35 @@ def _md(text) -> str:
 
 def _result_markdown(r: dict) -> str:
     e = r["explanation"]
-    verdict = (
-        f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
-        f"{r['unseen_threshold']:.2f}"
-        if r["unseen_generator"]
-        else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"
-    )
-    lines = [
-        f"### {_md(r['image'])}",
-        "",
-        "| generator | probability |",
+    if r.get("unseen_p_value") is None:  # an attributor exported before p-values
+        verdict = (
+            f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
+            f"{r['unseen_threshold']:.2f}"
+            if r["unseen_generator"]
+            else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"
+        )
+    else:
+        verdict = (
+            f"**{'UNSEEN GENERATOR' if r['unseen_generator'] else 'known generator'}**: p = "
+            f"{r['unseen_p_value']:.3f} {'<=' if r['unseen_generator'] else '>'} {r['unseen_alpha']:g} (KDE "
+            f"log-density {r['kde_log_density']:.2f} against {r['unseen_n_val']} closed validation images)"
+        )
+    method = r.get("calibration", {}).get("method", "none").replace("_", " ")
+    lines = [f"### {_md(r['image'])}", ""]
+    if r.get("prediction_set") is not None:
+        from leakpipe.stages.attribute import set_text
+
+        lines += [
+            f"**Prediction set**: {_md(set_text(r))} (it holds the true generator of "
+            f"{r['prediction_set_level']:.0%} of known generators' images like the validation images)",
+            "",
+        ]
+    lines += [
+        f"| generator | probability ({_md(method)}) |",
         "|---|---:|",
         *[f"| {_md(t['generator'])} | {t['probability']:.3f} |" for t in r["top"]],
         "",
     ]
-    if "prediction_set" in r:
-        lines += [f"Prediction set: {', '.join(_md(g) for g in r['prediction_set'])}", ""]
     lines += [
         f"Unseen-generator verdict: {verdict}.",
         "",
@@ -166,6 +179,22 @@ def _result_markdown(r: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _decisions_markdown(att) -> str:
+    """What the page decides for each image, and the level it is guaranteed at."""
+    d = att.decisions
+    if d is None:  # exported before the decisions
+        return (
+            f"An image whose KDE log-density falls below the calibrated threshold "
+            f"({att.threshold['log_density_threshold']:.2f}) is flagged as made by an unseen generator."
+        )
+    return (
+        f"Probabilities are calibrated ({_md(d['calibration']['method'].replace('_', ' '))}); each image gets a "
+        f"prediction set at {d['conformal']['level']:.0%} and is flagged as made by an unseen generator when its "
+        f"p-value is at most {d['alpha']:g}. Both guarantees hold for images like the validation images of the "
+        "known generators, not for post-processed ones."
+    )
 
 
 def analyse(page: Page, files) -> tuple:
@@ -266,9 +295,7 @@ def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=
         gr.Markdown(
             f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
             f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
-            f"training ({att.cfg.preprocess.size} px); an image whose KDE log-density falls below the "
-            f"calibrated threshold ({att.threshold['log_density_threshold']:.2f}) is flagged as made by "
-            "an unseen generator."
+            f"training ({att.cfg.preprocess.size} px). " + _decisions_markdown(att)
         )
         files = gr.File(file_count="multiple", type="filepath", label="Images (drop one or more)", elem_id="images")
         go = gr.Button("Attribute", variant="primary", elem_id="attribute")

@@ -36,12 +36,39 @@ def _get(cfg: dict, key: str):
 
 CLOSED_COLUMNS = registry.headline(registry.CLOSED)
 OPEN_COLUMNS = registry.headline(registry.OPEN)
+SET_COLUMNS = registry.headline(registry.CONFORMAL)
+UNSEEN_COLUMNS = registry.headline(registry.UNSEEN)
+ECE = next(m for m in registry.CLOSED if m.key == "ece")
+
+
+DECISION_HEADERS = (
+    [f"{ECE.label} before / after calibration"]
+    + [f"{x.label} (1 - alpha)" for x in SET_COLUMNS]
+    + [f"worst post-proc. {SET_COLUMNS[0].label}"]
+    + [f"{x.label} (p <= alpha)" for x in UNSEEN_COLUMNS]
+)
+
+
+def decision_cells(m: dict) -> list[str]:
+    """A scored run's cells under DECISION_HEADERS: ECE before / after calibration, the prediction
+    sets' headline metrics on the closed test and the worst post-processed coverage, the unseen flag's;
+    "n/a" for a run scored before them."""
+    c, s, u = m.get("calibration", {}), m.get("conformal", {}), m.get("unseen_threshold", {})
+    raw = s.get("variants", {}).get("raw", {})
+    pp = [v[SET_COLUMNS[0].key] for k, v in s.get("variants", {}).items() if k != "raw"]
+    after = c.get("variants", {}).get("raw")
+    return (
+        [f"{with_ci(m['closed']['raw']['head'], ECE.key)} / {with_ci(after, ECE.key) if after else 'n/a'}"]
+        + [with_ci(raw, x.key) if x.key in raw else "n/a" for x in SET_COLUMNS]
+        + [_f(min(pp)) if pp else "n/a"]
+        + [with_ci(u, x.key) if x.key in u else "n/a" for x in UNSEEN_COLUMNS]
+    )
 
 
 def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
     """A markdown table, one row per run, of the registry's headline metrics (closed set: the head with
     its 95% intervals, and Mahalanobis; the worst post-processing step; the open set with gating off and
-    on), with its settings that differ from the first run's and the result it points at; then each run
+    on; the decisions: ECE before / after calibration, prediction sets, the unseen flag), with its settings that differ from the first run's and the result it points at; then each run
     against the first on the same test images (paired bootstrap). Raises naming every run not scored."""
     groups = {n: runs.seed_group(ws, n) for n in names}
     names = [m for n in names for m in (groups[n] or [n])]  # a seed group is compared through its members
@@ -56,6 +83,7 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
         [m.label for m in CLOSED_COLUMNS]
         + [f"Mahalanobis {first.label}", f"worst post-proc. {first.label}"]
         + [f"open {m.label} (gating off / on)" for m in OPEN_COLUMNS]
+        + DECISION_HEADERS
     )
     lines = ["| run | result | differs in | " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(head)]
     for r in names:
@@ -68,6 +96,7 @@ def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
                 f"{with_ci(o.get('gating_off', {}), m.key)} / {with_ci(o.get('gating_on', {}), m.key)}"
                 for m in OPEN_COLUMNS
             ]
+            + decision_cells(scored[r])
         )
         lines.append(f"| {r} | {results[r].name} | {diffs[r] or '-'} | " + " | ".join(cells) + " |")
     if len(names) > 1 and cfg is not None and cfg.score.bootstrap:

@@ -1,8 +1,10 @@
 """`leakpipe export DIR`: a scored run as a self-contained attributor folder, for `attribute --model`
 and the Hugging Face Hub: model.safetensors (weights, prototypes and the feature path it was trained
 with), reference.safetensors (the closed training embeddings the comparators are fitted on),
-attributor.json (classes, the encoder's identity, the threshold, the code identity of the encode and
-embed stages and a checksum of every file), gallery.safetensors (the report's prototype gallery),
+calibration.safetensors (the closed validation images' KDE log-densities: the unseen p-values),
+attributor.json (classes, the encoder's identity, the threshold, the decisions: temperature,
+conformal thresholds and level; the code identity of the encode and embed stages and a checksum of
+every file), gallery.safetensors (the report's prototype gallery),
 config.json, metrics.json, a model card README.md, and app.py with requirements.txt (a Hugging Face
 Space that serves `leakpipe app`'s page).
 """
@@ -65,7 +67,10 @@ def export(g: Graph, run: str, dest: Path, log=print) -> Exported:
     for name in ("model.safetensors", "config.json", "metrics.json"):
         shutil.copyfile(out / name, dest / name)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
-    files = list(att_lib.FILES)
+    save_file(
+        {"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)}, str(dest / att_lib.CALIBRATION)
+    )
+    files = [*att_lib.FILES, att_lib.CALIBRATION]
     if att.model.prototypes is not None:
         log(f"export {run}: the prototype gallery (the training images each prototype wins, from {lat.manifest.name})")
         save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
@@ -90,6 +95,7 @@ def export(g: Graph, run: str, dest: Path, log=print) -> Exported:
         },
         "code": code_identity(),
         "unseen_threshold": att.threshold,
+        "decisions": att.decisions,
         "score": {"maha_floor": ws_cfg.score.maha_floor, "kde_dtype": ws_cfg.score.kde_dtype},
         "files": {name: att_lib.hash_file(dest / name) for name in files},
     }

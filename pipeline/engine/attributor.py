@@ -3,8 +3,10 @@ unseen-generator KDE) and the encoder it expects, from a scored run or from an e
 
 An exported folder is self-contained: `model.safetensors` (weights, prototypes, feature statistics),
 `reference.safetensors` (the closed training embeddings the comparators are fitted on),
+`calibration.safetensors` (the closed validation images' KDE log-densities, for unseen p-values),
 `gallery.safetensors` (thumbnails of the training images each prototype wins, nearest first),
-`attributor.json` (classes, encoder identity, threshold, code identity, checksums of every file),
+`attributor.json` (classes, encoder identity, threshold, decisions: temperature, conformal thresholds
+and level; code identity, checksums of every file),
 `config.json`, `metrics.json`, a model card `README.md` (Hugging Face Hub conventions), and `app.py`
 with `requirements.txt`, so that the folder also runs as a Hugging Face Space (`leakpipe app`'s page).
 """
@@ -26,9 +28,12 @@ from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
-FORMAT = "leakpipe-attributor-2"  # 2: the code identity of the encode and embed stages
-FORMATS = ("leakpipe-attributor-1", FORMAT)  # 1 is read as exported by unrecorded code
+# 2: the code identity of the encode and embed stages; 3: the decisions (temperature, conformal
+# thresholds, the unseen flag's level in attributor.json, the validation KDE scores in CALIBRATION)
+FORMAT = "leakpipe-attributor-3"
+FORMATS = ("leakpipe-attributor-1", "leakpipe-attributor-2", FORMAT)  # 1 is read as exported by unrecorded code
 FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")  # needed to attribute
+CALIBRATION = "calibration.safetensors"  # needed from format 3 on: what an image's p-value ranks against
 GALLERY = "gallery.safetensors"  # optional (a linear head has no prototypes); checksummed like FILES
 
 
@@ -47,6 +52,10 @@ class Attributor:
     code: dict | None = None  # the stages' code identities it was exported with (exported folders)
     rows: np.ndarray | None = None  # manifest rows of the reference embeddings (scored runs)
     folder: Path | None = None  # the exported folder it was read from
+    # report/decisions.applied: alpha, calibration (method, temperature), conformal (score, mondrian,
+    # thresholds, level); None for an attributor exported before them (format 1 or 2)
+    decisions: dict | None = None
+    val_scores: np.ndarray | None = None  # the closed validation images' KDE log-densities, sorted
 
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
@@ -99,9 +108,10 @@ def from_folder(folder: Path, device) -> Attributor:
     if record.get("format") not in FORMATS:
         raise UserError(f"{record_path}: format {record.get('format')!r}, expected one of {', '.join(FORMATS)}")
     listed = record.get("files", {})
+    needed = [*FILES, CALIBRATION] if record["format"] == FORMAT else FILES
     bad = [
         n
-        for n in dict.fromkeys([*FILES, *listed])
+        for n in dict.fromkeys([*needed, *listed])
         if n not in listed or not (folder / n).is_file() or hash_file(folder / n) != listed[n]
     ]
     if bad:
@@ -120,6 +130,7 @@ def from_folder(folder: Path, device) -> Attributor:
             config=record["encoder"].get("vae_config_file", cfg.vae.config),
         ),
     )
+    val = load_file(str(folder / CALIBRATION))["unseen_val_scores"] if record["format"] == FORMAT else None
     return Attributor(
         model,
         build,
@@ -133,6 +144,8 @@ def from_folder(folder: Path, device) -> Attributor:
         Path.cwd(),
         record.get("code", {}),
         folder=folder,
+        decisions=record.get("decisions"),
+        val_scores=val,
     )
 
 

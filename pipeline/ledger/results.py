@@ -39,15 +39,13 @@ def load_checked(result: Path, name: str) -> tuple[dict, dict]:
     )
 
 
-def load_checked_scores(result: Path) -> dict | None:
-    """The open-set scores a scored result saved, checked against its score lock as read, as numpy;
-    None if it has none."""
+def load_checked_scores(result: Path, name: str = "open_scores.safetensors") -> dict | None:
+    """Scores a scored result saved (the open-set scores, or the validation scores of `name` =
+    calibration.safetensors), checked against its score lock as read, as numpy; None if it has none."""
     lock = read_lock(result / "score.lock.json")
-    if lock is None or "open_scores.safetensors" not in lock["outputs"]:
+    if lock is None or name not in lock["outputs"]:
         return None
-    tensors, _ = read_safetensors(
-        _checked_bytes(result / "open_scores.safetensors", lock, "Run `leakpipe score` to write it again.")
-    )
+    tensors, _ = read_safetensors(_checked_bytes(result / name, lock, "Run `leakpipe score` to write it again."))
     return {k: v.numpy() for k, v in tensors.items()}
 
 

@@ -61,9 +61,32 @@ def _group_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.add.reduceat(x, starts, axis=1) if x.shape[1] else x
 
 
+def fraction(flags: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted fraction of flagged rows (NaN where no row was drawn)."""
+    return _ratio(w @ np.asarray(flags).astype(np.float64), w.sum(axis=1))
+
+
 def top1(correct: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Weighted fraction of correct rows."""
-    return _ratio(w @ correct.astype(np.float64), w.sum(axis=1))
+    return fraction(correct, w)
+
+
+def coverage(sets: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted fraction of rows whose prediction set (n, C boolean) holds their true class."""
+    return fraction(sets[np.arange(len(labels)), labels], w)
+
+
+def set_size(sets: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted mean number of classes in a prediction set."""
+    return _ratio(w @ sets.sum(axis=1).astype(np.float64), w.sum(axis=1))
+
+
+def per_class_coverage(sets: np.ndarray, labels: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:
+    """(B, C): each class's coverage among its own rows (class-conditional), NaN where none was drawn."""
+    hit = sets[np.arange(len(labels)), labels].astype(np.float64)
+    return np.stack(
+        [_ratio(w @ (hit * (labels == c)), w @ (labels == c).astype(np.float64)) for c in range(n_classes)], axis=1
+    )
 
 
 def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int, w: np.ndarray) -> np.ndarray:

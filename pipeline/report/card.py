@@ -1,6 +1,7 @@
 """The model card of an exported attributor: YAML front matter in the Hugging Face Hub's convention
 (library_name, tags, model-index with the headline metrics), then what it was trained on and how
-well it did, each number with its interval."""
+well it did, each number with its interval, and the decisions it makes (calibrated posterior,
+prediction sets, unseen p-values) with their guarantee."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
     for kind, r in m.get("open", {}).items():
         if kind != "dual":
             metrics += _metric("roc_auc", f"open-set AUROC ({kind})", r["auroc"], r.get("ci", {}).get("auroc"))
+    sets = m.get("conformal", {}).get("variants", {}).get("raw")
+    if sets:
+        metrics += _metric(
+            "coverage",
+            f"prediction-set coverage at {m['conformal']['level']:.0%}",
+            sets["coverage"],
+            sets.get("ci", {}).get("coverage"),
+        )
     enc = record["encoder"]
     # the Space keys (sdk, app_file) let the folder be pushed as a Hugging Face Space unchanged (app.py)
     front = [
@@ -92,6 +101,7 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
     for kind, r in m.get("open", {}).items():
         if kind != "dual":
             body.append(f"| open-set AUROC, {kind.replace('_', ' ')} | {with_ci(r, 'auroc')} | 0.500 |")
+    body += decision_rows(m)
     body += [
         "",
         *[f"> {n}" for n in m.get("notes", [])],
@@ -105,8 +115,53 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
         "A web page for it: `leakpipe app --model THIS_FOLDER_OR_HUB_ID` (needs `leakpipe[app]`); pushed "
         "as a Hugging Face Space, the folder's `app.py` serves the same page.",
         "",
-        f"Unseen-generator threshold: log-density {record['unseen_threshold']['log_density_threshold']:.3f} "
-        f"(keeps {record['unseen_threshold']['target_tpr']:.0%} of closed validation images).",
+        *decision_use(record),
         "",
     ]
     return "\n".join(front + body)
+
+
+def decision_rows(m: dict) -> list[str]:
+    """The card's table rows on the decisions: ECE before and after calibration, the prediction sets'
+    coverage and size, the unseen flag's false alarms and detections."""
+    c, s, u = m.get("calibration"), m.get("conformal"), m.get("unseen_threshold", {})
+    if not c or not s:
+        return []
+    raw, level = s["variants"]["raw"], f"{s['level']:.0%}"
+    rows = [
+        f"| ECE of the posterior, uncalibrated | {with_ci(m['closed']['raw']['head'], 'ece')} | |",
+        f"| ECE of the posterior, {c['method'].replace('_', ' ')} | {with_ci(c['variants']['raw'], 'ece')} | |",
+        f"| prediction-set coverage ({s['score']}, guaranteed >= {level}) | {with_ci(raw, 'coverage')} | |",
+        f"| mean prediction-set size | {with_ci(raw, 'set_size')} | |",
+        f"| unseen flag at p <= {u['alpha']:g}: false alarms on known generators | {with_ci(u, 'false_alarm_rate')} | |",
+    ]
+    if "detection_rate" in u:
+        rows.append(
+            f"| unseen flag at p <= {u['alpha']:g}: unseen generators detected | {with_ci(u, 'detection_rate')} | |"
+        )
+    worst = min(
+        (v for k, v in s["variants"].items() if k != "raw" and v.get("coverage") is not None),
+        key=lambda v: v["coverage"],
+        default=None,
+    )
+    if worst is not None:
+        rows.append(f"| prediction-set coverage, worst post-processing step | {with_ci(worst, 'coverage')} | |")
+    return rows
+
+
+def decision_use(record: dict) -> list[str]:
+    """What `attribute` decides with this attributor, and the guarantee it states."""
+    d, u = record.get("decisions"), record["unseen_threshold"]
+    if not d:
+        return [f"Unseen-generator threshold: log-density {u['log_density_threshold']:.3f}."]
+    t = d["calibration"]["temperature"]
+    temp = f"T = {t:.3f}" if isinstance(t, float) else "one T per class, " + ", ".join(f"{x:.2f}" for x in t)
+    return [
+        f"Each image gets a calibrated posterior ({d['calibration']['method'].replace('_', ' ')}, {temp}, fitted on "
+        f"the validation images), a prediction set at {d['conformal']['level']:.0%} (split conformal, "
+        f"{d['conformal']['score']}{', Mondrian' if d['conformal']['mondrian'] else ''}) and an unseen-generator "
+        f"p-value against {u['n_val']} closed validation images, flagged at p <= {d['alpha']:g}. The set holds the "
+        f"true generator with probability at least {d['conformal']['level']:.0%}, and a known generator's image is "
+        f"flagged with probability at most {d['alpha']:g}, only for images exchangeable with the validation "
+        "images: post-processed images and unseen generators' break it (the table above shows by how much)."
+    ]

@@ -272,20 +272,18 @@ def dual_scores(closed_gated: np.ndarray, open_plain: np.ndarray, folds: int = 5
     return held_out(bw), GaussianKDE(bandwidth=bw).fit(closed_gated).score_samples(open_plain)
 
 
-def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str, tpr: float) -> dict:
-    """The log-density below which an image is flagged as from an unseen generator: the (1 - tpr)
-    quantile of closed validation images, so `tpr` of known-generator images pass."""
+def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str) -> tuple[dict, np.ndarray]:
+    """(the unseen KDE's record, the closed validation images' log-densities): an image's conformal
+    p-value is its log-density's rank among them (report/decisions.unseen)."""
     scores = kde.score_samples(val.embedding(kind))
     if len(scores) == 0:
-        raise ValueError("no validation embeddings to calibrate the unseen-generator threshold on")
+        raise ValueError("no validation embeddings to calibrate the unseen-generator flag on")
     return {
         "embedding": kind,
         "bandwidth": kde.bandwidth_,
         "kde_reference": kde.reference,
-        "log_density_threshold": float(np.quantile(scores, 1 - tpr)),
-        "target_tpr": tpr,
         "n_val": int(len(scores)),
-    }
+    }, np.sort(scores)
 
 
 def attention_by_class(s: Split, classes: list[str]) -> list[list[float]]:

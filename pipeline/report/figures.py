@@ -1,5 +1,5 @@
 """The report's figures (matplotlib, Agg): confusion, ROC, embedding map, KDE scores, post-processing,
-attention; written atomically."""
+attention, reliability; written atomically."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ FIGURES = (
     "stage_maps.png",
     "class_by_step.png",
     "prototype_gallery.png",
+    "reliability.png",
 )
 
 
@@ -177,8 +178,14 @@ def kde_figure(scores: dict, open_metrics: dict, threshold: dict | None, path: P
         ax.hist(np.clip(closed, bins[0], None), bins, alpha=0.6, density=True, label="closed test (known)")
         ax.hist(np.clip(opened, bins[0], None), bins, alpha=0.6, density=True, label="open (unseen)")
         m = open_metrics[kind]
-        if threshold and GATING[kind] == threshold["embedding"]:
-            ax.axvline(threshold["log_density_threshold"], color="k", ls="--", lw=1, label="unseen threshold")
+        if threshold and GATING[kind] == threshold["embedding"] and np.isfinite(threshold["log_density_threshold"]):
+            ax.axvline(
+                threshold["log_density_threshold"],
+                color="k",
+                ls="--",
+                lw=1,
+                label=f"unseen flag: p <= {threshold['alpha']:g} below",
+            )
         ax.set(
             xlabel="KDE log-density",
             ylabel="density",
@@ -234,4 +241,38 @@ def attention_figure(a_t: list, classes: list[str], timesteps: list[int], path: 
     ax.set_xticks(range(len(rows)), [c for c, _ in rows], rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="mean attention weight a_t", ylim=(0, 1), title="temporal attention by generator (Eq. 6-7)")
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def reliability_figure(calibration: dict, path: Path) -> None:
+    """Reliability diagram of the closed test (raw): accuracy against mean confidence per confidence
+    bin, before and after calibration, each point sized by its bin's share of the images."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
+    t = calibration["temperature"]
+    after = (
+        f"{calibration['method'].replace('_', ' ')} (T = {t:.2f})"
+        if np.ndim(t) == 0
+        else f"{calibration['method'].replace('_', ' ')} (T from {min(t):.2f} to {max(t):.2f})"
+    )
+    for key, style, label in (("before", "o-", "uncalibrated"), ("after", "s-", after)):
+        r = calibration["reliability"][key]
+        count = np.asarray(r["count"], float)
+        ok = count > 0
+        conf, acc = np.asarray(r["confidence"], float)[ok], np.asarray(r["accuracy"], float)[ok]
+        ece = float((count[ok] * np.abs(acc - conf)).sum() / max(count.sum(), 1))  # the ECE, from its own bins
+        (line,) = ax.plot(conf, acc, style[1:], lw=1.2, label=f"{label}, ECE {ece:.3f}")
+        ax.scatter(
+            conf, acc, s=12 + 250 * count[ok] / max(count.sum(), 1), color=line.get_color(), marker=style[0], zorder=3
+        )
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="confidence (largest class probability)",
+        ylabel="accuracy",
+        title="reliability, closed test (raw)",
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
     _save(fig, path)

@@ -1,5 +1,5 @@
-"""Writing one scoring's outputs: the figures, metrics.json, report.md and the open-set scores that
-`compare` pairs runs on."""
+"""Writing one scoring's outputs: the figures, metrics.json, report.md, the open-set scores that
+`compare` pairs runs on and the validation scores that `attribute`'s p-values rank against."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.engine.attributor import CALIBRATION
 from leakpipe.pipeline.math import metrics
 from leakpipe.pipeline.report import explain_figures as xf, figures, render
 from leakpipe.pipeline.report.evaluate import label_index
@@ -48,6 +49,7 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
     )
     figures.postprocessing_figure(m["closed"], len(classes), fig_dir / "postprocessing.png")
     figures.attention_figure(m["attention"], classes, m["timesteps"], fig_dir / "attention.png")
+    figures.reliability_figure(m["calibration"], fig_dir / "reliability.png")
     xf.stage_maps_figure(figs["stages"], figs["stage_labels"], classes, fig_dir / "stage_maps.png")
     xf.class_step_figure(m["closed"], classes, fig_dir / "class_by_step.png")
     names = [f for f in figures.FIGURES if f not in ("kde_scores.png", "prototype_gallery.png")]
@@ -80,6 +82,9 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
     atomic_write_json(run_dir / "metrics.json", m)
     render.write_report(run_dir / "report.md", m)
     files = [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]
+    with atomic_path(run_dir / CALIBRATION) as tmp:  # what `attribute` ranks an image's KDE log-density among
+        save_file({"unseen_val_scores": np.ascontiguousarray(figs["unseen_val_scores"], dtype=np.float64)}, str(tmp))
+    files.append(run_dir / CALIBRATION)
     if "kde_scores" in figs:  # for paired open-set comparisons between runs (`leakpipe compare`)
         rows = {"closed_rows": test.ids["row"], "open_rows": figs["open"].ids["row"]}
         scores = {f"{k}.{side}": v[side] for k, v in figs["kde_scores"].items() for side in ("closed", "open")}

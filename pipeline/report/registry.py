@@ -54,6 +54,30 @@ class Open:
         return len(self.closed) + len(self.opened)
 
 
+@dataclass
+class Sets:
+    """Conformal prediction sets (n, C boolean) of labelled rows."""
+
+    sets: np.ndarray
+    labels: np.ndarray
+    n_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Flags:
+    """The unseen-generator flag (p-value <= alpha) on closed (known) and open (unseen) rows; weights
+    cover closed first."""
+
+    closed: np.ndarray
+    opened: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.closed) + len(self.opened)
+
+
 @dataclass(frozen=True)
 class Metric:
     key: str  # its name in metrics.json
@@ -113,6 +137,38 @@ OPEN: tuple[Metric, ...] = (
         lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w),
         lambda c: 0.95,
         higher_is_better=False,
+    ),
+)
+
+
+# split-conformal prediction sets at level 1 - score.alpha (report/decisions.py)
+CONFORMAL: tuple[Metric, ...] = (
+    Metric("coverage", "set coverage", lambda s, w: metrics.coverage(s.sets, s.labels, w), compare=True),
+    Metric("set_size", "mean set size", lambda s, w: metrics.set_size(s.sets, w), higher_is_better=False, compare=True),
+    Metric(
+        "per_class_coverage",
+        "coverage per class",
+        lambda s, w: metrics.per_class_coverage(s.sets, s.labels, s.n_classes, w),
+        table=False,
+        per_class=True,
+    ),
+)
+
+# the unseen-generator flag at conformal p <= score.alpha: its error rate on known generators, its power
+UNSEEN: tuple[Metric, ...] = (
+    Metric(
+        "false_alarm_rate",
+        "unseen flag: false alarms",
+        lambda s, w: metrics.fraction(s.closed, w[:, : len(s.closed)]),
+        higher_is_better=False,
+        compare=True,
+    ),
+    Metric(
+        "detection_rate",
+        "unseen flag: detected",
+        lambda s, w: metrics.fraction(s.opened, w[:, len(s.closed) :]),
+        applies=lambda s: len(s.opened) > 0,
+        compare=True,
     ),
 )
 

@@ -1,7 +1,8 @@
-"""Stage three's numbers: the closed set per variant, the open set, the unseen-generator threshold,
-the baselines, the leakage audit, the prototypes and the data of the explanation figures, from the
-embeddings of a trained result. What it reads comes through a Reader, which the score stage gives it
-(checked against the locks), so everything here is computation."""
+"""Stage three's numbers: the closed set per variant, the open set, the calibrated posterior, the
+prediction sets and the unseen-generator p-values (report/decisions.py), the baselines, the leakage
+audit, the prototypes and the data of the explanation figures, from the embeddings of a trained result.
+What it reads comes through a Reader, which the score stage gives it (checked against the locks), so
+everything here is computation."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.math import bootstrap
 from leakpipe.pipeline.math.prototypes import usage as prototype_usage
-from leakpipe.pipeline.report import baselines as bl, evaluate as ev
+from leakpipe.pipeline.report import baselines as bl, decisions, evaluate as ev
 from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
 from leakpipe.pipeline.store import latent_store
 
@@ -109,14 +110,18 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         m["open_missing"] = next((n for n in notes if n.startswith("open")), "no open split")
         kde = ev.kde_for(by_part["train"], kind, cfg.score)
     try:
-        unseen = ev.calibrate_unseen(kde, by_part["val"], kind, cfg.score.unseen_tpr)
+        unseen, figs["unseen_val_scores"] = ev.calibrate_unseen(kde, by_part["val"], kind)
     except ValueError as exc:
         raise UserError(f"{r.manifest_path(cfg.score.closed)}: {exc}") from None
-    if "kde_scores" in figs:
-        s = figs["kde_scores"][key]
-        unseen["open_flagged"] = float((s["open"] < unseen["log_density_threshold"]).mean())
-        unseen["closed_test_passed"] = float((s["closed"] >= unseen["log_density_threshold"]).mean())
-    m["unseen_threshold"] = unseen
+    s = (
+        figs["kde_scores"][key]
+        if "kde_scores" in figs
+        else {"closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
+    )
+    m["unseen_threshold"] = {**unseen, **decisions.unseen(figs["unseen_val_scores"], s["closed"], s["open"], cfg.score)}
+    m["calibration"] = decisions.calibration(by_part["val"], tests, classes, cfg.score)
+    m["conformal"] = decisions.prediction_sets(by_part["val"], tests, figs["open"], classes, cfg.score)
+    m["notes"] = [*m["notes"], *decisions.notes(m)]
     if cfg.score.baselines:
         m["baselines"] = _baselines(r, cfg, by_part["train"], tests["raw"], classes)
         m["notes"] = [*m["notes"], *bl.notes(m["baselines"])]
