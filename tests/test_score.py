@@ -477,11 +477,6 @@ def test_dual_separates_identically_distributed_sets():
     from leakpipe.pipeline.math.metrics import open_auroc
     from leakpipe.pipeline.report.evaluate import dual_scores
 
-    def open_set(closed, opened):
-        return {
-            "auroc": point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
-        }
-
     rng = np.random.default_rng(0)
     h = rng.normal(0, 1, (600, 16))
     w = 1 / (1 + np.exp(-rng.normal(0, 1, (600, 16))))  # sigmoid gates, as the model's

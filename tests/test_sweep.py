@@ -35,6 +35,7 @@ def sweep(root, names):
     return cli(root, "sweep", "--only", ",".join(names), *[a for s in TINY for a in ("--set", s)])
 
 
+@pytest.mark.timeout(1800)  # 27 entries, each trained and scored: minutes on 2 cores
 def test_every_light_entry_and_profile_runs_end_to_end(sws):
     names = [n for n in ABLATIONS if n not in HEAVY]
     assert {"full", "paper", "authors-code", "efficientnet_b4", "vit_b_16"} <= set(names)  # every family, profile

@@ -78,7 +78,10 @@ def test_fingerprint_tracks_weights_config_and_preprocessing(tiny_vae, tmp_path)
     assert encoder_fingerprint(cfg2, resolve(cfg2.vae), hashes, code) != base
     small = with_overrides(cfg, ["preprocess.size=64"])
     assert encoder_fingerprint(small, resolve(small.vae), hashes, code) != base
-    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes, {**code, "another entry": "0"}) != base  # other code
+    from leakpipe.pipeline.ledger.code import identity
+
+    other_code = {**identity(STAGES["encode"].code), "another entry": "0"}  # the label's code, one entry more
+    assert encoder_fingerprint(cfg, resolve(cfg.vae), hashes, other_code) != base
     run = with_overrides(cfg, ["encode.batch_size=99"])  # execution only
     assert encoder_fingerprint(run, resolve(run.vae), hashes, code) == base
 

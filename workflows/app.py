@@ -139,7 +139,7 @@ def _result_markdown(r: dict) -> str:
             f"**UNSEEN GENERATOR**: KDE log-density {r['kde_log_density']:.2f} is below the threshold "
             f"{r['unseen_threshold']:.2f}"
             if r["unseen_generator"]
-            else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"
+            else f"**known generator**: KDE log-density {r['kde_log_density']:.2f}, threshold {r['unseen_threshold']:.2f}"  # noqa: E501
         )
     else:
         verdict = (

@@ -68,7 +68,8 @@ def decision_cells(m: dict) -> list[str]:
 def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
     """A markdown table, one row per run, of the registry's headline metrics (closed set: the head with
     its 95% intervals, and Mahalanobis; the worst post-processing step; the open set with gating off and
-    on; the decisions: ECE before / after calibration, prediction sets, the unseen flag), with its settings that differ from the first run's and the result it points at; then each run
+    on; the decisions: ECE before / after calibration, prediction sets, the unseen flag), with its
+    settings that differ from the first run's and the result it points at; then each run
     against the first on the same test images (paired bootstrap). Raises naming every run not scored."""
     groups = {n: runs.seed_group(ws, n) for n in names}
     names = [m for n in names for m in (groups[n] or [n])]  # a seed group is compared through its members

@@ -133,7 +133,7 @@ def decision_rows(m: dict) -> list[str]:
         f"| ECE of the posterior, {c['method'].replace('_', ' ')} | {with_ci(c['variants']['raw'], 'ece')} | |",
         f"| prediction-set coverage ({s['score']}, guaranteed >= {level}) | {with_ci(raw, 'coverage')} | |",
         f"| mean prediction-set size | {with_ci(raw, 'set_size')} | |",
-        f"| unseen flag at p <= {u['alpha']:g}: false alarms on known generators | {with_ci(u, 'false_alarm_rate')} | |",
+        f"| unseen flag at p <= {u['alpha']:g}: false alarms on known generators | {with_ci(u, 'false_alarm_rate')} | |",  # noqa: E501
     ]
     if "detection_rate" in u:
         rows.append(
