@@ -29,6 +29,7 @@ from leakpipe.pipeline.report.evaluate import label_index
 from leakpipe.stages import embed, encode
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.config_files import parse_override, with_overrides
 
 
 def load_images(paths: list[Path], preprocess) -> np.ndarray:
@@ -163,7 +164,6 @@ def preprocess_for(att: Attributor, overrides=()):
     """The attributor's preprocessing with the `--set preprocess.*` overrides that may change: only
     preprocess.max_pixels (a guard); any other is the attributor's own (its encoder fingerprint holds it),
     so a different value is refused, naming the key and the attributor's value."""
-    from leakpipe.pipeline.config_files import parse_override, with_overrides
 
     given = [o for o in overrides if parse_override(o)[0].startswith("preprocess.")]
     guard = [o for o in given if parse_override(o)[0] == "preprocess.max_pixels"]
