@@ -73,8 +73,9 @@ def identity(entries: tuple[str, ...]) -> dict[str, str]:
 # Code version labels of the locks written before code identity, with the identity of the code that
 # replaced them. Each was checked bitwise: the same workspace encoded, trained (profiles leakpipe and
 # paper, fp32) and embedded by leakpipe at f356705 and by this code gave identical latents, weights and
-# embeddings (checked again after the last change to that code). score-6 is left out: its metrics.json gained fields (ECE intervals, chance rows, the KDE
-# reference), so scores made by it are made again. A lock that holds a label is read as holding that identity.
+# embeddings (checked again after the last change to that code). score-6 is left out: its metrics.json
+# gained fields (ECE intervals, chance rows, the KDE reference), so scores made by it are made again.
+# A lock that holds a label is read as holding that identity.
 LEGACY: dict[str, dict[str, str]] = {
     "encode-1": {
         "leakpipe.pipeline.engine.images:_open": "368acb6e1c470f97179d639c0faf1c4c",
