@@ -132,7 +132,9 @@ def test_damaged_model_is_retrained_not_used(ws):
     ok(ws, "score", *SETS)
 
 
-@pytest.mark.parametrize("name", ["metrics.json", "report.md", "open_scores.safetensors", "embeddings"])
+@pytest.mark.parametrize(
+    "name", ["metrics.json", "report.md", "open_scores.safetensors", "calibration.safetensors", "embeddings"]
+)
 def test_damaged_outputs_are_recomputed(ws, name):
     result = runs.pointed(Workspace(ws), "default")
     want = json.loads((result / "metrics.json").read_text())

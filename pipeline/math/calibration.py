@@ -92,16 +92,18 @@ def fit(method: str, logits: np.ndarray, labels: np.ndarray):
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     """The reliability diagram's data on equal-width confidence bins (those of the ECE): per bin the
-    row count, mean confidence (largest class probability) and accuracy (NaN where a bin is empty)."""
+    row count, mean confidence (largest class probability) and accuracy (None where a bin is empty:
+    metrics.json stays comparable with itself, as NaN never equals NaN)."""
     conf, right = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(which, conf, minlength=bins) / count
         accuracy = np.bincount(which, right, minlength=bins) / count
+    listed = lambda x: [None if np.isnan(v) else float(v) for v in x]  # noqa: E731
     return {
         "bins": bins,
         "count": count.astype(int).tolist(),
-        "confidence": mean_conf.tolist(),
-        "accuracy": accuracy.tolist(),
+        "confidence": listed(mean_conf),
+        "accuracy": listed(accuracy),
     }
