@@ -217,30 +217,22 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
     ws, out = g.ws, runs.pointed(g.ws, runs.check_name(run))
     command = f"leakpipe score --run {run}"
     if out is None or locks.read_lock(out / "train.lock.json") is None:
-        return Plan(
+        return Plan.not_ready(
             STAGE,
             run,
-            None,
-            Path(),
-            Path(),
-            None,
-            command=command,
-            blocked=Verdict(False, [f"run {run!r} has no trained result"], blocked=[f"leakpipe train --run {run}"]),
+            Verdict(False, [f"run {run!r} has no trained result"], blocked=[f"leakpipe train --run {run}"]),
+            command,
         )
     if not ws.manifest(cfg.score.closed).exists():
-        return Plan(
+        return Plan.not_ready(
             STAGE,
             run,
-            None,
-            Path(),
-            Path(),
-            None,
-            command=command,
-            blocked=Verdict(
+            Verdict(
                 False,
                 [f"no manifest {ws.manifest(cfg.score.closed)}: score needs the closed split"],
                 blocked=[f"leakpipe manifest build ROOT --split {cfg.score.closed}"],
             ),
+            command,
         )
     roles = [(role, split) for role, split in score_splits(cfg) if ws.manifest(split).exists()]
     upstream = [g.plan("embed", out, split, run) for _, split in roles]

@@ -128,17 +128,8 @@ def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     if lat_plan is None and not ws.manifest(cfg.train.split).exists():
         verdict.reasons[0] = f"train.split = {cfg.train.split}: {verdict.reasons[0]}"
     if not verdict.up_to_date:
-        return Plan(
-            STAGE,
-            run,
-            None,
-            Path(),
-            Path(),
-            None,
-            upstream,
-            blocked=verdict,
-            command=command,
-            facts={"result": current.name if current else None},
+        return Plan.not_ready(
+            STAGE, run, verdict, command, upstream=upstream, facts={"result": current.name if current else None}
         )
     lat = lat_plan.data
     files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}

@@ -79,6 +79,11 @@ class Plan:
     writes: bool = True  # False on DDP ranks other than 0: they work but never lock or write
     data: Any = None  # what the stage's work and its downstream read (graph.Latents for encode)
 
+    @classmethod
+    def not_ready(cls, stage: Stage, target: str, blocked: Verdict, command: str, **kw) -> "Plan":
+        """An instance that cannot be planned yet (no inputs, nothing to lock): `blocked` says why."""
+        return cls(stage, target, None, Path(), Path(), None, blocked=blocked, command=command, **kw)
+
     @property
     def title(self) -> str:
         return f"{self.stage.name} {self.target}"
