@@ -47,11 +47,19 @@ def runs(ws, cfg, as_json):
 
 
 def _lock_files(ws) -> list[Path]:
+    """Every lock: of latent stores, of results, and of run names that are folders, not links."""
+    folders = [p.name for p in ws.cache.glob("runs/*") if p.is_dir() and not p.is_symlink()]
     return sorted(
         [
             *ws.cache.glob("latents/*/*.lock.json"),
             *ws.cache.glob("results/*/*.lock.json"),
             *ws.cache.glob("results/*/embeddings/*.lock.json"),
+            *(
+                q
+                for name in folders
+                for pattern in ("*.lock.json", "embeddings/*.lock.json")
+                for q in (ws.cache / "runs" / name).glob(pattern)
+            ),
         ]
     )
 
@@ -59,11 +67,12 @@ def _lock_files(ws) -> list[Path]:
 @main.command()
 @_workspace_options
 def verify(ws, cfg):
-    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes."""
-    from leakpipe.pipeline.ledger import locks as ledger
+    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes,
+    and run names whose result is gone or that are folders standing in for a link."""
+    from leakpipe.pipeline.ledger import locks as ledger, runs as run_names
 
     lock_files = _lock_files(ws)
-    problems = []
+    problems = [f"run {name}: {bad}" for name in run_names.names(ws) if (bad := run_names.problem(ws, name))]
     for lock_path in lock_files:
         lock = ledger.read_lock(lock_path)
         if lock is None:
@@ -79,9 +88,10 @@ def verify(ws, cfg):
         click.echo(f"  {p}")
     if problems:
         raise click.ClickException(
-            f"{len(problems)} problem(s); rerun the stage to repair them (it rewrites whatever does not verify)"
+            f"{len(problems)} problem(s); rerun the stage to repair them "
+            "(it rewrites whatever does not verify), and fix the run names as said"
         )
-    click.echo(f"verified {len(lock_files)} lock(s): all checksums match")
+    click.echo(f"verified {len(lock_files)} lock(s) and {len(run_names.names(ws))} run name(s): all checksums match")
 
 
 @main.command()
@@ -96,7 +106,7 @@ def gc(ws, cfg, dry_run):
     from leakpipe.stages import graph
     from leakpipe.workflows import status as st
 
-    garbage, freed = st.garbage(graph(ws, cfg)), 0
+    garbage, freed, removed, skipped = st.garbage(graph(ws, cfg)), 0, 0, 0
     for location, size in garbage:
         if dry_run:
             click.echo(f"would remove {location} ({size / 2**20:.1f} MiB)")
@@ -110,21 +120,25 @@ def gc(ws, cfg, dry_run):
                 storage.remove(location)
                 if store:
                     ws.store_lock(split, name[: -len(".zarr")], "lock.json").unlink(missing_ok=True)
-            freed += size
+            freed, removed = freed + size, removed + 1
         except Busy:
             click.echo(
                 f"skipping {location}: in use by another leakpipe process (a training, an encode or "
                 "a reader); run gc again when it has finished"
             )
+            skipped += 1
             continue
         if store:
             lock.unlink(missing_ok=True)
-    total = (sum(s for _, s in garbage) if dry_run else freed) / 2**20
-    click.echo(
-        f"gc: {len(garbage)} item(s), {total:.1f} MiB " + ("would be freed" if dry_run else "freed")
-        if garbage
-        else "gc: nothing to remove"
-    )
+    if not garbage:
+        click.echo("gc: nothing to remove")
+    elif dry_run:
+        click.echo(f"gc: {len(garbage)} item(s), {sum(s for _, s in garbage) / 2**20:.1f} MiB would be freed")
+    else:
+        click.echo(
+            f"gc: {removed} item(s) removed, {freed / 2**20:.1f} MiB freed"
+            + (f"; {skipped} in use, skipped (run gc again later)" if skipped else "")
+        )
 
 
 @main.command("config")

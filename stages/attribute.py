@@ -10,7 +10,6 @@ p-value, flagged at p <= score.alpha), from the run's metrics.json and calibrati
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id, runs
 from leakpipe.pipeline.ledger.graph import Graph
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_split, load_trained
+from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, load_trained
 from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report import decisions
@@ -106,16 +105,45 @@ def code_identity() -> dict:
     return {name: STAGES[name].code_identity() for name in ("encode", "embed")}
 
 
+def stale_reasons(g: Graph, run: str) -> list[str]:
+    """Why the scoring of run `run` is not up to date (the check `leakpipe status` makes, outputs hashed),
+    its embeddings included: [] if its metrics, threshold and embeddings are those of today's inputs."""
+    plan = g.plan("score", run)
+    verdict = plan.check(deep=True)
+    reasons = [] if verdict.up_to_date else list(verdict.reasons)
+    for up in plan.upstream:  # an embedding that score would make again (or cannot make) first
+        if up.inputs is None:
+            if up.target not in plan.optional:
+                reasons += [f"{up.title}: {r}" for r in up.blocked.reasons]
+            continue
+        v = up.check(deep=True)
+        reasons += [] if v.up_to_date else [f"{up.title}: {r}" for r in v.reasons]
+    return reasons
+
+
 def from_result(g: Graph, run: str, device) -> Attributor:
-    """The attributor of a scored run in the workspace."""
+    """The attributor of a scored run in the workspace, refused when its scoring is stale (its threshold
+    and reference embeddings would come from two states of the workspace)."""
     ws, ws_cfg = g.ws, g.cfg
-    out = runs.pointed(ws, run)
-    if out is None or not (out / "metrics.json").exists():
-        raise UserError(
-            f"run {run!r} has not been scored (no metrics.json in {runs.link(ws, run)}); "
-            f"run `leakpipe score --run {run}` first (it calibrates the unseen threshold)"
+    out = runs.scored_result(ws, run)
+    stale = stale_reasons(g, run)
+    if stale:
+        trained = g.plan("train", run).check()
+        first = (
+            ""
+            if trained.up_to_date
+            else (
+                f" (its training is not that of today's inputs either: "
+                f"{'; '.join(trained.reasons)}; `leakpipe train --run {run}` first "
+                "if the training data changed)"
+            )
         )
-    m = json.loads((out / "metrics.json").read_text())
+        raise UserError(
+            f"run {run!r} is stale, so its threshold and reference embeddings would not belong together: "
+            f"{'; '.join(stale)}. Run `leakpipe score --run {run}` first (with the same --set options)"
+            f"{first}, or `leakpipe status` for the whole picture"
+        )
+    m = load_metrics(out, run)
     val = load_checked_scores(out, att_lib.CALIBRATION)
     if "conformal" not in m or val is None:
         raise UserError(

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakpipe.pipeline.config import Config
-from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import locks, runs
+from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, Latents, ready_latents, run_config, trained_lock, values
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
@@ -39,10 +38,7 @@ CODE = (
 
 def result_of(ws, run: str) -> Path:
     """The trained result run `run` points at; an error naming the command if there is none."""
-    out = runs.pointed(ws, run)
-    if out is None or locks.read_lock(out / "train.lock.json") is None:
-        raise UserError(f"run {run!r} has no trained result; run `leakpipe train --run {run}` first")
-    return out
+    return runs.trained_result(ws, run)
 
 
 @dataclass

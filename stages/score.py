@@ -9,7 +9,6 @@ that cannot be embedded is left out, with a note.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +28,7 @@ from leakpipe.pipeline.ledger.graph import (
     values,
 )
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
+from leakpipe.pipeline.ledger.results import load_metrics
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
@@ -220,7 +220,11 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
         return Plan.not_ready(
             STAGE,
             run,
-            Verdict(False, [f"run {run!r} has no trained result"], blocked=[f"leakpipe train --run {run}"]),
+            Verdict(
+                False,
+                [runs.problem(ws, run) or f"run {run!r} has no trained result"],
+                blocked=[f"leakpipe train --run {run}"],
+            ),
             command,
         )
     if not ws.manifest(cfg.score.closed).exists():
@@ -314,7 +318,7 @@ def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
     return ScoreResult(
         run,
         out,
-        json.loads((out / "metrics.json").read_text()),
+        load_metrics(out, run),
         up_to_date=True,
         latents=_latents(g, out, g.cfg, g.cfg.score.closed).described,
     )

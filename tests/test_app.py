@@ -240,6 +240,81 @@ def test_a_damaged_gallery_is_refused(exported, tmp_path):
     assert r.exit_code != 0 and "gallery.safetensors missing or damaged" in r.output
 
 
+def _resign(record: dict) -> dict:
+    from leakpipe.pipeline.engine.attributor import record_checksum
+
+    return {**record, "checksum": record_checksum(record)}
+
+
+def _drop(record: dict, *keys: str) -> dict:
+    out = json.loads(json.dumps(record))
+    *path, last = keys
+    inner = out
+    for k in path:
+        inner = inner[k]
+    del inner[last]
+    return out
+
+
+def _with(record: dict, value, *keys: str) -> dict:
+    out = json.loads(json.dumps(record))
+    *path, last = keys
+    inner = out
+    for k in path:
+        inner = inner[k]
+    inner[last] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit,says",
+    [
+        # a hand edit without the checksum updated: refused as such
+        (
+            lambda r: _with(r, float("nan"), "unseen_threshold", "log_density_threshold"),
+            "does not match its own checksum",
+        ),
+        (lambda r: _with(r, r["classes"][:2], "classes"), "does not match its own checksum"),
+        # with the checksum recomputed, the values themselves are checked
+        (
+            lambda r: _resign(
+                _with(
+                    _with(r, float("nan"), "unseen_threshold", "log_density_threshold"),
+                    float("nan"),
+                    "unseen_threshold",
+                    "bandwidth",
+                )
+            ),
+            "log_density_threshold = nan: must be a finite number; unseen_threshold.bandwidth = nan",
+        ),
+        (lambda r: _resign(_with(r, -1e300, "unseen_threshold", "log_density_threshold")), "not a log-density"),
+        (
+            lambda r: _resign(_with(r, 0.0, "unseen_threshold", "bandwidth")),
+            "bandwidth = 0.0: must be a finite number > 0",
+        ),
+        (
+            lambda r: _resign(_with(r, r["classes"][:2], "classes")),
+            "lists 2 classes (closed00, closed01) but model.safetensors was trained on 3",
+        ),
+        (lambda r: _resign(_drop(r, "files")), "key 'files' is missing"),
+        (lambda r: _resign(_drop(r, "unseen_threshold", "bandwidth")), "bandwidth = None"),
+        (lambda r: [1, 2], "holds a JSON list, not an object"),
+        (lambda r: _with(_drop(r, "checksum"), "leakpipe-attributor-2", "format"), "carries no checksum of itself"),
+    ],
+)
+def test_attributor_json_is_checksummed_and_validated(exported, tmp_path, edit, says):
+    """Issue 24: NaN thresholds were used ('known generator', exit 0), a shortened class list was
+    ignored, and missing keys were tracebacks."""
+    _, att, images = exported
+    copy = tmp_path / "att"
+    shutil.copytree(att, copy)
+    record = json.loads((copy / "attributor.json").read_text())
+    (copy / "attributor.json").write_text(json.dumps(edit(record)))
+    r = CliRunner().invoke(main, ["attribute", "--model", str(copy), str(images / "first.png")], catch_exceptions=False)
+    assert r.exit_code != 0 and says in r.output, r.output
+    assert "export the run again" in r.output or "--model needs a folder" in r.output
+
+
 def test_page_equals_attribute_json(exported, served):
     _, att, images = exported
     status, results, a_t, gated, gallery, raw = _predict(

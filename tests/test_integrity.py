@@ -4,6 +4,7 @@ other. Each case is one the issue found by hand."""
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -446,3 +447,184 @@ def test_model_init_on_a_run_name_trained_before_then_status_score_and_retrain(w
     assert "model.init: rn18.safetensors -> ;" in said and "model.init file: 1 row removed" in said
     flip(ws / "rn18.safetensors", at=-5)
     assert "model.init file: 1 file changed" in ok(ws, "status", *init)
+
+
+# ---------------------------------------------------------------- nothing read unchecked (issue 24)
+def a_test_image(ws) -> str:
+    from leakpipe.pipeline.manifest import read_manifest
+
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    return str(m.abspath(m.column("partition").index("test")))
+
+
+def test_a_hand_edited_metrics_json_is_refused_by_attribute_export_and_compare(ws, tmp_path):
+    out = runs.pointed(Workspace(ws), "default")
+    m = json.loads((out / "metrics.json").read_text())
+    m["unseen_threshold"]["log_density_threshold"] = -1000.0
+    (out / "metrics.json").write_text(json.dumps(m, indent=1))
+    for args in (["attribute", a_test_image(ws)], ["export", str(tmp_path / "e")]):
+        r = cli(ws, *args, *SETS)
+        assert r.exit_code != 0 and "metrics.json" in r.output and "leakpipe score --run default" in r.output, r.output
+    assert not (tmp_path / "e").exists()
+    r = cli(ws, "compare", "default", *SETS)
+    assert r.exit_code != 0 and "does not match its checksum in score.lock.json" in r.output
+    assert "edited by hand" in r.output
+
+
+def test_attribute_and_export_refuse_a_run_whose_manifest_changed(ws, tmp_path):
+    """Issue 24: after `manifest build --seed 1` export rebuilt the reference embeddings from the new
+    partitions and kept the old threshold; the same image scored -7.86 with one export, 15.95 with the other."""
+    ok(ws, "manifest", "build", str(ws / "data" / "closed"), "--split", "closed", "--seed", "1")
+    for args in (["attribute", a_test_image(ws)], ["export", str(tmp_path / "e")]):
+        r = cli(ws, *args, *SETS)
+        assert r.exit_code != 0 and "run 'default' is stale" in r.output, r.output
+        assert "labels and partitions of closed:" in r.output and "leakpipe score --run default" in r.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_is_atomic_and_its_errors_say_what_to_do(ws, tmp_path):
+    from tests.conftest import kill_midway
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    for dest, says in (
+        (tmp_path / "afile" / "sub", "afile is a file, not a folder"),
+        (tmp_path / "dangling", "is a symbolic link to"),
+    ):
+        r = cli(ws, "export", str(dest), *SETS)
+        assert r.exit_code != 0 and says in r.output, r.output
+    r = cli(ws, "export", str(tmp_path / "x"), "--run", "nosuch", *SETS)
+    assert r.exit_code != 0 and "there is no run 'nosuch'" in r.output and "runs here: default" in r.output
+    dest = tmp_path / "att"
+    body = (
+        f"from leakpipe.pipeline.cli import main; main(['export', {str(dest)!r}, '-C', {str(ws)!r}, "
+        f"*{[a for a in SETS]!r}])"
+    )
+    partial = lambda: [p for p in tmp_path.glob(".att.export-*.tmp") if (p / "attributor.json").exists()]  # noqa: E731
+    kill_midway("leakpipe.workflows.export._write", 30, body, lambda: bool(partial()))
+    assert not dest.exists() and partial()  # killed after writing, before the rename: no export under its name
+    r = cli(ws, "export", str(dest), *SETS)
+    assert r.exit_code == 0 and "a partial export left by a killed export" in r.output, r.output
+    assert not partial() and (dest / "attributor.json").exists()
+    r = cli(ws, "export", str(dest), *SETS)
+    assert r.exit_code != 0 and "not empty (it holds an attributor exported before)" in r.output
+
+
+def test_run_names_that_are_no_link_to_a_result_are_named(ws, tmp_path):
+    import os
+
+    w = Workspace(ws)
+    result, link = runs.pointed(w, "default"), ws / "cache" / "runs" / "default"
+    link.unlink()  # a real copy of the result stands in for the link, and its model is damaged
+    shutil.copytree(result, link)
+    flip(link / "model.safetensors")
+    r = cli(ws, "verify")
+    assert r.exit_code != 0 and "cache/runs/default is a folder, not a link" in r.output
+    assert f"ln -s ../results/{result.name} cache/runs/default" in r.output
+    assert f"checksum mismatch (corrupted): {link / 'model.safetensors'}" in r.output
+    assert "default/ (a folder)" in ok(ws, "runs", *SETS)
+    assert "is a folder, not a link" in ok(ws, "status", *SETS)
+    assert "nothing to remove" in ok(ws, "gc") and result.exists()  # the result it copies is kept
+    shutil.rmtree(link)  # the link back, then the result deleted
+    os.symlink(os.path.relpath(result, link.parent), link)
+    shutil.rmtree(result)
+    dangling = f"cache/runs/default points at cache/results/{result.name}, which does not exist"
+    r = cli(ws, "verify")
+    assert r.exit_code != 0 and dangling in r.output and "rm cache/runs/default" in r.output
+    for command in ("status", "runs"):
+        assert dangling in ok(ws, command, *SETS)
+    for args in (["attribute", a_test_image(ws)], ["export", str(tmp_path / "e")], ["compare", "default"]):
+        r = cli(ws, *args, *SETS)
+        assert r.exit_code != 0 and dangling in r.output, r.output
+
+
+def test_compare_refuses_runs_scored_on_other_test_images_or_trained_on_them(ws):
+    """Issue 24: run B, trained on a manifest whose partitions differ, was paired with `default` on
+    closed's test set, where most of the test images were B's training images, with no note."""
+    ok(ws, "manifest", "build", str(ws / "data" / "closed"), "--split", "closed2", "--seed", "1")
+    ok(ws, "encode", "--split", "closed2")
+    ok(ws, "train", "--run", "B", "--set", "train.split=closed2", *SETS)
+    ok(ws, "score", "--run", "B", *SETS)
+    r = cli(ws, "compare", "default", "B", *SETS)
+    assert r.exit_code != 0 and re.search(
+        r"B was trained on \d+ of the 15 test images of closed \(train.split "
+        r"closed2 has them in its train or val partition\)",
+        r.output,
+    ), r.output
+    ok(ws, "score", "--run", "B", "--set", "score.closed=closed2", *SETS)
+    r = cli(ws, "compare", "default", "B", *SETS)
+    assert r.exit_code != 0 and re.search(
+        r"not scored on the same test images: B on closed2 \(15 test images, "
+        r"\d+ of them among default's 15\)",
+        r.output,
+    ), r.output
+    r = cli(ws, "compare", "default", "nosuch", *SETS)
+    assert r.exit_code != 0 and "there is no run 'nosuch'" in r.output
+    assert "| default |" in ok(ws, "compare", "default", *SETS)
+
+
+def _unprivileged():
+    import os
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run leakpipe as an unprivileged user (uid 65534)")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_read_only_queries_work_on_a_read_only_cache(base):
+    """As a user who cannot write the workspace: status, runs, verify, attribute, compare and score of an
+    up-to-date run work (the file-hash cache is opened read-only, with a note); writing commands say that
+    they cannot write, with no traceback."""
+    import os
+    import sys
+    import tempfile
+
+    as_nobody = _unprivileged()
+    top = Path(tempfile.mkdtemp(prefix="leakpipe-ro-"))
+    try:
+        ws = top / "ws"
+        shutil.copytree(base, ws, symlinks=True)
+        (top / "home").mkdir()
+        subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
+        subprocess.run(["chmod", "777", str(top / "home")], check=True)
+        subprocess.run(["chmod", "-R", "a-w", str(ws / "cache"), str(ws / "manifests")], check=True)
+        env = {**os.environ, "HOME": str(top / "home"), "MPLCONFIGDIR": str(top / "home")}
+
+        def leakpipe(*args):
+            return subprocess.run(
+                [
+                    *as_nobody,
+                    sys.executable,
+                    "-c",
+                    "from leakpipe.pipeline.cli import main; main()",
+                    *args,
+                    "-C",
+                    str(ws),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=top / "home",
+            )
+
+        for args in (
+            ["status"],
+            ["runs"],
+            ["verify"],
+            ["score"],
+            ["attribute", a_test_image(ws)],
+            ["compare", "default"],
+        ):
+            r = leakpipe(*args, *(SETS if args[0] != "verify" else []))
+            assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+        assert "file-hash cache" in r.stderr and "not writable by this user" in r.stderr
+        r = leakpipe("train", "--set", "train.seed=7", *SETS)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot be written by this user" in r.stderr
+        r = leakpipe("manifest", "build", str(ws / "data" / "closed"), "--split", "other")
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "this user cannot write there" in r.stderr
+        r = leakpipe("score", *SETS, "--set", "score.kde_folds=3")  # stale: it would write
+        assert r.returncode != 0 and "score default is not up to date (score.kde_folds: 2 -> 3)" in r.stderr, r.stderr
+        assert "cannot be written by this user" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(top)], check=True)
+        shutil.rmtree(top)

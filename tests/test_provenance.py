@@ -382,5 +382,6 @@ def test_gc_never_removes_what_is_in_use(ws):
     with exclusive(first / ".writer.lock", "a training in another process"):
         r = cli(ws, "gc", *sets())
         assert r.exit_code == 0 and f"skipping {first}: in use" in r.output and first.exists()
+        assert "gc: 0 item(s) removed, 0.0 MiB freed; 1 in use, skipped" in r.output  # it once said "1 freed"
     r = cli(ws, "gc", *sets())
-    assert f"removing {first}" in r.output and not first.exists()
+    assert f"removing {first}" in r.output and not first.exists() and "gc: 1 item(s) removed" in r.output

@@ -317,7 +317,7 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     ):
         assert row in card, row
     record = json.loads((tmp_path / "att" / "attributor.json").read_text())
-    assert record["format"] == "leakpipe-attributor-3" and "calibration.safetensors" in record["files"]
+    assert record["format"] == "leakpipe-attributor-4" and "calibration.safetensors" in record["files"]
     assert (
         record["decisions"]["conformal"]["thresholds"]
         == json.loads((tmp_path / "att" / "metrics.json").read_text())["conformal"]["thresholds"]
@@ -357,22 +357,15 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
     assert damaged.exit_code != 0 and "reference.safetensors missing or damaged" in damaged.output
     again = cli(sws, "export", str(tmp_path / "att"), *SETS)
     assert again.exit_code != 0 and "not empty" in again.output
-    # an attributor exported before the decisions (format 2: no calibration.safetensors) still attributes
+    # an attributor exported before attributor.json had its own checksum (formats 1-3) is refused:
+    # a hand edit of its threshold could not be seen
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "att", old)
-    shutil.copyfile(tmp_path / "reference.safetensors", old / "reference.safetensors")  # undamaged
     record = json.loads((old / "attributor.json").read_text())
-    del record["decisions"], record["files"]["calibration.safetensors"]
-    (old / "calibration.safetensors").unlink()
-    (old / "attributor.json").write_text(json.dumps({**record, "format": "leakpipe-attributor-2"}))
-    out = CliRunner().invoke(main, ["attribute", "--model", str(old), "--vae", vae, paths[0], "--json"])
-    assert out.exit_code == 0, out.output
-    r = json.loads(out.stdout)[0]
-    assert r["prediction_set"] is None and r["unseen_p_value"] is None
-    assert r["unseen_generator"] == (r["kde_log_density"] < r["unseen_threshold"])
-    assert r["calibration"]["method"] == "none" and r["top"][0]["probability"] == pytest.approx(
-        inside[0]["uncalibrated_posterior"][r["top"][0]["generator"]], abs=1e-6
-    )
+    del record["checksum"]
+    (old / "attributor.json").write_text(json.dumps({**record, "format": "leakpipe-attributor-3"}))
+    out = CliRunner().invoke(main, ["attribute", "--model", str(old), "--vae", vae, paths[0]])
+    assert out.exit_code != 0 and "carries no checksum of itself" in out.output and "export the run again" in out.output
 
 
 def test_attribute_and_score_errors(sws, tmp_path):
@@ -382,7 +375,7 @@ def test_attribute_and_score_errors(sws, tmp_path):
     assert r.exit_code != 0 and "2 of 2 inputs" in r.output
     assert "missing.png: no such file" in r.output and "notes.png" in r.output
     r = cli(sws, "attribute", str(bad), "--run", "nope")
-    assert r.exit_code != 0 and "leakpipe score --run nope" in r.output
+    assert r.exit_code != 0 and "there is no run 'nope'" in r.output and "leakpipe train --run nope" in r.output
     r = cli(sws, "score", "--run", "nope")
     assert r.exit_code != 0 and "leakpipe train --run nope" in r.output
 

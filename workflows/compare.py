@@ -3,6 +3,7 @@ the first on the same test images (paired bootstrap differences)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,12 @@ import numpy as np
 
 from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger import runs
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_split
+from leakpipe.pipeline.ledger import locks, runs
+from leakpipe.pipeline.ledger.graph import label_rows, run_config
+from leakpipe.pipeline.ledger.locks import read_lock
+from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, trained_bytes
+from leakpipe.pipeline.manifest import read_manifest
+from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.math import bootstrap, metrics
 from leakpipe.pipeline.report import registry
 from leakpipe.pipeline.report.render import fmt as _f, with_ci
@@ -65,20 +70,123 @@ def decision_cells(m: dict) -> list[str]:
     )
 
 
+def _scored(ws: Workspace, names: list[str]) -> dict[str, Path]:
+    """{run: its scored result}, or one error naming what is wrong with each run that is not."""
+    results, problems = {}, []
+    for r in names:
+        try:
+            results[r] = runs.scored_result(ws, r)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("cannot compare:\n  " + "\n  ".join(problems))
+    return results
+
+
+def _contents(manifest, paths: list[str], hashes: HashCache) -> dict[str, str]:
+    """{path: content hash} of manifest-relative paths (files that cannot be read are left out)."""
+    found = hashes.hash_many([f"{manifest.root}/{p}" for p in paths])
+    return {p: h for p, h in zip(paths, found) if h}
+
+
+def _rows(lock_path: Path, prefix: str = "labels and partitions of ") -> tuple[str, list]:
+    """(split, [[path, "label|partition|variant"], ...]) a lock records of the split it read."""
+    lock = read_lock(lock_path)
+    key = next((k for k in (lock or {}).get("inputs", {}).get("files", {}) if k.startswith(prefix)), None)
+    if key is None:
+        raise UserError(
+            f"{lock_path} records no manifest rows (damaged, or from an older leakpipe); run the "
+            "stage again (`leakpipe train` or `leakpipe score` for that run)"
+        )
+    return key[len(prefix) :], lock["inputs"]["files"][key]
+
+
+def audit_test_images(ws: Workspace, results: dict[str, Path]) -> str:
+    """The closed split every run was scored on, after checking that the runs can be compared on it:
+    each was scored on that split as the manifest is now, on the same test images, and none was trained
+    on a test image that the split's own train and val partitions do not hold (which every run's scoring
+    already leaves out). Otherwise an error says which runs, what differs and how many rows."""
+    hashes, problems, tests, split_of = HashCache(ws.hash_cache), [], {}, {}
+    for r, out in results.items():
+        split, rows = _rows(out / "score.lock.json")
+        path = ws.manifest(split)
+        now = label_rows(read_manifest(path, check_files=False)) if path.exists() else None
+        if now != rows:
+            change = locks.files_changed(rows, now) if now is not None else "the manifest is gone"
+            problems.append(
+                f"{r} was scored on another version of {path.name} ({change} since); run `leakpipe score --run {r}`"
+            )
+            continue
+        split_of[r] = split
+        tests[r] = [p for p, lpv in rows if lpv.split("|")[1] == "test"]
+    if problems:
+        raise UserError("cannot compare on the same test images:\n  " + "\n  ".join(problems))
+    first = next(iter(results))
+    manifests = {s: read_manifest(ws.manifest(s), check_files=False) for s in set(split_of.values())}
+    content = {r: set(_contents(manifests[split_of[r]], tests[r], hashes).values()) for r in results}
+    base = content[first]
+    differ = [r for r in results if content[r] != base]
+    if differ:
+        raise UserError(
+            "the runs were not scored on the same test images: "
+            + "; ".join(
+                f"{r} on {split_of[r]} ({len(content[r])} test images, {len(content[r] & base)} of them among "
+                f"{first}'s {len(base)})"
+                for r in differ
+            )
+            + f". Score them on one split (`leakpipe score --run RUN "
+            f"--set score.closed={split_of[first]}`) and compare again"
+        )
+    split = split_of[first]
+    m = manifests[split]
+    fitted = [p for p, part in zip(m.column("path"), m.column("partition")) if part in ("train", "val")]
+    already = set(_contents(m, fitted, hashes).values())  # every run's own scoring leaves these out
+    leaks = []
+    for r, out in results.items():
+        trained_on, rows = _rows(out / "train.lock.json")
+        exclude = set(run_config(out).train.exclude)
+        seen = [p for p, lpv in rows if lpv.split("|")[1] in ("train", "val") and lpv.split("|")[0] not in exclude]
+        tm = manifests.get(trained_on) or (
+            read_manifest(ws.manifest(trained_on), check_files=False) if ws.manifest(trained_on).exists() else None
+        )
+        if tm is None:
+            leaks.append(f"{r}: cannot tell which images it was trained on (no {ws.manifest(trained_on)})")
+            continue
+        saw = (set(_contents(tm, seen, hashes).values()) - already) & base
+        if saw:
+            leaks.append(
+                f"{r} was trained on {len(saw)} of the {len(base)} test images of {split} (train.split "
+                f"{trained_on} has them in its train or val partition)"
+            )
+    hashes.close()
+    if leaks:
+        raise UserError(
+            "the runs cannot be compared on the test images of "
+            + split
+            + ": "
+            + "; ".join(leaks)
+            + ". A run's numbers on images it was trained on are no test; compare runs whose training "
+            "partitions keep these test images out"
+        )
+    return split
+
+
 def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:
     """A markdown table, one row per run, of the registry's headline metrics (closed set: the head with
     its 95% intervals, and Mahalanobis; the worst post-processing step; the open set with gating off and
     on; the decisions: ECE before / after calibration, prediction sets, the unseen flag), with its
-    settings that differ from the first run's and the result it points at; then each run
-    against the first on the same test images (paired bootstrap). Raises naming every run not scored."""
+    settings that differ from the first run's and the result it points at; then each run against the
+    first on the same test images (paired bootstrap). Every file read is checked against its lock;
+    raises naming every run that is not scored, and runs that differ in their test images or that were
+    trained on another's (see audit_test_images)."""
     groups = {n: runs.seed_group(ws, n) for n in names}
     names = [m for n in names for m in (groups[n] or [n])]  # a seed group is compared through its members
-    results = {r: runs.pointed(ws, r) for r in names}
-    missing = [r for r, out in results.items() if out is None or not (out / "metrics.json").exists()]
-    if missing:
-        raise UserError(f"not scored: {', '.join(missing)}; run `leakpipe score --run RUN` for each")
-    scored = {r: json.loads((out / "metrics.json").read_text()) for r, out in results.items()}
-    diffs = _differences({r: json.loads((out / "config.json").read_text()) for r, out in results.items()})
+    results = _scored(ws, names)
+    scored = {r: load_metrics(out, r) for r, out in results.items()}
+    diffs = _differences({r: json.loads(trained_bytes(out, "config.json")) for r, out in results.items()})
+    split = audit_test_images(ws, results)
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, closed=split))
     first = CLOSED_COLUMNS[0]
     head = (
         [m.label for m in CLOSED_COLUMNS]

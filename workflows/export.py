@@ -12,6 +12,7 @@ Space that serves `leakpipe app`'s page).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from safetensors.numpy import save_file
 
 from leakpipe.pipeline.engine import attributor as att_lib
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.images import allow_pixels
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, run_config, trained_lock
+from leakpipe.pipeline.ledger.results import load_metrics, metrics_bytes, trained_bytes
 from leakpipe.pipeline.report.card import model_card
+from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.stages.attribute import code_identity, from_result
 from leakpipe.workflows.app import space_files
 
@@ -50,34 +54,99 @@ class Exported:
         )
 
 
-def export(g: Graph, run: str, dest: Path, log=print) -> Exported:
-    """Write the scored run's attributor to `dest` (a new or empty folder)."""
+def check_target(dest: Path) -> None:
+    """DEST must be a new folder or an empty one: every other case is said, with what to do."""
+    if dest.is_symlink() and not dest.exists():
+        raise UserError(
+            f"{dest} is a symbolic link to {os.readlink(dest)}, which does not exist; remove the link "
+            "or export into another folder"
+        )
+    for parent in [dest, *dest.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(
+                f"{dest}: {parent} is a file, not a folder; export into a folder"
+                + ("" if parent == dest else " whose parents are folders")
+            )
+    if dest.is_dir() and any(dest.iterdir()):
+        what = "an attributor exported before" if (dest / "attributor.json").exists() else "other files"
+        raise UserError(f"{dest} is not empty (it holds {what}); export into a new folder, or remove it first")
+
+
+def _partial(dest: Path) -> Path:
+    """Where this process builds the export: a hidden sibling named by its pid, renamed onto DEST last."""
+    return dest.with_name(f".{dest.name}.export-{os.getpid()}.tmp")
+
+
+def _sweep_partials(dest: Path, log) -> None:
+    """Remove what killed exports into DEST left beside it (their process is gone), saying so."""
+    for old in dest.parent.glob(f".{dest.name}.export-*.tmp"):
+        pid = old.name.rsplit("-", 1)[-1].removesuffix(".tmp")
+        try:
+            os.kill(int(pid), 0)
+            continue  # another export into DEST is running: its folder is its own
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"export: removed {old}, a partial export left by a killed export (pid {pid}); it never was {dest}")
+
+
+def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
+    """Write the scored run's attributor to `dest` (a new or empty folder), atomically: it is built in a
+    hidden sibling folder and renamed onto `dest`, so a partial export never exists under that name. The
+    run must be up to date (see stages.attribute.from_result); every file copied from the run is checked
+    against its lock as it is read, and attributor.json records a checksum of every file and of itself."""
     start = time.perf_counter()
     ws, ws_cfg = g.ws, g.cfg
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise UserError(f"{dest} is not empty; export into a new folder")
+    dest = Path(dest).absolute()
+    check_target(dest)
     log(f"export {run}: reading the result and its closed training embeddings")
-    att = from_result(g, run, "cpu")
-    out = runs.pointed(ws, run)
+    att = from_result(g, run, "cpu")  # the run's checks: scored, up to date, metrics checked and validated
+    out = runs.scored_result(ws, run)
     log(f"export {run}: checking result {out.name[:12]} against its lock")
     trained_lock(out, deep=True)  # a damaged model is refused, never exported
+    allow_pixels(att.cfg.preprocess.max_pixels)  # the gallery's thumbnails
     lat = g.plan("encode", ws_cfg.score.closed, cfg=run_config(out, ws_cfg)).data
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json", "metrics.json"):
-        shutil.copyfile(out / name, dest / name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_partials(dest, log)
+    tmp = _partial(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write(att, run, out, lat, tmp, ws.root, ws_cfg, log)
+        os.replace(tmp, dest)  # onto a new name or an empty folder: atomic
+    except OSError:
+        if dest.is_dir() and any(dest.iterdir()):
+            raise UserError(
+                f"{dest} was filled by another process while this export ran; nothing of this one was kept"
+            ) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
+
+
+def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, log) -> None:
+    """The attributor's files in `dest`: those of the run as their locks vouch for them, the rest made here."""
+    for name, data in (
+        ("model.safetensors", trained_bytes(out, "model.safetensors")),
+        ("config.json", trained_bytes(out, "config.json")),
+        ("metrics.json", metrics_bytes(out, run)),
+    ):
+        (dest / name).write_bytes(data)
     save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
     save_file(
         {"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)}, str(dest / att_lib.CALIBRATION)
     )
-    files = [*att_lib.FILES, att_lib.CALIBRATION]
+    files = list(att_lib.FILES)
     if att.model.prototypes is not None:
         log(f"export {run}: the prototype gallery (the training images each prototype wins, from {lat.manifest.name})")
         save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
         files.append(att_lib.GALLERY)
     # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
-    vae_source = vae_lib.recorded_source(att.cfg.vae.source, ws.root)
-    vae_config = vae_lib.recorded_source(att.cfg.vae.config, ws.root) if att.cfg.vae.config else ""
+    vae_source = vae_lib.recorded_source(att.cfg.vae.source, root)
+    vae_config = vae_lib.recorded_source(att.cfg.vae.config, root) if att.cfg.vae.config else ""
     record = {
         "format": att_lib.FORMAT,
         "classes": att.classes,
@@ -91,19 +160,22 @@ def export(g: Graph, run: str, dest: Path, log=print) -> Exported:
             "preprocess": att.cfg.preprocess.__dict__,
             "vae_dtype": att.cfg.vae.dtype,
             "store_dtype": att.cfg.store.dtype,
-            "random_weights": vae_lib.is_random(att.cfg.vae, ws.root),
+            "random_weights": vae_lib.is_random(att.cfg.vae, root),
         },
         "code": code_identity(),
         "unseen_threshold": att.threshold,
         "decisions": att.decisions,
         "score": {"maha_floor": ws_cfg.score.maha_floor, "kde_dtype": ws_cfg.score.kde_dtype},
-        "files": {name: att_lib.hash_file(dest / name) for name in files},
+        "files": {name: hash_file(dest / name) for name in files},
     }
+    record["checksum"] = att_lib.record_checksum(record)
     (dest / "attributor.json").write_text(json.dumps(record, indent=1))
-    (dest / "README.md").write_text(model_card(record, json.loads((out / "metrics.json").read_text()), att.cfg))
+    (dest / "README.md").write_text(model_card(record, load_metrics(out, run), att.cfg))
     for name, text in space_files().items():  # not checksummed: a Space owner may edit them
         (dest / name).write_text(text)
-    return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
+    for path in dest.iterdir():  # on disk before the rename makes them the export
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
 
 
 def _gallery(att, manifest) -> dict:

@@ -31,11 +31,14 @@ def _latents_entry(g: Graph, split: str) -> dict:
 
 def _result_entries(g: Graph, name: str, result: Path) -> list[dict]:
     out = []
-    for split in g.ws.splits():
-        if (result / "embeddings" / f"{split}.lock.json").exists():
-            out.append(_entry("embed", f"{name}/{split}", g.plan("embed", result, split, name).check()))
-    if (result / "score.lock.json").exists():
-        out.append(_entry("score", name, g.plan("score", name).check(), result=result.name))
+    try:
+        for split in g.ws.splits():
+            if (result / "embeddings" / f"{split}.lock.json").exists():
+                out.append(_entry("embed", f"{name}/{split}", g.plan("embed", result, split, name).check()))
+        if (result / "score.lock.json").exists():
+            out.append(_entry("score", name, g.plan("score", name).check(), result=result.name))
+    except UserError as exc:  # what the result holds cannot be read (a config edited by hand): said, not raised
+        out.append(_entry("embed", f"{name}/*", Verdict(False, [one_line(exc)]), result=result.name))
     return out
 
 
@@ -45,6 +48,9 @@ def entries(g: Graph) -> list[dict]:
     for name in runs.names(g.ws):
         plan = g.plan("train", name)
         out.append(_plan_entry(plan))
+        bad = runs.problem(g.ws, name)
+        if bad:  # the name itself: a dangling link, a folder standing in for one
+            out[-1].update(up_to_date=False, reasons=[bad, *out[-1]["reasons"]])
         current = runs.pointed(g.ws, name)
         if current is not None and locks.read_lock(current / "train.lock.json") is not None:
             out += _result_entries(g, name, current)
@@ -72,9 +78,10 @@ def format_entries(items: list[dict]) -> str:
 
 # ---------------------------------------------------------------- runs
 def _headline(result: Path) -> dict:
+    """The headline metrics of a scored result, as its score lock vouches for them (else none)."""
     try:
-        m = json.loads((result / "metrics.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        m = json.loads(locks.checked_bytes(result / "metrics.json", result / "score.lock.json", ""))
+    except (UserError, OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     raw = m.get("closed", {}).get("raw", {}).get("head", {})
     return {
@@ -107,11 +114,28 @@ def run_rows(g: Graph) -> list[dict]:
     ws = g.ws
     named, current = runs.names_of(ws), _current_latents(g)
     rows = []
+    for name in runs.names(ws):  # names that are no link to a result: listed with what is wrong
+        bad, target = runs.problem(ws, name), runs.pointed(ws, name)
+        if bad:
+            lock = locks.read_lock(target / "train.lock.json")
+            rows.append(
+                {
+                    "names": [name],
+                    "result": runs.link(ws, name).name + "/ (a folder)" if lock else "(missing)",
+                    "made": lock.get("written") if lock else None,
+                    "differs": [bad, *(differs(lock, g, current) if lock else [])],
+                    **_headline(target),
+                }
+            )
+    stand_ins = runs.stand_ins(ws)
     for result in runs.results(ws):
         lock = locks.read_lock(result / "train.lock.json")
+        copied = [
+            f"(copied by cache/runs/{n}, kept)" for n, fp in stand_ins.items() if lock and lock["fingerprint"] == fp
+        ]
         rows.append(
             {
-                "names": named.get(result, []),
+                "names": named.get(result, copied),
                 "result": result.name,
                 "made": lock.get("written") if lock else None,
                 "differs": differs(lock, g, current) if lock else ["unfinished or from an older leakpipe"],
@@ -152,6 +176,10 @@ def garbage(g: Graph) -> list[tuple[str, int]]:
     the current config of a split or any kept result uses it; a result if a run name points at it."""
     ws, cfg = g.ws, g.cfg
     named = set(runs.names_of(ws))
+    stand_ins = set(runs.stand_ins(ws).values())  # a result a run folder copies stays (see runs.problem)
+    named |= {
+        r for r in runs.results(ws) if (locks.read_lock(r / "train.lock.json") or {}).get("fingerprint") in stand_ins
+    }
     keep_stores = set()
     for split in ws.splits():
         try:

@@ -14,6 +14,7 @@ from leakpipe.pipeline.config import PROFILES, Config
 from leakpipe.pipeline.engine.vae import VaeError
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
+from leakpipe.pipeline.ledger.results import load_metrics
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.report.evaluate import HELD_OUT_NOTE
 from leakpipe.pipeline.report.render import with_ci
@@ -130,8 +131,8 @@ def logo_table(ws: Workspace, names: list[str]) -> str:
     ]
     aurocs = []
     for name in names:
-        out = runs.pointed(ws, name)
-        m = json.loads((out / "metrics.json").read_text())
+        out = runs.scored_result(ws, name)
+        m = load_metrics(out, name)
         h, n_closed = m.get("held_out", {}), m["closed"]["raw"]["head"]["n"]
         for g, v in h.get("gating_off", {}).items():
             aurocs.append(v["auroc"])

@@ -15,26 +15,145 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config import CHOICES, Config
 from leakpipe.pipeline.config_files import from_dict
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.store.hashing import hash_file
-from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
+from leakpipe.pipeline.store.hashing import HashCache, hash_bytes
 
 # 2: the code identity of the encode and embed stages; 3: the decisions (temperature, conformal
-# thresholds, the unseen flag's level in attributor.json, the validation KDE scores in CALIBRATION)
-FORMAT = "leakpipe-attributor-3"
-FORMATS = ("leakpipe-attributor-1", "leakpipe-attributor-2", FORMAT)  # 1 is read as exported by unrecorded code
-FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json")  # needed to attribute
-CALIBRATION = "calibration.safetensors"  # needed from format 3 on: what an image's p-value ranks against
+# thresholds, the unseen flag's level in attributor.json, the validation KDE scores in CALIBRATION);
+# 4: attributor.json's checksum of itself
+FORMAT = "leakpipe-attributor-4"
+OLD_FORMATS = ("leakpipe-attributor-1", "leakpipe-attributor-2", "leakpipe-attributor-3")  # no own checksum: refused
+CALIBRATION = "calibration.safetensors"  # what an image's unseen p-value ranks against
+# needed to attribute
+FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json", CALIBRATION)
 GALLERY = "gallery.safetensors"  # optional (a linear head has no prototypes); checksummed like FILES
+EMBEDDINGS = CHOICES["score.kde_embedding"]
+
+
+def record_checksum(record: dict) -> str:
+    """attributor.json's checksum of itself: blake2b-128 of its canonical JSON without the `checksum` key."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hash_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def threshold_problems(u) -> list[str]:
+    """What is wrong with an unseen-generator threshold (metrics.json's or attributor.json's
+    `unseen_threshold`): a finite log-density threshold, a finite positive bandwidth, a known embedding."""
+    if not isinstance(u, dict):
+        return [f"unseen_threshold is {type(u).__name__}, expected an object"]
+    out = []
+    if not _finite(u.get("log_density_threshold")):
+        out.append(
+            f"unseen_threshold.log_density_threshold = {u.get('log_density_threshold')!r}: must be a finite number"
+        )
+    elif abs(u["log_density_threshold"]) > 1e12:
+        out.append(
+            f"unseen_threshold.log_density_threshold = {u['log_density_threshold']!r}: not a log-density a KDE "
+            "of these embeddings gives"
+        )
+    if not _finite(u.get("bandwidth")) or not u["bandwidth"] > 0:
+        out.append(f"unseen_threshold.bandwidth = {u.get('bandwidth')!r}: must be a finite number > 0")
+    if u.get("embedding") not in EMBEDDINGS:
+        out.append(f"unseen_threshold.embedding = {u.get('embedding')!r}: must be one of {', '.join(EMBEDDINGS)}")
+    ref = u.get("kde_reference", {})
+    if not isinstance(ref, dict) or any(
+        not isinstance(ref.get(k, 0), int) or ref.get(k, 0) < 0 for k in ("max_reference", "seed")
+    ):
+        out.append(f"unseen_threshold.kde_reference = {ref!r}: max_reference and seed must be integers >= 0")
+    return out
+
+
+def _numbers(v, n: int, ok) -> bool:
+    """v is one number, or a list of n numbers, each finite and passing `ok`."""
+    vs = v if isinstance(v, list) else [v]
+    return len(vs) in (1, n) and all(_finite(x) and ok(x) for x in vs)
+
+
+def decisions_problems(d, n_classes: int) -> list[str]:
+    """What is wrong with attributor.json's decisions (report/decisions.applied): a level in (0, 1),
+    positive temperatures, a known conformal score and finite thresholds, one per class or one in all."""
+    if not isinstance(d, dict):
+        return [f"decisions = {d!r}: expected an object"]
+    c, s = d.get("calibration"), d.get("conformal")
+    if not isinstance(c, dict) or not isinstance(s, dict):
+        return ["decisions: calibration and conformal must be objects"]
+    out = []
+    if not (_finite(d.get("alpha")) and 0 < d["alpha"] < 1) or not (_finite(s.get("level")) and 0 < s["level"] < 1):
+        out.append(f"decisions: alpha {d.get('alpha')!r} and conformal.level {s.get('level')!r} must lie in (0, 1)")
+    if c.get("method") not in CHOICES["score.calibration"] or not _numbers(
+        c.get("temperature"), n_classes, lambda x: x > 0
+    ):
+        out.append(f"decisions.calibration = {c!r}: a known method and positive, finite temperatures")
+    if s.get("score") not in CHOICES["score.conformal"] or not _numbers(s.get("thresholds"), n_classes, lambda x: True):
+        out.append(
+            f"decisions.conformal: score {s.get('score')!r} must be one of {CHOICES['score.conformal']} "
+            f"and thresholds finite, one per class ({n_classes})"
+        )
+    return out
+
+
+def _record_problems(record) -> list[str]:
+    """attributor.json's own values: the keys attribute reads, each of the expected type."""
+    if not isinstance(record, dict):
+        return [f"it holds a JSON {type(record).__name__}, not an object"]
+    want = {"classes": list, "files": dict, "encoder": dict, "result": str, "unseen_threshold": dict}
+    out = [
+        f"key {k!r} is missing" if k not in record else f"{k!r} is {type(record[k]).__name__}, expected {t.__name__}"
+        for k, t in want.items()
+        if not isinstance(record.get(k), t)
+    ]
+    if isinstance(record.get("classes"), list):
+        c = record["classes"]
+        if not c or not all(isinstance(x, str) and x for x in c) or len(set(c)) != len(c):
+            out.append(f"classes = {c!r}: must be distinct generator names, at least one")
+    if isinstance(record.get("files"), dict) and not all(isinstance(v, str) for v in record["files"].values()):
+        out.append("files: every checksum must be a string")
+    if isinstance(record.get("encoder"), dict):
+        out += [
+            f"encoder.{k} is missing or not a string"
+            for k in ("vae_source", "encoder_fingerprint")
+            if not isinstance(record["encoder"].get(k), str)
+        ]
+    if isinstance(record.get("unseen_threshold"), dict):
+        out += threshold_problems(record["unseen_threshold"])
+    if isinstance(record.get("classes"), list):
+        out += decisions_problems(record.get("decisions"), len(record["classes"]))
+    return out
+
+
+def _fits_model(record: dict, classes: list[str], embed_dim: int, reference: dict) -> list[str]:
+    """attributor.json's classes and the reference embeddings against the model's classes and shapes."""
+    out = []
+    if record["classes"] != list(classes):
+        out.append(
+            f"attributor.json lists {len(record['classes'])} classes ({', '.join(record['classes'])}) but "
+            f"model.safetensors was trained on {len(classes)} ({', '.join(classes)})"
+        )
+    h, w, labels = (reference.get(k) for k in ("h_bar", "w", "labels"))
+    if h is None or w is None or labels is None:
+        return out + ["reference.safetensors lacks h_bar, w or labels"]
+    if h.ndim != 2 or h.shape[1] != embed_dim or w.shape != h.shape or labels.shape != (len(h),) or not len(h):
+        out.append(
+            f"reference.safetensors: h_bar {tuple(h.shape)}, w {tuple(w.shape)}, labels {tuple(labels.shape)}; "
+            f"expected (n, {embed_dim}) twice and (n,) for the model's {embed_dim}-dimensional embeddings"
+        )
+    elif not (np.isfinite(h).all() and np.isfinite(w).all()) or labels.min() < 0 or labels.max() >= len(classes):
+        out.append(f"reference.safetensors: embeddings must be finite and labels in 0..{len(classes) - 1}")
+    return out
 
 
 @dataclass
@@ -92,35 +211,66 @@ def locate(model: str) -> Path:
 
 
 def from_folder(folder: Path, device) -> Attributor:
-    """An exported attributor, every file checked against attributor.json before it is used."""
-    from safetensors.numpy import load_file
+    """An exported attributor, every file checked against attributor.json, and attributor.json against
+    its own checksum, before it is used; its values are validated (the threshold, the bandwidth, the
+    classes and the reference embeddings against the model's classes and shapes)."""
+    from safetensors.numpy import load
 
     from leakpipe.pipeline.engine.trained import model_from
     from leakpipe.pipeline.store.checkpoint import read_safetensors
 
     record_path = folder / "attributor.json"
+    again = "export the run again (`leakpipe export DIR --run RUN` in its workspace)"
     try:
         record = json.loads(record_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(
             f"{record_path}: not readable ({exc}); --model needs a folder written by `leakpipe export`"
         ) from None
-    if record.get("format") not in FORMATS:
-        raise UserError(f"{record_path}: format {record.get('format')!r}, expected one of {', '.join(FORMATS)}")
-    listed = record.get("files", {})
-    needed = [*FILES, CALIBRATION] if record["format"] == FORMAT else FILES
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{record_path} holds a JSON {type(record).__name__}, not an object; --model needs a folder "
+            "written by `leakpipe export`"
+        )
+    fmt = record.get("format")
+    if fmt in OLD_FORMATS:
+        raise UserError(
+            f"{record_path}: format {fmt!r}, written by an older leakpipe, carries no checksum of itself, "
+            f"so its threshold and classes cannot be checked; {again} with this version"
+        )
+    if fmt != FORMAT:
+        raise UserError(
+            f"{record_path}: format {fmt!r}, expected {FORMAT!r}; --model needs a folder written by `leakpipe export`"
+        )
+    if record.get("checksum") != record_checksum(record):
+        raise UserError(
+            f"{record_path} does not match its own checksum: it was edited by hand or damaged after "
+            f"export, so nothing in the folder was used; {again}"
+        )
+    problems = _record_problems(record)
+    if problems:
+        raise UserError(f"{record_path}: {'; '.join(problems)}; {again}")
+    listed = record["files"]
+    data = {n: (folder / n).read_bytes() for n in dict.fromkeys([*FILES, *listed]) if (folder / n).is_file()}
     bad = [
         n
-        for n in dict.fromkeys([*needed, *listed])
-        if n not in listed or not (folder / n).is_file() or hash_file(folder / n) != listed[n]
+        for n in dict.fromkeys([*FILES, *listed])
+        if n not in listed or n not in data or hash_bytes(data[n]) != listed[n]
     ]
     if bad:
         raise UserError(
-            f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); export it again"
+            f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); {again}"
         )
-    tensors, meta = read_safetensors((folder / "model.safetensors").read_bytes())
-    cfg = from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-    model, build, classes, cfg = model_from(tensors, meta, cfg, device)
+    tensors, meta = read_safetensors(data["model.safetensors"])
+    try:
+        cfg = from_dict(json.loads(data["config.json"]), str(folder / "config.json"))
+        model, build, classes, cfg = model_from(tensors, meta, cfg, device)
+    except (KeyError, RuntimeError, ValueError) as exc:  # a model that does not fit its config
+        raise UserError(f"{folder}: model.safetensors does not fit config.json ({exc}); {again}") from None
+    reference = {k: v for k, v in load(data["reference.safetensors"]).items()}
+    problems = _fits_model(record, classes, cfg.model.embed_dim, reference)
+    if problems:
+        raise UserError(f"{folder}: {'; '.join(problems)}; {again}")
     # where the VAE is: absolute or a Hub id since exports record it so (older ones: as trained)
     cfg = dataclasses.replace(
         cfg,
@@ -130,13 +280,15 @@ def from_folder(folder: Path, device) -> Attributor:
             config=record["encoder"].get("vae_config_file", cfg.vae.config),
         ),
     )
-    val = load_file(str(folder / CALIBRATION))["unseen_val_scores"] if record["format"] == FORMAT else None
+    val = load(data[CALIBRATION]).get("unseen_val_scores")
+    if val is None or val.ndim != 1 or not np.isfinite(val).all():
+        raise UserError(f"{folder}: {CALIBRATION} lacks finite unseen_val_scores; {again}")
     return Attributor(
         model,
         build,
         classes,
         cfg,
-        load_file(str(folder / "reference.safetensors")),
+        reference,
         record["unseen_threshold"],
         f"attributor {folder}",
         record["result"],

@@ -56,10 +56,19 @@ def score_splits(cfg: Config) -> list[tuple[str, str]]:
 def run_config(result: Path, ws_cfg: Config | None = None) -> Config:
     """The config a result was trained with, read through the validated loader; where it is kept
     (store.url, chunk_rows) and how it runs (encode, compute, log) come from the workspace config."""
-    path = result / "config.json"
+    path, lock = result / "config.json", locks.read_lock(result / "train.lock.json")
     try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if lock is not None and "config.json" in lock["outputs"]:  # checked as read: a hand edit is refused
+            data = locks.checked_bytes(
+                path,
+                result / "train.lock.json",
+                "Put back the config it was trained "
+                "with, or train the run again (`leakpipe train --run NAME` with its config)",
+            )
+        else:  # a result of leakpipe 0.1 (no lock of this version)
+            data = path.read_bytes()
+        stored = json.loads(data)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not readable ({exc}); train the result again") from None
     cfg = from_dict(stored, str(path))
     if ws_cfg is None:

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leakpipe.pipeline.config import ADDED_KEYS, canonical_hash
+from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_json
-from leakpipe.pipeline.store.hashing import hash_stream
+from leakpipe.pipeline.store.hashing import hash_bytes, hash_stream
 
 LOCK_FORMAT = 2  # 2: named inputs (config keys, upstream identities, file lists, code version)
 _SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json")
@@ -218,6 +219,29 @@ def read_lock(lock_path: Path) -> dict | None:
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return lock if isinstance(lock, dict) and lock.get("format") == LOCK_FORMAT else None
+
+
+def checked_bytes(path: Path, lock_path: Path, todo: str) -> bytes:
+    """The bytes of a file that the lock beside it lists, hashed as read and compared with the lock's
+    checksum: a file the lock does not list, or whose bytes differ from what the stage wrote (a hand
+    edit, damage), is refused, naming the file, the lock and `todo` (what to run)."""
+    path, lock = Path(path), read_lock(lock_path)
+    want = lock["outputs"].get(path.name) if lock else None
+    if want is None:
+        raise UserError(
+            f"{path} is not covered by a checksum ({lock_path.name} is missing, damaged or does not "
+            f"list it), so it was not used. {todo}"
+        )
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing, though {lock_path.name} lists it. {todo}") from None
+    if hash_bytes(data) != want["blake2b"]:
+        raise UserError(
+            f"{path} does not match its checksum in {lock_path.name}: it was edited by hand or damaged "
+            f"after the {lock['stage']} stage wrote it, so it was not used. {todo}"
+        )
+    return data
 
 
 def outputs_root(lock_path: Path, lock: dict) -> str:

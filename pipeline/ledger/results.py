@@ -4,39 +4,56 @@ its manifest columns."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.engine.attributor import threshold_problems
 from leakpipe.pipeline.engine.trained import model_from
 from leakpipe.pipeline.ledger.graph import run_config, trained_lock
-from leakpipe.pipeline.ledger.locks import read_lock, verify
+from leakpipe.pipeline.ledger.locks import checked_bytes, read_lock, verify
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.report.evaluate import Split
 from leakpipe.pipeline.store import embeddings
-from leakpipe.pipeline.store.hashing import hash_bytes
 from leakpipe.pipeline.store.checkpoint import read_safetensors
 from leakpipe.pipeline.workspace import Workspace
 
 
-def _checked_bytes(path: Path, lock: dict, todo: str) -> bytes:
-    """The file's bytes, hashed as read and compared with the lock's checksum; a mismatch is refused."""
-    data = path.read_bytes()
-    if hash_bytes(data) != lock["outputs"][path.name]["blake2b"]:
-        raise UserError(
-            f"{path} is damaged (checksum mismatch with {lock['stage']}.lock.json); it was not used. {todo}"
-        )
-    return data
+RETRAIN = "Run `leakpipe train --run NAME` with its config to train it again."
+
+
+def trained_bytes(result: Path, name: str) -> bytes:
+    """A file the training wrote (model.safetensors, config.json), checked against the train lock as read."""
+    trained_lock(result)
+    return checked_bytes(result / name, result / "train.lock.json", RETRAIN)
 
 
 def load_checked(result: Path, name: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a result's safetensors file, checked against the train lock as read."""
-    return read_safetensors(
-        _checked_bytes(
-            result / name, trained_lock(result), "Run `leakpipe train --run NAME` with its config to train it again."
-        )
+    return read_safetensors(trained_bytes(result, name))
+
+
+def metrics_bytes(result: Path, run: str = "RUN") -> bytes:
+    """metrics.json as the score stage wrote it, checked against the score lock as read."""
+    return checked_bytes(
+        result / "metrics.json", result / "score.lock.json", f"Run `leakpipe score --run {run}` to score it again."
     )
+
+
+def load_metrics(result: Path, run: str = "RUN") -> dict:
+    """A scored result's metrics.json, checked against its score lock as read, with its unseen-generator
+    threshold validated (finite threshold, positive bandwidth, a known embedding)."""
+    path = result / "metrics.json"
+    try:
+        m = json.loads(metrics_bytes(result, run))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not readable ({exc}); run `leakpipe score --run {run}`") from None
+    problems = ["not a JSON object"] if not isinstance(m, dict) else threshold_problems(m.get("unseen_threshold"))
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}; run `leakpipe score --run {run}` to score it again")
+    return m
 
 
 def load_checked_scores(result: Path, name: str = "open_scores.safetensors") -> dict | None:
@@ -45,7 +62,9 @@ def load_checked_scores(result: Path, name: str = "open_scores.safetensors") -> 
     lock = read_lock(result / "score.lock.json")
     if lock is None or name not in lock["outputs"]:
         return None
-    tensors, _ = read_safetensors(_checked_bytes(result / name, lock, "Run `leakpipe score` to write it again."))
+    tensors, _ = read_safetensors(
+        checked_bytes(result / name, result / "score.lock.json", "Run `leakpipe score` to write it again.")
+    )
     return {k: v.numpy() for k, v in tensors.items()}
 
 

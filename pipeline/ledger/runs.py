@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger.locks import read_lock
 from leakpipe.pipeline.names import NAME, check_name as _check_name
 from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.workspace import Workspace
@@ -82,6 +84,87 @@ def names_of(ws: Workspace) -> dict[Path, list[str]]:
         target = pointed(ws, name)
         if target is not None:
             out.setdefault(target, []).append(name)
+    return out
+
+
+def _shown(ws: Workspace, path: Path) -> str:
+    return os.path.relpath(path, ws.root) if path.is_absolute() else str(path)
+
+
+def _fingerprint(result: Path) -> str | None:
+    lock = read_lock(result / "train.lock.json")
+    return lock["fingerprint"] if lock else None
+
+
+def problem(ws: Workspace, name: str) -> str | None:
+    """What is wrong with run name `name`, in words with what to do: a link whose result is gone, or a
+    folder standing in for the link (a copy of a result, which nothing keeps checked or up to date).
+    None for a link to a result, and for a run folder of leakpipe 0.1 (no lock of this version:
+    `train --run NAME` adopts it as a result)."""
+    path = link(ws, name)
+    shown = _shown(ws, path)
+    if path.is_symlink():
+        target = path.parent / os.readlink(path)
+        if target.is_dir():
+            return None
+        return (
+            f"{shown} points at {_shown(ws, Path(os.path.normpath(target)))}, which does not exist (the result "
+            f"was deleted or moved): train it again with `leakpipe train --run {name}` and its config, or "
+            f"remove the name with `rm {shown}`"
+        )
+    fp = _fingerprint(path) if path.is_dir() else None
+    if fp is None:
+        return None
+    same = [r for r in results(ws) if _fingerprint(r) == fp]
+    fix = (
+        f"it holds the training of {_shown(ws, same[0])}: replace it with a link, `rm -r {shown} && "
+        f"ln -s ../results/{same[0].name} {shown}`"
+        if same
+        else f"`leakpipe train --run {name}` adopts it as a result of its own"
+    )
+    return f"{shown} is a folder, not a link to a result in cache/results/ (a copy?); {fix}"
+
+
+def stand_ins(ws: Workspace) -> dict[str, str]:
+    """{run name: training fingerprint} of the run names that are folders holding a finished training."""
+    out = {}
+    for name in names(ws):
+        path = link(ws, name)
+        fp = None if path.is_symlink() else _fingerprint(path)
+        if fp:
+            out[name] = fp
+    return out
+
+
+def trained_result(ws: Workspace, name: str) -> Path:
+    """The result run `name` points at, finished training; otherwise an error that says what is wrong:
+    no such run (with the runs there are), a dangling link, or no finished training."""
+    check_name(name)
+    out, bad = pointed(ws, name), problem(ws, name)
+    if out is None:
+        have = names(ws)
+        raise UserError(
+            f"there is no run {name!r} (no {_shown(ws, link(ws, name))}); runs here: "
+            f"{', '.join(have) or 'none'}. Train it with `leakpipe train --run {name}`"
+        )
+    if bad and not out.exists():
+        raise UserError(f"run {name!r}: {bad}")
+    if read_lock(out / "train.lock.json") is None:
+        raise UserError(
+            f"run {name!r} has no finished training ({out} holds no valid train.lock.json); run "
+            f"`leakpipe train --run {name}`"
+        )
+    return out
+
+
+def scored_result(ws: Workspace, name: str) -> Path:
+    """The result run `name` points at, trained and scored (see trained_result)."""
+    out = trained_result(ws, name)
+    if read_lock(out / "score.lock.json") is None:
+        raise UserError(
+            f"run {name!r} is trained but not scored (no valid score.lock.json in {_shown(ws, out)}); "
+            f"run `leakpipe score --run {name}` first"
+        )
     return out
 
 
