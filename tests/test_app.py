@@ -285,7 +285,8 @@ def _with(record: dict, value, *keys: str) -> dict:
                     "bandwidth",
                 )
             ),
-            "log_density_threshold = nan: must be a finite number; unseen_threshold.bandwidth = nan",
+            "log_density_threshold = nan: must be a finite number (or -inf: never flagged); "
+            "unseen_threshold.bandwidth = nan",
         ),
         (lambda r: _resign(_with(r, -1e300, "unseen_threshold", "log_density_threshold")), "not a log-density"),
         (
@@ -300,6 +301,15 @@ def _with(record: dict, value, *keys: str) -> dict:
         (lambda r: _resign(_drop(r, "unseen_threshold", "bandwidth")), "bandwidth = None"),
         (lambda r: [1, 2], "holds a JSON list, not an object"),
         (lambda r: _with(_drop(r, "checksum"), "leakpipe-attributor-2", "format"), "carries no checksum of itself"),
+        (lambda r: _with(_drop(r, "checksum"), "leakpipe-attributor-3", "format"), "carries no checksum of itself"),
+        # the decisions (issue 23) are values attribute applies: validated too
+        (lambda r: _resign(_with(r, 0.0, "decisions", "calibration", "temperature")), "positive, finite temperatures"),
+        (lambda r: _resign(_with(r, 1.5, "decisions", "alpha")), "must lie in (0, 1)"),
+        (
+            lambda r: _resign(_with(r, [0.1, 0.2], "decisions", "conformal", "thresholds")),
+            "thresholds finite, one per class (3)",
+        ),
+        (lambda r: _resign(_drop(r, "decisions")), "decisions = None: expected an object"),
     ],
 )
 def test_attributor_json_is_checksummed_and_validated(exported, tmp_path, edit, says):

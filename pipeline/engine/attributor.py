@@ -56,9 +56,12 @@ def threshold_problems(u) -> list[str]:
     if not isinstance(u, dict):
         return [f"unseen_threshold is {type(u).__name__}, expected an object"]
     out = []
-    if not _finite(u.get("log_density_threshold")):
+    cut = u.get("log_density_threshold")
+    if cut == -math.inf:
+        pass  # too few validation images for a p-value at alpha: nothing is ever flagged (conformal.cut)
+    elif not _finite(cut):
         out.append(
-            f"unseen_threshold.log_density_threshold = {u.get('log_density_threshold')!r}: must be a finite number"
+            f"unseen_threshold.log_density_threshold = {cut!r}: must be a finite number (or -inf: never flagged)"
         )
     elif abs(u["log_density_threshold"]) > 1e12:
         out.append(
@@ -130,19 +133,18 @@ def _record_problems(record) -> list[str]:
         ]
     if isinstance(record.get("unseen_threshold"), dict):
         out += threshold_problems(record["unseen_threshold"])
-    if isinstance(record.get("classes"), list):
-        out += decisions_problems(record.get("decisions"), len(record["classes"]))
     return out
 
 
 def _fits_model(record: dict, classes: list[str], embed_dim: int, reference: dict) -> list[str]:
-    """attributor.json's classes and the reference embeddings against the model's classes and shapes."""
+    """attributor.json's classes, decisions and the reference embeddings against the model's classes and shapes."""
     out = []
     if record["classes"] != list(classes):
         out.append(
             f"attributor.json lists {len(record['classes'])} classes ({', '.join(record['classes'])}) but "
             f"model.safetensors was trained on {len(classes)} ({', '.join(classes)})"
         )
+    out += decisions_problems(record.get("decisions"), len(classes))
     h, w, labels = (reference.get(k) for k in ("h_bar", "w", "labels"))
     if h is None or w is None or labels is None:
         return out + ["reference.safetensors lacks h_bar, w or labels"]
