@@ -28,7 +28,6 @@ from leakpipe.pipeline.ledger.graph import (
     values,
 )
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
-from leakpipe.pipeline.ledger.results import load_metrics
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
@@ -314,6 +313,8 @@ def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
     done = run_stage(p, g.cfg, log)
     if done.result is not None:
         return done.result
+    from leakpipe.pipeline.ledger.results import load_metrics  # torch: when scoring runs
+
     out = p.data.result
     return ScoreResult(
         run,
