@@ -23,7 +23,6 @@ from typing import Callable
 
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine.vae import resolve_device
-from leakpipe.pipeline.engine import attributor as att_lib
 from leakpipe.pipeline.config_files import load_config
 
 INSTALL = "pip install 'leakpipe[app]'"
@@ -124,7 +123,7 @@ def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_std
 
     ws_cfg = ws_cfg or load_config()
     att, differ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
-    return Page(att, ws_cfg, model, top, att_lib.gallery(att), log, differ)
+    return Page(att, ws_cfg, model, top, att.gallery, log, differ)
 
 
 def _md(text) -> str:

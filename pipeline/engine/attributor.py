@@ -177,6 +177,7 @@ class Attributor:
     # thresholds, level); None for an attributor exported before them (format 1 or 2)
     decisions: dict | None = None
     val_scores: np.ndarray | None = None  # the closed validation images' KDE log-densities, sorted
+    gallery: dict | None = None  # the exported prototype gallery, from the bytes checked with the folder
 
     def comparators(self, cfg_score):
         """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
@@ -300,6 +301,7 @@ def from_folder(folder: Path, device) -> Attributor:
         folder=folder,
         decisions=record.get("decisions"),
         val_scores=val,
+        gallery=load(data[GALLERY]) if GALLERY in data else None,
     )
 
 
@@ -308,15 +310,6 @@ def with_vae(att: Attributor, vae: str) -> Attributor:
     return dataclasses.replace(
         att, cfg=dataclasses.replace(att.cfg, vae=dataclasses.replace(att.cfg.vae, source=vae)), base=Path.cwd()
     )
-
-
-def gallery(att: Attributor) -> dict | None:
-    """The exported gallery (checked with the folder by from_folder), or None."""
-    from safetensors.numpy import load_file
-
-    if att.folder is None or not (att.folder / GALLERY).is_file():
-        return None
-    return load_file(str(att.folder / GALLERY))
 
 
 def check_encoder(att: Attributor, encode_code) -> None:
