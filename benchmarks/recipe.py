@@ -41,6 +41,9 @@ class DataSet:
     spec: SynthSpec
     vae_blocks: tuple
     vae_seed: int
+    # the random VAE's own scale (Eq. 1): 1 / std of its z0 means on the set's training images
+    # (benchmarks/head.py prints it), as SD2.1's 0.18215 is for SD's VAE; given to every variant
+    latent_scale: float
     toml: str = ""  # [model] / [train] lines on top of the defaults (the demo's own)
     about: str = ""
     splits: tuple = ("closed", "open")
@@ -52,6 +55,7 @@ SETS = {
         SynthSpec(10, 10, 40, 128, 0.1, 0, ()),
         (32, 64, 64, 64),
         0,
+        3.57,
         DEMO_TOML,
         "`leakpipe demo`: 10 generators x 40 images, 128 px, difficulty 0.1, demo VAE, its config",
     ),
@@ -59,6 +63,7 @@ SETS = {
         SynthSpec(6, 4, 80, 96, 0.25, 1, ()),
         (16, 32, 64, 64),
         1,
+        4.22,
         "",
         "6 generators x 80 images, 96 px, difficulty 0.25, data seed 1, a narrower random VAE (seed 1), default config",
     ),
@@ -66,6 +71,7 @@ SETS = {
         SynthSpec(8, 4, 40, 64, 0.3, 2, ()),
         (32, 64, 64, 64),
         2,
+        3.67,
         "",
         "8 generators x 40 images, 64 px, difficulty 0.3, data seed 2, random VAE seed 2, default config",
     ),
@@ -85,6 +91,10 @@ VARIANTS = {
     "prototype-pull-0.1": ("train.prototype_pull=0.1",),
     "kmeans-pull-0.1": ("model.prototype_init=kmeans", "train.prototype_pull=0.1"),
     "hflip": ("train.augment=hflip",),
+    "no-dct-readout": ("model.dct_readout=none",),  # backbone dropout is then inert
+    "no-backbone-dropout": ("train.backbone_dropout=0",),
+    "prototype-std-0.5": ("model.prototype_std=0.5",),
+    "dct-stats-per-channel": ("features.dct_stats=per_channel",),
 }
 
 
@@ -103,9 +113,10 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
     return ws
 
 
-def run_variant(ws: Workspace, name: str, overrides: tuple, seed: int, log) -> dict:
+def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: int, log) -> dict:
     """Train (or restore), embed and score one variant at one seed; per-row results of the closed test."""
-    cfg = ws.config(None, [*overrides, f"train.seed={seed}", "score.baselines=false"])
+    sets = [f"latent.scale={ds.latent_scale}", *overrides, f"train.seed={seed}", "score.baselines=false"]
+    cfg = ws.config(None, sets)
     run = f"{name}-seed{seed}"
     train.run(graph(ws, cfg), run, log=log)
     embed.run(graph(ws, cfg), run, log=log, splits=[s for s in ("closed", "open") if ws.manifest(s).exists()])
@@ -174,7 +185,8 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
     lines = [
         f"### {name}: {ds.about}",
         "",
-        f"Closed test: {len(base)} images; z0 probe top-1 {base.mean():.3f}; chance {1 / ds.spec.n_closed:.3f}.",
+        f"Closed test: {len(base)} images; z0 probe top-1 {base.mean():.3f}; chance {1 / ds.spec.n_closed:.3f}; "
+        f"latent.scale = {ds.latent_scale} (the VAE's unit-variance scale) for every variant.",
         "",
         "| variant | seeds | head top-1 (mean +- sd) | head - z0 probe (seed mean, paired) | "
         f"head - {rows[0].variant} | Mahalanobis top-1 | Mahalanobis - z0 probe | open AUROC | "
@@ -230,7 +242,7 @@ def main():
             overrides = tuple(own.split(";")) if own else VARIANTS[variant]
             row = Row(variant)
             for seed in seeds:
-                row.results.append(run_variant(ws, variant, overrides, seed, log))
+                row.results.append(run_variant(ws, ds, variant, overrides, seed, log))
                 r = row.results[-1]
                 print(
                     f"{name} {variant} seed {seed}: head {r['head'].mean():.3f} maha {r['maha'].mean():.3f} "

@@ -81,7 +81,7 @@ class FeaturesConfig:
     dct_map: str = "coeffs"  # coeffs | lowpass | none (z_t / sigma_t only, the authors' code)
     standardize: bool = True  # per-timestep standardisation of f_t (false: the authors' code)
     # statistics of the DCT channels: one mean/std per channel, or one per coefficient (per position)
-    dct_stats: str = "per_channel"
+    dct_stats: str = "per_coefficient"
     # residual: f_t from the high-pass residual of z0 (Ker-Bohme's 3 x 3 kernel, per channel), which
     # removes content and keeps the traces of codecs and resamplers (for vae.source = pixels); none: z0
     highpass: str = "none"
@@ -103,6 +103,12 @@ class ModelConfig:
     # random: N(0, 0.5^2) | kmeans: k-means of each class's training embeddings after the warm-up epochs
     # (random is the default: k-means placed more distinct prototypes but cost top-1, benchmarks/recipe.py)
     prototype_init: str = "random"
+    # the std of that random init: 0.01, as the authors' code, starts every class at the same distance
+    # (the loss at ln C); the paper's reading 0.5 in D = 128 starts it near 3 ln C (benchmarks/head.py)
+    prototype_std: float = 0.01
+    # none: h_t from the backbone alone (Eq. 5) | linear: plus a linear map of the DCT_low block of f_t,
+    # which keeps where each coefficient sits: the backbone's pooling averages that away (benchmarks/head.py)
+    dct_readout: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,10 @@ class TrainConfig:
     augment: list[str] = field(default_factory=list)  # hflip, vflip of z0
     crop: int = 0  # side of random training crops of z0 (aligned to the 8-px grid); evaluation tiles; 0 = off
     grad_clip: float = 1.0  # max gradient norm; 0 = off
+    # probability that a training image's h_t is the DCT readout's alone (the backbone's part dropped):
+    # the readout then learns to attribute by itself, not only what the backbone has not memorised.
+    # Inert without a readout (model.dct_readout = none, or features.dct_map = none)
+    backbone_dropout: float = 0.5
     time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
     entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
     prototype_pull: float = 0.0  # weight of the pull of every prototype towards its nearest image of its class
@@ -223,6 +233,7 @@ CHOICES = {
     "model.gate": ("linear", "mlp"),
     "model.stem": ("auto", "imagenet", "small"),
     "model.prototype_init": ("random", "kmeans"),
+    "model.dct_readout": ("none", "linear"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.select": ("last", "val_loss", "val_auc"),
     "compute.precision": ("fp32", "bf16", "fp16"),
@@ -261,6 +272,9 @@ ADDED_KEYS = {
     "train.prototype_pull": 0.0,
     "diffusion.noise": True,
     "features.highpass": "none",
+    "model.dct_readout": "none",
+    "model.prototype_std": 0.5,
+    "train.backbone_dropout": 0.0,
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -283,6 +297,7 @@ RANGES = [
     ("model.embed_dim", 1, None, ">= 1"),
     ("model.prototypes_per_class", 1, None, ">= 1"),
     ("model.tau", 0, None, "> 0 and finite"),
+    ("model.prototype_std", 0, None, "> 0 and finite"),
     ("train.epochs", 1, None, ">= 1"),
     ("train.batch_size", 1, None, ">= 1"),
     ("train.lr", 0, None, "> 0 and finite"),
@@ -291,6 +306,7 @@ RANGES = [
     ("train.patience", 0, None, ">= 0"),
     ("train.shuffle_chunks", 1, None, ">= 1"),
     ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
+    ("train.backbone_dropout", 0, 0.95, "between 0 and 0.95"),
     ("train.entropy_penalty", 0, None, ">= 0 and finite"),
     ("train.warmup_epochs", 0, None, ">= 0"),
     ("train.prototype_pull", 0, None, ">= 0 and finite (0 = off)"),
@@ -311,7 +327,8 @@ RANGES = [
     ("compute.gpu_cache_gb", 0, None, ">= 0 and finite"),
     ("compute.eval_batch_size", 1, None, ">= 1"),
 ]
-_STRICT = {"latent.scale", "model.tau", "train.lr", "score.alpha"}  # the lower bound itself is not allowed
+# the lower bound itself is not allowed
+_STRICT = {"latent.scale", "model.tau", "model.prototype_std", "train.lr", "score.alpha"}
 _STRICT_HIGH = {"score.alpha"}  # nor the upper one
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what compute.device and encode.device take
 
@@ -370,6 +387,10 @@ def valid_keys() -> list[str]:
 # released pipeline/train_eval.py, each checked there (docs/guide/configuration.md, "Profiles").
 _PAPER = (
     "model.stem=imagenet",
+    "model.dct_readout=none",
+    "model.prototype_std=0.5",
+    "features.dct_stats=per_channel",
+    "train.backbone_dropout=0",
     "model.prototype_init=random",
     "train.lr_schedule=constant",
     "train.warmup_epochs=0",
@@ -387,6 +408,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
         "model.prototypes_per_class=6",
         "features.dct_map=none",
         "features.standardize=false",
+        "model.prototype_std=0.01",
         "model.tau_learnable=true",
         "model.tau=1.0",
         "model.gate=mlp",

@@ -130,6 +130,7 @@ def test_demo_small_end_to_end(tmp_path):
     r = cli(tmp_path, *demo)
     assert r.exit_code == 0, r.output
     assert "seeded random weights" in r.output and "report" in r.output
+    assert "[latent]\nscale = 3.57\n" in (tmp_path / "leakpipe.toml").read_text()  # the demo VAE's own scale
     report = (tmp_path / "cache" / "runs" / "default" / "report.md").read_text()
     assert "seeded random weights" in report and "Table 3" in report
     before = snapshot(tmp_path)

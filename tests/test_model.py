@@ -1,5 +1,7 @@
 """The model: ResNet layouts, shapes, attention, and the prototype posterior (Eq. 5-11)."""
 
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,48 @@ def test_ablation_heads():
     assert out.distances is None and out.logits.shape == (2, 3) and bool((out.w == 1).all())
     learn = ProtoLeakNet(n_classes=3, embed_dim=8, tau_learnable=True, tau=2.0)
     assert learn.log_tau.requires_grad and float(learn.tau.detach()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("side", [8, 12, 16])
+def test_dct_block_reads_each_coefficient_from_its_place(side):
+    """The readout's input is the DCT_low block itself (Eq. 4), also when k does not divide the side."""
+    from leakpipe.pipeline.math.dct import dct2
+    from leakpipe.pipeline.math.features import features
+    from leakpipe.pipeline.nn.model import dct_block
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, side, side)
+    f = features(z[:, None], 8, "coeffs")[:, 0]
+    torch.testing.assert_close(dct_block(f, 4, 8), dct2(z)[..., :8, :8].flatten(1))
+
+
+def test_dct_readout_adds_a_linear_map_of_the_block_to_h_t():
+    """model.dct_readout = linear: h_t = proj(backbone(f_t)) + R vec(DCT_low); none (and no DCT map): the
+    backbone alone. The readout sees where each coefficient sits: moving a coefficient changes h_t."""
+    from leakpipe.pipeline.nn.model import dct_block
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(stem="imagenet", embed_dim=8, prototypes_per_class=2, dct_readout="linear")
+    m = _ProtoLeakNet(cfg, 3, 8, 16, dct=(4, 8)).eval()
+    assert m.readout.in_features == 4 * 64
+    f = torch.randn(2, 3, 8, 16, 16)
+    with torch.no_grad():
+        x = f.flatten(0, 1)
+        want = (m.proj(m.backbone(x)) + m.readout(dct_block(x, 4, 8))).view(2, 3, -1)
+        torch.testing.assert_close(m.embed_timesteps(f), want)
+    assert _ProtoLeakNet(ModelConfig(dct_readout="none"), 3, 8, 16, dct=(4, 8)).readout is None
+    assert _ProtoLeakNet(cfg, 3, 4, 16).readout is None  # features.dct_map = none: no block to read
+
+
+def test_small_prototype_init_starts_every_class_at_chance():
+    """model.prototype_std: with the default 0.01 every class starts at nearly the same distance (the
+    loss at ln C); the paper's 0.5 in D = 128 starts far from it."""
+    torch.manual_seed(0)
+    f, y = torch.randn(16, 3, 8, 16, 16), torch.arange(16) % 5
+    losses = {}
+    for std in (0.01, 0.5):
+        m = ProtoLeakNet(n_classes=5, embed_dim=128, prototype_std=std).eval()
+        assert float(m.prototypes.detach().std()) == pytest.approx(std, rel=0.05)
+        with torch.no_grad():
+            losses[std] = float(torch.nn.functional.cross_entropy(m(f).logits, y))
+    assert abs(losses[0.01] - math.log(5)) < 0.05 < abs(losses[0.5] - math.log(5))

@@ -114,6 +114,11 @@ def test_profile_authors_code_reaches_the_model_and_the_loop():
     model = build_model(cfg, 3, (4, 32, 32))
     assert model.backbone.conv1.in_channels == 4  # no DCT map: z_t / sigma_t alone
     assert isinstance(model.gate, torch.nn.Sequential) and model.prototypes.shape[1] == 6
+    # the released code's ProtoHead draws its prototypes at 0.01; no DCT map, so no readout to drop
+    assert cfg.model.prototype_std == 0.01 and model.readout is None
+    paper = load_config(None, (), profile="paper")
+    assert (paper.model.prototype_std, paper.model.dct_readout, paper.train.backbone_dropout) == (0.5, "none", 0)
+    assert paper.features.dct_stats == "per_channel" and build_model(paper, 3, (4, 32, 32)).readout is None
     with torch.no_grad():
         model.log_tau.fill_(np.log(50.0))
     assert float(model.tau.detach()) == pytest.approx(5.0)  # clamped as in their LSEAggregator

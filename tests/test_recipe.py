@@ -10,11 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from leakpipe.pipeline.config import Config, ConfigError
+from leakpipe.pipeline.config import Config, ConfigError, ModelConfig
 from leakpipe.pipeline.config_files import load_config, with_overrides
 from leakpipe.pipeline.engine.data import FeatureBuilder, crop_views, tile_offsets, tiles
 from leakpipe.pipeline.engine.training import (
     WeightAverage,
+    backbone_dropout_mask,
     lr_factor,
     prototype_pull,
     recalibrate_batchnorm,
@@ -22,6 +23,7 @@ from leakpipe.pipeline.engine.training import (
 )
 from leakpipe.pipeline.math import prototypes as proto_math
 from leakpipe.pipeline.math.kmeans import class_centres, kmeans
+from leakpipe.pipeline.nn.model import ProtoLeakNet, dct_block
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, embed, score, train
 from tests.conftest import synth_workspace
@@ -171,10 +173,30 @@ def _train(root, run, sets, profile="leakpipe"):
     return result, cfg, logs
 
 
+def test_backbone_dropout_leaves_the_readout_alone_and_draws_nothing_when_off():
+    gen = torch.Generator().manual_seed(0)
+    assert backbone_dropout_mask(1000, 0.0, gen) is None
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    assert 0.45 < float(backbone_dropout_mask(4000, 0.5, gen).float().mean()) < 0.55
+    torch.manual_seed(0)
+    cfg = ModelConfig(stem="imagenet", embed_dim=8, prototypes_per_class=2)
+    model = ProtoLeakNet(cfg, 3, 8, 16, dct=(4, 8)).eval()
+    f, dropped = torch.randn(4, 3, 8, 16, 16), torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        h = model.embed_timesteps(f, dropped)
+        alone = model.readout(dct_block(f.flatten(0, 1), 4, 8)).view(4, 3, -1)
+        torch.testing.assert_close(h[dropped], alone[dropped])
+        torch.testing.assert_close(h[~dropped], model.embed_timesteps(f)[~dropped])
+
+
 def test_the_default_recipe_trains_through_the_stage(rws):
     """Every recipe key at its default: the small stem, the warm-up and cosine schedule, the weight
-    average, label smoothing, random prototypes, the last epoch kept."""
+    average, label smoothing, small random prototypes, the DCT readout with backbone dropout, the last
+    epoch kept; the train log says how strong the noise is against z0 and which latent.scale would
+    give this random VAE unit-variance latents."""
     result, cfg, logs = _train(rws, "recipe", ["train.epochs=3", "model.stem=auto"])  # the workspace sets imagenet
+    note = next(line for line in logs if "z0 after latent.scale = 0.18215" in line)
+    assert "the noise at t = 10 is" in note and "latent.scale = " in note.split("for this VAE")[1]
     weights = load_file(str(result.run_dir / "model.safetensors"))
     assert weights["backbone.conv1.weight"].shape[-2:] == (3, 3)  # 16 x 16 latents: the small stem
     assert not any("k-means" in line for line in logs)
@@ -202,11 +224,18 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
         ["train.lr_schedule=constant"],
         ["train.augment=hflip"],
         ["train.prototype_pull=0.1"],
+        ["model.prototype_std=0.5"],
+        ["train.backbone_dropout=0"],
+        ["features.dct_stats=per_channel"],
+        ["model.dct_readout=none"],
     ):
         other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
         assert other.run_dir != base.run_dir, sets  # a training input: its own result
         got = load_file(str(other.run_dir / "model.safetensors"))
-        assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in want), sets
+        readout = {"readout.weight", "readout.bias"} if sets == ["model.dct_readout=none"] else set()
+        assert got.keys() == want.keys() - readout and any(not torch.equal(got[k], want[k]) for k in got), sets
+    # the default's readout reads the 4 x 8 x 8 DCT_low block of the 16 x 16 latents
+    assert want["readout.weight"].shape == (16, 4 * 8 * 8)
     # which epoch is kept: the one of least validation loss, recorded with the model
     kept, _, _ = _train(rws, "k-select", [*common, "train.select=val_loss"])
     losses = [h["val_loss"] for h in json.loads((kept.run_dir / "history.json").read_text())]
@@ -238,5 +267,6 @@ def test_the_authors_code_profile_trains_and_scores(rws):
     result, cfg, _ = _train(rws, "authors", ["train.epochs=1", "score.bootstrap=50"], profile="authors-code")
     weights = load_file(str(result.run_dir / "model.safetensors"))
     assert {"log_tau", "fixed_log_tau"} <= weights.keys() and weights["backbone.conv1.weight"].shape[1] == 4
+    assert cfg.model.prototype_std == 0.01 and "readout.weight" not in weights  # the released code's init
     m = score.run(graph(Workspace(rws), cfg), "authors", log=lambda m: None).metrics
     assert m["closed"]["raw"]["head"]["n"] > 0

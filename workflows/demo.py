@@ -20,10 +20,14 @@ RANDOM_VAE_NOTE = (
     "NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
     "(no pretrained VAE can be shipped or downloaded here); pass --vae for the real one."
 )
+# The demo VAE's own scale (Eq. 1): 1 / std of its z0 means on the demo's training images
+# (benchmarks/head.py), as SD2.1's 0.18215 is for SD's VAE. With 0.18215 its z0 would have std 0.05 and
+# the noise at t = 10 would be half of it, where SD's VAE leaves 0.03.
+DEMO_VAE_SCALE = 3.57
 DEMO_TOML = """# written by `leakpipe demo`
 [vae]
 source = "{vae}"
-[preprocess]
+{latent}[preprocess]
 size = {size}
 [encode]
 batch_size = 16
@@ -43,13 +47,15 @@ def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, ep
         start = time.perf_counter()
         written = write_benchmark(ws.root / "data" / "synth", ws.manifests, spec)
         log(f"synth: {sum(written.values())} images in {time.perf_counter() - start:.1f} s")
-    if vae_source is None:
+    random_vae = vae_source is None
+    if random_vae:
         vae_source = str(ws.root / "models" / "demo-vae")
         if not Path(vae_source, "config.json").exists():
             vae_lib.save_random_vae(Path(vae_source), DEMO_VAE_BLOCKS, seed=0)
     toml = ws.root / "leakpipe.toml"
     if not toml.exists():
-        toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs))
+        latent = f"[latent]\nscale = {DEMO_VAE_SCALE}\n" if random_vae else ""
+        toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
 
 
 def spec_with(**changes) -> SynthSpec:

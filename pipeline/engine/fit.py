@@ -21,7 +21,7 @@ from leakpipe.pipeline.engine.trained import build_model, init_backbone
 from leakpipe.pipeline.engine.training import WeightAverage, predict, recalibrate_batchnorm, train_epoch
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
-from leakpipe.pipeline.math import metrics
+from leakpipe.pipeline.math import features, metrics
 from leakpipe.pipeline.math.kmeans import class_centres
 from leakpipe.pipeline.progress import progress
 from leakpipe.pipeline.store import latent_store
@@ -149,6 +149,7 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
         + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
         + (", compiled" if cfg.compute.compile else "")
     )
+    log(latent_scale_note(cfg, build, train_data.latent_shape[0]))
     board = None
     if cfg.log.tensorboard and ddp.is_main:
         from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
@@ -257,3 +258,20 @@ def _place_prototypes(model, opt, average, train_data, build, cfg: Config) -> st
         average.reset("prototypes", model.prototypes)
     model.train()
     return f"prototypes placed at the k-means centres ({m} per class) of the training embeddings"
+
+
+def latent_scale_note(cfg: Config, build: FeatureBuilder, channels: int) -> str:
+    """How large the noise of the largest timestep is against z0 (after latent.scale), and the scale that
+    would give z0 unit variance when that noise is more than a quarter of it."""
+    spread = features.z0_spread(build.std, channels, build.alpha, build.sigma)
+    ratio = float(build.sigma.max()) / max(spread, 1e-12)
+    note = (
+        f"train: z0 after latent.scale = {cfg.latent.scale:g} has std {spread:.3g}; the noise at t = "
+        f"{max(cfg.diffusion.timesteps)} is {ratio:.2f} of it"
+    )
+    if ratio <= 0.25:
+        return note
+    return note + (
+        f". A VAE's scale should give z0 unit variance (SD2.1's 0.18215 does for its VAE); for this VAE "
+        f"latent.scale = {cfg.latent.scale / spread:.3g} would"
+    )

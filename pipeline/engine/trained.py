@@ -23,7 +23,8 @@ def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
     # the stem follows z0's side, not the crop's: 64-px crops of 256-px pixels keep ImageNet's stride
     model = dataclasses.replace(cfg.model, stem=resolve_stem(cfg.model.stem, min(h, w)))
     try:
-        return ProtoLeakNet(model, n_classes, in_channels, side)
+        dct = (0, 0) if cfg.features.dct_map == "none" else (c, cfg.features.dct_k)
+        return ProtoLeakNet(model, n_classes, in_channels, side, dct)
     except ValueError as exc:
         raise UserError(f"model.backbone = {cfg.model.backbone}: {exc}") from None
 

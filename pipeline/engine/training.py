@@ -27,6 +27,14 @@ def time_dropout_mask(n: int, t: int, p: float, gen: torch.Generator) -> torch.T
     return mask
 
 
+def backbone_dropout_mask(n: int, p: float, gen: torch.Generator) -> torch.Tensor | None:
+    """(n,) bool: images whose h_t is the DCT readout's alone, each with probability p; None when p = 0
+    (or the model has no readout), drawing nothing from `gen`."""
+    if p <= 0:
+        return None
+    return torch.rand((n,), generator=gen, device=gen.device) < p
+
+
 def attention_entropy_penalty(a: torch.Tensor) -> torch.Tensor:
     """The authors' time-entropy term: mean over samples of log T - H(a_t), 0 when a_t is uniform."""
     a = a.clamp_min(1e-8)
@@ -113,6 +121,8 @@ def train_epoch(
     gradient of the global batch's mean loss.
     """
     model.train()
+    has_readout = getattr(getattr(model, "module", model), "readout", None) is not None
+    p_backbone = tc.backbone_dropout if has_readout else 0.0
     device = build.device
     scaler = scaler or grad_scaler(device, precision)
     seed = tc.seed * 1_000_003 + epoch
@@ -132,10 +142,13 @@ def train_epoch(
         part = ddp.shard(len(pos))
         labels = to_device(y[part], device)
         dropped = time_dropout_mask(len(pos), build.n_timesteps, tc.time_dropout, gen)
+        no_backbone = backbone_dropout_mask(len(pos), p_backbone, gen)
         views = build.draw_views(len(pos), data.latent_shape, gen)
         f = build(m[part], lv[part], eps[part], views=None if views is None else views[part])
         with autocast(device, precision):
-            out = (forward or model)(f, None if dropped is None else dropped[part])
+            out = (forward or model)(
+                f, None if dropped is None else dropped[part], None if no_backbone is None else no_backbone[part]
+            )
             loss = F.cross_entropy(out.logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing) * (
                 ddp.world / len(pos)
             )

@@ -36,6 +36,14 @@ def standardise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return (f - mean[None]) / std[None]
 
 
+def z0_spread(std: torch.Tensor, channels: int, alpha: torch.Tensor, sigma: torch.Tensor) -> float:
+    """The std of z0 that f_t's statistics imply at the first timestep (Eq. 2-4): with z_t = alpha_t z0 +
+    sigma_t eps, s^2 = alpha_t^2 var(z0) / sigma_t^2 + 1 for s the std of z_t / sigma_t (its first
+    `channels` channels of `std`, shape (T, 2C) or (T, 2C, h, w))."""
+    s = std[0, :channels].double().mean()
+    return float(sigma[0].double() * (s * s - 1).clamp_min(0).sqrt() / alpha[0].double())
+
+
 class RunningStats:
     """Mean and std of f_t over many batches per (timestep, channel, position), in float64."""
 

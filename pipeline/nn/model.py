@@ -21,6 +21,17 @@ TAU_RANGE = (0.5, 5.0)  # a learnable tau is clamped to this, as in the authors'
 
 
 # ------------------------------------------------------------------ equations as pure functions
+def dct_block(f: torch.Tensor, channels: int, k: int) -> torch.Tensor:
+    """The DCT_low block (Eq. 4) of f_t's last `channels` channels, each coefficient in its own place:
+    (N, C, h, w) -> (N, channels k^2). Samples row and column ceil(i h / k), i < k: the one position of
+    coefficient i in the nearest-upsampled map (dct_map = coeffs); of the low-pass map (lowpass) they are
+    k distinct samples of k cosines, from which the block is a fixed invertible linear map."""
+    h, w = f.shape[-2:]
+    rows = [-(-i * h // k) for i in range(k)]
+    cols = [-(-i * w // k) for i in range(k)]
+    return f[:, -channels:][:, :, rows][:, :, :, cols].flatten(1)
+
+
 def temporal_attention(h: torch.Tensor, u: torch.Tensor, q: torch.Tensor):
     """Eq. 6-7: a_t = softmax_t(q^T u_t), h_bar = sum_t a_t h_t. h, u (B, T, D); q (D,)."""
     a = torch.softmax(u @ q, dim=1)
@@ -83,10 +94,16 @@ class ProtoLeakNet(nn.Module):
     """f_t (B, T, C, h, w), or tiles of it (B, K, T, C, h, w), to the class posterior (Eq. 5-11), built
     from the `model` section of the config for feature maps of `in_channels` channels and side `side`."""
 
-    def __init__(self, cfg: ModelConfig, n_classes: int, in_channels: int = 8, side: int = 32):
+    def __init__(
+        self, cfg: ModelConfig, n_classes: int, in_channels: int = 8, side: int = 32, dct: tuple[int, int] = (0, 0)
+    ):
+        """`dct` (channels, k): where f_t's DCT_low map is, for model.dct_readout = linear; (0, 0): no map."""
         super().__init__()
         self.backbone = build_backbone(cfg.backbone, in_channels, side, cfg.stem)
         self.proj = nn.Linear(self.backbone.out_features, cfg.embed_dim)
+        self.dct = (dct[0], min(dct[1], side))
+        use = cfg.dct_readout == "linear" and dct[0] > 0
+        self.readout = nn.Linear(self.dct[0] * self.dct[1] ** 2, cfg.embed_dim) if use else None
         self.attn = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # W_a, b_a (Eq. 6)
         self.q = nn.Parameter(torch.randn(cfg.embed_dim) / cfg.embed_dim**0.5)
         self.gate_kind = cfg.gate if cfg.gating else "none"
@@ -99,7 +116,8 @@ class ProtoLeakNet(nn.Module):
         else:
             self.gate = None
         if cfg.prototypes:
-            self.prototypes = nn.Parameter(torch.randn(n_classes, cfg.prototypes_per_class, cfg.embed_dim) * 0.5)
+            shape = (n_classes, cfg.prototypes_per_class, cfg.embed_dim)
+            self.prototypes = nn.Parameter(torch.randn(shape) * cfg.prototype_std)
             self.head = None
         else:
             self.prototypes = None
@@ -115,22 +133,30 @@ class ProtoLeakNet(nn.Module):
             return self.fixed_log_tau.exp()
         return self.log_tau.exp().clamp(*TAU_RANGE)
 
-    def embed_timesteps(self, f: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps. (B, T, ...) -> (B, T, D).
-        Tiles (B, K, T, ...) of one image are pooled like the positions of one map: their pooled
-        backbone features are averaged (tiled evaluation of a model trained on crops)."""
+    def embed_timesteps(self, f: torch.Tensor, backbone_dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps, plus R vec(DCT_low) with
+        model.dct_readout = linear. (B, T, ...) -> (B, T, D). Tiles (B, K, T, ...) of one image are pooled
+        like the positions of one map: their h_t are averaged (tiled evaluation of a model trained on crops).
+        `backbone_dropped` (B,) bool: images whose h_t is the readout's alone (train.backbone_dropout)."""
         tiles = f.shape[1] if f.dim() == 6 else 1
         f = f.flatten(0, 1) if f.dim() == 6 else f
         b, t = f.shape[:2]
         x = f.flatten(0, 1)
         if getattr(self, "channels_last_inputs", False):
             x = x.contiguous(memory_format=torch.channels_last)
-        pooled = self.backbone(x).view(b // tiles, tiles, t, -1).mean(1)
-        return self.proj(pooled)
+        h = self.proj(self.backbone(x)).view(b // tiles, tiles, t, -1)
+        if self.readout is None:
+            return h.mean(1)
+        if backbone_dropped is not None:
+            h = h.masked_fill(backbone_dropped.view(-1, 1, 1, 1), 0.0)
+        return (h + self.readout(dct_block(x, *self.dct)).view_as(h)).mean(1)
 
-    def forward(self, f: torch.Tensor, dropped: torch.Tensor | None = None) -> Output:
-        """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only)."""
-        h = self.embed_timesteps(f)
+    def forward(
+        self, f: torch.Tensor, dropped: torch.Tensor | None = None, backbone_dropped: torch.Tensor | None = None
+    ) -> Output:
+        """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only);
+        `backbone_dropped` (B,) bool: images whose h_t is the DCT readout's alone (training only)."""
+        h = self.embed_timesteps(f, backbone_dropped)
         if dropped is not None:
             h = h.masked_fill(dropped.unsqueeze(-1), 0.0)
         a, h_bar = temporal_attention(h, self.attn(h), self.q)
