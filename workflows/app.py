@@ -362,6 +362,9 @@ def serve(
         f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}" + (" (Ctrl+C stops)" if block else "")
     )
     if block:
-        demo.block_thread()  # until Ctrl+C
+        demo.block_thread()  # until Ctrl+C; it closes the web server only
+        # the queue, its worker pool and the page's heartbeats too: a thread of theirs left running kept
+        # the process from exiting after a browser had used the page (tests/test_app.py, Ctrl+C)
+        demo.close(verbose=False)
         echo(page.summary())
     return demo, url
