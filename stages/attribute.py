@@ -25,7 +25,7 @@ from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report import decisions
 from leakpipe.pipeline.report.evaluate import label_index
-from leakpipe.stages import STAGES
+from leakpipe.stages import embed, encode
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.config_files import parse_override, with_overrides
@@ -102,7 +102,7 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
 
 def code_identity() -> dict:
     """The code an attributor's numbers depend on: that of the encode and embed stages."""
-    return {name: STAGES[name].code_identity() for name in ("encode", "embed")}
+    return {stage.name: stage.code_identity() for stage in (encode.STAGE, embed.STAGE)}
 
 
 def stale_reasons(g: Graph, run: str) -> list[str]:
@@ -231,7 +231,7 @@ def run(
     else:
         att, differ = from_result(g, run, device), []
         att = att_lib.with_vae(att, vae) if vae else att
-        att_lib.check_encoder(att, STAGES["encode"].code_identity())
+        att_lib.check_encoder(att, encode.STAGE.code_identity())
     results = attribute(att, g.cfg, paths, top, run if not model else model, preprocess_for(att, overrides))
     for r in results:
         r["code_differs"] = differ
@@ -249,7 +249,7 @@ def load_exported(
     differ = check_code(att, code_identity(), allow_code_change)
     att = att_lib.with_vae(att, vae) if vae else att
     log(f"checking the VAE {att.cfg.vae.source} (encoder fingerprint)")
-    att_lib.check_encoder(att, STAGES["encode"].code_identity())
+    att_lib.check_encoder(att, encode.STAGE.code_identity())
     return att, differ
 
 
