@@ -11,7 +11,11 @@ Two questions, each answered with the probe's own test rows (closed train / test
    0.1, batch 64, 30 epochs) with prototypes drawn at model.prototype_std = 0.5 (the paper's here) or
    0.01 (the authors' code), beside a linear softmax on the same features. The first-epoch loss shows
    where training starts against ln C.
-Top-1 is over the closed test rows; seeds are the training seeds of question 2.
+3. What the readout should read (model.dct_readout, model.latent_readout, features.latent_stats): the
+   head of question 2 (prototype_std 0.01) on z0 flattened standardised per position (as the probe) or
+   per channel (one mean and std per channel, as f_t's z_t channels were), on the DCT_low block
+   (per coefficient), and on the block beside z0 per position (the default readout).
+Top-1 is over the closed test rows; seeds are the training seeds of questions 2 and 3.
 """
 
 from __future__ import annotations
@@ -59,15 +63,22 @@ def summaries(z: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def prototype_head(xtr, ytr, xte, yte, head: str, std: float, seed: int, epochs: int = 30):
-    """(test top-1, first-epoch mean loss) of a linear embedding with prototypes (or a linear softmax)."""
+def per_channel(ztr: np.ndarray, zte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z0 (N, C, h, w) standardised with one mean and std per channel over the training rows, flattened."""
+    mu, sd = ztr.mean((0, 2, 3), keepdims=True), ztr.std((0, 2, 3), keepdims=True)
+    return tuple(((z - mu) / sd).reshape(len(z), -1) for z in (ztr, zte))
+
+
+def prototype_head(xtr, ytr, xte, yte, head: str, std: float, seed: int, epochs: int = 30, standardise=True):
+    """(test top-1, first-epoch mean loss) of a linear embedding with prototypes (or a linear softmax),
+    on the features standardised per feature (or as given, `standardise` false)."""
     import torch
     import torch.nn.functional as F
 
     from leakpipe.pipeline.nn.model import class_logits, prototype_distances, soft_min_distance
 
     torch.manual_seed(seed)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
+    mu, sd = (xtr.mean(0), xtr.std(0) + 1e-8) if standardise else (0.0, 1.0)
     a, b = (torch.from_numpy((x - mu) / sd).float() for x in (xtr, xte))
     y, c = torch.from_numpy(ytr), int(ytr.max()) + 1
     if head == "linear":
@@ -119,6 +130,28 @@ def report(name: str, root: Path, seeds: list[int]) -> list[str]:
         top, loss = np.array([prototype_head(xtr, ytr, xte, yte, head, std, s) for s in seeds]).T
         sd = top.std(ddof=1) if len(top) > 1 else 0.0
         lines.append(f"| {label} | {top.mean():.3f} +- {sd:.3f} | {loss.mean():.2f} |")
+    return lines + [""] + readout_inputs(ztr, ytr, zte, yte, tr, te, seeds)
+
+
+def readout_inputs(ztr, ytr, zte, yte, tr: dict, te: dict, seeds: list[int]) -> list[str]:
+    """Question 3: the prototype head (prototype_std 0.01) on what a readout could read."""
+    dct = "DCT_low block, k = 8"
+    flat = "z0 flattened (the probe)"
+    inputs = {
+        "z0, per position (model.latent_readout, features.latent_stats = per_position)": (tr[flat], te[flat], True),
+        "z0, per channel (features.latent_stats = per_channel)": (*per_channel(ztr, zte), False),
+        "DCT_low block, per coefficient (model.dct_readout alone)": (tr[dct], te[dct], True),
+        "DCT_low block and z0, per position (the default readout)": (
+            np.concatenate([tr[dct], tr[flat]], 1),
+            np.concatenate([te[dct], te[flat]], 1),
+            True,
+        ),
+    }
+    lines = ["Prototype head (prototype_std 0.01) on what the readout reads:", ""]
+    lines += ["| readout input | top-1 (mean +- sd) |", "|---|---:|"]
+    for label, (a, b, standardise) in inputs.items():
+        top = [prototype_head(a, ytr, b, yte, "prototypes", 0.01, s, standardise=standardise)[0] for s in seeds]
+        lines.append(f"| {label} | {np.mean(top):.3f} +- {np.std(top, ddof=1) if len(top) > 1 else 0:.3f} |")
     return lines + [""]
 
 

@@ -91,10 +91,12 @@ VARIANTS = {
     "prototype-pull-0.1": ("train.prototype_pull=0.1",),
     "kmeans-pull-0.1": ("model.prototype_init=kmeans", "train.prototype_pull=0.1"),
     "hflip": ("train.augment=hflip",),
-    "no-dct-readout": ("model.dct_readout=none",),  # backbone dropout is then inert
+    "no-dct-readout": ("model.dct_readout=none",),  # the readout then reads z_t alone
     "no-backbone-dropout": ("train.backbone_dropout=0",),
     "prototype-std-0.5": ("model.prototype_std=0.5",),
     "dct-stats-per-channel": ("features.dct_stats=per_channel",),
+    "no-latent-readout": ("model.latent_readout=none",),
+    "latent-stats-per-channel": ("features.latent_stats=per_channel",),
 }
 
 

@@ -82,6 +82,10 @@ class FeaturesConfig:
     standardize: bool = True  # per-timestep standardisation of f_t (false: the authors' code)
     # statistics of the DCT channels: one mean/std per channel, or one per coefficient (per position)
     dct_stats: str = "per_coefficient"
+    # statistics of the z_t / sigma_t channels: one mean/std per channel, or one per position, which puts
+    # every value of z0 on the scale the linear readout needs (benchmarks/head.py measured per position
+    # above per channel for a linear map of z0)
+    latent_stats: str = "per_position"
     # residual: f_t from the high-pass residual of z0 (Ker-Bohme's 3 x 3 kernel, per channel), which
     # removes content and keeps the traces of codecs and resamplers (for vae.source = pixels); none: z0
     highpass: str = "none"
@@ -109,6 +113,9 @@ class ModelConfig:
     # none: h_t from the backbone alone (Eq. 5) | linear: plus a linear map of the DCT_low block of f_t,
     # which keeps where each coefficient sits: the backbone's pooling averages that away (benchmarks/head.py)
     dct_readout: str = "linear"
+    # none | linear: plus a linear map of z_t / sigma_t itself, each value in its place (what the z0 probe
+    # reads) | auto: linear up to 64 x 64 positions (SD latents of images up to 512 px), none above
+    latent_readout: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     # probability that a training image's h_t is the DCT readout's alone (the backbone's part dropped):
     # the readout then learns to attribute by itself, not only what the backbone has not memorised.
-    # Inert without a readout (model.dct_readout = none, or features.dct_map = none)
+    # Inert without a readout (model.dct_readout and model.latent_readout none)
     backbone_dropout: float = 0.5
     time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
     entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
@@ -228,12 +235,14 @@ CHOICES = {
     "diffusion.schedule": ("cosine", "linear", "scaled_linear"),
     "features.dct_map": ("coeffs", "lowpass", "none"),
     "features.dct_stats": ("per_channel", "per_coefficient"),
+    "features.latent_stats": ("per_channel", "per_position"),
     "features.highpass": ("none", "residual"),
     "model.backbone": ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16"),
     "model.gate": ("linear", "mlp"),
     "model.stem": ("auto", "imagenet", "small"),
     "model.prototype_init": ("random", "kmeans"),
     "model.dct_readout": ("none", "linear"),
+    "model.latent_readout": ("auto", "none", "linear"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.select": ("last", "val_loss", "val_auc"),
     "compute.precision": ("fp32", "bf16", "fp16"),
@@ -275,6 +284,8 @@ ADDED_KEYS = {
     "model.dct_readout": "none",
     "model.prototype_std": 0.5,
     "train.backbone_dropout": 0.0,
+    "features.latent_stats": "per_channel",
+    "model.latent_readout": "none",
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -388,8 +399,10 @@ def valid_keys() -> list[str]:
 _PAPER = (
     "model.stem=imagenet",
     "model.dct_readout=none",
+    "model.latent_readout=none",
     "model.prototype_std=0.5",
     "features.dct_stats=per_channel",
+    "features.latent_stats=per_channel",
     "train.backbone_dropout=0",
     "model.prototype_init=random",
     "train.lr_schedule=constant",

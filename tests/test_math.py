@@ -81,3 +81,19 @@ def test_features_and_standardisation():
     s = features.standardise(f, mean, std)
     torch.testing.assert_close(s.mean(dim=(0, 3, 4)), torch.zeros(3, 8), atol=1e-4, rtol=0)
     torch.testing.assert_close(s.std(dim=(0, 3, 4), unbiased=False), torch.ones(3, 8), atol=1e-3, rtol=0)
+
+
+def test_z0_spread_is_the_same_from_per_channel_and_per_position_statistics():
+    """features.z0_spread reads z0's std back from f_t's statistics at t = 0 (z_t / sigma_t = alpha z0 /
+    sigma + eps): per position, a channel's variance is its positions' mean variance plus the variance of
+    their means, so both kinds of statistics give the std of z0 the data has."""
+    torch.manual_seed(0)
+    alpha, sigma = torch.tensor([0.99]), torch.tensor([0.05])
+    z0 = torch.randn(4000, 4, 8, 8) * 0.7 + torch.linspace(-1, 1, 64).view(1, 1, 8, 8)  # a mean per position
+    f = features.features((alpha * z0 + sigma * torch.randn_like(z0))[:, None] / sigma, 4, "coeffs")
+    stats = features.RunningStats()
+    stats.update(f)
+    want = float(z0.permute(1, 0, 2, 3).flatten(1).std(dim=1).mean())
+    for kind in ((0, 0), (0, 4), (4, 4)):
+        mean, std = stats.result(*kind)
+        assert features.z0_spread(mean, std, 4, alpha, sigma) == pytest.approx(want, rel=0.02), kind

@@ -142,6 +142,33 @@ def test_dct_readout_adds_a_linear_map_of_the_block_to_h_t():
     assert _ProtoLeakNet(cfg, 3, 4, 16).readout is None  # features.dct_map = none: no block to read
 
 
+def test_latent_readout_reads_z_t_in_place_beside_the_block():
+    """model.latent_readout = linear: the readout reads the DCT_low block, then z_t / sigma_t flattened
+    (f_t's first channels); each value of z_t has its own weights. auto: linear up to 64 x 64 positions."""
+    from leakpipe.pipeline.nn.model import dct_block, resolve_latent_readout
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(stem="imagenet", embed_dim=8, prototypes_per_class=2)
+    m = _ProtoLeakNet(cfg, 3, 8, 16, dct=(4, 8), latent=(4, 16, 16)).eval()
+    assert m.readout.in_features == 4 * 64 + 4 * 256
+    f = torch.randn(2, 3, 8, 16, 16)
+    with torch.no_grad():
+        x = f.flatten(0, 1)
+        read = torch.cat([dct_block(x, 4, 8), x[:, :4].flatten(1)], 1)
+        torch.testing.assert_close(m.embed_timesteps(f), (m.proj(m.backbone(x)) + m.readout(read)).view(2, 3, -1))
+        g = f.clone()
+        g[:, :, 0, 3, 5] += 1.0  # one value of z_t: h_t moves by that value's column of R
+        backbone_moved = m.proj(m.backbone(g.flatten(0, 1))) - m.proj(m.backbone(x))
+        moved = m.embed_timesteps(g) - m.embed_timesteps(f) - backbone_moved.view(2, 3, -1)
+        column = m.readout.weight[:, 4 * 64 + 3 * 16 + 5]
+        torch.testing.assert_close(moved, column.expand(2, 3, 8), atol=1e-5, rtol=1e-5)
+    # z_t alone (no DCT readout, or no DCT map): only the latent's weights
+    alone = _ProtoLeakNet(ModelConfig(dct_readout="none"), 3, 8, 16, dct=(4, 8), latent=(4, 16, 16))
+    assert alone.readout.in_features == 4 * 256
+    assert [resolve_latent_readout("auto", n) for n in (64 * 64, 64 * 64 + 1)] == ["linear", "none"]
+    assert resolve_latent_readout("none", 16) == "none" and resolve_latent_readout("linear", 10**6) == "linear"
+
+
 def test_small_prototype_init_starts_every_class_at_chance():
     """model.prototype_std: with the default 0.01 every class starts at nearly the same distance (the
     loss at ln C); the paper's 0.5 in D = 128 starts far from it."""

@@ -119,6 +119,7 @@ def test_profile_authors_code_reaches_the_model_and_the_loop():
     paper = load_config(None, (), profile="paper")
     assert (paper.model.prototype_std, paper.model.dct_readout, paper.train.backbone_dropout) == (0.5, "none", 0)
     assert paper.features.dct_stats == "per_channel" and build_model(paper, 3, (4, 32, 32)).readout is None
+    assert (paper.model.latent_readout, paper.features.latent_stats) == ("none", "per_channel")
     with torch.no_grad():
         model.log_tau.fill_(np.log(50.0))
     assert float(model.tau.detach()) == pytest.approx(5.0)  # clamped as in their LSEAggregator
@@ -158,6 +159,13 @@ def test_dct_statistics_per_coefficient():
     torch.testing.assert_close(std4[:, :4], std[:, :4, None, None].expand(2, 4, 4, 4))
     z = standardise(f, mean4, std4)
     assert z[:, :, 4:].std(dim=0).mean().item() == pytest.approx(1.0, abs=0.05)
+    # features.latent_stats = per_position: the first channels (z_t / sigma_t) per position too
+    both_mean, both_std = stats.result(dct_channels=4, latent_channels=4)
+    torch.testing.assert_close(both_std, f.double().std(dim=0, unbiased=False).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both_mean, f.double().mean(dim=0).float(), atol=1e-5, rtol=1e-5)
+    latent_mean, latent_std = stats.result(latent_channels=4)
+    torch.testing.assert_close(latent_std[:, 4:], std[:, 4:, None, None].expand(2, 4, 4, 4))
+    torch.testing.assert_close(latent_mean[:, :4], both_mean[:, :4])
 
 
 @pytest.fixture(scope="module")

@@ -228,14 +228,24 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
         ["train.backbone_dropout=0"],
         ["features.dct_stats=per_channel"],
         ["model.dct_readout=none"],
+        ["model.latent_readout=none"],
+        ["features.latent_stats=per_channel"],
     ):
         other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
         assert other.run_dir != base.run_dir, sets  # a training input: its own result
         got = load_file(str(other.run_dir / "model.safetensors"))
-        readout = {"readout.weight", "readout.bias"} if sets == ["model.dct_readout=none"] else set()
-        assert got.keys() == want.keys() - readout and any(not torch.equal(got[k], want[k]) for k in got), sets
-    # the default's readout reads the 4 x 8 x 8 DCT_low block of the 16 x 16 latents
-    assert want["readout.weight"].shape == (16, 4 * 8 * 8)
+        assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in got), sets
+        # without one of the two readouts, the readout reads the other's part alone
+        part = {"model.dct_readout=none": 4 * 16 * 16, "model.latent_readout=none": 4 * 8 * 8}.get(sets[0])
+        assert part is None or got["readout.weight"].shape == (16, part), sets
+        if sets == ["features.latent_stats=per_channel"]:  # one std per channel of z_t, over positions
+            z_std = got["feature_std"][:, :4]
+            assert torch.equal(z_std, z_std[..., :1, :1].expand_as(z_std))
+    # the default's readout reads the 4 x 8 x 8 DCT_low block and z_t (4 x 16 x 16) of the 16 x 16 latents
+    assert want["readout.weight"].shape == (16, 4 * 8 * 8 + 4 * 16 * 16)
+    # per-position statistics of z_t (features.latent_stats) and per-coefficient ones of the DCT map
+    z_std = want["feature_std"][:, :4]
+    assert z_std.shape[-2:] == (16, 16) and not torch.equal(z_std, z_std[..., :1, :1].expand_as(z_std))
     # which epoch is kept: the one of least validation loss, recorded with the model
     kept, _, _ = _train(rws, "k-select", [*common, "train.select=val_loss"])
     losses = [h["val_loss"] for h in json.loads((kept.run_dir / "history.json").read_text())]

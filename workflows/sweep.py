@@ -51,10 +51,12 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "prototypes-kmeans": ("model.prototype_init=kmeans",),
     "prototype-pull": ("train.prototype_pull=0.1",),  # a candidate the recipe leaves out
     "select-val-auc": ("train.select=val_auc",),
-    "no-dct-readout": ("model.dct_readout=none",),  # backbone dropout is then inert
+    "no-dct-readout": ("model.dct_readout=none",),  # the readout then reads z_t alone
     "no-backbone-dropout": ("train.backbone_dropout=0",),
     "prototype-std-0.5": ("model.prototype_std=0.5",),
     "dct-stats-per-channel": ("features.dct_stats=per_channel",),
+    "no-latent-readout": ("model.latent_readout=none",),
+    "latent-stats-per-channel": ("features.latent_stats=per_channel",),
     # Table 5: timesteps, schedules, DCT map
     "T0": ("diffusion.timesteps=0",),
     "T0-5": ("diffusion.timesteps=0,5",),

@@ -310,12 +310,15 @@ class FeatureBuilder:
 
     def fit_statistics(self, data: LatentRows, batch_size: int) -> None:
         """Per-timestep mean and std of f_t over `data` (per channel, or per DCT coefficient with
-        features.dct_stats = per_coefficient), with its seeded eval noise (over the tiles with
-        train.crop)."""
+        features.dct_stats = per_coefficient and per position of z_t with features.latent_stats =
+        per_position), with its seeded eval noise (over the tiles with train.crop)."""
         stats = features.RunningStats()
         shape = self.noise_shape(data.latent_shape)
         for pos, m, lv, _ in data.batches(self.eval_rows(batch_size, data.latent_shape), seed=None):
             f = self(m, lv, eval_noise(data.hashes[pos], self.cfg.train.eval_seed, shape), standardise=False)
             stats.update(f.flatten(0, 1) if f.dim() == 6 else f)
-        per_coefficient = self.cfg.features.dct_stats == "per_coefficient" and self.cfg.features.dct_map != "none"
-        self.mean, self.std = (x.to(self.device) for x in stats.result(data.latent_shape[0] if per_coefficient else 0))
+        fc, c = self.cfg.features, data.latent_shape[0]
+        per_coefficient = fc.dct_stats == "per_coefficient" and fc.dct_map != "none"
+        per_position = fc.latent_stats == "per_position"
+        result = stats.result(c if per_coefficient else 0, c if per_position else 0)
+        self.mean, self.std = (x.to(self.device) for x in result)

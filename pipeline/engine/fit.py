@@ -263,7 +263,7 @@ def _place_prototypes(model, opt, average, train_data, build, cfg: Config) -> st
 def latent_scale_note(cfg: Config, build: FeatureBuilder, channels: int) -> str:
     """How large the noise of the largest timestep is against z0 (after latent.scale), and the scale that
     would give z0 unit variance when that noise is more than a quarter of it."""
-    spread = features.z0_spread(build.std, channels, build.alpha, build.sigma)
+    spread = features.z0_spread(build.mean, build.std, channels, build.alpha, build.sigma)
     ratio = float(build.sigma.max()) / max(spread, 1e-12)
     note = (
         f"train: z0 after latent.scale = {cfg.latent.scale:g} has std {spread:.3g}; the noise at t = "

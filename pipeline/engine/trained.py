@@ -12,7 +12,7 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.engine.data import FeatureBuilder
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.nn.backbones import adapt_state, resolve_stem
-from leakpipe.pipeline.nn.model import ProtoLeakNet
+from leakpipe.pipeline.nn.model import ProtoLeakNet, resolve_latent_readout
 
 
 def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
@@ -20,11 +20,13 @@ def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
     c, h, w = latent_shape
     in_channels = c if cfg.features.dct_map == "none" else 2 * c
     side = min(cfg.train.crop or h, h, w)  # what the backbone sees: a training crop, or z0 whole
+    seen = (side, side) if 0 < cfg.train.crop < min(h, w) else (h, w)
     # the stem follows z0's side, not the crop's: 64-px crops of 256-px pixels keep ImageNet's stride
     model = dataclasses.replace(cfg.model, stem=resolve_stem(cfg.model.stem, min(h, w)))
+    reads_latent = resolve_latent_readout(cfg.model.latent_readout, seen[0] * seen[1]) == "linear"
     try:
         dct = (0, 0) if cfg.features.dct_map == "none" else (c, cfg.features.dct_k)
-        return ProtoLeakNet(model, n_classes, in_channels, side, dct)
+        return ProtoLeakNet(model, n_classes, in_channels, side, dct, (c, *seen) if reads_latent else (0, 0, 0))
     except ValueError as exc:
         raise UserError(f"model.backbone = {cfg.model.backbone}: {exc}") from None
 

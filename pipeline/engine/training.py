@@ -28,8 +28,8 @@ def time_dropout_mask(n: int, t: int, p: float, gen: torch.Generator) -> torch.T
 
 
 def backbone_dropout_mask(n: int, p: float, gen: torch.Generator) -> torch.Tensor | None:
-    """(n,) bool: images whose h_t is the DCT readout's alone, each with probability p; None when p = 0
-    (or the model has no readout), drawing nothing from `gen`."""
+    """(n,) bool: images whose h_t is the readout's alone, each with probability p; None when p = 0,
+    drawing nothing from `gen` (the caller passes p = 0 for a model without a readout)."""
     if p <= 0:
         return None
     return torch.rand((n,), generator=gen, device=gen.device) < p

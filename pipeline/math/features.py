@@ -36,11 +36,15 @@ def standardise(f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return (f - mean[None]) / std[None]
 
 
-def z0_spread(std: torch.Tensor, channels: int, alpha: torch.Tensor, sigma: torch.Tensor) -> float:
+def z0_spread(mean: torch.Tensor, std: torch.Tensor, channels: int, alpha: torch.Tensor, sigma: torch.Tensor) -> float:
     """The std of z0 that f_t's statistics imply at the first timestep (Eq. 2-4): with z_t = alpha_t z0 +
     sigma_t eps, s^2 = alpha_t^2 var(z0) / sigma_t^2 + 1 for s the std of z_t / sigma_t (its first
-    `channels` channels of `std`, shape (T, 2C) or (T, 2C, h, w))."""
-    s = std[0, :channels].double().mean()
+    `channels` channels of `mean` and `std`, shape (T, 2C), or (T, 2C, h, w) per position: a channel's
+    variance is then the mean of its positions' variances plus the variance of their means)."""
+    m, v = mean[0, :channels].double(), std[0, :channels].double() ** 2
+    if m.dim() == 3:
+        v = v.mean(dim=(1, 2)) + m.var(dim=(1, 2), unbiased=False)
+    s = v.sqrt().mean()
     return float(sigma[0].double() * (s * s - 1).clamp_min(0).sqrt() / alpha[0].double())
 
 
@@ -58,16 +62,22 @@ class RunningStats:
         self.s2 = s2 if self.s2 is None else self.s2 + s2
         self.n += f.shape[0]
 
-    def result(self, dct_channels: int = 0, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std): per (timestep, channel), shape (T, 2C); with `dct_channels` > 0, the last that
-        many channels (the DCT map) keep one per position (per coefficient) and the shape is (T, 2C, h, w)."""
+    def result(
+        self, dct_channels: int = 0, latent_channels: int = 0, floor: float = 1e-6
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std): per (timestep, channel), shape (T, 2C); with `dct_channels` > 0 the last that many
+        channels (the DCT map), and with `latent_channels` > 0 the first that many (z_t / sigma_t), keep
+        one per position (per coefficient), and the shape is (T, 2C, h, w)."""
         s1, s2 = self.s1 / self.n, self.s2 / self.n
         mean, sq = s1.mean(dim=(2, 3)), s2.mean(dim=(2, 3))
         std = (sq - mean * mean).clamp_min(0).sqrt().clamp_min(floor)
-        if not dct_channels:
+        if not dct_channels and not latent_channels:
             return mean.float(), std.float()
         full_mean = mean[:, :, None, None].expand_as(s1).clone()
         full_std = std[:, :, None, None].expand_as(s1).clone()
-        full_mean[:, -dct_channels:] = s1[:, -dct_channels:]
-        full_std[:, -dct_channels:] = (s2 - s1 * s1)[:, -dct_channels:].clamp_min(0).sqrt().clamp_min(floor)
+        c = s1.shape[1]
+        for part in (slice(c - dct_channels, c) if dct_channels else None, slice(0, latent_channels)):
+            if part is not None:
+                full_mean[:, part] = s1[:, part]
+                full_std[:, part] = (s2 - s1 * s1)[:, part].clamp_min(0).sqrt().clamp_min(floor)
         return full_mean.float(), full_std.float()

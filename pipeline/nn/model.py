@@ -18,6 +18,14 @@ if TYPE_CHECKING:  # nn sits below config in the layers: the section is only a t
     from leakpipe.pipeline.config import ModelConfig
 
 TAU_RANGE = (0.5, 5.0)  # a learnable tau is clamped to this, as in the authors' code
+# model.latent_readout = auto reads z_t up to this many positions (SD latents of 512-px images): above it
+# (pixels mode on whole images) the readout's weights would outgrow the backbone's
+LATENT_READOUT_MAX = 64 * 64
+
+
+def resolve_latent_readout(setting: str, positions: int) -> str:
+    """`model.latent_readout` for maps of `positions` positions: "auto" is linear up to LATENT_READOUT_MAX."""
+    return ("linear" if positions <= LATENT_READOUT_MAX else "none") if setting == "auto" else setting
 
 
 # ------------------------------------------------------------------ equations as pure functions
@@ -30,6 +38,13 @@ def dct_block(f: torch.Tensor, channels: int, k: int) -> torch.Tensor:
     rows = [-(-i * h // k) for i in range(k)]
     cols = [-(-i * w // k) for i in range(k)]
     return f[:, -channels:][:, :, rows][:, :, :, cols].flatten(1)
+
+
+def readout_input(f: torch.Tensor, dct: tuple[int, int], latent: int) -> torch.Tensor:
+    """What the linear readout of h_t reads (Eq. 5 + R x): the DCT_low block of f_t's last dct[0] channels
+    (`dct_block`), then z_t / sigma_t (f_t's first `latent` channels) flattened, each value in its place."""
+    parts = [dct_block(f, *dct)] if dct[0] else []
+    return torch.cat(parts + ([f[:, :latent].flatten(1)] if latent else []), dim=1)
 
 
 def temporal_attention(h: torch.Tensor, u: torch.Tensor, q: torch.Tensor):
@@ -95,15 +110,23 @@ class ProtoLeakNet(nn.Module):
     from the `model` section of the config for feature maps of `in_channels` channels and side `side`."""
 
     def __init__(
-        self, cfg: ModelConfig, n_classes: int, in_channels: int = 8, side: int = 32, dct: tuple[int, int] = (0, 0)
+        self,
+        cfg: ModelConfig,
+        n_classes: int,
+        in_channels: int = 8,
+        side: int = 32,
+        dct: tuple[int, int] = (0, 0),
+        latent: tuple[int, int, int] = (0, 0, 0),
     ):
-        """`dct` (channels, k): where f_t's DCT_low map is, for model.dct_readout = linear; (0, 0): no map."""
+        """`dct` (channels, k): where f_t's DCT_low map is, for model.dct_readout = linear; (0, 0): no map.
+        `latent` (channels, h, w): f_t's first channels (z_t / sigma_t) that model.latent_readout reads."""
         super().__init__()
         self.backbone = build_backbone(cfg.backbone, in_channels, side, cfg.stem)
         self.proj = nn.Linear(self.backbone.out_features, cfg.embed_dim)
-        self.dct = (dct[0], min(dct[1], side))
-        use = cfg.dct_readout == "linear" and dct[0] > 0
-        self.readout = nn.Linear(self.dct[0] * self.dct[1] ** 2, cfg.embed_dim) if use else None
+        self.dct = (dct[0], min(dct[1], side)) if cfg.dct_readout == "linear" else (0, 0)
+        self.latent = latent[0]
+        n_in = self.dct[0] * self.dct[1] ** 2 + latent[0] * latent[1] * latent[2]
+        self.readout = nn.Linear(n_in, cfg.embed_dim) if n_in else None
         self.attn = nn.Linear(cfg.embed_dim, cfg.embed_dim)  # W_a, b_a (Eq. 6)
         self.q = nn.Parameter(torch.randn(cfg.embed_dim) / cfg.embed_dim**0.5)
         self.gate_kind = cfg.gate if cfg.gating else "none"
@@ -134,9 +157,10 @@ class ProtoLeakNet(nn.Module):
         return self.log_tau.exp().clamp(*TAU_RANGE)
 
     def embed_timesteps(self, f: torch.Tensor, backbone_dropped: torch.Tensor | None = None) -> torch.Tensor:
-        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps, plus R vec(DCT_low) with
-        model.dct_readout = linear. (B, T, ...) -> (B, T, D). Tiles (B, K, T, ...) of one image are pooled
-        like the positions of one map: their h_t are averaged (tiled evaluation of a model trained on crops).
+        """Eq. 5: h_t = proj(backbone(f_t)), one backbone shared by all timesteps, plus R x for x the DCT_low
+        block and z_t / sigma_t that model.dct_readout and model.latent_readout read. (B, T, ...) -> (B, T, D).
+        Tiles (B, K, T, ...) of one image are pooled like the positions of one map: their h_t are averaged
+        (tiled evaluation of a model trained on crops).
         `backbone_dropped` (B,) bool: images whose h_t is the readout's alone (train.backbone_dropout)."""
         tiles = f.shape[1] if f.dim() == 6 else 1
         f = f.flatten(0, 1) if f.dim() == 6 else f
@@ -149,13 +173,13 @@ class ProtoLeakNet(nn.Module):
             return h.mean(1)
         if backbone_dropped is not None:
             h = h.masked_fill(backbone_dropped.view(-1, 1, 1, 1), 0.0)
-        return (h + self.readout(dct_block(x, *self.dct)).view_as(h)).mean(1)
+        return (h + self.readout(readout_input(x, self.dct, self.latent)).view_as(h)).mean(1)
 
     def forward(
         self, f: torch.Tensor, dropped: torch.Tensor | None = None, backbone_dropped: torch.Tensor | None = None
     ) -> Output:
         """`dropped` (B, T) bool: timesteps whose h_t (and w_t) are zeroed (time-dropout, training only);
-        `backbone_dropped` (B,) bool: images whose h_t is the DCT readout's alone (training only)."""
+        `backbone_dropped` (B,) bool: images whose h_t is the readout's alone (training only)."""
         h = self.embed_timesteps(f, backbone_dropped)
         if dropped is not None:
             h = h.masked_fill(dropped.unsqueeze(-1), 0.0)
