@@ -60,7 +60,7 @@ def _steps(rank: int, world: int, root: str, init: str, out: str) -> None:
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(data, 64)
     torch.manual_seed(0)
-    model = build_model(cfg, len(classes))
+    model = build_model(cfg, len(classes), data.latent_shape)
     for _, mod in list(model.named_modules()):
         for child, sub in list(mod.named_children()):
             if isinstance(sub, torch.nn.BatchNorm2d):

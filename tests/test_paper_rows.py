@@ -95,7 +95,7 @@ def test_first_conv_adaptation_and_its_errors(tmp_path):
     torch.testing.assert_close(small["encoder.pos_embedding"][:, 0], vit["encoder.pos_embedding"][:, 0])
     # through the config: a file that fits loads, one that does not is an error naming the file
     cfg = load_config(None, FAST)
-    model = build_model(cfg, 3)
+    model = build_model(cfg, 3, (4, 32, 32))
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "rn18.safetensors")
     init_backbone(model, tmp_path / "rn18.safetensors")  # the default small stem: a resized 3 x 3 kernel
     torch.testing.assert_close(
@@ -141,7 +141,7 @@ def test_time_dropout_and_entropy_penalty():
     assert float(attention_entropy_penalty(torch.full((4, 3), 1 / 3))) == pytest.approx(0.0, abs=1e-6)
     assert float(attention_entropy_penalty(torch.tensor([[1.0, 0.0, 0.0]]))) == pytest.approx(np.log(3), abs=1e-4)
     cfg = load_config(None, [*FAST, "diffusion.timesteps=0,5,10", "model.gate=mlp"])
-    model = build_model(cfg, 2).train()
+    model = build_model(cfg, 2, (4, 32, 32)).train()
     out = model(torch.randn(2, 3, 8, 32, 32), torch.tensor([[False, True, True], [False, False, False]]))
     assert torch.equal(out.h_t[0, 1:], torch.zeros_like(out.h_t[0, 1:]))
 
@@ -202,7 +202,7 @@ def test_eq14_contributions_sum_to_the_distance_and_eq15_is_stored():
 
     torch.manual_seed(1)
     cfg = load_config(None, [*FAST, "model.prototypes_per_class=3", "model.tau=0.7"])
-    model = build_model(cfg, 4).eval()
+    model = build_model(cfg, 4, (4, 32, 32)).eval()
     with torch.no_grad():
         out = model(torch.randn(5, 3, 8, 32, 32))
         pi_cm, r = explanation(out, model.prototypes, model.tau)

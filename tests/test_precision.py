@@ -109,7 +109,7 @@ def _engine(root, cfg, epochs, forward=None):
     label = np.array([classes.index(r["label"]) for r in rows])
     tr, va = (LatentRows(store, part[p], label[part[p]], 2**30) for p in ("train", "val"))
     torch.manual_seed(0)
-    model = build_model(cfg, len(classes))
+    model = build_model(cfg, len(classes), tr.latent_shape)
     build = FeatureBuilder(cfg, torch.device("cpu"))
     build.fit_statistics(tr, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -170,7 +170,7 @@ def test_cuda_only_pieces_fall_back_or_say_what_to_do(tws):
     with pytest.raises(UserError, match="not a torch.compile backend.*inductor"):
         precision.compiled(torch.nn.Linear(2, 2), True, "no-such-backend")
     cfg = load_config(None, ["model.embed_dim=16", "model.stem=imagenet"])
-    model = build_model(cfg, 3).eval()
+    model = build_model(cfg, 3, (4, 16, 16)).eval()
     f = torch.randn(4, 3, 8, 16, 16)
     with torch.no_grad():
         plain = model(f).logits
