@@ -25,7 +25,6 @@ from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report import decisions
 from leakpipe.pipeline.report.evaluate import label_index
-from leakpipe.stages import embed, encode
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.config_files import parse_override, with_overrides
@@ -100,9 +99,13 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     return rows
 
 
-def code_identity() -> dict:
-    """The code an attributor's numbers depend on: that of the encode and embed stages."""
-    return {stage.name: stage.code_identity() for stage in (encode.STAGE, embed.STAGE)}
+ATTRIBUTOR_CODE = ("encode", "embed")  # the stages whose code an attributor's numbers depend on
+
+
+def code_identity(stages: dict) -> dict:
+    """The code identity of the encode and embed stages of the stage registry `stages` (a graph's), which
+    an exported attributor records and is checked against: a workflow never imports another stage."""
+    return {name: stages[name].code_identity() for name in ATTRIBUTOR_CODE}
 
 
 def stale_reasons(g: Graph, run: str) -> list[str]:
@@ -227,11 +230,11 @@ def run(
     must have the same encoder fingerprint; `overrides`, the --set items, may raise preprocess.max_pixels)."""
     device = resolve_device(g.cfg.compute.device)
     if model:
-        att, differ = load_exported(model, vae, device, allow_code_change)
+        att, differ = load_exported(model, vae, device, g.stages, allow_code_change)
     else:
         att, differ = from_result(g, run, device), []
         att = att_lib.with_vae(att, vae) if vae else att
-        att_lib.check_encoder(att, encode.STAGE.code_identity())
+        att_lib.check_encoder(att, g.stages["encode"].code_identity())
     results = attribute(att, g.cfg, paths, top, run if not model else model, preprocess_for(att, overrides))
     for r in results:
         r["code_differs"] = differ
@@ -239,17 +242,17 @@ def run(
 
 
 def load_exported(
-    model: str, vae: str | None, device, allow_code_change: bool = False, log=lambda msg: None
+    model: str, vae: str | None, device, stages: dict, allow_code_change: bool = False, log=lambda msg: None
 ) -> tuple[Attributor, list[str]]:
     """An exported attributor (folder or Hub id) with every file checked, its code compared with this
     leakpipe's (see check_code) and its VAE (`vae` overrides the recorded one) checked against the
     recorded encoder fingerprint: what `attribute --model` and `app` use. (attributor, code differences)."""
     log(f"reading attributor {model} (checksums of every file)")
     att = att_lib.from_folder(att_lib.locate(model), device)
-    differ = check_code(att, code_identity(), allow_code_change)
+    differ = check_code(att, code_identity(stages), allow_code_change)
     att = att_lib.with_vae(att, vae) if vae else att
     log(f"checking the VAE {att.cfg.vae.source} (encoder fingerprint)")
-    att_lib.check_encoder(att, encode.STAGE.code_identity())
+    att_lib.check_encoder(att, stages["encode"].code_identity())
     return att, differ
 
 

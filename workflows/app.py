@@ -24,6 +24,7 @@ from typing import Callable
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.config_files import load_config
+from leakpipe.stages import STAGES
 
 INSTALL = "pip install 'leakpipe[app]'"
 MAX_FILE_SIZE = "50mb"  # per upload; gradio refuses bigger files before they reach leakpipe
@@ -122,7 +123,8 @@ def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_std
     from leakpipe.stages.attribute import load_exported
 
     ws_cfg = ws_cfg or load_config()
-    att, differ = load_exported(model, vae, resolve_device(ws_cfg.compute.device), log=lambda msg: log(f"app: {msg}"))
+    device = resolve_device(ws_cfg.compute.device)
+    att, differ = load_exported(model, vae, device, STAGES, log=lambda msg: log(f"app: {msg}"))
     return Page(att, ws_cfg, model, top, att.gallery, log, differ)
 
 

@@ -114,7 +114,7 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(att, run, out, lat, tmp, ws.root, ws_cfg, log)
+        _write(att, run, out, lat, tmp, ws.root, ws_cfg, code_identity(g.stages), log)
         os.replace(tmp, dest)  # onto a new name or an empty folder: atomic
     except OSError:
         if dest.is_dir() and any(dest.iterdir()):
@@ -127,7 +127,7 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
 
 
-def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, log) -> None:
+def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: dict, log) -> None:
     """The attributor's files in `dest`: those of the run as their locks vouch for them, the rest made here."""
     for name, data in (
         ("model.safetensors", trained_bytes(out, "model.safetensors")),
@@ -162,7 +162,7 @@ def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, log) -
             "store_dtype": att.cfg.store.dtype,
             "random_weights": vae_lib.is_random(att.cfg.vae, root),
         },
-        "code": code_identity(),
+        "code": code,
         "unseen_threshold": att.threshold,
         "decisions": att.decisions,
         "score": {"maha_floor": ws_cfg.score.maha_floor, "kde_dtype": ws_cfg.score.kde_dtype},
