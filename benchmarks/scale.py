@@ -173,7 +173,7 @@ def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
     )
     opened = split("open", n_test // 5, offset=CLASSES - 2)
     start = time.perf_counter()
-    closed = ev.closed_set(train, {"raw": test}, classes, cfg.maha_floor, cfg.bootstrap, cfg.seed)
+    closed = ev.closed_set(ev.comparator(train, classes, cfg), {"raw": test}, classes, cfg.bootstrap, cfg.seed)
     t_closed = time.perf_counter() - start
     res = ev.open_set(train, test, opened, cfg)
     unseen, _ = ev.calibrate_unseen(res.kdes["gating_off"], val, "h_bar")

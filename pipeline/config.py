@@ -157,7 +157,13 @@ class ScoreConfig:
     # manifests of post-processed test copies (variant column: step1, step2, ...), one or several
     postprocessed: list[str] = field(default_factory=lambda: ["closed-pp"])
     open: str = "open"  # unseen generators for the open-set analysis
-    maha_floor: float = 1e-3  # Eq. 13 epsilon, relative to the mean per-dimension training variance
+    # the Mahalanobis comparator: class_diagonal (Eq. 13 as printed: a diagonal Gaussian per class) |
+    # shared (class means, one full covariance for every class, Ledoit-Wolf shrunk: Lee et al. 2018)
+    maha_covariance: str = "shared"
+    # the closed rows it is fitted on: train | train_val (the val rows too: the network has fitted its
+    # training rows, whose deviations from their class mean understate an unseen image's; benchmarks/recipe.py)
+    maha_rows: str = "train_val"
+    maha_floor: float = 1e-3  # Eq. 13 epsilon, relative to the mean per-dimension variance (class_diagonal)
     kde_bandwidth: float = 0.0  # 0: cross-validated over kde_grid x the embeddings' scale
     kde_grid: list[float] = field(default_factory=lambda: [round(10 ** (-1.5 + k / 6), 5) for k in range(13)])
     kde_folds: int = 5
@@ -251,6 +257,8 @@ CHOICES = {
     "score.embedding_map": ("pca", "tsne"),
     "score.calibration": ("temperature", "class_temperature", "none"),
     "score.conformal": ("lac", "aps"),
+    "score.maha_covariance": ("class_diagonal", "shared"),
+    "score.maha_rows": ("train", "train_val"),
 }
 # Keys that were replaced: a stored config (a result's or an export's config.json) that has one still
 # loads, the key dropped; set in a TOML file or with --set, the error names what replaced it.
@@ -286,6 +294,8 @@ ADDED_KEYS = {
     "train.backbone_dropout": 0.0,
     "features.latent_stats": "per_channel",
     "model.latent_readout": "none",
+    "score.maha_covariance": "class_diagonal",
+    "score.maha_rows": "train",
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -410,6 +420,8 @@ _PAPER = (
     "train.ema_half_life=0",
     "train.label_smoothing=0",
     "train.select=val_auc",
+    "score.maha_covariance=class_diagonal",
+    "score.maha_rows=train",
 )
 PROFILES: dict[str, tuple[str, ...]] = {
     "leakpipe": (),

@@ -155,8 +155,9 @@ def from_result(g: Graph, run: str, device) -> Attributor:
         )
     model, build, classes, cfg = load_trained(out, device)
     closed, _ = load_split(ws, out, ws_cfg.score.closed)
-    tr = closed.select((closed.partition == "train") & np.isin(closed.labels, classes))
+    tr, va = (closed.select((closed.partition == p) & np.isin(closed.labels, classes)) for p in ("train", "val"))
     reference = {"h_bar": tr.arrays["h_bar"], "w": tr.arrays["w"], "labels": label_index(tr, classes)}
+    reference.update(val_h_bar=va.arrays["h_bar"], val_labels=label_index(va, classes))
     return Attributor(
         model,
         build,

@@ -325,6 +325,40 @@ def test_attributor_json_is_checksummed_and_validated(exported, tmp_path, edit, 
     assert "export the run again" in r.output or "--model needs a folder" in r.output
 
 
+def test_the_reference_holds_the_val_rows_and_an_export_without_them_still_attributes(exported, tmp_path):
+    """reference.safetensors holds the closed val rows (score.maha_rows = train_val fits the Mahalanobis
+    comparator on them too); an export made before them (training rows only) attributes with the
+    comparator on its training rows, and one with half of them is refused, saying what is missing."""
+    from leakpipe.pipeline.ledger import runs
+    from leakpipe.pipeline.ledger.results import load_split
+    from leakpipe.pipeline.store.hashing import hash_file
+    from safetensors.numpy import load_file, save_file
+
+    root, att, images = exported
+    ref = load_file(str(att / "reference.safetensors"))
+    ws = Workspace(root)
+    closed, _ = load_split(ws, runs.pointed(ws, "default"), "closed")
+    val = closed.select(closed.partition == "val")
+    assert len(val) and np.array_equal(ref["val_h_bar"], val.arrays["h_bar"]) and len(ref["val_labels"]) == len(val)
+
+    def with_reference(name: str, keys: set) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(att, copy)
+        save_file({k: v for k, v in ref.items() if k in keys}, str(copy / "reference.safetensors"))
+        record = json.loads((copy / "attributor.json").read_text())
+        record["files"]["reference.safetensors"] = hash_file(copy / "reference.safetensors")
+        (copy / "attributor.json").write_text(json.dumps(_resign(record)))
+        return copy
+
+    now = _attribute_json(att, images, "first.png")[0]
+    before = _attribute_json(with_reference("before", {"h_bar", "w", "labels"}), images, "first.png")[0]
+    assert before["top"] == now["top"] and before["kde_log_density"] == now["kde_log_density"]
+    assert before["mahalanobis"]["score"] != now["mahalanobis"]["score"]  # fitted on fewer rows
+    half = with_reference("half", {"h_bar", "w", "labels", "val_h_bar"})
+    r = CliRunner().invoke(main, ["attribute", "--model", str(half), str(images / "first.png")])
+    assert r.exit_code != 0 and "val_labels missing" in r.output and "both or neither" in r.output, r.output
+
+
 def test_page_equals_attribute_json(exported, served):
     _, att, images = exported
     status, results, a_t, gated, gallery, raw = _predict(

@@ -4,6 +4,7 @@ resampled rows (and groups), to float rounding."""
 import numpy as np
 import pytest
 
+from leakpipe.pipeline.config import ScoreConfig
 from leakpipe.pipeline.math import bootstrap, metrics
 
 
@@ -103,7 +104,9 @@ def test_a_model_at_chance_is_said_to_be_at_chance():
             np.array(["raw"] * n),
         )
         train = split.select(np.ones(n, bool))
-        closed = evaluate.closed_set(train, {"raw": split}, ["c0", "c1", "c2", "c3"], 1e-3, n_boot=500, seed=0)
+        classes = ["c0", "c1", "c2", "c3"]
+        maha = evaluate.comparator(train, classes, ScoreConfig())
+        closed = evaluate.closed_set(maha, {"raw": split}, classes, n_boot=500, seed=0)
         return {"closed": closed, "open": {}}
 
     guessing = evaluate.chance_notes(metrics_of(rng.normal(0, 1, (n, 4))))

@@ -1,6 +1,7 @@
 """`leakpipe export DIR`: a scored run as a self-contained attributor folder, for `attribute --model`
 and the Hugging Face Hub: model.safetensors (weights, prototypes and the feature path it was trained
-with), reference.safetensors (the closed training embeddings the comparators are fitted on),
+with), reference.safetensors (the closed training embeddings the comparators are fitted on, and the
+validation embeddings for score.maha_rows = train_val),
 calibration.safetensors (the closed validation images' KDE log-densities: the unseen p-values),
 attributor.json (classes, the encoder's identity, the threshold, the decisions: temperature,
 conformal thresholds and level; the code identity of the encode and embed stages and a checksum of
@@ -165,7 +166,7 @@ def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: 
         "code": code,
         "unseen_threshold": att.threshold,
         "decisions": att.decisions,
-        "score": {"maha_floor": ws_cfg.score.maha_floor, "kde_dtype": ws_cfg.score.kde_dtype},
+        "score": {k: getattr(ws_cfg.score, k) for k in ("maha_covariance", "maha_rows", "maha_floor", "kde_dtype")},
         "files": {name: hash_file(dest / name) for name in files},
     }
     record["checksum"] = att_lib.record_checksum(record)

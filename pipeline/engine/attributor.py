@@ -155,7 +155,24 @@ def _fits_model(record: dict, classes: list[str], embed_dim: int, reference: dic
         )
     elif not (np.isfinite(h).all() and np.isfinite(w).all()) or labels.min() < 0 or labels.max() >= len(classes):
         out.append(f"reference.safetensors: embeddings must be finite and labels in 0..{len(classes) - 1}")
-    return out
+    return out + _val_rows_problems(reference, embed_dim, len(classes))
+
+
+def _val_rows_problems(reference: dict, embed_dim: int, n_classes: int) -> list[str]:
+    """The closed validation rows (val_h_bar, val_labels) that score.maha_rows = train_val fits the
+    Mahalanobis comparator on too: both or neither (an export made before them has neither)."""
+    h, labels = reference.get("val_h_bar"), reference.get("val_labels")
+    if h is None and labels is None:
+        return []
+    if h is None or labels is None or h.ndim != 2 or h.shape[1] != embed_dim or labels.shape != (len(h),):
+        shapes = [tuple(x.shape) if x is not None else "missing" for x in (h, labels)]
+        return [
+            f"reference.safetensors: val_h_bar {shapes[0]}, val_labels {shapes[1]}; expected (m, {embed_dim}) "
+            "and (m,), both or neither"
+        ]
+    if not np.isfinite(h).all() or (len(labels) and (labels.min() < 0 or labels.max() >= n_classes)):
+        return [f"reference.safetensors: val_h_bar must be finite and val_labels in 0..{n_classes - 1}"]
+    return []
 
 
 @dataclass
@@ -164,7 +181,9 @@ class Attributor:
     build: object
     classes: list[str]
     cfg: Config  # the config it was trained with (VAE, preprocessing, features)
-    reference: dict  # h_bar, w (float32) and labels of the closed training rows
+    # h_bar, w (float32) and labels of the closed training rows; val_h_bar and val_labels of the closed
+    # validation rows (absent from an export made before them), for score.maha_rows = train_val
+    reference: dict
     threshold: dict  # metrics.json's unseen_threshold
     name: str  # "run NAME (result X)" or the folder
     result: str  # the trained result's fingerprint prefix (cache/results/<result>)
@@ -180,12 +199,18 @@ class Attributor:
     gallery: dict | None = None  # the exported prototype gallery, from the bytes checked with the folder
 
     def comparators(self, cfg_score):
-        """Mahalanobis (Eq. 13) and the unseen KDE, fitted on the reference embeddings."""
+        """The Mahalanobis comparator of `cfg_score` (on the training rows, and the validation rows for
+        maha_rows = train_val where the reference has them) and the unseen KDE (training rows)."""
         from leakpipe.pipeline.math.kde import GaussianKDE
         from leakpipe.pipeline.math.kde import embedding
 
-        h = self.reference["h_bar"].astype(np.float64)
-        maha = Mahalanobis(len(self.classes), cfg_score.maha_floor).fit(h, self.reference["labels"])
+        r = self.reference
+        h, labels = r["h_bar"].astype(np.float64), r["labels"]
+        if cfg_score.maha_rows == "train_val" and "val_h_bar" in r:
+            fit = np.concatenate([h, r["val_h_bar"].astype(np.float64)]), np.concatenate([labels, r["val_labels"]])
+        else:
+            fit = h, labels
+        maha = Mahalanobis(len(self.classes), cfg_score.maha_floor, cfg_score.maha_covariance).fit(*fit)
         ref = self.threshold.get("kde_reference", {})  # the reference rows the threshold was calibrated on
         kde = GaussianKDE(
             bandwidth=self.threshold["bandwidth"],

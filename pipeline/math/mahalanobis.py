@@ -1,4 +1,5 @@
-"""The Mahalanobis comparator of Eq. 13: per-class diagonal Gaussians on training embeddings."""
+"""The Mahalanobis comparator: per-class diagonal Gaussians (Eq. 13), or class means with one shared,
+Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018), on embeddings."""
 
 from __future__ import annotations
 
@@ -23,23 +24,50 @@ def mahalanobis_scores(h: np.ndarray, mu: np.ndarray, var: np.ndarray, eps: floa
     return -(diff * diff / (var[None] + eps)).sum(-1)
 
 
+def ledoit_wolf(x: np.ndarray) -> np.ndarray:
+    """Ledoit and Wolf (2004)'s shrinkage of the covariance of centred rows x (n, D) towards m I, m the mean
+    variance, by the weight that minimises the expected squared error: (1 - s) S + s m I."""
+    n, d = x.shape
+    s = x.T @ x / n
+    m = np.trace(s) / d
+    dist = ((s - m * np.eye(d)) ** 2).sum() / d
+    spread = ((x * x).sum(1) ** 2).sum() / n - (s * s).sum()  # sum_k ||x_k x_k^T - S||_F^2 / n
+    shrink = min(spread / (n * d), dist) / dist if dist > 0 else 1.0
+    return (1 - shrink) * s + shrink * m * np.eye(d)
+
+
+def shared_scores(h: np.ndarray, mu: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """s_c = -(h - mu_c)^T P (h - mu_c) for one precision P shared by all classes (Lee et al. 2018, Eq. 2),
+    expanded so that no (N, C, D) array is formed; shape (N, C), higher is closer."""
+    hp = h @ precision
+    return -((hp * h).sum(1)[:, None] - 2 * hp @ mu.T + ((mu @ precision) * mu).sum(1)[None])
+
+
 @dataclass
 class Mahalanobis:
-    """fit(h, labels) on training embeddings; score(h) -> (N, C) class scores.
+    """fit(h, labels) on reference embeddings; score(h) -> (N, C) class scores.
 
-    eps = floor x the mean per-dimension variance of all training embeddings: a floor relative to the
-    embedding scale, so a near-constant dimension of one class cannot dominate the distance and the
-    same setting works for any D and any normalisation.
+    covariance = class_diagonal (Eq. 13): one diagonal Gaussian per class, its variances floored at
+    eps = floor x the mean per-dimension variance of all rows, so a near-constant dimension of one class
+    cannot dominate the distance, for any D and normalisation. shared: the class means and one full
+    covariance of the rows' deviations from their class mean, Ledoit-Wolf shrunk (D may exceed the rows
+    of a class; the floor is not used).
     """
 
     n_classes: int
     floor: float = 1e-3
+    covariance: str = "class_diagonal"
 
     def fit(self, h: np.ndarray, labels: np.ndarray) -> "Mahalanobis":
-        h = np.asarray(h, np.float64)
-        self.mu_, self.var_ = class_moments(h, np.asarray(labels), self.n_classes)
+        h, labels = np.asarray(h, np.float64), np.asarray(labels)
+        self.mu_, self.var_ = class_moments(h, labels, self.n_classes)
         self.eps_ = self.floor * float(h.var(0).mean()) or self.floor
+        if self.covariance == "shared":
+            self.precision_ = np.linalg.pinv(ledoit_wolf(h - self.mu_[labels]), hermitian=True)
         return self
 
     def score(self, h: np.ndarray) -> np.ndarray:
-        return mahalanobis_scores(np.asarray(h, np.float64), self.mu_, self.var_, self.eps_)
+        h = np.asarray(h, np.float64)
+        if self.covariance == "shared":
+            return shared_scores(h, self.mu_, self.precision_)
+        return mahalanobis_scores(h, self.mu_, self.var_, self.eps_)

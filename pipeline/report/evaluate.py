@@ -71,14 +71,20 @@ def label_index(split: Split, classes: list[str]) -> np.ndarray:
     return np.array([index[c] for c in split.labels], np.int64)
 
 
-def closed_set(
-    train: Split, tests: dict[str, Split], classes: list[str], floor: float, n_boot: int = 0, seed: int = 0
-) -> dict:
+MAHA_PARTS = {"train": ("train",), "train_val": ("train", "val")}  # score.maha_rows: the partitions fitted on
+
+
+def comparator(rows: Split, classes: list[str], cfg_score) -> Mahalanobis:
+    """The Mahalanobis comparator of `score.maha_covariance`, fitted on `rows` (those of score.maha_rows)."""
+    maha = Mahalanobis(len(classes), cfg_score.maha_floor, cfg_score.maha_covariance)
+    return maha.fit(rows.embedding("h_bar"), label_index(rows, classes))
+
+
+def closed_set(maha: Mahalanobis, tests: dict[str, Split], classes: list[str], n_boot: int = 0, seed: int = 0) -> dict:
     """Per variant: every closed-set metric of the registry for the model's head (scores: the posterior
-    pi) and the Mahalanobis comparator (scores: s_c of Eq. 13) fitted on the training embeddings; with
-    `n_boot`, 95% bootstrap intervals over the test images (`ci`), and the chance level of each
-    number (`chance`); plus the row count and the confusion matrix."""
-    maha = Mahalanobis(len(classes), floor).fit(train.embedding("h_bar"), label_index(train, classes))
+    pi) and the fitted Mahalanobis comparator `maha` (scores: its s_c); with `n_boot`, 95% bootstrap
+    intervals over the test images (`ci`), and the chance level of each number (`chance`); plus the row
+    count and the confusion matrix."""
     out = {}
     for variant, s in tests.items():
         y = label_index(s, classes)

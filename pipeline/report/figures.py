@@ -212,7 +212,7 @@ def postprocessing_figure(closed: dict, n_classes: int, path: Path) -> None:
             yerr=err,
             fmt=style,
             capsize=3,
-            label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis (Eq. 13)",
+            label="Proto-LeakNet head" if scorer == "head" else "Mahalanobis",
         )
     ax.set_xticks(np.arange(len(variants)), variants)
     ax.set(

@@ -27,6 +27,15 @@ def with_ci(r: dict, key: str, index: int | None = None) -> str:
     return fmt(value) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else "")
 
 
+def maha_name(fit: dict | None) -> str:
+    """The Mahalanobis row's name: its covariance and the rows it was fitted on (metrics.json's
+    `mahalanobis`; a report scored before it has Eq. 13 on the training rows)."""
+    fit = fit or {"covariance": "class_diagonal", "rows": "train"}
+    kind = "Eq. 13, per-class diagonal" if fit["covariance"] == "class_diagonal" else "shared covariance"
+    rows = "train rows" if fit["rows"] == "train" else "train + val rows"
+    return f"Mahalanobis ({kind}, fitted on {rows}{', ' + str(fit['n']) if 'n' in fit else ''})"
+
+
 def report_markdown(m: dict) -> str:
     lines = [
         f"# leakpipe report: result `{m['result']}`",
@@ -52,7 +61,7 @@ def report_markdown(m: dict) -> str:
         "| scorer | n | " + " | ".join(m.label for m in cols) + " |",
         "|---|---:|" + "---:|" * len(cols),
     ]
-    for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", "Mahalanobis (Eq. 13)")):
+    for scorer, name in (("head", "Proto-LeakNet head"), ("mahalanobis", maha_name(m.get("mahalanobis")))):
         r = closed["raw"][scorer]
         lines.append(f"| {name} | {r['n']} | " + " | ".join(with_ci(r, m.key) for m in cols) + " |")
     chance = closed["raw"]["head"].get("chance", {})

@@ -79,6 +79,7 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
                 else ""
             )
         )
+    fit_rows = closed.select(np.isin(closed.partition, ev.MAHA_PARTS[cfg.score.maha_rows]) & trained_on)
     try:
         m = {
             "result": r.name,
@@ -87,8 +88,13 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
             "notes": notes,
             "head": "prototypes" if run_cfg.model.prototypes else "linear",
             "closed": ev.closed_set(
-                by_part["train"], tests, classes, cfg.score.maha_floor, cfg.score.bootstrap, cfg.score.seed
+                ev.comparator(fit_rows, classes, cfg.score), tests, classes, cfg.score.bootstrap, cfg.score.seed
             ),
+            "mahalanobis": {
+                "covariance": cfg.score.maha_covariance,
+                "rows": cfg.score.maha_rows,
+                "n": int(len(fit_rows)),
+            },
             "attention": ev.attention_by_class(tests["raw"], classes),
             "invalid_rows": {cfg.score.closed: closed.n_invalid},
         }
