@@ -83,10 +83,10 @@ def test_mahalanobis_matches_formula_and_floor():
         Mahalanobis(3).fit(h, y)
 
 
-def test_ledoit_wolf_is_scikit_learns_and_the_shared_comparator_its_quadratic_form():
-    """score.maha_covariance = shared: the class means and one covariance of the deviations from them,
-    Ledoit-Wolf shrunk (equal to scikit-learn's, also with more dimensions than rows), scored as
-    -(h - mu_c)^T Sigma^-1 (h - mu_c) without forming (N, C, D)."""
+def test_ledoit_wolf_is_scikit_learns_and_the_pooled_comparator_its_quadratic_form():
+    """score.maha_shared: the class means, and one covariance of the deviations from them, Ledoit-Wolf
+    shrunk (equal to scikit-learn's, also with more dimensions than rows), pooled with each class's
+    floored diagonal: -(h - mu_c)^T Sigma_c^-1 (h - mu_c); at 1 without forming (N, C, D)."""
     from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
 
     r = np.random.default_rng(4)
@@ -96,14 +96,17 @@ def test_ledoit_wolf_is_scikit_learns_and_the_shared_comparator_its_quadratic_fo
         np.testing.assert_allclose(ledoit_wolf(x), sklearn_ledoit_wolf(x, assume_centered=True)[0], atol=1e-10)
     h = np.r_[r.normal(0, 1, (20, 40)), r.normal(1, 1, (20, 40))]  # 40 rows of 40 dimensions: S is singular
     y = np.r_[np.zeros(20, int), np.ones(20, int)]
-    m = Mahalanobis(2, covariance="shared").fit(h, y)
     mu = np.stack([h[y == c].mean(0) for c in (0, 1)])
-    precision = np.linalg.inv(ledoit_wolf(h - mu[y]))
-    q = r.normal(0.5, 1, (7, 40))
-    want = np.stack([[-(x - mu[c]) @ precision @ (x - mu[c]) for c in (0, 1)] for x in q])
-    np.testing.assert_allclose(m.score(q), want, rtol=1e-9)
-    np.testing.assert_allclose(shared_scores(q, mu, precision), want, rtol=1e-9)
-    assert (m.score(h).argmax(1) == y).mean() > 0.95
+    shared, q = ledoit_wolf(h - mu[y]), r.normal(0.5, 1, (7, 40))
+    eps = 1e-3 * h.var(0).mean()
+    for w in (1.0, 0.3):
+        m = Mahalanobis(2, shared=w).fit(h, y)
+        cov = [w * shared + (1 - w) * np.diag(h[y == c].var(0) + eps) for c in (0, 1)]
+        want = np.stack([[-(x - mu[c]) @ np.linalg.inv(cov[c]) @ (x - mu[c]) for c in (0, 1)] for x in q])
+        np.testing.assert_allclose(m.score(q), want, rtol=1e-8)
+        assert (m.score(h).argmax(1) == y).mean() > 0.95
+    one = Mahalanobis(2, shared=1.0).fit(h, y).score(q)
+    np.testing.assert_allclose(shared_scores(q, mu, np.linalg.inv(shared)), one, rtol=1e-8)
 
 
 def test_capped_reference_is_seeded_recorded_and_close_to_the_exact_kde():

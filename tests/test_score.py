@@ -51,23 +51,27 @@ def y_all(m, rows):
     return np.array([m["classes"].index(row["label"]) for row in rows])
 
 
-def _shared_top1(h, y, fit, test):
-    """Top-1 of class means + one Ledoit-Wolf covariance (scikit-learn's) of the `fit` rows, on `test`."""
+def _pooled_top1(h, y, fit, test):
+    """Top-1 on `test` of the class means of the `fit` rows, each class's covariance half its own floored
+    diagonal and half one Ledoit-Wolf covariance (scikit-learn's) of the deviations."""
     from sklearn.covariance import ledoit_wolf
 
-    h = h.astype(np.float64)
-    mu = np.stack([h[fit & (y == c)].mean(0) for c in range(y.max() + 1)])
-    cov, _ = ledoit_wolf(h[fit] - mu[y[fit]], assume_centered=True)
-    d = h[test][:, None] - mu[None]
-    return float((np.einsum("ncd,de,nce->nc", d, np.linalg.inv(cov), d).argmin(1) == y[test]).mean())
+    h, classes = h.astype(np.float64), range(y.max() + 1)
+    mu = np.stack([h[fit & (y == c)].mean(0) for c in classes])
+    shared, _ = ledoit_wolf(h[fit] - mu[y[fit]], assume_centered=True)
+    eps = 1e-3 * h[fit].var(0).mean()
+    d = [h[test] - mu[c] for c in classes]
+    cov = [0.5 * np.diag(h[fit & (y == c)].var(0) + eps) + 0.5 * shared for c in classes]
+    s = np.stack([np.einsum("nd,de,ne->n", d[c], np.linalg.inv(cov[c]), d[c]) for c in classes], 1)
+    return float((s.argmin(1) == y[test]).mean())
 
 
 def test_the_paper_comparator_is_eq_13_on_the_training_rows(sws):
-    """score.maha_covariance = class_diagonal, score.maha_rows = train (the paper profile's): Eq. 13 with
+    """score.maha_shared = 0, score.maha_rows = train (the paper profile's): Eq. 13 with
     each class's variances, fitted on the training rows alone, and the report says so."""
     from leakpipe.pipeline.math.mahalanobis import class_moments, mahalanobis_scores
 
-    sets = ["--set", "score.maha_covariance=class_diagonal", "--set", "score.maha_rows=train"]
+    sets = ["--set", "score.maha_shared=0", "--set", "score.maha_rows=train"]
     m = json.loads(score(sws, "--json", *sets).stdout)
     out = train.run_dir(Workspace(sws), "default")
     e = embeddings.read(out / "embeddings" / "closed.zarr")
@@ -76,7 +80,7 @@ def test_the_paper_comparator_is_eq_13_on_the_training_rows(sws):
     h, tr, test = e["h_bar"].astype(np.float64), part == "train", part == "test"
     mu, var = class_moments(h[tr], y[tr], 4)
     s = mahalanobis_scores(h[test], mu, var, 1e-3 * h[tr].var(0).mean())
-    assert m["mahalanobis"] == {"covariance": "class_diagonal", "rows": "train", "n": int(tr.sum())}
+    assert m["mahalanobis"] == {"shared": 0.0, "rows": "train", "n": int(tr.sum())}
     assert m["closed"]["raw"]["mahalanobis"]["top1"] == pytest.approx((s.argmax(1) == y[test]).mean())
     assert "| Mahalanobis (Eq. 13, per-class diagonal, fitted on train rows" in (out / "report.md").read_text()
 
@@ -96,17 +100,15 @@ def test_metrics_report_and_figures(sws):
     assert m["closed"]["raw"]["head"]["n"] == test.sum() == sum(map(sum, m["closed"]["raw"]["head"]["confusion"]))
     # fingerprints are strong at difficulty 0.1: Mahalanobis on training embeddings is well above chance (0.25)
     assert m["closed"]["raw"]["mahalanobis"]["top1"] > 0.4
-    # the default comparator: the class means and one Ledoit-Wolf covariance of the train and val rows
+    # the default comparator: each class's diagonal pooled half and half with one Ledoit-Wolf covariance,
+    # fitted on the train and val rows
     part = np.array([row["partition"] for row in rows])
     fit = np.isin(part, ("train", "val"))
-    assert m["mahalanobis"] == {"covariance": "shared", "rows": "train_val", "n": int(fit.sum())}
-    assert m["closed"]["raw"]["mahalanobis"]["top1"] == pytest.approx(
-        _shared_top1(e["h_bar"], y_all(m, rows), fit, test)
-    )
-    assert (
-        f"| Mahalanobis (shared covariance, fitted on train + val rows, {fit.sum()}) |"
-        in (out / "report.md").read_text()
-    )
+    assert m["mahalanobis"] == {"shared": 0.5, "rows": "train_val", "n": int(fit.sum())}
+    top1 = _pooled_top1(e["h_bar"], y_all(m, rows), fit, test)
+    assert m["closed"]["raw"]["mahalanobis"]["top1"] == pytest.approx(top1)
+    name = f"Mahalanobis (per-class diagonal + shared covariance, weight 0.5, fitted on train + val rows, {fit.sum()})"
+    assert f"| {name} |" in (out / "report.md").read_text()
     for kind in ("gating_off", "gating_on"):
         o = m["open"][kind]
         assert o["n_open"] == 80 and 0 <= o["auroc"] <= 1 and 0 <= o["ovl"] <= 1 and o["bandwidth"] > 0

@@ -166,7 +166,7 @@ def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: 
         "code": code,
         "unseen_threshold": att.threshold,
         "decisions": att.decisions,
-        "score": {k: getattr(ws_cfg.score, k) for k in ("maha_covariance", "maha_rows", "maha_floor", "kde_dtype")},
+        "score": {k: getattr(ws_cfg.score, k) for k in ("maha_shared", "maha_rows", "maha_floor", "kde_dtype")},
         "files": {name: hash_file(dest / name) for name in files},
     }
     record["checksum"] = att_lib.record_checksum(record)

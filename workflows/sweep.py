@@ -58,7 +58,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "no-latent-readout": ("model.latent_readout=none",),
     "latent-stats-per-channel": ("features.latent_stats=per_channel",),
     # the paper's comparator (Eq. 13 on the training rows) beside the default's: the training is restored
-    "maha-eq13": ("score.maha_covariance=class_diagonal", "score.maha_rows=train"),
+    "maha-eq13": ("score.maha_shared=0", "score.maha_rows=train"),
     # Table 5: timesteps, schedules, DCT map
     "T0": ("diffusion.timesteps=0",),
     "T0-5": ("diffusion.timesteps=0,5",),

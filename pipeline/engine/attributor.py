@@ -210,7 +210,7 @@ class Attributor:
             fit = np.concatenate([h, r["val_h_bar"].astype(np.float64)]), np.concatenate([labels, r["val_labels"]])
         else:
             fit = h, labels
-        maha = Mahalanobis(len(self.classes), cfg_score.maha_floor, cfg_score.maha_covariance).fit(*fit)
+        maha = Mahalanobis(len(self.classes), cfg_score.maha_floor, cfg_score.maha_shared).fit(*fit)
         ref = self.threshold.get("kde_reference", {})  # the reference rows the threshold was calibrated on
         kde = GaussianKDE(
             bandwidth=self.threshold["bandwidth"],

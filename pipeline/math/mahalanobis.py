@@ -1,5 +1,5 @@
-"""The Mahalanobis comparator: per-class diagonal Gaussians (Eq. 13), or class means with one shared,
-Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018), on embeddings."""
+"""The Mahalanobis comparator on embeddings: per-class diagonal Gaussians (Eq. 13), pooled with one
+shared, Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018) by a weight."""
 
 from __future__ import annotations
 
@@ -43,31 +43,49 @@ def shared_scores(h: np.ndarray, mu: np.ndarray, precision: np.ndarray) -> np.nd
     return -((hp * h).sum(1)[:, None] - 2 * hp @ mu.T + ((mu @ precision) * mu).sum(1)[None])
 
 
+def pooled_scores(h: np.ndarray, mu: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """s_c = -(h - mu_c)^T Sigma_c^-1 (h - mu_c) for one covariance per class (C, D, D); shape (N, C)."""
+    out = np.empty((len(h), len(mu)))
+    for c, (m, cov) in enumerate(zip(mu, covariances)):
+        d = h - m
+        out[:, c] = -(d * np.linalg.solve(cov, d.T).T).sum(1)
+    return out
+
+
 @dataclass
 class Mahalanobis:
     """fit(h, labels) on reference embeddings; score(h) -> (N, C) class scores.
 
-    covariance = class_diagonal (Eq. 13): one diagonal Gaussian per class, its variances floored at
-    eps = floor x the mean per-dimension variance of all rows, so a near-constant dimension of one class
-    cannot dominate the distance, for any D and normalisation. shared: the class means and one full
-    covariance of the rows' deviations from their class mean, Ledoit-Wolf shrunk (D may exceed the rows
-    of a class; the floor is not used).
+    Each class's covariance is (1 - shared) diag(sigma_c^2 + eps) + shared Sigma, a regularised
+    discriminant analysis (Friedman, JASA 1989) between Eq. 13 (shared = 0: a diagonal Gaussian per
+    class) and one covariance for every class (shared = 1: Lee et al., NeurIPS 2018). Sigma is the
+    covariance of every row's deviation from its class mean, Ledoit-Wolf shrunk (D may exceed the rows of
+    a class); eps = floor x the mean per-dimension variance of all rows, so a near-constant dimension of
+    one class cannot dominate the distance, for any D and normalisation.
     """
 
     n_classes: int
     floor: float = 1e-3
-    covariance: str = "class_diagonal"
+    shared: float = 0.0
 
     def fit(self, h: np.ndarray, labels: np.ndarray) -> "Mahalanobis":
         h, labels = np.asarray(h, np.float64), np.asarray(labels)
         self.mu_, self.var_ = class_moments(h, labels, self.n_classes)
         self.eps_ = self.floor * float(h.var(0).mean()) or self.floor
-        if self.covariance == "shared":
-            self.precision_ = np.linalg.pinv(ledoit_wolf(h - self.mu_[labels]), hermitian=True)
+        if self.shared > 0:
+            cov = ledoit_wolf(h - self.mu_[labels])
+            self.covariances_ = self.shared * cov + (1 - self.shared) * _diagonals(self.var_ + self.eps_)
         return self
 
     def score(self, h: np.ndarray) -> np.ndarray:
         h = np.asarray(h, np.float64)
-        if self.covariance == "shared":
-            return shared_scores(h, self.mu_, self.precision_)
-        return mahalanobis_scores(h, self.mu_, self.var_, self.eps_)
+        if self.shared == 0:
+            return mahalanobis_scores(h, self.mu_, self.var_, self.eps_)
+        if self.shared == 1:  # one precision: no (N, D) solve per class
+            return shared_scores(h, self.mu_, np.linalg.pinv(self.covariances_[0], hermitian=True))
+        return pooled_scores(h, self.mu_, self.covariances_)
+
+
+def _diagonals(var: np.ndarray) -> np.ndarray:
+    """(C, D) variances as (C, D, D) diagonal matrices."""
+    return var[:, :, None] * np.eye(var.shape[1])[None]

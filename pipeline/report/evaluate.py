@@ -75,8 +75,8 @@ MAHA_PARTS = {"train": ("train",), "train_val": ("train", "val")}  # score.maha_
 
 
 def comparator(rows: Split, classes: list[str], cfg_score) -> Mahalanobis:
-    """The Mahalanobis comparator of `score.maha_covariance`, fitted on `rows` (those of score.maha_rows)."""
-    maha = Mahalanobis(len(classes), cfg_score.maha_floor, cfg_score.maha_covariance)
+    """The Mahalanobis comparator of `score.maha_shared`, fitted on `rows` (those of score.maha_rows)."""
+    maha = Mahalanobis(len(classes), cfg_score.maha_floor, cfg_score.maha_shared)
     return maha.fit(rows.embedding("h_bar"), label_index(rows, classes))
 
 

@@ -30,8 +30,15 @@ def with_ci(r: dict, key: str, index: int | None = None) -> str:
 def maha_name(fit: dict | None) -> str:
     """The Mahalanobis row's name: its covariance and the rows it was fitted on (metrics.json's
     `mahalanobis`; a report scored before it has Eq. 13 on the training rows)."""
-    fit = fit or {"covariance": "class_diagonal", "rows": "train"}
-    kind = "Eq. 13, per-class diagonal" if fit["covariance"] == "class_diagonal" else "shared covariance"
+    fit = fit or {"shared": 0.0, "rows": "train"}
+    w = fit["shared"]
+    kind = (
+        "Eq. 13, per-class diagonal"
+        if w == 0
+        else "one shared covariance"
+        if w == 1
+        else f"per-class diagonal + shared covariance, weight {w:g}"
+    )
     rows = "train rows" if fit["rows"] == "train" else "train + val rows"
     return f"Mahalanobis ({kind}, fitted on {rows}{', ' + str(fit['n']) if 'n' in fit else ''})"
 

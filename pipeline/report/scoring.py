@@ -91,7 +91,7 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
                 ev.comparator(fit_rows, classes, cfg.score), tests, classes, cfg.score.bootstrap, cfg.score.seed
             ),
             "mahalanobis": {
-                "covariance": cfg.score.maha_covariance,
+                "shared": cfg.score.maha_shared,
                 "rows": cfg.score.maha_rows,
                 "n": int(len(fit_rows)),
             },
