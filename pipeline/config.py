@@ -264,7 +264,9 @@ CHOICES = {
 # loads, the key dropped; set in a TOML file or with --set, the error names what replaced it.
 RETIRED_KEYS = {
     "score.unseen_tpr": "score.alpha (the unseen-generator flag is a conformal p-value at level "
-    "alpha; unseen_tpr = 0.95 reads as alpha = 0.05)"
+    "alpha; unseen_tpr = 0.95 reads as alpha = 0.05)",
+    "score.maha_covariance": "score.maha_shared (the weight of the shared covariance: class_diagonal "
+    "reads as 0, shared as 1)",
 }
 # Keys added after results were first stored, with the default that reproduces the earlier behaviour:
 # at that default a key is left out of fingerprints, so upgrading keeps every stored result valid.

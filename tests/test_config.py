@@ -108,6 +108,10 @@ def test_a_retired_key_names_its_replacement_and_stored_configs_still_load():
     stored = Config().to_dict()
     stored["score"]["unseen_tpr"] = 0.95
     assert from_dict(stored).score.alpha == 0.1
+    stored["score"]["maha_covariance"] = "shared"  # a result trained at commit 3d0bc00 stored it
+    assert from_dict(stored).score.maha_shared == 0.5
+    with pytest.raises(ConfigError, match="score.maha_covariance was replaced by score.maha_shared"):
+        load_config(None, ["score.maha_covariance=shared"])
     for bad in ("0", "1", "1.5"):
         with pytest.raises(ConfigError, match="score.alpha .*: must be between 0 and 1, both excluded"):
             load_config(None, [f"score.alpha={bad}"])
