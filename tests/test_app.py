@@ -120,8 +120,10 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:  # gradio's shutdown took over 30 s on a 2-core machine running three trainings beside it
-                self.proc.wait(timeout=120)
+            # gradio's shutdown took over 30 s on a 2-core machine running three trainings beside it, and
+            # over 120 s beside a benchmark and a second app (CI at 47fe674)
+            try:
+                self.proc.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
