@@ -43,12 +43,12 @@ def shared_scores(h: np.ndarray, mu: np.ndarray, precision: np.ndarray) -> np.nd
     return -((hp * h).sum(1)[:, None] - 2 * hp @ mu.T + ((mu @ precision) * mu).sum(1)[None])
 
 
-def pooled_scores(h: np.ndarray, mu: np.ndarray, covariances: np.ndarray) -> np.ndarray:
-    """s_c = -(h - mu_c)^T Sigma_c^-1 (h - mu_c) for one covariance per class (C, D, D); shape (N, C)."""
+def pooled_scores(h: np.ndarray, mu: np.ndarray, precisions: np.ndarray) -> np.ndarray:
+    """s_c = -(h - mu_c)^T P_c (h - mu_c) for one precision per class (C, D, D); shape (N, C)."""
     out = np.empty((len(h), len(mu)))
-    for c, (m, cov) in enumerate(zip(mu, covariances)):
+    for c, (m, p) in enumerate(zip(mu, precisions)):
         d = h - m
-        out[:, c] = -(d * np.linalg.solve(cov, d.T).T).sum(1)
+        out[:, c] = -((d @ p) * d).sum(1)
     return out
 
 
@@ -72,18 +72,21 @@ class Mahalanobis:
         h, labels = np.asarray(h, np.float64), np.asarray(labels)
         self.mu_, self.var_ = class_moments(h, labels, self.n_classes)
         self.eps_ = self.floor * float(h.var(0).mean()) or self.floor
-        if self.shared > 0:
+        if self.shared == 1:  # one precision for every class, inverted once here
+            self.precisions_ = np.linalg.pinv(ledoit_wolf(h - self.mu_[labels]), hermitian=True)[None]
+        elif self.shared > 0:
             cov = ledoit_wolf(h - self.mu_[labels])
-            self.covariances_ = self.shared * cov + (1 - self.shared) * _diagonals(self.var_ + self.eps_)
+            pooled = self.shared * cov + (1 - self.shared) * _diagonals(self.var_ + self.eps_)
+            self.precisions_ = np.linalg.inv(pooled)
         return self
 
     def score(self, h: np.ndarray) -> np.ndarray:
         h = np.asarray(h, np.float64)
         if self.shared == 0:
             return mahalanobis_scores(h, self.mu_, self.var_, self.eps_)
-        if self.shared == 1:  # one precision: no (N, D) solve per class
-            return shared_scores(h, self.mu_, np.linalg.pinv(self.covariances_[0], hermitian=True))
-        return pooled_scores(h, self.mu_, self.covariances_)
+        if self.shared == 1:
+            return shared_scores(h, self.mu_, self.precisions_[0])
+        return pooled_scores(h, self.mu_, self.precisions_)
 
 
 def _diagonals(var: np.ndarray) -> np.ndarray:
