@@ -162,11 +162,12 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
             fit = train_epoch(
                 wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler, forward, average
             )
+        _check_finite(fit["loss"], "training loss", epoch, cfg, device)
         if _prototypes_due(cfg, state, epoch):
             log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
             state["prototypes_placed"] = True
         evaluated = average.averaged(model) if average is not None else model
-        record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes))
+        record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes), epoch)
         state["history"].append({"epoch": epoch, **fit, **record})
         log(
             f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
@@ -217,11 +218,35 @@ def _check_sizes(cfg: Config, store: str, latent_shape: tuple) -> None:
         )
 
 
-def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int) -> tuple[dict, dict]:
+# Measured with torch 2.13 under ONEDNN_MAX_CPU_ISA=AVX512_CORE (and seen on a CI machine): the same
+# seeded bf16 run gave a different loss in most runs and NaN in 2 of 6. The cause, found layer by
+# layer, is the weight gradient of a 3 x 3 stride-2 convolution whose input map is 1 x 1.
+CPU_HALF_NOTE = (
+    "On a CPU without native bf16/fp16 instructions (AVX512_BF16, AMX) oneDNN emulates them, and with "
+    "torch 2.13 its emulated weight gradient of a 3 x 3 stride-2 convolution on a 1 x 1 map reads "
+    "uninitialised memory: a ResNet meets such maps on z0 of side 16 or less with model.stem = imagenet, "
+    "or 4 or less with model.stem = small. "
+)
+
+
+def _check_finite(values, what: str, epoch: int, cfg: Config, device: torch.device) -> None:
+    """Stop, saying what to do, when training diverged (NaN or inf), before a checkpoint keeps it."""
+    if np.isfinite(values).all():
+        return
+    note = CPU_HALF_NOTE if device.type == "cpu" and cfg.compute.precision != "fp32" else ""
+    raise UserError(
+        f"train: epoch {epoch} gave a non-finite {what} under compute.precision = {cfg.compute.precision} on "
+        f"{device}; nothing of epoch {epoch} was saved. {note}"
+        "Rerun with compute.precision = fp32, or with a lower train.lr"
+    )
+
+
+def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int, epoch: int) -> tuple[dict, dict]:
     """Precise BatchNorm statistics on the training rows, then the validation cross-entropy, macro AUC
     and top-1 of `model` (the averaged weights under train.ema_half_life), and its outputs."""
     recalibrate_batchnorm(model, train_data, build, cfg.train.batch_size, precision=cfg.compute.precision)
     val = predict(model, val_data, build, cfg.compute.eval_batch_size, cfg.compute.precision)
+    _check_finite(val["logits"], "validation output", epoch, cfg, build.device)
     y = val_data.labels
     loss = float(F.cross_entropy(torch.from_numpy(val["logits"]).double(), torch.from_numpy(y)))
     auc = metrics.point(metrics.macro_auc, metrics.softmax(val["logits"]), y)
