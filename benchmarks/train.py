@@ -36,6 +36,8 @@ from leakpipe.pipeline.engine.training import train_epoch  # noqa: E402
 from leakpipe.pipeline.store import latent_store  # noqa: E402
 from leakpipe.pipeline.engine.trained import build_model  # noqa: E402
 
+LATENT = (4, 32, 32)  # SD2.1's z0 of a 256-px image: every latent below has this shape
+
 
 def sync(device):
     if device.type == "cuda":
@@ -63,12 +65,12 @@ def _once(fn, device) -> float:
 def synthetic_store(path: Path, rows: int, chunk_rows: int = 256) -> Path:
     """A latent store of `rows` random SD-shaped latents (4 x 32 x 32), written as encode writes it."""
     rng = np.random.default_rng(0)
-    group = latent_store.create(str(path), rows, (4, 32, 32), chunk_rows, "float16", {})
+    group = latent_store.create(str(path), rows, LATENT, chunk_rows, "float16", {})
     for start, stop in latent_store.chunk_bounds(rows, chunk_rows):
         n = stop - start
         latents = {
-            "mean": rng.normal(size=(n, 4, 32, 32)).astype(np.float16),
-            "logvar": np.full((n, 4, 32, 32), -5.0, np.float16),
+            "mean": rng.normal(size=(n, *LATENT)).astype(np.float16),
+            "logvar": np.full((n, *LATENT), -5.0, np.float16),
         }
         latent_store.write_chunk(
             group, start, stop, np.arange(start, stop), latents, rng.integers(1, 255, (n, 16), dtype=np.uint8)
@@ -88,7 +90,7 @@ def from_cache(args, device, tmp: Path) -> list[str]:
                 cfg = Config()
                 tc = replace(cfg.train, batch_size=args.cache_batch, seed=0)
                 torch.manual_seed(0)
-                model = channels_last(build_model(cfg, 10).to(device), device, prec)  # as the stage lays it out
+                model = channels_last(build_model(cfg, 10, LATENT).to(device), device, prec)  # as the stage lays it out
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                 build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
                 data = LatentRows(store, rows, rows % 10, 2**34)
@@ -132,14 +134,14 @@ def main():
         return
     cfg = Config()
     torch.manual_seed(0)
-    model = build_model(cfg, 10).to(device)
+    model = build_model(cfg, 10, LATENT).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
     b = args.batch
-    mean = np.random.default_rng(0).normal(size=(b, 4, 32, 32)).astype(np.float32)
+    mean = np.random.default_rng(0).normal(size=(b, *LATENT)).astype(np.float32)
     logvar = np.full_like(mean, -5.0)
     y = torch.randint(0, 10, (b,), device=device)
-    feats = build(mean, logvar, torch.randn(b, 3, 4, 32, 32))
+    feats = build(mean, logvar, torch.randn(b, 3, *LATENT))
 
     def step(f):
         loss = F.cross_entropy(model(f).logits, y)
@@ -148,7 +150,7 @@ def main():
         opt.step()
 
     def with_features():
-        step(build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device)))
+        step(build(mean, logvar, torch.randn((b, 3, *LATENT), device=device)))
 
     # interleaved, medians: sequential blocks drift by +-25% on a busy 2-core machine
     samples = {"model-only": [], "full": [], "features": []}
@@ -158,7 +160,7 @@ def main():
         for key, fn in (
             ("model-only", lambda: step(feats)),
             ("full", with_features),
-            ("features", lambda: build(mean, logvar, torch.randn((b, 3, 4, 32, 32), device=device))),
+            ("features", lambda: build(mean, logvar, torch.randn((b, 3, *LATENT), device=device))),
         ):
             samples[key].append(_once(fn, device))
     med = {k: float(np.median(v)) for k, v in samples.items()}
@@ -186,7 +188,7 @@ def main():
             with torch.no_grad():
                 post = vae.encode(x).latent_dist
             m = post.mean.cpu().numpy()
-            step(build(m, post.logvar.cpu().numpy(), torch.randn((len(m), 3, 4, 32, 32), device=device)))
+            step(build(m, post.logvar.cpu().numpy(), torch.randn((len(m), 3, *LATENT), device=device)))
 
     t_cache = timed(epoch_cache, device, 3)
     t_vae = timed(epoch_vae, device, 1)

@@ -15,7 +15,7 @@ from leakpipe.pipeline.nn.backbones import adapt_state, resolve_stem
 from leakpipe.pipeline.nn.model import ProtoLeakNet, resolve_latent_readout
 
 
-def build_model(cfg: Config, n_classes: int, latent_shape=(4, 32, 32)):
+def build_model(cfg: Config, n_classes: int, latent_shape: tuple[int, int, int]):
     """The model for z0 of `latent_shape` (C, h, w): f_t has 2C channels, or C without the DCT map."""
     c, h, w = latent_shape
     in_channels = c if cfg.features.dct_map == "none" else 2 * c
@@ -52,6 +52,7 @@ def init_backbone(model, path: Path) -> list[str]:
 def model_from(tensors: dict, meta: dict, cfg: Config, device):
     """(model in eval mode, FeatureBuilder, classes, cfg) from a model.safetensors' tensors and metadata:
     the feature path is the one saved with the model (its statistics, alpha_t, sigma_t, DCT bases)."""
+    # model files written before the shape was saved all held SD2.1's z0 of 256-px images
     model = build_model(cfg, len(meta["classes"]), meta.get("latent_shape", (4, 32, 32)))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
     return model.to(device).eval(), FeatureBuilder.from_saved(cfg, device, tensors), meta["classes"], cfg
