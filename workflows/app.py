@@ -14,7 +14,9 @@ that the folder runs as a Hugging Face Space unchanged.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -335,8 +337,28 @@ def launch(demo, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool 
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port} ({exc}); choose another --port") from None
     if block:
-        demo.block_thread()
+        block_until_stopped(demo)
     return url
+
+
+def block_until_stopped(demo) -> None:
+    """Serve until Ctrl+C or SIGTERM (what `docker stop`, systemd and a Space's restart send): both take
+    gradio's KeyboardInterrupt path, which closes the web server; then close the queue, its worker
+    pool and the page's heartbeats too: a thread of theirs left running kept the process from exiting
+    after a browser had used the page (tests/test_app.py, Ctrl+C). A process started with SIGINT
+    ignored (a background job of a script, as Unix has it) still stops on SIGTERM."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    try:
+        demo.block_thread()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    demo.close(verbose=False)
 
 
 def serve(
@@ -361,12 +383,10 @@ def serve(
     att = page.att
     echo(
         f"app: serving {att.name} (result {att.result[:12]}, {len(att.classes)} generators: "
-        f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}" + (" (Ctrl+C stops)" if block else "")
+        f"{', '.join(att.classes)}) with VAE {att.cfg.vae.source} at {url}"
+        + (" (Ctrl+C or SIGTERM stops)" if block else "")
     )
     if block:
-        demo.block_thread()  # until Ctrl+C; it closes the web server only
-        # the queue, its worker pool and the page's heartbeats too: a thread of theirs left running kept
-        # the process from exiting after a browser had used the page (tests/test_app.py, Ctrl+C)
-        demo.close(verbose=False)
+        block_until_stopped(demo)
         echo(page.summary())
     return demo, url
