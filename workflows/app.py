@@ -356,8 +356,8 @@ def block_until_stopped(demo) -> None:
     try:
         demo.block_thread()
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     demo.close(verbose=False)
 
 
