@@ -31,7 +31,7 @@ class Stage:
 
     name: str  # encode | train | embed | score
     config: tuple[str, ...]  # the config keys its outputs depend on
-    code: tuple[str, ...]  # the code its outputs are made by (see ledger/code.py)
+    code: tuple[str, ...]  # the roots of the code its outputs are made by: "module:function" (ledger/code.py)
     plan: Callable[..., "Plan"]
     work: Callable[["Plan", Config, Callable, Verdict], "Done"]
     implicit: bool = False  # a downstream stage's runner may run it (cheap and deterministic: embed)
