@@ -3,11 +3,15 @@ what it leaves out and why, and how the source is read. tests/test_provenance.py
 `leakpipe status` on edited copies of the package and on a workspace of declared identities."""
 
 import itertools
+import subprocess
 import textwrap
+
+import pytest
 
 from leakpipe.pipeline.ledger import code, reach
 from leakpipe.stages import STAGES
-from tests.helpers import imports, modules
+from tests.declared_code import identities_at
+from tests.helpers import ROOT, imports, modules
 
 
 def imported(start: set[str]) -> dict[str, str]:
@@ -65,11 +69,22 @@ def test_a_stages_code_reaches_what_makes_its_outputs_and_no_more():
 def test_the_declared_table_covers_every_entry_the_stages_declared():
     """A lock of declared entries is read as the derived identity of the same code: sound only if the
     derived identity holds every declared function, and some of every declared module."""
-    for name, table in code.declared().items():
-        derived, held = table["derived"], {e.partition(":")[0] for e in table["derived"]}
-        uncovered = [e for e in table["declared"] if (e not in derived if ":" in e else e not in held)]
-        assert uncovered == [], (name, uncovered)
-        assert code.derived(derived) and not code.derived(table["declared"])
+    for commit, stages in code.declared().items():
+        for name, table in stages.items():
+            derived, held = table["derived"], {e.partition(":")[0] for e in table["derived"]}
+            uncovered = [e for e in table["declared"] if (e not in derived if ":" in e else e not in held)]
+            assert uncovered == [], (commit, name, uncovered)
+            assert code.derived(derived) and not code.derived(table["declared"])
+
+
+def test_the_declared_table_is_what_its_commits_give():
+    """Each commit's pair is what tests/declared_code.py makes of that commit's source with today's roots,
+    NOT_OUTPUTS and reading of the source: change one of those and the table must be made again, or every
+    workspace of that commit would read as stale."""
+    for commit, stages in code.declared().items():
+        if subprocess.run(["git", "cat-file", "-e", commit], cwd=ROOT, capture_output=True).returncode:
+            pytest.skip(f"commit {commit[:12]} is not in this checkout's history")
+        assert identities_at(commit) == stages, f"run `.venv/bin/python tests/declared_code.py {commit[:12]}`"
 
 
 SOURCE = '''
@@ -131,7 +146,7 @@ def test_names_resolve_through_imports_and_scopes(tmp_path):
 def test_a_units_hash_is_its_code_not_its_comments(tmp_path):
     base = {k: u.hash for k, u in _units(tmp_path, SOURCE).items()}
     reworded = SOURCE.replace('"""A docstring."""', '"""Reworded."""  # and a comment').replace(
-        "SCALE = 2", "SCALE = (2)"
+        "SCALE = 2", "SCALE: int = (2)"
     )
     assert {k: u.hash for k, u in _units(tmp_path, reworded).items()} == base
     edited = {k: u.hash for k, u in _units(tmp_path, SOURCE.replace("range(3)", "range(4)")).items()}

@@ -282,18 +282,18 @@ def test_a_workspace_of_declared_code_stays_valid(tmp_path, monkeypatch):
     record {entry: hash} of those entries, or the legacy label that stands for them) reads as up to date
     with derived identities, nothing re-encoded or retrained, while the code is the one the declared table
     (ledger/declared_code.json) was made from; once a unit of a stage's derived code differs, that stage
-    is stale, naming it. The table is made here as tests/declared_code.py makes it, from today's source."""
+    is stale, naming it. The table is made here as tests/declared_code.py makes it, of today's source."""
     from leakpipe.pipeline.ledger import code as code_id
     from leakpipe.stages import STAGES
 
     table = {
         name: {
-            "declared": {e: _declared_hash(e) for e in code_id.declared()[name]["declared"]},
+            "declared": {e: _declared_hash(e) for e in next(iter(code_id.declared().values()))[name]["declared"]},
             "derived": code_id.identity(stage.code),
         }
         for name, stage in STAGES.items()
     }
-    monkeypatch.setattr(code_id, "declared", lambda: table)
+    monkeypatch.setattr(code_id, "declared", lambda: {"today": table})
     ws = synth_workspace(tmp_path / "ws")
     for split in ("closed", "open"):
         do(ws, "encode", split=split)

@@ -4,12 +4,13 @@ A stage declares the roots of its code (`leakpipe.stages.train:work`); its code 
 function, class and constant those roots reach through names and imports, lazy ones too, across
 leakpipe's modules (ledger/reach.py), except in the modules of NOT_OUTPUTS, which cannot change what a
 stage writes. Its identity is {"module:name": blake2b-128 of that unit's normalised source}: parsed,
-docstrings dropped and printed back by `ast.unparse`, so comments, docstrings and formatting do not count
-and any change to what runs does. Sources are read, never imported, so `leakpipe status` stays fast.
+docstrings and type annotations dropped (a class's fields aside) and printed back by `ast.unparse`, so
+comments, docstrings, formatting and types do not count and any change to what runs does. Sources are
+read, never imported, so `leakpipe status` stays fast.
 
 Locks written by earlier leakpipes hold earlier forms, each read as the identity that replaced it for as
-long as the code is the same: a code version label (`train-3`, LEGACY), and a hand-declared list of entries
-(whole modules and single functions, DECLARED in declared_code.json).
+long as the code is the same: a code version label (`train-3`, LEGACY), and the identity of a hand-declared
+list of entries (whole modules and single functions; declared_code.json).
 """
 
 from __future__ import annotations
@@ -139,26 +140,30 @@ DECLARED_FILE = Path(__file__).with_name("declared_code.json")
 
 
 @functools.lru_cache(maxsize=1)
-def declared() -> dict[str, dict[str, dict[str, str]]]:
-    """{stage: {"declared": the identity leakpipe recorded when each stage declared its entries by hand,
-    "derived": the identity derived from the same code}}, made by tests/declared_code.py at the last
-    commit with declared entries: a lock that holds the declared one is read as holding the derived one."""
+def declared() -> dict[str, dict[str, dict[str, dict[str, str]]]]:
+    """{git commit: {stage: {"declared": the identity leakpipe at that commit recorded of the entries the
+    stage listed by hand, "derived": the identity derived from the same source}}}, made by
+    tests/declared_code.py: a lock that holds the declared identity is read as holding the derived one."""
     return json.loads(DECLARED_FILE.read_text())
+
+
+def _pairs() -> list[dict[str, dict[str, str]]]:
+    return [pair for stages in declared().values() for pair in stages.values()]
 
 
 def recorded(lock_code) -> dict[str, str] | None:
     """The code identity a lock records, an earlier form read as the identity that replaced it (a legacy
-    label through LEGACY, then a declared identity through DECLARED); None if unknown."""
+    label through LEGACY, then a declared identity through declared_code.json); None if unknown."""
     code = LEGACY.get(lock_code) if isinstance(lock_code, str) else lock_code
     if not isinstance(code, dict):
         return None
-    return next((d["derived"] for d in declared().values() if d["declared"] == code), code)
+    return next((p["derived"] for p in _pairs() if p["declared"] == code), code)
 
 
 def stored_form(current: dict[str, str]) -> str | dict[str, str]:
     """What a lock (and a fingerprint) records for the current identity: the earlier form whose code it
     still is, so that upgrading leakpipe keeps every stored output valid, else the identity itself."""
-    code = next((d["declared"] for d in declared().values() if d["derived"] == current), current)
+    code = next((p["declared"] for p in _pairs() if p["derived"] == current), current)
     return next((label for label, c in LEGACY.items() if c == code), code)
 
 

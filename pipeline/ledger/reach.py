@@ -7,8 +7,8 @@ one imported from a leakpipe module (`from leakpipe.pipeline.math import dct` th
 `reach` follows those references from a few roots, across modules, and returns every unit it meets: the
 names a function's code can call, construct or read. A module named bare (passed as a value, or handed to
 `getattr`) counts as all of its units. Each unit carries the hash of its normalised source (comments,
-docstrings, formatting and the annotations of functions dropped), so the result is a code identity at the
-granularity of a function.
+docstrings, formatting and type annotations dropped, a class's fields aside), so the result is a code
+identity at the granularity of a function.
 """
 
 from __future__ import annotations
@@ -126,11 +126,12 @@ def _bound(stmt: ast.stmt) -> list[str]:
 
 def _attribute_chain(node: ast.Attribute) -> tuple[str, list[str]] | None:
     """`a.b.c` as ("a", ["b", "c"]); None if it does not start at a name."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    return (node.id, parts[::-1]) if isinstance(node, ast.Name) else None
+    parts: list[str] = []
+    at: ast.expr = node
+    while isinstance(at, ast.Attribute):
+        parts.append(at.attr)
+        at = at.value
+    return (at.id, parts[::-1]) if isinstance(at, ast.Name) else None
 
 
 def _resolve(target: tuple[str, str], attrs: list[str]) -> tuple[str, str]:
@@ -240,29 +241,29 @@ def _only_imports(stmt: ast.stmt) -> bool:
     return all(isinstance(s, (ast.Import, ast.ImportFrom, ast.Pass)) for s in inner)
 
 
-def drop_types(body: list[ast.stmt], in_function: bool = False) -> list[ast.stmt]:
-    """The statements without the annotations of functions (arguments, return, local variables): types,
-    which never change what runs, so tightening them changes no identity. A class body's annotations
-    stay (they are a dataclass's fields). Walks statements, never expressions."""
+def drop_types(body: list[ast.stmt], fields: bool = False) -> list[ast.stmt]:
+    """The statements without their annotations (a function's arguments and return, a variable's): types,
+    which never change what runs, so tightening them changes no identity. The annotations of a class body
+    stay (`fields`: they are a dataclass's fields). Walks statements, never expressions."""
     out: list[ast.stmt] = []
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for a in _arguments(node.args):
                 a.annotation = None
             node.returns = None
-            node.body = drop_types(node.body, True)
+            node.body = drop_types(node.body)
         elif isinstance(node, ast.ClassDef):
-            node.body = drop_types(node.body, False)
-        elif isinstance(node, ast.AnnAssign) and in_function:
+            node.body = drop_types(node.body, fields=True)
+        elif isinstance(node, ast.AnnAssign) and not fields:
             bare = ast.Assign([node.target], node.value, None) if node.value is not None else ast.Pass()
             node = ast.copy_location(bare, node)
         else:
             for block in ("body", "orelse", "finalbody"):
                 stmts = getattr(node, block, None)
                 if isinstance(stmts, list) and stmts and isinstance(stmts[0], ast.stmt):
-                    setattr(node, block, drop_types(stmts, in_function))
+                    setattr(node, block, drop_types(stmts, fields))
             for handler in (*getattr(node, "handlers", ()), *getattr(node, "cases", ())):
-                handler.body = drop_types(handler.body, in_function)
+                handler.body = drop_types(handler.body, fields)
         out.append(node)
     return out
 
@@ -283,7 +284,10 @@ def _parse(module: str, path: str, mtime_ns: int) -> Module:  # the mtime: an ed
         name: Unit(stmts, frozenset().union(*(_refs(s, names, imported, module) for s in stmts)))
         for name, stmts in of.items()
     }
-    drop_types(tree.body)  # after the references: a parameter's annotation names the class its methods run
+    # after the references (a parameter's annotation names the class whose methods run); a module-level
+    # `X: T = v` becomes `X = v` in place, so its unit's statement is the one hashed
+    for unit in units.values():
+        unit.statements[:] = drop_types(unit.statements)
     inside = {k: v for k, v in imported.items() if v is not None}
     return Module(units, inside, frozenset(k for k, v in imported.items() if v is None))
 
@@ -309,12 +313,20 @@ def unit_of(module: str, name: str, seen: frozenset = frozenset()) -> tuple[str,
     raise UserError(f"code: {module} has no top-level name {name!r}")
 
 
-def walk(roots: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[tuple[str, str], tuple[str, str] | None]:
+Ref = tuple[str, str]  # (module, unit)
+
+
+def _ref(entry: str) -> Ref:
+    module, _, name = entry.partition(":")
+    return module, name
+
+
+def walk(roots: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[Ref, Ref | None]:
     """{(module, unit): the unit that first reached it (None for a root)} of every unit the roots
     ("module:name") reach, not entering the modules in `skip`. A module's TOP unit comes with the first
     of its units reached (it runs on import)."""
-    todo = [(tuple(r.split(":", 1)), None) for r in roots]
-    found: dict[tuple[str, str], tuple[str, str] | None] = {}
+    todo: list[tuple[Ref, Ref | None]] = [(_ref(r), None) for r in roots]
+    found: dict[Ref, Ref | None] = {}
     while todo:
         (module, name), parent = todo.pop()
         if (module, name) in found or module in skip:
@@ -339,7 +351,8 @@ def reach(roots: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[st
 
 def trail(roots: tuple[str, ...], unit: str, skip: frozenset[str] = frozenset()) -> list[str]:
     """How the roots reach `unit` ("module:name"): the chain of units from a root to it."""
-    found, at, out = walk(roots, skip), tuple(unit.split(":", 1)), []
+    found, out = walk(roots, skip), []
+    at: Ref | None = _ref(unit)
     while at is not None:
         out.append(":".join(at))
         at = found[at]
