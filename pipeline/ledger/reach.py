@@ -31,13 +31,8 @@ _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 @dataclass(frozen=True)
 class Unit:
-    statements: list[ast.stmt]  # the module's statements that bind its name, docstrings and types dropped
+    hash: str  # of its normalised source: the statements that bind its name, docstrings and types dropped
     refs: frozenset[tuple[str, str]]  # (module, name); name WHOLE: the whole module
-
-    @functools.cached_property
-    def hash(self) -> str:
-        """Of its normalised source: computed for the units a stage reaches, not for every unit read."""
-        return hash_bytes("\n".join(ast.unparse(s) for s in self.statements).encode())
 
 
 @dataclass(frozen=True)
@@ -280,14 +275,13 @@ def _parse(module: str, path: str, mtime_ns: int) -> Module:  # the mtime: an ed
             for name in _bound(stmt) or [TOP]:
                 of.setdefault(name, []).append(stmt)
     names = set(of) - {TOP}
+    refs = {name: frozenset().union(*(_refs(s, names, imported, module) for s in stmts)) for name, stmts in of.items()}
+    # types dropped after the references (a parameter's annotation names the class whose methods run); the
+    # syntax trees are not kept: a process that holds every module's tree spends a second freeing them
     units = {
-        name: Unit(stmts, frozenset().union(*(_refs(s, names, imported, module) for s in stmts)))
+        name: Unit(hash_bytes("\n".join(ast.unparse(s) for s in drop_types(stmts)).encode()), refs[name])
         for name, stmts in of.items()
     }
-    # after the references (a parameter's annotation names the class whose methods run); a module-level
-    # `X: T = v` becomes `X = v` in place, so its unit's statement is the one hashed
-    for unit in units.values():
-        unit.statements[:] = drop_types(unit.statements)
     inside = {k: v for k, v in imported.items() if v is not None}
     return Module(units, inside, frozenset(k for k, v in imported.items() if v is None))
 
@@ -300,14 +294,14 @@ def parsed(module: str) -> Module:
     return _parse(module, str(path), path.stat().st_mtime_ns)
 
 
-def unit_of(module: str, name: str, seen: frozenset = frozenset()) -> tuple[str, str] | None:
+def unit_of(module: str, name: str, seen: frozenset = frozenset(), parse=parsed) -> tuple[str, str] | None:
     """The unit that defines `name` in `module`, through re-exports (`from x import name` in module); None
     for a name the module imports from outside leakpipe, or a module attribute (`__file__`)."""
-    m = parsed(module)
+    m = parse(module)
     if name in m.units or name in (TOP, WHOLE):
         return module, name
     if name in m.imported and (module, name) not in seen:
-        return unit_of(*m.imported[name], seen | {(module, name)})
+        return unit_of(*m.imported[name], seen | {(module, name)}, parse)
     if name in m.external or name.startswith("__"):
         return None
     raise UserError(f"code: {module} has no top-level name {name!r}")
@@ -327,26 +321,48 @@ def walk(roots: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[Ref
     of its units reached (it runs on import)."""
     todo: list[tuple[Ref, Ref | None]] = [(_ref(r), None) for r in roots]
     found: dict[Ref, Ref | None] = {}
+    parse = functools.lru_cache(maxsize=None)(parsed)  # each file's mtime read once per walk
     while todo:
         (module, name), parent = todo.pop()
         if (module, name) in found or module in skip:
             continue
         found[(module, name)] = parent
-        m = parsed(module)
+        m = parse(module)
         if name == WHOLE:
             todo += [((module, n), (module, name)) for n in m.units]
         elif name in m.units:
-            refs = (unit_of(*r) for r in m.units[name].refs if r[0] not in skip)
+            refs = (unit_of(*r, parse=parse) for r in m.units[name].refs if r[0] not in skip)
             todo += [(r, (module, name)) for r in refs if r is not None]
             todo.append(((module, TOP), (module, name)))
     return found
 
 
+_REACHED: dict[tuple, tuple[dict[str, str], dict[Path, int]]] = {}
+
+
+def _mtimes(modules: set[str]) -> dict[Path, int]:
+    paths = [source_path(m) for m in modules]
+    return {p: p.stat().st_mtime_ns for p in paths if p is not None}
+
+
+def _unchanged(files: dict[Path, int]) -> bool:
+    try:
+        return all(p.stat().st_mtime_ns == t for p, t in files.items())
+    except OSError:
+        return False
+
+
 def reach(roots: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[str, str]:
-    """{"module:unit": hash of its normalised source} of every unit the roots reach (see `walk`)."""
+    """{"module:unit": hash of its normalised source} of every unit the roots reach (see `walk`),
+    remembered until a file it read changes: status asks once per stage instance."""
+    known = _REACHED.get((roots, skip))
+    if known is not None and _unchanged(known[1]):
+        return dict(known[0])
     found = walk(roots, skip)
     units = {(m, n): parsed(m).units.get(n) for m, n in found}
-    return {f"{m}:{n}": u.hash for (m, n), u in sorted(units.items()) if u is not None}
+    identity = {f"{m}:{n}": u.hash for (m, n), u in sorted(units.items()) if u is not None}
+    _REACHED[(roots, skip)] = (dict(identity), _mtimes({m for m, _ in found}))
+    return identity
 
 
 def trail(roots: tuple[str, ...], unit: str, skip: frozenset[str] = frozenset()) -> list[str]:
