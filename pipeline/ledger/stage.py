@@ -74,7 +74,7 @@ class Plan:
     facts: dict = field(default_factory=dict)  # for status: vae, store, result
     extra_checks: list[Callable[[Verdict], Verdict]] = field(default_factory=list)
     finish: Callable[[], None] | None = None  # after the work or when up to date (point a run name)
-    guard: Callable[[], None] | None = None  # raises if an input it reads is damaged, up to date or not
+    guard: Callable[[], object] | None = None  # raises if an input it reads is damaged, up to date or not
     replan: Callable[[], "Plan"] | None = None  # the same instance planned again (upstream has changed)
     writes: bool = True  # False on DDP ranks other than 0: they work but never lock or write
     data: Any = None  # what the stage's work and its downstream read (graph.Latents for encode)
