@@ -301,7 +301,8 @@ def unit_of(module: str, name: str, seen: frozenset = frozenset(), parse=parsed)
     if name in m.units or name in (TOP, WHOLE):
         return module, name
     if name in m.imported and (module, name) not in seen:
-        return unit_of(*m.imported[name], seen | {(module, name)}, parse)
+        source, original = m.imported[name]
+        return unit_of(source, original, seen | {(module, name)}, parse)
     if name in m.external or name.startswith("__"):
         return None
     raise UserError(f"code: {module} has no top-level name {name!r}")
