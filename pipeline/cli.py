@@ -59,13 +59,16 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides, flag: str = "--va
     train, score, status and attribute find this encoder's cache with no flag. Returns the config with it."""
     from leakpipe.pipeline.config_files import persist_setting, with_overrides
     from leakpipe.pipeline.engine.vae import resolve
+    from leakpipe.pipeline.engine.vae_conventions import conventions, scale_note
 
     local = Path(source).expanduser()
     if local.exists():
         local = local.resolve()
         source = "./" + local.relative_to(ws.root).as_posix() if local.is_relative_to(ws.root) else str(local)
     cfg = with_overrides(cfg, [f"vae.source={source}"])
-    resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
+    src = resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
+    if note := scale_note(cfg.latent.scale, conventions(src)):
+        _log(f"note: {note}")
     path = config_file or ws.root / "leakpipe.toml"
     was = persist_setting(path, "vae.source", source)
     if was != source:
