@@ -389,7 +389,7 @@ def test_vae_info_names_family_latents_scaling_and_fingerprint(tmp_path):
         "scaling:        scaling_factor 1, no shift; leakpipe's latent.scale is 0.18215",
         "parameters:     2,677,027 (1,338,528 in the encoder stage one runs)",
         "shipped:        with leakpipe; its SHA-256 is checked when it is loaded",
-        "note:           latent.scale = 0.18215 is not this VAE's own scaling factor 1: `--set latent.scale=1`",
+        "note:           latent.scale = 0.18215 is not this VAE's own scaling factor 1: set latent.scale = 1 in",
     ):
         assert words in r.output, words
     cfg = load_config(None, ["vae.source=builtin:taef2"])
@@ -440,3 +440,26 @@ def test_pth_is_converted_never_unpickled_with_code(tmp_path):
     torch.save({"weights": torch.zeros(1), "hook": VaeConfig()}, tmp_path / "object.pth")
     r = vae_cli("convert", str(tmp_path / "object.pth"))
     assert r.exit_code != 0 and "weights_only=True" in r.output and not (tmp_path / "object.safetensors").exists()
+
+
+def test_a_new_vae_brings_its_familys_scale(tmp_path, tiny_vae):
+    """`encode --vae X` saves X's family scale beside vae.source when it switches the workspace's VAE
+    (unless the command sets latent.scale); the same VAE again leaves a hand-set scale, and names it."""
+    write_images(tmp_path / "data", labels=("a",), n=2, size=(32, 32))
+    (tmp_path / "leakpipe.toml").write_text("[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n")
+    assert (
+        cli(tmp_path, "manifest", "build", str(tmp_path / "data"), "--split", "s", "--partition", "none").exit_code == 0
+    )
+    r = cli(tmp_path, "encode", "--split", "s", "--vae", "builtin:taef2")
+    assert r.exit_code == 0 and "latent.scale = 1 saved in" in r.output, r.output
+    assert load_config(tmp_path / "leakpipe.toml", []).latent.scale == 1.0
+    r = cli(tmp_path, "encode", "--split", "s", "--vae", "builtin:taef2", "--set", "latent.scale=2")
+    assert r.exit_code == 0 and "saved" not in r.output, r.output
+    (tmp_path / "leakpipe.toml").write_text((tmp_path / "leakpipe.toml").read_text().replace("1.0", "2.5"))
+    r = cli(tmp_path, "encode", "--split", "s")
+    assert r.exit_code == 0 and load_config(tmp_path / "leakpipe.toml", []).latent.scale == 2.5
+    r = cli(tmp_path, "encode", "--split", "s", "--vae", "builtin:taef2")
+    assert "latent.scale = 2.5 is not this VAE's own scaling factor 1" in r.output, r.output
+    r = cli(tmp_path, "encode", "--split", "s", "--vae", str(tiny_vae))
+    assert r.exit_code == 0 and "latent.scale = 0.18215 saved in" in r.output, r.output
+    assert load_config(tmp_path / "leakpipe.toml", []).latent.scale == 0.18215

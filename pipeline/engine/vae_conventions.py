@@ -71,6 +71,6 @@ def scale_note(latent_scale: float, conv: Conventions) -> str | None:
     if conv.family == "pixels" or abs(latent_scale - conv.scale) <= 1e-9 * conv.scale:
         return None
     return (
-        f"latent.scale = {latent_scale:g} is not this VAE's own scaling factor {conv.scale:g}: "
-        f"`--set latent.scale={conv.scale:g}` uses its convention (or 1/std of its z0, which train's log gives)"
+        f"latent.scale = {latent_scale:g} is not this VAE's own scaling factor {conv.scale:g}: set latent.scale = "
+        f"{conv.scale:g} in the workspace's config for its convention (or 1/std of its z0, which train's log gives)"
     )
