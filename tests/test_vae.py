@@ -413,7 +413,7 @@ def test_family_code_is_part_of_its_stores_identity_only(tiny_vae, tmp_path):
     assert STAGES["encode"].code_identity(kl) == STAGES["encode"].code_identity() == "encode-1"
     taef2 = resolve(VaeConfig(source="builtin:taef2"))
     ident = STAGES["encode"].code_identity(taef2)
-    assert "leakpipe.pipeline.nn.taesd" in ident and "leakpipe.pipeline.engine.autoencoders:_taesd" in ident
+    assert "leakpipe.pipeline.nn.taesd" in ident and "leakpipe.pipeline.engine.autoencoders" in ident
     assert code_id.changed(ident, {**ident, "leakpipe.pipeline.nn.taesd": "0" * 32}) == [
         "code changed: leakpipe.pipeline.nn.taesd"
     ]

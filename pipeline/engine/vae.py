@@ -272,29 +272,6 @@ def shift_factor(config: dict) -> float:
     return float(config.get("shift_factor") or 0.0)
 
 
-_LOADERS = "leakpipe.pipeline.engine.autoencoders"
-# The code each family adds to stage one's own (stages/encode.py CODE, which loads SD's AutoencoderKL and
-# the pixels encoder): part of that family's code identity only, so existing stores of SD's VAE keep their
-# fingerprints, and a change to one family's code re-encodes that family's stores only
-FAMILY_CODE = {
-    "kl-shift": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl", "leakpipe.pipeline.nn.latents"),
-    "kl-flux2": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl_flux2", "leakpipe.pipeline.nn.latents"),
-    "tiny": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_tiny", "leakpipe.pipeline.nn.latents"),
-    "taesd": (
-        f"{_LOADERS}:load_encoder",
-        f"{_LOADERS}:_taesd",
-        "leakpipe.pipeline.nn.taesd",
-        "leakpipe.pipeline.nn.latents",
-    ),
-}
-
-
-def family_code(src: VaeSource) -> tuple[str, ...]:
-    """The code entries stage one runs for `src` beyond its own CODE (none for SD's AutoencoderKL)."""
-    shifted = src.family == "kl" and shift_factor(model_config(src)) != 0.0
-    return FAMILY_CODE.get("kl-shift" if shifted else src.family, ())
-
-
 def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code) -> str:
     """Hash of (weights bytes, VAE config, preprocessing, dtypes, the encode stage's code identity):
     SPEC section 3. Other code means other bytes for the same image, so a new store; the code of the
