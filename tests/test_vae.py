@@ -316,7 +316,8 @@ def _reference_latents(family: str, source: str, x: torch.Tensor) -> torch.Tenso
 def test_stage_one_stores_each_familys_latents_in_its_convention(family, tmp_path):
     """What `leakpipe encode` stores for each family is that family's latents as its own pipeline defines
     them (SD3/FLUX.1: the shift removed; FLUX.2: batch-normalised per patch channel; TAESD: images in
-    [0, 1]), and `attribute` encodes an image to the same z0 as the store holds."""
+    [0, 1]), `attribute` encodes an image to the same z0 as the store holds, and the family's decoder
+    takes those latents back to images."""
     import zarr
 
     from leakpipe.pipeline.config_files import load_config
@@ -344,6 +345,28 @@ def test_stage_one_stores_each_familys_latents_in_its_convention(family, tmp_pat
         torch.testing.assert_close(stored, reference, rtol=1e-4, atol=1e-5)
     mean, _ = encode_images(images, cfg, torch.device("cpu"), tmp_path)
     np.testing.assert_array_equal(mean, group["mean"][:])
+    decoded = _decoded(family, source, stored)  # what rendering through a family's decoder starts from
+    assert decoded.shape == (3, 3, 32, 32) and torch.isfinite(decoded).all()
+
+
+def _decoded(family: str, source: str, stored: torch.Tensor) -> torch.Tensor:
+    """The family's decoder on latents as stage one stores them; a pool-free TAESD decoder checked against
+    diffusers' DecoderTiny with the same weights (its layers are TAESD's less the leading clamp)."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from leakpipe.pipeline.engine.autoencoders import load_autoencoder
+
+    with torch.no_grad():
+        decoded = load_autoencoder(resolve(VaeConfig(source=source))).decode(stored)
+        if family == "taesd-file":
+            state = load_file(source.replace("encoder", "decoder"))
+            tiny = diffusers.AutoencoderTiny(latent_channels=4)
+            tiny.decoder.layers.load_state_dict(
+                {f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+            )
+            torch.testing.assert_close(decoded, tiny.decode(stored).sample, rtol=1e-4, atol=1e-5)
+    return decoded
 
 
 # ---------------------------------------------------------------- the `leakpipe vae` commands
