@@ -178,7 +178,10 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 
 @main.command()
 @click.option(
-    "--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of the seeded random demo VAE."
+    "--vae",
+    "vae_source",
+    help="The encoder [default: builtin:taef2, the pretrained FLUX.2 tiny autoencoder shipped with leakpipe]; "
+    "'random' for a seeded random AutoencoderKL, or any VAE source (Hub id, folder, .safetensors).",
 )
 @click.option(
     "-C",
@@ -193,7 +196,7 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 @click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
 @click.option("--per-generator", type=int, help="Images per generator [default: 40].")
 @click.option("--size", type=int, help="Image side in pixels [default: 128].")
-@click.option("--epochs", default=15, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=int, help="Training epochs [default: 10].")
 @_user_errors
 def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
     """Synthetic benchmark + every stage (encode, train, score), end to end, on a laptop CPU.
@@ -204,8 +207,8 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 
     start = time.perf_counter()
     ws = Workspace(workspace)
-    spec = stage.spec_with(n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
-    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs, log=_log)
+    spec = stage.spec_with(vae_source, n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
+    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs or stage.DEMO_EPOCHS, log=_log)
     click.echo("\n".join(lines))
     click.echo(
         f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
