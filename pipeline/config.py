@@ -31,7 +31,9 @@ class VaeConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     size: int = 256  # output is size x size
-    resize: str = "shorter"  # shorter: shorter side to `size`, then crop | none: crop only
+    # shorter: shorter side to `size`, then crop | none: crop only (a side shorter than `size` is filled by
+    # mirrored copies of the image, the original at the top left: engine/images.mirror_fill)
+    resize: str = "shorter"
     crop: str = "center"  # center | none (image must then already be size x size)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 
@@ -409,6 +411,8 @@ def valid_keys() -> list[str]:
 # method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
 # ambiguities resolved as docs/guide/ambiguities.md says. `authors-code`: the defaults of the authors'
 # released pipeline/train_eval.py, each checked there (docs/guide/configuration.md, "Profiles").
+# `pixels`: the model on the pixels themselves, the recipe benchmarks/codecs.py measured on real codec
+# chains (what the report advises when the forensic baseline finds traces the encoder loses).
 _PAPER = (
     "model.stem=imagenet",
     "model.dct_readout=none",
@@ -449,6 +453,15 @@ PROFILES: dict[str, tuple[str, ...]] = {
         "train.patience=10",
         "train.seed=42",
         "train.grad_clip=5.0",
+    ),
+    "pixels": (
+        "vae.source=pixels",  # z0 is the image itself (the authors' latent mode off)
+        "preprocess.resize=none",  # a resampler would overwrite the traces; small images are mirror-filled
+        "features.highpass=residual",  # content out, codec and resampling traces in
+        "features.dct_map=none",
+        "diffusion.timesteps=0",  # one timestep, no noise: a pixel's last bit is the signal
+        "diffusion.noise=false",
+        "train.crop=64",  # random 64-px crops on the 8-px grid; evaluation tiles the whole image
     ),
 }
 DEFAULT_PROFILE = "leakpipe"

@@ -32,6 +32,7 @@ CODE = (
     "leakpipe.pipeline.engine.images:_open",
     "leakpipe.pipeline.engine.images:to_rgb",
     "leakpipe.pipeline.engine.images:resize_crop",
+    "leakpipe.pipeline.engine.images:mirror_fill",
     "leakpipe.pipeline.engine.images:load_image",
     "leakpipe.pipeline.engine.images:to_model_range",
     "leakpipe.pipeline.engine.encoding:encode_batch",

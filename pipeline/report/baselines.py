@@ -82,10 +82,12 @@ def notes(b: dict) -> list[str]:
             seen
             + (
                 "the model, on the pixels themselves, does not learn them from this training set (more "
-                "images or epochs, `features.highpass = residual`, `diffusion.noise = false`)."
+                "images or epochs, or the recipe of `--profile pixels`: a high-pass residual, one timestep "
+                "without noise, 64-px training crops, no resize)."
                 if pixels
-                else "the signal is there, but stage one's encoder does not keep it. Try `vae.source = pixels` "
-                "with `train.crop` (the model on the pixels themselves), or another encoder."
+                else "the signal is there, but stage one's encoder does not keep it. Try `--profile pixels` "
+                "(vae.source = pixels with the recipe measured on real codec chains: a high-pass residual, one "
+                "timestep without noise, 64-px training crops, no resize), or another encoder."
             )
         )
     return out
