@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,7 +10,7 @@ from leakpipe.pipeline.config import VaeConfig
 from leakpipe.pipeline.config_files import load_config, with_overrides
 from leakpipe.stages import STAGES
 from leakpipe.pipeline.store.hashing import HashCache
-from leakpipe.pipeline.engine.vae import VaeError, encoder_fingerprint, load_vae, resolve, save_random_vae
+from leakpipe.pipeline.engine.vae import VaeError, encoder_fingerprint, load_vae, model_config, resolve, save_random_vae
 
 
 def _encode(vae, x):
@@ -96,3 +97,79 @@ def test_full_sd21_architecture_gives_4x32x32(tmp_path):
     assert 34_000_000 < n_encoder < 35_000_000  # SD2.1's encoder has 34.2 M parameters
     post = vae.encode(torch.zeros(1, 3, 256, 256)).latent_dist
     assert post.mean.shape == (1, 4, 32, 32) and post.logvar.shape == (1, 4, 32, 32)
+
+
+# ---------------------------------------------------------------- the autoencoder shipped with leakpipe
+def _photo(size: int = 128) -> torch.Tensor:
+    """A natural photo (scikit-learn's sample, shipped with it) in [-1, 1], (1, 3, size, size)."""
+    from sklearn.datasets import load_sample_image
+
+    img = np.array(load_sample_image("flower.jpg")[100 : 100 + size, 150 : 150 + size])
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10(4 / (x - y.clamp(-1, 1)).pow(2).mean()))
+
+
+def test_taef2_ships_loads_strictly_and_reconstructs_a_photo():
+    """The shipped TAEF2 loads strictly into the plain-torch TAESD layout (mid-block pool included), gives
+    32 channels at 1/8 of the side and reconstructs a natural photo well; the same layout with random
+    weights does not (the check can fail)."""
+    from leakpipe.pipeline.engine.autoencoders import load_autoencoder
+    from leakpipe.pipeline.nn.taesd import TinyAutoencoder
+
+    src = resolve(VaeConfig(source="builtin:taef2"))
+    assert (src.kind, src.family, src.label) == ("builtin", "taesd", "builtin:taef2") and src.decoder.is_file()
+    assert model_config(src)["latent_channels"] == 32 and model_config(src)["mid_block_pool"]
+    model = load_autoencoder(src)
+    x = _photo()
+    with torch.no_grad():
+        z = model.encode(x).latent_dist.mean
+        assert z.shape == (1, 32, 16, 16)
+        assert _psnr(x, model.decode(z)) > 25
+        torch.manual_seed(0)
+        assert _psnr(x, TinyAutoencoder(32, True).eval().decode(z)) < 12
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_shipped_weights_are_refused_when_their_sha256_differs(tmp_path, monkeypatch):
+    """A flipped byte in a copy of the shipped weights is refused with what to do; the intact copy loads."""
+    import shutil
+
+    from leakpipe.pipeline.engine import vae_files
+    from leakpipe.pipeline.engine.autoencoders import load_autoencoder, load_encoder
+
+    shutil.copytree(vae_files.ASSETS, tmp_path / "assets")
+    monkeypatch.setattr(vae_files, "ASSETS", tmp_path / "assets")
+    load_autoencoder(resolve(VaeConfig(source="builtin:taef2")))
+    weights = tmp_path / "assets" / "taef2" / "taef2_encoder.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VaeError, match=r"taef2_encoder.safetensors has SHA-256 .* Reinstall leakpipe"):
+        load_encoder(resolve(VaeConfig(source="builtin:taef2")))
+    with pytest.raises(VaeError, match="no such autoencoder ships with leakpipe"):
+        resolve(VaeConfig(source="builtin:taef9"))
+
+
+def test_shipped_sha256sums_match_the_code_and_the_conversion(tmp_path):
+    """SHA256SUMS beside the weights lists what the code pins; converting the originals (when the shared
+    copy is at hand) gives the shipped bytes again, and the originals' hashes are the recorded ones."""
+    from pathlib import Path
+
+    from leakpipe.pipeline.engine import vae_files
+
+    item = vae_files.BUILTINS["taef2"]
+    sums = dict(line.split()[::-1] for line in (item.folder / "SHA256SUMS").read_text().splitlines())
+    assert {k: sums[k] for k in item.sha256} == item.sha256
+    assert {k: vae_files.sha256(item.folder / k) for k in item.sha256} == item.sha256
+    assert (item.folder / "LICENSE").read_text().startswith("MIT License")
+    originals = Path(__file__).resolve().parent.parent.parent / "shared" / "assets" / "taef2"
+    if not originals.is_dir():
+        pytest.skip("the original .pth files are not at hand")
+    for name in item.sha256:
+        pth = originals / name.replace(".safetensors", ".pth")
+        assert vae_files.sha256(pth) == sums[pth.name]
+        vae_files.convert_pth(pth, tmp_path / name)
+        assert vae_files.sha256(tmp_path / name) == item.sha256[name]

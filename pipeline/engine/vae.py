@@ -1,7 +1,9 @@
-"""Finding and loading the frozen VAE: a Hub id, a local diffusers folder, or one .safetensors file.
+"""Finding and loading the frozen VAE: a Hub id, a local diffusers folder, one .safetensors file, a
+TAESD-format encoder file, or an autoencoder shipped with leakpipe (`builtin:taef2`).
 
-`resolve` needs no torch (it only finds files), so the encoder fingerprint and `leakpipe status`
-stay fast; `load_vae` imports torch and diffusers.
+`resolve` needs no torch (it only finds files and reads headers), so the encoder fingerprint and
+`leakpipe status` stay fast; `load_vae` imports torch and diffusers. Each source belongs to a family
+(`FAMILIES`); the families other than SD's AutoencoderKL are loaded by `engine/autoencoders.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leakpipe.pipeline.config import Config, VaeConfig, canonical_hash
+from leakpipe.pipeline.engine import vae_files
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.store.hashing import HashCache
 
@@ -29,11 +32,67 @@ class VaeError(UserError):
 
 @dataclass
 class VaeSource:
-    kind: str  # folder | single_file | hub
+    kind: str  # folder | single_file | hub | builtin | pixels
     location: Path  # folder for from_pretrained, or the .safetensors file
     config_path: Path
-    weights: list[Path]
+    weights: list[Path]  # the files stage one's output depends on (a TAESD source: its encoder only)
     label: str  # what the user asked for, for messages and reports
+    family: str = "kl"  # a key of FAMILIES
+    decoder: Path | None = None  # a TAESD-format source's decoder file, when there is one
+    derived_config: dict | None = None  # the config of a source that has no config.json (TAESD format)
+
+
+# The autoencoder families stage one encodes with: diffusers' class name (None: a TAESD-format file) and
+# what the family is, for `leakpipe vae info`
+FAMILIES = {
+    "kl": ("AutoencoderKL", "AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1 layouts)"),
+    "kl-flux2": ("AutoencoderKLFlux2", "AutoencoderKLFlux2 (FLUX.2)"),
+    "tiny": ("AutoencoderTiny", "AutoencoderTiny (TAESD family in diffusers' format)"),
+    "taesd": (None, "TAESD format (madebyollin/taesd: taesd, taesdxl, taesd3, taef1, taef2)"),
+    "pixels": (None, "no encoder (vae.source = pixels)"),
+}
+_FAMILY_OF_CLASS = {cls: family for family, (cls, _) in FAMILIES.items() if cls}
+
+
+def family_of(config: dict, where: Path) -> str:
+    """The family of a diffusers config (no _class_name: AutoencoderKL, as leakpipe has always read it)."""
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls not in _FAMILY_OF_CLASS:
+        raise VaeError(
+            f"{where}: a {cls}, which stage one cannot encode with; give an AutoencoderKL, AutoencoderKLFlux2 "
+            "or AutoencoderTiny (a diffusers folder or .safetensors) or a TAESD-format encoder .safetensors"
+        )
+    return _FAMILY_OF_CLASS[cls]
+
+
+def _diffusers_source(kind: str, location: Path, config_path: Path, weights: list[Path], label: str) -> VaeSource:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VaeError(f"VAE config {config_path} cannot be read as JSON ({exc})") from None
+    return VaeSource(kind, location, config_path, weights, label, family_of(config, config_path))
+
+
+def _taesd_source(kind: str, encoder: Path, label: str) -> VaeSource | None:
+    """A TAESD-format encoder file as a source (its decoder beside it: the name with decoder for encoder);
+    None if the file is not in that format."""
+    layout = vae_files.taesd_layout(_shapes(encoder))
+    if layout is None:
+        return None
+    if layout.part == "decoder":
+        raise VaeError(
+            f"{encoder} is a TAESD-format decoder; stage one needs the encoder: give the *_encoder file beside it"
+        )
+    decoder = encoder.with_name(encoder.name.replace("encoder", "decoder"))
+    decoder = decoder if decoder != encoder and decoder.is_file() else None
+    return VaeSource(kind, encoder, encoder, [encoder], label, "taesd", decoder, vae_files.taesd_config(layout))
+
+
+def _shapes(path: Path) -> dict:
+    try:
+        return vae_files.safetensors_shapes(path)
+    except vae_files.WeightFileError as exc:
+        raise VaeError(str(exc)) from None
 
 
 def _folder_weights(folder: Path) -> list[Path]:
@@ -47,17 +106,27 @@ def _folder_weights(folder: Path) -> list[Path]:
     return weights
 
 
-def _resolve_folder(p: Path, subfolder: str, label: str) -> VaeSource:
+def _resolve_folder(p: Path, subfolder: str, label: str, kind: str = "folder") -> VaeSource:
     for folder in (p, p / subfolder) if subfolder else (p,):
         if (folder / "config.json").is_file():
-            return VaeSource("folder", folder, folder / "config.json", _folder_weights(folder), label)
+            return _diffusers_source(kind, folder, folder / "config.json", _folder_weights(folder), label)
+    encoders = sorted(p.glob("*encoder*.safetensors"))
+    found = [s for s in (_taesd_source(kind, e, label) for e in encoders) if s is not None]
+    if len(found) == 1:
+        return found[0]
     raise VaeError(
-        f"{p} is a folder but neither it nor {p / subfolder} holds a diffusers "
-        "config.json; expected a folder saved by AutoencoderKL.save_pretrained"
+        f"{p} is a folder but neither it nor {p / subfolder} holds a diffusers config.json, nor one "
+        "TAESD-format *encoder*.safetensors; expected a folder saved by AutoencoderKL.save_pretrained, or give "
+        "the encoder file itself"
     )
 
 
 def _resolve_single_file(p: Path, config: str, label: str) -> VaeSource:
+    if p.suffix == ".pth":
+        raise VaeError(
+            f"{p}: a PyTorch pickle; leakpipe loads .safetensors only. Convert it once with `leakpipe vae convert "
+            f"{p}` (it reads tensors only, torch.load(weights_only=True)) and pass the .safetensors it writes"
+        )
     if p.suffix != ".safetensors":
         raise VaeError(
             f"{p}: only .safetensors weight files are loaded (leakpipe never loads "
@@ -66,11 +135,14 @@ def _resolve_single_file(p: Path, config: str, label: str) -> VaeSource:
     cfg = Path(config).expanduser() if config else DEFAULT_SINGLE_FILE_CONFIG
     if cfg.is_dir():
         cfg = cfg / "config.json"
+    taesd = _taesd_source("single_file", p, label)
+    if taesd is not None:
+        return taesd
     if not cfg.is_file():
         raise VaeError(
             f"VAE config {cfg} not found (vae.config): give a diffusers config.json or the folder holding it"
         )
-    return VaeSource("single_file", p, cfg, [p], label)
+    return _diffusers_source("single_file", p, cfg, [p], label)
 
 
 def _resolve_hub(cfg: VaeConfig) -> VaeSource:
@@ -103,7 +175,7 @@ def _resolve_hub(cfg: VaeConfig) -> VaeSource:
             f"'{cfg.subfolder}/*'`) and copy the cache, or pass a local copy: "
             "--vae PATH/TO/FOLDER or --vae PATH/TO/vae.safetensors"
         )
-    return VaeSource("hub", folder, folder / "config.json", _folder_weights(folder), cfg.source)
+    return _diffusers_source("hub", folder, folder / "config.json", _folder_weights(folder), cfg.source)
 
 
 def local_path(source: str, base: Path | None = None) -> Path:
@@ -129,7 +201,9 @@ def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
     diffusers folder (relative paths are relative to `base`, the workspace), or else a Hub id in the
     local Hugging Face cache."""
     if cfg.source == PIXELS:
-        return VaeSource(PIXELS, Path(PIXELS), Path(PIXELS), [], "pixels (no VAE: the preprocessed image)")
+        return VaeSource(PIXELS, Path(PIXELS), Path(PIXELS), [], "pixels (no VAE: the preprocessed image)", PIXELS)
+    if cfg.source.startswith(vae_files.BUILTIN_PREFIX):
+        return _resolve_builtin(cfg.source)
     p = local_path(cfg.source, base)
     if p.is_file():
         return _resolve_single_file(p, cfg.config, cfg.source)
@@ -144,6 +218,14 @@ def resolve(cfg: VaeConfig, base: Path | None = None) -> VaeSource:
     return _resolve_hub(cfg)
 
 
+def _resolve_builtin(source: str) -> VaeSource:
+    try:
+        item = vae_files.builtin(source)
+    except vae_files.WeightFileError as exc:
+        raise VaeError(str(exc)) from None
+    return _resolve_folder(item.folder, "", source, kind="builtin")
+
+
 def is_hub_id(source: str) -> bool:
     """A Hub repository id is exactly `owner/name`; anything else (`vae`, `./vae`, `a/b/c`, `~/x`,
     `C:\\x`, `x.safetensors`) is a local path."""
@@ -155,7 +237,7 @@ def is_hub_id(source: str) -> bool:
 def recorded_source(source: str, base: Path | None = None) -> str:
     """`source` as it can be found from any folder: an existing local path made absolute (a relative
     one is relative to `base`), a Hub id or "pixels" as it is."""
-    if source == PIXELS:
+    if source == PIXELS or source.startswith(vae_files.BUILTIN_PREFIX):
         return source
     p = local_path(source, base)
     return str(p.resolve()) if p.exists() else source
@@ -164,6 +246,8 @@ def recorded_source(source: str, base: Path | None = None) -> str:
 def model_config(src: VaeSource) -> dict:
     if src.kind == PIXELS:
         return dict(PIXELS_CONFIG)
+    if src.derived_config is not None:
+        return dict(src.derived_config)
     data = json.loads(src.config_path.read_text())
     return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
 
@@ -171,18 +255,44 @@ def model_config(src: VaeSource) -> dict:
 def parameter_counts(src: VaeSource) -> tuple[int, int]:
     """(all parameters, those of the encoder and quant_conv that stage one runs), read from the
     safetensors headers without loading any weights."""
-    from safetensors import safe_open
-
     total = encoder = 0
-    for path in src.weights:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= d
-                total += n
-                encoder += n if key.startswith(("encoder.", "quant_conv.")) else 0
+    for path in src.weights + ([src.decoder] if src.decoder else []):
+        for key, shape in vae_files.safetensors_shapes(path).items():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+            stage_one = path != src.decoder and (src.family == "taesd" or key.startswith(("encoder.", "quant_conv.")))
+            encoder += n if stage_one else 0
     return total, encoder
+
+
+def shift_factor(config: dict) -> float:
+    """The shift a family removes before scaling (diffusers' shift_factor: SD3 0.0609, FLUX.1 0.1159; SD: none)."""
+    return float(config.get("shift_factor") or 0.0)
+
+
+_LOADERS = "leakpipe.pipeline.engine.autoencoders"
+# The code each family adds to stage one's own (stages/encode.py CODE, which loads SD's AutoencoderKL and
+# the pixels encoder): part of that family's code identity only, so existing stores of SD's VAE keep their
+# fingerprints, and a change to one family's code re-encodes that family's stores only
+FAMILY_CODE = {
+    "kl-shift": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl", "leakpipe.pipeline.nn.latents"),
+    "kl-flux2": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl_flux2", "leakpipe.pipeline.nn.latents"),
+    "tiny": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_tiny", "leakpipe.pipeline.nn.latents"),
+    "taesd": (
+        f"{_LOADERS}:load_encoder",
+        f"{_LOADERS}:_taesd",
+        "leakpipe.pipeline.nn.taesd",
+        "leakpipe.pipeline.nn.latents",
+    ),
+}
+
+
+def family_code(src: VaeSource) -> tuple[str, ...]:
+    """The code entries stage one runs for `src` beyond its own CODE (none for SD's AutoencoderKL)."""
+    shifted = src.family == "kl" and shift_factor(model_config(src)) != 0.0
+    return FAMILY_CODE.get("kl-shift" if shifted else src.family, ())
 
 
 def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code) -> str:
