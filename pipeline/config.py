@@ -188,8 +188,15 @@ class ScoreConfig:
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
     bootstrap: int = 1000  # resamples for the 95% intervals of every metric; 0 = no intervals
-    baselines: bool = True  # a forensic pixel baseline and a linear probe on z0, fitted and scored on the same split
+    # a forensic pixel baseline, a linear probe on z0 and the reconstruction baseline, fitted and scored on the
+    # same split
+    baselines: bool = True
     baseline_max_side: int = 512  # the pixel baseline reads at most this centre crop of each file, never resized
+    # the reconstruction baseline (AEROBLADE's idea): each image's distances to its round trip through each of
+    # these autoencoders (vae.source values with a decoder), fitted and scored like the others; [] = none
+    reconstruction: list[str] = field(default_factory=lambda: ["builtin:taef2"])
+    # the centre crop of each file it reads, never resized (on the 8-px grid); bounds the round trips' cost
+    reconstruction_max_side: int = 128
 
 
 @dataclass(frozen=True)
@@ -300,6 +307,8 @@ ADDED_KEYS = {
     "model.latent_readout": "none",
     "score.maha_shared": 0.0,
     "score.maha_rows": "train",
+    "score.reconstruction": [],
+    "score.reconstruction_max_side": 128,
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -347,6 +356,7 @@ RANGES = [
     ("score.kde_folds", 2, None, ">= 2"),
     ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
     ("score.baseline_max_side", 8, None, ">= 8 pixels"),
+    ("score.reconstruction_max_side", 8, None, ">= 8 pixels"),
     ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"),
     ("score.alpha", 0, 1, "between 0 and 1, both excluded"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),

@@ -38,6 +38,7 @@ epochs = 2
 batch_size = 8
 [score]
 bootstrap = 200
+reconstruction = []
 """
 
 

@@ -6,15 +6,20 @@ import dataclasses
 import time
 from pathlib import Path
 
+from leakpipe.pipeline.config import VaeConfig
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.autoencoders import load_autoencoder
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
 from leakpipe.workflows.pipeline import through_score
 
-DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
-# difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
-# its latents reaches 0.155 top-1 of 10 at difficulty 1), so the demo's fingerprints are 10x stronger
+# The decoder family (bench/rendered.py): each generator's latent bias rendered through the shipped
+# TAEF2, at 64 px (rendering costs about 0.06 CPU-s per 64-px image, 0.22 at 128 px) and difficulty 0.5
+# (leaks twice the default strength: benchmarks/RESULTS.md, "Generators rendered through a real decoder")
+DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=64, difficulty=0.5, seed=0, family="decoder")
+DEMO_DECODER = "builtin:taef2"  # what renders the demo's generators
 DEMO_VAE_BLOCKS = (32, 64, 64, 64)  # SD2.1's layout at a quarter of its width: 1/8 latents, 4 ch
 RANDOM_VAE_NOTE = (
     "NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
@@ -45,7 +50,8 @@ def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, ep
     """Synthetic data, manifests, the demo VAE and leakpipe.toml (each only if missing)."""
     if not ws.manifest("closed").exists():
         start = time.perf_counter()
-        written = write_benchmark(ws.root / "data" / "synth", ws.manifests, spec)
+        ae = rendering_autoencoder(spec, DEMO_DECODER, ws.root)
+        written = write_benchmark(ws.root / "data" / "synth", ws.manifests, spec, autoencoder=ae)
         log(f"synth: {sum(written.values())} images in {time.perf_counter() - start:.1f} s")
     random_vae = vae_source is None
     if random_vae:
@@ -56,6 +62,18 @@ def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, ep
     if not toml.exists():
         latent = f"[latent]\nscale = {DEMO_VAE_SCALE}\n" if random_vae else ""
         toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
+
+
+def rendering_autoencoder(spec: SynthSpec, source: str, base: Path):
+    """The autoencoder that renders `spec`'s decoder family (None for the pixel family): `source` as a
+    vae.source (relative paths relative to `base`), loaded with its decoder."""
+    if spec.family != "decoder":
+        return None
+    if spec.size % 8:
+        raise UserError(
+            f"the decoder family needs a size that is a multiple of 8 (its latents are 1/8 of it), got {spec.size}"
+        )
+    return load_autoencoder(vae_lib.resolve(VaeConfig(source=source), base))
 
 
 def spec_with(**changes) -> SynthSpec:
@@ -70,10 +88,15 @@ def run(
     setup(ws, vae_source, spec, epochs, log=log)
     cfg = cfg_loader()
     lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae, ws.root) else []
+    family = (
+        f"each one's low-frequency latent bias rendered through {DEMO_DECODER}'s decoder"
+        if spec.family == "decoder"
+        else "each one's pixel-space fingerprint"
+    )
     lines.append(
         f"demo data: {spec.n_closed} known + {spec.n_open} unseen generators x {spec.per_generator} "
-        f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "
-        "the strength of `leakpipe synth`'s default 1.0); compare its numbers only with baselines at "
-        "the same difficulty, such as the ones in its own report"
+        f"images of {spec.size} px, {family}, at difficulty {spec.difficulty} ({1 / spec.difficulty:g}x "
+        f"the strength of `leakpipe synth --family {spec.family}`'s default 1.0); compare its numbers only with "
+        "baselines at the same difficulty, such as the ones in its own report"
     )
     return lines + through_score(graph(ws, cfg), "default", log)
