@@ -105,23 +105,23 @@ TAEF2_SPLITS = ("closed", "closed-pp", "open")
 SETS.update(
     {
         "demo-taef2": DataSet(
-            SynthSpec(10, 10, 40, 64, 1.0, 0, (1, 2, 3), "decoder"),
+            SynthSpec(10, 10, 40, 64, 0.5, 0, (1, 2, 3), "decoder"),
             (),
             0,
             1.0,
             DEMO_TOML,
-            "`leakpipe demo` on TAEF2: 10 generators x 40 images rendered through TAEF2, 64 px, difficulty 1, "
+            "`leakpipe demo` on TAEF2: 10 generators x 40 images rendered through TAEF2, 64 px, difficulty 0.5, "
             "its config",
             TAEF2_SPLITS,
             "builtin:taef2",
         ),
         "taef2-b": DataSet(
-            SynthSpec(6, 4, 60, 64, 1.5, 5, (1, 2, 3), "decoder"),
+            SynthSpec(6, 4, 60, 64, 1.0, 5, (1, 2, 3), "decoder"),
             (),
             0,
             1.0,
             "",
-            "6 generators x 60 images rendered through TAEF2, 64 px, difficulty 1.5, data seed 5, default config",
+            "6 generators x 60 images rendered through TAEF2, 64 px, difficulty 1, data seed 5, default config",
             TAEF2_SPLITS,
             "builtin:taef2",
         ),

@@ -349,7 +349,35 @@ def prototype_lines(p: dict, classes: list[str]) -> list[str]:
     if won < n_m * len(rows):
         lines += ["", "| generator | prototypes winning | separation |", "|---|---:|---:|"]
         lines += [f"| {c} | {r['winning']} of {n_m} | {fmt(r['separation'])} |" for c, r in zip(classes, rows)]
+    if n_m > 1 and p["median_separation"] < COLLAPSED:
+        lines += ["", collapsed_words(p)]
     return lines
+
+
+COLLAPSED = 0.05  # a median separation below this: a class's prototypes sit on one point
+
+
+def collapsed_words(p: dict) -> str:
+    """The plain statement a collapsed head needs: its explanation is one prototype per class, and why."""
+    n_m = p["per_class_count"]
+    head = (
+        f"**The explanation is one prototype per class.** The {n_m} prototypes of each class sit on one point "
+        f"(median separation {fmt(p['median_separation'])}), so an image is explained by its class's one point, in "
+        f"effect the class's centre under the gate w, not by one of {n_m} modes of its class; which of them an "
+        "image is nearest to turns on differences too small to mean anything, so the gallery's columns are not "
+        "modes either. "
+    )
+    if p.get("init") == "kmeans":
+        return (
+            head
+            + "They were placed apart, at k-means centres of the class's embeddings, and training drew them together."
+        )
+    return head + (
+        f"They start together (N(0, {p.get('std', 0.01):g}^2), model.prototype_std, the authors' initialisation), and "
+        f"the soft minimum of Eq. 10 then gives each prototype of a class the same share (its responsibility, Eq. 15, "
+        f"1/{n_m} while they coincide) of every image's pull, so they move as one. `model.prototype_init = kmeans` "
+        "places them apart, at k-means centres of each class's embeddings after the warm-up epoch."
+    )
 
 
 UNIFORM_ATTENTION = 0.01  # every class's mean a_t within this of 1/T reads as uniform

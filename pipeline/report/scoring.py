@@ -146,7 +146,11 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
     prototypes = r.prototypes
     if prototypes is not None and len(by_part["train"]):
         tr = by_part["train"]
-        m["prototypes"] = prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes)
+        m["prototypes"] = {
+            **prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes),
+            "init": run_cfg.model.prototype_init,  # what the report's words on collapsed prototypes name
+            "std": run_cfg.model.prototype_std,
+        }
     figs.update(_explanation_data(r, cfg, by_part["train"], tests["raw"], classes, prototypes))
     return m, figs
 
