@@ -5,6 +5,7 @@ report, with its interval, through `leakpipe score`: tests/test_score.py)."""
 import hashlib
 
 import numpy as np
+from PIL import Image
 
 from leakpipe.pipeline.math import reconstruction as recon
 from tests.conftest import cli
@@ -59,6 +60,10 @@ def test_a_decoder_rendered_set_is_deterministic(tmp_path):
 
     a, b = synth(tmp_path / "w1", tmp_path / "a"), synth(tmp_path / "w2", tmp_path / "b")
     assert a == b and sum(not k.startswith("closed-pp/") for k in a) == 3 * 8 and "closed-pp/step1/closed" in str(a)
+    one, other = (
+        np.asarray(Image.open(tmp_path / "a" / "closed" / g / "00003.png"), float) for g in ("closed00", "closed01")
+    )
+    assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.8 and np.abs(one - other).mean() > 0.5  # same content
     c = synth(tmp_path / "w3", tmp_path / "c", "--seed", "1")
     assert all(a[k] != c[k] for k in set(a) & set(c) if k.startswith("closed/"))
     assert rendered.make_leak("closed00", 0, 32, noise=False).noise == 0 < rendered.make_leak("closed00", 0, 32).noise

@@ -16,7 +16,7 @@ from leakpipe.stages import graph
 from leakpipe.workflows.pipeline import through_score
 
 # The decoder family (bench/rendered.py): each generator's latent bias rendered through the shipped
-# TAEF2, at 64 px (rendering costs about 0.06 CPU-s per 64-px image, 0.22 at 128 px) and difficulty 0.5
+# TAEF2, at 64 px (rendering costs 0.036 CPU-s per 64-px image, 0.136 at 128 px) and difficulty 0.5
 # (leaks twice the default strength: benchmarks/RESULTS.md, "Generators rendered through a real decoder")
 DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=64, difficulty=0.5, seed=0, family="decoder")
 DEMO_DECODER = "builtin:taef2"  # what renders the demo's generators

@@ -78,19 +78,21 @@ def write_generators(root: Path, names: list[str], spec: SynthSpec, workers: int
 
 
 def write_rendered(root: Path, names: list[str], spec: SynthSpec, autoencoder) -> None:
-    """The decoder family's images, chunk by chunk through `autoencoder` (torch's threads, no workers)."""
+    """The decoder family's images, chunk by chunk through `autoencoder` (torch's threads, no workers):
+    each chunk's content encoded once, then decoded with each generator's latents."""
     import torch
 
     if autoencoder is None:
         raise ValueError("the decoder family needs an autoencoder with a decoder")
     autoencoder = autoencoder.to(memory_format=torch.channels_last)
     channels = rendered.latent_channels(autoencoder, spec.size)
-    for name in names:
-        leak = rendered.make_leak(name, spec.seed, channels, spec.difficulty, spec.latent_noise)
-        for start in range(0, spec.per_generator, rendered.CHUNK):
-            images = rendered.render_chunk(autoencoder, leak, spec.seed, start, spec.size)
+    leaks = [rendered.make_leak(name, spec.seed, channels, spec.difficulty, spec.latent_noise) for name in names]
+    for start in range(0, spec.per_generator, rendered.CHUNK):
+        z = rendered.encode_chunk(autoencoder, spec.seed, start, spec.size)
+        for leak in leaks:
+            images = rendered.render_chunk(autoencoder, z, leak, spec.seed, start)
             for i, arr in enumerate(images[: spec.per_generator - start], start):
-                _save_png(arr, root / name / f"{i:05d}.png")
+                _save_png(arr, root / leak.name / f"{i:05d}.png")
 
 
 def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None, workers: int) -> list[dict]:

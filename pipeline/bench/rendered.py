@@ -1,24 +1,27 @@
 """A second synthetic family: generators rendered through a real decoder.
 
-Each image starts as the content the pixel family uses (a crop of scikit-learn's sample photos or a
-procedural scene, drawn independently of the generator), encoded by a real autoencoder's encoder (the
-shipped TAEF2 by default). Its generator then adds, in latent space, its own low-frequency bias, the
-"signal leak" of Everaert et al. (WACV 2024): a diffusion model trained on noised latents that keep
-some of the image's low frequencies but sampled from pure noise generates latents whose mean and lowest
-frequencies carry a model-specific bias. Here it is a per-channel offset plus a few cosines of 1-2
-cycles per image, and optionally the generator's own latent noise level. The real decoder renders the
-result, so every generator's images carry that decoder's own traces, and differ only by their latents.
+Each image starts as content like the pixel family's (a crop of scikit-learn's sample photos or a
+procedural scene), encoded by a real autoencoder's encoder (the shipped TAEF2 by default). Its
+generator then adds, in latent space, its own low-frequency bias, the "signal leak" of Everaert et al.
+(WACV 2024): a diffusion model trained on noised latents that keep some of the image's low frequencies
+but sampled from pure noise generates latents whose mean and lowest frequencies carry a model-specific
+bias. Here it is a per-channel offset plus a few cosines of 1-2 cycles per image, and optionally the
+generator's own latent noise level. The real decoder renders the result, so every generator's images
+carry that decoder's own traces, and differ only by their latents.
+
+Image i of every generator shows the same content (as prompt-matched benchmarks give each generator
+the same prompts), so content cannot identify a generator, and it is encoded once for all of them.
 
 What it models: several generators that share one autoencoder (as the models built on one base's VAE
 do) and differ by the latent statistics their sampler leaves. What it does not: a generator's own
 decoder or upsampler, the denoiser's textures, prompts and semantics, or a generator's content
-distribution (content never identifies the generator). The pixel family (`synth.py`) paints its
-fingerprints in pixel space instead; docs/guide/synthetic.md compares the two.
+distribution. The pixel family (`synth.py`) paints its fingerprints in pixel space instead;
+docs/guide/synthetic.md compares the two.
 
 Images are rendered in fixed chunks of CHUNK consecutive indices (torch's convolutions give a sample
 bits that depend on its batch), every chunk whole, so an image's bytes depend on its identity (seed,
-generator, index, size, difficulty, noise) and the autoencoder, not on the number of images asked for;
-the same arguments give the same bytes on the same machine and torch build.
+generator, index, size, difficulty, noise) and the autoencoder, not on the number of images or
+generators asked for; the same arguments give the same bytes on the same machine and torch build.
 """
 
 from __future__ import annotations
@@ -74,30 +77,36 @@ def leak_field(leak: LatentLeak, h: int, w: int) -> np.ndarray:
     return field
 
 
-def contents(seed: int, name: str, indices, size: int) -> np.ndarray:
-    """(B, size, size, 3) in [0, 1]: the content of generator `name`'s images `indices` (synth.synth_image's)."""
+def contents(seed: int, indices, size: int) -> np.ndarray:
+    """(B, size, size, 3) in [0, 1]: the content of images `indices`, the same for every generator."""
     out = []
     for i in indices:
-        rng = synth.rng_for(seed, "content", name, int(i))
+        rng = synth.rng_for(seed, "rendered-content", int(i))
         out.append((synth.photo_content if rng.random() < 0.5 else synth.procedural_content)(rng, size))
     return np.clip(np.stack(out), 0, 1)
 
 
-def render_chunk(autoencoder, leak: LatentLeak, seed: int, start: int, size: int) -> np.ndarray:
-    """Images start ... start + CHUNK - 1 of the generator: content -> encoder -> plus its latent bias
-    and noise -> decoder, as uint8 (CHUNK, size, size, 3)."""
+def encode_chunk(autoencoder, seed: int, start: int, size: int):
+    """The latents (CHUNK, C, h, w) of images start ... start + CHUNK - 1's content."""
     import torch
 
-    x = torch.from_numpy(contents(seed, leak.name, range(start, start + CHUNK), size)).float()
+    x = torch.from_numpy(contents(seed, range(start, start + CHUNK), size)).float()
     x = (x.permute(0, 3, 1, 2) * 2 - 1).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        z = autoencoder.encode(x).latent_dist.mean.float()
-        c, h, w = z.shape[1:]
-        bias = leak_field(leak, h, w)
-        noise = np.stack(
-            [synth.rng_for(seed, "latent-noise", leak.name, start + j).normal(size=(c, h, w)) for j in range(CHUNK)]
-        )
-        z = z + torch.from_numpy(bias + leak.noise * noise).float()
+        return autoencoder.encode(x).latent_dist.mean.float()
+
+
+def render_chunk(autoencoder, z, leak: LatentLeak, seed: int, start: int) -> np.ndarray:
+    """Generator `leak`'s images start ... start + CHUNK - 1 from their content's latents `z`: plus its
+    latent bias and noise, through the decoder, as uint8 (CHUNK, H, W, 3)."""
+    import torch
+
+    c, h, w = z.shape[1:]
+    noise = np.stack(
+        [synth.rng_for(seed, "latent-noise", leak.name, start + j).normal(size=(c, h, w)) for j in range(CHUNK)]
+    )
+    with torch.inference_mode():
+        z = z + torch.from_numpy(leak_field(leak, h, w) + leak.noise * noise).float()
         img = autoencoder.decode(z.contiguous(memory_format=torch.channels_last)).float()
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return img.permute(0, 2, 3, 1).contiguous().numpy()
