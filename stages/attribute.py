@@ -57,7 +57,8 @@ def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> 
     from leakpipe.pipeline.engine.encoding import encode_batch
 
     vae = load_encoder(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
-    return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
+    mean, logvar = encode_batch(vae, device, images, cfg.store.dtype)
+    return mean.astype(np.float32), logvar.astype(np.float32)
 
 
 EQUAL = 0.05  # a winning responsibility within this of 1/M: the class's prototypes share the image equally
