@@ -17,7 +17,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
-from leakpipe.pipeline.engine.autoencoders import load_encoder
+from leakpipe.pipeline.engine.autoencoders import family_code, load_encoder
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
 from leakpipe.pipeline.ledger.locks import VAE_FILES, Inputs, Verdict, outputs_root
@@ -338,8 +338,8 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-# a VAE family's own code (vae.FAMILY_CODE; none for SD's AutoencoderKL) is part of its stores' identity
-STAGE = Stage("encode", KEYS, CODE, plan, work, deep=False, extra_code=vae_lib.family_code)
+# a VAE family's own code (autoencoders.FAMILY_CODE; none for SD's AutoencoderKL) is part of its stores' identity
+STAGE = Stage("encode", KEYS, CODE, plan, work, deep=False, extra_code=family_code)
 
 
 def run(graph: Graph, split: str, log=print) -> EncodeResult:

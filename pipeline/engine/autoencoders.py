@@ -5,7 +5,7 @@ normalisation) applied, so z0 = mean * latent.scale with the family's scaling fa
 such latents gives an image in [-1, 1].
 
 SD's AutoencoderKL (no shift) and the pixels encoder are loaded by `vae.load_vae`, the code that made
-every existing store; each other family's loader is part of its own code identity (vae.FAMILY_CODE).
+every existing store; each other family's code is part of its own stores' code identity (FAMILY_CODE).
 """
 
 from __future__ import annotations
@@ -16,13 +16,28 @@ from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine import vae_files
 from leakpipe.pipeline.engine.vae import PIXELS, VaeError, VaeSource
 
+# The code each family adds to stage one's own (stages/encode.py CODE, which loads SD's AutoencoderKL and
+# the pixels encoder): part of that family's code identity only, so existing stores of SD's VAE keep their
+# fingerprints. This whole module (its loaders and how it picks one) and the wrappers are declared.
+_CODE = ("leakpipe.pipeline.engine.autoencoders", "leakpipe.pipeline.nn.latents")
+FAMILY_CODE = {"kl-shift": _CODE, "kl-flux2": _CODE, "tiny": _CODE, "taesd": (*_CODE, "leakpipe.pipeline.nn.taesd")}
+
+
+def family_code(src: VaeSource) -> tuple[str, ...]:
+    """The code entries stage one runs for `src` beyond its own CODE (none for SD's AutoencoderKL)."""
+    return FAMILY_CODE.get(_key(src), ())
+
+
+def _key(src: VaeSource) -> str:
+    shifted = src.family == "kl" and vae_lib.shift_factor(vae_lib.model_config(src)) != 0.0
+    return "kl-shift" if shifted else src.family
+
 
 def load_encoder(src: VaeSource, dtype: str = "float32", device="cpu"):
     """Stage one's frozen encoder of `src`, in eval mode, on `device`."""
-    if not vae_lib.family_code(src):
+    if not family_code(src):
         return vae_lib.load_vae(src, dtype, device)
-    key = "kl-shift" if src.family == "kl" else src.family
-    return _frozen(_LOADERS[key](src, dtype, False), device)
+    return _frozen(_LOADERS[_key(src)](src, dtype, False), device)
 
 
 def load_autoencoder(src: VaeSource, dtype: str = "float32", device="cpu"):
@@ -35,8 +50,7 @@ def load_autoencoder(src: VaeSource, dtype: str = "float32", device="cpu"):
             f"{src.location}: no TAESD decoder beside this encoder (expected "
             f"{src.location.name.replace('encoder', 'decoder')} in {src.location.parent})"
         )
-    key = "kl-shift" if src.family == "kl" else src.family
-    return _frozen(_LOADERS[key](src, dtype, True), device)
+    return _frozen(_LOADERS[_key(src)](src, dtype, True), device)
 
 
 def _frozen(model, device):

@@ -273,29 +273,6 @@ def shift_factor(config: dict) -> float:
     return float(config.get("shift_factor") or 0.0)
 
 
-_LOADERS = "leakpipe.pipeline.engine.autoencoders"
-# The code each family adds to stage one's own (stages/encode.py CODE, which loads SD's AutoencoderKL and
-# the pixels encoder): part of that family's code identity only, so existing stores of SD's VAE keep their
-# fingerprints, and a change to one family's code re-encodes that family's stores only
-FAMILY_CODE = {
-    "kl-shift": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl", "leakpipe.pipeline.nn.latents"),
-    "kl-flux2": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_kl_flux2", "leakpipe.pipeline.nn.latents"),
-    "tiny": (f"{_LOADERS}:load_encoder", f"{_LOADERS}:_tiny", "leakpipe.pipeline.nn.latents"),
-    "taesd": (
-        f"{_LOADERS}:load_encoder",
-        f"{_LOADERS}:_taesd",
-        "leakpipe.pipeline.nn.taesd",
-        "leakpipe.pipeline.nn.latents",
-    ),
-}
-
-
-def family_code(src: VaeSource) -> tuple[str, ...]:
-    """The code entries stage one runs for `src` beyond its own CODE (none for SD's AutoencoderKL)."""
-    shifted = src.family == "kl" and shift_factor(model_config(src)) != 0.0
-    return FAMILY_CODE.get("kl-shift" if shifted else src.family, ())
-
-
 def encoder_fingerprint(cfg: Config, src: VaeSource, hashes: HashCache, code) -> str:
     """Hash of (weights bytes, VAE config, preprocessing, dtypes, the encode stage's code identity):
     SPEC section 3. Other code means other bytes for the same image, so a new store; the code of the
@@ -361,39 +338,77 @@ def resolve_device(name: str):
     return check_device(torch.device(name))
 
 
+# The layouts `leakpipe vae random --like` builds: diffusers' class, latent channels and the family's own
+# scaling (its released config's scaling_factor and shift_factor; FLUX.2 normalises with batch-norm
+# statistics instead, seeded at random here); SD3 and FLUX.1 have no quant convolutions. The widths are
+# the caller's (block_out_channels): 4 blocks give the real 1/8 of the side.
+LIKE = {
+    "sd21": ("AutoencoderKL", dict(latent_channels=4, scaling_factor=0.18215)),
+    "sdxl": ("AutoencoderKL", dict(latent_channels=4, scaling_factor=0.13025)),
+    "sd3": (
+        "AutoencoderKL",
+        dict(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+    ),
+    "flux1": (
+        "AutoencoderKL",
+        dict(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+    ),
+    "flux2": ("AutoencoderKLFlux2", dict(latent_channels=32)),
+}
+
+
 def save_random_vae(
     folder: Path,
     block_out_channels=(32, 64, 64, 64),
     seed: int = 0,
     norm_num_groups: int | None = None,
     layers_per_block: int = 1,
+    like: str = "sd21",
 ) -> Path:
-    """Write a diffusers AutoencoderKL with seeded random weights (tests, demo; no download).
+    """Write a diffusers autoencoder of the layout `like` (LIKE) with seeded random weights (tests, demo;
+    no download).
 
-    With 4 blocks the latent is 1/8 of the image and has 4 channels, like SD2.1's VAE.
+    With 4 blocks the latent is 1/8 of the image, like every released layout of LIKE.
     Passing SD2.1's widths (128, 256, 512, 512), groups 32 and 2 layers per block builds its
-    exact architecture.
+    exact architecture (SD3's and FLUX.1's with latent channels 16, FLUX.2's with 32).
     """
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL
 
+    cls, family = LIKE[like]
     n = len(block_out_channels)
     groups = norm_num_groups or min(8, block_out_channels[0])
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    vae = getattr(diffusers, cls)(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
         down_block_types=["DownEncoderBlock2D"] * n,
         up_block_types=["UpDecoderBlock2D"] * n,
         block_out_channels=list(block_out_channels),
         layers_per_block=layers_per_block,
         norm_num_groups=groups,
         sample_size=256,
+        **family,
     )
+    if hasattr(vae, "bn"):  # FLUX.2: batch-norm statistics other than (0, 1), so that they do something
+        vae.bn.running_mean.normal_(0.0, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
     vae.save_pretrained(str(folder), safe_serialization=True)
+    layout = "" if like == "sd21" else f", {like} layout"
     (Path(folder) / RANDOM_MARKER).write_text(
-        f"seeded random weights (seed {seed}) written by leakpipe; not a pretrained VAE\n"
+        f"seeded random weights (seed {seed}{layout}) written by leakpipe; not a pretrained VAE\n"
     )
     return Path(folder)
 
