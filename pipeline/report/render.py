@@ -93,8 +93,8 @@ def report_markdown(m: dict) -> str:
             "Beside the model, on the same test images: chance, a forensic pixel baseline (logistic regression on "
             "8 x 8 block-DCT statistics on the JPEG grid, noise residuals of fixed high-pass filters, the "
             "power spectrum and colour means, from each original file at its native resolution, a centre crop "
-            f"of at most {b.get('forensic_max_side', 512)} px) and a linear probe on the cached z0 (did stage one "
-            "keep the signal?):",
+            f"of at most {b.get('forensic_max_side', 512)} px), a linear probe on the cached z0 (did stage one "
+            "keep the signal?)" + (" and a reconstruction baseline (below)" if "reconstruction" in b else "") + ":",
             "",
             "| | top-1 | model minus this (paired) | p |",
             "|---|---:|---:|---:|",
