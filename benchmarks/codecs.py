@@ -1,6 +1,6 @@
 """Real photos through real codecs and resamplers (`bench/codecs.py`): the forensic pixel baseline, the
 old 64-px one, and Proto-LeakNet on the pixels themselves with training crops (vae.source = pixels,
-train.crop) beside a linear probe on those pixels, with its training speed against whole images.
+train.crop: `--profile pixels`) beside a linear probe on those pixels, with its training speed against whole images.
 
     python benchmarks/codecs.py [--n 90] [--size 256] [--seeds 0] [--epochs 20] [--root build/codecs]
 
@@ -28,21 +28,12 @@ from leakpipe.pipeline.report.baselines import forensic_matrix, probe  # noqa: E
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
 from leakpipe.stages import graph
 
-PIXELS_TOML = """[vae]
-source = "pixels"
-[preprocess]
+# the recipe is the `pixels` profile (config.PROFILES); the file holds this set's own settings
+PIXELS_TOML = """[preprocess]
 size = {size}
-resize = "none"
 [encode]
 num_workers = 1
-[features]
-dct_map = "none"
-highpass = "residual"
-[diffusion]
-timesteps = [0]
-noise = false
 [train]
-crop = 64
 epochs = {epochs}
 """
 
@@ -62,7 +53,7 @@ def speed(ws: Workspace, crop: int, steps: int = 3) -> float:
     from leakpipe.pipeline.engine.trained import build_model
     from leakpipe.pipeline.engine.training import train_epoch
 
-    cfg = ws.config(None, [f"train.crop={crop}", "train.batch_size=32", "train.ema_half_life=0"])
+    cfg = ws.config(None, [f"train.crop={crop}", "train.batch_size=32", "train.ema_half_life=0"], "pixels")
     lat = graph(ws, cfg).plan("encode", "closed").data
     rows = np.arange(32 * steps)
     data = LatentRows(lat.store, rows, rows % len(CHAINS), 2**34)
@@ -120,9 +111,11 @@ def main():
         f"| old 64-px pixel baseline | {interval(right['64px'], groups[te])} | |",
     ]
     ws = Workspace(root)
-    encode.run(graph(ws, ws.config()), "closed", log=lambda s: None)
+    encode.run(graph(ws, ws.config(profile="pixels")), "closed", log=lambda s: None)
     for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = ws.config(None, [f"train.seed={seed}", "score.open=", "score.postprocessed=[]", "score.bootstrap=2000"])
+        cfg = ws.config(
+            None, [f"train.seed={seed}", "score.open=", "score.postprocessed=[]", "score.bootstrap=2000"], "pixels"
+        )
         run = f"pixels-seed{seed}"
         t = time.perf_counter()
         train.run(graph(ws, cfg), run, log=print)

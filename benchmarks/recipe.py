@@ -35,6 +35,7 @@ from leakpipe.pipeline.math.mahalanobis import Mahalanobis  # noqa: E402
 from leakpipe.pipeline.report.evaluate import MAHA_PARTS, comparator, label_index  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
 from leakpipe.stages import graph, embed, encode, score, train  # noqa: E402
+from leakpipe.workflows.demo import rendering_autoencoder  # noqa: E402
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DataSet:
     toml: str = ""  # [model] / [train] lines on top of the defaults (the demo's own)
     about: str = ""
     splits: tuple = ("closed", "open")
+    vae: str = ""  # a vae.source (builtin:taef2); empty: the random VAE of vae_blocks and vae_seed
 
 
 DEMO_TOML = "[model]\nembed_dim = 64\nprototypes_per_class = 2\n[train]\nepochs = 15\nbatch_size = 32\n"
@@ -96,6 +98,47 @@ SETS = {
         "7 generators x 50 images, 96 px, difficulty 0.25, data seed 4, a narrower random VAE (seed 4), default config",
     ),
 }
+# Rendered through TAEF2's decoder (spec family "decoder") and encoded by TAEF2 (issue 33): the demo's
+# data and encoder, and two more sets of other seeds, difficulty and number of generators. TAEF2's
+# latents are in its diffusion space already (latent.scale 1); every split, post-processed steps too.
+TAEF2_SPLITS = ("closed", "closed-pp", "open")
+SETS.update(
+    {
+        "demo-taef2": DataSet(
+            SynthSpec(10, 10, 40, 64, 0.5, 0, (1, 2, 3), "decoder"),
+            (),
+            0,
+            1.0,
+            DEMO_TOML,
+            "`leakpipe demo` on TAEF2: 10 generators x 40 images rendered through TAEF2, 64 px, difficulty 0.5, "
+            "its config",
+            TAEF2_SPLITS,
+            "builtin:taef2",
+        ),
+        "taef2-b": DataSet(
+            SynthSpec(6, 4, 60, 64, 1.0, 5, (1, 2, 3), "decoder"),
+            (),
+            0,
+            1.0,
+            "",
+            "6 generators x 60 images rendered through TAEF2, 64 px, difficulty 1, data seed 5, default config",
+            TAEF2_SPLITS,
+            "builtin:taef2",
+        ),
+        "taef2-c": DataSet(
+            SynthSpec(8, 4, 40, 64, 0.75, 6, (1, 2, 3), "decoder", False),
+            (),
+            0,
+            1.0,
+            "",
+            "8 generators x 40 images rendered through TAEF2 without latent noise, 64 px, difficulty 0.75, "
+            "data seed 6, "
+            "default config",
+            TAEF2_SPLITS,
+            "builtin:taef2",
+        ),
+    }
+)
 P = PROFILES["paper"]
 VARIANTS = {
     "leakpipe": (),  # the default recipe
@@ -124,10 +167,13 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
     """The data set's workspace, written and encoded once."""
     ws_root = root / name
     if not (ws_root / "manifests" / "closed.csv").exists():
-        write_benchmark(ws_root / "data", ws_root / "manifests", ds.spec)
-        save_random_vae(ws_root / "vae", ds.vae_blocks, seed=ds.vae_seed)
+        ae = rendering_autoencoder(ds.spec, "builtin:taef2", ws_root)
+        write_benchmark(ws_root / "data", ws_root / "manifests", ds.spec, autoencoder=ae)
+        if not ds.vae:
+            save_random_vae(ws_root / "vae", ds.vae_blocks, seed=ds.vae_seed)
         (ws_root / "leakpipe.toml").write_text(
-            f'[vae]\nsource = "./vae"\n[preprocess]\nsize = {ds.spec.size}\n[encode]\nnum_workers = 1\n' + ds.toml
+            f'[vae]\nsource = "{ds.vae or "./vae"}"\n[preprocess]\nsize = {ds.spec.size}\n[encode]\nnum_workers = 1\n'
+            + ds.toml
         )
     ws = Workspace(ws_root)
     for split in ds.splits:
@@ -163,6 +209,10 @@ def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: i
         "eq13": eq13.score(te.embedding("h_bar")).argmax(1) == y,
         "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc", float("nan")),
         "prototypes": m.get("prototypes", {}).get("winning_fraction", float("nan")),
+        "separation": m.get("prototypes", {}).get("median_separation", float("nan")),
+        # how far temporal attention is from uniform: the largest |a_t - 1/T| of any class's mean a_t
+        "attention": float(np.max(np.abs(np.array(m["attention"]) - 1 / len(m["timesteps"])))),
+        "steps": {v: r["head"]["top1"] for v, r in m["closed"].items() if v != "raw"},
         "seconds": seconds,
         "epochs": len(history),
     }
@@ -184,6 +234,32 @@ def probe(ws: Workspace, rows: np.ndarray) -> np.ndarray:
     z = [latent_store.read_rows(store, np.sort(r))["mean"].reshape(len(r), -1) for r in (train_rows, rows)]
     order = np.argsort(np.argsort(rows))  # read_rows wants sorted rows
     return fit_predict(z[0], ytr, z[1][order]) == yte
+
+
+def row_baselines(ws: Workspace, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Correct/incorrect of the report's z0 probe, forensic pixel baseline and reconstruction baseline
+    (fitted on the closed training rows) for the closed test rows, in the order of `rows`."""
+    from leakpipe.pipeline.config import VaeConfig
+    from leakpipe.pipeline.engine.autoencoders import load_autoencoder
+    from leakpipe.pipeline.engine.vae import resolve
+    from leakpipe.pipeline.report import baselines as bl
+
+    cfg = ws.config()
+    m = graph(ws, cfg).plan("encode", "closed").data.manifest
+    classes = sorted({r["label"] for r in m.rows if r["partition"] == "train"})
+    train_rows = np.array([i for i, r in enumerate(m.rows) if r["partition"] == "train"])
+    ytr = np.array([classes.index(m.rows[i]["label"]) for i in train_rows])
+    yte = np.array([classes.index(m.rows[i]["label"]) for i in rows])
+    paths = [[m.abspath(int(i)) for i in r] for r in (train_rows, rows)]
+    pixels = [bl.forensic_matrix(p, cfg.score.baseline_max_side, cfg.preprocess.max_pixels) for p in paths]
+    autoencoders = [load_autoencoder(resolve(VaeConfig(source=a), ws.root)) for a in cfg.score.reconstruction]
+    side = cfg.score.reconstruction_max_side
+    recon = [bl.reconstruction_matrix(p, autoencoders, side, cfg.preprocess.max_pixels) for p in paths]
+    return {
+        "z0 probe": probe(ws, rows),
+        "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte,
+        "reconstruction": bl.probe(recon[0], ytr, recon[1]) == yte,
+    }
 
 
 def paired(seeds: list[np.ndarray], base, groups, n_boot: int = 2000) -> dict:
@@ -238,6 +314,48 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
     return lines
 
 
+def ci(correct: np.ndarray, groups, n_boot: int = 2000) -> str:
+    lo, hi = bootstrap.interval(
+        bootstrap.Resamples(n_boot, 0, groups).of(lambda w: metrics.top1(correct, w), len(correct))
+    )
+    return f"{correct.mean():.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def table_learners(name: str, ds: DataSet, rows: list[Row], bases: dict) -> list[str]:
+    """Issue 33's table: each variant's head, Mahalanobis, open set, post-processing steps and prototypes
+    beside the z0 probe, the forensic and the reconstruction baseline, paired with the strongest of them."""
+    groups = rows[0].results[0]["groups"]
+    best = max(bases, key=lambda k: bases[k].mean())
+    steps = sorted(rows[0].results[0]["steps"])
+    lines = [
+        f"### {name}: {ds.about}",
+        "",
+        f"Closed test: {len(groups)} images; chance {1 / ds.spec.n_closed:.3f}; latent.scale = {ds.latent_scale}. "
+        "Baselines (fitted on the closed training rows, 95% interval over test images): "
+        + "; ".join(f"{k} {ci(v, groups)}" for k, v in bases.items())
+        + f". Strongest: {best}.",
+        "",
+        f"| variant | seeds | head top-1 (mean +- sd) | head - {best} (seed mean, paired) | Mahalanobis top-1 | "
+        "Mahalanobis - " + best + " | open AUROC | " + " | ".join(f"{v} head top-1" for v in steps) + " | "
+        "prototypes winning | median separation | max abs(a_t - 1/T) | s / run |",
+        "|---|---:|---:|---|---:|---|---:|" + "---:|" * len(steps) + "---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        heads, mahas = [x["head"] for x in r.results], [x["maha"] for x in r.results]
+        top, secs = [h.mean() for h in heads], [x["seconds"] for x in r.results if x["seconds"]]
+        lines.append(
+            f"| {r.variant} | {len(heads)} | {np.mean(top):.3f} +- {np.std(top, ddof=1) if len(top) > 1 else 0:.3f} | "
+            f"{fmt_diff(paired(heads, bases[best], groups))} | {np.mean([m.mean() for m in mahas]):.3f} | "
+            f"{fmt_diff(paired(mahas, bases[best], groups))} | "
+            f"{np.nanmean([x['open_auroc'] for x in r.results]):.3f} | "
+            + " | ".join(f"{np.mean([x['steps'][v] for x in r.results]):.3f}" for v in steps)
+            + f" | {np.nanmean([x['prototypes'] for x in r.results]):.2f} | "
+            f"{np.nanmean([x['separation'] for x in r.results]):.3f} | "
+            f"{np.mean([x['attention'] for x in r.results]):.4f} | {np.mean(secs) if secs else float('nan'):.0f} |"
+        )
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="demo,synth-b,synth-c")
@@ -247,6 +365,11 @@ def main():
     )
     ap.add_argument("--root", default="build/recipe")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--baselines",
+        action="store_true",
+        help="issue 33's table: the forensic and reconstruction baselines too, post-processing steps, prototypes",
+    )
     args = ap.parse_args()
     import torch
 
@@ -276,9 +399,12 @@ def main():
                     flush=True,
                 )
             rows.append(row)
-        base = probe(ws, rows[0].results[0]["rows"])
-        out += table(name, ds, rows, base) + [""]
-        print("\n".join(table(name, ds, rows, base)), flush=True)
+        if args.baselines:
+            lines = table_learners(name, ds, rows, row_baselines(ws, rows[0].results[0]["rows"]))
+        else:
+            lines = table(name, ds, rows, probe(ws, rows[0].results[0]["rows"]))
+        out += lines + [""]
+        print("\n".join(lines), flush=True)
     print("\n".join(out))
 
 

@@ -96,8 +96,9 @@ def _workspace_options(fn):
         default=DEFAULT_PROFILE,
         show_default=True,
         help="Defaults to start from, under the config file and --set: leakpipe (the paper's "
-        "method with the measured training recipe), paper (as printed) or authors-code (the "
-        "authors' released code's); the docs' Configuration page lists every difference.",
+        "method with the measured training recipe), paper (as printed), authors-code (the "
+        "authors' released code's) or pixels (the model on the pixels themselves, for codec and "
+        "resampling traces); the docs' Configuration page lists every difference.",
     )
     @functools.wraps(fn)
     @_friendly

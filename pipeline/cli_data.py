@@ -126,15 +126,39 @@ def _steps(text: str) -> tuple[int, ...]:
 @click.option("--seed", default=0, show_default=True, help="Seed of the images, the split and the post-processing.")
 @click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
+@click.option(
+    "--family",
+    type=click.Choice(["pixel", "decoder"]),
+    default="pixel",
+    show_default=True,
+    help="pixel: fingerprints painted in pixel space; decoder: each generator's low-frequency latent bias "
+    "(and latent noise), rendered through a real autoencoder's decoder (docs: Synthetic benchmark).",
+)
+@click.option(
+    "--decoder",
+    default="builtin:taef2",
+    show_default=True,
+    help="The autoencoder that encodes the content and decodes the decoder family (any vae.source with a decoder).",
+)
+@click.option(
+    "--latent-noise/--no-latent-noise",
+    default=True,
+    show_default=True,
+    help="Decoder family: each generator also adds its own latent noise level.",
+)
 @_workspace_options
-def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers):
+def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers, **family):
     """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+    from leakpipe.workflows.demo import rendering_autoencoder
 
     out = out or ws.root / "data" / "synth"
-    spec = SynthSpec(n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps))
+    spec = SynthSpec(
+        n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps), family["family"], family["latent_noise"]
+    )
     start = time.perf_counter()
-    written = write_benchmark(out, ws.manifests, spec, workers or None)
+    ae = rendering_autoencoder(spec, family["decoder"], ws.root)
+    written = write_benchmark(out, ws.manifests, spec, workers or None, ae)
     took = time.perf_counter() - start
     click.echo(f"synth: {sum(written.values())} images in {took:.1f} s under {out}")
     for name, n in written.items():
@@ -195,7 +219,7 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 @click.option("--closed", "n_closed", type=int, help="Known generators [default: 10].")
 @click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
 @click.option("--per-generator", type=int, help="Images per generator [default: 40].")
-@click.option("--size", type=int, help="Image side in pixels [default: 128].")
+@click.option("--size", type=int, help="Image side in pixels, a multiple of 8 [default: 64; 128 with --vae random].")
 @click.option("--epochs", type=int, help="Training epochs [default: 10].")
 @_user_errors
 def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):

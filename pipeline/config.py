@@ -32,7 +32,9 @@ class VaeConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     size: int = 256  # output is size x size
-    resize: str = "shorter"  # shorter: shorter side to `size`, then crop | none: crop only
+    # shorter: shorter side to `size`, then crop | none: crop only (a side shorter than `size` is filled by
+    # mirrored copies of the image, the original at the top left: engine/images.mirror_fill)
+    resize: str = "shorter"
     crop: str = "center"  # center | none (image must then already be size x size)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 
@@ -187,8 +189,15 @@ class ScoreConfig:
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
     bootstrap: int = 1000  # resamples for the 95% intervals of every metric; 0 = no intervals
-    baselines: bool = True  # a forensic pixel baseline and a linear probe on z0, fitted and scored on the same split
+    # a forensic pixel baseline, a linear probe on z0 and the reconstruction baseline, fitted and scored on the
+    # same split
+    baselines: bool = True
     baseline_max_side: int = 512  # the pixel baseline reads at most this centre crop of each file, never resized
+    # the reconstruction baseline (AEROBLADE's idea): each image's distances to its round trip through each of
+    # these autoencoders (vae.source values with a decoder), fitted and scored like the others; [] = none
+    reconstruction: list[str] = field(default_factory=lambda: ["builtin:taef2"])
+    # the centre crop of each file it reads, never resized (on the 8-px grid); bounds the round trips' cost
+    reconstruction_max_side: int = 128
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,8 @@ ADDED_KEYS = {
     "model.latent_readout": "none",
     "score.maha_shared": 0.0,
     "score.maha_rows": "train",
+    "score.reconstruction": [],
+    "score.reconstruction_max_side": 128,
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -348,6 +359,7 @@ RANGES = [
     ("score.kde_folds", 2, None, ">= 2"),
     ("score.kde_max_reference", 0, None, ">= 0 (0 = every row)"),
     ("score.baseline_max_side", 8, None, ">= 8 pixels"),
+    ("score.reconstruction_max_side", 8, None, ">= 8 pixels"),
     ("score.bootstrap", 0, None, ">= 0 (0 = no intervals)"),
     ("score.alpha", 0, 1, "between 0 and 1, both excluded"),
     ("compute.memory_budget_gb", 0, None, ">= 0 and finite"),
@@ -412,6 +424,8 @@ def valid_keys() -> list[str]:
 # method with the training recipe measured in benchmarks/recipe.py. `paper`: the paper as printed, its
 # ambiguities resolved as docs/guide/ambiguities.md says. `authors-code`: the defaults of the authors'
 # released pipeline/train_eval.py, each checked there (docs/guide/configuration.md, "Profiles").
+# `pixels`: the model on the pixels themselves, the recipe benchmarks/codecs.py measured on real codec
+# chains (what the report advises when the forensic baseline finds traces the encoder loses).
 _PAPER = (
     "model.stem=imagenet",
     "model.dct_readout=none",
@@ -452,6 +466,15 @@ PROFILES: dict[str, tuple[str, ...]] = {
         "train.patience=10",
         "train.seed=42",
         "train.grad_clip=5.0",
+    ),
+    "pixels": (
+        "vae.source=pixels",  # z0 is the image itself (the authors' latent mode off)
+        "preprocess.resize=none",  # a resampler would overwrite the traces; small images are mirror-filled
+        "features.highpass=residual",  # content out, codec and resampling traces in
+        "features.dct_map=none",
+        "diffusion.timesteps=0",  # one timestep, no noise: a pixel's last bit is the signal
+        "diffusion.noise=false",
+        "train.crop=64",  # random 64-px crops on the 8-px grid; evaluation tiles the whole image
     ),
 }
 DEFAULT_PROFILE = "leakpipe"

@@ -155,9 +155,26 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         _apply(data, _toml(text, path), path)
+        _check_profile_encoder(data, profile, path, overrides)
     for item in overrides:
         assign(data, *parse_override(item))
     return build(data, f" ({path} and --set)" if path is not None else "")
+
+
+def _check_profile_encoder(data: dict, profile: str, path, overrides) -> None:
+    """A profile that names the encoder (`pixels`) is refused under a config file that names another,
+    unless --set names one: the file would otherwise win silently, and the profile's recipe would run
+    on an encoder it was not measured with."""
+    named = dict(parse_override(item) for item in PROFILES[profile]).get("vae.source")
+    if named is None or data["vae"]["source"] == named:
+        return
+    if any(parse_override(item)[0] == "vae.source" for item in overrides):
+        return
+    raise ConfigError(
+        f"--profile {profile} sets vae.source = {named}, but {path} sets vae.source = {data['vae']['source']!r}, "
+        f"which would win; remove that line from {path} (or run without --profile {profile}), or add "
+        f"--set vae.source={named} to use the profile as it is"
+    )
 
 
 def with_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:

@@ -61,6 +61,13 @@ def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> 
     return mean.astype(np.float32), logvar.astype(np.float32)
 
 
+EQUAL = 0.05  # a winning responsibility within this of 1/M: the class's prototypes share the image equally
+ONE_OF_EQUALS = (
+    "its class's prototypes are equally responsible for this image: they sit on one point, so the "
+    "explanation is one prototype per class, not one of its modes"
+)
+
+
 def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
     """Per image: a_t, the top gated features (by w), every prototype's responsibility pi_cm (Eq. 15),
     and the winning prototype with the features that contribute most to its distance (Eq. 14)."""
@@ -85,6 +92,9 @@ def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:
                 "generator": classes[c],
                 "index": m,
                 "responsibility": float(pi_cm[i, c, m]),
+                # the class's prototypes share the image about equally: they sit on one point, and the
+                # explanation is one prototype per class (the report says so for the whole run)
+                "one_of_equals": bool(pi_cm.shape[-1] > 1 and float(pi_cm[i, c, m]) < 1 / pi_cm.shape[-1] + EQUAL),
                 "distance": float(out.distances[i, c, m]),
                 "top_contributions": [
                     {
@@ -371,6 +381,7 @@ def format_text(results: list[dict]) -> str:
             lines.append(
                 f"  winning prototype: {p['generator']} #{p['index']} "
                 f"(responsibility {p['responsibility']:.3f}, distance {p['distance']:.3f})"
+                + (f"; {ONE_OF_EQUALS}" if p.get("one_of_equals") else "")
             )
             lines.append(
                 f"  responsibilities of {p['generator']}'s prototypes: "

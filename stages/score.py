@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from leakpipe.pipeline.config import Config
+from leakpipe.pipeline.config import Config, VaeConfig
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.graph import (
@@ -33,6 +33,8 @@ from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.engine.vae import is_random
+from leakpipe.pipeline.engine.vae import resolve as resolve_vae
+from leakpipe.pipeline.engine.autoencoders import load_autoencoder
 
 KEYS = section_keys("score")
 CODE = ("leakpipe.stages.score:work",)  # its code: what `work` reaches (ledger/code.py)
@@ -135,6 +137,9 @@ class Reading:
     def store(self, name: str) -> str:
         return _latents(self.g, self.result, self.cfg, name).store
 
+    def autoencoder(self, source: str):
+        return load_autoencoder(resolve_vae(VaeConfig(source=source), self.g.ws.root))
+
     def stage_features(self, rows):
         from leakpipe.pipeline.ledger.results import stage_features
 
@@ -231,6 +236,8 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
             files[f"labels and partitions of {split}"] = label_rows(
                 read_manifest(ws.manifest(split), check_files=False)
             )
+    if cfg.score.baselines:
+        files.update({f"reconstruction autoencoder {a}": _autoencoder_files(g, a) for a in cfg.score.reconstruction})
     inputs = Inputs(values(cfg, KEYS), ups, files, STAGE.code_identity())
     return Plan(
         STAGE,
@@ -246,6 +253,17 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
         data=Scoring(run, out, g),
         guard=lambda: trained_lock(out, deep=True),  # a damaged model is refused, never scored
     )
+
+
+def _autoencoder_files(g: Graph, source: str) -> list[list[str]]:
+    """[[path, hash], ...] of the weight and config files of a reconstruction autoencoder, or what is
+    wrong with the source (scoring then says the baseline was left out)."""
+    try:
+        src = resolve_vae(VaeConfig(source=source), g.ws.root)
+        paths = [*src.weights, *([src.decoder] if src.decoder else []), src.config_path]
+        return [[str(p), g.hashes.hash(p)] for p in paths if p.is_file()]
+    except (OSError, UserError) as exc:
+        return [[source, f"unavailable: {exc}"]]
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:

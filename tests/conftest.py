@@ -27,6 +27,9 @@ def tiny_vae(tmp_path_factory) -> Path:
 # The tests train with the ImageNet stem: on their 8 x 8 and 16 x 16 latents the default small stem
 # costs several times the compute. tests/test_recipe.py trains the default one through the stage.
 CPU_STEM = '[model]\nstem = "imagenet"\n'
+# The reconstruction baseline's round trips through TAEF2 run on every score; tests/test_score.py checks
+# it, and the other workspaces leave it out to keep the suite fast
+NO_RECONSTRUCTION = "[score]\nreconstruction = []\n"
 
 
 def synth_workspace(root: Path) -> Path:
@@ -38,7 +41,7 @@ def synth_workspace(root: Path) -> Path:
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
-        "[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n" + CPU_STEM
+        "[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n" + CPU_STEM + NO_RECONSTRUCTION
     )
     return root
 
@@ -87,6 +90,8 @@ stem = "imagenet"
 [encode]
 num_workers = 0
 batch_size = 3
+[score]
+reconstruction = []
 """
 
 

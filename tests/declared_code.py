@@ -57,6 +57,7 @@ def _forget() -> None:
     """Drop what was read of one source tree before reading another."""
     for cached in (reach.source_path, reach._parse, code._entry_hash):
         cached.cache_clear()
+    reach._REACHED.clear()  # what a walk reached, checked against the mtimes of the other tree's files
 
 
 def main(rev: str) -> None:

@@ -135,7 +135,7 @@ def test_the_real_photo_case_is_said_in_words():
     }
     said = bl.notes(b)
     assert len(said) == 3 and "significantly below the forensic pixel baseline" in said[0] and "at chance" in said[1]
-    assert "neither the model" in said[2] and "vae.source = pixels" in said[2]
+    assert "neither the model" in said[2] and "--profile pixels" in said[2]
     assert b["head_minus_forensic"]["p"] < 0.01
     good = {
         **b,

@@ -46,6 +46,9 @@ def test_quantisation_and_grid_show_in_the_features():
     assert lattice(coded).mean() > lattice(raw).mean() + 0.1  # coefficients sit on quantiser steps
     # moving the grid by 4 pixels hides it: the crop must start on the grid from the origin
     assert forensic.blockiness(coded[4:-4, 4:-4]).max() < forensic.blockiness(coded).min()
+    # an 8 x 8 image has no boundary to compare: every feature finite, its blockiness 0 (no grid seen)
+    assert np.isfinite(forensic.features(smooth[:8, :8].astype(float))).all()
+    assert np.array_equal(forensic.blockiness(raw[:8, :8]), [0.0, 0.0])
 
 
 def test_native_crop_is_on_the_grid_and_never_resized(tmp_path):

@@ -127,7 +127,7 @@ def test_profile_authors_code_reaches_the_model_and_the_loop():
     assert load_config(None, ["diffusion.timesteps=0,5"], profile="authors-code").diffusion.timesteps == [0, 5]
     with pytest.raises(ConfigError, match="unknown profile"):
         load_config(None, (), profile="nope")
-    assert set(PROFILES) == {"leakpipe", "paper", "authors-code"}
+    assert set(PROFILES) == {"leakpipe", "paper", "authors-code", "pixels"}
 
 
 def test_time_dropout_and_entropy_penalty():

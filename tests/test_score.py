@@ -18,7 +18,7 @@ from leakpipe.stages import graph, encode, train
 from click.testing import CliRunner
 
 from leakpipe.pipeline.cli import main
-from tests.conftest import CPU_STEM, TINY_BLOCKS, cli
+from tests.conftest import CPU_STEM, NO_RECONSTRUCTION, TINY_BLOCKS, cli
 
 SETS = ["--set", "train.epochs=4", "--set", "model.embed_dim=16", "--set", "model.prototypes_per_class=2"]
 
@@ -32,7 +32,7 @@ def sws(tmp_path_factory):
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        "[train]\nbatch_size = 16\n" + CPU_STEM
+        "[train]\nbatch_size = 16\n" + CPU_STEM + NO_RECONSTRUCTION
     )
     ws = Workspace(root)
     for split in ("closed", "closed-pp", "open"):
@@ -86,7 +86,7 @@ def test_the_paper_comparator_is_eq_13_on_the_training_rows(sws):
 
 
 def test_metrics_report_and_figures(sws):
-    r = score(sws, "--json")
+    r = score(sws, "--json", "--set", "score.reconstruction=builtin:taef2")  # the default, left out of sws
     m = json.loads(r.stdout)
     out = train.run_dir(Workspace(sws), "default")
     assert m == json.loads((out / "metrics.json").read_text())
@@ -133,9 +133,13 @@ def test_metrics_report_and_figures(sws):
         m["closed"]["raw"]["head"]["top1"]
     )
     assert 0 <= b["z0_probe_minus_forensic"]["p"] <= 1 and b["forensic_max_side"] == 512
-    for key in ("forensic", "z0_probe"):
+    for key in ("forensic", "z0_probe", "reconstruction"):
         lo, hi = b[key]["ci"]["top1"]
         assert lo <= b[key]["top1"] <= hi and 0 <= b[f"head_minus_{key}"]["p"] <= 1
+    # the reconstruction baseline: round trips through the shipped TAEF2, its row with its interval
+    assert b["reconstruction_of"]["autoencoders"] == ["builtin:taef2"] and b["reconstruction_max_side"] == 128
+    recon_row = f"| reconstruction baseline | {b['reconstruction']['top1']:.3f} [{lo:.3f}, {hi:.3f}] |"
+    assert recon_row in (out / "report.md").read_text() and any("Strongest learner" in n for n in m["notes"])
     oscr = m["open"]["gating_off"]["oscr"]
     assert 0 < oscr["area"] <= m["closed"]["raw"]["head"]["top1"] and oscr["fpr"][-1] == 1.0
     per = m["open"]["gating_off"]["per_generator"]

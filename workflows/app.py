@@ -27,6 +27,7 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.config_files import load_config
 from leakpipe.stages import STAGES
+from leakpipe.stages.attribute import ONE_OF_EQUALS
 
 if TYPE_CHECKING:  # a type only: the attributor loads torch when a page starts
     from leakpipe.pipeline.config import Config
@@ -182,7 +183,8 @@ def _result_markdown(r: dict) -> str:
             f"Winning prototype: {_md(p['generator'])} \\#{p['index']} (responsibility "
             f"{p['responsibility']:.3f}, distance {p['distance']:.3f}); the features that set its distance: "
             + ", ".join(f"\\#{f['dim']} (r {f['r']:.3f})" for f in p["top_contributions"])
-            + ".",
+            + "."
+            + (f" Note: {ONE_OF_EQUALS}." if p.get("one_of_equals") else ""),
             "",
         ]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from leakpipe.pipeline import manifest as mf
 from leakpipe.pipeline.bench import postprocess
+from leakpipe.pipeline.bench import rendered
 from leakpipe.pipeline.bench import synth
 
 PP_COLUMNS = (*mf.REQUIRED, "ops", "group", "source")  # source: SPLIT:PATH of the image it was made from
@@ -29,6 +30,10 @@ class SynthSpec:
     difficulty: float = 1.0
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 3)
+    # pixel: fingerprints painted in pixel space (synth.py) | decoder: latent biases rendered through a
+    # real autoencoder's decoder (rendered.py), which write_benchmark is then given
+    family: str = "pixel"
+    latent_noise: bool = True  # decoder family: each generator adds its own latent noise level too
 
 
 def _pool_map(fn, tasks: list, workers: int) -> None:
@@ -62,12 +67,32 @@ def generator_names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i:02d}" for i in range(n)]
 
 
-def write_generators(root: Path, names: list[str], spec: SynthSpec, workers: int) -> None:
+def write_generators(root: Path, names: list[str], spec: SynthSpec, workers: int, autoencoder=None) -> None:
+    if spec.family == "decoder":
+        return write_rendered(root, names, spec, autoencoder)
     tasks = []
     for name in names:
         fp = synth.make_fingerprint(name, spec.seed, spec.difficulty)
         tasks += [(fp, spec.seed, i, spec.size, root / name / f"{i:05d}.png") for i in range(spec.per_generator)]
     _pool_map(_synth_task, tasks, workers)
+
+
+def write_rendered(root: Path, names: list[str], spec: SynthSpec, autoencoder) -> None:
+    """The decoder family's images, chunk by chunk through `autoencoder` (torch's threads, no workers):
+    each chunk's content encoded once, then decoded with each generator's latents."""
+    import torch
+
+    if autoencoder is None:
+        raise ValueError("the decoder family needs an autoencoder with a decoder")
+    autoencoder = autoencoder.to(memory_format=torch.channels_last)
+    channels = rendered.latent_channels(autoencoder, spec.size)
+    leaks = [rendered.make_leak(name, spec.seed, channels, spec.difficulty, spec.latent_noise) for name in names]
+    for start in range(0, spec.per_generator, rendered.CHUNK):
+        z = rendered.encode_chunk(autoencoder, spec.seed, start, spec.size)
+        for leak in leaks:
+            images = rendered.render_chunk(autoencoder, z, leak, spec.seed, start)
+            for i, arr in enumerate(images[: spec.per_generator - start], start):
+                _save_png(arr, root / leak.name / f"{i:05d}.png")
 
 
 def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None, workers: int) -> list[dict]:
@@ -95,12 +120,13 @@ def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str
     return rows
 
 
-def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | None = None) -> dict:
-    """closed/, closed-pp/ and open/ image trees under `out`, manifests in `manifests`."""
+def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | None = None, autoencoder=None) -> dict:
+    """closed/, closed-pp/ and open/ image trees under `out`, manifests in `manifests`; the decoder
+    family renders through `autoencoder` (encode/decode in leakpipe's convention, engine/autoencoders)."""
     workers = workers or os.cpu_count() or 1
     out = Path(out)
     closed, opened = generator_names("closed", spec.n_closed), generator_names("open", spec.n_open)
-    write_generators(out / "closed", closed, spec, workers)
+    write_generators(out / "closed", closed, spec, workers, autoencoder)
     tree = mf.scan_tree(out / "closed")
     rows, _ = mf.build_rows(tree, mf.partition_by_ratio(tree, seed=spec.seed))
     mf.write_manifest(mf.manifest_path(manifests, "closed"), out / "closed", rows)
@@ -111,7 +137,7 @@ def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | 
         mf.write_manifest(mf.manifest_path(manifests, "closed-pp"), out / "closed-pp", pp, PP_COLUMNS)
         written["closed-pp"] = len(pp)
     if opened:
-        write_generators(out / "open", opened, spec, workers)
+        write_generators(out / "open", opened, spec, workers, autoencoder)
         rows, _ = mf.build_rows(mf.scan_tree(out / "open"), None)
         mf.write_manifest(mf.manifest_path(manifests, "open"), out / "open", rows)
         written["open"] = len(rows)

@@ -290,13 +290,15 @@ def latent_scale_note(cfg: Config, build: FeatureBuilder, channels: int) -> str:
     would give z0 unit variance when that noise is more than a quarter of it."""
     spread = features.z0_spread(build.mean, build.std, channels, build.alpha, build.sigma)
     ratio = float(build.sigma.max()) / max(spread, 1e-12)
-    note = (
-        f"train: z0 after latent.scale = {cfg.latent.scale:g} has std {spread:.3g}; the noise at t = "
-        f"{max(cfg.diffusion.timesteps)} is {ratio:.2f} of it"
-    )
+    head = f"train: z0 after latent.scale = {cfg.latent.scale:g} has std {spread:.3g}"
+    if not cfg.diffusion.noise:
+        return head + "; no noise is added (diffusion.noise = false)"
+    note = head + f"; the noise at t = {max(cfg.diffusion.timesteps)} is {ratio:.2f} of it"
     if ratio <= 0.25:
         return note
     return note + (
         f". A VAE's scale should give z0 unit variance (SD2.1's 0.18215 does for its VAE); for this VAE "
-        f"latent.scale = {cfg.latent.scale / spread:.3g} would"
+        f"latent.scale = {cfg.latent.scale / spread:.3g} would give its z0 unit variance and keep the noise of "
+        f"t = {max(cfg.diffusion.timesteps)} at {float(build.sigma.max()):.2f} of it "
+        f"(--set latent.scale={cfg.latent.scale / spread:.3g})."
     )

@@ -7,7 +7,8 @@ Conversions, in order:
 - palette (P) expanded to RGB; CMYK converted with Pillow's plain formula (no ICC profile);
 - 16-bit and 32-bit integer grayscale (I;16, I) scaled by 1/257 to 8 bits; float (F) clipped to 0..255;
 - grayscale (L, 1) replicated to three channels;
-- resize so the shorter side is `size` (bicubic with antialiasing), then a centred size x size crop.
+- resize so the shorter side is `size` (bicubic with antialiasing), then a centred size x size crop;
+  with resize = none, a side shorter than `size` is first filled by mirrored tiling (`mirror_fill`).
 The result is uint8 HWC RGB; `to_model_range` maps it to [-1, 1] on the compute device.
 """
 
@@ -66,6 +67,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def mirror_fill(im: Image.Image, size: int) -> Image.Image:
+    """An image with a side shorter than `size` (resize = none) tiled with mirrored copies of itself to at
+    least size x size, the original at the top left. Mirroring, not zeros or periodic copies: the seams
+    carry no step, so a high-pass residual reads the image's own statistics everywhere (padding would
+    add flat areas whose share tells the image's size), and the original keeps its 8-px grid from the
+    origin."""
+    arr = np.asarray(im)
+    h, w = arr.shape[:2]
+    pad = ((0, max(0, size - h)), (0, max(0, size - w))) + ((0, 0),) * (arr.ndim - 2)
+    return Image.fromarray(np.pad(arr, pad, mode="symmetric"))
+
+
 def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     size = cfg.size
     if cfg.resize == "shorter":
@@ -76,9 +89,10 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
             im = im.resize(new, Image.Resampling.BICUBIC, reducing_gap=None)
     w, h = im.size
     if cfg.crop == "center":
+        if w < size or h < size:
+            im = mirror_fill(im, size)
+            w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
-        if left < 0 or top < 0:
-            raise BadImage(f"image is {w}x{h}, smaller than preprocess.size={size} and resize=none")
         im = im.crop((left, top, left + size, top + size))
     elif (w, h) != (size, size):
         raise BadImage(f"image is {w}x{h}; with crop=none it must be exactly {size}x{size}")

@@ -123,12 +123,13 @@ def radial_spectrum(x: np.ndarray, bins: int = 32) -> np.ndarray:
 
 def blockiness(y: np.ndarray) -> np.ndarray:
     """Mean |second difference| across the 8-pixel block boundaries over that inside blocks, along
-    each axis (about 1 without a JPEG grid, above 1 with one)."""
+    each axis (about 1 without a JPEG grid, above 1 with one; its log, 0 for a side too short to cross a
+    boundary: under 10 pixels)."""
     out = []
     for axis in (0, 1):
         d = np.abs(np.diff(y, n=2, axis=axis)).mean(axis=1 - axis)  # position k: pixels k, k+1, k+2
         at = (np.arange(len(d)) % BLOCK) == BLOCK - 2  # the middle pixel is the last of a block
-        out.append(np.log((d[at].mean() + 1e-6) / (d[~at].mean() + 1e-6)))
+        out.append(np.log((d[at].mean() + 1e-6) / (d[~at].mean() + 1e-6)) if at.any() and (~at).any() else 0.0)
     return np.asarray(out)
 
 

@@ -1,19 +1,23 @@
-"""Baselines beside the model, on the same split: the chance level, a forensic pixel baseline, and a
-linear probe on the cached z0 (which tells whether stage one kept the signal at all).
+"""Baselines beside the model, on the same split: the chance level, a forensic pixel baseline, a
+linear probe on the cached z0 (which tells whether stage one kept the signal at all), and a
+reconstruction baseline.
 
-Both baselines are logistic regressions on standardised features. The pixel baseline's features are
+Every baseline is a logistic regression on standardised features. The pixel baseline's features are
 the classical forensic ones of `math/forensic.py` (block-DCT statistics on the JPEG grid, noise
 residuals, the power spectrum, colour means), computed from each original file at its native
 resolution (a centre crop of at most score.baseline_max_side, never resized), so it reads codec and
-resampling traces rather than content. Comparisons are paired: the same bootstrap resamples of the
-same test images.
+resampling traces rather than content. The reconstruction baseline (the idea of AEROBLADE, Ricker et
+al., CVPR 2024) reads each file's distances to its round trip through each autoencoder of
+score.reconstruction (`math/reconstruction.py`; LPIPS's VGG weights cannot be had offline), training
+free but for the regression. Comparisons are paired: the same bootstrap resamples of the same test
+images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from leakpipe.pipeline.math import bootstrap, metrics
+from leakpipe.pipeline.math import bootstrap, metrics, reconstruction as recon
 from leakpipe.pipeline.math.probe import probe  # noqa: F401  (the baselines' classifier)
 from leakpipe.pipeline.math.forensic import features
 
@@ -23,6 +27,68 @@ def forensic_matrix(paths: list, max_side: int, max_pixels: int) -> np.ndarray:
     from leakpipe.pipeline.engine.images import load_native
 
     return np.stack([features(load_native(p, max_side, max_pixels)) for p in paths])
+
+
+# the learners the report compares, in its order, and the paired differences it computes
+LEARNERS = {
+    "head": "the model's head",
+    "forensic": "the forensic pixel baseline",
+    "z0_probe": "the linear probe on z0",
+    "reconstruction": "the reconstruction baseline",
+}
+PAIRS = (("head", "forensic"), ("head", "z0_probe"), ("z0_probe", "forensic"), ("head", "reconstruction"))
+RECONSTRUCTION_ABOUT = {
+    "features": "per autoencoder: the power of the residual x - D(E(x)) relative to x's own in 5 octave bands of "
+    "the spectrum per colour channel, the SSIM of x and D(E(x)) per channel, and the squared distance of E(x) and "
+    "E(D(E(x))) relative to E(x)'s per latent channel (the encoder as the perceptual space, in place of LPIPS's VGG, "
+    "whose weights cannot be had offline; benchmarks/reconstruction.py compares them)"
+}
+RECONSTRUCTION_BATCH = 16  # images of one shape per autoencoder call
+
+
+def round_trips(paths: list, autoencoder, max_side: int, max_pixels: int):
+    """Per file, in order: (x, D(E(x)), E(x), E(D(E(x)))) as float arrays, x (3, H, W) in [0, 1] the
+    native centre crop of at most `max_side` on the 8-px grid (engine.images.load_native), never resized;
+    consecutive files of one shape go through the autoencoder together."""
+    import torch
+
+    from leakpipe.pipeline.engine.images import load_native
+
+    pending: list[np.ndarray] = []
+
+    def flush():
+        x = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.inference_mode():
+            z = autoencoder.encode(x).latent_dist.mean
+            y = autoencoder.decode(z).clamp(-1, 1)
+            z2 = autoencoder.encode(y).latent_dist.mean
+        pending.clear()
+        return zip(*((t.float().numpy()) for t in ((x + 1) / 2, (y + 1) / 2, z, z2)))
+
+    for path in paths:
+        arr = load_native(path, max_side, max_pixels)
+        if pending and (arr.shape != pending[0].shape or len(pending) == RECONSTRUCTION_BATCH):
+            yield from flush()
+        pending.append(arr)
+    if pending:
+        yield from flush()
+
+
+def reconstruction_features(x, y, z, z2) -> np.ndarray:
+    """One image's distances to its round trip (math/reconstruction): the residual's power per octave
+    band and channel, the SSIM per channel, and the latents' distance per channel."""
+    return np.concatenate([recon.band_errors(x, y), recon.ssim(x, y), recon.latent_distance(z, z2)])
+
+
+def reconstruction_matrix(paths: list, autoencoders: list, max_side: int, max_pixels: int) -> np.ndarray:
+    """(N, F) reconstruction features of the files through each autoencoder, side by side."""
+    return np.concatenate(
+        [
+            np.stack([reconstruction_features(*t) for t in round_trips(paths, ae, max_side, max_pixels)])
+            for ae in autoencoders
+        ],
+        axis=1,
+    )
 
 
 def scored(correct: np.ndarray, rs: bootstrap.Resamples | None) -> dict:
@@ -44,10 +110,36 @@ def _below(d: dict | None) -> bool:
     return bool(d) and d["ci"][1] < 0
 
 
+def _top1(r: dict) -> str:
+    lo, hi = r.get("ci", {}).get("top1", [None, None])
+    return f"{r['top1']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+
+def strongest(b: dict) -> str:
+    """One sentence naming the learner with the highest top-1 on these test images, and where the model's
+    head stands against it (paired)."""
+    have = [k for k in LEARNERS if k in b and "top1" in b[k]]
+    best = max(have, key=lambda k: (b[k]["top1"], k == "head"))  # a tie goes to the model
+    line = (
+        f"Strongest learner on these test images: {LEARNERS[best]} (top-1 {_top1(b[best])}; chance {b['chance']:.3f})"
+    )
+    if best == "head":
+        return line + "."
+    d = b.get(f"head_minus_{best}")
+    if not d:
+        return line + f"; the model's head reaches {_top1(b['head'])}."
+    verdict = "significantly below it" if _below(d) else "not significantly below it"
+    return line + (
+        f"; the model's head ({_top1(b['head'])}) is {verdict} (paired difference {d['difference']:+.3f}, 95% "
+        f"interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})."
+    )
+
+
 def notes(b: dict) -> list[str]:
-    """Plain words for a model significantly below the forensic baseline, a z0 probe at chance, and
-    traces the forensic baseline finds in the files that neither the model nor the z0 probe sees."""
-    out = []
+    """Plain words for the strongest learner, a model significantly below the forensic or the
+    reconstruction baseline, a z0 probe at chance, and traces the forensic baseline finds in the files
+    that neither the model nor the z0 probe sees."""
+    out = [strongest(b)]
     d = b.get("head_minus_forensic")
     if _below(d):
         out.append(
@@ -55,6 +147,14 @@ def notes(b: dict) -> list[str]:
             f"(difference {d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): "
             "a logistic regression on codec, noise-residual and spectral statistics of the original files "
             "attributes these images better."
+        )
+    d = b.get("head_minus_reconstruction")
+    if _below(d):
+        out.append(
+            f"The model's top-1 is significantly below the reconstruction baseline's (difference "
+            f"{d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): how closely "
+            f"{', '.join(b['reconstruction_of']['autoencoders'])} reconstructs each image tells these generators "
+            "apart better, a trace of the decoder (or of latent noise) that the encoder's mean z0 does not hold."
         )
     chance, pixels = b["chance"], b.get("z0_is_pixels", False)
     z = b.get("z0_probe", {})
@@ -82,10 +182,12 @@ def notes(b: dict) -> list[str]:
             seen
             + (
                 "the model, on the pixels themselves, does not learn them from this training set (more "
-                "images or epochs, `features.highpass = residual`, `diffusion.noise = false`)."
+                "images or epochs, or the recipe of `--profile pixels`: a high-pass residual, one timestep "
+                "without noise, 64-px training crops, no resize)."
                 if pixels
-                else "the signal is there, but stage one's encoder does not keep it. Try `vae.source = pixels` "
-                "with `train.crop` (the model on the pixels themselves), or another encoder."
+                else "the signal is there, but stage one's encoder does not keep it. Try `--profile pixels` "
+                "(vae.source = pixels with the recipe measured on real codec chains: a high-pass residual, one "
+                "timestep without noise, 64-px training crops, no resize), or another encoder."
             )
         )
     return out

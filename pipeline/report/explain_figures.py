@@ -112,8 +112,14 @@ def prototype_thumbnails(near: np.ndarray, path_of, preprocess) -> list[list[lis
 def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], path: Path) -> None:
     """The prototype gallery: per generator (rows) and prototype (column groups), the training images
     nearest to the prototype."""
+    _save(gallery(thumbs, classes), path)
+
+
+def gallery(thumbs: list[list[list[np.ndarray]]], classes: list[str]):
+    """The gallery's figure. An empty cell hides its frame but keeps its axes on, so that the row's
+    generator name, the first cell's label, shows when prototype 0 wins no image."""
     plt = _plt()
-    n_m, k = len(thumbs[0]), max(len(t) for row in thumbs for t in row)
+    n_m, k = len(thumbs[0]), max(1, max(len(t) for row in thumbs for t in row))
     fig, axes = plt.subplots(
         len(classes), n_m * k, figsize=(0.9 * n_m * k + 1, 0.95 * len(classes) + 0.6), squeeze=False
     )
@@ -125,7 +131,7 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
                 if j < len(images):
                     ax.imshow(images[j])
                 else:
-                    ax.axis("off")
+                    ax.set_frame_on(False)
                     if j == 0:  # a prototype that is nearest to none of its class's images
                         ax.text(
                             0.5,
@@ -143,4 +149,4 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
     fig.suptitle(
         f"training images each prototype wins, nearest first (d_cm of Eq. 9; up to {k} per prototype)", fontsize=9
     )
-    _save(fig, path)
+    return fig

@@ -93,22 +93,25 @@ def report_markdown(m: dict) -> str:
             "Beside the model, on the same test images: chance, a forensic pixel baseline (logistic regression on "
             "8 x 8 block-DCT statistics on the JPEG grid, noise residuals of fixed high-pass filters, the "
             "power spectrum and colour means, from each original file at its native resolution, a centre crop "
-            f"of at most {b.get('forensic_max_side', 512)} px) and a linear probe on the cached z0 (did stage one "
-            "keep the signal?):",
+            f"of at most {b.get('forensic_max_side', 512)} px), a linear probe on the cached z0 (did stage one "
+            "keep the signal?)" + (" and a reconstruction baseline (below)" if "reconstruction" in b else "") + ":",
             "",
             "| | top-1 | model minus this (paired) | p |",
             "|---|---:|---:|---:|",
             f"| chance | {fmt(b['chance'])} | | |",
         ]
-        for key, name in (("forensic", "forensic pixel baseline"), ("z0_probe", "linear probe on z0")):
+        rows = (("forensic", "forensic pixel baseline"), ("z0_probe", "linear probe on z0"))
+        for key, name in rows + ((("reconstruction", "reconstruction baseline"),) if "reconstruction" in b else ()):
             d = b.get(f"head_minus_{key}")
             diff = f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else ""
             lines.append(f"| {name} | {with_ci(b[key], 'top1')} | {diff} | {fmt(d['p']) if d else ''} |")
         lines.append(f"| Proto-LeakNet head | {with_ci(b['head'], 'top1')} | | |")
+        lines += reconstruction_lines(b)
     elif b:
         lines += ["", f"Baselines: {b['skipped']}."]
     if m.get("prototypes"):
         lines += prototype_lines(m["prototypes"], m["classes"])
+    lines += attention_lines(m["attention"], m["timesteps"])
     pair = registry.headline(registry.CLOSED)
     lines += [
         "",
@@ -317,6 +320,21 @@ def kde_cap_lines(open_set: dict) -> list[str]:
     ]
 
 
+def reconstruction_lines(b: dict) -> list[str]:
+    """What the reconstruction baseline read, or why it was left out."""
+    if "reconstruction_skipped" in b:
+        return ["", f"Reconstruction baseline: {b['reconstruction_skipped']}."]
+    if "reconstruction_of" not in b:
+        return []
+    r = b["reconstruction_of"]
+    return [
+        "",
+        f"The reconstruction baseline (the idea of AEROBLADE, Ricker et al., CVPR 2024) reads each file's distances "
+        f"to its round trip through {', '.join(r['autoencoders'])}, on a centre crop of at most "
+        f"{b['reconstruction_max_side']} px, never resized: {r['features']}.",
+    ]
+
+
 def prototype_lines(p: dict, classes: list[str]) -> list[str]:
     """Whether each class's prototypes stand for different modes of its training images."""
     n_m, rows = p["per_class_count"], p["per_class"]
@@ -331,7 +349,64 @@ def prototype_lines(p: dict, classes: list[str]) -> list[str]:
     if won < n_m * len(rows):
         lines += ["", "| generator | prototypes winning | separation |", "|---|---:|---:|"]
         lines += [f"| {c} | {r['winning']} of {n_m} | {fmt(r['separation'])} |" for c, r in zip(classes, rows)]
+    if n_m > 1 and p["median_separation"] < COLLAPSED:
+        lines += ["", collapsed_words(p)]
     return lines
+
+
+COLLAPSED = 0.05  # a median separation below this: a class's prototypes sit on one point
+
+
+def collapsed_words(p: dict) -> str:
+    """The plain statement a collapsed head needs: its explanation is one prototype per class, and why."""
+    n_m = p["per_class_count"]
+    head = (
+        f"**The explanation is one prototype per class.** The {n_m} prototypes of each class sit on one point "
+        f"(median separation {fmt(p['median_separation'])}), so an image is explained by its class's one point, in "
+        f"effect the class's centre under the gate w, not by one of {n_m} modes of its class; which of them an "
+        "image is nearest to turns on differences too small to mean anything, so the gallery's columns are not "
+        "modes either. "
+    )
+    if p.get("init") == "kmeans":
+        return (
+            head
+            + "They were placed apart, at k-means centres of the class's embeddings, and training drew them together."
+        )
+    return head + (
+        f"They start together (N(0, {p.get('std', 0.01):g}^2), model.prototype_std, the authors' initialisation), and "
+        f"the soft minimum of Eq. 10 then gives each prototype of a class the same share (its responsibility, Eq. 15, "
+        f"1/{n_m} while they coincide) of every image's pull, so they move as one. `model.prototype_init = kmeans` "
+        "places them apart, at k-means centres of each class's embeddings after the warm-up epoch."
+    )
+
+
+UNIFORM_ATTENTION = 0.01  # every class's mean a_t within this of 1/T reads as uniform
+
+
+def attention_lines(a_t: list, timesteps: list) -> list[str]:
+    """What the temporal attention weights show, in words: nothing to choose with one timestep; when they
+    are uniform, that h_bar is the plain mean of the h_t and says nothing about which timestep matters."""
+    t = len(timesteps)
+    if t == 1:
+        return [
+            "",
+            f"Temporal attention: one timestep (t = {timesteps[0]}), so a_t = 1 and h_bar = h_t; it plays no part.",
+        ]
+    gap = max((abs(x - 1 / t) for row in a_t for x in row), default=float("nan"))
+    steps = ", ".join(str(x) for x in timesteps)
+    if gap <= UNIFORM_ATTENTION:
+        return [
+            "",
+            f"Temporal attention (Eq. 6-7) is uniform: every generator's mean a_t is 1/{t} = {1 / t:.3f} within "
+            f"{gap:.3f} at t = {steps}. Uniform weights make h_bar the plain mean of the h_t: the model does not "
+            "tell these timesteps apart (their noised copies of z0 differ by little), so the weights say nothing "
+            "about which timestep carries a generator's trace; attention.png shows it.",
+        ]
+    return [
+        "",
+        f"Temporal attention (Eq. 6-7): the generators' mean a_t are up to {gap:.3f} from uniform (1/{t} = "
+        f"{1 / t:.3f}) at t = {steps}; attention.png shows them per generator.",
+    ]
 
 
 def held_out_lines(h: dict) -> list[str]:

@@ -40,6 +40,7 @@ class Reader(Protocol):
     def manifest_path(self, name: str) -> Path: ...
     def store(self, name: str) -> str: ...  # the latent store of a split
     def stage_features(self, rows: np.ndarray) -> dict: ...  # the backbone's features (Fig. 3)
+    def autoencoder(self, source: str): ...  # a vae.source's encoder and decoder (the reconstruction baseline)
 
 
 def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple[dict, dict]:
@@ -145,7 +146,11 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
     prototypes = r.prototypes
     if prototypes is not None and len(by_part["train"]):
         tr = by_part["train"]
-        m["prototypes"] = prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes)
+        m["prototypes"] = {
+            **prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes),
+            "init": run_cfg.model.prototype_init,  # what the report's words on collapsed prototypes name
+            "std": run_cfg.model.prototype_std,
+        }
     figs.update(_explanation_data(r, cfg, by_part["train"], tests["raw"], classes, prototypes))
     return m, figs
 
@@ -197,9 +202,32 @@ def _baselines(r: Reader, cfg: Config, train, test, classes: list[str]) -> dict:
         "chance": 1 / len(classes),
         "forensic_max_side": cfg.score.baseline_max_side,
         "z0_is_pixels": r.run_cfg.vae.source == "pixels",
-        **{k: bl.scored(v, w) for k, v in right.items()},
     }
+    recon = _reconstruction(r, cfg, [[m.abspath(int(i)) for i in s.ids["row"]] for s in (train, test)])
+    if isinstance(recon, str):
+        out["reconstruction_skipped"] = recon
+    elif recon is not None:
+        right["reconstruction"] = bl.probe(recon[0], ytr, recon[1]) == yte
+        out["reconstruction_of"] = {"autoencoders": list(cfg.score.reconstruction), **bl.RECONSTRUCTION_ABOUT}
+        out["reconstruction_max_side"] = cfg.score.reconstruction_max_side
+    out.update({k: bl.scored(v, w) for k, v in right.items()})
     if w is not None:
-        for a, b in (("head", "forensic"), ("head", "z0_probe"), ("z0_probe", "forensic")):
-            out[f"{a}_minus_{b}"] = bl.paired_difference(right[a], right[b], w)
+        for a, b in bl.PAIRS:
+            if a in right and b in right:
+                out[f"{a}_minus_{b}"] = bl.paired_difference(right[a], right[b], w)
     return out
+
+
+def _reconstruction(r: Reader, cfg: Config, paths: list[list]) -> list[np.ndarray] | str | None:
+    """The reconstruction baseline's features of the train and test files, a note saying why it was left
+    out, or None where score.reconstruction lists no autoencoder."""
+    if not cfg.score.reconstruction:
+        return None
+    try:
+        autoencoders = [r.autoencoder(source) for source in cfg.score.reconstruction]
+        return [
+            bl.reconstruction_matrix(p, autoencoders, cfg.score.reconstruction_max_side, cfg.preprocess.max_pixels)
+            for p in paths
+        ]
+    except (OSError, BadImage, UserError) as exc:
+        return f"the reconstruction baseline is left out: {exc}"

@@ -1,0 +1,71 @@
+"""The decoder-rendered synthetic family and the reconstruction baseline's distances: against
+references, and a rendered set byte for byte the same from the same arguments (the baseline in the
+report, with its interval, through `leakpipe score`: tests/test_score.py)."""
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from leakpipe.pipeline.math import reconstruction as recon
+from tests.conftest import cli
+
+
+def test_band_errors_split_the_residual_by_octave():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((3, 32, 40)), rng.random((3, 32, 40))
+    e = recon.band_power(x - y).reshape(3, recon.BANDS)
+    np.testing.assert_allclose(recon.band_errors(x, y), recon.band_power(x - y) - recon.band_power(x))
+    band = recon.octave_bands(32, 40)
+    counts = np.bincount(band.ravel(), minlength=recon.BANDS)
+    # Parseval over rfft2's half plane: each band's mean power times its count adds up to the residual's
+    # energy, with the columns that rfft2 stores once (DC, and Nyquist for an even side) counted once
+    full = np.abs(np.fft.fft2(x - y, norm="ortho")) ** 2
+    half = np.abs(np.fft.rfft2(x - y, norm="ortho")) ** 2
+    np.testing.assert_allclose((np.exp(e) * counts).sum(1), half.sum((1, 2)), rtol=1e-9)
+    assert half.sum() < full.sum() and band[0, 0] == recon.BANDS - 1 and band[16, 20] == 0
+    # a residual of one frequency lands in its octave alone
+    yy, xx = np.mgrid[0:32, 0:40]
+    wave = np.cos(2 * np.pi * 5 * xx / 40)[None] * np.ones((3, 1, 1))  # 1/8 cycle per pixel: band 2, (1/16, 1/8]
+    only = recon.band_power(wave).reshape(3, -1)
+    assert recon.octave_bands(32, 40)[0, 5] == 2 and (only.argmax(1) == 2).all()
+    assert (only[:, 2] - np.delete(only, 2, axis=1).max(1) > 10).all()  # the others hold nothing
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 48, 40))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    want = [
+        structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        for a, b in zip(x, y)
+    ]
+    np.testing.assert_allclose(recon.ssim(x, y), want, atol=1e-6)
+    np.testing.assert_allclose(recon.ssim(x, x), 1.0)
+
+
+def synth(ws, out, *extra):
+    r = cli(
+        ws, "synth", "--family", "decoder", "--out", str(out), "--closed", "2", "--open", "1",
+        "--per-generator", "8", "--size", "32", "--steps", "1", *extra,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.png")}
+
+
+def test_a_decoder_rendered_set_is_deterministic(tmp_path):
+    from leakpipe.pipeline.bench import rendered
+
+    a, b = synth(tmp_path / "w1", tmp_path / "a"), synth(tmp_path / "w2", tmp_path / "b")
+    assert a == b and sum(not k.startswith("closed-pp/") for k in a) == 3 * 8 and "closed-pp/step1/closed" in str(a)
+    one, other = (
+        np.asarray(Image.open(tmp_path / "a" / "closed" / g / "00003.png"), float) for g in ("closed00", "closed01")
+    )
+    assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.8 and np.abs(one - other).mean() > 0.5  # same content
+    c = synth(tmp_path / "w3", tmp_path / "c", "--seed", "1")
+    assert all(a[k] != c[k] for k in set(a) & set(c) if k.startswith("closed/"))
+    assert rendered.make_leak("closed00", 0, 32, noise=False).noise == 0 < rendered.make_leak("closed00", 0, 32).noise
+    odd = cli(tmp_path / "w4", "synth", "--family", "decoder", "--size", "36", "--closed", "2", "--open", "0")
+    assert odd.exit_code != 0 and "multiple of 8" in odd.output
