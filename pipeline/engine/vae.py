@@ -17,6 +17,7 @@ from pathlib import Path
 from leakpipe.pipeline.config import Config, VaeConfig, canonical_hash
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.store.atomic import atomic_write_text, place
 
 PACKAGED_CONFIGS = Path(__file__).parent.parent / "configs"
 DEFAULT_SINGLE_FILE_CONFIG = PACKAGED_CONFIGS / "sd21-vae" / "config.json"
@@ -280,11 +281,15 @@ def save_random_vae(
         norm_num_groups=groups,
         sample_size=256,
     )
-    vae.save_pretrained(str(folder), safe_serialization=True)
-    (Path(folder) / RANDOM_MARKER).write_text(
-        f"seeded random weights (seed {seed}) written by leakpipe; not a pretrained VAE\n"
-    )
-    return Path(folder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # diffusers saves its files 0600: placed
+        vae.save_pretrained(tmp, safe_serialization=True)
+        for made in sorted(Path(tmp).iterdir()):
+            place(made, folder / made.name)
+    note = f"seeded random weights (seed {seed}) written by leakpipe; not a pretrained VAE\n"
+    atomic_write_text(folder / RANDOM_MARKER, note)
+    return folder
 
 
 RANDOM_MARKER = "LEAKPIPE_RANDOM_WEIGHTS.txt"
