@@ -238,14 +238,20 @@ def attribute(
 @main.command()
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--run", "run_name", default="default", show_default=True, help="The scored run to export.")
+@click.option(
+    "--requirement",
+    help="What the folder's requirements.txt has a Hugging Face Space install, e.g. 'leakpipe[app] @ "
+    "git+https://github.com/OWNER/leakpipe@COMMIT' [default: leakpipe[app] of this version]; the file is "
+    "checksummed with the folder, so give it here rather than editing it.",
+)
 @_workspace_options
-def export(ws, cfg, dest, run_name):
+def export(ws, cfg, dest, run_name, requirement):
     """Write a scored run as a self-contained attributor folder DEST (weights, reference embeddings,
     threshold, encoder identity, metrics, model card) for `leakpipe attribute --model`."""
     from leakpipe.stages import graph
     from leakpipe.workflows.export import export as do_export
 
-    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log).summary())
+    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log, requirement=requirement).summary())
 
 
 @main.command()

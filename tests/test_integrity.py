@@ -750,7 +750,9 @@ def test_an_export_of_a_run_with_too_few_validation_images_attributes(ws, tmp_pa
     m = json.loads((runs.pointed(Workspace(ws), "default") / "metrics.json").read_text())
     assert m["conformal"]["thresholds"] == [float("inf")] * 3
     assert m["unseen_threshold"]["log_density_threshold"] == -float("inf")
-    ok(ws, "export", str(tmp_path / "att"), *sets)
+    pin = "leakpipe[app] @ git+https://example.org/leakpipe@abc123"  # given to export, not edited in after
+    ok(ws, "export", str(tmp_path / "att"), "--requirement", pin, *sets)
+    assert (tmp_path / "att" / "requirements.txt").read_text().endswith(pin + "\n")
     record = json.loads((tmp_path / "att" / "attributor.json").read_text())
     assert {"app.py", "README.md", "requirements.txt"} <= set(record["files"])
     elsewhere = tmp_path / "elsewhere"

@@ -57,9 +57,10 @@ if __name__ == "__main__":
 '''
 
 
-def space_files() -> dict[str, str]:
+def space_files(requirement: str | None = None) -> dict[str, str]:
     """What `leakpipe export` adds so the folder is a Hugging Face Space: the entry point and its
-    requirements (this leakpipe version with the `app` extra, from the package index)."""
+    requirements (`requirement`, or this leakpipe version with the `app` extra from the package index).
+    Both are checksummed with the folder, so a different requirement is given to export, not edited in."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -68,9 +69,9 @@ def space_files() -> dict[str, str]:
         pin = ""
     return {
         "app.py": SPACE_APP,
-        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
-        "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
-        f"leakpipe[app]{pin}\n",
+        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install it from a git "
+        "repository, export with\n# --requirement 'leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT'\n"
+        f"{requirement or 'leakpipe[app]' + pin}\n",
     }
 
 

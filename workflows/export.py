@@ -94,7 +94,7 @@ def _sweep_partials(dest: Path, log) -> None:
         log(f"export: removed {old}, a partial export left by a killed export (pid {pid}); it never was {dest}")
 
 
-def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
+def export(g: Graph, run: str, dest: Path, log=lambda msg: None, requirement: str | None = None) -> Exported:
     """Write the scored run's attributor to `dest` (a new or empty folder), atomically: it is built in a
     hidden sibling folder and renamed onto `dest`, so a partial export never exists under that name. The
     run must be up to date (see stages.attribute.from_result); every file copied from the run is checked
@@ -116,7 +116,7 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(att, run, out, lat, tmp, ws.root, ws_cfg, code_identity(g.stages), log)
+        _write(att, run, out, lat, tmp, ws.root, ws_cfg, code_identity(g.stages), log, requirement)
         os.replace(tmp, dest)  # onto a new name or an empty folder: atomic
     except OSError:
         if dest.is_dir() and any(dest.iterdir()):
@@ -129,7 +129,7 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
 
 
-def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: dict, log) -> None:
+def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: dict, log, requirement=None) -> None:
     """The attributor's files in `dest`: those of the run as their locks vouch for them, the rest made here.
     Every file is written through the one writer (store/atomic.py): the umask's permissions, fsync'ed."""
     for name, data in (
@@ -149,7 +149,7 @@ def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: 
     # the model card, the Space's entry point and its requirements are checksummed with the rest: app.py
     # is the code a Space runs and the card states the numbers (a Space owner who edits them exports again)
     atomic_write_text(dest / "README.md", model_card(record, load_metrics(out, run), att.cfg))
-    for name, text in space_files().items():
+    for name, text in space_files(requirement).items():
         atomic_write_text(dest / name, text)
     record["files"] = {name: hash_file(dest / name) for name in [*files, *att_lib.SPACE_FILES]}
     record["checksum"] = att_lib.record_checksum(record)
