@@ -453,11 +453,15 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(exported, serve
     assert "huge.png: 9000 x 9000 = 81.0 megapixels, more than this page decodes (16.8 megapixels" in status, status
     with urllib.request.urlopen(served.url + "config", timeout=30) as r:
         assert "images up to 16.8 megapixels" in r.read().decode()  # the page says so
-    crafted = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}  # a file nobody uploaded
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError):
-        client.predict([crafted], api_name="/attribute")
+    # a request crafted past the client, naming a file nobody uploaded: gradio refuses it
+    crafted = {"data": [[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]]}
+    call = urllib.request.Request(
+        served.url + "gradio_api/call/attribute", json.dumps(crafted).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(call, timeout=60) as r:
+        event = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{served.url}gradio_api/call/attribute/{event}", timeout=120) as r:
+        assert r.read().decode().startswith("event: error")
     assert served.alive()
     err = served.err.read_text()
     assert "Traceback" not in err and "/etc/hostname" not in err, err

@@ -793,12 +793,9 @@ def test_a_folder_in_a_manifest_and_an_empty_split_are_said_as_such(ws):
     (ws / "manifests" / "closed.csv").write_text("\n".join([*rows, rows[3].replace(src, "closed00/folder.png", 1)]))
     r = cli(ws, "encode", "--split", "closed")
     assert r.exit_code != 0 and "a folder, not an image file" in r.output and "file not found" not in r.output
-    (ws / "empty").mkdir()
-    r = cli(ws, "manifest", "build", str(ws / "empty"), "--split", "nothing")
-    if r.exit_code == 0:  # built: encoding it says the split is empty
-        assert "the split is empty" in ok(ws, "encode", "--split", "nothing")
-    else:
-        assert "no image" in r.output.lower() or "empty" in r.output.lower(), r.output
+    header_only = "# leakpipe manifest v1\n# root: ../data\npath,label,partition,variant\n"
+    (ws / "manifests" / "nothing.csv").write_text(header_only)
+    assert "the split is empty" in ok(ws, "encode", "--split", "nothing")  # every row removed by hand
 
 
 def test_a_16_bit_image_is_attributed_with_a_note_of_its_conversion(ws, tmp_path):
