@@ -23,8 +23,15 @@ from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 @click.option("--skip-bad", is_flag=True, help="Accept the split without unreadable images.")
 @click.option("--workers", type=int, help="Encode on a local dask cluster of N worker processes.")
 @click.option("--scheduler", help="Encode on an existing dask cluster (scheduler address).")
+@click.option(
+    "--verify",
+    "verify_first",
+    is_flag=True,
+    help="First hash every file of the split's store against its lock (as `leakpipe verify` does), so that "
+    "rows whose chunks fail, bit rot included, are re-encoded even when nothing else changed.",
+)
 @_workspace_options
-def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_file, overrides, profile):
+def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, verify_first, config_file, overrides, profile):
     """Stage one: encode images to z0 moments in cache/latents/SPLIT/FP12.zarr (FP12: the encoder
     fingerprint's first 12 hex digits)."""
     from leakpipe.pipeline.config_files import with_overrides
@@ -44,7 +51,25 @@ def encode(ws, cfg, splits, vae_source, skip_bad, workers, scheduler, config_fil
     cfg = with_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v not in (None, "", False)])
     g = graph(ws, cfg)
     for split in splits:
+        if verify_first:
+            _verify_store(g, split)
         click.echo(stage.run(g, split, log=_log).summary())
+
+
+def _verify_store(g, split: str) -> None:
+    """`encode --verify`: the store's files hashed against its lock; damaged rows go into its register."""
+    from leakpipe.pipeline.ledger import locks
+    from leakpipe.pipeline.ledger.graph import check_latents
+
+    lock_path = g.plan("encode", split).lock
+    lock = locks.read_lock(lock_path)
+    if lock is None:
+        return  # never encoded with these inputs: every row is read as it is encoded
+    problems, rows = check_latents(lock_path, lock)
+    _log(
+        f"encode {split}: verified {len(lock['outputs'])} files of its store: "
+        + (f"{len(problems)} problem(s), {len(rows)} rows damaged" if problems else "all match their checksums")
+    )
 
 
 def _workspace_path(ws, source: str) -> str:
@@ -219,23 +244,36 @@ def attribute(
 ):
     """Which generator made IMAGE? Top generators, Mahalanobis, unseen-generator flag, explanation.
     The attributor's own preprocessing is used; --set preprocess.max_pixels raises its size guard."""
+    import tempfile
+
+    from leakpipe.pipeline.store.hashing import HashCache
     from leakpipe.stages import attribute as stage, graph
 
-    results = stage.run(graph(ws, cfg), list(images), run_name, top, model, vae_source, allow_code_change, overrides)
+    with tempfile.TemporaryDirectory() as tmp:  # --model: a query outside a workspace writes nothing there
+        hashes = HashCache(Path(tmp) / "file-hashes.sqlite") if model else None
+        results = stage.run(
+            graph(ws, cfg, hashes), list(images), run_name, top, model, vae_source, allow_code_change, overrides
+        )
     click.echo(json.dumps(results, indent=1) if as_json else stage.format_text(results))
 
 
 @main.command()
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--run", "run_name", default="default", show_default=True, help="The scored run to export.")
+@click.option(
+    "--requirement",
+    help="What the folder's requirements.txt has a Hugging Face Space install, e.g. 'leakpipe[app] @ "
+    "git+https://github.com/OWNER/leakpipe@COMMIT' [default: leakpipe[app] of this version]; the file is "
+    "checksummed with the folder, so give it here rather than editing it.",
+)
 @_workspace_options
-def export(ws, cfg, dest, run_name):
+def export(ws, cfg, dest, run_name, requirement):
     """Write a scored run as a self-contained attributor folder DEST (weights, reference embeddings,
     threshold, encoder identity, metrics, model card) for `leakpipe attribute --model`."""
     from leakpipe.stages import graph
     from leakpipe.workflows.export import export as do_export
 
-    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log).summary())
+    click.echo(do_export(graph(ws, cfg), run_name, dest, log=_log, requirement=requirement).summary())
 
 
 @main.command()
@@ -258,13 +296,19 @@ def export(ws, cfg, dest, run_name):
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--top", default=3, show_default=True, help="How many generators (and gated features) to show.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    help="Largest image the page decodes, in pixels (a bound on the server's memory; larger uploads are refused "
+    "with a note) [default: 4096 x 4096; never above the attributor's preprocess.max_pixels].",
+)
 @_workspace_options
-def app(ws, cfg, model, vae_source, host, port, top):
+def app(ws, cfg, model, vae_source, host, port, top, max_pixels):
     """A web page for an attributor: drop images, see the top generators, the unseen-generator verdict
     and the explanation (needs the `app` extra: pip install 'leakpipe[app]')."""
     from leakpipe.workflows.app import serve
 
-    serve(model, vae_source, host, port, cfg, top, log=_log, echo=click.echo)
+    serve(model, vae_source, host, port, cfg, top, log=_log, echo=click.echo, max_pixels=max_pixels)
 
 
 @main.command()

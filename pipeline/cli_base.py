@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import functools
 import inspect
 import re
@@ -41,12 +42,35 @@ def _denied(exc: BaseException) -> str | None:
     if not (isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
         return None
     where = exc.filename or "a file"
+    unreadable = _unreadable(exc.filename) if exc.filename else None
+    if unreadable:  # a read that failed (or a folder on the way): say so, with what its owner can change
+        return (
+            f"{where}: {exc.strerror}: this user cannot read it: {unreadable}. leakpipe writes every file with "
+            "the umask's permissions (0644 and 0755 under 022); files made 0600 by an older version stay so "
+            "until they are written again."
+        )
     return (
         f"{where}: {exc.strerror}: this user cannot write there, and this command needs to. Run it as a user "
         "who can write there (in a workspace: its cache/ and manifests/ folders), or choose a place of your own "
         "(-C for another workspace); the commands that only read (status, runs, verify, attribute, compare, "
         "and score of an up-to-date run) work on a read-only cache."
     )
+
+
+def _unreadable(path) -> str | None:
+    """Why this user cannot read `path`, if that is the reason: a folder on the way it cannot enter, or
+    the file itself, each with its mode, owner and the `chmod` that opens it; None otherwise."""
+    path = os.path.abspath(path)
+    for d in reversed(Path(path).parents):
+        if d.is_dir() and not os.access(d, os.X_OK):
+            st = d.stat()
+            return (
+                f"the folder {d} (mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}) cannot be entered; `chmod a+x` it"
+            )
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        st = os.stat(path)
+        return f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}; its owner can make it readable (`chmod a+r`)"
+    return None
 
 
 def _friendly(fn):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from leakpipe.pipeline.cli_base import _workspace_options, main
+from leakpipe.pipeline.cli_base import _log, _workspace_options, main
 
 
 # ---------------------------------------------------------------- ledger
@@ -46,67 +46,79 @@ def runs(ws, cfg, as_json):
     )
 
 
-def _lock_files(ws) -> list[Path]:
-    """Every lock: of latent stores, of results, and of run names that are folders, not links."""
-    folders = [p.name for p in ws.cache.glob("runs/*") if p.is_dir() and not p.is_symlink()]
-    return sorted(
-        [
-            *ws.cache.glob("latents/*/*.lock.json"),
-            *ws.cache.glob("results/*/*.lock.json"),
-            *ws.cache.glob("results/*/embeddings/*.lock.json"),
-            *(
-                q
-                for name in folders
-                for pattern in ("*.lock.json", "embeddings/*.lock.json")
-                for q in (ws.cache / "runs" / name).glob(pattern)
-            ),
-        ]
+@main.command()
+@click.option(
+    "--contents",
+    is_flag=True,
+    help="Also read every image of every manifest and the VAE's weights again, past the file-hash cache "
+    "(which compares size, inode and mtime): finds a file changed in place with its mtime kept.",
+)
+@_workspace_options
+def verify(ws, cfg, contents):
+    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes,
+    and run names whose result is gone or that are folders standing in for a link. Damaged latent rows
+    are recorded for `status` and `encode`, which re-encodes them; each problem comes with its command."""
+    from leakpipe.workflows import verify as check
+
+    found = check.check_outputs(ws)
+    lines, problems, repairs = found.lines, found.problems, found.repairs
+    if contents:
+        read = check.check_inputs(ws, cfg, log=_log)
+        lines, problems = lines + read.lines, problems + read.problems
+        repairs += [r for r in read.repairs if r not in repairs]
+    for line in lines:
+        click.echo(line)
+    for p in problems:
+        click.echo(f"  {p}")
+    if not contents:
+        click.echo(
+            "not read: the input images and the VAE's weights (compared by size, inode and mtime through the "
+            "file-hash cache); `leakpipe verify --contents` reads them too"
+        )
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s). To repair them: " + "; ".join(repairs))
+    click.echo(
+        f"verified {found.locks} lock(s) and {len(run_names(ws))} run name(s): all checksums match"
+        + ("; every input file read again, unchanged" if contents else "")
     )
 
 
-@main.command()
-@_workspace_options
-def verify(ws, cfg):
-    """Re-check every stored checksum; report corrupted or missing chunks and orphaned partial writes,
-    and run names whose result is gone or that are folders standing in for a link."""
-    from leakpipe.pipeline.ledger import locks as ledger, runs as run_names
+def run_names(ws) -> list[str]:
+    from leakpipe.pipeline.ledger import runs
 
-    lock_files = _lock_files(ws)
-    problems = [f"run {name}: {bad}" for name in run_names.names(ws) if (bad := run_names.problem(ws, name))]
-    for lock_path in lock_files:
-        lock = ledger.read_lock(lock_path)
-        if lock is None:
-            problems.append(f"unreadable lock file (damaged, or from an older leakpipe): {lock_path}")
-            continue
-        found = ledger.verify(lock_path, lock, deep=True)
-        click.echo(
-            f"{lock_path.relative_to(ws.root)}: {len(lock['outputs'])} files, "
-            + ("ok" if not found else f"{len(found)} problem(s)")
-        )
-        problems += found
-    for p in problems:
-        click.echo(f"  {p}")
-    if problems:
-        raise click.ClickException(
-            f"{len(problems)} problem(s); rerun the stage to repair them "
-            "(it rewrites whatever does not verify), and fix the run names as said"
-        )
-    click.echo(f"verified {len(lock_files)} lock(s) and {len(run_names.names(ws))} run name(s): all checksums match")
+    return runs.names(ws)
 
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed, and remove nothing.")
+@click.option(
+    "--drop",
+    multiple=True,
+    metavar="RESULT",
+    help="Remove this interrupted training too (its result folder's name, as `leakpipe runs` lists it), "
+    "which gc otherwise keeps because `leakpipe train` under the current config resumes it (repeatable).",
+)
 @_workspace_options
-def gc(ws, cfg, dry_run):
+def gc(ws, cfg, dry_run, drop):
     """Remove what nothing refers to: trained results no run name points at, and latent stores (in
-    cache/latents/ and under store.url) that neither the current config nor a named result uses.
-    Nothing is ever removed except by this command."""
+    cache/latents/ and under store.url) that neither the current config nor a named result uses. An
+    interrupted training that the current config resumes is kept unless --drop names it. Nothing is
+    ever removed except by this command."""
     from leakpipe.pipeline.store import storage
     from leakpipe.pipeline.store.locking import Busy, exclusive
     from leakpipe.stages import graph
     from leakpipe.workflows import status as st
 
-    garbage, freed, removed, skipped = st.garbage(graph(ws, cfg)), 0, 0, 0
+    g = graph(ws, cfg)
+    unknown = [d for d in drop if not (ws.cache / "results" / d).is_dir()]
+    if unknown:
+        raise click.ClickException(f"--drop {', '.join(unknown)}: no such result in {ws.cache / 'results'}")
+    garbage, freed, removed, skipped = st.garbage(g, tuple(drop)), 0, 0, 0
+    for name in st.kept_interrupted(g, tuple(drop)):
+        click.echo(
+            f"keeping cache/results/{name}: an interrupted training that `leakpipe train` resumes under the "
+            f"current config; `leakpipe gc --drop {name}` removes it"
+        )
     for location, size in garbage:
         if dry_run:
             click.echo(f"would remove {location} ({size / 2**20:.1f} MiB)")

@@ -204,6 +204,8 @@ def _row_problems(m: Manifest, i: int, check_files: bool) -> list[str]:
     full = (m.root / p).resolve()
     if os.path.isabs(p) or not full.is_relative_to(m.root):
         problems.append(f"{where}: path {p!r} escapes the manifest root {m.root}")
+    elif check_files and full.is_dir():
+        problems.append(f"{where}: a folder, not an image file: {full}")
     elif check_files and not full.is_file():
         problems.append(f"{where}: file not found: {full}")
     return problems

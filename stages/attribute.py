@@ -16,6 +16,7 @@ import numpy as np
 
 from leakpipe.pipeline.engine import attributor as att_lib
 from leakpipe.pipeline.engine.attributor import Attributor
+from leakpipe.pipeline.engine.images import conversions
 from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id, runs
@@ -298,6 +299,7 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
     else:  # exported before the decisions (format 1 or 2): the posterior as trained, the old threshold
         probs, sets, p_value = raw, None, None
         unseen = log_density < u["log_density_threshold"]
+    _check_finite(probs, paths, att.name)
     protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
     results = []
     for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
@@ -305,6 +307,7 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
         results.append(
             {
                 "image": str(p),
+                "converted": conversions(p),  # bits or frames preprocessing dropped, as encode drops them
                 "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
                 "posterior": dict(zip(classes, probs[i].tolist())),
                 "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
@@ -327,6 +330,17 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
             }
         )
     return results
+
+
+def _check_finite(probs: np.ndarray, paths: list[Path], name: str) -> None:
+    """A posterior that is not a probability (NaN, inf: an overflow) is never reported as one."""
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):
+        raise UserError(
+            f"{name} gives no finite posterior for {', '.join(str(paths[i]) for i in bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''} (its logits or temperature overflow); nothing was reported. "
+            "Export or score the run again; if it persists, the model itself diverged: train it again"
+        )
 
 
 def set_text(r: dict) -> str:
@@ -367,6 +381,7 @@ def format_text(results: list[dict]) -> str:
     for r in results:
         lines += [
             r["image"],
+            *([f"  converted as encode converts: {'; '.join(r['converted'])}"] if r.get("converted") else []),
             *([f"  prediction set: {set_text(r)}"] if r.get("prediction_set") is not None else []),
             f"  top ({r['calibration']['method'].replace('_', ' ')}): "
             + ", ".join(f"{t['generator']} {t['probability']:.3f}" for t in r["top"]),

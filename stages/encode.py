@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine.autoencoders import family_code, load_encoder
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
+from leakpipe.pipeline.ledger.graph import Graph, Latents, recorded_damage, section_keys, values
 from leakpipe.pipeline.ledger.locks import VAE_FILES, Inputs, Verdict, outputs_root
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import Manifest, read_manifest
@@ -60,6 +59,11 @@ class EncodeResult:
     failure_text: str = ""  # the first failures, inline, and where the CSV is (failure_lines)
 
     def summary(self) -> str:
+        if self.rows == 0:
+            return (
+                f"encode {self.split}: the split is empty (its manifest lists no images), so there is nothing to "
+                f"encode; fill it with `leakpipe manifest build ROOT --split {self.split}`"
+            )
         if self.up_to_date:
             return f"encode {self.split}: up to date ({self.rows} rows), nothing to do; VAE {self.vae} -> {self.store}"
         rate = self.encoded / self.seconds if self.seconds else 0.0
@@ -231,13 +235,12 @@ def _checks(lat: Latents):
                 ["the store has no row checksums yet (made before they existed); encode adds them without encoding"],
                 verdict.lock,
             )
-        if lat.damage_report.exists():
-            try:
-                found = json.loads(lat.damage_report.read_text())
-                what = f"{len(found['rows'])} row(s) failed their checksums when {found['found_by']} read them"
-            except (ValueError, KeyError, TypeError):
-                what = "a reader found rows that failed their checksums"
-            return Verdict(False, [f"damaged: {what}"], verdict.lock)
+        found = recorded_damage(lat.lock)
+        if found is not None:
+            n = len(found["rows"])
+            what = f"{n} row{'' if n == 1 else 's'} damaged" if n else "rows damaged"
+            why = f"{what} (their bytes failed their checksums when {found['found_by']} read them)"
+            return Verdict(False, [why + "; encode re-encodes them"], verdict.lock)
         return verdict
 
     return check

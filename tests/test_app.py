@@ -189,6 +189,9 @@ def test_export_records_the_absolute_vae_and_the_gallery(exported):
         "metrics.json",
         "calibration.safetensors",
         "gallery.safetensors",
+        "README.md",  # issue 34: the card, and the code a Space runs, are checksummed too
+        "app.py",
+        "requirements.txt",
     }
     g = load_file(str(att / "gallery.safetensors"))
     assert g["thumbnails"].shape == (3, 2, 3, 64, 64, 3) and g["thumbnails"].dtype == np.uint8
@@ -290,10 +293,10 @@ def _with(record: dict, value, *keys: str) -> dict:
                     "bandwidth",
                 )
             ),
-            "log_density_threshold = nan: must be a finite number (or -inf: never flagged); "
+            "log_density_threshold = nan: must be a finite log-density (or -inf: never flagged); "
             "unseen_threshold.bandwidth = nan",
         ),
-        (lambda r: _resign(_with(r, -1e300, "unseen_threshold", "log_density_threshold")), "not a log-density"),
+        (lambda r: _resign(_with(r, -1e300, "unseen_threshold", "log_density_threshold")), "a finite log-density"),
         (
             lambda r: _resign(_with(r, 0.0, "unseen_threshold", "bandwidth")),
             "bandwidth = 0.0: must be a finite number > 0",
@@ -303,18 +306,49 @@ def _with(record: dict, value, *keys: str) -> dict:
             "lists 2 classes (closed00, closed01) but model.safetensors was trained on 3",
         ),
         (lambda r: _resign(_drop(r, "files")), "key 'files' is missing"),
-        (lambda r: _resign(_drop(r, "unseen_threshold", "bandwidth")), "bandwidth = None"),
+        (lambda r: _resign(_drop(r, "unseen_threshold", "bandwidth")), "bandwidth = (missing)"),
         (lambda r: [1, 2], "holds a JSON list, not an object"),
         (lambda r: _with(_drop(r, "checksum"), "leakpipe-attributor-2", "format"), "carries no checksum of itself"),
         (lambda r: _with(_drop(r, "checksum"), "leakpipe-attributor-3", "format"), "carries no checksum of itself"),
         # the decisions (issue 23) are values attribute applies: validated too
-        (lambda r: _resign(_with(r, 0.0, "decisions", "calibration", "temperature")), "positive, finite temperatures"),
-        (lambda r: _resign(_with(r, 1.5, "decisions", "alpha")), "must lie in (0, 1)"),
+        (
+            lambda r: _resign(_with(r, 0.0, "decisions", "calibration", "temperature")),
+            "temperature = 0.0: must be within",
+        ),
+        (lambda r: _resign(_with(r, 1.5, "decisions", "alpha")), "decisions.alpha = 1.5: must be in (0, 1)"),
         (
             lambda r: _resign(_with(r, [0.1, 0.2], "decisions", "conformal", "thresholds")),
-            "thresholds finite, one per class (3)",
+            "thresholds = [0.1, 0.2]: one per class (3)",
         ),
-        (lambda r: _resign(_drop(r, "decisions")), "decisions = None: expected an object"),
+        (lambda r: _resign(_drop(r, "decisions")), "key 'decisions' is missing"),
+        # issue 34: values accepted and then ignored, or one that made the posterior NaN (exit 0)
+        (
+            lambda r: _resign(_with(r, 1e-320, "decisions", "calibration", "temperature")),
+            "decisions.calibration.temperature = 1e-320: must be within [0.001, 1000]",
+        ),
+        (
+            lambda r: _resign(_with(r, 1.5, "unseen_threshold", "alpha")),
+            "unseen_threshold.alpha = 1.5: must be in (0, 1)",
+        ),
+        (lambda r: _resign(_with(r, 0.99, "unseen_threshold", "p_min")), "unseen_threshold.p_min = 0.99: "),
+        (
+            lambda r: _resign(_with(r, 0.5, "decisions", "conformal", "level")),
+            "decisions.conformal.level = 0.5: must be 1 - decisions.alpha",
+        ),
+        (
+            lambda r: _resign(_with(r, "yes", "decisions", "conformal", "mondrian")),
+            "mondrian = 'yes': must be true or false",
+        ),
+        (
+            lambda r: _resign(_with(r, 64, "encoder", "preprocess", "size")),
+            "encoder.preprocess.size = 64, but config.json has 32",
+        ),
+        (
+            lambda r: _resign(_with(r, 10, "encoder", "preprocess", "max_pixels")),
+            "encoder.preprocess.max_pixels = 10, but config.json has",
+        ),
+        (lambda r: _resign(_with(r, 7, "score", "maha_shared")), "score.maha_shared = 7.0: must be between 0"),
+        (lambda r: _resign(_with(r, "no", "score", "maha_rows")), "score.maha_rows"),
     ],
 )
 def test_attributor_json_is_checksummed_and_validated(exported, tmp_path, edit, says):
@@ -414,8 +448,24 @@ def test_bad_uploads_show_a_message_and_the_server_keeps_serving(exported, serve
     assert status.startswith("Attributed 1 of 3 images") and "notes.png: not an image" in status
     assert "empty.png: empty file" in status and [r["image"] for r in raw] == ["first.png"]
     assert raw == _attribute_json(att, images, "first.png")  # the others do not change its numbers
+    Image.new("L", (9000, 9000)).save(images / "huge.png")  # 81 megapixels in a small file: 1.25 GB decoded
+    status, *_, raw = _predict(client, images / "huge.png")
+    assert "huge.png: 9000 x 9000 = 81.0 megapixels, more than this page decodes (16.8 megapixels" in status, status
+    with urllib.request.urlopen(served.url + "config", timeout=30) as r:
+        assert "images up to 16.8 megapixels" in r.read().decode()  # the page says so
+    # a request crafted past the client, naming a file nobody uploaded: gradio refuses it
+    crafted = {"data": [[{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]]}
+    call = urllib.request.Request(
+        served.url + "gradio_api/call/attribute", json.dumps(crafted).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(call, timeout=60) as r:
+        event = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{served.url}gradio_api/call/attribute/{event}", timeout=120) as r:
+        assert r.read().decode().startswith("event: error")
+    assert served.alive()
     err = served.err.read_text()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "/etc/hostname" not in err, err
+    assert "app: refused a request for a file that was not uploaded to this page; nothing was read" in err
     # one line per request in the server's log, counts only (upload names come from anyone)
     assert re.search(r"app: request \d+: 0 of 1 images attributed in \d+\.\d s", err)
     assert re.search(r"app: request \d+: 1 of 3 images attributed in \d+\.\d s", err)

@@ -572,20 +572,28 @@ def _unprivileged():
 
 
 def test_read_only_queries_work_on_a_read_only_cache(base):
-    """As a user who cannot write the workspace: status, runs, verify, attribute, compare and score of an
-    up-to-date run work (the file-hash cache is opened read-only, with a note); writing commands say that
-    they cannot write, with no traceback."""
+    """As a user who cannot write the workspace: status, runs, verify, attribute, compare, export and
+    score of an up-to-date run work (the file-hash cache is opened read-only, with a note); writing
+    commands say that they cannot write, with no traceback. The files keep the modes they were made with
+    (issue 34: safetensors and diffusers made theirs 0600, so this user could read none of them)."""
     import os
     import sys
     import tempfile
 
+    from leakpipe.pipeline.store.atomic import umask
+
     as_nobody = _unprivileged()
+    if umask() != 0o022:
+        pytest.skip("the workspace's files must have been made under umask 022 for another user to read them")
     top = Path(tempfile.mkdtemp(prefix="leakpipe-ro-"))
     try:
         ws = top / "ws"
         shutil.copytree(base, ws, symlinks=True)
         (top / "home").mkdir()
-        subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
+        owners = top / "owners"  # the owner exports from a copy of their own (this one's hash cache stays closed)
+        shutil.copytree(base, owners, symlinks=True)
+        assert cli(owners, "export", str(top / "att-by-owner"), *SETS).exit_code == 0
+        subprocess.run(["chmod", "755", str(top), str(ws), str(owners)], check=True)  # pytest's folders are 0700
         subprocess.run(["chmod", "777", str(top / "home")], check=True)
         subprocess.run(["chmod", "-R", "a-w", str(ws / "cache"), str(ws / "manifests")], check=True)
         env = {**os.environ, "HOME": str(top / "home"), "MPLCONFIGDIR": str(top / "home")}
@@ -612,7 +620,10 @@ def test_read_only_queries_work_on_a_read_only_cache(base):
             ["runs"],
             ["verify"],
             ["score"],
+            ["encode", "--split", "closed"],
             ["attribute", a_test_image(ws)],
+            ["export", str(top / "home" / "att")],
+            ["attribute", "--model", str(top / "att-by-owner"), a_test_image(ws)],
             ["compare", "default"],
         ):
             r = leakpipe(*args, *(SETS if args[0] != "verify" else []))
@@ -627,4 +638,208 @@ def test_read_only_queries_work_on_a_read_only_cache(base):
         assert "cannot be written by this user" in r.stderr and "Traceback" not in r.stderr
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(top)], check=True)
+        shutil.rmtree(top)
+
+
+# ---------------------------------------------------------------- issue 34: nothing lost, nobody locked out
+def flip_in_place(path: Path, at: int = -1) -> None:
+    """Bit rot: one byte flipped with the file's size and mtime kept (its stat is unchanged)."""
+    import os
+
+    st = path.stat()
+    flip(path, at)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_bit_rot_is_recorded_by_verify_shown_by_status_and_repaired_by_encode(ws):
+    """Issue 34: `verify` found a flipped byte and told the user to rerun the stage, but `encode` said
+    "up to date, nothing to do" (the chunk's stat was unchanged), and so did `status`."""
+    store = store_of(ws)
+    want = arrays(store)
+    flip_in_place(chunk(store))
+    assert "up to date" in ok(ws, "encode", "--split", "closed")  # a no-op encode reads no chunk: stat only
+    r = cli(ws, "verify")
+    assert r.exit_code != 0 and "1 problem(s), 8 rows damaged" in r.output, r.output
+    assert "To repair them: `leakpipe encode --split closed` (re-encodes the 8 damaged rows" in r.output
+    assert "not read: the input images" in r.output and "verify --contents" in r.output
+    status = ok(ws, "status")
+    assert "encode closed" in status and "STALE: 8 rows damaged" in status, status
+    assert "8 rows damaged and re-encoded" in ok(ws, "encode", "--split", "closed")
+    got = arrays(store)
+    for k in ("mean", "logvar"):
+        np.testing.assert_array_equal(got[k], want[k])
+    assert "all checksums match" in ok(ws, "verify")
+    flip_in_place(chunk(store, "logvar", 3))  # encode --verify: the same check, then the repair, in one command
+    out = ok(ws, "encode", "--split", "closed", "--verify")
+    assert "8 rows damaged and re-encoded" in out and "up to date" not in out, out
+    np.testing.assert_array_equal(arrays(store)["logvar"], want["logvar"])
+    assert "all checksums match" in ok(ws, "verify")
+
+
+def test_verify_contents_finds_an_image_changed_in_place_with_its_stat_kept(ws):
+    import os
+
+    image = Path(a_test_image(ws))
+    hour_ago = image.stat().st_mtime_ns - 3600 * 10**9  # older than the cache's racy window (2 s)
+    os.utime(image, ns=(hour_ago, hour_ago))
+    assert "up to date" in ok(ws, "encode", "--split", "closed")  # same bytes: the cache takes the new stat
+    flip_in_place(image)  # the IEND chunk's CRC: the file changes, its size, mtime and pixels do not
+    assert "up to date" in ok(ws, "encode", "--split", "closed")  # the stat test cannot see it
+    assert cli(ws, "verify").exit_code == 0
+    r = cli(ws, "verify", "--contents")
+    assert r.exit_code != 0 and f"changed in place (size and mtime kept): {image}" in r.output, r.output
+    assert "`leakpipe encode --split closed`" in r.output
+    assert "manifest closed: 1 file changed" in ok(ws, "status")  # its new hash is in the cache now
+    assert "1 encoded" in ok(ws, "encode", "--split", "closed")
+
+
+KILL_AT_CHECKPOINT = """
+import os, signal, sys
+target, seen, real = int(sys.argv[1]), [0], os.replace
+def replace(src, dst, *args, **kwargs):
+    if str(dst).endswith("checkpoint.safetensors"):
+        seen[0] += 1
+        if seen[0] == target:  # epoch `target` trained, its checkpoint not yet committed
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *args, **kwargs)
+os.replace = replace
+from leakpipe.pipeline.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_a_training_killed_in_epoch_4_of_5_is_kept_by_gc_and_resumes_bitwise(ws, tmp_path):
+    """Issue 34: every kill probe of train had landed in epoch 1, and `gc` deleted an interrupted
+    training that `status` said would resume (`runs`: "(none: gc frees it)")."""
+    import sys
+
+    sets = [a for s in (*FAST, "train.epochs=5", "model.embed_dim=4") for a in ("--set", s)]
+    ref = tmp_path / "ref"
+    shutil.copytree(ws, ref, symlinks=True)
+    ok(ref, "train", *sets)  # uninterrupted
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_CHECKPOINT, "4", "train", *sets, "-C", str(ws)])
+    assert killed.returncode == -9
+    result = runs.results(Workspace(ws))
+    stopped = next(r for r in result if runs.interrupted(r))
+    assert runs.interrupted(stopped)["epoch"] == 3
+    status = ok(ws, "status", *sets)
+    assert "an interrupted training of this config resumes from" in status and stopped.name in status
+    listed = ok(ws, "runs", *sets)
+    assert "(interrupted, kept by gc)" in listed, listed
+    assert "interrupted after epoch 3 of 5, resumes on `leakpipe train`" in listed
+    kept = ok(ws, "gc", "--dry-run", *sets)
+    assert f"keeping cache/results/{stopped.name}" in kept, kept
+    assert not [line for line in kept.splitlines() if "would remove" in line and stopped.name in line], kept
+    dropped = ok(ws, "gc", "--dry-run", "--drop", stopped.name, *sets)
+    assert [line for line in dropped.splitlines() if "would remove" in line and stopped.name in line], dropped
+    assert "interrupted after epoch 3 (another config" not in listed
+    ok(ws, "gc", *sets)
+    assert stopped.is_dir()
+    assert "(resumed after epoch 3)" in ok(ws, "train", *sets)
+    want = runs.pointed(Workspace(ref), "default")
+    for name in ("model.safetensors", "history.json"):
+        assert (stopped / name).read_bytes() == (want / name).read_bytes(), name
+
+
+def test_an_export_of_a_run_with_too_few_validation_images_attributes(ws, tmp_path, monkeypatch):
+    """Issue 34: with fewer validation images than the level needs, `score` rightly wrote thresholds of
+    +inf, and `attribute --model` refused its export. Its app.py, README.md and requirements.txt are
+    checksummed now, and attributing from another folder writes nothing there."""
+    sets = [*SETS, "--set", "score.alpha=0.01"]  # 99 validation images needed; this split has a few
+    ok(ws, "score", *sets)
+    m = json.loads((runs.pointed(Workspace(ws), "default") / "metrics.json").read_text())
+    assert m["conformal"]["thresholds"] == [float("inf")] * 3
+    assert m["unseen_threshold"]["log_density_threshold"] == -float("inf")
+    pin = "leakpipe[app] @ git+https://example.org/leakpipe@abc123"  # given to export, not edited in after
+    ok(ws, "export", str(tmp_path / "att"), "--requirement", pin, *sets)
+    assert (tmp_path / "att" / "requirements.txt").read_text().endswith(pin + "\n")
+    record = json.loads((tmp_path / "att" / "attributor.json").read_text())
+    assert {"app.py", "README.md", "requirements.txt"} <= set(record["files"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from click.testing import CliRunner
+
+    from leakpipe.pipeline.cli import main
+
+    r = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), a_test_image(ws), "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.stdout)[0]["prediction_set"]) == record["classes"]
+    assert list(elsewhere.iterdir()) == []  # no ./cache/file-hashes.sqlite where the query ran
+    with open(tmp_path / "att" / "app.py", "a") as fh:
+        fh.write("import os  # an edit\n")
+    r = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "att"), a_test_image(ws)])
+    assert r.exit_code != 0 and "app.py missing or damaged" in r.output, r.output
+
+
+def test_status_export_and_attribute_agree_on_a_same_size_edit_of_metrics(ws, tmp_path):
+    """Issue 34: `status` said score was up to date after a same-size edit of metrics.json (mtime kept)
+    while export and attribute --run refused the run."""
+    path = runs.pointed(Workspace(ws), "default") / "metrics.json"
+    text = path.read_text()
+    i = text.index('"top1": 0.') + len('"top1": 0.')
+    flip_in_place(path, len(text[:i].encode()))  # one digit of top-1, the same length
+    status = ok(ws, "status", *SETS)
+    assert "score  default" in status and "STALE: checksum mismatch (corrupted)" in status, status
+    for args in (["attribute", a_test_image(ws)], ["export", str(tmp_path / "e")]):
+        r = cli(ws, *args, *SETS)
+        assert r.exit_code != 0 and "metrics.json" in r.output, r.output
+
+
+def test_a_folder_in_a_manifest_and_an_empty_split_are_said_as_such(ws):
+    (ws / "data" / "closed" / "closed00" / "folder.png").mkdir()
+    rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
+    src = rows[3].split(",")[0]
+    (ws / "manifests" / "closed.csv").write_text("\n".join([*rows, rows[3].replace(src, "closed00/folder.png", 1)]))
+    r = cli(ws, "encode", "--split", "closed")
+    assert r.exit_code != 0 and "a folder, not an image file" in r.output and "file not found" not in r.output
+    header_only = "# leakpipe manifest v1\n# root: ../data\npath,label,partition,variant\n"
+    (ws / "manifests" / "nothing.csv").write_text(header_only)
+    assert "the split is empty" in ok(ws, "encode", "--split", "nothing")  # every row removed by hand
+
+
+def test_a_16_bit_image_is_attributed_with_a_note_of_its_conversion(ws, tmp_path):
+    grey = np.asarray(Image.open(a_test_image(ws)).convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(tmp_path / "deep.png")  # uint16: Pillow's I;16
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    out = ok(ws, "attribute", str(tmp_path / "deep.png"), *SETS)
+    assert "converted as encode converts: I;16: 16-bit greyscale scaled to 8 bits" in out, out
+
+
+def test_a_leftover_read_only_shm_does_not_keep_the_hash_cache_read_only(base):
+    """Issue 34: after a run on a database made read-only, its -shm file stayed 0444 (SQLite gives it the
+    database's mode), and once the owner made the database writable again the cache stayed "not
+    writable", the note blaming the database."""
+    import os
+    import sys
+    import tempfile
+
+    as_nobody = _unprivileged()
+    top = Path(tempfile.mkdtemp(prefix="leakpipe-shm-"))
+    try:
+        ws = top / "ws"
+        shutil.copytree(base, ws, symlinks=True)
+        db = ws / "cache" / "file-hashes.sqlite"
+        for side in ("-wal", "-shm"):
+            Path(f"{db}{side}").unlink(missing_ok=True)
+        subprocess.run(["chown", "-R", "65534:65534", str(top)], check=True)
+        env = {**os.environ, "HOME": str(top), "MPLCONFIGDIR": str(top)}
+
+        def status():
+            run = [*as_nobody, sys.executable, "-c", "from leakpipe.pipeline.cli import main; main()", "status"]
+            return subprocess.run([*run, "-C", str(ws)], capture_output=True, text=True, env=env, cwd=top)
+
+        db.chmod(0o444)
+        r = status()
+        assert r.returncode == 0 and "not writable by this user" in r.stderr, r.stderr
+        shm = Path(f"{db}-shm")
+        if not shm.exists():  # this SQLite read it without one: leave one as an older SQLite does
+            shm.write_bytes(b"")
+            os.chown(shm, 65534, 65534)
+        shm.chmod(0o444)
+        db.chmod(0o644)
+        r = status()
+        assert r.returncode == 0 and "not writable" not in r.stderr, r.stderr
+        assert not shm.exists() or shm.stat().st_mode & 0o777 == 0o644  # SQLite removes it on a clean close
+    finally:
         shutil.rmtree(top)

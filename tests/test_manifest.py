@@ -124,6 +124,8 @@ def reference_problems(path, check_files=True):
         full = (root / p).resolve()
         if os.path.isabs(p) or not full.is_relative_to(root):
             problems.append(f"{where}: path {p!r} escapes the manifest root {root}")
+        elif check_files and full.is_dir():  # issue 34: a folder was reported as "file not found"
+            problems.append(f"{where}: a folder, not an image file: {full}")
         elif check_files and not full.is_file():
             problems.append(f"{where}: file not found: {full}")
     return problems

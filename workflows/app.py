@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # a type only: the attributor loads torch when a page starts
 
 INSTALL = "pip install 'leakpipe[app]'"
 MAX_FILE_SIZE = "50mb"  # per upload; gradio refuses bigger files before they reach leakpipe
+# decoded pixels per image the page accepts (4096 x 4096): a 50 MB file can hold a 9000 x 9000 image, whose
+# decoding and resizing took the server to 1.25 GB; `leakpipe app --max-pixels`, LEAKPIPE_MAX_PIXELS in a Space
+MAX_PIXELS = 4096 * 4096
 DEFAULT_PORT = 7860
 
 SPACE_APP = '''"""This folder's leakpipe attributor as a web page: a Hugging Face Space's entry point (written by
@@ -51,7 +54,7 @@ from leakpipe.workflows.app import build, launch
 
 here = Path(__file__).resolve().parent
 vae = os.environ.get("LEAKPIPE_VAE") or (str(here / "vae") if (here / "vae").is_dir() else None)
-demo = build(str(here), vae=vae)
+demo = build(str(here), vae=vae, max_pixels=int(os.environ.get("LEAKPIPE_MAX_PIXELS", "0")) or None)
 
 if __name__ == "__main__":
     launch(demo, host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -59,9 +62,10 @@ if __name__ == "__main__":
 '''
 
 
-def space_files() -> dict[str, str]:
+def space_files(requirement: str | None = None) -> dict[str, str]:
     """What `leakpipe export` adds so the folder is a Hugging Face Space: the entry point and its
-    requirements (this leakpipe version with the `app` extra, from the package index)."""
+    requirements (`requirement`, or this leakpipe version with the `app` extra from the package index).
+    Both are checksummed with the folder, so a different requirement is given to export, not edited in."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -70,9 +74,9 @@ def space_files() -> dict[str, str]:
         pin = ""
     return {
         "app.py": SPACE_APP,
-        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install from a git "
-        "repository instead:\n# leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT\n"
-        f"leakpipe[app]{pin}\n",
+        "requirements.txt": "# the Space installs leakpipe with its web-app extra; to install it from a git "
+        "repository, export with\n# --requirement 'leakpipe[app] @ git+https://github.com/OWNER/leakpipe@COMMIT'\n"
+        f"{requirement or 'leakpipe[app]' + pin}\n",
     }
 
 
@@ -82,7 +86,37 @@ def _gradio():
         import gradio
     except ImportError:
         raise UserError(f"the web app needs gradio, which is not installed: {INSTALL}") from None
+    _quiet_path_refusals()
     return gradio
+
+
+class _Traceback:
+    """gradio's `traceback` module as its queue and routes see it, but a request gradio refuses for the
+    file it names (InvalidPathError: a crafted `{"path": "/etc/hostname"}`) is one line in the server's
+    log, which never names a file (names come from anyone); every other traceback is printed as before."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def print_exc(self, *args, **kwargs):
+        from gradio.exceptions import InvalidPathError
+
+        if isinstance(sys.exc_info()[1], InvalidPathError):
+            _stderr("app: refused a request for a file that was not uploaded to this page; nothing was read")
+            return None
+        return self._real.print_exc(*args, **kwargs)
+
+
+def _quiet_path_refusals() -> None:
+    import importlib
+
+    for name in ("gradio.queueing", "gradio.routes", "gradio.route_utils"):
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, "traceback", None), (_Traceback, type(None))):
+            module.traceback = _Traceback(module.traceback)
 
 
 def _stderr(msg: str) -> None:
@@ -101,6 +135,7 @@ class Page:
     gallery: dict | None  # thumbnails (C, M, K, 64, 64, 3) and count (C, M), or None
     log: Callable[[str], None] = _stderr
     code_differs: list = field(default_factory=list)  # as `attribute --model` states with each result
+    max_pixels: int = MAX_PIXELS  # decoded pixels per image, at most (the server's memory)
     tally: dict = field(default_factory=lambda: {"requests": 0, "images": 0, "attributed": 0})
 
     def answered(self, images: int, attributed: int, seconds: float) -> None:
@@ -124,7 +159,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr) -> Page:
+def load(
+    model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr, max_pixels: int | None = None
+) -> Page:
     """The attributor `model` (a folder written by `leakpipe export`, or a Hub id), every file checked,
     its VAE found and its encoder fingerprint compared, as `attribute --model` does."""
     from leakpipe.stages.attribute import load_exported
@@ -132,7 +169,7 @@ def load(model: str, vae: str | None = None, ws_cfg=None, top: int = 3, log=_std
     ws_cfg = ws_cfg or load_config()
     device = resolve_device(ws_cfg.compute.device)
     att, differ = load_exported(model, vae, device, STAGES, log=lambda msg: log(f"app: {msg}"))
-    return Page(att, ws_cfg, model, top, att.gallery, log, differ)
+    return Page(att, ws_cfg, model, top, att.gallery, log, differ, max_pixels=max_pixels or MAX_PIXELS)
 
 
 def _md(text) -> str:
@@ -157,6 +194,8 @@ def _result_markdown(r: dict) -> str:
         )
     method = r.get("calibration", {}).get("method", "none").replace("_", " ")
     lines = [f"### {_md(r['image'])}", ""]
+    if r.get("converted"):
+        lines += [f"Converted as training images were: {_md('; '.join(r['converted']))}.", ""]
     if r.get("prediction_set") is not None:
         from leakpipe.stages.attribute import set_text
 
@@ -224,9 +263,11 @@ def _answer(page: Page, paths: list[str]) -> tuple:
 
     empty = ("", None, None, None, None)
     good, bad = [], []
+    preprocess = _bounded(page)
     for p in paths:
         try:
-            read_image(p, page.att.cfg.preprocess)
+            _within_page(p, page.max_pixels)
+            read_image(p, preprocess)
             good.append(p)
         except (BadImage, OSError) as exc:
             bad.append(f"{Path(p).name}: {str(exc).replace(p, Path(p).name)}")
@@ -234,7 +275,7 @@ def _answer(page: Page, paths: list[str]) -> tuple:
     if not good:
         return (f"**No image could be attributed** ({len(bad)} of {len(paths)} cannot be read):\n\n{problems}", *empty)
     try:
-        results = attribute(page.att, page.ws_cfg, [Path(p) for p in good], page.top, page.label)
+        results = attribute(page.att, page.ws_cfg, [Path(p) for p in good], page.top, page.label, preprocess)
     except UserError as exc:
         return (f"**Cannot attribute these images**: {_md(str(exc))}", *empty)
     except Exception as exc:  # the server keeps serving; the details go to its log, not the page
@@ -270,6 +311,27 @@ def _answer(page: Page, paths: list[str]) -> tuple:
     )
 
 
+def _bounded(page: Page):
+    """The attributor's preprocessing with its decompression-bomb guard lowered to the page's bound."""
+    import dataclasses
+
+    pre = page.att.cfg.preprocess
+    return dataclasses.replace(pre, max_pixels=min(pre.max_pixels, page.max_pixels))
+
+
+def _within_page(path: str, max_pixels: int) -> None:
+    """Refuse, from its header, an image larger than the page decodes, saying how to raise the bound."""
+    from leakpipe.pipeline.engine.images import BadImage, header_size
+
+    w, h = header_size(path)
+    if w * h > max_pixels:
+        raise BadImage(
+            f"{w} x {h} = {w * h / 1e6:.1f} megapixels, more than this page decodes ({max_pixels / 1e6:.1f} "
+            "megapixels, a bound on the server's memory); attribute it with `leakpipe attribute`, or serve the "
+            "page with a larger `leakpipe app --max-pixels` (LEAKPIPE_MAX_PIXELS in a Space)"
+        )
+
+
 def _table(headers: list[str], rows: list[list]) -> dict:
     return {"headers": headers, "data": rows}
 
@@ -294,17 +356,18 @@ def _thumbnails(page: Page, results: list[dict]) -> list:
     return out
 
 
-def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr):
+def build(model_or_page, vae: str | None = None, ws_cfg=None, top: int = 3, log=_stderr, max_pixels=None):
     """The gradio Blocks of the page for an attributor (a folder, a Hub id, or a loaded `Page`)."""
     gr = _gradio()
-    page = model_or_page if isinstance(model_or_page, Page) else load(model_or_page, vae, ws_cfg, top, log)
+    page = model_or_page if isinstance(model_or_page, Page) else load(model_or_page, vae, ws_cfg, top, log, max_pixels)
     att = page.att
     log("app: building the page")
     with gr.Blocks(title=f"leakpipe: {att.result[:12]}", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# Which generator made this image?\n\n{_md(att.name)}: {len(att.classes)} known generators "
             f"({_md(', '.join(att.classes))}); VAE {_md(att.cfg.vae.source)}. Images are encoded as in "
-            f"training ({att.cfg.preprocess.size} px). " + _decisions_markdown(att)
+            f"training ({att.cfg.preprocess.size} px); images up to {_bounded(page).max_pixels / 1e6:.1f} "
+            "megapixels. " + _decisions_markdown(att)
         )
         files = gr.File(file_count="multiple", type="filepath", label="Images (drop one or more)", elem_id="images")
         go = gr.Button("Attribute", variant="primary", elem_id="attribute")
@@ -377,12 +440,13 @@ def serve(
     log=_stderr,
     echo=print,
     block: bool = True,
+    max_pixels: int | None = None,
 ):
     """`leakpipe app`: load, build, serve, and say in one line what is served where. Returns the Blocks
     (close it with .close()) and the address."""
     log("app: loading gradio")
     _gradio()  # before the attributor: without the extra, say so at once
-    page = load(model, vae, ws_cfg, top, log)
+    page = load(model, vae, ws_cfg, top, log, max_pixels)
     demo = build(page, log=log)
     log(f"app: starting the web server on {host}:{port}")
     url = launch(demo, host, port, block=False)

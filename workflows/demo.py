@@ -94,7 +94,7 @@ def setup(
             vae_lib.save_random_vae(Path(vae_source), DEMO_VAE_BLOCKS, seed=0)
     scale = demo_scale(vae_source, ws.root)
     latent = f"[latent]\nscale = {scale}\n" if scale != LatentConfig().scale else ""
-    toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
+    atomic_write_text(toml, DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
 
 
 def _spec_file(ws: Workspace) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from leakpipe.pipeline.engine import attributor as att_lib
 from leakpipe.pipeline.engine import vae as vae_lib
@@ -30,6 +30,7 @@ from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, run_config, trained_lock
 from leakpipe.pipeline.ledger.results import load_metrics, metrics_bytes, trained_bytes
 from leakpipe.pipeline.report.card import model_card
+from leakpipe.pipeline.store.atomic import atomic_write_bytes, atomic_write_text
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.stages.attribute import code_identity, from_result
 from leakpipe.workflows.app import space_files
@@ -93,7 +94,7 @@ def _sweep_partials(dest: Path, log) -> None:
         log(f"export: removed {old}, a partial export left by a killed export (pid {pid}); it never was {dest}")
 
 
-def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
+def export(g: Graph, run: str, dest: Path, log=lambda msg: None, requirement: str | None = None) -> Exported:
     """Write the scored run's attributor to `dest` (a new or empty folder), atomically: it is built in a
     hidden sibling folder and renamed onto `dest`, so a partial export never exists under that name. The
     run must be up to date (see stages.attribute.from_result); every file copied from the run is checked
@@ -115,7 +116,7 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(att, run, out, lat, tmp, ws.root, ws_cfg, code_identity(g.stages), log)
+        _write(att, run, out, lat, tmp, ws.root, ws_cfg, code_identity(g.stages), log, requirement)
         os.replace(tmp, dest)  # onto a new name or an empty folder: atomic
     except OSError:
         if dest.is_dir() and any(dest.iterdir()):
@@ -128,27 +129,39 @@ def export(g: Graph, run: str, dest: Path, log=lambda msg: None) -> Exported:
     return Exported(run, out.name, dest, sorted(p.name for p in dest.iterdir()), time.perf_counter() - start)
 
 
-def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: dict, log) -> None:
-    """The attributor's files in `dest`: those of the run as their locks vouch for them, the rest made here."""
+def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: dict, log, requirement=None) -> None:
+    """The attributor's files in `dest`: those of the run as their locks vouch for them, the rest made here.
+    Every file is written through the one writer (store/atomic.py): the umask's permissions, fsync'ed."""
     for name, data in (
         ("model.safetensors", trained_bytes(out, "model.safetensors")),
         ("config.json", trained_bytes(out, "config.json")),
         ("metrics.json", metrics_bytes(out, run)),
+        ("reference.safetensors", save({k: np.ascontiguousarray(v) for k, v in att.reference.items()})),
+        (att_lib.CALIBRATION, save({"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)})),
     ):
-        (dest / name).write_bytes(data)
-    save_file({k: np.ascontiguousarray(v) for k, v in att.reference.items()}, str(dest / "reference.safetensors"))
-    save_file(
-        {"unseen_val_scores": np.ascontiguousarray(att.val_scores, dtype=np.float64)}, str(dest / att_lib.CALIBRATION)
-    )
+        atomic_write_bytes(dest / name, data)
     files = list(att_lib.FILES)
     if att.model.prototypes is not None:
         log(f"export {run}: the prototype gallery (the training images each prototype wins, from {lat.manifest.name})")
-        save_file(_gallery(att, lat.manifest), str(dest / att_lib.GALLERY))
+        atomic_write_bytes(dest / att_lib.GALLERY, save(_gallery(att, lat.manifest)))
         files.append(att_lib.GALLERY)
+    record = _record(att, run, out, lat, root, ws_cfg, code)
+    # the model card, the Space's entry point and its requirements are checksummed with the rest: app.py
+    # is the code a Space runs and the card states the numbers (a Space owner who edits them exports again)
+    atomic_write_text(dest / "README.md", model_card(record, load_metrics(out, run), att.cfg))
+    for name, text in space_files(requirement).items():
+        atomic_write_text(dest / name, text)
+    record["files"] = {name: hash_file(dest / name) for name in [*files, *att_lib.SPACE_FILES]}
+    record["checksum"] = att_lib.record_checksum(record)
+    atomic_write_text(dest / "attributor.json", json.dumps(record, indent=1))
+
+
+def _record(att, run: str, out: Path, lat, root: Path, ws_cfg, code: dict) -> dict:
+    """attributor.json without its file checksums and its own checksum (see engine/attributor.SCHEMA)."""
     # where the VAE is from any folder: an absolute local path or the Hub id, never a workspace-relative path
     vae_source = vae_lib.recorded_source(att.cfg.vae.source, root)
     vae_config = vae_lib.recorded_source(att.cfg.vae.config, root) if att.cfg.vae.config else ""
-    record = {
+    return {
         "format": att_lib.FORMAT,
         "classes": att.classes,
         "run": run,
@@ -167,16 +180,7 @@ def _write(att, run: str, out: Path, lat, dest: Path, root: Path, ws_cfg, code: 
         "unseen_threshold": att.threshold,
         "decisions": att.decisions,
         "score": {k: getattr(ws_cfg.score, k) for k in ("maha_shared", "maha_rows", "maha_floor", "kde_dtype")},
-        "files": {name: hash_file(dest / name) for name in files},
     }
-    record["checksum"] = att_lib.record_checksum(record)
-    (dest / "attributor.json").write_text(json.dumps(record, indent=1))
-    (dest / "README.md").write_text(model_card(record, load_metrics(out, run), att.cfg))
-    for name, text in space_files().items():  # not checksummed: a Space owner may edit them
-        (dest / name).write_text(text)
-    for path in dest.iterdir():  # on disk before the rename makes them the export
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
 
 
 def _gallery(att, manifest) -> dict:

@@ -35,8 +35,8 @@ def _result_entries(g: Graph, name: str, result: Path) -> list[dict]:
         for split in g.ws.splits():
             if (result / "embeddings" / f"{split}.lock.json").exists():
                 out.append(_entry("embed", f"{name}/{split}", g.plan("embed", result, split, name).check()))
-        if (result / "score.lock.json").exists():
-            out.append(_entry("score", name, g.plan("score", name).check(), result=result.name))
+        if (result / "score.lock.json").exists():  # hashed, as score, export and attribute check it: small files
+            out.append(_entry("score", name, g.plan("score", name).check(deep=True), result=result.name))
     except UserError as exc:  # what the result holds cannot be read (a config edited by hand): said, not raised
         out.append(_entry("embed", f"{name}/*", Verdict(False, [one_line(exc)]), result=result.name))
     return out
@@ -127,22 +127,54 @@ def run_rows(g: Graph) -> list[dict]:
                     **_headline(target),
                 }
             )
-    stand_ins = runs.stand_ins(ws)
+    stand_ins, resumes = runs.stand_ins(ws), resumed_result(g)
     for result in runs.results(ws):
         lock = locks.read_lock(result / "train.lock.json")
         copied = [
             f"(copied by cache/runs/{n}, kept)" for n, fp in stand_ins.items() if lock and lock["fingerprint"] == fp
         ]
+        stopped = runs.interrupted(result)
+        kept = stopped is not None and resumes in (result.name, None)
         rows.append(
             {
-                "names": named.get(result, copied),
+                "names": named.get(result, copied) or (["(interrupted, kept by gc)"] if kept else []),
                 "result": result.name,
                 "made": lock.get("written") if lock else None,
-                "differs": differs(lock, g, current) if lock else ["unfinished or from an older leakpipe"],
+                "differs": differs(lock, g, current) if lock else [_unfinished(stopped, kept, g.cfg.train.epochs)],
                 **_headline(result),
             }
         )
     return sorted(rows, key=lambda r: (not r["names"], r["names"], r["made"] or ""))
+
+
+def resumed_result(g: Graph) -> str | None:
+    """The name of the result folder that `leakpipe train` under the current config trains (and so
+    resumes, if its training was interrupted); None when that cannot be told yet (its latents are not
+    ready), and then every interrupted training is kept."""
+    try:
+        return g.plan("train", "default").facts.get("current_config_result")
+    except UserError:
+        return None
+
+
+def kept_interrupted(g: Graph, drop: tuple[str, ...] = ()) -> list[str]:
+    """The result folders gc keeps because the current config resumes their interrupted training."""
+    resumes = resumed_result(g)
+    return [
+        r.name
+        for r in runs.results(g.ws)
+        if r.name not in drop and resumes in (r.name, None) and runs.interrupted(r) is not None
+    ]
+
+
+def _unfinished(stopped: dict | None, kept: bool, epochs: int) -> str:
+    if stopped is None:
+        return "unfinished or from an older leakpipe"
+    after = f"after epoch {stopped['epoch']}" if stopped["epoch"] is not None else "(its checkpoint is damaged)"
+    if not kept:
+        return f"interrupted {after}, a training of another config (gc frees it)"
+    of = f" of {epochs}" if stopped["epoch"] is not None else ""
+    return f"interrupted {after}{of}, resumes on `leakpipe train` (gc keeps it)"
 
 
 def format_runs(rows: list[dict]) -> str:
@@ -171,11 +203,14 @@ def _size(location: str) -> int:
     return sum(storage.files(location).values())
 
 
-def garbage(g: Graph) -> list[tuple[str, int]]:
+def garbage(g: Graph, drop: tuple[str, ...] = ()) -> list[tuple[str, int]]:
     """(location, bytes) of every latent store and result that nothing refers to: a store is kept if
-    the current config of a split or any kept result uses it; a result if a run name points at it."""
+    the current config of a split or any kept result uses it; a result if a run name points at it, or
+    if it is an interrupted training that the current config resumes (unless `drop` names it)."""
     ws, cfg = g.ws, g.cfg
     named = set(runs.names_of(ws))
+    kept = set(kept_interrupted(g, drop))
+    named |= {r for r in runs.results(ws) if r.name in kept}
     stand_ins = set(runs.stand_ins(ws).values())  # a result a run folder copies stays (see runs.problem)
     named |= {
         r for r in runs.results(ws) if (locks.read_lock(r / "train.lock.json") or {}).get("fingerprint") in stand_ins

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.config import CHOICES, Config
+from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.config_files import from_dict
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.attributor_schema import (
+    calibration_problems,
+    config_problems,
+    record_problems,
+    relation_problems,
+)
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 from leakpipe.pipeline.store.hashing import HashCache, hash_bytes
 
@@ -37,103 +42,15 @@ CALIBRATION = "calibration.safetensors"  # what an image's unseen p-value ranks 
 # needed to attribute
 FILES = ("model.safetensors", "reference.safetensors", "config.json", "metrics.json", CALIBRATION)
 GALLERY = "gallery.safetensors"  # optional (a linear head has no prototypes); checksummed like FILES
-EMBEDDINGS = CHOICES["score.kde_embedding"]
+# the model card and the Space's entry point and requirements: checksummed like FILES (exports made
+# before they were are read without them)
+SPACE_FILES = ("README.md", "app.py", "requirements.txt")
 
 
 def record_checksum(record: dict) -> str:
     """attributor.json's checksum of itself: blake2b-128 of its canonical JSON without the `checksum` key."""
     body = {k: v for k, v in record.items() if k != "checksum"}
     return hash_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def threshold_problems(u) -> list[str]:
-    """What is wrong with an unseen-generator threshold (metrics.json's or attributor.json's
-    `unseen_threshold`): a finite log-density threshold, a finite positive bandwidth, a known embedding."""
-    if not isinstance(u, dict):
-        return [f"unseen_threshold is {type(u).__name__}, expected an object"]
-    out = []
-    cut = u.get("log_density_threshold")
-    if cut == -math.inf:
-        pass  # too few validation images for a p-value at alpha: nothing is ever flagged (conformal.cut)
-    elif not _finite(cut):
-        out.append(
-            f"unseen_threshold.log_density_threshold = {cut!r}: must be a finite number (or -inf: never flagged)"
-        )
-    elif abs(u["log_density_threshold"]) > 1e12:
-        out.append(
-            f"unseen_threshold.log_density_threshold = {u['log_density_threshold']!r}: not a log-density a KDE "
-            "of these embeddings gives"
-        )
-    if not _finite(u.get("bandwidth")) or not u["bandwidth"] > 0:
-        out.append(f"unseen_threshold.bandwidth = {u.get('bandwidth')!r}: must be a finite number > 0")
-    if u.get("embedding") not in EMBEDDINGS:
-        out.append(f"unseen_threshold.embedding = {u.get('embedding')!r}: must be one of {', '.join(EMBEDDINGS)}")
-    ref = u.get("kde_reference", {})
-    if not isinstance(ref, dict) or any(
-        not isinstance(ref.get(k, 0), int) or ref.get(k, 0) < 0 for k in ("max_reference", "seed")
-    ):
-        out.append(f"unseen_threshold.kde_reference = {ref!r}: max_reference and seed must be integers >= 0")
-    return out
-
-
-def _numbers(v, n: int, ok) -> bool:
-    """v is one number, or a list of n numbers, each finite and passing `ok`."""
-    vs = v if isinstance(v, list) else [v]
-    return len(vs) in (1, n) and all(_finite(x) and ok(x) for x in vs)
-
-
-def decisions_problems(d, n_classes: int) -> list[str]:
-    """What is wrong with attributor.json's decisions (report/decisions.applied): a level in (0, 1),
-    positive temperatures, a known conformal score and finite thresholds, one per class or one in all."""
-    if not isinstance(d, dict):
-        return [f"decisions = {d!r}: expected an object"]
-    c, s = d.get("calibration"), d.get("conformal")
-    if not isinstance(c, dict) or not isinstance(s, dict):
-        return ["decisions: calibration and conformal must be objects"]
-    out = []
-    if not (_finite(d.get("alpha")) and 0 < d["alpha"] < 1) or not (_finite(s.get("level")) and 0 < s["level"] < 1):
-        out.append(f"decisions: alpha {d.get('alpha')!r} and conformal.level {s.get('level')!r} must lie in (0, 1)")
-    if c.get("method") not in CHOICES["score.calibration"] or not _numbers(
-        c.get("temperature"), n_classes, lambda x: x > 0
-    ):
-        out.append(f"decisions.calibration = {c!r}: a known method and positive, finite temperatures")
-    if s.get("score") not in CHOICES["score.conformal"] or not _numbers(s.get("thresholds"), n_classes, lambda x: True):
-        out.append(
-            f"decisions.conformal: score {s.get('score')!r} must be one of {CHOICES['score.conformal']} "
-            f"and thresholds finite, one per class ({n_classes})"
-        )
-    return out
-
-
-def _record_problems(record) -> list[str]:
-    """attributor.json's own values: the keys attribute reads, each of the expected type."""
-    if not isinstance(record, dict):
-        return [f"it holds a JSON {type(record).__name__}, not an object"]
-    want = {"classes": list, "files": dict, "encoder": dict, "result": str, "unseen_threshold": dict}
-    out = [
-        f"key {k!r} is missing" if k not in record else f"{k!r} is {type(record[k]).__name__}, expected {t.__name__}"
-        for k, t in want.items()
-        if not isinstance(record.get(k), t)
-    ]
-    if isinstance(record.get("classes"), list):
-        c = record["classes"]
-        if not c or not all(isinstance(x, str) and x for x in c) or len(set(c)) != len(c):
-            out.append(f"classes = {c!r}: must be distinct generator names, at least one")
-    if isinstance(record.get("files"), dict) and not all(isinstance(v, str) for v in record["files"].values()):
-        out.append("files: every checksum must be a string")
-    if isinstance(record.get("encoder"), dict):
-        out += [
-            f"encoder.{k} is missing or not a string"
-            for k in ("vae_source", "encoder_fingerprint")
-            if not isinstance(record["encoder"].get(k), str)
-        ]
-    if isinstance(record.get("unseen_threshold"), dict):
-        out += threshold_problems(record["unseen_threshold"])
-    return out
 
 
 def _fits_model(record: dict, classes: list[str], embed_dim: int, reference: dict) -> list[str]:
@@ -144,7 +61,7 @@ def _fits_model(record: dict, classes: list[str], embed_dim: int, reference: dic
             f"attributor.json lists {len(record['classes'])} classes ({', '.join(record['classes'])}) but "
             f"model.safetensors was trained on {len(classes)} ({', '.join(classes)})"
         )
-    out += decisions_problems(record.get("decisions"), len(classes))
+    out += relation_problems(record, len(classes))
     h, w, labels = (reference.get(k) for k in ("h_bar", "w", "labels"))
     if h is None or w is None or labels is None:
         return out + ["reference.safetensors lacks h_bar, w or labels"]
@@ -197,12 +114,16 @@ class Attributor:
     decisions: dict | None = None
     val_scores: np.ndarray | None = None  # the closed validation images' KDE log-densities, sorted
     gallery: dict | None = None  # the exported prototype gallery, from the bytes checked with the folder
+    score: dict | None = None  # the comparators' score settings it was scored with (exported folders)
 
     def comparators(self, cfg_score):
         """The Mahalanobis comparator of `cfg_score` (on the training rows, and the validation rows for
-        maha_rows = train_val where the reference has them) and the unseen KDE (training rows)."""
+        maha_rows = train_val where the reference has them) and the unseen KDE (training rows). An exported
+        attributor's own settings (attributor.json's `score`) replace those of `cfg_score`."""
         from leakpipe.pipeline.math.kde import GaussianKDE
         from leakpipe.pipeline.math.kde import embedding
+
+        cfg_score = dataclasses.replace(cfg_score, **self.score) if self.score else cfg_score
 
         r = self.reference
         h, labels = r["h_bar"].astype(np.float64), r["labels"]
@@ -275,7 +196,7 @@ def from_folder(folder: Path, device) -> Attributor:
             f"{record_path} does not match its own checksum: it was edited by hand or damaged after "
             f"export, so nothing in the folder was used; {again}"
         )
-    problems = _record_problems(record)
+    problems = record_problems(record)
     if problems:
         raise UserError(f"{record_path}: {'; '.join(problems)}; {again}")
     listed = record["files"]
@@ -296,7 +217,14 @@ def from_folder(folder: Path, device) -> Attributor:
     except (KeyError, RuntimeError, ValueError) as exc:  # a model that does not fit its config
         raise UserError(f"{folder}: model.safetensors does not fit config.json ({exc}); {again}") from None
     reference = {k: v for k, v in load(data["reference.safetensors"]).items()}
-    problems = _fits_model(record, classes, cfg.model.embed_dim, reference)
+    val = load(data[CALIBRATION]).get("unseen_val_scores")
+    if val is None or val.ndim != 1 or not np.isfinite(val).all():
+        raise UserError(f"{folder}: {CALIBRATION} lacks finite unseen_val_scores; {again}")
+    problems = [
+        *_fits_model(record, classes, cfg.model.embed_dim, reference),
+        *config_problems(record, cfg),
+        *calibration_problems(record, val),
+    ]
     if problems:
         raise UserError(f"{folder}: {'; '.join(problems)}; {again}")
     # where the VAE is: absolute or a Hub id since exports record it so (older ones: as trained)
@@ -308,9 +236,6 @@ def from_folder(folder: Path, device) -> Attributor:
             config=record["encoder"].get("vae_config_file", cfg.vae.config),
         ),
     )
-    val = load(data[CALIBRATION]).get("unseen_val_scores")
-    if val is None or val.ndim != 1 or not np.isfinite(val).all():
-        raise UserError(f"{folder}: {CALIBRATION} lacks finite unseen_val_scores; {again}")
     return Attributor(
         model,
         build,
@@ -327,6 +252,7 @@ def from_folder(folder: Path, device) -> Attributor:
         decisions=record.get("decisions"),
         val_scores=val,
         gallery=load(data[GALLERY]) if GALLERY in data else None,
+        score=record.get("score"),
     )
 
 

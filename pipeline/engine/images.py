@@ -143,17 +143,23 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def check_size(path: Path | str, cfg: PreprocessConfig) -> None:
-    """Refuse an image whose *resized* size exceeds `preprocess.max_pixels`: resizing the shorter side of
-    a thin image to `size` makes a huge one (1 x 10000 px would become 2,560,000 x 256, 3 GB), however
-    small the file. Reads the header only; a file Pillow cannot open is left to load_image to report."""
+def header_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding; (0, 0) if Pillow cannot open it (load_image
+    then says what is wrong with it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                w, h = im.size
+                return im.size
     except Exception:  # noqa: BLE001 -- load_image says what is wrong with it
-        return
+        return 0, 0
+
+
+def check_size(path: Path | str, cfg: PreprocessConfig) -> None:
+    """Refuse an image whose *resized* size exceeds `preprocess.max_pixels`: resizing the shorter side of
+    a thin image to `size` makes a huge one (1 x 10000 px would become 2,560,000 x 256, 3 GB), however
+    small the file. Reads the header only; a file Pillow cannot open is left to load_image to report."""
+    w, h = header_size(path)
     if cfg.resize != "shorter" or min(w, h) < 1 or w * h > cfg.max_pixels:
         return  # too large as it is: load_image refuses it (the decompression-bomb guard)
     scale = cfg.size / min(w, h)
@@ -165,6 +171,36 @@ def check_size(path: Path | str, cfg: PreprocessConfig) -> None:
             f"preprocess.max_pixels={cfg.max_pixels:,}; crop it nearer to square first, or raise "
             "preprocess.max_pixels if the memory is there"
         )
+
+
+_LOSSY_MODES = {
+    "I;16": "16-bit greyscale scaled to 8 bits",
+    "I;16B": "16-bit greyscale scaled to 8 bits",
+    "I;16L": "16-bit greyscale scaled to 8 bits",
+    "I;16N": "16-bit greyscale scaled to 8 bits",
+    "I": "32-bit integer greyscale scaled to 8 bits",
+    "F": "floating-point greyscale clipped to 0..255 and rounded to 8 bits",
+    "CMYK": "CMYK converted to RGB without its colour profile",
+}
+
+
+def conversions(path: Path | str) -> list[str]:
+    """What preprocessing changes of the file beyond resizing, in words, from its header: the bits it
+    drops (16-bit and float images become 8-bit RGB), alpha composited on white, the first frame of
+    several. For `attribute` and the app to state with each result; [] for an 8-bit RGB or grey image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                mode, frames, alpha = im.mode, getattr(im, "n_frames", 1), "transparency" in im.info
+    except Exception:  # noqa: BLE001 -- load_image says what is wrong with it
+        return []
+    out = [f"{mode}: {_LOSSY_MODES[mode]}"] if mode in _LOSSY_MODES else []
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or alpha:
+        out.append("transparency composited on white")
+    if frames > 1:
+        out.append(f"the first of {frames} frames")
+    return out
 
 
 def read_image(path: Path | str, cfg: PreprocessConfig) -> np.ndarray:

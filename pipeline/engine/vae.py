@@ -21,6 +21,7 @@ from leakpipe.pipeline.config import Config, VaeConfig, canonical_hash
 from leakpipe.pipeline.engine import vae_files
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.store.atomic import atomic_write_text, place
 
 PACKAGED_CONFIGS = Path(__file__).parent.parent / "configs"
 DEFAULT_SINGLE_FILE_CONFIG = PACKAGED_CONFIGS / "sd21-vae" / "config.json"
@@ -405,12 +406,16 @@ def save_random_vae(
     if hasattr(vae, "bn"):  # FLUX.2: batch-norm statistics other than (0, 1), so that they do something
         vae.bn.running_mean.normal_(0.0, 0.2)
         vae.bn.running_var.uniform_(0.5, 2.0)
-    vae.save_pretrained(str(folder), safe_serialization=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # diffusers saves its files 0600: placed
+        vae.save_pretrained(tmp, safe_serialization=True)
+        for made in sorted(Path(tmp).iterdir()):
+            place(made, folder / made.name)
     layout = "" if like == "sd21" else f", {like} layout"
-    (Path(folder) / RANDOM_MARKER).write_text(
-        f"seeded random weights (seed {seed}{layout}) written by leakpipe; not a pretrained VAE\n"
-    )
-    return Path(folder)
+    note = f"seeded random weights (seed {seed}{layout}) written by leakpipe; not a pretrained VAE\n"
+    atomic_write_text(folder / RANDOM_MARKER, note)
+    return folder
 
 
 RANDOM_MARKER = "LEAKPIPE_RANDOM_WEIGHTS.txt"

@@ -10,6 +10,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from leakpipe.pipeline.store.atomic import atomic_path
+
 ASSETS = Path(__file__).parent.parent / "assets"
 BUILTIN_PREFIX = "builtin:"
 
@@ -140,5 +142,6 @@ def convert_pth(src: Path, dst: Path) -> dict:
     # one metadata entry: safetensors writes a map of several in no fixed order, and the converted bytes
     # must be the same on every run (their SHA-256 is recorded)
     meta = {"converted_from": f"{src.name} sha256 {sha256(src)}"}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dst), metadata=meta)
+    with atomic_path(dst) as tmp:  # safetensors writes 0600; the one writer gives it the umask's mode
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     return meta

@@ -151,12 +151,12 @@ class Latents:
 
     @property
     def damage_report(self) -> Path:
-        """Written by a reader (train, embed) that found rows whose bytes fail their checksum."""
-        return self.lock.with_name(self.lock.name.replace(".lock.json", ".damaged.json"))
+        """Written by a reader (train, embed) or `verify` that found rows whose bytes fail their checksum."""
+        return damage_register(self.lock)
 
     def report_damage(self, rows: list[int], reader: str) -> UserError:
         """Record damaged rows for `status` and `encode`, and return the error for the reader to raise."""
-        atomic_write_json(self.damage_report, {"rows": rows, "found_by": reader})
+        record_damage(self.lock, rows, reader)
         lines = ", ".join(str(self.manifest.line(r)) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
         return UserError(
             f"latents of {self.split} are damaged: {len(rows)} row(s) of {self.store} do not "
@@ -176,6 +176,51 @@ class Latents:
     @property
     def described(self) -> str:
         return f"latents of {self.split} (VAE {self.source.label}, store {self.store})"
+
+
+def damage_register(lock: Path) -> Path:
+    """`<split>/<fp12>.damaged.json` beside a store's encode lock: the rows a reader or `verify` found
+    damaged, which `status` shows and the next `encode` reads back in full and re-encodes."""
+    return lock.with_name(lock.name.replace(".lock.json", ".damaged.json"))
+
+
+def recorded_damage(lock: Path) -> dict | None:
+    """The register's {"rows": [...], "found_by": "train, verify"}, or None (no damage recorded); a
+    register that cannot be read still says that damage was found, rows unknown."""
+    path = damage_register(lock)
+    if not path.exists():
+        return None
+    try:
+        found = json.loads(path.read_text())
+        return {"rows": [int(r) for r in found["rows"]], "found_by": str(found["found_by"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"rows": [], "found_by": "a reader"}
+
+
+def record_damage(lock: Path, rows: list[int], found_by: str) -> None:
+    """Add `rows` to the store's damage register (what earlier readers found stays until encode repairs it)."""
+    had = recorded_damage(lock) or {"rows": [], "found_by": ""}
+    by = [b for b in had["found_by"].split(", ") if b]
+    atomic_write_json(
+        damage_register(lock),
+        {"rows": sorted({*had["rows"], *map(int, rows)}), "found_by": ", ".join(dict.fromkeys([*by, found_by]))},
+    )
+
+
+def check_latents(lock_path: Path, lock: dict) -> tuple[list[str], list[int]]:
+    """Hash every file of an encode lock's store against the lock (what `verify` does for every lock):
+    the problems in words, and the rows of every chunk that fails, recorded in the damage register so
+    that `status` says how many rows are damaged and `encode` re-encodes them (the files' stat is
+    unchanged by bit rot, so nothing else would tell the next encode to read them)."""
+    from leakpipe.pipeline.store.chunk_checks import rows_of
+
+    bad: list[str] = []
+    problems = locks.verify(lock_path, lock, deep=True, bad=bad)
+    files = next((rows for name, rows in lock["inputs"]["files"].items() if name.startswith("manifest ")), [])
+    rows = rows_of(bad, len(files), int(lock["inputs"]["config"].get("store.chunk_rows", 1))) if bad else []
+    if rows:
+        record_damage(lock_path, rows, "verify")
+    return problems, rows
 
 
 def one_line(exc: Exception, most: int = 3) -> str:

@@ -250,11 +250,12 @@ def outputs_root(lock_path: Path, lock: dict) -> str:
     return root if storage.is_url(root) else storage.normalize(Path(lock_path).parent / root)
 
 
-def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
-    """Problems with a lock's outputs: missing, resized, (deep) corrupted files, orphaned partials."""
+def verify(lock_path: Path, lock: dict, deep: bool, bad: list[str] | None = None) -> list[str]:
+    """Problems with a lock's outputs: missing, resized, (deep) corrupted files, orphaned partials.
+    `bad`, if given, receives the relative paths of the outputs that fail."""
     root = outputs_root(lock_path, lock)
     have = storage.files(root)
-    problems = []
+    problems, failed = [], [] if bad is None else bad
     for rel, want in lock["outputs"].items():
         full, size = storage.join(root, rel), have.get(rel)
         if size is None:
@@ -263,6 +264,9 @@ def verify(lock_path: Path, lock: dict, deep: bool) -> list[str]:
             problems.append(f"output size changed: {full} ({want['size']} -> {size} bytes)")
         elif deep and _hash(full) != want["blake2b"]:
             problems.append(f"checksum mismatch (corrupted): {full}")
+        else:
+            continue
+        failed.append(rel)
     problems += [
         f"orphaned partial write (killed writer; safe to delete): {storage.join(root, rel)}"
         for rel in sorted(have)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.engine.attributor import threshold_problems
+from leakpipe.pipeline.engine.attributor_schema import threshold_problems
 from leakpipe.pipeline.engine.trained import model_from
 from leakpipe.pipeline.ledger.graph import run_config, trained_lock
 from leakpipe.pipeline.ledger.locks import checked_bytes, read_lock, verify

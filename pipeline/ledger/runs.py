@@ -8,6 +8,7 @@ so `cache/runs/default/report.md` keeps working and retraining a name keeps the 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -96,6 +97,25 @@ def _fingerprint(result: Path) -> str | None:
     return lock["fingerprint"] if lock else None
 
 
+CHECKPOINT = Path("checkpoint") / "checkpoint.safetensors"  # store/checkpoint.py's, under a result
+
+
+def interrupted(result: Path) -> dict | None:
+    """{"epoch": the last epoch its checkpoint holds, "fingerprint": the training's} of a result whose
+    training was stopped before it finished (a checkpoint and no train lock), else None. Reads the
+    checkpoint's header only (safetensors: 8 bytes of length, then JSON), never its tensors."""
+    path = result / CHECKPOINT
+    if not path.is_file() or read_lock(result / "train.lock.json") is not None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        state = json.loads(header["__metadata__"]["state"])
+        return {"epoch": int(state["epoch"]), "fingerprint": str(state["fingerprint"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"epoch": None, "fingerprint": None}  # damaged: train starts it again, gc may free it
+
+
 def problem(ws: Workspace, name: str) -> str | None:
     """What is wrong with run name `name`, in words with what to do: a link whose result is gone, or a
     folder standing in for the link (a copy of a result, which nothing keeps checked or up to date).
@@ -170,8 +190,6 @@ def scored_result(ws: Workspace, name: str) -> Path:
 
 def seed_group(ws: Workspace, name: str) -> list[str] | None:
     """The member runs of a seed group made by `train --seeds` under `name`, or None."""
-    import json
-
     path = ws.cache / "runs" / f"{check_name(name)}.seeds.json"
     return json.loads(path.read_text())["runs"] if path.is_file() else None
 

@@ -45,3 +45,17 @@ def remember(location: str, recorded: dict, hashes, hashed_ns: int) -> None:
         return
     rels = sorted(recorded)
     hashes.remember([storage.join(location, rel) for rel in rels], [recorded[r]["blake2b"] for r in rels], hashed_ns)
+
+
+def rows_of(rels: list[str], n_rows: int, chunk_rows: int) -> list[int]:
+    """The rows held by the store files `rels` (relative paths: `mean/c/3/0/0/0` holds rows 3 x chunk_rows
+    onwards); a file that is no chunk of ARRAYS (a zarr.json) stands for every row."""
+    rows: set[int] = set()
+    for rel in rels:
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[0] in ARRAYS and parts[1] == "c" and parts[2].isdigit():
+            start = int(parts[2]) * chunk_rows
+            rows.update(range(start, min(start + chunk_rows, n_rows)))
+        else:
+            return list(range(n_rows))
+    return sorted(rows)

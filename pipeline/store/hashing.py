@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from leakpipe.pipeline.store.atomic import create_file
+
 HASH_BYTES = 16  # blake2b-128: the `source_hash` width in the latent store
 SCHEMA = 1  # PRAGMA user_version of the database
 BUSY_SECONDS = 60.0
@@ -158,6 +160,8 @@ class HashCache:
     # ------------------------------------------------------------ the database
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_file(self.path)  # SQLite would make it 0644 whatever the umask; its -wal and -shm take its mode
+        _own_sidecars(self.path)
         db = sqlite3.connect(self.path, timeout=BUSY_SECONDS)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut loses the last rows
@@ -203,7 +207,7 @@ class HashCache:
                     db.close()
                 db = None
         self._note(
-            f"the file-hash cache {self.path} is not writable by this user ({exc}); "
+            f"the file-hash cache {self.path} is not writable by this user ({_unwritable(self.path) or exc}); "
             + (
                 "hashes are read from it and not added, so files it lacks are hashed each time"
                 if db is not None
@@ -389,6 +393,30 @@ class HashCache:
             else "it could not be read, so nothing was imported"
         )
         self._note(f"moved the file-hash cache {self.legacy.name} to {self.path.name} ({what})")
+
+
+def _own_sidecars(path: Path) -> None:
+    """SQLite gives a database's -wal and -shm files the database's mode when it makes them: a read-only
+    run on a database made read-only leaves them 0444, and once the owner makes the database writable
+    again they alone would keep the cache read-only. This user's own sidecars of a database this user
+    may write take its mode back (nothing is removed: another process may have them open)."""
+    if not os.access(path, os.W_OK):
+        return
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        try:
+            if side.stat().st_uid == os.geteuid() and not os.access(side, os.W_OK):
+                os.chmod(side, path.stat().st_mode & 0o7777)
+        except OSError:
+            pass
+
+
+def _unwritable(path: Path) -> str:
+    """Which of the cache's folder, database, -wal and -shm files this user cannot write, in words."""
+    for p in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists() and not os.access(p, os.W_OK):
+            return f"{p} is mode {p.stat().st_mode & 0o777:o}, not writable by this user"
+    return ""
 
 
 def _is_hex(text) -> bool:

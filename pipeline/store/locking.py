@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.store.atomic import FILE_MODE
 
 
 class Busy(UserError):
@@ -43,7 +44,7 @@ def shared(path: Path, what: str):
 def _flock(path: Path, what: str, kind: int):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)  # less the umask: a group that shares the workspace takes it
     try:
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
