@@ -38,6 +38,7 @@ KEYS = section_keys("score")
 CODE = (
     "leakpipe.pipeline.math.metrics",
     "leakpipe.pipeline.math.bootstrap",
+    "leakpipe.pipeline.math.binning",
     "leakpipe.pipeline.math.kde",
     "leakpipe.pipeline.math.mahalanobis",
     "leakpipe.pipeline.math.forensic",
