@@ -117,7 +117,7 @@ def test_a_kill_mid_write_leaves_a_usable_cache(tmp_path):
     db = tmp_path / "h.sqlite"
     body = (
         "import time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
-        "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.002), real(p))[1]\n"
+        "real = hashing._digest\nhashing._digest = lambda p, n: (time.sleep(0.002), real(p, n))[1]\n"
         f"hashing.HashCache({str(db)!r}).hash_many({[str(p) for p in paths]!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", body])
