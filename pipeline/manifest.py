@@ -24,6 +24,7 @@ from pathlib import Path
 
 from leakpipe.pipeline import manifest_columns as columnar
 from leakpipe.pipeline.store.atomic import atomic_write_text
+from leakpipe.pipeline.store.hashing import hash_bytes
 from leakpipe.pipeline.config import canonical_hash
 from leakpipe.pipeline import names
 from leakpipe.pipeline.errors import UserError
@@ -59,6 +60,7 @@ class Manifest:
     ):
         self.name, self.root, self.columns, self.source = name, root, tuple(columns), source
         self.first_line = first_line  # file line of row 0, for messages
+        self.digest = ""  # blake2b of the file's bytes, when read from one
         if cols is None:
             rows = list(rows or [])
             cols = {
@@ -130,15 +132,8 @@ def _root(path: Path, text: str) -> Path:
     return root
 
 
-def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -> Manifest:
-    path = Path(path)
-    if not path.exists():
-        raise ManifestError(
-            str(path), ["file does not exist; build it with `leakpipe manifest build ROOT --split NAME`"]
-        )
-    # only "\n" ends a line: \r and U+2028 may be part of a (quoted) file name
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        text = fh.read()
+def _header(text: str) -> tuple[dict, int, int]:
+    """(the leading '# key: value' comments, how many lines they are, where the CSV starts)."""
     comments, n_comment, offset = {}, 0, 0
     while text.startswith("#", offset):
         end = text.find("\n", offset)
@@ -146,6 +141,32 @@ def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -
         key, _, value = line[1:].partition(":")
         comments[key.strip()] = value.strip()
         n_comment, offset = n_comment + 1, (end + 1 if end >= 0 else len(text))
+    return comments, n_comment, offset
+
+
+def root_of(path: Path, data: bytes) -> Path | None:
+    """The folder a manifest's rows are relative to, as `read_manifest` resolves it from the manifest's
+    bytes `data` (only its leading comment lines are decoded); None where it would refuse it."""
+    lines = data.split(b"\n", 64)
+    head = b"\n".join(
+        lines[: next((k for k, ln in enumerate(lines) if not ln.lstrip(b"\xef\xbb\xbf").startswith(b"#")), len(lines))]
+    )
+    try:
+        return _root(Path(path), _header(head.decode("utf-8-sig"))[0].get("root", "."))
+    except (ManifestError, UnicodeDecodeError):
+        return None
+
+
+def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -> Manifest:
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(
+            str(path), ["file does not exist; build it with `leakpipe manifest build ROOT --split NAME`"]
+        )
+    # only "\n" ends a line: \r and U+2028 may be part of a (quoted) file name
+    data = path.read_bytes()
+    text = data.decode("utf-8-sig")
+    comments, n_comment, offset = _header(text)
     root = _root(path, comments.get("root", "."))
     columns, cols = columnar.parse(text[offset:])
     missing = [c for c in REQUIRED if c not in columns]
@@ -158,12 +179,31 @@ def read_manifest(path: Path, validate: bool = True, check_files: bool = True) -
             ],
         )
     m = Manifest(name=path.stem, root=root, columns=columns, source=path, first_line=n_comment + 2, cols=cols)
+    m.digest = hash_bytes(data)
     problems = _normalise_paths(m)
     if validate:
         problems += validation_problems(m, check_files)
     if problems:
         raise ManifestError(str(path), problems)
     return m
+
+
+class Deferred:
+    """A manifest whose rows are read from its file on first use; its length is known before (from a
+    lock that lists them: a plan that finds nothing changed needs no more of it)."""
+
+    def __init__(self, path: Path, n_rows: int, **read):
+        self._path, self._n, self._read, self._loaded = Path(path), n_rows, read, None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._loaded is None:
+            self._loaded = read_manifest(self._path, **self._read)
+        return getattr(self._loaded, name)
 
 
 def _normalise_paths(m: Manifest) -> list[str]:

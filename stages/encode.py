@@ -14,17 +14,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine.autoencoders import family_code, load_encoder
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger.graph import Graph, Latents, recorded_damage, section_keys, values
-from leakpipe.pipeline.ledger.locks import VAE_FILES, Inputs, Verdict, outputs_root
+from leakpipe.pipeline.ledger.locks import (
+    VAE_FILES,
+    Inputs,
+    Rows,
+    Verdict,
+    outputs_root,
+    read_lock,
+    read_rows,
+    rewrite_rows,
+    same_inputs,
+)
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
-from leakpipe.pipeline.manifest import Manifest, read_manifest
+from leakpipe.pipeline.manifest import Deferred, Manifest, read_manifest, root_of
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.store.hashing import HashCache
+from leakpipe.pipeline.store.hashing import RACY_NS, HashCache, hash_bytes, stat_stamps
 from leakpipe.pipeline.progress import progress
 
 KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
@@ -138,7 +150,6 @@ def _trusted_chunks(p: Latents, group, lock: dict | None, hashes: HashCache):
 def _encode(
     p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None, hashes: HashCache | None = None
 ) -> None:
-    import numpy as np
     from leakpipe.pipeline.engine.encoding import decode_workers
     from leakpipe.pipeline.engine.precision import channels_last, compiled
 
@@ -246,36 +257,79 @@ def _checks(lat: Latents):
     return check
 
 
+def _rows(manifest: Manifest, hashes: HashCache) -> Rows:
+    """The manifest's rows with their files' hashes, and the stat each file had when it was hashed."""
+    found, stamps = hashes.hash_many(manifest.abspaths(), stamps=True)
+    hashes.save()
+    # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
+    file_hashes = [h or UNREADABLE for h in found]
+    return Rows(
+        manifest.column("path"), file_hashes, stamps, [str(manifest.source), manifest.digest], str(manifest.root)
+    )
+
+
+def _unchanged(lock_path: Path, key: str, manifest_path: Path) -> Rows | None:
+    """The rows the store's lock recorded for the manifest, when nothing they were made from can have
+    changed: the manifest's bytes are those recorded, and every file's stat is the one it had when it was
+    hashed (the hash cache's test, row by row, without parsing the manifest or looking anything up).
+    None: plan from the manifest."""
+    lock = read_lock(lock_path)
+    meta = ((lock or {}).get("rows") or {}).get("lists", {}).get(key)
+    if meta is None:
+        return None
+    try:
+        data = manifest_path.read_bytes()
+    except OSError:
+        return None
+    root = root_of(manifest_path, data)
+    if meta["listing"] != [str(manifest_path), hash_bytes(data)] or root is None or str(root) != meta["root"]:
+        return None
+    rows = (read_rows(lock_path, lock) or {}).get(key)
+    if rows is None or not rows.fresh(RACY_NS):
+        return None
+    prefix = f"{root}/"
+    now, seen = stat_stamps([prefix + p for p in rows.names])
+    return rows if seen.all() and np.array_equal(now, rows.stamps[:, :4]) else None
+
+
+def _refresh(lock_path: Path, inputs: Inputs, key: str) -> None:
+    """After a plan that had to read the manifest (the lock is of format 2, or its rows' stamps, listing
+    or side file could not vouch for them) found the store up to date: the lock again, with the rows and
+    stamps the plan found, so that the next plan can tell from the stats alone that nothing changed.
+    Never a re-encode: the lock's fingerprint and outputs stay."""
+    lock = read_lock(lock_path)
+    if lock is not None and inputs.files[key].fresh(RACY_NS) and same_inputs(lock, inputs):
+        rewrite_rows(lock_path, lock, inputs)
+
+
 def plan(graph: Graph, cfg: Config, split: str) -> Plan:
     """Stage one's plan for `split`: the manifest rows with their files' hashes, the encoder, the store."""
     ws, hashes = graph.ws, graph.hashes
-    manifest = read_manifest(ws.manifest(split))
     source = vae_lib.resolve(cfg.vae, ws.root)
     encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, STAGE.code_identity(source))
-    # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
-    file_hashes = [h or UNREADABLE for h in hashes.hash_many(manifest.abspaths())]
-    hashes.save()
+    lock, key = ws.store_lock(split, encoder_fp), f"manifest {split}"
+    rows = _unchanged(lock, key, ws.manifest(split))
+    if rows is None:
+        manifest = read_manifest(ws.manifest(split))
+        rows, planned = _rows(manifest, hashes), True
+    else:
+        manifest, planned = Deferred(ws.manifest(split), len(rows.names)), False
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + [
         ["config.json", canonical_hash(vae_lib.model_config(source))]
     ]
-    inputs = Inputs(
-        values(cfg, KEYS),
-        {},
-        {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)], VAE_FILES: vae_files},
-        STAGE.code_identity(source),
-    )
-    lock = ws.store_lock(split, encoder_fp)
+    inputs = Inputs(values(cfg, KEYS), {}, {key: rows, VAE_FILES: vae_files}, STAGE.code_identity(source))
     lat = Latents(
         split,
         manifest,
         source,
         encoder_fp,
-        file_hashes,
+        rows.values,
         ws.latent_store(split, encoder_fp, cfg.store.url),
         lock,
         ws.store_lock(split, encoder_fp, "writer.lock"),
     )
     storage.probe(lat.store)  # an unreachable URL store is a UserError, before any work
+    facts = {"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split), "hashes": hashes}
 
     def sweep():  # a lock write that was killed
         for orphan in lock.parent.glob(f".{lock.name}.*.tmp"):
@@ -292,8 +346,9 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
         previous=_previous(lock),
         command=f"leakpipe encode --split {split}",
         extra_checks=[_checks(lat)],
+        finish=(lambda: None if facts.get("locked") else _refresh(lock, inputs, key)) if planned else None,
         data=lat,
-        facts={"vae": source.label, "store": lat.store, "failures_csv": ws.failures_csv(split), "hashes": hashes},
+        facts=facts,
     )
 
 
@@ -332,6 +387,7 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
 
         chunk_checks.remember(lat.store, lock["outputs"], plan.facts["hashes"], since)
         plan.facts["hashes"].save()
+        plan.facts["locked"] = True  # the lock holds this plan's rows: nothing to refresh
 
     return Done(
         lat.store,

@@ -231,3 +231,17 @@ def test_ovl_interval_covers_known_overlaps():
             )
             hits += lo <= true <= hi
         assert hits >= 33, (true, hits)  # 95% nominal; binomial(40, 0.95) is >= 35 in 86% of runs
+
+
+def test_blocks_hand_out_the_same_resamples_however_often_asked():
+    """Scoring asks for the resamples of the same rows many times; they are drawn once and kept, and
+    each time they are those of `weights`, in blocks laid out rows first."""
+    bootstrap._kept.clear()
+    groups = np.repeat(np.arange(100), 3)
+    for g in (None, groups):
+        want = bootstrap.weights(300, 50, seed=2, groups=g)
+        for _ in range(2):  # drawn, then handed out again from what was kept
+            got = list(bootstrap.blocks(300, 50, 2, groups=g, cells=300 * 7))
+            assert [len(b) for b in got] == [7] * 7 + [1] and all(b.flags["F_CONTIGUOUS"] for b in got)
+            np.testing.assert_array_equal(np.concatenate(got), want)
+    assert len(bootstrap._kept) == 2

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from leakpipe.pipeline.store import hashing
@@ -117,7 +118,7 @@ def test_a_kill_mid_write_leaves_a_usable_cache(tmp_path):
     db = tmp_path / "h.sqlite"
     body = (
         "import time\nfrom leakpipe.pipeline.store import hashing\nhashing.FLUSH_SECONDS = 0\n"
-        "real = hashing.hash_file\nhashing.hash_file = lambda p: (time.sleep(0.002), real(p))[1]\n"
+        "real = hashing._digest\nhashing._digest = lambda p, n: (time.sleep(0.002), real(p, n))[1]\n"
         f"hashing.HashCache({str(db)!r}).hash_many({[str(p) for p in paths]!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", body])
@@ -256,3 +257,16 @@ def test_a_read_only_cache_is_read_not_written(state):
     assert after == before  # nothing written, nothing made
     if state != "never made":
         assert want == got["hashes"][:3]
+
+
+def test_stats_in_threads_are_the_stats_in_order(tmp_path, monkeypatch):
+    from leakpipe.pipeline.store import hashing
+
+    paths = [str(p) for p in files(tmp_path / "a", 20)]
+    paths.insert(7, str(tmp_path / "gone.png"))  # cannot be stat'ed: zeros, not seen
+    one = hashing._stamps(hashing._stat_all(paths))
+    monkeypatch.setattr(hashing, "STAT_PART", 3)
+    parts = hashing.stat_stamps(paths)
+    np.testing.assert_array_equal(parts[0], one[0])
+    np.testing.assert_array_equal(parts[1], one[1])
+    assert not parts[1][7] and parts[1].sum() == 20 and (parts[0][7] == 0).all()

@@ -206,3 +206,35 @@ def test_oscr_against_a_direct_count():
     perfect = metrics.oscr(np.ones(10) + 5, np.ones(10, bool), np.zeros(10))
     assert perfect[2] == pytest.approx(1.0)
     assert 0 < area < correct.mean()
+
+
+@pytest.mark.parametrize(
+    "name", ["narrow mode inside a wide mixture", "heavy tails (Student t, 2 dof)", "bimodal against unimodal"]
+)
+def test_binned_ovl_is_the_exact_one_within_its_bound(name):
+    """Above metrics.EXACT_ROWS rows OVL sums binned kernels (math/binning.py); here binned on 1,000 +
+    1,000 rows against every kernel summed: the estimate within 5e-4 and every one of 30 resamples
+    within 1e-3 (measured at 2,000 + 2,000 rows and 100 resamples: 1e-6 to 8e-5 and 2e-6 to 9e-5)."""
+    from leakpipe.pipeline.math import bootstrap
+
+    sample_a, sample_b, *_ = OVL_CASES[name]
+    rng = np.random.default_rng(0)
+    a, b = sample_a(rng, 1000), sample_b(rng, 1000)
+    w = np.r_[metrics.unit(2000), bootstrap.weights(2000, 30, 1)]
+    exact = metrics.ovl(a, b, w, metrics.ovl_kernels(a, b, binned=False))
+    kernels = metrics.ovl_kernels(a, b, binned=True)
+    assert all(spread is not None for _, _, spread in kernels[0])  # both samples' kernels binned
+    binned = metrics.ovl(a, b, w, kernels)
+    assert abs(binned[0] - exact[0]) <= 5e-4 and np.abs(binned - exact).max() <= 1e-3
+
+
+def test_binned_pilot_density_is_the_exact_sum():
+    """The adaptive KDE's pilot (a fixed-bandwidth KDE at every point) from binned kernels: within 1e-3
+    of the exact sum, relatively, on a narrow mode beside a wide one and on heavy tails."""
+    from leakpipe.pipeline.math import binning
+
+    rng = np.random.default_rng(1)
+    for x in (np.r_[rng.normal(-100, 2, 300), rng.normal(-250, 50, 2700)], stats.t.rvs(2, size=3000, random_state=rng)):
+        h = metrics._pilot_bandwidth(x)
+        exact = metrics._mixture(x, x, np.full(len(x), h))
+        assert np.abs(binning.fixed_density(x, h) / exact - 1).max() < 1e-3

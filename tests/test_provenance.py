@@ -239,7 +239,9 @@ def test_a_legacy_code_label_reads_as_its_code(ws, monkeypatch):
     )
     from leakpipe.pipeline.ledger.locks import Inputs, Upstream
 
-    lock["inputs"]["code"] = "score-test"  # as an older leakpipe wrote it
+    lock["inputs"]["code"] = "score-test"  # as an older leakpipe wrote it: format 2, by its fingerprint
+    lock["format"] = 2
+    del lock["identity"]
     i = lock["inputs"]
     lock["fingerprint"] = Inputs(
         i["config"], {k: Upstream(**u) for k, u in i["upstream"].items()}, i["files"], "score-test"

@@ -82,16 +82,18 @@ class ChunkWriter:
     def add(self, rows: np.ndarray, mean: np.ndarray, logvar: np.ndarray, failed) -> None:
         self.failures += failed
         for r, _ in failed:
-            self._done(int(r) // self.chunk_rows, None)
-        for k, r in enumerate(rows):
-            self._done(int(r) // self.chunk_rows, (int(r), mean[k], logvar[k]))
+            self._done(int(r) // self.chunk_rows, None, 1)
+        chunks = rows // self.chunk_rows
+        for c in np.unique(chunks).tolist():  # one chunk per batch (plan_batches), so mostly one part
+            sel = chunks == c
+            self._done(c, (rows[sel], mean[sel], logvar[sel]), int(sel.sum()))
         if self._error:
             raise self._error
 
-    def _done(self, chunk: int, item) -> None:
-        if item is not None:
-            self._parts[chunk].append(item)
-        self._left[chunk] -= 1
+    def _done(self, chunk: int, part, n: int) -> None:
+        if part is not None:
+            self._parts[chunk].append(part)
+        self._left[chunk] -= n
         if self._left[chunk] == 0:
             start = time.perf_counter()
             self._queue.put((chunk, self._parts.pop(chunk)))
@@ -108,8 +110,8 @@ class ChunkWriter:
 
     def _write(self, chunk: int, parts: list) -> None:
         start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows)
-        rows = np.array([p[0] for p in parts])
-        latents = {"mean": np.stack([p[1] for p in parts]), "logvar": np.stack([p[2] for p in parts])}
+        rows = np.concatenate([p[0] for p in parts])
+        latents = {"mean": np.concatenate([p[1] for p in parts]), "logvar": np.concatenate([p[2] for p in parts])}
         latent_store.write_chunk(self.group, start, stop, rows, latents, self.row_hashes[rows])
 
     def close(self) -> None:

@@ -4,25 +4,37 @@ A lock is written last and atomically, so its presence means the outputs it list
 `check` is the one function that says whether a stage is up to date, and why not in words: the
 stages call it before they work and `leakpipe status` calls it to report, so the two cannot
 disagree.
+
+A long file list (a manifest's million rows with their files' hashes: `Rows`) is recorded in the
+lock by its length and digest; the rows themselves, with each file's stat when it was hashed, go to a
+side file beside the lock (`<lock>.rows`), which is read only to say what changed, or by a stage
+that can tell from the stats alone that nothing did (stages/encode.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from leakpipe.pipeline.config import ADDED_KEYS, canonical_hash
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id
 from leakpipe.pipeline.store import storage
-from leakpipe.pipeline.store.atomic import atomic_write_json
+from leakpipe.pipeline.store.atomic import atomic_path, atomic_write_json
 from leakpipe.pipeline.store.hashing import hash_bytes, hash_stream
 
-LOCK_FORMAT = 2  # 2: named inputs (config keys, upstream identities, file lists, code version)
-_SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json")
+# 2: named inputs (config keys, upstream identities, file lists, code version); 3: long file lists as
+# a digest (their rows in a side file), and `identity`, the inputs' hash with those lists as digests
+LOCK_FORMAT = 3
+READ_FORMATS = (2, 3)  # a format-2 lock is read as it was written, and rewritten as 3 by its stage
+_SKIP_SUFFIXES = (".partial", ".tmp", ".lock", ".lock.json", ".lock.json.rows")
 
 
 @dataclass
@@ -34,33 +46,83 @@ class Upstream:
     about: dict = field(default_factory=dict)  # readable facts (VAE, rows, when), for the reasons
 
 
+def rows_digest(names: list[str], values: list[str]) -> str:
+    """blake2b-128 of two string columns, each as its strings' lengths and then their text: one
+    digest per list, never the same for two different lists of pairs."""
+    h = hashlib.blake2b(b"rows 1", digest_size=16)
+    for column in (names, values):
+        h.update(np.fromiter(map(len, column), np.int64, len(column)).tobytes())
+        h.update("".join(column).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+@dataclass
+class Rows:
+    """A long file list as two columns: `names` (a manifest's paths) and `values` (their files'
+    content hashes). `stamps` (n, 5) int64: each file's (device, inode, size, mtime_ns) when it was
+    hashed, and when (hashing.py's stamps); `listing`: [the file that lists the names (a manifest),
+    the blake2b of its bytes]; `root`: the folder the names are relative to. A lock records the list
+    as its length and digest (the same digest for the same pairs, whatever the stamps)."""
+
+    names: list[str]
+    values: list[str]
+    stamps: np.ndarray | None = None
+    listing: list[str] | None = None
+    root: str = ""
+    digest: str = ""  # rows_digest(names, values), computed when empty
+
+    def __post_init__(self):
+        self.digest = self.digest or rows_digest(self.names, self.values)
+
+    def record(self) -> dict:
+        return {"rows": len(self.names), "digest": self.digest}
+
+    def pairs(self) -> list[list[str]]:
+        return [[n, v] for n, v in zip(self.names, self.values)]
+
+    def fresh(self, racy_ns: int) -> bool:
+        """Every file was stat'ed and hashed at least `racy_ns` after it was last modified."""
+        s = self.stamps
+        return s is not None and bool(np.all(s[:, 3] <= s[:, 4] - racy_ns) and np.all(s[:, 1] != 0))
+
+
 @dataclass
 class Inputs:
     """What a stage's outputs are made from. Only these decide whether it reruns."""
 
     config: dict = field(default_factory=dict)  # dotted config key -> value
     upstream: dict = field(default_factory=dict)  # name -> Upstream
-    files: dict = field(default_factory=dict)  # name -> [[path, content hash], ...] (manifest rows, weights)
+    # name -> [[path, content hash], ...] (weights, labels) or Rows (a manifest's rows with their hashes)
+    files: dict = field(default_factory=dict)
     code: str | dict = ""  # the stage's code identity (ledger/code.py): a legacy label, or {entry: hash}
 
     def to_dict(self) -> dict:
         return {
             "config": self.config,
             "code": self.code,
-            "files": self.files,
+            "files": {k: v.record() if isinstance(v, Rows) else v for k, v in self.files.items()},
             "upstream": {k: asdict(u) for k, u in self.upstream.items()},
         }
 
-    def fingerprint(self) -> str:
-        """The identity of the outputs: `about` is for reading only and never changes it."""
+    def _hash(self, files: dict) -> str:
         return canonical_hash(
             {
                 "config": self.config,
                 "code": self.code,
-                "files": self.files,
+                "files": files,
                 "upstream": {k: u.fingerprint for k, u in self.upstream.items()},
             }
         )
+
+    def fingerprint(self) -> str:
+        """The identity of the outputs: `about` is for reading only and never changes it. The same
+        value as in format 2 (every row of every list), so what downstream locks recorded of it holds."""
+        return self._hash({k: v.pairs() if isinstance(v, Rows) else v for k, v in self.files.items()})
+
+    def identity(self) -> str:
+        """What a format-3 lock compares: the fingerprint's inputs with each Rows as its digest (equal
+        exactly when the fingerprints are, and computed without the rows)."""
+        return self._hash({k: v.record() if isinstance(v, Rows) else v for k, v in self.files.items()})
 
 
 @dataclass
@@ -138,8 +200,31 @@ def _files_reason(key: str, old: list, new: list) -> str:
     return f"{key}: {files_changed(old, new, 'row' if key.startswith('labels') else 'file')}"
 
 
-def explain(old: dict, new: Inputs) -> list[str]:
-    """Each input of `new` that differs from the lock's `old` inputs, named with both values."""
+def _same_list(was, now) -> bool:
+    """A lock's record of a file list (a list, or a Rows' length and digest) against the current one."""
+    if isinstance(now, Rows):
+        return was == now.record() if isinstance(was, dict) else was == now.pairs()
+    return was == now
+
+
+def _list_reason(key: str, was, now, rows_of) -> str:
+    """`_files_reason` for two lists of which either may be a Rows (or a lock's record of one, whose
+    rows `rows_of(key)` reads from the lock's side file)."""
+    now = now.pairs() if isinstance(now, Rows) else now
+    if isinstance(was, dict):
+        old = rows_of(key) if rows_of is not None else None
+        if old is None:
+            return (
+                f"{key}: {_plural(was.get('rows', 0), 'row')} -> {_plural(len(now), 'row')}, changed (the lock's "
+                "side file of earlier rows is missing or damaged, so the change is not itemised)"
+            )
+        was = old.pairs()
+    return _files_reason(key, was, now)
+
+
+def explain(old: dict, new: Inputs, rows_of=None) -> list[str]:
+    """Each input of `new` that differs from the lock's `old` inputs, named with both values.
+    `rows_of(key)`: the Rows the lock's side file holds for a list it records as a digest."""
     reasons = []
     if old.get("code") != new.code:
         reasons += code_id.changed(old.get("code"), new.code) or ["code changed"]
@@ -151,9 +236,9 @@ def explain(old: dict, new: Inputs) -> list[str]:
     ]
     files = old.get("files", {})
     reasons += [
-        _files_reason(k, files.get(k, []), new.files.get(k, []))
+        _list_reason(k, files.get(k, []), new.files.get(k, []), rows_of)
         for k in sorted(set(files) | set(new.files))
-        if files.get(k) != new.files.get(k)
+        if not _same_list(files.get(k, []), new.files.get(k, []))
     ]
     ups = old.get("upstream", {})
     for name in sorted(set(ups) | set(new.upstream)):
@@ -208,8 +293,78 @@ def write_lock(lock_path: Path, stage: str, inputs: Inputs, outputs: Path | str 
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+    return _write(lock_path, lock, inputs)
+
+
+def _write(lock_path: Path, lock: dict, inputs: Inputs) -> dict:
+    """Write `lock` in this format: its identity, and the side file of its Rows first."""
+    lock = {**lock, "format": LOCK_FORMAT, "identity": inputs.identity(), "inputs": inputs.to_dict()}
+    rows = {k: v for k, v in inputs.files.items() if isinstance(v, Rows)}
+    lock.pop("rows", None)
+    if rows:
+        lock["rows"] = _write_rows(Path(lock_path), rows)
     atomic_write_json(lock_path, lock)
     return lock
+
+
+def rewrite_rows(lock_path: Path, lock: dict, inputs: Inputs) -> dict:
+    """The lock of up-to-date outputs (its inputs equal `inputs`) again, in this format, with the rows
+    of `inputs` (their stamps, where they are listed): its fingerprint, outputs and facts kept. How a
+    format-2 lock is upgraded, and a side file of stale stamps refreshed, without redoing the work."""
+    return _write(lock_path, lock, inputs)
+
+
+def rows_file(lock_path: Path) -> Path:
+    return Path(lock_path).with_name(Path(lock_path).name + ".rows")
+
+
+def _column(strings: list[str], what: str) -> np.ndarray:
+    text = "\0".join(strings)
+    if text.count("\0") != max(len(strings) - 1, 0):
+        raise ValueError(f"{what}: an entry holds a NUL character, which no file name can")
+    return np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+
+
+def _write_rows(lock_path: Path, rows: dict) -> dict:
+    """Write the side file of a lock's Rows (an .npz of their columns) and return the lock's record of it."""
+    arrays, lists = {}, {}
+    for i, (key, r) in enumerate(rows.items()):
+        arrays[f"{i}.names"], arrays[f"{i}.values"] = _column(r.names, key), _column(r.values, key)
+        if r.stamps is not None:
+            arrays[f"{i}.stamps"] = np.asarray(r.stamps, np.int64)
+        lists[key] = {"index": i, "rows": len(r.names), "listing": r.listing, "root": r.root}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    with atomic_path(rows_file(lock_path)) as tmp:
+        tmp.write_bytes(data)
+    return {"file": rows_file(lock_path).name, "blake2b": hash_bytes(data), "lists": lists}
+
+
+def read_rows(lock_path: Path, lock: dict) -> dict | None:
+    """{name: Rows} of the lists a lock records by digest, from its side file; None when the side
+    file is missing or does not match the lock's checksum of it."""
+    record = lock.get("rows")
+    if not record:
+        return {}
+    try:
+        data = rows_file(lock_path).read_bytes()
+    except OSError:
+        return None
+    if hash_bytes(data) != record["blake2b"]:
+        return None
+    z = np.load(io.BytesIO(data), allow_pickle=False)
+    out = {}
+    for key, meta in record["lists"].items():
+        i, n = meta["index"], meta["rows"]
+        names, values = (
+            z[f"{i}.{c}"].tobytes().decode("utf-8", "surrogatepass").split("\0") if n else []
+            for c in ("names", "values")
+        )
+        stamps = z[f"{i}.stamps"] if f"{i}.stamps" in z.files else None
+        digest = lock["inputs"]["files"][key]["digest"]
+        out[key] = Rows(names, values, stamps, meta["listing"], meta["root"], digest)
+    return out
 
 
 def read_lock(lock_path: Path) -> dict | None:
@@ -218,7 +373,7 @@ def read_lock(lock_path: Path) -> dict | None:
         lock = json.loads(Path(lock_path).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return lock if isinstance(lock, dict) and lock.get("format") == LOCK_FORMAT else None
+    return lock if isinstance(lock, dict) and lock.get("format") in READ_FORMATS else None
 
 
 def checked_bytes(path: Path, lock_path: Path, todo: str) -> bytes:
@@ -275,6 +430,26 @@ def verify(lock_path: Path, lock: dict, deep: bool, bad: list[str] | None = None
     return problems
 
 
+def same_inputs(lock: dict, inputs: Inputs) -> bool:
+    """The lock's outputs were made from `inputs`: by its identity (format 3, without the rows) or
+    by its fingerprint (format 2: every row)."""
+    if lock.get("format") == 2:
+        return lock["fingerprint"] == inputs.fingerprint()
+    return lock.get("identity") == inputs.identity()
+
+
+def _rows_of(lock_path: Path, lock: dict):
+    """rows_of(key) for `explain`: the lock's side file, read once and only when asked."""
+    read = {}
+
+    def rows_of(key: str):
+        if "all" not in read:
+            read["all"] = read_rows(lock_path, lock) or {}
+        return read["all"].get(key)
+
+    return rows_of
+
+
 def check(
     lock_path: Path,
     inputs: Inputs,
@@ -290,10 +465,10 @@ def check(
     lock = read_lock(lock_path)
     if lock is None:
         old = read_lock(previous) if previous else None
-        reasons = explain(old["inputs"], inputs) if old else []
+        reasons = explain(old["inputs"], inputs, _rows_of(previous, old)) if old else []
         return Verdict(False, reasons or ["never run with these inputs (no lock file)"])
-    if lock["fingerprint"] != inputs.fingerprint():
-        return Verdict(False, explain(lock["inputs"], inputs) or ["inputs changed"], lock)
+    if not same_inputs(lock, inputs):
+        return Verdict(False, explain(lock["inputs"], inputs, _rows_of(lock_path, lock)) or ["inputs changed"], lock)
     if outputs_at is not None:
         was, now = outputs_root(lock_path, lock), storage.normalize(outputs_at)
         if was != now:

@@ -7,6 +7,8 @@ on blocks of resampled weights (`blocks`), and `interval` turns the values into 
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +27,7 @@ def weights(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = Non
     return drawn[:, member].astype(np.float64)
 
 
-def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None, cells: int = BLOCK_CELLS):
-    """The resamples of `weights(n_rows, n_boot, seed, groups)`, the same ones in the same order, as
-    consecutive blocks of at most `cells` weights (B_block, n_rows), so that memory stays bounded."""
+def _draw(n_rows: int, n_boot: int, seed: int, groups, cells: int):
     rng = np.random.default_rng(seed)
     size = max(1, cells // max(n_rows, 1))
     if groups is not None:
@@ -36,9 +36,45 @@ def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None
     for start in range(0, n_boot, size):
         b = min(size, n_boot - start)
         if groups is None:
-            yield rng.multinomial(n_rows, np.full(n_rows, 1 / n_rows), size=b).astype(np.float64)
+            drawn = rng.multinomial(n_rows, np.full(n_rows, 1 / n_rows), size=b)
         else:
-            yield rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=b)[:, member].astype(np.float64)
+            drawn = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=b)[:, member]
+        yield drawn.astype(np.float64, order="F")
+
+
+KEPT_BYTES = 1 << 30  # drawn counts kept for the next metric on the same rows (at 1 byte a count, mostly)
+_kept: OrderedDict = OrderedDict()  # (n_rows, n_boot, seed, cells, groups' digest) -> [compact blocks]
+
+
+def _compact(w: np.ndarray) -> np.ndarray:
+    """The draw counts in the smallest unsigned type that holds them (a count is rarely above 255)."""
+    top = w.max(initial=0)
+    return w.astype(np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32)
+
+
+def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None, cells: int = BLOCK_CELLS):
+    """The resamples of `weights(n_rows, n_boot, seed, groups)`, the same ones in the same order, as
+    consecutive blocks of at most `cells` weights (B_block, n_rows), so that memory stays bounded.
+    Each block is laid out rows first (Fortran order): a row's resamples are contiguous, so the
+    metrics that sort rows (AUROC, ROC) gather and sum whole rows.
+
+    Scoring asks for the same resamples many times (every scorer, variant and setting on the same test
+    rows), and drawing them costs more than most metrics: the last draws, up to KEPT_BYTES of counts,
+    are kept and handed out again."""
+    digest = None if groups is None else hashlib.blake2b(np.asarray(groups).astype(str).tobytes()).hexdigest()
+    key = (n_rows, n_boot, seed, cells, digest)
+    if key in _kept:
+        _kept.move_to_end(key)
+        yield from (b.astype(np.float64) for b in _kept[key])
+        return
+    kept = []
+    for w in _draw(n_rows, n_boot, seed, groups, cells):
+        kept.append(_compact(w))
+        yield w
+    if sum(b.nbytes for b in kept) <= KEPT_BYTES:
+        _kept[key] = kept
+        while sum(b.nbytes for blocks_ in _kept.values() for b in blocks_) > KEPT_BYTES:
+            _kept.popitem(last=False)
 
 
 def resampled(fn, n_rows: int, n_boot: int, seed: int, groups=None, cells: int = BLOCK_CELLS) -> np.ndarray:

@@ -19,20 +19,29 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, block: int = 1024) -> torch.Tensor:
     """Eq. 16-17: log p(x) = logsumexp_i(-|x - x_i|^2 / 2h^2) - log N - (D/2) log(2 pi h^2)."""
+    return log_densities(queries, reference, [bandwidth], block)[0]
+
+
+def log_densities(queries: torch.Tensor, reference: torch.Tensor, bandwidths, block: int = 1024) -> list:
+    """`log_density` at each of `bandwidths`, from one pass over the distances (cross-validation
+    scores a grid of bandwidths on the same pairs of rows)."""
     n, d = reference.shape
     ref_sq = (reference * reference).sum(1)
-    out = torch.empty(len(queries), dtype=queries.dtype, device=queries.device)
+    out = [torch.empty(len(queries), dtype=queries.dtype, device=queries.device) for _ in bandwidths]
     for q0 in range(0, len(queries), block):
         q = queries[q0 : q0 + block]
         q_sq = (q * q).sum(1, keepdim=True)
-        acc = torch.full((len(q),), -math.inf, dtype=q.dtype, device=q.device)
+        acc = [torch.full((len(q),), -math.inf, dtype=q.dtype, device=q.device) for _ in bandwidths]
         for r0 in range(0, n, block):
             # |q - r|^2 = |q|^2 + |r|^2 - 2 q.r, fused, in place: one (block x block) buffer
             dist = torch.addmm(ref_sq[r0 : r0 + block], q, reference[r0 : r0 + block].T, alpha=-2)
-            dist.add_(q_sq).clamp_min_(0).mul_(-0.5 / bandwidth**2)
-            acc = torch.logaddexp(acc, torch.logsumexp(dist, dim=1))
-        out[q0 : q0 + block] = acc
-    return out - math.log(n) - 0.5 * d * math.log(2 * math.pi * bandwidth**2)
+            dist.add_(q_sq).clamp_min_(0)
+            for j, h in enumerate(bandwidths):
+                scaled = dist.mul_(-0.5 / h**2) if len(bandwidths) == 1 else dist.mul(-0.5 / h**2)
+                acc[j] = torch.logaddexp(acc[j], torch.logsumexp(scaled, dim=1))
+        for j in range(len(bandwidths)):
+            out[j][q0 : q0 + block] = acc[j]
+    return [o - math.log(n) - 0.5 * d * math.log(2 * math.pi * h**2) for o, h in zip(out, bandwidths)]
 
 
 def subsample(n: int, k: int, seed: int) -> np.ndarray:
@@ -55,8 +64,7 @@ def cv_log_likelihood(x: torch.Tensor, grid: list[float], folds: int, seed: int,
     out = np.zeros((folds, len(grid)))
     for k, held in enumerate(parts):
         keep = torch.cat([p for j, p in enumerate(parts) if j != k])
-        for j, h in enumerate(grid):
-            out[k, j] = float(log_density(x[held], x[keep], h, block).mean())
+        out[k] = [float(v.mean()) for v in log_densities(x[held], x[keep], grid, block)]
     return out
 
 

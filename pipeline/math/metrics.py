@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from leakpipe.pipeline.math import binning
+
 
 def unit(n: int) -> np.ndarray:
     """The weights of the sample itself: every row drawn once, (1, n)."""
@@ -57,10 +59,6 @@ def _sorted_groups(scores: np.ndarray):
     return order, starts
 
 
-def _group_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    return np.add.reduceat(x, starts, axis=1) if x.shape[1] else x
-
-
 def fraction(flags: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Weighted fraction of flagged rows (NaN where no row was drawn)."""
     return _ratio(w @ np.asarray(flags).astype(np.float64), w.sum(axis=1))
@@ -101,27 +99,64 @@ def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray, n_classes: int,
     return _nanmean_rows(recalls)
 
 
-def roc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr), each (B, K + 1), at every distinct score from the highest, starting at (0, 0)."""
+def roc_counts(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false, true positives): the drawn weight above each threshold, (K + 1, B), one row per distinct
+    score from the highest (after a row of zeros), one column per resample: what `roc`, `eer` and
+    `fpr_at_tpr` read. Rows first, so that each row's resamples are contiguous (blocks.py draws
+    them so) and the running sums run over whole rows."""
     scores, positive = _check(scores, positive)
     order, starts = _sorted_groups(scores)
-    p = positive[order]
-    wp, wn = w[:, order] * p, w[:, order] * ~p
-    tps = np.cumsum(_group_sums(wp, starts), axis=1)
-    fps = np.cumsum(_group_sums(wn, starts), axis=1)
-    zeros = np.zeros((len(w), 1))
-    return (np.c_[zeros, _ratio(fps, fps[:, -1:])], np.c_[zeros, _ratio(tps, tps[:, -1:])])
+    last = np.r_[starts[1:] - 1, len(scores) - 1] if len(scores) else starts  # the last row of each group
+    drawn = w.T[order]
+    fps, tps = np.zeros((len(last) + 1, len(w))), np.zeros((len(last) + 1, len(w)))
+    tied = len(last) < len(scores)
+    hits = np.multiply(drawn, positive[order][:, None], out=None if tied else tps[1:])
+    np.cumsum(hits, axis=0, out=hits)
+    np.cumsum(drawn, axis=0, out=drawn)
+    np.subtract(drawn, hits, out=drawn)  # counts: exact, as every draw weight is a whole number
+    if tied:
+        fps[1:], tps[1:] = drawn[last], hits[last]
+    else:
+        fps[1:] = drawn
+    return fps, tps
+
+
+def _rates(counts: np.ndarray) -> np.ndarray:
+    """Each column over its last entry (the total), NaN for a column whose total is 0."""
+    total = counts[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = counts / np.where(total > 0, total, 1)
+    out[:, total <= 0] = np.nan
+    out[0] = 0.0
+    return out
+
+
+def roc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr), each (B, K + 1), at every distinct score from the highest, starting at (0, 0)."""
+    fps, tps = roc_counts(scores, positive, w)
+    return _rates(fps).T, _rates(tps).T
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted Mann-Whitney AUROC (ties count half), NaN where a side was not drawn."""
+    """Weighted Mann-Whitney AUROC (ties count half), NaN where a side was not drawn.
+
+    Each positive row wins the drawn weight of the negatives scoring below it, and half of those tied
+    with it: the running sum of the negatives' weights in score order, read where each positive falls
+    (one sort of the scores serves every resample: O(B n))."""
     scores, positive = _check(scores, positive)
-    order, starts = _sorted_groups(scores)
-    p = positive[order]
-    gp, gn = _group_sums(w[:, order] * p, starts), _group_sums(w[:, order] * ~p, starts)
-    neg_above = np.cumsum(gn, axis=1) - gn  # negatives scoring strictly higher than the group
-    wins = (gp * (gn.sum(axis=1, keepdims=True) - neg_above - gn) + 0.5 * gp * gn).sum(axis=1)
-    return _ratio(wins, gp.sum(axis=1) * gn.sum(axis=1))
+    neg, pos = np.flatnonzero(~positive), np.flatnonzero(positive)
+    neg = neg[np.argsort(scores[neg], kind="mergesort")]
+    below = np.searchsorted(scores[neg], scores[pos], "left")  # negatives strictly below each positive
+    tied_to = np.searchsorted(scores[neg], scores[pos], "right")
+    wt = w.T  # rows first: see roc_counts
+    c = np.zeros((len(neg) + 1, len(w)))
+    np.cumsum(wt[neg], axis=0, out=c[1:])
+    under = c[below]
+    if (tied_to != below).any():
+        under += 0.5 * (c[tied_to] - under)
+    wp = wt[pos]
+    wins = np.einsum("ij,ij->j", wp, under)
+    return _ratio(wins, wp.sum(axis=0) * c[-1])
 
 
 def open_auroc(closed: np.ndarray, opened: np.ndarray) -> float:
@@ -129,24 +164,29 @@ def open_auroc(closed: np.ndarray, opened: np.ndarray) -> float:
     return point(auroc, np.r_[closed, opened], np.r_[np.ones(len(closed), bool), np.zeros(len(opened), bool)])
 
 
-def eer(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Where FPR = FNR, interpolated between the two ROC points that bracket it (as metrics.eer)."""
-    fpr, tpr = roc(scores, positive, w)
+def eer(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, counts=None) -> np.ndarray:
+    """Where FPR = FNR, interpolated between the two ROC points that bracket it (as metrics.eer).
+    `counts`: roc_counts(scores, positive, w), when already computed."""
+    fps, tps = counts or roc_counts(scores, positive, w)
+    fpr, tpr = _rates(fps), _rates(tps)
     diff = (1 - tpr) - fpr
-    k = np.argmax(diff <= 0, axis=1)
-    rows = np.arange(len(w))
+    k = np.argmax(diff <= 0, axis=0)
+    cols = np.arange(len(w))
     prev = np.maximum(k - 1, 0)
-    d0, d1 = diff[rows, prev], diff[rows, k]
+    d0, d1 = diff[prev, cols], diff[k, cols]
     with np.errstate(invalid="ignore", divide="ignore"):
         t = np.where(d0 != d1, d0 / (d0 - d1), 0.0)
-    out = np.where((k == 0) | (d1 == 0), fpr[rows, k], fpr[rows, prev] + t * (fpr[rows, k] - fpr[rows, prev]))
-    return np.where(np.isnan(fpr).any(axis=1) | np.isnan(tpr).any(axis=1), np.nan, out)
+    out = np.where((k == 0) | (d1 == 0), fpr[k, cols], fpr[prev, cols] + t * (fpr[k, cols] - fpr[prev, cols]))
+    return np.where((fps[-1] <= 0) | (tps[-1] <= 0), np.nan, out)
 
 
-def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, target: float = 0.95) -> np.ndarray:
-    """The smallest FPR among thresholds that keep at least `target` of the positives."""
-    fpr, tpr = roc(scores, positive, w)
-    return np.where(tpr >= target - 1e-12, fpr, np.inf).min(axis=1)
+def fpr_at_tpr(scores: np.ndarray, positive: np.ndarray, w: np.ndarray, target: float = 0.95, counts=None):
+    """The smallest FPR among thresholds that keep at least `target` of the positives (the first such
+    threshold: the FPR only grows). `counts`: roc_counts(scores, positive, w), when already computed."""
+    fps, tps = counts or roc_counts(scores, positive, w)
+    keeps = _rates(tps) >= target - 1e-12
+    k = np.argmax(keeps, axis=0)
+    return np.where(keeps.any(axis=0), _rates(fps)[k, np.arange(len(w))], np.inf)
 
 
 def per_class_auc(probs: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -171,13 +211,14 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, w: np.ndar
     the drawn rows, with confidence the largest class probability."""
     conf, right = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
+    used = np.unique(which)
+    member = (which[:, None] == used[None]).astype(np.float64)  # (n, bins used): one matrix product for all
+    n, hits, confs = np.split(w @ np.hstack([member, member * right[:, None], member * conf[:, None]]), 3, axis=1)
     total = w.sum(axis=1)
     out = np.zeros(len(w))
-    for b in np.unique(which):
-        sel = which == b
-        n = w[:, sel].sum(axis=1)
-        gap = np.abs(_ratio(w[:, sel] @ right[sel], n) - _ratio(w[:, sel] @ conf[sel], n))
-        out += np.where(n > 0, gap, 0.0) * _ratio(n, total)
+    for b in range(len(used)):
+        gap = np.abs(_ratio(hits[:, b], n[:, b]) - _ratio(confs[:, b], n[:, b]))
+        out += np.where(n[:, b] > 0, gap, 0.0) * _ratio(n[:, b], total)
     return np.where(total > 0, out, np.nan)
 
 
@@ -210,20 +251,28 @@ def _mixture(at: np.ndarray, centres: np.ndarray, widths: np.ndarray, block: int
     return out / np.sqrt(2 * np.pi)
 
 
-def adaptive_kde(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+EXACT_ROWS = 2000  # OVL of a sample up to this size sums every kernel; above, binned kernels (math/binning.py)
+
+
+def _binned(n: int, binned: bool | None) -> bool:
+    return n > EXACT_ROWS if binned is None else binned
+
+
+def adaptive_kde(x: np.ndarray, binned: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(centres, widths) of Abramson's adaptive Gaussian KDE: a fixed-bandwidth pilot f, then width
     h * (f(x_i) / g)^(-1/2) per point (g: geometric mean of f at the points), so a narrow mode next
-    to a wide one, or a heavy tail, keeps its own scale."""
+    to a wide one, or a heavy tail, keeps its own scale. The pilot of a sample above EXACT_ROWS (or
+    with `binned`) is summed from binned kernels (math/binning.py)."""
     h = _pilot_bandwidth(x)
-    pilot = _mixture(x, x, np.full(len(x), h))
+    pilot = binning.fixed_density(x, h) if _binned(len(x), binned) else _mixture(x, x, np.full(len(x), h))
     lam = np.sqrt(np.exp(np.log(pilot).mean()) / pilot)
     return x, h * lam
 
 
-def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048):
+def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048, binned: bool | None = None):
     """(adaptive KDEs of a and b, integration grid) of `ovl`: a grid uniform over both samples and
     refined around every kernel, so narrow modes are resolved however wide the range."""
-    kdes = [adaptive_kde(np.asarray(x, np.float64)) for x in (a, b)]
+    kdes = [adaptive_kde(np.asarray(x, np.float64), binned) for x in (a, b)]
     lo = min(float((c - 5 * w).min()) for c, w in kdes)
     hi = max(float((c + 5 * w).max()) for c, w in kdes)
     local = [
@@ -233,23 +282,40 @@ def ovl_grid(a: np.ndarray, b: np.ndarray, grid_points: int = 2048):
     return kdes, np.unique(np.concatenate([np.linspace(lo, hi, grid_points), *(x.ravel() for x in local)]))
 
 
-def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+def ovl_kernels(a: np.ndarray, b: np.ndarray, binned: bool | None = None):
+    """([(centres, widths, spread) of a's and b's kernels], grid): what `ovl` sums on its grid. A sample
+    above EXACT_ROWS (or every one, with `binned`; none with binned=False) gets binned kernels: nodes,
+    and `spread`, each row's share of each node (None: the kernels are the rows' own), unless binning
+    would not halve the kernels to sum."""
+    kdes, grid = ovl_grid(a, b, binned=binned)
+    out = []
+    for c, h in kdes:
+        nodes = binning.kernel_nodes(c, h) if _binned(len(c), binned) else None
+        keep = nodes is not None and (binned or len(nodes[0]) < len(c) // 2)
+        out.append(nodes if keep else (c, h, None))
+    return out, grid
+
+
+def ovl(a: np.ndarray, b: np.ndarray, w: np.ndarray, kernels=None, block: int = 1 << 22) -> np.ndarray:
     """Eq. 20 per resample: `metrics.ovl` with each density's kernels weighted by the draw counts
     (w: (B, len(a) + len(b)), a's rows first). The kernels' centres move with the resample but their
     widths stay those of the full sample (the bootstrap of the density given its bandwidth), so every
-    resample is one matrix product on the same grid."""
+    resample is one matrix product on the same grid. `kernels`: `ovl_kernels(a, b)`, when computed."""
     if len(a) < 2 or len(b) < 2:
         return np.full(len(w), np.nan)
-    kdes, grid = ovl_grid(a, b)
-    step = max(1, block // max(len(a), len(b)))
+    (ka, kb), grid = kernels or ovl_kernels(a, b)
+    parts = [_node_weights(w[:, : len(a)], ka[2]), _node_weights(w[:, len(a) :], kb[2])]
+    step = max(1, block // max(len(ka[0]), len(kb[0])))
     low = np.empty((len(w), len(grid)))
     for s in range(0, len(grid), step):
-        f = [
-            _weighted_mixture(grid[s : s + step], c, h, part)
-            for (c, h), part in zip(kdes, (w[:, : len(a)], w[:, len(a) :]))
-        ]
+        f = [_weighted_mixture(grid[s : s + step], c, h, part) for (c, h, _), part in zip((ka, kb), parts)]
         low[:, s : s + step] = np.minimum(*f)
     return np.clip(np.trapezoid(low, grid, axis=1), 0.0, 1.0)
+
+
+def _node_weights(w: np.ndarray, spread) -> np.ndarray:
+    """(B, nodes): the rows' draw counts moved onto their kernels' nodes (the rows themselves: no spread)."""
+    return w if spread is None else np.asarray(spread.T @ w.T).T
 
 
 def _weighted_mixture(at: np.ndarray, centres: np.ndarray, widths: np.ndarray, w: np.ndarray) -> np.ndarray:

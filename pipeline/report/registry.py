@@ -31,6 +31,12 @@ class Closed:
     def correct(self) -> np.ndarray:
         return self.scores.argmax(1) == self.labels
 
+    def per_class_auc(self, w: np.ndarray) -> np.ndarray:
+        """metrics.per_class_auc on these resamples, computed once for both metrics that read it."""
+        if getattr(self, "_auc_of", None) is not w:
+            self._auc_of, self._auc = w, metrics.per_class_auc(self.scores, self.labels, w)
+        return self._auc
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -49,6 +55,17 @@ class Open:
     @cached_property
     def positive(self) -> np.ndarray:
         return np.r_[np.ones(len(self.closed), bool), np.zeros(len(self.opened), bool)]
+
+    def roc_counts(self, w: np.ndarray):
+        """metrics.roc_counts on these resamples, computed once for the metrics that read the ROC."""
+        if getattr(self, "_roc_of", None) is not w:
+            self._roc_of, self._roc = w, metrics.roc_counts(self.scores, self.positive, w)
+        return self._roc
+
+    @cached_property
+    def ovl_kernels(self):
+        """OVL's kernels and grid, made once for the estimate and every block of resamples."""
+        return metrics.ovl_kernels(self.closed, self.opened)
 
     def __len__(self) -> int:
         return len(self.closed) + len(self.opened)
@@ -120,7 +137,7 @@ CLOSED: tuple[Metric, ...] = (
     Metric(
         "per_class_auc",
         "one-vs-rest AUC",
-        lambda s, w: metrics.per_class_auc(s.scores, s.labels, w),
+        lambda s, w: s.per_class_auc(w),
         lambda c: 0.5,
         table=False,
         per_class=True,
@@ -129,12 +146,24 @@ CLOSED: tuple[Metric, ...] = (
 
 OPEN: tuple[Metric, ...] = (
     Metric("auroc", "AUROC", lambda s, w: metrics.auroc(s.scores, s.positive, w), lambda c: 0.5, compare=True),
-    Metric("eer", "EER", lambda s, w: metrics.eer(s.scores, s.positive, w), lambda c: 0.5, higher_is_better=False),
-    Metric("ovl", "OVL", lambda s, w: metrics.ovl(s.closed, s.opened, w), higher_is_better=False, interval="basic"),
+    Metric(
+        "eer",
+        "EER",
+        lambda s, w: metrics.eer(s.scores, s.positive, w, s.roc_counts(w)),
+        lambda c: 0.5,
+        higher_is_better=False,
+    ),
+    Metric(
+        "ovl",
+        "OVL",
+        lambda s, w: metrics.ovl(s.closed, s.opened, w, s.ovl_kernels),
+        higher_is_better=False,
+        interval="basic",
+    ),
     Metric(
         "fpr_at_95tpr",
         "FPR@95%TPR",
-        lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w),
+        lambda s, w: metrics.fpr_at_tpr(s.scores, s.positive, w, counts=s.roc_counts(w)),
         lambda c: 0.95,
         higher_is_better=False,
     ),
@@ -190,7 +219,8 @@ def evaluate(
     applies to `sample` (or of `only` these keys), with 95% bootstrap intervals over `n_boot`
     resamples of its rows (whole groups when `groups`), drawn in blocks of bounded memory."""
     chosen = [m for m in registry if m.applies(sample) and (only is None or m.key in only)]
-    out: dict = {m.key: _listed(m.fn(sample, metrics.unit(len(sample)))[0]) for m in chosen}
+    unit = metrics.unit(len(sample))
+    out: dict = {m.key: _listed(m.fn(sample, unit)[0]) for m in chosen}
     out["chance"] = {m.key: m.chance(n_classes) for m in chosen if m.chance(n_classes) is not None}
     if n_boot and len(sample):
         values = {m.key: [] for m in chosen}

@@ -25,6 +25,7 @@ import sqlite3
 import struct
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,39 @@ def hash_file(path: Path | str) -> str:
         return hash_stream(fh)
 
 
+HASH_THREADS = 4  # files read at once: a read waits on the disk, and releases Python meanwhile
+READ_ROWS = 64 * HASH_THREADS  # files read between two chances to commit (FLUSH_ROWS, FLUSH_SECONDS)
+
+
+def _digest(path: str, size: int) -> str | None:
+    """hash_file of a file stat'ed at `size` bytes, in as few reads as it takes (a read shorter than
+    asked ends a regular file); None if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        h, block = hashlib.blake2b(digest_size=HASH_BYTES), min(size + 1, 1 << 20)
+        while True:
+            chunk = os.read(fd, block)
+            h.update(chunk)
+            if len(chunk) < block:
+                return h.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _digests(pool: ThreadPoolExecutor, paths: list[str], sizes: list[int]) -> list[str | None]:
+    """`_digest` of every file, in order, read by the pool's threads."""
+    k = HASH_THREADS
+    out: list = [None] * len(paths)
+    for j, part in enumerate(pool.map(lambda j: list(map(_digest, paths[j::k], sizes[j::k])), range(k))):
+        out[j::k] = part
+    return out
+
+
 def _signed(v: int) -> int:
     """st_ino and st_dev are unsigned 64-bit; SQLite and numpy int64 want them signed."""
     return v - (1 << 64) if v >= 1 << 63 else v
@@ -83,16 +117,32 @@ def _stat_all(paths: list[str]) -> list:
         return [_stat_or_none(p) for p in paths]
 
 
+STAT_THREADS, STAT_PART = 4, 16384  # a stat waits in the kernel, which releases Python: files stat'ed at once
+
+
+def stat_stamps(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """((n, 4) int64 (device, inode, size, mtime_ns) of each file, (n,) bool: it could be stat'ed).
+    Parts of a long list are stat'ed in STAT_THREADS threads (benchmarks/scale.py's stat floor
+    measures both ways)."""
+    if len(paths) <= STAT_PART:
+        return _stamps(_stat_all(paths))
+    parts = [paths[k : k + STAT_PART] for k in range(0, len(paths), STAT_PART)]
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        done = list(pool.map(lambda part: _stamps(_stat_all(part)), parts))
+    return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+
+
+_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns")
+
+
 def _stamps(stats: list) -> tuple[np.ndarray, np.ndarray]:
     """((n, 4) int64 stamps of the stat results, (n,) bool: the file could be stat'ed)."""
-    seen = np.array([s is not None for s in stats], bool)
-    fields = operator.attrgetter("st_dev", "st_ino", "st_size", "st_mtime_ns")
-    rows = map(fields, stats) if seen.all() else (fields(s) if s is not None else (0, 0, 0, 0) for s in stats)
-    try:
-        stamps = np.fromiter((v for row in rows for v in row), np.int64, 4 * len(stats)).reshape(-1, 4)
-    except OverflowError:  # an inode or device number above 2**63
-        rows = (fields(s) if s is not None else (0, 0, 0, 0) for s in stats)
-        stamps = np.array([(_signed(a), _signed(b), c, d) for a, b, c, d in rows], np.int64).reshape(-1, 4)
+    seen = np.array([s is not None for s in stats], bool) if None in stats else np.ones(len(stats), bool)
+    found = stats if seen.all() else [s for s in stats if s is not None]
+    stamps = np.zeros((len(stats), 4), np.int64)
+    # unsigned, as stat gives them; an inode or device number above 2**63 wraps to negative, as _signed
+    columns = [np.fromiter(map(operator.attrgetter(f), found), np.uint64, len(found)) for f in _FIELDS]
+    stamps[seen] = np.stack(columns, axis=1).view(np.int64) if found else 0
     return stamps, seen
 
 
@@ -269,26 +319,36 @@ class HashCache:
                 return row[1].hex()
         return self._hash_now(key, stamp)
 
-    def hash_many(self, paths) -> list[str | None]:
+    def hash_many(self, paths, stamps: bool = False):
         """Hashes of many files (absolute paths are taken as they are), in order; None for a file that
         cannot be read. One stat per file and one query for the whole folder; only files whose stamp
-        is not cached are read."""
+        is not cached are read. With `stamps`: (hashes, (n, 5) int64 stamps: each file's device,
+        inode, size and mtime_ns as stat'ed here and when its hash was computed; zeros where none)."""
         keys = [p if p[:1] == "/" else os.path.abspath(p) for p in map(os.fspath, paths)]
         if not keys:
-            return []
-        want, seen = _stamps(_stat_all(keys))
+            return ([], np.zeros((0, 5), np.int64)) if stamps else []
+        want, seen = stat_stamps(keys)
         cached, digests = self._entries(*_folder_range(keys))
         found = np.where(seen, _matches(cached, want), -1)
         hexes = digests[np.maximum(found, 0)].tobytes().hex() if len(digests) else ""
         out = [hexes[k : k + 32] for k in range(0, len(hexes), 32)] or [None] * len(keys)
+        when = np.where(found >= 0, cached[np.maximum(found, 0), 4] if len(cached) else 0, 0)
         for i in np.flatnonzero(found < 0).tolist():
             out[i] = None
-        for i in np.flatnonzero((found < 0) & seen).tolist():
-            try:
-                out[i] = self._hash_now(keys[i], tuple(want[i].tolist()))
-            except OSError:  # vanished or unreadable since its stat: the caller reports the row
-                out[i] = None
-        return out
+        todo = np.flatnonzero((found < 0) & seen).tolist()
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            for start in range(0, len(todo), READ_ROWS):
+                part = todo[start : start + READ_ROWS]
+                started = time.time_ns()  # before reading: a write after this moment gets a later mtime
+                read = _digests(pool, [keys[i] for i in part], want[part, 2].tolist())
+                for i, digest in zip(part, read):  # None: vanished or unreadable since its stat
+                    out[i], when[i] = digest, started if digest else 0
+                    if digest:
+                        self.reads += 1
+                        self._queue(keys[i], want[i].tolist(), digest, started)
+        if not stamps:
+            return out
+        return out, np.c_[np.where(seen[:, None], want, 0), when]
 
     def _entries(self, low: str, high: str) -> tuple[np.ndarray, np.ndarray]:
         """(stamps (m, 5) int64, hashes (m, 16) uint8) of every entry with low <= path < high."""

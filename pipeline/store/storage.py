@@ -59,6 +59,8 @@ def probe(location: str) -> None:
 
 
 def exists(location: str) -> bool:
+    if not is_url(location):  # without importing fsspec: a no-op encode checks this
+        return os.path.exists(normalize(location))
     fs, path = filesystem(location)
     return fs.exists(path)
 
@@ -73,6 +75,13 @@ def remove(location: str) -> None:
 def files(location: str) -> dict[str, int]:
     """{path relative to the folder `location`: size} of every object under it ({} if none), in one
     listing call, which on object storage is far cheaper than one request per file."""
+    if not is_url(location):  # a walk of the folder, without importing fsspec (a no-op encode lists its store)
+        root = normalize(location)
+        return {
+            os.path.relpath(os.path.join(d, n), root): os.stat(os.path.join(d, n)).st_size
+            for d, _, names in os.walk(root)
+            for n in names
+        }
     fs, root = filesystem(location)
     prefix = root.rstrip("/") + "/"
     return {

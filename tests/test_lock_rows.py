@@ -1,0 +1,108 @@
+"""The store's lock records the manifest's rows by their digest, the rows themselves (with each file's
+stat when it was hashed) in a side file: a no-op reads neither the manifest nor the hash cache when
+every file's stat is the one it was hashed with, and a lock of the earlier format, every row in its
+JSON, reads as up to date and is rewritten, never re-encoded."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from leakpipe.pipeline.ledger import locks
+from leakpipe.pipeline.manifest import read_manifest
+from leakpipe.pipeline.store.hashing import RACY_NS, HashCache
+from leakpipe.stages import encode as stage
+from tests.conftest import cli, write_images
+from tests.test_encode import counting, run  # noqa: F401 (counting: a fixture)
+
+
+def backdate(ws: Path) -> float:
+    """Files last written a minute ago: hashed now, their stat alone can vouch for them later (a file
+    written within RACY_NS of its hashing cannot, and is hashed again)."""
+    when = time.time() - 60
+    for p in (ws / "data").rglob("*.png"):
+        os.utime(p, (when, when))
+    return when
+
+
+def lock_path(res) -> Path:
+    return Path(res.store).with_name(Path(res.store).stem + ".lock.json")
+
+
+def planned(monkeypatch) -> dict:
+    """How often encode's plan parsed the manifest and asked the hash cache."""
+    calls = {"manifest": 0, "hash_many": 0}
+    real_read, real_many = stage.read_manifest, HashCache.hash_many
+
+    def read(*a, **k):
+        calls["manifest"] += 1
+        return real_read(*a, **k)
+
+    def many(self, *a, **k):
+        calls["hash_many"] += 1
+        return real_many(self, *a, **k)
+
+    monkeypatch.setattr(stage, "read_manifest", read)
+    monkeypatch.setattr(HashCache, "hash_many", many)
+    return calls
+
+
+def test_the_lock_keeps_a_digest_and_the_rows_beside_it(ws):
+    backdate(ws)
+    res = run(ws)
+    lock = locks.read_lock(lock_path(res))
+    record = lock["inputs"]["files"]["manifest closed"]
+    assert lock["format"] == 3 and set(record) == {"rows", "digest"} and record["rows"] == 12
+    rows = locks.read_rows(lock_path(res), lock)["manifest closed"]
+    m = read_manifest(ws / "manifests" / "closed.csv")
+    assert rows.names == m.column("path") and rows.values == HashCache(ws / "cache" / "h.sqlite").hash_many(
+        m.abspaths()
+    )
+    assert rows.stamps.shape == (12, 5) and rows.fresh(RACY_NS)
+    assert locks.rows_digest(rows.names, rows.values) == record["digest"]
+    assert os.path.getsize(lock_path(res)) < 4096  # however many rows
+
+
+def test_a_noop_reads_neither_the_manifest_nor_the_hash_cache(ws, monkeypatch):
+    when = backdate(ws)
+    run(ws)
+    calls = planned(monkeypatch)
+    assert run(ws).up_to_date and "encode closed  up to date" in cli(ws, "status").output
+    assert calls == {"manifest": 0, "hash_many": 0}
+    touched = next((ws / "data").rglob("*.png"))
+    os.utime(touched, (when + 1, when + 1))  # the same bytes, another stat: planned from the manifest again
+    assert run(ws).up_to_date and calls == {"manifest": 1, "hash_many": 1}
+    assert run(ws).up_to_date and calls == {"manifest": 1, "hash_many": 1}  # the lock took the new stat
+
+
+def test_a_lock_of_the_earlier_format_is_upgraded_without_encoding(ws, counting, monkeypatch):
+    backdate(ws)
+    res = run(ws)
+    assert counting["images"] == 12
+    path, lock = lock_path(res), locks.read_lock(lock_path(res))
+    rows = locks.read_rows(path, lock)["manifest closed"]
+    earlier = {k: v for k, v in lock.items() if k not in ("identity", "rows")}  # as format 2 wrote it
+    earlier["format"] = 2
+    earlier["inputs"]["files"]["manifest closed"] = rows.pairs()
+    path.write_text(json.dumps(earlier, indent=1, sort_keys=True) + "\n")
+    locks.rows_file(path).unlink()
+    assert "encode closed  up to date" in cli(ws, "status").output
+    assert run(ws).up_to_date and counting["images"] == 12
+    now = locks.read_lock(path)
+    assert now["format"] == 3 and now["fingerprint"] == lock["fingerprint"] and now["written"] == lock["written"]
+    assert now["outputs"] == lock["outputs"] and locks.rows_file(path).exists()
+    calls = planned(monkeypatch)
+    assert run(ws).up_to_date and calls == {"manifest": 0, "hash_many": 0}
+
+
+def test_a_change_is_explained_from_the_side_file_or_said_not_itemised(ws):
+    backdate(ws)
+    res = run(ws)
+    write_images(ws / "more", labels=("a",), n=1, seed=7)
+    (ws / "more" / "a" / "000.png").rename(ws / "data" / "a" / "zz.png")
+    assert cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed").exit_code == 0
+    assert "STALE: manifest closed: 1 row added" in cli(ws, "status").output
+    locks.rows_file(lock_path(res)).write_bytes(b"damaged")
+    out = cli(ws, "status").output
+    assert "STALE: manifest closed: 12 rows -> 13 rows, changed" in out and "not itemised" in out
+    assert run(ws).encoded == 1
