@@ -195,6 +195,10 @@ class LogConfig:
     """Execution only: never part of a fingerprint."""
 
     tensorboard: bool = False  # event files under each result's tensorboard/ (needs leakpipe[tensorboard])
+    # validation (precise BatchNorm statistics, then the val rows) every this many training epochs and after
+    # the last, under train.select = last (val_loss and val_auc validate every epoch); 0: the last only.
+    # The kept weights are the same at any value: history.json and the log show fewer epochs' val figures
+    validate_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,7 @@ RANGES = [
     ("train.weight_decay", 0, None, ">= 0 and finite"),
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"),
     ("train.patience", 0, None, ">= 0"),
+    ("log.validate_every", 0, None, ">= 0 (0 = after the last epoch only)"),
     ("train.shuffle_chunks", 1, None, ">= 1"),
     ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
     ("train.backbone_dropout", 0, 0.95, "between 0 and 0.95"),

@@ -3,6 +3,7 @@ what it says (schedule, weight average, crops and tiles, k-means prototypes, pre
 class-sorted data), and the profiles select it or the paper's settings."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -208,6 +209,25 @@ def test_the_default_recipe_trains_through_the_stage(rws):
     weights = load_file(str(paper.run_dir / "model.safetensors"))
     assert weights["backbone.conv1.weight"].shape[-2:] == (7, 7) and not any("k-means" in line for line in logs)
     assert {h["lr"] for h in json.loads((paper.run_dir / "history.json").read_text())} == {cfg.train.lr}
+
+
+def test_validating_the_last_epoch_alone_keeps_the_weights(rws):
+    """log.validate_every = 0 (train.select = last) validates after the last epoch only: the weights are
+    bitwise those of a run validated every epoch, and history.json and the log have the last epoch's
+    validation figures alone. An execution setting: the same result folder."""
+    common = ["train.epochs=3", "model.stem=imagenet"]
+    every, _, _ = _train(rws, "v-every", common)
+    want = load_file(str(every.run_dir / "model.safetensors"))
+    was = json.loads((every.run_dir / "history.json").read_text())
+    shutil.rmtree(every.run_dir)
+    last, _, logs = _train(rws, "v-last", [*common, "log.validate_every=0"])
+    assert last.run_dir == every.run_dir
+    got = load_file(str(last.run_dir / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    history = json.loads((last.run_dir / "history.json").read_text())
+    assert ["val_loss" in h for h in history] == [False, False, True] and history[-1] == was[-1]
+    assert [h["loss"] for h in history] == [h["loss"] for h in was]
+    assert [line.startswith("epoch") and "val" in line for line in logs if line.startswith("epoch")] == [0, 0, 1]
 
 
 def test_each_recipe_key_changes_the_trained_weights(rws):
