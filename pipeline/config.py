@@ -136,6 +136,9 @@ class TrainConfig:
     # the readout then learns to attribute by itself, not only what the backbone has not memorised.
     # Inert without a readout (model.dct_readout and model.latent_readout none)
     backbone_dropout: float = 0.5
+    # skip: those images do not pass through the backbone (half its training cost at 0.5) | mask: they
+    # pass and their h_t is zeroed, so they count in BatchNorm's batch statistics (leakpipe before issue 36)
+    backbone_dropout_mode: str = "mask"
     time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
     entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
     prototype_pull: float = 0.0  # weight of the pull of every prototype towards its nearest image of its class
@@ -256,6 +259,7 @@ CHOICES = {
     "model.latent_readout": ("auto", "none", "linear"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.select": ("last", "val_loss", "val_auc"),
+    "train.backbone_dropout_mode": ("skip", "mask"),
     "compute.precision": ("fp32", "bf16", "fp16"),
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
@@ -302,6 +306,7 @@ ADDED_KEYS = {
     "model.latent_readout": "none",
     "score.maha_shared": 0.0,
     "score.maha_rows": "train",
+    "train.backbone_dropout_mode": "mask",
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}

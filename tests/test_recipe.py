@@ -188,6 +188,18 @@ def test_backbone_dropout_leaves_the_readout_alone_and_draws_nothing_when_off():
         alone = model.readout(dct_block(f.flatten(0, 1), 4, 8)).view(4, 3, -1)
         torch.testing.assert_close(h[dropped], alone[dropped])
         torch.testing.assert_close(h[~dropped], model.embed_timesteps(f)[~dropped])
+    # train.backbone_dropout_mode: skip runs the backbone on the kept images alone (their BatchNorm batch
+    # statistics are theirs), mask runs it on every image and zeroes the dropped ones' h_t
+    model.train()
+    with torch.no_grad():
+        skipped = model.embed_timesteps(f, dropped)
+        torch.testing.assert_close(skipped[~dropped], model.embed_timesteps(f[~dropped]))
+        model.skip_dropped = False
+        masked = model.embed_timesteps(f, dropped)
+        torch.testing.assert_close(masked[dropped], skipped[dropped])
+        assert not torch.allclose(masked[~dropped], skipped[~dropped])
+        kept = model.proj(model.backbone(f.flatten(0, 1))).view(4, 3, -1)[~dropped]
+        torch.testing.assert_close(masked[~dropped], kept + alone[~dropped])
 
 
 def test_the_default_recipe_trains_through_the_stage(rws):
@@ -246,6 +258,7 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
         ["train.prototype_pull=0.1"],
         ["model.prototype_std=0.5"],
         ["train.backbone_dropout=0"],
+        ["train.backbone_dropout_mode=skip"],
         ["features.dct_stats=per_channel"],
         ["model.dct_readout=none"],
         ["model.latent_readout=none"],
