@@ -179,7 +179,8 @@ class ProtoLeakNet(nn.Module):
             return (self.proj(self.backbone(x)).view_as(r) + r).mean(1)
         kept = ~backbone_dropped.view(-1, 1).expand(-1, tiles * t).reshape(-1)
         if self.skip_dropped and int(kept.sum()) >= 2:  # BatchNorm needs 2 inputs; DDP every parameter used
-            h = r.new_zeros((len(x), r.shape[-1])).index_put((kept.nonzero()[:, 0],), self.proj(self.backbone(x[kept])))
+            seen = kept.nonzero()[:, 0]
+            h = r.new_zeros((len(x), r.shape[-1])).index_copy(0, seen, self.proj(self.backbone(x[seen])))
         else:  # computed and zeroed: the dropped images count in BatchNorm's batch statistics
             h = self.proj(self.backbone(x)).masked_fill(~kept.view(-1, 1), 0.0)
         return (h.view_as(r) + r).mean(1)
