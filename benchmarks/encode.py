@@ -1,20 +1,23 @@
 """Stage-one throughput, measured side by side in one run on the same images.
 
-    python benchmarks/encode.py [--n 16] [--device cpu|cuda] [--batch-sizes 8,16]
-                                [--dtypes float32,bfloat16,float16] [--compile] [--source-size 512]
+    python benchmarks/encode.py [--n 16] [--device cpu|cuda] [--batch-sizes 8,16] [--vaes sd21,taef2]
+                                [--dtypes float32,bfloat16,float16] [--compile] [--source-size 512] [--size 256]
 
-Prints (1) for each dtype, compile setting and batch size: a bare VAE forward (tensors already on the
-device), `leakpipe encode` end to end (decoding --source-size PNGs in worker processes, resizing to
-256, encoding, writing Zarr), their ratio, the FLOP limit of the device (FLOPs per image counted by
-torch, peak rate from --peak-tflops or the datasheet table below) and how long the device waited for
-decoded images and for writes; a naive loop (decode, encode one image, np.save) per dtype; (2) the
-wall time of a no-op `leakpipe encode` on a 10,000-row manifest of small images, start-up included.
-SD2.1's VAE architecture with random weights (same FLOPs).
+Prints (1) for each encoder (--vaes), dtype, compile setting and batch size: a bare VAE forward (tensors
+already on the device), `leakpipe encode` end to end (decoding --source-size PNGs in worker processes,
+resizing to --size, encoding, writing Zarr), their ratio, the FLOP limit of the device (FLOPs per image
+counted by torch, peak rate from --peak-tflops or the datasheet table below) and how long the device
+waited for decoded images and for writes; a naive loop (decode, encode one image, np.save) per dtype;
+(2) the wall time of a no-op `leakpipe encode` on a 10,000-row manifest of small images, start-up
+included. Encoders: sd21 is SD2.1's VAE architecture with random weights (same FLOPs), demo the demo's
+random one (SD2.1's layout at a quarter of its width), taef2 the TAEF2 shipped with leakpipe
+(builtin:taef2), each measured in the same run on the same images.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,7 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline.engine import vae as vae_lib  # noqa: E402
-from leakpipe.pipeline.config import Config, VaeConfig  # noqa: E402
+from leakpipe.pipeline.engine.autoencoders import load_encoder  # noqa: E402
+from leakpipe.pipeline.config import Config, PreprocessConfig, VaeConfig  # noqa: E402
 from leakpipe.pipeline.engine.images import load_image, to_model_range  # noqa: E402
 from leakpipe.pipeline.engine.precision import channels_last, compiled  # noqa: E402
 from leakpipe.pipeline.manifest import build_rows, scan_tree, write_manifest  # noqa: E402
@@ -39,6 +43,12 @@ from leakpipe.pipeline.workspace import Workspace  # noqa: E402
 from leakpipe.stages import graph, encode as stage  # noqa: E402
 
 SD21 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
+# the encoders --vaes names: each gives vae.source under a temporary folder
+VAES = {
+    "sd21": lambda tmp: str(vae_lib.save_random_vae(tmp / "sd21-vae", **SD21)),
+    "demo": lambda tmp: str(vae_lib.save_random_vae(tmp / "demo-vae", (32, 64, 64, 64))),
+    "taef2": lambda tmp: "builtin:taef2",
+}
 
 
 def make_images(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -49,7 +59,7 @@ def make_images(root: Path, n: int, size: int, seed: int = 0) -> None:
         Image.fromarray(arr).save(root / "g" / f"{i:05d}.png", compress_level=1)
 
 
-def make_workspace(ws: Path, data: Path, vae_dir: Path, split: str = "bench", **settings) -> Config:
+def make_workspace(ws: Path, data: Path, vae_dir: Path | str, split: str = "bench", **settings) -> Config:
     rows, _ = build_rows(scan_tree(data), None)
     write_manifest(ws / "manifests" / f"{split}.csv", data, rows)
     settings.setdefault("vae", {})["source"] = str(vae_dir)
@@ -118,44 +128,52 @@ def flops_per_image(vae, x) -> float:
 
 
 def throughput(args, tmp: Path) -> list[str]:
-    device = torch.device(args.device)
-    vae_dir = vae_lib.save_random_vae(tmp / "sd21-vae", **SD21)
     data = tmp / "data"
-    make_images(data, args.n, args.source_size)  # decoded, resized to 256 and cropped like real inputs
+    make_images(data, args.n, args.source_size)  # decoded, resized to --size and cropped like real inputs
     lines = [
-        "| dtype | compile | batch | bare VAE img/s | leakpipe encode img/s | encode/bare | FLOP limit img/s "
-        "| bare/limit | device waited: decode / write s | naive loop img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| encoder | dtype | compile | batch | GFLOP/img | bare VAE img/s | leakpipe encode img/s | encode/bare "
+        "| FLOP limit img/s | bare/limit | device waited: decode / write s | naive loop img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for name in args.vaes.split(","):
+        lines += encoder_rows(args, tmp, name, VAES[name](tmp), data)
+    return lines
+
+
+def encoder_rows(args, tmp: Path, name: str, source: str, data: Path) -> list[str]:
+    device = torch.device(args.device)
+    src = vae_lib.resolve(VaeConfig(source=source))
     paths = sorted((data / "g").glob("*.png"))
+    lines = []
     for dtype in args.dtypes.split(","):
         torch_dtype = getattr(torch, dtype)
-        cfg = Config()
+        cfg = dataclasses.replace(Config(), preprocess=PreprocessConfig(size=args.size))
         x = torch.stack([to_model_range(torch.from_numpy(load_image(p, cfg.preprocess))[None])[0] for p in paths]).to(
             device, torch_dtype
         )
-        plain = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
+        plain = load_encoder(src, dtype, device)
         flops = flops_per_image(plain, x)
         peak = peak_tflops(device, dtype, args.peak_tflops)
         limit = peak * 1e12 / flops if peak else None
         naive_rate = naive(plain, paths[: max(4, args.n // 4)], cfg, device, torch_dtype, tmp / "naive")
         print(
-            f"{dtype}: {flops / 1e9:.1f} GFLOP per image (counted)"
+            f"{name} {dtype}: {flops / 1e9:.1f} GFLOP per image (counted)"
             + (f", peak {peak} TFLOP/s -> at most {limit:.0f} img/s" if peak else ""),
             flush=True,
         )
         for compile_ in [False, True] if args.compile else [False]:
-            model = vae_lib.load_vae(vae_lib.resolve(VaeConfig(source=str(vae_dir))), dtype, device)
+            model = load_encoder(src, dtype, device)
             channels_last(model, device)
             model.encode = compiled(model.encode, compile_)
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 bare_rate = bare(model, x, batch, device)
-                ws = tmp / f"ws-{dtype}-{batch}-{compile_}"
+                ws = tmp / f"ws-{name}-{dtype}-{batch}-{compile_}"
                 cfg = make_workspace(
                     ws,
                     data,
-                    vae_dir,
+                    source,
                     vae={"dtype": dtype},
+                    preprocess={"size": args.size},
                     encode={"batch_size": batch, "num_workers": args.workers, "device": args.device},
                     compute={"compile": compile_},
                     store={"chunk_rows": max(64, batch)},
@@ -167,9 +185,9 @@ def throughput(args, tmp: Path) -> list[str]:
                 enc_rate = res.encoded / (time.perf_counter() - t)
                 lim = f"{limit:.0f} | {bare_rate / limit:.3f}" if limit else "n/a | n/a"
                 lines.append(
-                    f"| {dtype} | {'on' if compile_ else 'off'} | {batch} | {bare_rate:.2f} | {enc_rate:.2f} | "
-                    f"{enc_rate / bare_rate:.3f} | {lim} | {res.waited.get('decode', 0):.2f} / "
-                    f"{res.waited.get('write', 0):.2f} | {naive_rate:.2f} |"
+                    f"| {name} | {dtype} | {'on' if compile_ else 'off'} | {batch} | {flops / 1e9:.1f} | "
+                    f"{bare_rate:.2f} | {enc_rate:.2f} | {enc_rate / bare_rate:.3f} | {lim} | "
+                    f"{res.waited.get('decode', 0):.2f} / {res.waited.get('write', 0):.2f} | {naive_rate:.2f} |"
                 )
                 print(lines[-1], flush=True)
     return lines
@@ -212,6 +230,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", default="8")
     ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--vaes", default="sd21,taef2", help=f"encoders, side by side: {', '.join(VAES)}")
+    ap.add_argument("--size", type=int, default=256, help="preprocess.size: the side the encoder sees")
     ap.add_argument("--workers", type=int, default=-1, help="decode worker processes (-1: encode's automatic choice)")
     ap.add_argument("--source-size", type=int, default=512, help="side of the PNGs that are decoded and resized to 256")
     ap.add_argument("--compile", action="store_true", help="also measure with compute.compile = true")

@@ -65,7 +65,7 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides, flag: str = "--va
         local = local.resolve()
         source = "./" + local.relative_to(ws.root).as_posix() if local.is_relative_to(ws.root) else str(local)
     cfg = with_overrides(cfg, [f"vae.source={source}"])
-    resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
+    src = resolve(cfg.vae, ws.root)  # a source that cannot be found is an error before anything is saved
     path = config_file or ws.root / "leakpipe.toml"
     was = persist_setting(path, "vae.source", source)
     if was != source:
@@ -78,6 +78,28 @@ def _persist_vae(ws, cfg, source: str, config_file, overrides, flag: str = "--va
         )
     if flag == "--vae" and any(o.split("=", 1)[0].strip() == "vae.source" for o in overrides):
         _log("note: --set vae.source was given as well; --vae wins for this command")
+    given = any(o.split("=", 1)[0].strip() == "latent.scale" for o in overrides)
+    return _follow_scale(cfg, src, path, switched=was != source and not given)
+
+
+def _follow_scale(cfg, src, path, switched: bool):
+    """A new VAE brings its family's latent.scale (its scaling factor, Eq. 1), saved beside vae.source,
+    unless this command set latent.scale; otherwise a latent.scale that is not the family's is named."""
+    from leakpipe.pipeline.config_files import persist_setting, with_overrides
+    from leakpipe.pipeline.engine.vae_conventions import conventions, scale_note
+
+    conv = conventions(src)
+    note = scale_note(cfg.latent.scale, conv)
+    if note and switched:
+        was = persist_setting(path, "latent.scale", conv.scale)
+        _log(
+            f"note: latent.scale = {conv.scale:g} saved in {path} with it (was {was or 'the default'}): this VAE "
+            f"family's own scaling factor, so that z0 is the latent its generators' diffusion models see; set "
+            "another there by hand (train's log gives 1/std of z0)"
+        )
+        return with_overrides(cfg, [f"latent.scale={conv.scale}"])
+    if note:
+        _log(f"note: {note}")
     return cfg
 
 

@@ -178,7 +178,10 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 
 @main.command()
 @click.option(
-    "--vae", "vae_source", help="A real VAE (Hub id, folder or .safetensors) instead of the seeded random demo VAE."
+    "--vae",
+    "vae_source",
+    help="The encoder [default: builtin:taef2, the pretrained FLUX.2 tiny autoencoder shipped with leakpipe]; "
+    "'random' for a seeded random AutoencoderKL, or any VAE source (Hub id, folder, .safetensors).",
 )
 @click.option(
     "-C",
@@ -193,7 +196,7 @@ def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
 @click.option("--open", "n_open", type=int, help="Unseen generators [default: 10].")
 @click.option("--per-generator", type=int, help="Images per generator [default: 40].")
 @click.option("--size", type=int, help="Image side in pixels [default: 128].")
-@click.option("--epochs", default=15, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=int, help="Training epochs [default: 10].")
 @_user_errors
 def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
     """Synthetic benchmark + every stage (encode, train, score), end to end, on a laptop CPU.
@@ -204,8 +207,8 @@ def demo(vae_source, workspace, n_closed, n_open, per_generator, size, epochs):
 
     start = time.perf_counter()
     ws = Workspace(workspace)
-    spec = stage.spec_with(n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
-    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs, log=_log)
+    spec = stage.spec_with(vae_source, n_closed=n_closed, n_open=n_open, per_generator=per_generator, size=size)
+    lines = stage.run(ws, lambda: ws.config(), vae_source, spec, epochs or stage.DEMO_EPOCHS, log=_log)
     click.echo("\n".join(lines))
     click.echo(
         f"demo finished in {time.perf_counter() - start:.0f} s; workspace {ws.root}; "
@@ -221,50 +224,107 @@ def vae():
 @vae.command("random")
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights (same seed, same bytes).")
+@click.option(
+    "--like",
+    type=click.Choice(["sd21", "sdxl", "sd3", "flux1", "flux2"]),
+    default="sd21",
+    show_default=True,
+    help="The layout of that generator's VAE: latent channels (4, 4, 16, 16, 32), 1/8 of the side, and its "
+    "scaling_factor and shift_factor (FLUX.2: AutoencoderKLFlux2 with batch-norm statistics).",
+)
+@click.option(
+    "--blocks",
+    default="32,64,64,64",
+    show_default=True,
+    help="Widths of its blocks (the released ones are 128,256,512,512; 4 blocks keep the 1/8 downscale).",
+)
 @_user_errors
-def vae_random(path, seed):
-    """Save the demo's seeded random AutoencoderKL (SD2.1's layout at a quarter width) to PATH."""
+def vae_random(path, seed, like, blocks):
+    """Save an AutoencoderKL with seeded random weights to PATH (by default the demo's: SD2.1's layout at
+    a quarter of its width), for trying leakpipe offline and for tests."""
     from leakpipe.pipeline.engine.vae import save_random_vae
-    from leakpipe.workflows.demo import DEMO_VAE_BLOCKS
 
     if (path / "config.json").exists():
         raise UserError(f"{path} already holds a VAE (config.json); give a new folder")
-    save_random_vae(path, DEMO_VAE_BLOCKS, seed=seed)
+    try:
+        widths = tuple(int(b) for b in blocks.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {blocks!r}", param_hint="--blocks") from None
+    save_random_vae(path, widths, seed=seed, like=like)
     click.echo(
-        f"vae random: seeded random weights (seed {seed}) in {path}; use it with "
+        f"vae random: seeded random weights (seed {seed}, {like} layout) in {path}; use it with "
         f"`leakpipe encode --vae {path}`. Its numbers show the pipeline working, not a real encoder."
     )
+
+
+@vae.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_user_errors
+def vae_convert(src, dst):
+    """Convert a PyTorch state dict (madebyollin's taesd_encoder.pth, taef2_decoder.pth, ...) to
+    DST [default: SRC with .safetensors], the format leakpipe loads. SRC is read with
+    torch.load(weights_only=True): tensors only, never code. The same SRC gives the same bytes."""
+    from leakpipe.pipeline.engine import vae_files
+
+    dst = dst or src.with_suffix(".safetensors")
+    if dst.exists():
+        raise UserError(f"{dst} exists; give another DST or remove it")
+    try:
+        vae_files.convert_pth(src, dst)
+        layout = vae_files.taesd_layout(vae_files.safetensors_shapes(dst))
+    except vae_files.WeightFileError as exc:
+        raise UserError(str(exc)) from None
+    what = (
+        f"a TAESD-format {layout.part}, {layout.latent_channels} latent channels"
+        + (", TAEF2's mid-block pool" if layout.pool else "")
+        if layout
+        else "not the TAESD layout (a state dict leakpipe does not encode with by itself)"
+    )
+    click.echo(f"vae convert: {src} (SHA-256 {vae_files.sha256(src)})")
+    click.echo(f"  -> {dst} (SHA-256 {vae_files.sha256(dst)}): {what}")
 
 
 @vae.command("info")
 @click.argument("source")
 @_workspace_options
 def vae_info(ws, cfg, source):
-    """Where SOURCE (Hub id, diffusers folder or .safetensors) resolves, its architecture, parameter
-    count, scaling factor and encoder fingerprint under the workspace's preprocessing."""
+    """Where SOURCE (Hub id, diffusers folder, .safetensors, TAESD-format encoder or builtin:taef2)
+    resolves, its family, latents (channels, downscale, input range), scaling and shift against the
+    workspace's latent.scale, parameter count and encoder fingerprint under the workspace's preprocessing."""
     from leakpipe.pipeline.config_files import with_overrides
     from leakpipe.pipeline.engine import vae as vae_lib
+    from leakpipe.pipeline.engine.vae_conventions import conventions, scale_note
     from leakpipe.pipeline.store.hashing import HashCache
     from leakpipe.stages import STAGES
 
     cfg = with_overrides(cfg, [f"vae.source={source}"])
     src = vae_lib.resolve(cfg.vae, ws.root)
     arch = vae_lib.model_config(src)
+    conv = conventions(src)
     total, encoder = vae_lib.parameter_counts(src)
-    fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache), STAGES["encode"].code_identity())
-    keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
+    fp = vae_lib.encoder_fingerprint(cfg, src, HashCache(ws.hash_cache), STAGES["encode"].code_identity(src))
+    keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "mid_block_pool")
     where = src.label if src.kind == vae_lib.PIXELS else f"{src.kind} {src.location}"
+    side = cfg.preprocess.size // conv.downscale
     lines = [
         f"source:         {source}",
         f"resolves to:    {where}",
-        f"weights:        {', '.join(str(w) for w in src.weights) or '(none)'}",
+        f"family:         {vae_lib.FAMILIES[src.family][1]}; latent space of {conv.generators}",
+        f"weights:        {', '.join(str(w) for w in src.weights) or '(none)'}"
+        + (f"; decoder {src.decoder}" if src.decoder else ""),
         "architecture:   " + ", ".join(f"{k} {arch[k]}" for k in keys if k in arch),
+        f"latents:        {conv.latent_channels} channels at 1/{conv.downscale} of the side ({conv.latent_channels}"
+        f" x {side} x {side} at preprocess.size {cfg.preprocess.size}); images in {conv.input_range}",
+        f"scaling:        {conv.scaling}; leakpipe's latent.scale is {cfg.latent.scale:g}",
         f"parameters:     {total:,} ({encoder:,} in the encoder stage one runs)",
-        f"scaling factor: {arch.get('scaling_factor', 'not in its config (SD uses 0.18215)')}; "
-        f"leakpipe's latent.scale is {cfg.latent.scale}",
         f"fingerprint:    {fp} (store cache/latents/SPLIT/{fp[:12]}.zarr with preprocess.size "
         f"{cfg.preprocess.size}, vae.dtype {cfg.vae.dtype}, store.dtype {cfg.store.dtype})",
     ]
+    if src.kind == "builtin":
+        lines.append("shipped:        with leakpipe; its SHA-256 is checked when it is loaded")
+    if note := scale_note(cfg.latent.scale, conv):
+        lines.append(f"note:           {note}")
     if vae_lib.is_random(cfg.vae, ws.root):
         lines.append("note:           seeded random weights (leakpipe vae random or the demo), not a pretrained VAE")
     click.echo("\n".join(lines))

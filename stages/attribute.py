@@ -27,6 +27,7 @@ from leakpipe.pipeline.report import decisions
 from leakpipe.pipeline.report.evaluate import label_index
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.autoencoders import load_encoder
 from leakpipe.pipeline.config_files import parse_override, with_overrides
 
 
@@ -55,7 +56,7 @@ def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> 
     """z0 moments (mean, logvar) exactly as stage one stores and stage two reads them."""
     from leakpipe.pipeline.engine.encoding import encode_batch
 
-    vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
+    vae = load_encoder(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
     mean, logvar = encode_batch(vae, device, images, cfg.store.dtype)
     return mean.astype(np.float32), logvar.astype(np.float32)
 
@@ -236,7 +237,7 @@ def run(
     else:
         att, differ = from_result(g, run, device), []
         att = att_lib.with_vae(att, vae) if vae else att
-        att_lib.check_encoder(att, g.stages["encode"].code_identity())
+        att_lib.check_encoder(att, g.stages["encode"].code_identity)
     results = attribute(att, g.cfg, paths, top, run if not model else model, preprocess_for(att, overrides))
     for r in results:
         r["code_differs"] = differ
@@ -254,7 +255,7 @@ def load_exported(
     differ = check_code(att, code_identity(stages), allow_code_change)
     att = att_lib.with_vae(att, vae) if vae else att
     log(f"checking the VAE {att.cfg.vae.source} (encoder fingerprint)")
-    att_lib.check_encoder(att, stages["encode"].code_identity())
+    att_lib.check_encoder(att, stages["encode"].code_identity)
     return att, differ
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.config import Config, canonical_hash
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.autoencoders import family_code, load_encoder
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger.graph import Graph, Latents, section_keys, values
 from leakpipe.pipeline.ledger.locks import VAE_FILES, Inputs, Verdict, outputs_root
@@ -187,8 +188,8 @@ def _encode(
             threads = torch.get_num_threads()
             torch.set_num_threads(cfg.encode.torch_threads or threads)
             try:
-                model = vae_lib.load_vae(p.source, cfg.vae.dtype, device)
-                if hasattr(model, "encoder"):  # AutoencoderKL; the pixels encoder has nothing to speed up
+                model = load_encoder(p.source, cfg.vae.dtype, device)
+                if p.source.kind != vae_lib.PIXELS:  # the pixels encoder has nothing to speed up
                     channels_last(model, device)
                     model.encode = compiled(model.encode, cfg.compute.compile, cfg.compute.compile_backend)
                 writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
@@ -247,7 +248,7 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
     ws, hashes = graph.ws, graph.hashes
     manifest = read_manifest(ws.manifest(split))
     source = vae_lib.resolve(cfg.vae, ws.root)
-    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, STAGE.code_identity())
+    encoder_fp = vae_lib.encoder_fingerprint(cfg, source, hashes, STAGE.code_identity(source))
     # an unreadable file (permissions, I/O error) is never a valid row: encode reports it, with its reason
     file_hashes = [h or UNREADABLE for h in hashes.hash_many(manifest.abspaths())]
     hashes.save()
@@ -258,7 +259,7 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
         values(cfg, KEYS),
         {},
         {f"manifest {split}": [[p, h] for p, h in zip(manifest.column("path"), file_hashes)], VAE_FILES: vae_files},
-        STAGE.code_identity(),
+        STAGE.code_identity(source),
     )
     lock = ws.store_lock(split, encoder_fp)
     lat = Latents(
@@ -337,7 +338,8 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-STAGE = Stage("encode", KEYS, CODE, plan, work, deep=False)
+# a VAE family's own code (autoencoders.FAMILY_CODE; none for SD's AutoencoderKL) is part of its stores' identity
+STAGE = Stage("encode", KEYS, CODE, plan, work, deep=False, extra_code=family_code)
 
 
 def run(graph: Graph, split: str, log=print) -> EncodeResult:

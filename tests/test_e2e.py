@@ -125,17 +125,40 @@ def test_every_command_then_nothing_to_do(e2e_ws):
 
 
 def test_demo_small_end_to_end(tmp_path):
-    """The demo with a small spec: every stage, the random-VAE note, a report; a rerun does nothing."""
+    """The demo with a small spec: every stage on the shipped TAEF2 (a trained latent space, said so, and
+    no random-weights note), a report; a rerun does nothing."""
+    from leakpipe.workflows.demo import DEMO_TAEF2_SCALE
+
     demo = ["demo", "--closed", "2", "--open", "2", "--per-generator", "10", "--size", "64", "--epochs", "2"]
     r = cli(tmp_path, *demo)
     assert r.exit_code == 0, r.output
-    assert "seeded random weights" in r.output and "report" in r.output
-    assert "[latent]\nscale = 3.57\n" in (tmp_path / "leakpipe.toml").read_text()  # the demo VAE's own scale
+    assert "TAEF2" in r.output and "seeded random weights" not in r.output and "report" in r.output
+    assert "images of 64 px at difficulty 1.0" in r.output
+    toml = (tmp_path / "leakpipe.toml").read_text()
+    assert 'source = "builtin:taef2"' in toml and f"[latent]\nscale = {DEMO_TAEF2_SCALE}\n" in toml
     report = (tmp_path / "cache" / "runs" / "default" / "report.md").read_text()
-    assert "seeded random weights" in report and "Table 3" in report
+    assert "seeded random weights" not in report and "Table 3" in report
     before = snapshot(tmp_path)
     r = cli(tmp_path, *demo)
     assert r.exit_code == 0 and "nothing to do" in r.output
     assert snapshot(tmp_path) == before
     r = cli(tmp_path, "train", "--run", "small-latents", "--set", "features.dct_k=9")
     assert r.exit_code != 0 and "features.dct_k = 9 exceeds the latent side 8" in r.output
+
+
+def test_demo_random_vae_is_a_flag(tmp_path):
+    """`--vae random` writes the seeded random demo VAE with its own measured scale, and the demo says so;
+    a --vae for a workspace that exists is named, not silently dropped."""
+    from leakpipe.workflows import demo
+    from leakpipe.pipeline.workspace import Workspace
+
+    ws, said = Workspace(tmp_path), []
+    spec = demo.spec_with("random", n_closed=2, n_open=1, per_generator=2, size=32)
+    demo.setup(ws, "random", spec, 1, log=said.append)
+    assert demo.written_spec(ws, demo.DEMO_SPEC).difficulty == demo.RANDOM_DIFFICULTY  # stronger fingerprints
+    toml = (tmp_path / "leakpipe.toml").read_text()
+    assert "models/demo-vae" in toml and f"[latent]\nscale = {demo.DEMO_VAE_SCALE}\n" in toml
+    assert (tmp_path / "models" / "demo-vae" / "LEAKPIPE_RANDOM_WEIGHTS.txt").exists()
+    demo.setup(ws, "builtin:taef2", spec, 1, log=said.append)
+    assert (tmp_path / "leakpipe.toml").read_text() == toml
+    assert "--vae builtin:taef2 applies to a new workspace" in said[-1]

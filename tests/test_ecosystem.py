@@ -103,7 +103,7 @@ def test_vae_random_and_info(tmp_path):
         "block_out_channels [32, 64, 64, 64]",
         "latent_channels 4",
         "parameters:     1,250,759",
-        "scaling factor: 0.18215",
+        "scaling:        scaling_factor 0.18215, no shift",
         "seeded random weights",
     ):
         assert words in r.output, words

@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
+from leakpipe.pipeline.config import LatentConfig, VaeConfig
+from leakpipe.pipeline.config_files import load_config
 from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.vae_conventions import conventions
+from leakpipe.pipeline.store.atomic import atomic_write_text
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
 from leakpipe.workflows.pipeline import through_score
 
-DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=0.1, seed=0)
-# difficulty 0.1: a random-weight VAE keeps little of a default-strength fingerprint (a linear probe on
-# its latents reaches 0.155 top-1 of 10 at difficulty 1), so the demo's fingerprints are 10x stronger
+DEMO_SPEC = SynthSpec(n_closed=10, n_open=10, per_generator=40, size=128, difficulty=1.0, seed=0)
+# difficulty 1.0, `leakpipe synth`'s default strength: on TAEF2's latents a linear probe reaches 0.775 top-1
+# of 10 there, where at 0.1 the head, Mahalanobis, the probe and the open set all read 1.000 (one run each,
+# benchmarks/RESULTS.md): a first report with room to tell the learners apart. A random-weight VAE keeps
+# little of a default-strength fingerprint (a probe on its latents: 0.155), so `--vae random` draws the
+# fingerprints 10x stronger
+RANDOM_DIFFICULTY = 0.1
+DEMO_VAE = "builtin:taef2"  # the pretrained FLUX.2 tiny autoencoder shipped with leakpipe: a trained latent space
+RANDOM = "random"  # `leakpipe demo --vae random`: the seeded random AutoencoderKL below
 DEMO_VAE_BLOCKS = (32, 64, 64, 64)  # SD2.1's layout at a quarter of its width: 1/8 latents, 4 ch
 RANDOM_VAE_NOTE = (
-    "NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights "
-    "(no pretrained VAE can be shipped or downloaded here); pass --vae for the real one."
+    "NOTE: the demo uses a reduced-width AutoencoderKL with seeded random weights (--vae random); "
+    "leave --vae out for the pretrained TAEF2 shipped with leakpipe, or pass --vae for another VAE."
 )
-# The demo VAE's own scale (Eq. 1): 1 / std of its z0 means on the demo's training images
-# (benchmarks/head.py), as SD2.1's 0.18215 is for SD's VAE. With 0.18215 its z0 would have std 0.05 and
-# the noise at t = 10 would be half of it, where SD's VAE leaves 0.03.
+TAEF2_NOTE = (
+    "stage one: TAEF2, the pretrained FLUX.2 tiny autoencoder by Ollin Boer Bohan shipped with leakpipe "
+    "(builtin:taef2, MIT licence): a trained latent space, 32 channels at 1/8 of the side"
+)
+# Each demo VAE's scale (Eq. 1), from the std of its z0 means on the demo's training images
+# (benchmarks/head.py), as SD2.1's 0.18215 is for SD's VAE. The random VAE's z0 has std 0.28: with 0.18215
+# it would have std 0.05 and the noise at t = 10 would be half of it, where SD's VAE leaves 0.03; so 3.57.
+# TAEF2's z0 has std 0.78 (per channel 0.47-1.69; 200 images, DEMO_SPEC at 128 px), near unit variance
+# already, so the demo keeps its family's own scale 1 (1/std would be 1.28): the noise at t = 10 is then a
+# thirtieth of z0, and the demo's z0 is what `encode --vae builtin:taef2` gives any workspace.
 DEMO_VAE_SCALE = 3.57
+DEMO_TAEF2_SCALE = 1.0
+# TAEF2 costs 7.7 GFLOP per 128-px image against the random VAE's 1.5: on the demo's 1,160 images, encoding
+# took 699 s against 309 s and the whole demo 874 s of CPU against 732 s at 15 epochs (one run each, 2 shared
+# cores, benchmarks/RESULTS.md). An epoch took 162 s of the 3,263 s, so 10 epochs keep the demo within the
+# random VAE's time; on TAEF2's latents validation macro AUC was 1.000 from the first epoch.
+DEMO_EPOCHS = 10
 DEMO_TOML = """# written by `leakpipe demo`
 [vae]
 source = "{vae}"
@@ -41,35 +65,74 @@ batch_size = 32
 """
 
 
-def setup(ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15, log=print) -> None:
-    """Synthetic data, manifests, the demo VAE and leakpipe.toml (each only if missing)."""
+def setup(
+    ws: Workspace, vae_source: str | None, spec: SynthSpec = DEMO_SPEC, epochs: int = DEMO_EPOCHS, log=print
+) -> None:
+    """Synthetic data, manifests, the demo VAE (TAEF2 unless `vae_source` names another, or "random") and
+    leakpipe.toml (each only if missing)."""
     if not ws.manifest("closed").exists():
         start = time.perf_counter()
         written = write_benchmark(ws.root / "data" / "synth", ws.manifests, spec)
+        atomic_write_text(_spec_file(ws), json.dumps(dataclasses.asdict(spec)))
         log(f"synth: {sum(written.values())} images in {time.perf_counter() - start:.1f} s")
-    random_vae = vae_source is None
-    if random_vae:
+    explicit, vae_source = vae_source is not None, vae_source or DEMO_VAE
+    toml = ws.root / "leakpipe.toml"
+    if toml.exists():
+        kept = load_config(toml, []).vae
+        same = kept.source == vae_source or (vae_source == RANDOM and vae_lib.is_random(kept, ws.root))
+        if explicit and not same:
+            log(f"note: {toml} exists, so its VAE is kept; --vae {vae_source} applies to a new workspace (-C)")
+        return
+    if vae_source == RANDOM:
         vae_source = str(ws.root / "models" / "demo-vae")
         if not Path(vae_source, "config.json").exists():
             vae_lib.save_random_vae(Path(vae_source), DEMO_VAE_BLOCKS, seed=0)
-    toml = ws.root / "leakpipe.toml"
-    if not toml.exists():
-        latent = f"[latent]\nscale = {DEMO_VAE_SCALE}\n" if random_vae else ""
-        toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
+    scale = demo_scale(vae_source, ws.root)
+    latent = f"[latent]\nscale = {scale}\n" if scale != LatentConfig().scale else ""
+    toml.write_text(DEMO_TOML.format(vae=vae_source, size=spec.size, epochs=epochs, latent=latent))
 
 
-def spec_with(**changes) -> SynthSpec:
-    """The demo's spec with some fields changed (None keeps the default)."""
-    return dataclasses.replace(DEMO_SPEC, **{k: v for k, v in changes.items() if v is not None})
+def _spec_file(ws: Workspace) -> Path:
+    return ws.root / "data" / "synth" / "demo-spec.json"
+
+
+def written_spec(ws: Workspace, spec: SynthSpec) -> SynthSpec:
+    """The spec the workspace's data was written with (`spec` for data written before it was recorded)."""
+    if not _spec_file(ws).exists():
+        return spec
+    fields = json.loads(_spec_file(ws).read_text())
+    return SynthSpec(**{**fields, "steps": tuple(fields["steps"])})
+
+
+def demo_scale(vae_source: str, base: Path) -> float:
+    """latent.scale for the demo's encoder: the measured one of the demo VAEs, else the family's own."""
+    if vae_source == DEMO_VAE:
+        return DEMO_TAEF2_SCALE
+    if vae_lib.is_random(VaeConfig(source=vae_source), base):
+        return DEMO_VAE_SCALE
+    return conventions(vae_lib.resolve(VaeConfig(source=vae_source), base)).scale
+
+
+def spec_with(vae_source: str | None = None, **changes) -> SynthSpec:
+    """The demo's spec for `vae_source` (--vae random: RANDOM_DIFFICULTY) with some fields changed (None
+    keeps the default)."""
+    base = dataclasses.replace(DEMO_SPEC, difficulty=RANDOM_DIFFICULTY) if vae_source == RANDOM else DEMO_SPEC
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def run(
-    ws: Workspace, cfg_loader, vae_source: str | None = None, spec: SynthSpec = DEMO_SPEC, epochs: int = 15, log=print
+    ws: Workspace,
+    cfg_loader,
+    vae_source: str | None = None,
+    spec: SynthSpec = DEMO_SPEC,
+    epochs: int = DEMO_EPOCHS,
+    log=print,
 ) -> list[str]:
     """Every stage (each does nothing if up to date); returns the summary lines."""
     setup(ws, vae_source, spec, epochs, log=log)
-    cfg = cfg_loader()
+    cfg, spec = cfg_loader(), written_spec(ws, spec)
     lines = [RANDOM_VAE_NOTE] if vae_lib.is_random(cfg.vae, ws.root) else []
+    lines += [TAEF2_NOTE + f", latent.scale {cfg.latent.scale:g}"] if cfg.vae.source == DEMO_VAE else []
     lines.append(
         f"demo data: {spec.n_closed} known + {spec.n_open} unseen generators x {spec.per_generator} "
         f"images of {spec.size} px at difficulty {spec.difficulty} (fingerprints {1 / spec.difficulty:g}x "

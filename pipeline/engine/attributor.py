@@ -338,15 +338,15 @@ def with_vae(att: Attributor, vae: str) -> Attributor:
 
 
 def check_encoder(att: Attributor, encode_code) -> None:
-    """Refuse a VAE whose encoder fingerprint (under this leakpipe's encode code, `encode_code`)
-    differs from the one the attributor was trained on."""
+    """Refuse a VAE whose encoder fingerprint (under this leakpipe's encode code for that VAE,
+    `encode_code(source)`) differs from the one the attributor was trained on."""
     import tempfile
 
     if att.encoder_fp is None:
         return
     src = vae_lib.resolve(att.cfg.vae, att.base)
     with tempfile.TemporaryDirectory() as tmp:
-        fp = vae_lib.encoder_fingerprint(att.cfg, src, HashCache(Path(tmp) / "hashes.json"), encode_code)
+        fp = vae_lib.encoder_fingerprint(att.cfg, src, HashCache(Path(tmp) / "hashes.json"), encode_code(src))
     if fp != att.encoder_fp:
         raise UserError(
             f"the VAE at hand ({att.cfg.vae.source}) has encoder fingerprint {fp[:12]}, but {att.name} "

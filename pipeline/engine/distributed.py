@@ -17,7 +17,7 @@ import numpy as np
 from distributed import WorkerPlugin, get_worker
 
 from leakpipe.pipeline.errors import UserError
-from leakpipe.pipeline.engine import vae as vae_lib
+from leakpipe.pipeline.engine.autoencoders import load_encoder
 
 PLUGIN = "leakpipe-vae"
 
@@ -47,7 +47,7 @@ class VaePlugin(WorkerPlugin):
                 else ("cuda" if gpus else "cpu")
             )
         self.torch_device = torch.device(device)
-        self.vae = vae_lib.load_vae(self.source, self.dtype, self.torch_device)
+        self.vae = load_encoder(self.source, self.dtype, self.torch_device)
 
 
 def encode_chunk(

@@ -38,10 +38,14 @@ class Stage:
     # its outputs are hashed before they are vouched for; encode's are not (a store of a million rows):
     # every reader checks each row's checksum as it reads, and encode re-encodes what a reader reported
     deep: bool = True
+    # code one instance runs beyond `code`, from what it is made of (encode: the VAE family's, given its source)
+    extra_code: Callable[[Any], tuple[str, ...]] | None = None
 
-    def code_identity(self):
-        """What a lock records of this stage's code: its legacy label or the identity (code.py)."""
-        return code_id.stored_form(code_id.identity(self.code))
+    def code_identity(self, instance: Any = None):
+        """What a lock records of this stage's code (for `instance`, with its extra code): its legacy label
+        or the identity (code.py)."""
+        extra = self.extra_code(instance) if self.extra_code is not None and instance is not None else ()
+        return code_id.stored_form(code_id.identity(self.code + extra))
 
 
 @dataclass
