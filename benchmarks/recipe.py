@@ -53,6 +53,14 @@ class DataSet:
 
 DEMO_TOML = "[model]\nembed_dim = 64\nprototypes_per_class = 2\n[train]\nepochs = 15\nbatch_size = 32\n"
 TAEF2_TOML = DEMO_TOML.replace("epochs = 15", "epochs = 10")
+
+
+def taef2_demo(size: int, about: str) -> DataSet:
+    """The TAEF2 demo's design (10 + 10 generators x 40 images, difficulty 1.0, scale 1, its config) at `size` px."""
+    spec = SynthSpec(10, 10, 40, size, 1.0, 0, ())
+    return DataSet(spec, (), 0, 1.0, TAEF2_TOML, about + ", builtin:taef2, the demo's config", vae="builtin:taef2")
+
+
 SETS = {
     "demo": DataSet(
         SynthSpec(10, 10, 40, 128, 0.1, 0, ()),
@@ -89,25 +97,9 @@ SETS = {
         "8 generators x 40 images, 64 px, difficulty 0.3, data seed 3, random VAE seed 3, default config",
     ),
     # `leakpipe demo` since issue 33: the shipped TAEF2 (32 channels, scale 1) at difficulty 1.0, 10 epochs
-    "demo-taef2": DataSet(
-        SynthSpec(10, 10, 40, 128, 1.0, 0, ()),
-        (),
-        0,
-        1.0,
-        TAEF2_TOML,
-        "`leakpipe demo` on TAEF2: 10 generators x 40 images, 128 px, difficulty 1.0, builtin:taef2, its config",
-        vae="builtin:taef2",
-    ),
+    "demo-taef2": taef2_demo(128, "`leakpipe demo` on TAEF2: 10 generators x 40 images, 128 px, difficulty 1.0"),
     # the same design at 64 px: TAEF2 encodes a 64-px image with a quarter of the FLOPs (1.9 G against 7.7 G)
-    "demo-taef2-64": DataSet(
-        SynthSpec(10, 10, 40, 64, 1.0, 0, ()),
-        (),
-        0,
-        1.0,
-        TAEF2_TOML,
-        "demo-taef2 at 64 px: 10 generators x 40 images, 64 px, difficulty 1.0, builtin:taef2, the demo's config",
-        vae="builtin:taef2",
-    ),
+    "demo-taef2-64": taef2_demo(64, "demo-taef2 at 64 px"),
     # written after the comparator's pooling was chosen on the four sets above: its confirmation
     "synth-e": DataSet(
         SynthSpec(7, 3, 50, 96, 0.25, 4, ()),
