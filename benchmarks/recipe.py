@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark  # noqa: E402
 from leakpipe.pipeline.config import PROFILES  # noqa: E402
-from leakpipe.pipeline.ledger.results import load_split  # noqa: E402
+from leakpipe.pipeline.ledger.results import load_checked_scores, load_split  # noqa: E402
 from leakpipe.pipeline.engine.vae import save_random_vae  # noqa: E402
 from leakpipe.pipeline.ledger import runs  # noqa: E402
 from leakpipe.pipeline.math import bootstrap, metrics  # noqa: E402
@@ -53,6 +53,15 @@ class DataSet:
 
 
 DEMO_TOML = "[model]\nembed_dim = 64\nprototypes_per_class = 2\n[train]\nepochs = 15\nbatch_size = 32\n"
+TAEF2_TOML = DEMO_TOML.replace("epochs = 15", "epochs = 10")
+
+
+def taef2_demo(size: int, about: str) -> DataSet:
+    """The TAEF2 demo's design (10 + 10 generators x 40 images, difficulty 1.0, scale 1, its config) at `size` px."""
+    spec = SynthSpec(10, 10, 40, size, 1.0, 0, ())
+    return DataSet(spec, (), 0, 1.0, TAEF2_TOML, about + ", builtin:taef2, the demo's config", vae="builtin:taef2")
+
+
 SETS = {
     "demo": DataSet(
         SynthSpec(10, 10, 40, 128, 0.1, 0, ()),
@@ -88,6 +97,10 @@ SETS = {
         "",
         "8 generators x 40 images, 64 px, difficulty 0.3, data seed 3, random VAE seed 3, default config",
     ),
+    # `leakpipe demo` since issue 33: the shipped TAEF2 (32 channels, scale 1) at difficulty 1.0, 10 epochs
+    "demo-taef2": taef2_demo(128, "`leakpipe demo` on TAEF2: 10 generators x 40 images, 128 px, difficulty 1.0"),
+    # the same design at 64 px: TAEF2 encodes a 64-px image with a quarter of the FLOPs (1.9 G against 7.7 G)
+    "demo-taef2-64": taef2_demo(64, "demo-taef2 at 64 px"),
     # written after the comparator's pooling was chosen on the four sets above: its confirmation
     "synth-e": DataSet(
         SynthSpec(7, 3, 50, 96, 0.25, 4, ()),
@@ -208,6 +221,7 @@ def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: i
         "maha": maha.score(te.embedding("h_bar")).argmax(1) == y,
         "eq13": eq13.score(te.embedding("h_bar")).argmax(1) == y,
         "open_auroc": m.get("open", {}).get("gating_off", {}).get("auroc", float("nan")),
+        "open_scores": open_scores(result),
         "prototypes": m.get("prototypes", {}).get("winning_fraction", float("nan")),
         "separation": m.get("prototypes", {}).get("median_separation", float("nan")),
         # how far temporal attention is from uniform: the largest |a_t - 1/T| of any class's mean a_t
@@ -216,6 +230,37 @@ def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: i
         "seconds": seconds,
         "epochs": len(history),
     }
+
+
+def open_scores(result: Path) -> tuple | None:
+    """(closed test rows, their scores, open rows, their scores) of the open set, gating off; None without one."""
+    scores = load_checked_scores(result)
+    if scores is None:
+        return None
+    return scores["closed_rows"], scores["gating_off.closed"], scores["open_rows"], scores["gating_off.open"]
+
+
+def paired_auroc(runs: list, base_runs: list, n_boot: int = 2000) -> dict | None:
+    """The seed-averaged open-set AUROC (gating off) minus the reference variant's, paired on the same
+    bootstrap resamples of the same closed test and open images (known images are the positives)."""
+    if any(r["open_scores"] is None for r in runs + base_runs):
+        return None
+    rows = runs[0]["open_scores"]
+    if any(
+        not (np.array_equal(r["open_scores"][0], rows[0]) and np.array_equal(r["open_scores"][2], rows[2]))
+        for r in runs + base_runs
+    ):
+        raise SystemExit("open-set scores of the variants are not of the same images")
+    positive = np.r_[np.ones(len(rows[0]), bool), np.zeros(len(rows[2]), bool)]
+
+    def mean_auroc(group, w):
+        return np.mean(
+            [metrics.auroc(np.r_[r["open_scores"][1], r["open_scores"][3]], positive, w) for r in group], axis=0
+        )
+
+    diff = bootstrap.Resamples(n_boot, 0).of(lambda w: mean_auroc(runs, w) - mean_auroc(base_runs, w), len(positive))
+    point = metrics.unit(len(positive))
+    return bootstrap.paired(float(mean_auroc(runs, point)[0] - mean_auroc(base_runs, point)[0]), diff)
 
 
 def probe(ws: Workspace, rows: np.ndarray) -> np.ndarray:
@@ -282,6 +327,10 @@ def fmt_diff(d: dict) -> str:
     return f"{d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({verdict}, p {d['p']:.3f})"
 
 
+def fmt_auroc(d: dict | None) -> str:
+    return "n/a (no open set)" if d is None else fmt_diff(d)
+
+
 def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str]:
     lines = [
         f"### {name}: {ds.about}",
@@ -291,8 +340,8 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
         "",
         "| variant | seeds | head top-1 (mean +- sd) | head - z0 probe (seed mean, paired) | "
         f"head - {rows[0].variant} | Mahalanobis top-1 | Mahalanobis - z0 probe | Eq. 13 on train rows | "
-        "open AUROC | prototypes winning | s / run |",
-        "|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|",
+        f"open AUROC | open AUROC - {rows[0].variant} | prototypes winning | s / run |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|---|---:|---:|",
     ]
     recipe = [x["head"] for x in rows[0].results]
     for r in rows:
@@ -309,6 +358,7 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
             f"{np.mean(mt):.3f} | {fmt_diff(paired(mahas, base, groups))} | "
             f"{np.mean([x['eq13'].mean() for x in r.results]):.3f} | "
             f"{np.nanmean([x['open_auroc'] for x in r.results]):.3f} | "
+            f"{fmt_auroc(paired_auroc(r.results, rows[0].results)) if r is not rows[0] else '-'} | "
             f"{np.nanmean([x['prototypes'] for x in r.results]):.2f} | {np.mean(secs) if secs else float('nan'):.0f} |"
         )
     return lines

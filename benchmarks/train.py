@@ -10,11 +10,18 @@
 (c) training images/s from a Zarr latent cache through the stage's own path (LatentRows,
     FeatureBuilder, train_epoch): per compute.precision, with compute.compile off and on, and on a
     GPU with the cache held on the GPU or in pinned host memory (compute.gpu_cache_gb).
+(d) `--recipe`: the default recipe's training images/s on 4 x 32 x 32 latents through the same path,
+    before and after issue 36 in one run (epochs interleaved, medians), each `--set` list a side:
+    before = train.backbone_dropout_mode=mask (every image through the backbone), after = skip; plus
+    the FLOPs of a training image (torch's FLOP counter) against what this CPU sustains on the
+    recipe's largest convolution (64 -> 64 channels, 3 x 3, 32 x 32 maps), forward and backward.
+    CPU seconds per image on `--threads 1` compare the sides on a machine shared with other work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 import platform
 import sys
@@ -110,6 +117,90 @@ def from_cache(args, device, tmp: Path) -> list[str]:
     return lines
 
 
+RECIPE_SIDES = {"before": ["train.backbone_dropout_mode=mask"], "after": ["train.backbone_dropout_mode=skip"]}
+
+
+def recipe_throughput(args, device, tmp: Path) -> list[str]:
+    """(d): img/s of train_epoch per side, epochs interleaved (one warm-up each), medians."""
+    from leakpipe.pipeline.config_files import load_config
+    from leakpipe.pipeline.engine.fit import optimizer
+
+    store = synthetic_store(tmp / "recipe.zarr", args.cache_rows)
+    rows = np.arange(args.cache_rows)
+    sides = {}
+    for side, sets in RECIPE_SIDES.items():
+        cfg = load_config(None, [*sets, "train.seed=0"])
+        torch.manual_seed(0)
+        model = build_model(cfg, 10, LATENT).to(device)
+        build = FeatureBuilder(cfg, device, torch.zeros(3, 8, device=device), torch.ones(3, 8, device=device))
+        sides[side] = (model, optimizer(model, cfg.train), build, cfg.train, LatentRows(store, rows, rows % 10, 2**34))
+    times = {side: [] for side in sides}
+    for k in range(args.recipe_epochs + 1):
+        for side, (model, opt, build, tc, data) in sides.items():
+            cpu = time.process_time()
+            seconds = _once(lambda: train_epoch(model, opt, data, build, tc, k + 1), device)  # noqa: B023
+            cpu = time.process_time() - cpu
+            if k:  # the first is a warm-up
+                times[side].append((seconds, cpu))
+            print(
+                f"  {side} epoch {k}: {len(rows) / seconds:.2f} img/s, {cpu / len(rows):.3f} CPU s per image",
+                flush=True,
+            )
+    rate = {side: len(rows) / float(np.median([w for w, _ in t])) for side, t in times.items()}
+    cpu = {side: float(np.median([c for _, c in t])) / len(rows) for side, t in times.items()}
+    flops = tuple(step_flops(sides[side][0], sides[side][2]) for side in ("after", "before"))
+    conv = conv_gflops(device)
+    return [
+        f"(d) default recipe, {args.cache_rows} latents of {LATENT}, batch {sides['after'][3].batch_size}, medians of "
+        f"{args.recipe_epochs} interleaved epochs: before {rate['before']:.2f} img/s, after {rate['after']:.2f} img/s: "
+        f"{rate['after'] / rate['before']:.2f}x; CPU seconds per image (all threads; robust to other load on 1 "
+        f"thread) before {cpu['before']:.3f}, after {cpu['after']:.3f}: {cpu['before'] / cpu['after']:.2f}x",
+        f"    FLOPs per training image (forward and backward, torch's counter): before {flops[1]:.2f} G, after "
+        f"{flops[0]:.2f} G; achieved before {rate['before'] * flops[1]:.0f} GFLOP/s, after "
+        f"{rate['after'] * flops[0]:.0f} GFLOP/s of wall time, {flops[1] / cpu['before']:.0f} and "
+        f"{flops[0] / cpu['after']:.0f} per CPU second; the 64 -> 64 3 x 3 convolution on 32 x 32 maps sustains "
+        f"{conv[0]:.0f} GFLOP/s of wall time, {conv[1]:.0f} per CPU second (forward and backward); load average at "
+        f"the end {os.getloadavg()[0]:.2f}",
+    ]
+
+
+def step_flops(model, build) -> float:
+    """GFLOP per image of a training step's forward and backward (batch of 8, half the images' backbone
+    dropped as train.backbone_dropout = 0.5 draws on average)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 8
+    f = build(np.zeros((n, *LATENT), np.float32), np.zeros((n, *LATENT), np.float32), torch.randn(n, 3, *LATENT))
+    dropped = torch.arange(n) % 2 == 0
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(f.to(build.device), None, dropped.to(build.device)).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n / 1e9
+
+
+def conv_gflops(device, batch: int = 96, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP per second of wall time and per CPU second of the recipe's largest convolution, forward and
+    backward, as this device runs it (the CPU figure averages the warm-up call in)."""
+    conv = torch.nn.Conv2d(64, 64, 3, 1, 1, bias=False).to(device)
+    x = torch.randn(batch, 64, 32, 32, device=device, requires_grad=True)
+    flops = 3 * 2 * batch * 64 * 64 * 9 * 32 * 32  # forward, and the input and weight gradients
+
+    def step():
+        conv(x).sum().backward()
+
+    cpu = time.process_time()
+    wall = timed(step, device, repeats)
+    cpu = (time.process_time() - cpu) / (repeats + 1)  # timed() runs one warm-up call
+    return flops / wall / 1e9, flops / cpu / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count (platform.processor() is empty on many Linux systems)."""
+    model = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,11 +212,27 @@ def main():
     ap.add_argument("--precisions", default="fp32,bf16,fp16", help="compute.precision values for (c)")
     ap.add_argument("--compile", action="store_true", help="(c) also with compute.compile = true")
     ap.add_argument("--only-cache", action="store_true", help="run (c) alone")
+    ap.add_argument("--recipe", action="store_true", help="run (d) alone")
+    ap.add_argument("--recipe-epochs", type=int, default=3, help="timed epochs per side for (d)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
-    print(f"device: {device} ({name}); torch {torch.__version__}{cuda}; batch {args.batch}", flush=True)
+    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}{cuda}, {torch.get_num_threads()} threads; "
+        f"batch {args.batch}; {load}",
+        flush=True,
+    )
+    if args.recipe:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print("\n".join(recipe_throughput(args, device, Path(tmp))))
+        return
     if args.only_cache:
         import tempfile
 

@@ -139,6 +139,9 @@ class TrainConfig:
     # the readout then learns to attribute by itself, not only what the backbone has not memorised.
     # Inert without a readout (model.dct_readout and model.latent_readout none)
     backbone_dropout: float = 0.5
+    # skip: those images do not pass through the backbone (half its training cost at 0.5) | mask: they
+    # pass and their h_t is zeroed, so they count in BatchNorm's batch statistics (leakpipe before issue 36)
+    backbone_dropout_mode: str = "mask"
     time_dropout: float = 0.0  # probability of dropping a timestep's h_t in training (authors' code: 0.3)
     entropy_penalty: float = 0.0  # weight of (log T - H(a_t)) in the loss (authors' code: 0.1)
     prototype_pull: float = 0.0  # weight of the pull of every prototype towards its nearest image of its class
@@ -205,6 +208,10 @@ class LogConfig:
     """Execution only: never part of a fingerprint."""
 
     tensorboard: bool = False  # event files under each result's tensorboard/ (needs leakpipe[tensorboard])
+    # validation (precise BatchNorm statistics, then the val rows) every this many training epochs and after
+    # the last, under train.select = last (val_loss and val_auc validate every epoch); 0: the last only.
+    # The kept weights are the same at any value: history.json and the log show fewer epochs' val figures
+    validate_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -264,6 +271,7 @@ CHOICES = {
     "model.latent_readout": ("auto", "none", "linear"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.select": ("last", "val_loss", "val_auc"),
+    "train.backbone_dropout_mode": ("skip", "mask"),
     "compute.precision": ("fp32", "bf16", "fp16"),
     "score.kde_dtype": ("float64", "float32"),
     "score.kde_embedding": ("h_bar", "gated"),
@@ -312,6 +320,7 @@ ADDED_KEYS = {
     "score.maha_rows": "train",
     "score.reconstruction": [],
     "score.reconstruction_max_side": 128,
+    "train.backbone_dropout_mode": "mask",
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -341,6 +350,7 @@ RANGES = [
     ("train.weight_decay", 0, None, ">= 0 and finite"),
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"),
     ("train.patience", 0, None, ">= 0"),
+    ("log.validate_every", 0, None, ">= 0 (0 = after the last epoch only)"),
     ("train.shuffle_chunks", 1, None, ">= 1"),
     ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
     ("train.backbone_dropout", 0, 0.95, "between 0 and 0.95"),

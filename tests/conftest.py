@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from leakpipe.pipeline.cli import main
+from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine.vae import save_random_vae
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
@@ -139,3 +140,25 @@ def kill_midway(slowed: str, pause: float, body: str, ready, timeout: float = 12
 def cli(ws: Path, *args: str):
     """Run `leakpipe ARGS -C ws` in-process (every command takes -C)."""
     return CliRunner().invoke(main, [*args, "-C", str(ws)], catch_exceptions=False)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts images passed through the VAE, to prove what was (not) encoded."""
+    seen = {"images": 0, "loads": 0}
+    real_load = vae_lib.load_vae
+
+    def load(*a, **k):
+        seen["loads"] += 1
+        model = real_load(*a, **k)
+        real_encode = model.encode
+
+        def encode(x):
+            seen["images"] += len(x)
+            return real_encode(x)
+
+        model.encode = encode
+        return model
+
+    monkeypatch.setattr(vae_lib, "load_vae", load)
+    return seen

@@ -10,11 +10,20 @@ from safetensors.torch import load_file
 
 import leakpipe.pipeline
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import embed, graph, train
+from leakpipe.stages import embed, encode, graph, train
 
 ROOT = Path(leakpipe.pipeline.__file__).parent.parent  # the checkout: pipeline/, stages/, workflows/
 
 FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
+# the smallest run that passes every stage (one epoch, no post-processed rows)
+TINY = [
+    "train.epochs=1",
+    "model.embed_dim=8",
+    "model.prototypes_per_class=1",
+    "train.batch_size=16",
+    "score.kde_folds=2",
+    "score.postprocessed=",
+]
 
 
 def train_run(root, run, *sets):
@@ -24,6 +33,13 @@ def train_run(root, run, *sets):
     result = train.run(graph(ws, cfg), run, log=lambda m: None)
     embed.run(graph(ws, cfg), run, log=lambda m: None)
     return result
+
+
+def encode_closed(ws_path, **kw):
+    """Stage one on the split `closed`, as `leakpipe encode` runs it (skip_bad=True: encode.skip_bad)."""
+    ws = Workspace(ws_path)
+    extra = ["encode.skip_bad=true"] if kw.pop("skip_bad", False) else []
+    return encode.run(graph(ws, ws.config(None, [*kw.pop("overrides", ()), *extra])), "closed", log=lambda m: None)
 
 
 def weights(root, run):

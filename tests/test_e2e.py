@@ -138,6 +138,8 @@ def test_demo_small_end_to_end(tmp_path):
     assert 'source = "builtin:taef2"' in toml and f"[latent]\nscale = {DEMO_TAEF2_SCALE}\n" in toml
     report = (tmp_path / "cache" / "runs" / "default" / "report.md").read_text()
     assert "seeded random weights" not in report and "Table 3" in report
+    history = json.loads((tmp_path / "cache" / "runs" / "default" / "history.json").read_text())
+    assert ["val_loss" in h for h in history] == [False, True]  # the demo validates after its last epoch
     before = snapshot(tmp_path)
     r = cli(tmp_path, *demo)
     assert r.exit_code == 0 and "nothing to do" in r.output

@@ -17,40 +17,13 @@ from leakpipe.pipeline.engine.images import load_image, to_model_range
 from leakpipe.pipeline.store.locking import Busy, exclusive
 from leakpipe.pipeline.manifest import read_manifest, write_manifest
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import graph, encode as stage
+from leakpipe.stages import graph
 from tests.conftest import cli, write_images
-
-
-def run(ws_path, **kw):
-    ws = Workspace(ws_path)
-    extra = ["encode.skip_bad=true"] if kw.pop("skip_bad", False) else []
-    return stage.run(graph(ws, ws.config(None, [*kw.pop("overrides", ()), *extra])), "closed", log=lambda m: None)
+from tests.helpers import encode_closed as run
 
 
 def store_of(result):
     return zarr.open_group(str(result.store), mode="r")
-
-
-@pytest.fixture
-def counting(monkeypatch):
-    """Counts images passed through the VAE, to prove what was (not) encoded."""
-    seen = {"images": 0, "loads": 0}
-    real_load = vae_lib.load_vae
-
-    def load(*a, **k):
-        seen["loads"] += 1
-        model = real_load(*a, **k)
-        real_encode = model.encode
-
-        def encode(x):
-            seen["images"] += len(x)
-            return real_encode(x)
-
-        model.encode = encode
-        return model
-
-    monkeypatch.setattr(vae_lib, "load_vae", load)
-    return seen
 
 
 def test_store_holds_unscaled_moments_readable_by_zarr_and_dask(ws, tiny_vae):

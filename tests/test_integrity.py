@@ -21,15 +21,8 @@ from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
 from tests.conftest import cli, synth_workspace
+from tests.helpers import TINY as FAST
 
-FAST = [
-    "train.epochs=1",
-    "model.embed_dim=8",
-    "model.prototypes_per_class=1",
-    "train.batch_size=16",
-    "score.kde_folds=2",
-    "score.postprocessed=",
-]
 SETS = [a for s in FAST for a in ("--set", s)]
 
 

@@ -13,7 +13,7 @@ from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.hashing import RACY_NS, HashCache
 from leakpipe.stages import encode as stage
 from tests.conftest import cli, write_images
-from tests.test_encode import counting, run  # noqa: F401 (counting: a fixture)
+from tests.helpers import encode_closed as run
 
 
 def backdate(ws: Path) -> float:

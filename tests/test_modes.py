@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from leakpipe.pipeline.cli import main
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from tests.conftest import CPU_STEM, TINY_BLOCKS, cli
-from tests.test_integrity import FAST
+from tests.helpers import TINY
 
-SETS = [a for s in (*FAST, "score.bootstrap=0", "score.baselines=false") for a in ("--set", s)]
+SETS = [a for s in (*TINY, "score.bootstrap=0", "score.baselines=false") for a in ("--set", s)]
 
 
 def ok(ws, *args):

@@ -3,6 +3,7 @@ what it says (schedule, weight average, crops and tiles, k-means prototypes, pre
 class-sorted data), and the profiles select it or the paper's settings."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -187,6 +188,18 @@ def test_backbone_dropout_leaves_the_readout_alone_and_draws_nothing_when_off():
         alone = model.readout(dct_block(f.flatten(0, 1), 4, 8)).view(4, 3, -1)
         torch.testing.assert_close(h[dropped], alone[dropped])
         torch.testing.assert_close(h[~dropped], model.embed_timesteps(f)[~dropped])
+    # train.backbone_dropout_mode: skip runs the backbone on the kept images alone (their BatchNorm batch
+    # statistics are theirs), mask runs it on every image and zeroes the dropped ones' h_t
+    model.train()
+    with torch.no_grad():
+        skipped = model.embed_timesteps(f, dropped)
+        torch.testing.assert_close(skipped[~dropped], model.embed_timesteps(f[~dropped]))
+        model.skip_dropped = False
+        masked = model.embed_timesteps(f, dropped)
+        torch.testing.assert_close(masked[dropped], skipped[dropped])
+        assert not torch.allclose(masked[~dropped], skipped[~dropped])
+        kept = model.proj(model.backbone(f.flatten(0, 1))).view(4, 3, -1)[~dropped]
+        torch.testing.assert_close(masked[~dropped], kept + alone[~dropped])
 
 
 def test_the_default_recipe_trains_through_the_stage(rws):
@@ -210,6 +223,25 @@ def test_the_default_recipe_trains_through_the_stage(rws):
     assert {h["lr"] for h in json.loads((paper.run_dir / "history.json").read_text())} == {cfg.train.lr}
 
 
+def test_validating_the_last_epoch_alone_keeps_the_weights(rws):
+    """log.validate_every = 0 (train.select = last) validates after the last epoch only: the weights are
+    bitwise those of a run validated every epoch, and history.json and the log have the last epoch's
+    validation figures alone. An execution setting: the same result folder."""
+    common = ["train.epochs=3", "model.stem=imagenet"]
+    every, _, _ = _train(rws, "v-every", common)
+    want = load_file(str(every.run_dir / "model.safetensors"))
+    was = json.loads((every.run_dir / "history.json").read_text())
+    shutil.rmtree(every.run_dir)
+    last, _, logs = _train(rws, "v-last", [*common, "log.validate_every=0"])
+    assert last.run_dir == every.run_dir
+    got = load_file(str(last.run_dir / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    history = json.loads((last.run_dir / "history.json").read_text())
+    assert ["val_loss" in h for h in history] == [False, False, True] and history[-1] == was[-1]
+    assert [h["loss"] for h in history] == [h["loss"] for h in was]
+    assert [line.startswith("epoch") and "val" in line for line in logs if line.startswith("epoch")] == [0, 0, 1]
+
+
 def test_each_recipe_key_changes_the_trained_weights(rws):
     """Two epochs with each piece off (or on), against the same two epochs with the recipe: every key
     reaches the training and changes what it learns (the ImageNet stem throughout, the cheaper one on a
@@ -226,6 +258,7 @@ def test_each_recipe_key_changes_the_trained_weights(rws):
         ["train.prototype_pull=0.1"],
         ["model.prototype_std=0.5"],
         ["train.backbone_dropout=0"],
+        ["train.backbone_dropout_mode=skip"],
         ["features.dct_stats=per_channel"],
         ["model.dct_readout=none"],
         ["model.latent_readout=none"],

@@ -108,7 +108,7 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
     scaler = grad_scaler(device, cfg.compute.precision)
     for data in (train_data, val_data):
         data.place(device, cfg.compute.gpu_cache_gb * 2**30)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = optimizer(model, tc)
     build = FeatureBuilder(cfg, device)
     ckpt_dir = out / "checkpoint"
     try:
@@ -166,19 +166,21 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
         if _prototypes_due(cfg, state, epoch):
             log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
             state["prototypes_placed"] = True
-        evaluated = average.averaged(model) if average is not None else model
-        record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes), epoch)
-        state["history"].append({"epoch": epoch, **fit, **record})
-        log(
-            f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f} val loss {record['val_loss']:.4f} "
-            f"val macro AUC {record['val_macro_auc']:.4f}"
-        )
-        if board is not None:
-            tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
-        score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
-        if score > state["best_score"]:
-            state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
-            best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **stats}.items()}
+        line = f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f}"
+        if not _validation_due(cfg, epoch):
+            state["history"].append({"epoch": epoch, **fit})
+            log(line)
+        else:
+            evaluated = average.averaged(model) if average is not None else model
+            record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes), epoch)
+            state["history"].append({"epoch": epoch, **fit, **record})
+            log(f"{line} val loss {record['val_loss']:.4f} val macro AUC {record['val_macro_auc']:.4f}")
+            if board is not None:
+                tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
+            score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
+            if score > state["best_score"]:
+                state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
+                best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **stats}.items()}
         state["epoch"], state["scaler"] = epoch, scaler.state_dict() if scaler.is_enabled() else {}
         if ddp.is_main:  # every rank holds the same weights; one writes them
             save_checkpoint(ckpt_dir, model, opt, best, state, {"ema": average.state()} if average else {})
@@ -201,6 +203,11 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) ->
     )
     atomic_write_json(out / "history.json", state["history"])
     return result
+
+
+def optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """AdamW with train.lr and train.weight_decay over the model's parameters."""
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def _check_sizes(cfg: Config, store: str, latent_shape: tuple) -> None:
@@ -255,6 +262,14 @@ def _validate(model, train_data, val_data, build, cfg: Config, n_classes: int, e
         "val_macro_auc": auc,
         "val_acc": metrics.point(metrics.top1, val["logits"].argmax(1) == y),
     }, val
+
+
+def _validation_due(cfg: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` is validated: every epoch under train.select = val_loss | val_auc (the choice
+    needs it); under last, every log.validate_every epochs and the last, whose weights are kept. The
+    weights never depend on it: validation evaluates a copy (or only resets BatchNorm statistics)."""
+    every = cfg.log.validate_every
+    return cfg.train.select != "last" or epoch == cfg.train.epochs or (every > 0 and epoch % every == 0)
 
 
 def _prototypes_due(cfg: Config, state: dict, epoch: int) -> bool:

@@ -26,7 +26,8 @@ def build_model(cfg: Config, n_classes: int, latent_shape: tuple[int, int, int])
     reads_latent = resolve_latent_readout(cfg.model.latent_readout, seen[0] * seen[1]) == "linear"
     try:
         dct = (0, 0) if cfg.features.dct_map == "none" else (c, cfg.features.dct_k)
-        return ProtoLeakNet(model, n_classes, in_channels, side, dct, (c, *seen) if reads_latent else (0, 0, 0))
+        latent = (c, *seen) if reads_latent else (0, 0, 0)
+        return ProtoLeakNet(model, n_classes, in_channels, side, dct, latent, cfg.train.backbone_dropout_mode == "skip")
     except ValueError as exc:
         raise UserError(f"model.backbone = {cfg.model.backbone}: {exc}") from None
 

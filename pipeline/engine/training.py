@@ -189,7 +189,7 @@ def stratified_sample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarra
 BN_ROWS = 6400  # rows precise BN averages over (100 batches of 64), drawn from every class
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def recalibrate_batchnorm(
     model, data: LatentRows, build: FeatureBuilder, batch_size: int, max_rows: int = BN_ROWS, precision: str = "fp32"
 ) -> None:

@@ -117,10 +117,13 @@ class ProtoLeakNet(nn.Module):
         side: int = 32,
         dct: tuple[int, int] = (0, 0),
         latent: tuple[int, int, int] = (0, 0, 0),
+        skip_dropped: bool = True,
     ):
         """`dct` (channels, k): where f_t's DCT_low map is, for model.dct_readout = linear; (0, 0): no map.
-        `latent` (channels, h, w): f_t's first channels (z_t / sigma_t) that model.latent_readout reads."""
+        `latent` (channels, h, w): f_t's first channels (z_t / sigma_t) that model.latent_readout reads.
+        `skip_dropped`: images dropped by train.backbone_dropout skip the backbone (train.backbone_dropout_mode)."""
         super().__init__()
+        self.skip_dropped = skip_dropped
         self.backbone = build_backbone(cfg.backbone, in_channels, side, cfg.stem)
         self.proj = nn.Linear(self.backbone.out_features, cfg.embed_dim)
         self.dct = (dct[0], min(dct[1], side)) if cfg.dct_readout == "linear" else (0, 0)
@@ -161,19 +164,26 @@ class ProtoLeakNet(nn.Module):
         block and z_t / sigma_t that model.dct_readout and model.latent_readout read. (B, T, ...) -> (B, T, D).
         Tiles (B, K, T, ...) of one image are pooled like the positions of one map: their h_t are averaged
         (tiled evaluation of a model trained on crops).
-        `backbone_dropped` (B,) bool: images whose h_t is the readout's alone (train.backbone_dropout)."""
+        `backbone_dropped` (B,) bool: images whose h_t is the readout's alone (train.backbone_dropout); with
+        `skip_dropped` the backbone runs on the other images only, so BatchNorm's batch statistics are theirs."""
         tiles = f.shape[1] if f.dim() == 6 else 1
         f = f.flatten(0, 1) if f.dim() == 6 else f
         b, t = f.shape[:2]
         x = f.flatten(0, 1)
         if getattr(self, "channels_last_inputs", False):
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.proj(self.backbone(x)).view(b // tiles, tiles, t, -1)
         if self.readout is None:
-            return h.mean(1)
-        if backbone_dropped is not None:
-            h = h.masked_fill(backbone_dropped.view(-1, 1, 1, 1), 0.0)
-        return (h + self.readout(readout_input(x, self.dct, self.latent)).view_as(h)).mean(1)
+            return self.proj(self.backbone(x)).view(b // tiles, tiles, t, -1).mean(1)
+        r = self.readout(readout_input(x, self.dct, self.latent)).view(b // tiles, tiles, t, -1)
+        if backbone_dropped is None:
+            return (self.proj(self.backbone(x)).view_as(r) + r).mean(1)
+        kept = ~backbone_dropped.view(-1, 1).expand(-1, tiles * t).reshape(-1)
+        if self.skip_dropped and int(kept.sum()) >= 2:  # BatchNorm needs 2 inputs; DDP every parameter used
+            seen = kept.nonzero()[:, 0]
+            h = r.new_zeros((len(x), r.shape[-1])).index_copy(0, seen, self.proj(self.backbone(x[seen])))
+        else:  # computed and zeroed: the dropped images count in BatchNorm's batch statistics
+            h = self.proj(self.backbone(x)).masked_fill(~kept.view(-1, 1), 0.0)
+        return (h.view_as(r) + r).mean(1)
 
     def forward(
         self, f: torch.Tensor, dropped: torch.Tensor | None = None, backbone_dropped: torch.Tensor | None = None
