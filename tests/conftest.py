@@ -29,12 +29,13 @@ def tiny_vae(tmp_path_factory) -> Path:
 CPU_STEM = '[model]\nstem = "imagenet"\n'
 
 
-def synth_workspace(root: Path) -> Path:
+def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Path:
     """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
     chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from."""
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 
-    write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
+    spec = SynthSpec(3, n_open, per_generator, 32, 0.1, 0, ())
+    write_benchmark(root / "data", root / "manifests", spec, workers=1)
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
@@ -113,3 +114,10 @@ def kill_midway(slowed: str, pause: float, body: str, ready, timeout: float = 12
 def cli(ws: Path, *args: str):
     """Run `leakpipe ARGS -C ws` in-process (every command takes -C)."""
     return CliRunner().invoke(main, [*args, "-C", str(ws)], catch_exceptions=False)
+
+
+def ok(ws: Path, *args: str):
+    """`cli` that must succeed: its result, or a failure that shows the command and its output."""
+    r = cli(ws, *args)
+    assert r.exit_code == 0, f"leakpipe {' '.join(args)}:\n{r.output}"
+    return r

@@ -152,12 +152,13 @@ def _result_markdown(r: dict) -> str:
         )
     method = r.get("calibration", {}).get("method", "none").replace("_", " ")
     lines = [f"### {_md(r['image'])}", ""]
+    lines += [f"**Warning:** {_md(w)}\n" for w in r.get("warnings", [])]  # where the run's decisions fail
     if r.get("prediction_set") is not None:
         from leakpipe.stages.attribute import set_text
 
         lines += [
             f"**Prediction set**: {_md(set_text(r))} (it holds the true generator of "
-            f"{r['prediction_set_level']:.0%} of known generators' images like the validation images)",
+            f"{r['prediction_set_level']:.0%} of known generators' images like the calibration images)",
             "",
         ]
     lines += [
