@@ -238,23 +238,32 @@ def table(name: str, ds: DataSet, rows: list[Row], base: np.ndarray) -> list[str
     return lines
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, root: str, **more) -> tuple[argparse.Namespace, object]:
+    """(the arguments: --sets, --seeds, --root, --quiet and `more` {flag: (default, help)}, the log), with
+    the machine, its torch and its load printed first."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="demo,synth-b,synth-c")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument(
-        "--variants", default="leakpipe,paper", help="comma-separated: names of VARIANTS, or NAME:key=value;key=value"
-    )
-    ap.add_argument("--root", default="build/recipe")
+    for flag, (default, text) in more.items():
+        ap.add_argument(f"--{flag}", default=default, type=type(default), help=text)
+    ap.add_argument("--root", default=root)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     import torch
 
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        f"{torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}",
         flush=True,
+    )
+    return args, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def main():
+    args, log = arguments(
+        __doc__,
+        "build/recipe",
+        variants=("leakpipe,paper", "comma-separated: names of VARIANTS, or NAME:key=value;key=value"),
     )
     seeds = [int(s) for s in args.seeds.split(",")]
     out = []
