@@ -1,7 +1,7 @@
 """Robust attribution, measured (issue 35): post-processed variants in training and in calibration, side
 by side on recipe.py's data sets, each arm x seed trained and scored through the stages.
 
-    python benchmarks/robust.py [--sets demo,synth-b,synth-c] [--seeds 0,1,2] [--k 2]
+    python benchmarks/robust.py [--sets demo,synth-b,synth-c] [--seeds 0,1,2] [--k 2] [--epochs N]
                                 [--arms a,b,c,levels,held-out] [--root build/robust]
 
 Each data set is recipe.py's, written with post-processed test copies (steps 1-3, closed-pp), test copies
@@ -91,11 +91,12 @@ def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_arm(ws: Workspace, name: str, arm: str, seed: int, log) -> dict:
-    """Train (or restore) and score one arm at one seed: its metrics per test set, and per test set the
-    correctness of each test image (for the paired differences)."""
+def run_arm(ws: Workspace, name: str, arm: str, seed: int, log, more=()) -> dict:
+    """Train (or restore) and score one arm at one seed (`more`: settings of every arm): its metrics per
+    test set, and per test set the correctness of each test image (for the paired differences)."""
     sets = [
         f"latent.scale={SETS[name].latent_scale}",
+        *more,
         *ARMS[arm],
         f"train.seed={seed}",
         "score.baselines=false",
@@ -170,7 +171,9 @@ def main():
         "build/robust",
         k=(2, "variants of each train and val image"),
         arms=("a,b,c,levels,held-out", "comma-separated arms"),
+        epochs=(0, "train.epochs of every arm (0: the set's own)"),
     )
+    more = [f"train.epochs={args.epochs}"] if args.epochs else []
     out = []
     for name in args.sets.split(","):
         ws, cost = workspace(Path(args.root).resolve(), name, args.k, log)
@@ -180,7 +183,7 @@ def main():
         for arm in args.arms.split(","):
             arms[arm] = []
             for seed in [int(s) for s in args.seeds.split(",")]:
-                arms[arm].append(run_arm(ws, name, arm, seed, log))
+                arms[arm].append(run_arm(ws, name, arm, seed, log, more))
                 m = arms[arm][-1]["m"]
                 print(
                     f"{name} {arm} seed {seed}: top-1 "
