@@ -27,7 +27,8 @@ def _disk_full(exc: BaseException) -> str | None:
     )
     if not full:
         return None
-    where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    filename = getattr(exc, "filename", None)
+    where = f" while writing {filename}" if filename else ""
     return (
         f"No space left on the device{where}. Nothing was corrupted: every file is written to a "
         "temporary name and renamed only when complete. Free some space (`leakpipe gc` lists what it "

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from leakpipe.pipeline.errors import UserError
 
@@ -244,7 +245,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+SECTIONS: dict[str, Any] = {  # section name -> its dataclass
+    f.name: f.default_factory for f in dataclasses.fields(Config)
+}
 
 CHOICES = {
     "vae.dtype": ("float32", "float16", "bfloat16"),

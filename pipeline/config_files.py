@@ -114,7 +114,8 @@ def assign(data: dict, key: str, raw) -> None:
 
 def build(data: dict, where: str = "") -> Config:
     """The validated, immutable Config of `data` (nested dicts); every invalid value at once."""
-    cfg = Config(**{name: cls(**data[name]) for name, cls in SECTIONS.items()})
+    sections: dict[str, typing.Any] = {name: cls(**data[name]) for name, cls in SECTIONS.items()}
+    cfg = Config(**sections)
     problems = validation_problems(cfg)
     if problems:
         raise ConfigError(f"invalid settings{where}:\n  " + "\n  ".join(problems))

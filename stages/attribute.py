@@ -57,7 +57,8 @@ def encode_images(images: np.ndarray, cfg, device, base: Path | None = None) -> 
     from leakpipe.pipeline.engine.encoding import encode_batch
 
     vae = vae_lib.load_vae(vae_lib.resolve(cfg.vae, base), cfg.vae.dtype, device)
-    return tuple(x.astype(np.float32) for x in encode_batch(vae, device, images, cfg.store.dtype))
+    mean, logvar = encode_batch(vae, device, images, cfg.store.dtype)
+    return mean.astype(np.float32), logvar.astype(np.float32)
 
 
 def explain(out, classes: list[str], prototypes, tau, top: int) -> list[dict]:

@@ -22,18 +22,7 @@ from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.engine.vae import resolve_device
 
 KEYS = ("train.eval_seed", "compute.precision")  # besides the model, which carries the rest of its config
-CODE = (
-    "leakpipe.pipeline.math.diffusion",
-    "leakpipe.pipeline.math.dct",
-    "leakpipe.pipeline.math.features",
-    "leakpipe.pipeline.nn.model",
-    "leakpipe.pipeline.nn.backbones",
-    "leakpipe.pipeline.engine.data",
-    "leakpipe.pipeline.engine.training:predict",
-    "leakpipe.pipeline.engine.precision:autocast",
-    "leakpipe.pipeline.engine.trained:model_from",
-    "leakpipe.pipeline.store.embeddings",
-)
+CODE = ("leakpipe.stages.embed:work",)  # its code: what `work` reaches (ledger/code.py)
 
 
 def result_of(ws, run: str) -> Path:

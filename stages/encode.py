@@ -28,15 +28,12 @@ from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.progress import progress
 
 KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
+# its code: what makes a row's latents, and everything that reaches (ledger/code.py); the rest of this
+# module picks rows, resumes and reports, so a change to it never re-encodes anyone's cache
 CODE = (
-    "leakpipe.pipeline.engine.images:_open",
-    "leakpipe.pipeline.engine.images:to_rgb",
-    "leakpipe.pipeline.engine.images:resize_crop",
-    "leakpipe.pipeline.engine.images:load_image",
-    "leakpipe.pipeline.engine.images:to_model_range",
+    "leakpipe.pipeline.engine.images:read_image",
     "leakpipe.pipeline.engine.encoding:encode_batch",
     "leakpipe.pipeline.engine.vae:load_vae",
-    "leakpipe.pipeline.nn.pixels",
 )
 
 

@@ -36,30 +36,7 @@ from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.engine.vae import is_random
 
 KEYS = section_keys("score")
-CODE = (
-    "leakpipe.pipeline.math.metrics",
-    "leakpipe.pipeline.math.bootstrap",
-    "leakpipe.pipeline.math.kde",
-    "leakpipe.pipeline.math.mahalanobis",
-    "leakpipe.pipeline.math.forensic",
-    "leakpipe.pipeline.math.probe",
-    "leakpipe.pipeline.math.prototypes",
-    "leakpipe.pipeline.math.calibration",
-    "leakpipe.pipeline.math.conformal",
-    "leakpipe.pipeline.report.registry",
-    "leakpipe.pipeline.report.evaluate",
-    "leakpipe.pipeline.report.decisions",
-    "leakpipe.pipeline.report.failures",
-    "leakpipe.pipeline.bench.postprocess:parse_ops",
-    "leakpipe.pipeline.engine.variants:sources",
-    "leakpipe.pipeline.report.scoring",
-    "leakpipe.pipeline.report.baselines",
-    "leakpipe.pipeline.report.render",
-    "leakpipe.pipeline.report.figures",
-    "leakpipe.pipeline.report.explain_figures",
-    "leakpipe.pipeline.report.outputs",
-    "leakpipe.pipeline.engine.images:load_native",
-)
+CODE = ("leakpipe.stages.score:work",)  # its code: what `work` reaches (ledger/code.py)
 
 
 def _ci(r: dict, key: str) -> str:

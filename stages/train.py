@@ -40,22 +40,7 @@ from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.workspace import Workspace
 
 KEYS = (*section_keys(*TRAIN_SECTIONS), "compute.precision")
-CODE = (
-    "leakpipe.pipeline.math.diffusion",
-    "leakpipe.pipeline.math.dct",
-    "leakpipe.pipeline.math.features",
-    "leakpipe.pipeline.math.kmeans",
-    "leakpipe.pipeline.nn.model",
-    "leakpipe.pipeline.nn.backbones",
-    "leakpipe.pipeline.engine.data",
-    "leakpipe.pipeline.engine.training",
-    "leakpipe.pipeline.engine.fit",
-    "leakpipe.pipeline.engine.precision",
-    "leakpipe.pipeline.engine.ddp",
-    "leakpipe.pipeline.engine.trained:build_model",
-    "leakpipe.pipeline.engine.trained:init_backbone",
-    "leakpipe.pipeline.engine.variants",
-)
+CODE = ("leakpipe.stages.train:work",)  # its code: what `work` reaches (ledger/code.py)
 
 
 @dataclass

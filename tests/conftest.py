@@ -44,6 +44,27 @@ def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Pat
     return root
 
 
+@pytest.fixture(scope="module")
+def tws(tmp_path_factory):
+    """4 generators x 40 images of 32 px with strong fingerprints (difficulty 0.1), encoded once: the
+    workspace of the training and precision tests (tests/helpers.py trains runs of it)."""
+    from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+    from leakpipe.pipeline.workspace import Workspace
+    from leakpipe.stages import encode, graph
+
+    root = tmp_path_factory.mktemp("train-ws")
+    write_benchmark(root / "data", root / "manifests", SynthSpec(4, 2, 40, 32, 0.1, 0, ()), workers=2)
+    save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
+    (root / "leakpipe.toml").write_text(
+        f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
+        "[train]\nbatch_size = 16\npatience = 10\n" + CPU_STEM
+    )
+    ws = Workspace(root)
+    for split in ("closed", "open"):
+        encode.run(graph(ws, ws.config()), split, log=lambda m: None)
+    return root
+
+
 def write_images(root: Path, labels=("a", "b"), n=6, size=(40, 48), seed=0) -> list[Path]:
     rng = np.random.default_rng(seed)
     out = []

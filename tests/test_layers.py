@@ -3,11 +3,11 @@ packages of a layer import each other. Read from the source (ast), so lazy impor
 count too; an import under `if TYPE_CHECKING:` is a type only and is left out."""
 
 import ast
+import functools
 from pathlib import Path
 
-import leakpipe.pipeline
+from tests.helpers import ROOT, imports, modules, source_tree
 
-ROOT = Path(leakpipe.pipeline.__file__).parent.parent  # the checkout: pipeline/, stages/, workflows/
 # lowest first: math, nn and store know nothing of leakpipe's config; the CLI sits on everything
 LAYERS = [
     (
@@ -36,7 +36,6 @@ LAYERS = [
         "leakpipe.pipeline.cli",
         "leakpipe.pipeline.cli_data",
         "leakpipe.pipeline.cli_ledger",
-        "leakpipe.pipeline.cli_app",
     ),
 ]
 
@@ -52,53 +51,9 @@ def part(module: str) -> tuple[int, str] | None:
     return None
 
 
-def modules() -> dict[str, Path]:
-    out = {}
-    for folder, package in (
-        ("pipeline", "leakpipe.pipeline"),
-        ("stages", "leakpipe.stages"),
-        ("workflows", "leakpipe.workflows"),
-    ):
-        for path in (ROOT / folder).rglob("*.py"):
-            rel = path.relative_to(ROOT / folder).with_suffix("")
-            name = ".".join((package, *rel.parts))
-            out[name.removesuffix(".__init__")] = path
-    return out
-
-
-def _type_only(tree: ast.AST) -> set[int]:
-    """Line numbers of the imports under `if TYPE_CHECKING:`."""
-    lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            lines |= {n.lineno for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
-    return lines
-
-
-def imports(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text())
-    skip = _type_only(tree)
-    out = []
-    for node in ast.walk(tree):
-        if node.lineno in skip if hasattr(node, "lineno") else False:
-            continue
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out += [
-                (
-                    node.lineno,
-                    f"{node.module}.{a.name}"
-                    if part(f"{node.module}.{a.name}") and f"{node.module}.{a.name}" in modules()
-                    else node.module,
-                )
-                for a in node.names
-            ]
-    return [(line, name) for line, name in out if name.startswith("leakpipe.")]
-
-
-def test_every_module_has_a_layer():
+def test_every_module_has_a_layer_and_every_layer_entry_is_a_module():
     assert [m for m in modules() if part(m) is None] == []
+    assert [p for layer in LAYERS for p in layer if not any(m == p or m.startswith(p + ".") for m in modules())] == []
 
 
 def test_imports_point_down_and_packages_of_a_layer_do_not_import_each_other():
@@ -155,7 +110,7 @@ START_UP = ("leakpipe.pipeline.cli",)  # every command starts here: each imports
 def _top_level(path: Path) -> list[str]:
     """What a module imports when it is imported (its module-level imports, names included)."""
     out = []
-    for node in ast.parse(path.read_text()).body:
+    for node in source_tree(path).body:
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -163,6 +118,7 @@ def _top_level(path: Path) -> list[str]:
     return out
 
 
+@functools.cache
 def heavy(module: str, seen: frozenset = frozenset()) -> bool:
     """Whether importing `module` imports one of HEAVY (through leakpipe's module-level imports)."""
     if module.split(".")[0] in HEAVY:
@@ -181,8 +137,7 @@ def test_imports_sit_at_the_top_unless_heavy():
     for name, path in modules().items():
         if name.startswith(START_UP):
             continue
-        tree = ast.parse(path.read_text())
-        for fn in ast.walk(tree):
+        for fn in ast.walk(source_tree(path)):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):

@@ -24,7 +24,7 @@ from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, train
 from leakpipe.pipeline.ledger.graph import values
 from tests.conftest import cli
-from tests.test_train import FAST, tws, train_run, weights  # noqa: F401  (tws: the encoded 4-generator workspace)
+from tests.helpers import FAST, train_run, weights
 
 # Measured here on tws (4 generators, 3 epochs, embed_dim 16), best validation macro AUC: fp32 0.952,
 # bf16 0.973, fp16 0.980; fp32 over training seeds 0-4: 0.940-0.952. The half precisions land a little

@@ -6,50 +6,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from safetensors.torch import load_file
 
 from leakpipe.pipeline.store import embeddings
 
 from leakpipe.pipeline.store import storage
-from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 from leakpipe.pipeline.manifest import read_manifest
-from leakpipe.pipeline.engine.vae import save_random_vae
 from leakpipe.pipeline.workspace import Workspace
-from leakpipe.stages import graph, embed, encode, train
-from tests.conftest import CPU_STEM, TINY_BLOCKS, cli, kill_midway
-
-FAST = ["train.epochs=3", "model.embed_dim=16", "model.prototypes_per_class=2"]
-
-
-@pytest.fixture(scope="module")
-def tws(tmp_path_factory):
-    """4 generators x 40 images of 32 px with strong fingerprints (difficulty 0.1), encoded once."""
-    root = tmp_path_factory.mktemp("train-ws")
-    write_benchmark(root / "data", root / "manifests", SynthSpec(4, 2, 40, 32, 0.1, 0, ()), workers=2)
-    save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
-    (root / "leakpipe.toml").write_text(
-        f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
-        "[train]\nbatch_size = 16\npatience = 10\n" + CPU_STEM
-    )
-    ws = Workspace(root)
-    for split in ("closed", "open"):
-        encode.run(graph(ws, ws.config()), split, log=lambda m: None)
-    return root
-
-
-def train_run(root, run, *sets):
-    """Train, then embed every encoded split, as `leakpipe train` does."""
-    ws = Workspace(root)
-    cfg = ws.config(None, [*FAST, *sets])
-    result = train.run(graph(ws, cfg), run, log=lambda m: None)
-    embed.run(graph(ws, cfg), run, log=lambda m: None)
-    return result
-
-
-def weights(root, run):
-    return load_file(str(train.run_dir(Workspace(root), run) / "model.safetensors"))
+from leakpipe.stages import graph, encode, train
+from tests.conftest import cli, kill_midway
+from tests.helpers import FAST, train_run, weights
 
 
 def test_learns_well_above_chance(tws):

@@ -21,12 +21,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.config_files import load_config
 from leakpipe.stages import STAGES
+
+if TYPE_CHECKING:  # a type only: the attributor loads torch when a page starts
+    from leakpipe.pipeline.config import Config
+    from leakpipe.pipeline.engine.attributor import Attributor
 
 INSTALL = "pip install 'leakpipe[app]'"
 MAX_FILE_SIZE = "50mb"  # per upload; gradio refuses bigger files before they reach leakpipe
@@ -89,8 +93,8 @@ class Page:
     """What the page serves: a loaded attributor and the settings `attribute` takes, and a tally of
     what it has answered (for the server's log and the summary when it stops)."""
 
-    att: object
-    ws_cfg: object
+    att: Attributor
+    ws_cfg: Config
     label: str  # the `run` field of the results: the --model argument, as `attribute --model` gives it
     top: int
     gallery: dict | None  # thumbnails (C, M, K, 64, 64, 3) and count (C, M), or None

@@ -93,7 +93,9 @@ def logo(ws: Workspace, cfg: Config) -> dict[str, tuple[str, ...]]:
             f"{path} has {len(labels)} generators with train rows; leaving one out needs at least 3 "
             "(2 to train on and 1 to hold out)"
         )
-    plan = {f"logo-{re.sub(r'[^A-Za-z0-9._-]', '_', g)}"[:100]: (f"train.exclude={json.dumps([g])}",) for g in labels}
+    plan: dict[str, tuple[str, ...]] = {
+        f"logo-{re.sub(r'[^A-Za-z0-9._-]', '_', g)}"[:100]: (f"train.exclude={json.dumps([g])}",) for g in labels
+    }
     if len(plan) < len(labels):
         raise UserError(f"{path}: generator names {', '.join(labels)} give clashing run names; rename them")
     return plan

@@ -25,7 +25,7 @@ from leakpipe.pipeline.engine.images import BadImage, read_image, to_model_range
 class ImageRows(torch.utils.data.Dataset):
     """Row index -> (row, uint8 HWC image or None, error message or None)."""
 
-    def __init__(self, paths: list[Path], cfg: PreprocessConfig):
+    def __init__(self, paths: list[Path] | list[str], cfg: PreprocessConfig):
         self.paths, self.cfg = paths, cfg
 
     def __len__(self):
@@ -147,7 +147,7 @@ def decode_workers(requested: int, device) -> int:
 def encode_pending(
     vae,
     device,
-    paths: list[Path],
+    paths: list[Path] | list[str],
     pending: np.ndarray,
     writer: ChunkWriter,
     cfg: PreprocessConfig,

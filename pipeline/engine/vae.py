@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leakpipe.pipeline.config import Config, VaeConfig, canonical_hash
 from leakpipe.pipeline.errors import UserError
@@ -115,7 +116,7 @@ def local_path(source: str, base: Path | None = None) -> Path:
 PIXELS = "pixels"
 # what stage one stores for vae.source = pixels: the preprocessed image itself as z0's mean, and a
 # log-variance so low that latent.sample draws the image itself
-PIXELS_CONFIG = {
+PIXELS_CONFIG: dict[str, Any] = {
     "encoder": "identity",
     "latent_channels": 3,
     "block_out_channels": [3],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from leakpipe.pipeline.config import ADDED_KEYS, Config, canonical_hash
 from leakpipe.pipeline.config_files import from_dict
+from leakpipe.pipeline.engine.vae import VaeSource
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks
 from leakpipe.pipeline.ledger.locks import Upstream, Verdict
@@ -171,7 +172,7 @@ class Latents:
 
     split: str
     manifest: Manifest
-    source: object  # engine.vae.VaeSource
+    source: VaeSource
     encoder_fp: str
     file_hashes: list[str]
     store: str  # local path or URL (store.url)

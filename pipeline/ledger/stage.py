@@ -31,7 +31,7 @@ class Stage:
 
     name: str  # encode | train | embed | score
     config: tuple[str, ...]  # the config keys its outputs depend on
-    code: tuple[str, ...]  # the code its outputs are made by (see ledger/code.py)
+    code: tuple[str, ...]  # the roots of the code its outputs are made by: "module:function" (ledger/code.py)
     plan: Callable[..., "Plan"]
     work: Callable[["Plan", Config, Callable, Verdict], "Done"]
     implicit: bool = False  # a downstream stage's runner may run it (cheap and deterministic: embed)
@@ -74,7 +74,7 @@ class Plan:
     facts: dict = field(default_factory=dict)  # for status: vae, store, result
     extra_checks: list[Callable[[Verdict], Verdict]] = field(default_factory=list)
     finish: Callable[[], None] | None = None  # after the work or when up to date (point a run name)
-    guard: Callable[[], None] | None = None  # raises if an input it reads is damaged, up to date or not
+    guard: Callable[[], object] | None = None  # raises if an input it reads is damaged, up to date or not
     replan: Callable[[], "Plan"] | None = None  # the same instance planned again (upstream has changed)
     writes: bool = True  # False on DDP ranks other than 0: they work but never lock or write
     data: Any = None  # what the stage's work and its downstream read (graph.Latents for encode)

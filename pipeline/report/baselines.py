@@ -27,7 +27,7 @@ def forensic_matrix(paths: list, max_side: int, max_pixels: int) -> np.ndarray:
 
 def scored(correct: np.ndarray, rs: bootstrap.Resamples | None) -> dict:
     """top-1 of a baseline's correct/incorrect rows, with its interval over the resamples `rs`."""
-    out = {"top1": float(correct.mean()) if len(correct) else float("nan")}
+    out: dict = {"top1": float(correct.mean()) if len(correct) else float("nan")}
     if rs is not None:
         out["ci"] = {"top1": bootstrap.interval(rs.of(lambda w: metrics.top1(correct, w), len(correct)))}
     return out

@@ -134,7 +134,7 @@ HELD_OUT_NOTE = (
 def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
     """Open-set AUROC (with its interval) of each held-out generator's test rows against the closed test
     rows of the generators trained on, per KDE setting (gating off and on)."""
-    out = {"note": HELD_OUT_NOTE}
+    out: dict = {"note": HELD_OUT_NOTE}
     for name, kind in GATING.items():
         kde = kde_for(train, kind, cfg)
         out[name] = per_generator(
