@@ -57,6 +57,7 @@ def _forget() -> None:
     """Drop what was read of one source tree before reading another."""
     for cached in (reach.source_path, reach._parse, code._entry_hash):
         cached.cache_clear()
+    reach._REACHED.clear()  # identities derived of the other tree: its files are unchanged, so they would stand
 
 
 def main(rev: str) -> None:
