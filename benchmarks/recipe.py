@@ -406,28 +406,36 @@ def table_learners(name: str, ds: DataSet, rows: list[Row], bases: dict) -> list
     return lines
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, root: str, **more) -> tuple[argparse.Namespace, object]:
+    """(the arguments: --sets, --seeds, --root, --quiet and `more` {flag: (default, help)}, the log), with
+    the machine, its torch and its load printed first."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="demo,synth-b,synth-c")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument(
-        "--variants", default="leakpipe,paper", help="comma-separated: names of VARIANTS, or NAME:key=value;key=value"
-    )
-    ap.add_argument("--root", default="build/recipe")
+    for flag, (default, text) in more.items():
+        ap.add_argument(f"--{flag}", default=default, type=type(default), help=text)
+    ap.add_argument("--root", default=root)
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument(
-        "--baselines",
-        action="store_true",
-        help="issue 33's table: the forensic and reconstruction baselines too, post-processing steps, prototypes",
-    )
     args = ap.parse_args()
     import torch
 
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        f"{torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}",
         flush=True,
+    )
+    return args, (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def main():
+    args, log = arguments(
+        __doc__,
+        "build/recipe",
+        variants=("leakpipe,paper", "comma-separated: names of VARIANTS, or NAME:key=value;key=value"),
+        baselines=(
+            0,
+            "1: issue 33's table, with the forensic and reconstruction baselines, post-processing steps, prototypes",
+        ),
     )
     seeds = [int(s) for s in args.seeds.split(",")]
     out = []

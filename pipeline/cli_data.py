@@ -125,6 +125,12 @@ def _steps(text: str) -> tuple[int, ...]:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the images, the split and the post-processing.")
 @click.option("--steps", default="1,2,3", show_default=True, help="Post-processing steps ('' for none).")
+@click.option(
+    "--variants",
+    default=0,
+    show_default=True,
+    help="Post-processed variants of each train and val image (manifest closed-var; see postprocess --variants).",
+)
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
 @click.option(
     "--family",
@@ -147,14 +153,23 @@ def _steps(text: str) -> tuple[int, ...]:
     help="Decoder family: each generator also adds its own latent noise level.",
 )
 @_workspace_options
-def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, workers, **family):
-    """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open."""
+def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed, steps, variants, workers, **family):
+    """Write a WILD-shaped synthetic benchmark and its manifests closed, closed-pp and open (and closed-var)."""
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
     from leakpipe.workflows.demo import rendering_autoencoder
 
     out = out or ws.root / "data" / "synth"
     spec = SynthSpec(
-        n_closed, n_open, per_generator, size, difficulty, seed, _steps(steps), family["family"], family["latent_noise"]
+        n_closed,
+        n_open,
+        per_generator,
+        size,
+        difficulty,
+        seed,
+        _steps(steps),
+        family=family["family"],
+        latent_noise=family["latent_noise"],
+        variants=variants,
     )
     start = time.perf_counter()
     ae = rendering_autoencoder(spec, family["decoder"], ws.root)
@@ -167,7 +182,10 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 
 @main.command()
 @click.option("--split", required=True, help="Manifest to copy from.")
-@click.option("--partition", default="test", show_default=True, help="Rows to copy ('all' for every row).")
+@click.option(
+    "--partition",
+    help="Rows to copy ('all' for every row) [default: test; with --variants: train and val, always].",
+)
 @click.option(
     "--steps",
     default="1,2,3",
@@ -176,26 +194,57 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
     "drawn from JPEG and WebP re-encoding, resize, crop, rotation, blur, brightness/contrast and "
     "greyscale; one variant (stepK) per step, each operation recorded in the ops column.",
 )
-@click.option("--name", help="Output manifest [default: SPLIT-pp].")
+@click.option(
+    "--variants",
+    "k",
+    default=0,
+    show_default=True,
+    help="Write K variants of each train and val image instead, for training (train.variants) and "
+    "calibration (score.variants): variant j draws its step from --steps and its operations with its "
+    "own seed, never a test image's nor a test copy's.",
+)
+@click.option(
+    "--ops",
+    default="all",
+    show_default=True,
+    help="Operation families to draw from, comma-separated (jpeg, webp, resize, crop, rotate, blur, "
+    "brightness_contrast, grayscale): hold one out of the variants, or test on it alone.",
+)
+@click.option("--name", help="Output manifest [default: SPLIT-pp; with --variants: SPLIT-var].")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Image folder [default: WORKSPACE/data/NAME]."
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the operations and their parameters.")
 @click.option("--workers", default=0, help="Worker processes [default: all cores].")
 @_workspace_options
-def postprocess(ws, cfg, split, partition, steps, name, out, seed, workers):
-    """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest."""
+def postprocess(ws, cfg, split, partition, steps, k, ops, name, out, seed, workers):
+    """Post-processed copies (steps 1-3: JPEG/WebP, resize, crop, rotation, blur, ...) of a manifest: test
+    copies to score robustness, or (--variants K) training and calibration variants."""
     from leakpipe.pipeline import manifest as mf
-    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows
+    from leakpipe.pipeline.bench import postprocess as pp
+    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows, variant_rows
 
+    try:
+        among = pp.families(ops)
+    except ValueError as exc:
+        raise UserError(f"--ops {ops}: {exc}") from None
+    if k and partition is not None:
+        raise UserError(
+            f"--partition {partition} with --variants {k}: variants are made of the train and val images only "
+            "(a variant of a test image would train on it); test copies come without --variants"
+        )
     m = mf.read_manifest(ws.manifest(split))
-    name = name or f"{split}-pp"
-    out = out or ws.root / "data" / name
-    rows = postprocess_rows(
-        m, out, _steps(steps), seed, None if partition == "all" else partition, workers or os.cpu_count() or 1
-    )
+    name = name or f"{split}-{'var' if k else 'pp'}"
+    out, workers = out or ws.root / "data" / name, workers or os.cpu_count() or 1
+    if k:
+        rows = variant_rows(m, out, k, _steps(steps), seed, workers, among)
+    else:
+        partition = partition or "test"
+        rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition, workers, among)
     if not rows:
-        raise click.ClickException(f"no rows of {ws.manifest(split)} have partition {partition!r}")
+        raise click.ClickException(
+            f"no rows of {ws.manifest(split)} have partition {'train or val' if k else repr(partition)}"
+        )
     mf.write_manifest(ws.manifest(name), out, rows, PP_COLUMNS)
     click.echo(f"postprocess: {len(rows)} images under {out} -> {ws.manifest(name)}")
 

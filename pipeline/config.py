@@ -155,6 +155,12 @@ class TrainConfig:
     # generators (labels) left out of training and validation; score treats their closed test rows as
     # unseen generators (leave-one-generator-out, `leakpipe sweep --logo`)
     exclude: list[str] = field(default_factory=list)
+    # post-processed variants of the training images (`leakpipe postprocess --variants K`, encoded like any
+    # split): a manifest whose rows copy train.split's train and val rows (its source column names each
+    # one's image). Per image and epoch, training draws the original or one of its variants. auto: the
+    # manifest SPLIT-var when it exists, else none; "": none (raw images only, as the paper trains)
+    variants: str = "auto"
+    variant_p: float = 0.5  # the probability that an epoch sees one of an image's variants instead of it
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,13 @@ class ScoreConfig:
     calibration: str = "temperature"
     conformal: str = "lac"  # nonconformity of the prediction sets: lac (smallest sets) | aps (adaptive)
     mondrian: bool = False  # one conformal threshold per class (class-conditional coverage)
+    # post-processed variants of the closed split's val images (`leakpipe postprocess --variants`): their
+    # val rows join the raw val rows in fitting the temperature and the conformal thresholds, so the
+    # guarantee covers images post-processed like them. auto: CLOSED-var when it exists; "": raw val only
+    variants: str = "auto"
+    # with score.variants: one conformal threshold per post-processing level (raw, step1, ...: Mondrian by
+    # level), a new image (whose level is unknown) held to the largest: the guarantee then holds at every level
+    levels: bool = False
     dual: bool = False  # the paper's "dual" open-set setting (uses ground truth; not a detector)
     embedding_map: str = "pca"  # pca | tsne
     seed: int = 0  # KDE folds, t-SNE, bootstrap resamples
@@ -321,6 +334,10 @@ ADDED_KEYS = {
     "score.reconstruction": [],
     "score.reconstruction_max_side": 128,
     "train.backbone_dropout_mode": "mask",
+    "train.variants": "",
+    "train.variant_p": 0.5,
+    "score.variants": "",
+    "score.levels": False,
 }
 # Choices of each item of a list setting
 ITEM_CHOICES = {"train.augment": ("hflip", "vflip")}
@@ -359,6 +376,7 @@ RANGES = [
     ("train.prototype_pull", 0, None, ">= 0 and finite (0 = off)"),
     ("train.ema_half_life", 0, None, ">= 0 and finite (0 = off)"),
     ("train.label_smoothing", 0, 0.5, "between 0 and 0.5"),
+    ("train.variant_p", 0, 1, "between 0 (originals only) and 1 (a variant whenever an image has one)"),
     ("train.crop", 0, None, ">= 0 (0 = off)"),
     ("score.maha_floor", 0, None, ">= 0 and finite"),
     ("score.maha_shared", 0, 1, "between 0 (Eq. 13) and 1 (one shared covariance)"),
@@ -452,6 +470,7 @@ _PAPER = (
     "train.select=val_auc",
     "score.maha_shared=0",
     "score.maha_rows=train",
+    "train.variants=",  # the paper trains on raw images only
 )
 PROFILES: dict[str, tuple[str, ...]] = {
     "leakpipe": (),

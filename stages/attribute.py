@@ -4,7 +4,8 @@ Uses a scored run: its VAE config encodes the images exactly as stage one would 
 same stored dtype), each image gets the seeded eval noise of its content hash, and what `score`
 fitted on the validation partition is applied: the temperature (calibrated posterior), the conformal
 thresholds (prediction set at level 1 - score.alpha) and the validation KDE scores (the unseen
-p-value, flagged at p <= score.alpha), from the run's metrics.json and calibration.safetensors.
+p-value, flagged at p <= score.alpha), from the run's metrics.json and calibration.safetensors. Where
+the run's figures or decisions fail (report/failures.py), every result says so in words.
 """
 
 from __future__ import annotations
@@ -321,6 +322,8 @@ def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=N
                 "unseen_alpha": d["alpha"] if d else None,
                 "unseen_n_val": len(att.val_scores) if d else None,
                 "unseen_generator": bool(unseen[i]),
+                "warnings": d.get("warnings", []) if d else [],  # where the run's figures and decisions fail
+                "guarantee": d.get("population", "") if d else "",
                 "explanation": why,
                 "attributor": att.name,
                 "run": label,
@@ -377,6 +380,7 @@ def format_text(results: list[dict]) -> str:
     lines = []
     for r in results[:1]:
         lines.append(f"{r['attributor']}, VAE {r['vae']}")
+        lines += [f"WARNING: {w}" for w in r.get("warnings", [])]
     timesteps = results[0]["timesteps"] if results else []
     for r in results:
         lines += [

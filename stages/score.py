@@ -21,6 +21,7 @@ from leakpipe.pipeline.ledger.graph import (
     Graph,
     Latents,
     label_rows,
+    resolved,
     run_config,
     score_splits,
     section_keys,
@@ -74,6 +75,7 @@ class ScoreResult:
         for g, r in m.get("held_out", {}).get("gating_off", {}).items():
             lines.append(f"  held-out generator {g} (never trained on) vs closed test: AUROC {_ci(r, 'auroc')}")
         lines += [f"  NOTE: {n}" for n in m.get("notes", []) if "includes chance" in n or n.startswith("Leakage")]
+        lines += [f"  WARNING: {w}" for w in m.get("warnings", [])]
         if self.latents:
             lines.append(f"  on {self.latents}")
         lines.append(f"  report: {self.run_dir / 'report.md'} (cache/runs/{self.run} -> results/{self.run_dir.name})")
@@ -140,6 +142,9 @@ class Reading:
     def autoencoder(self, source: str):
         return load_autoencoder(resolve_vae(VaeConfig(source=source), self.g.ws.root))
 
+    def contents(self, name: str) -> list[str]:
+        return _latents(self.g, self.result, self.cfg, name).file_hashes
+
     def stage_features(self, rows):
         from leakpipe.pipeline.ledger.results import stage_features
 
@@ -160,7 +165,7 @@ def _latents(g: Graph, result: Path, cfg: Config, split: str) -> Latents:
 def _available(g: Graph, run_dir: Path, cfg: Config, name: str) -> tuple[list[str], list[str]]:
     """(splits whose embeddings are up to date, notes on the others); the closed split must be."""
     ws, have, notes = g.ws, [], []
-    for role, split in score_splits(cfg):
+    for role, split in score_splits(cfg, ws):
         verdict = g.plan("embed", run_dir, split, name).check(deep=True) if ws.manifest(split).exists() else None
         if verdict is not None and verdict.up_to_date:
             have.append(split)
@@ -199,6 +204,7 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
     """Score reads the embeddings (with locks) of the closed, post-processed and open splits under the
     result `run` points at, and their manifests' labels, partitions and variants."""
     ws, out = g.ws, runs.pointed(g.ws, runs.check_name(run))
+    cfg = resolved(cfg, ws)  # score.variants = auto: CLOSED-var when it exists
     command = f"leakpipe score --run {run}"
     if out is None or locks.read_lock(out / "train.lock.json") is None:
         return Plan.not_ready(
@@ -222,19 +228,20 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
             ),
             command,
         )
-    roles = [(role, split) for role, split in score_splits(cfg) if ws.manifest(split).exists()]
+    roles = [(role, split) for role, split in score_splits(cfg, ws) if ws.manifest(split).exists()]
     upstream = [g.plan("embed", out, split, run) for _, split in roles]
     optional = frozenset(p.target for (role, _), p in zip(roles, upstream) if role != "closed")
     ups, files = {}, {}
-    for _, split in roles:
+    for role, split in roles:
         lock = locks.read_lock(out / "embeddings" / f"{split}.lock.json")
         if lock is not None:
             model = lock["inputs"]["upstream"]["model"]["about"]
             ups[f"embeddings of {split}"] = Upstream(
                 lock["fingerprint"], "recomputed", {"model trained": model.get("trained")}
             )
+            extra = ("source", "ops") if role == "variants" else ()  # what a variant copies, how it was processed
             files[f"labels and partitions of {split}"] = label_rows(
-                read_manifest(ws.manifest(split), check_files=False)
+                read_manifest(ws.manifest(split), check_files=False), extra
             )
     if cfg.score.baselines:
         files.update({f"reconstruction autoencoder {a}": _autoencoder_files(g, a) for a in cfg.score.reconstruction})
@@ -268,6 +275,7 @@ def _autoencoder_files(g: Graph, source: str) -> list[list[str]]:
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     s: Scoring = plan.data
+    cfg = resolved(cfg, s.graph.ws)  # as fingerprinted
     trained_lock(s.result, deep=True)  # a damaged model is refused, never scored
     trained = s.graph.plan("train", s.run).check()
     if not trained.up_to_date:

@@ -1,7 +1,8 @@
 """Stage two: train Proto-LeakNet from the latent cache into the run cache.
 
 Declared inputs: the `latent`, `diffusion`, `features`, `model` and `train` settings (and the precision),
-the latents of `train.split` (their encode lock), its labels and partitions, and the `model.init` file;
+the latents of `train.split` (their encode lock), its labels and partitions, the latents of its
+post-processed variants with their sources (train.variants), and the `model.init` file;
 its code is every module that defines the weights (math, nn, the feature path and the epoch loop in
 engine/fit.py). A result is stored under its training fingerprint (cache/results/<fp12>) and the run
 name points at it: retraining a name under another config keeps the earlier result, and a config
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,16 @@ from leakpipe.pipeline.config import TRAIN_SECTIONS, Config
 from leakpipe.pipeline.engine.ddp import launched_rank
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
-from leakpipe.pipeline.ledger.graph import Graph, Latents, init_file, label_rows, ready_latents, section_keys, values
+from leakpipe.pipeline.ledger.graph import (
+    Graph,
+    Latents,
+    init_file,
+    label_rows,
+    ready_latents,
+    resolved,
+    section_keys,
+    values,
+)
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
 from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.store.atomic import atomic_write_json, sweep_orphans
@@ -73,6 +84,8 @@ class Training:
     result: Path
     current: Path | None
     init: Path | None  # model.init, resolved
+    variants: Latents | None = None  # train.variants, resolved
+    ws: Workspace | None = None
 
 
 def _restore(t: Training, inputs: Inputs):
@@ -108,23 +121,34 @@ def _restore(t: Training, inputs: Inputs):
 def plan(graph: Graph, cfg: Config, run: str) -> Plan:
     """Stage two's plan for run name `run` under `cfg`."""
     ws = graph.ws
+    cfg = resolved(cfg, ws)  # train.variants = auto: SPLIT-var when it exists
     current, command = runs.pointed(ws, runs.check_name(run)), f"leakpipe train --run {run}"
     lat_plan, verdict = ready_latents(graph, cfg.train.split, cfg)
-    upstream = [lat_plan] if lat_plan else []
+    var_plan, var_verdict = ready_latents(graph, cfg.train.variants, cfg) if cfg.train.variants else (None, None)
+    upstream = [p for p in (lat_plan, var_plan) if p]
     if lat_plan is None and not ws.manifest(cfg.train.split).exists():
         verdict.reasons[0] = f"train.split = {cfg.train.split}: {verdict.reasons[0]}"
+    if var_verdict is not None and not var_verdict.up_to_date:
+        var_verdict.reasons[0] = f"train.variants = {cfg.train.variants}: {var_verdict.reasons[0]}"
+        verdict = var_verdict if verdict.up_to_date else verdict
     if not verdict.up_to_date:
         return Plan.not_ready(
             STAGE, run, verdict, command, upstream=upstream, facts={"result": current.name if current else None}
         )
     lat = lat_plan.data
+    ups = {f"latents of {cfg.train.split}": lat.identity()}
     files = {f"labels and partitions of {lat.split}": label_rows(lat.manifest)}
+    if var_plan is not None:  # which image each variant copies decides what it trains as
+        ups[f"latents of {cfg.train.variants}"] = var_plan.data.identity()
+        files[f"labels, partitions and sources of {cfg.train.variants}"] = label_rows(
+            var_plan.data.manifest, ("source",)
+        )
     init = init_file(ws, cfg) if cfg.model.init else None
     if init:  # the starting weights are an input: a changed file retrains ([[path, hash]], like every file list)
         files["model.init file"] = [[cfg.model.init, hash_file(init)]]
-    inputs = Inputs(values(cfg, KEYS), {f"latents of {cfg.train.split}": lat.identity()}, files, STAGE.code_identity())
+    inputs = Inputs(values(cfg, KEYS), ups, files, STAGE.code_identity())
     result = runs.result_dir(ws, inputs.fingerprint())
-    t = Training(run, lat, result, current, init)
+    t = Training(run, lat, result, current, init, var_plan.data if var_plan else None, ws)
 
     def finish():
         shutil.rmtree(result / "checkpoint", ignore_errors=True)  # kept, it would quadruple every result
@@ -168,9 +192,11 @@ def check_exclude(t: Training, exclude: list[str]) -> None:
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     from leakpipe.pipeline.engine.fit import fit  # torch: imported when a training runs, not by status
+    from leakpipe.pipeline.engine.variants import DamagedVariants
     from leakpipe.pipeline.store.latent_store import DamagedRows
 
     t: Training = plan.data
+    cfg = resolved(cfg, t.ws)  # as fingerprinted: config.json records the variants trained on, not "auto"
     check_exclude(t, cfg.train.exclude)
     result = TrainResult(t.run, t.result, t.latents.described)
     if verdict.restore:
@@ -180,9 +206,12 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     kept = f"; its earlier result stays at {t.current}" if t.current and t.current != t.result else ""
     log(f"train {t.run}: training because " + "; ".join(verdict.reasons) + kept)
     start = time.perf_counter()
-    with shared(t.latents.writer_lock, f"latent store {t.latents.store}"):
+    variants = shared(t.variants.writer_lock, f"latent store {t.variants.store}") if t.variants else nullcontext()
+    with shared(t.latents.writer_lock, f"latent store {t.latents.store}"), variants:
         try:
-            fitted = fit(t.latents, cfg, t.result, plan.inputs.fingerprint(), log, t.init)
+            fitted = fit(t.latents, cfg, t.result, plan.inputs.fingerprint(), log, t.init, t.variants)
+        except DamagedVariants as exc:
+            raise t.variants.report_damage(exc.rows, "train") from None
         except DamagedRows as exc:
             raise t.latents.report_damage(exc.rows, "train") from None
     result.seconds = time.perf_counter() - start
@@ -194,7 +223,7 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     return Done(
         [t.result / "model.safetensors", t.result / "config.json", t.result / "history.json"],
         {
-            "stores": [str(t.latents.store)],
+            "stores": [str(t.latents.store), *([str(t.variants.store)] if t.variants else [])],
             "vae": t.latents.source.label,
             "world_size": fitted.world_size,
             "seconds": round(result.seconds, 1),

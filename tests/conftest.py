@@ -33,12 +33,13 @@ CPU_STEM = '[model]\nstem = "imagenet"\n'
 NO_RECONSTRUCTION = "[score]\nreconstruction = []\n"
 
 
-def synth_workspace(root: Path) -> Path:
+def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Path:
     """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
     chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from."""
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 
-    write_benchmark(root / "data", root / "manifests", SynthSpec(3, 2, 16, 32, 0.1, 0, ()), workers=1)
+    spec = SynthSpec(3, n_open, per_generator, 32, 0.1, 0, ())
+    write_benchmark(root / "data", root / "manifests", spec, workers=1)
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
         '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
@@ -162,3 +163,10 @@ def counting(monkeypatch):
 
     monkeypatch.setattr(vae_lib, "load_vae", load)
     return seen
+
+
+def ok(ws: Path, *args: str):
+    """`cli` that must succeed: its result, or a failure that shows the command and its output."""
+    r = cli(ws, *args)
+    assert r.exit_code == 0, f"leakpipe {' '.join(args)}:\n{r.output}"
+    return r

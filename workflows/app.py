@@ -194,6 +194,7 @@ def _result_markdown(r: dict) -> str:
         )
     method = r.get("calibration", {}).get("method", "none").replace("_", " ")
     lines = [f"### {_md(r['image'])}", ""]
+    lines += [f"**Warning:** {_md(w)}\n" for w in r.get("warnings", [])]  # where the run's decisions fail
     if r.get("converted"):
         lines += [f"Converted as training images were: {_md('; '.join(r['converted']))}.", ""]
     if r.get("prediction_set") is not None:
@@ -201,7 +202,7 @@ def _result_markdown(r: dict) -> str:
 
         lines += [
             f"**Prediction set**: {_md(set_text(r))} (it holds the true generator of "
-            f"{r['prediction_set_level']:.0%} of known generators' images like the validation images)",
+            f"{r['prediction_set_level']:.0%} of known generators' images like the calibration images)",
             "",
         ]
     lines += [

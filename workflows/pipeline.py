@@ -4,17 +4,18 @@ so each does nothing when it is up to date."""
 
 from __future__ import annotations
 
-from leakpipe.pipeline.ledger.graph import Graph, score_splits
+from leakpipe.pipeline.ledger.graph import Graph, score_splits, variants_of
 from leakpipe.stages import embed, encode, score, train
 
 
 def encode_stale(g: Graph, log=print) -> list:
     """Encode every split that training and scoring read and whose latents are not up to date."""
-    splits = dict.fromkeys([g.cfg.train.split, *(s for _, s in score_splits(g.cfg))])
+    trained = [g.cfg.train.split, variants_of(g.ws, g.cfg.train.variants, g.cfg.train.split)]
+    splits = dict.fromkeys([*trained, *(s for _, s in score_splits(g.cfg, g.ws))])
     return [
         encode.run(g, s, log)
         for s in splits
-        if g.ws.manifest(s).exists() and not g.plan("encode", s).check().up_to_date
+        if s and g.ws.manifest(s).exists() and not g.plan("encode", s).check().up_to_date
     ]
 
 

@@ -34,6 +34,7 @@ class SynthSpec:
     # real autoencoder's decoder (rendered.py), which write_benchmark is then given
     family: str = "pixel"
     latent_noise: bool = True  # decoder family: each generator adds its own latent noise level too
+    variants: int = 0  # post-processed variants of each train and val image (closed-var), drawn from `steps`
 
 
 def _pool_map(fn, tasks: list, workers: int) -> None:
@@ -95,34 +96,69 @@ def write_rendered(root: Path, names: list[str], spec: SynthSpec, autoencoder) -
                 _save_png(arr, root / leak.name / f"{i:05d}.png")
 
 
-def postprocess_rows(m: mf.Manifest, out: Path, steps, seed: int, partition: str | None, workers: int) -> list[dict]:
-    """Post-processed copies of `m`'s rows (of one partition, or all) under out/step<k>/<path>."""
+def _copy_row(m: mf.Manifest, row: dict, rel: str, variant: str, ops: str) -> dict:
+    """The manifest row of a post-processed copy of `row` at `rel`: same label, partition and group,
+    its source recorded (SPLIT:PATH), so the leakage audit treats it as that image."""
+    return {
+        **row,
+        "path": str(Path(rel).with_suffix(".png")),
+        "variant": variant,
+        "ops": ops,
+        "group": row.get("group", ""),
+        "source": f"{m.name}:{row['path']}",
+    }
+
+
+def postprocess_rows(
+    m: mf.Manifest, out: Path, steps, seed: int, partition: str | None, workers: int, among=postprocess.OPS
+) -> list[dict]:
+    """Post-processed copies of `m`'s rows (of one partition, or all) under out/step<k>/<path>, drawn
+    from the operation families `among` (the variant names them when they are not all of OPS)."""
+    suffix = "" if tuple(among) == postprocess.OPS else "-" + "+".join(among)
+
+    def copies():
+        for row in m.rows:
+            for step in steps if partition is None or row["partition"] == partition else ():
+                ops = postprocess.draw_ops(step, synth.rng_for(seed, "postprocess", step, row["path"]), among)
+                yield row, f"step{step}{suffix}/{row['path']}", f"step{step}{suffix}", ops
+
+    return _write_copies(m, out, copies(), workers)
+
+
+VARIANT_PARTITIONS = ("train", "val")  # variants train the model and calibrate its decisions; never test
+
+
+def variant_rows(
+    m: mf.Manifest, out: Path, k: int, steps, seed: int, workers: int, among=postprocess.OPS
+) -> list[dict]:
+    """`k` post-processed variants of each train and val row of `m` under out/v<j>/<path>, for training
+    (train.variants) and calibration (score.variants). Variant j of an image draws its step from
+    `steps` and its operations from `among` with its own seed (seed, "variant", j, path): never a test
+    row's, nor a test copy's seed (seed, "postprocess", step, path). The variant column is the step."""
+
+    def copies():
+        for row in m.rows:
+            for j in range(k) if row["partition"] in VARIANT_PARTITIONS else ():
+                step, ops = postprocess.draw_variant(synth.rng_for(seed, "variant", j, row["path"]), steps, among)
+                yield row, f"v{j}/{row['path']}", f"step{step}", ops
+
+    return _write_copies(m, out, copies(), workers)
+
+
+def _write_copies(m: mf.Manifest, out: Path, copies, workers: int) -> list[dict]:
+    """The rows, and the images, of the copies `copies` yields as (source row, path, variant, ops)."""
     rows, tasks = [], []
-    for row in m.rows:
-        if partition is not None and row["partition"] != partition:
-            continue
-        for step in steps:
-            ops = postprocess.draw_ops(step, synth.rng_for(seed, "postprocess", step, row["path"]))
-            rel = f"step{step}/{row['path']}"
-            rel = str(Path(rel).with_suffix(".png"))
-            rows.append(
-                {
-                    **row,
-                    "path": rel,
-                    "variant": f"step{step}",
-                    "ops": ops,
-                    "group": row.get("group", ""),
-                    "source": f"{m.name}:{row['path']}",
-                }
-            )
-            tasks.append((m.root / row["path"], out / rel, ops))
+    for row, rel, variant, ops in copies:
+        rows.append(_copy_row(m, row, rel, variant, ops))
+        tasks.append((m.root / row["path"], out / rows[-1]["path"], ops))
     _pool_map(_pp_task, tasks, workers)
     return rows
 
 
 def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | None = None, autoencoder=None) -> dict:
-    """closed/, closed-pp/ and open/ image trees under `out`, manifests in `manifests`; the decoder
-    family renders through `autoencoder` (encode/decode in leakpipe's convention, engine/autoencoders)."""
+    """closed/, closed-pp/ (and closed-var/ with spec.variants) and open/ image trees under `out`, manifests
+    in `manifests`; the decoder family renders through `autoencoder` (encode/decode in leakpipe's
+    convention, engine/autoencoders)."""
     workers = workers or os.cpu_count() or 1
     out = Path(out)
     closed, opened = generator_names("closed", spec.n_closed), generator_names("open", spec.n_open)
@@ -136,6 +172,11 @@ def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | 
         pp = postprocess_rows(m, out / "closed-pp", spec.steps, spec.seed, "test", workers)
         mf.write_manifest(mf.manifest_path(manifests, "closed-pp"), out / "closed-pp", pp, PP_COLUMNS)
         written["closed-pp"] = len(pp)
+    if spec.variants and spec.steps:
+        m = mf.read_manifest(mf.manifest_path(manifests, "closed"))
+        var = variant_rows(m, out / "closed-var", spec.variants, spec.steps, spec.seed, workers)
+        mf.write_manifest(mf.manifest_path(manifests, "closed-var"), out / "closed-var", var, PP_COLUMNS)
+        written["closed-var"] = len(var)
     if opened:
         write_generators(out / "open", opened, spec, workers, autoencoder)
         rows, _ = mf.build_rows(mf.scan_tree(out / "open"), None)

@@ -1,6 +1,7 @@
 """Post-processing operations for robustness tests (WILD's steps 1-3), seeded and recorded.
 
-Step k applies between 1 and k distinct operations in random order. Every operation and its
+Step k applies between 1 and k distinct operations in random order, drawn from the operation families
+OPS (or some of them). Every operation and its
 parameters are written to the manifest's `ops` column (`jpeg(q=71);rotate(deg=-4.20)`), and
 `apply_ops` replays that text exactly, so each image can be regenerated. Outputs are saved as PNG
 so the codec artefacts of a JPEG/WebP step are kept bit-exactly.
@@ -32,10 +33,28 @@ def _draw(name: str, rng: np.random.Generator) -> dict:
     }[name]()
 
 
-def draw_ops(step: int, rng: np.random.Generator) -> str:
+def families(text: str) -> tuple[str, ...]:
+    """The operation families a comma-separated list names, in OPS's order ("" or "all": every one)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return OPS
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise ValueError(f"unknown operation(s) {', '.join(unknown)}; known: {', '.join(OPS)}")
+    return tuple(n for n in OPS if n in names)
+
+
+def draw_ops(step: int, rng: np.random.Generator, among: tuple[str, ...] = OPS) -> str:
+    """1 to `step` distinct operations of the families `among`, in random order, with their parameters."""
     n = int(rng.integers(1, step + 1))
-    names = [OPS[i] for i in rng.permutation(len(OPS))[:n]]
+    names = [among[i] for i in rng.permutation(len(among))[:n]]
     return ";".join(f"{name}({','.join(f'{k}={v}' for k, v in _draw(name, rng).items())})" for name in names)
+
+
+def draw_variant(rng: np.random.Generator, steps, among: tuple[str, ...] = OPS) -> tuple[int, str]:
+    """A training variant: its step, drawn uniformly from `steps`, and the operations of that step."""
+    step = int(steps[int(rng.integers(len(steps)))])
+    return step, draw_ops(step, rng, among)
 
 
 def parse_ops(text: str) -> list[tuple[str, dict]]:

@@ -19,6 +19,7 @@ from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows
 from leakpipe.pipeline.engine.precision import channels_last, compiled, grad_scaler
 from leakpipe.pipeline.engine.trained import build_model, init_backbone
 from leakpipe.pipeline.engine.training import WeightAverage, predict, recalibrate_batchnorm, train_epoch
+from leakpipe.pipeline.engine.variants import with_variants
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.math import features, metrics
@@ -85,14 +86,17 @@ def rows_of(lat: Source, exclude=(), classes=None):
     return (*out, classes)
 
 
-def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None) -> Fitted:
+def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None, variants: Source | None = None) -> Fitted:
     """Train the model of `cfg` on the train and val rows of `lat` into the result folder `out`
-    (model.safetensors, history.json), resuming from out/checkpoint when it holds training `fp`."""
+    (model.safetensors, history.json), resuming from out/checkpoint when it holds training `fp`; with
+    `variants` (train.variants), each training image drawn per epoch from itself and its variants."""
     result = Fitted()
     tc = cfg.train
     tr_rows, tr_y, va_rows, va_y, classes = rows_of(lat, tc.exclude)
-    budget = cfg.compute.memory_budget_gb * 2**30
-    train_data, val_data = (LatentRows(lat.store, r, y, budget / 2) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
+    share = cfg.compute.memory_budget_gb * 2**30 / (3 if variants else 2)
+    train_data, val_data = (LatentRows(lat.store, r, y, share) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
+    if variants is not None:
+        train_data = with_variants(train_data, lat, tr_rows, variants, tc.variant_p, share)
     _check_sizes(cfg, lat.store, train_data.latent_shape)
     ddp, device = ddp_lib.setup(cfg.compute.device)
     log = log if ddp.is_main else (lambda msg: None)

@@ -38,20 +38,50 @@ def values(cfg: Config, keys: tuple[str, ...]) -> dict:
     return {k: v for k, v in out.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
-def label_rows(manifest: Manifest) -> list[list[str]]:
-    """[[path, "label|partition|variant"], ...]: what training and scoring read besides the latents."""
-    cols = (manifest.column(c) for c in ("path", "label", "partition", "variant"))
-    return [[p, f"{label}|{part}|{variant}"] for p, label, part, variant in zip(*cols)]
+def label_rows(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[list[str]]:
+    """[[path, "label|partition|variant"], ...]: what training and scoring read besides the latents
+    (`extra`: more columns, "" where the manifest has none, e.g. the source of a variant)."""
+    cols = [manifest.column(c) for c in ("label", "partition", "variant")]
+    cols += [manifest.column(c) if manifest.has_column(c) else [""] * len(manifest) for c in extra]
+    return [[p, "|".join(values)] for p, *values in zip(manifest.column("path"), *cols)]
 
 
-def score_splits(cfg: Config) -> list[tuple[str, str]]:
-    """(role, split) of every split that score reads."""
+def score_splits(cfg: Config, ws: Workspace) -> list[tuple[str, str]]:
+    """(role, split) of every split that score reads: closed, post-processed, open and the variants
+    its decisions are calibrated on (score.variants)."""
     roles = [
         ("closed", cfg.score.closed),
         *(("postprocessed", s) for s in cfg.score.postprocessed),
         ("open", cfg.score.open),
+        ("variants", variants_of(ws, cfg.score.variants, cfg.score.closed)),
     ]
     return [(role, split) for role, split in roles if split]  # an empty name: no such split
+
+
+VARIANTS_SUFFIX = "-var"  # `leakpipe postprocess --variants K --split SPLIT` writes manifests/SPLIT-var.csv
+
+
+def variants_of(ws: Workspace, setting: str, split: str) -> str:
+    """The manifest of post-processed variants that train.variants or score.variants names for `split`:
+    auto is SPLIT-var when that manifest exists, else none ("")."""
+    if setting != "auto":
+        return setting
+    name = split + VARIANTS_SUFFIX
+    return name if ws.manifest(name).exists() else ""
+
+
+def resolved(cfg: Config, ws: Workspace) -> Config:
+    """`cfg` with train.variants and score.variants resolved (variants_of), and the keys they make inert
+    at their defaults (train.variant_p, score.levels without variants): what a fingerprint records, so
+    a setting that changes nothing changes no result."""
+    tv = variants_of(ws, cfg.train.variants, cfg.train.split)
+    sv = variants_of(ws, cfg.score.variants, cfg.score.closed)
+    p = cfg.train.variant_p if tv else ADDED_KEYS["train.variant_p"]
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, variants=tv, variant_p=p),
+        score=dataclasses.replace(cfg.score, variants=sv, levels=cfg.score.levels and bool(sv)),
+    )
 
 
 def run_config(result: Path, ws_cfg: Config | None = None) -> Config:

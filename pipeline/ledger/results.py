@@ -96,7 +96,8 @@ def load_split(ws: Workspace, run_dir: Path, split: str, content: list[str] | No
         )
     v = e["valid"]
     col = lambda name: np.array(m.column(name) if m.has_column(name) else [""] * len(m), dtype=object)[v]  # noqa: E731
-    ids = {"path": col("path"), "group": col("group"), "source": col("source"), "row": np.nonzero(v)[0]}
+    ids = {"path": col("path"), "group": col("group"), "source": col("source"), "ops": col("ops")}
+    ids["row"] = np.nonzero(v)[0]
     if content is not None:
         ids["content"] = np.array(content, dtype=object)[v]
     return Split(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
+from leakpipe.pipeline.math import metrics
+
 LOG_T_BOUNDS = (float(np.log(1e-3)), float(np.log(1e3)))  # the authors' clamp of T: [1e-3, 1e3]
 # The prior log T ~ N(0, PRIOR_SD^2) of every temperature (the head as trained is right within a factor
 # e at one sd). Without it the NLL has no minimum when the validation rows are all classified right
@@ -88,6 +90,26 @@ def fit(method: str, logits: np.ndarray, labels: np.ndarray):
     if method == "none":
         return 1.0
     raise ValueError(f"unknown calibration method {method!r}")
+
+
+CV_FOLDS = 5  # folds of the cross-validated ECE that decides whether calibrating helps
+
+
+def cross_validated_ece(logits: np.ndarray, labels: np.ndarray, method: str, seed: int = 0) -> tuple[float, float]:
+    """(ECE of the posterior as trained, ECE of `method` fitted on the other folds and applied to each held-
+    out fold), over the same rows: whether calibrating helps images it was not fitted on. NaN for both
+    with fewer than two rows a fold."""
+    n = len(labels)
+    if n < 2 * CV_FOLDS:
+        return float("nan"), float("nan")
+    logits = np.asarray(logits, np.float64)
+    fold = np.random.default_rng([seed, 41]).permutation(n) % CV_FOLDS
+    after = np.empty_like(logits)
+    for k in range(CV_FOLDS):
+        out = fold == k
+        after[out] = scaled_posterior(logits[out], fit(method, logits[~out], labels[~out]))
+    ece = lambda p: metrics.point(metrics.expected_calibration_error, p, labels)  # noqa: E731
+    return ece(scaled_posterior(logits, 1.0)), ece(after)
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:

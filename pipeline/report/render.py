@@ -51,6 +51,8 @@ def report_markdown(m: dict) -> str:
         "`leakpipe runs` lists the run names that point at it.",
         "",
     ]
+    if m.get("warnings"):  # where a figure or a decision fails: first, in words (report/failures.py)
+        lines += [f"> **Warning:** {w}" for w in m["warnings"]] + [""]
     if m.get("notes"):
         lines += [f"> {n}" for n in m["notes"]] + [""]
     lines += [
@@ -201,7 +203,7 @@ def decision_lines(m: dict) -> list[str]:
     and the unseen-generator flag's false alarms and detections at level alpha."""
     c, s, u = m["calibration"], m["conformal"], m["unseen_threshold"]
     closed, level = m["closed"], s["level"]
-    t = c["temperature"]
+    t = c.get("fitted_temperature", c["temperature"])
     temp = f"T = {t:.3f}" if isinstance(t, float) else "T per class " + ", ".join(f"{x:.2f}" for x in t)
     lines = [
         "",
@@ -209,9 +211,8 @@ def decision_lines(m: dict) -> list[str]:
         "",
         f"{s['guarantee']}.",
         "",
-        f"**Calibrated posterior** (`score.calibration = {c['method']}`, fitted on {c['n_val']} validation images by "
-        f"negative log-likelihood; {temp}). `leakpipe attribute` reports this posterior. ECE (15 bins) and top-1, "
-        "each with its 95% interval:",
+        f"**Calibrated posterior** (`score.calibration = {c['method']}`, fitted on {c['n_val']} calibration images by "
+        f"negative log-likelihood; {temp}). {used_line(c)} ECE (15 bins) and top-1, each with its 95% interval:",
         "",
         "| variant | n | ECE before | ECE after | top-1 after |",
         "|---|---:|---:|---:|---:|",
@@ -242,19 +243,22 @@ def decision_lines(m: dict) -> list[str]:
         "",
         f"**Prediction sets** (split conformal, `score.conformal = {s['score']}`"
         + (", Mondrian: one threshold per class" if s["mondrian"] else "")
-        + f", on the head's uncalibrated posterior; {s['n_val']} validation images). Coverage is the fraction of "
-        f"images whose set holds their true generator: {level:.0%} or more is guaranteed on exchangeable images "
-        "only, so the post-processed rows show how far it falls without that:",
+        + (", one threshold per post-processing level, the largest applied" if s.get("level_thresholds") else "")
+        + f", on the head's uncalibrated posterior; {s['n_val']} calibration images). Coverage is the fraction of "
+        f"images whose set holds their true generator: {level:.0%} or more is guaranteed on the images the "
+        "guarantee above covers only, so the rows it does not cover show how far it falls without that:",
         "",
-        "| variant | n | coverage | shortfall | mean set size | empty sets |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | n | covered by the guarantee | coverage | shortfall | mean set size | empty sets |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for v, r in s["variants"].items():
         short = level - r["coverage"] if r.get("coverage") is not None else None
         lines.append(
-            f"| {v} | {r['n']} | {with_ci(r, 'coverage')} | {fmt(max(short, 0.0)) if short is not None else 'n/a'} | "
-            f"{with_ci(r, 'set_size')} | {fmt(r['empty'])} |"
+            f"| {v} | {r['n']} | {'yes' if r.get('covered', v == 'raw') else 'no'} | {with_ci(r, 'coverage')} | "
+            f"{fmt(max(short, 0.0)) if short is not None else 'n/a'} | {with_ci(r, 'set_size')} | {fmt(r['empty'])} |"
         )
+    if s.get("level_thresholds"):
+        lines += ["", "Thresholds per level (nonconformity; the largest is applied): " + level_text(s) + "."]
     if "open" in s:
         lines += [
             "",
@@ -268,7 +272,7 @@ def decision_lines(m: dict) -> list[str]:
             "Coverage per generator, closed test (raw); the marginal guarantee does not bound any one "
             "class unless `score.mondrian = true`:",
             "",
-            "| generator | validation images | coverage |",
+            "| generator | calibration images | coverage |",
             "|---|---:|---:|",
         ]
         lines += [
@@ -298,13 +302,38 @@ def decision_lines(m: dict) -> list[str]:
         "| | n | flagged |",
         "|---|---:|---:|",
         f"| closed test (known generators: false alarms, at most {u['alpha']:g} guaranteed) | {u['n_closed']} | "
-        f"{with_ci(u, 'false_alarm_rate')} |",
+        f"{with_ci(u, 'false_alarm_rate')}{above(u)} |",
     ]
     if u.get("n_open"):
         lines.append(f"| open set (unseen generators: detected) | {u['n_open']} | {with_ci(u, 'detection_rate')} |")
     if "note" in u:
         lines += ["", f"Note: {u['note']}."]
     return lines
+
+
+def level_text(s: dict) -> str:
+    """'raw 0.41, step1 0.62, ...': each level's threshold (its range over classes under Mondrian)."""
+    span = lambda t: fmt(t[0]) if min(t) == max(t) else f"{fmt(min(t))} to {fmt(max(t))}"  # noqa: E731
+    return ", ".join(f"{lv} {span(t)}" for lv, t in s["level_thresholds"].items())
+
+
+def used_line(c: dict) -> str:
+    """Which posterior `attribute` reports: the calibrated one, or (when calibrating made the calibration
+    images' cross-validated ECE worse) the one as trained."""
+    cv = c.get("cross_validated_ece", {})
+    if c.get("used", c["method"]) == c["method"]:
+        return "`leakpipe attribute` reports this posterior."
+    return (
+        f"Fitted on part of the calibration images, it made the ECE of the others worse ({fmt(cv.get('before'))} -> "
+        f"{fmt(cv.get('after'))}, {cv.get('folds')}-fold), so `leakpipe attribute` reports the posterior as trained "
+        "(T = 1), and the columns after are that posterior's."
+    )
+
+
+def above(u: dict) -> str:
+    """' (above the guarantee)' when the false alarms' whole interval lies above alpha."""
+    lo = u.get("ci", {}).get("false_alarm_rate", [math.nan])[0]
+    return " (**above the guarantee**: see the warning)" if lo > u["alpha"] else ""
 
 
 def kde_cap_lines(open_set: dict) -> list[str]:

@@ -17,7 +17,7 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.math import bootstrap
 from leakpipe.pipeline.math.prototypes import usage as prototype_usage
-from leakpipe.pipeline.report import baselines as bl, decisions, evaluate as ev
+from leakpipe.pipeline.report import baselines as bl, decisions, evaluate as ev, failures
 from leakpipe.pipeline.report.explain_figures import nearest_to_prototypes, prototype_thumbnails
 from leakpipe.pipeline.store import latent_store
 
@@ -39,6 +39,7 @@ class Reader(Protocol):
     def manifest(self, name: str) -> Manifest: ...
     def manifest_path(self, name: str) -> Path: ...
     def store(self, name: str) -> str: ...  # the latent store of a split
+    def contents(self, name: str) -> list[str]: ...  # the file hashes of a split's manifest rows
     def stage_features(self, rows: np.ndarray) -> dict: ...  # the backbone's features (Fig. 3)
     def autoencoder(self, source: str): ...  # a vae.source's encoder and decoder (the reconstruction baseline)
 
@@ -54,6 +55,7 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
     trained_on = ~np.isin(closed.labels, held_out)  # a held-out generator's rows are never trained on
     by_part = {p: closed.select((closed.partition == p) & trained_on) for p in ("train", "val", "test")}
     seen, leakage = ev.seen_in_training(by_part["train"], by_part["val"]), {}
+    notes = [*notes, *_seen_variants(r, run_cfg.train.variants, held_out, seen)]
 
     def clean(s, name):
         """The rows the model never saw in any form; the others are counted and left out."""
@@ -71,6 +73,7 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
             )
         pp = pp.select(~np.isin(pp.labels, held_out))
         tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
+    tests = {v: s for v, s in tests.items() if v == "raw" or len(s)}  # a set the audit emptied: counted, not scored
     if len(tests["raw"]) == 0:
         raise UserError(
             f"{r.manifest_path(cfg.score.closed)} has no valid test rows to score"
@@ -126,8 +129,9 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         else {"closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
     )
     m["unseen_threshold"] = {**unseen, **decisions.unseen(figs["unseen_val_scores"], s["closed"], s["open"], cfg.score)}
-    m["calibration"] = decisions.calibration(by_part["val"], tests, classes, cfg.score)
-    m["conformal"] = decisions.prediction_sets(by_part["val"], tests, figs["open"], classes, cfg.score)
+    cal, pop = _calibration_rows(r, cfg, have, by_part["val"], held_out)
+    m["calibration"] = decisions.calibration(cal, tests, classes, cfg.score)
+    m["conformal"] = decisions.prediction_sets(cal, tests, figs["open"], classes, cfg.score, pop)
     m["notes"] = [*m["notes"], *decisions.notes(m)]
     if cfg.score.baselines:
         m["baselines"] = _baselines(r, cfg, by_part["train"], tests["raw"], classes)
@@ -143,6 +147,7 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
             + ".",
         ]
     m["notes"] = [*m["notes"], *ev.chance_notes(m)]
+    m["warnings"] = failures.warnings(m)
     prototypes = r.prototypes
     if prototypes is not None and len(by_part["train"]):
         tr = by_part["train"]
@@ -153,6 +158,46 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         }
     figs.update(_explanation_data(r, cfg, by_part["train"], tests["raw"], classes, prototypes))
     return m, figs
+
+
+def _seen_variants(r: Reader, name: str, held_out: list[str], seen: dict[str, set]) -> list[str]:
+    """The variants the model trained on (train.variants, as its config.json records it) are their images:
+    their files, groups and names join what the audit counts as seen. A note when they cannot be read."""
+    if name in ("", "auto"):  # "auto" in a stored config: trained before variants existed, on raw images
+        return []
+    try:
+        m, content = r.manifest(name), r.contents(name)
+    except UserError as exc:
+        return [
+            f"Leakage audit: the variants this result trained on ({name}) cannot be read ({exc}); test rows "
+            "that copy them are not checked."
+        ]
+    groups = m.column("group") if m.has_column("group") else [""] * len(m)
+    for part, label, path, file, group in zip(
+        m.column("partition"), m.column("label"), m.column("path"), content, groups
+    ):
+        if part in ("train", "val") and label not in held_out:
+            seen["content"].add(file)
+            seen["source"].add(f"{name}:{path}")
+            seen["group"] |= {group} - {""}
+    return []
+
+
+def _calibration_rows(r: Reader, cfg: Config, have: list[str], val, held_out: list[str]):
+    """(the calibration images, their population): the val rows and, with score.variants (resolved), the
+    val rows of the variants, each checked to copy a val row of the closed split (engine/variants.sources)."""
+    name = cfg.score.variants
+    if name not in have:
+        cal = decisions.pooled(val, None)
+        return cal, decisions.population(cal, "", False)
+    from leakpipe.pipeline.engine.variants import sources  # torch: only when variants calibrate
+
+    manifest = r.manifest(name)
+    sources(r.manifest(cfg.score.closed), manifest)  # a variant keeps its image's partition
+    variants, _ = r.split(name)
+    cal = decisions.pooled(val, variants.select((variants.partition == "val") & ~np.isin(variants.labels, held_out)))
+    drawn = manifest.column("ops") if manifest.has_column("ops") else []  # every variant: the families drawn from
+    return cal, decisions.population(cal, name, cfg.score.levels, drawn)
 
 
 FIG3_ROWS = 2000  # closed test rows drawn in the per-stage maps (evenly spaced), enough for a 2-D map
