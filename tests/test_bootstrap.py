@@ -134,8 +134,9 @@ def test_the_real_photo_case_is_said_in_words():
         "z0_probe_minus_forensic": bl.paired_difference(z0, pixel, w),
     }
     said = bl.notes(b)
-    assert len(said) == 3 and "significantly below the forensic pixel baseline" in said[0] and "at chance" in said[1]
-    assert "neither the model" in said[2] and "--profile pixels" in said[2]
+    assert len(said) == 4 and said[0].startswith("Strongest learner on these test images: the forensic pixel baseline")
+    assert "significantly below the forensic pixel baseline" in said[1] and "at chance" in said[2]
+    assert "neither the model" in said[3] and "--profile pixels" in said[3]
     assert b["head_minus_forensic"]["p"] < 0.01
     good = {
         **b,
@@ -143,14 +144,14 @@ def test_the_real_photo_case_is_said_in_words():
         "z0_probe": bl.scored(pixel, w),
         "z0_probe_minus_forensic": bl.paired_difference(pixel, pixel, w),
     }
-    assert bl.notes(good) == []
+    assert [n.split(":")[0] for n in bl.notes(good)] == ["Strongest learner on these test images"]
     weak = {
         **b,
         "forensic": bl.scored(z0, w),
         "head_minus_forensic": bl.paired_difference(head, z0, w),
         "z0_probe_minus_forensic": bl.paired_difference(z0, z0, w),
-    }  # no traces anywhere: only "at chance"
-    assert len(bl.notes(weak)) == 1 and "at chance" in bl.notes(weak)[0]
+    }  # no traces anywhere: the strongest learner, then only "at chance"
+    assert len(bl.notes(weak)) == 2 and "at chance" in bl.notes(weak)[1]
 
 
 def test_paired_comparison_of_a_run_with_itself_and_with_a_better_one():

@@ -35,8 +35,8 @@ def dws(ws, tmp_path):
     assert cli(ws, "manifest", "build", str(ws / "data"), "--split", "closed").exit_code == 0
     ref = tmp_path / "reference"
     shutil.copytree(ws, ref, ignore=shutil.ignore_patterns("cache", "reference"))
-    with (ws / "leakpipe.toml").open("a") as f:
-        f.write("torch_threads = 1\n")  # the [encode] table is the TOML's last
+    toml = ws / "leakpipe.toml"
+    toml.write_text(toml.read_text().replace("[encode]\n", "[encode]\ntorch_threads = 1\n"))
     shutil.copy(ws / "leakpipe.toml", ref / "leakpipe.toml")
     result = stage.run(graph(Workspace(ref), Workspace(ref).config()), "closed", log=lambda m: None)
     return ws, arrays(result.store)

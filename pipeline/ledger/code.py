@@ -46,6 +46,8 @@ NOT_OUTPUTS = {
     "leakpipe.pipeline.store.hashing": "checksums of inputs and outputs, and their cache",
     "leakpipe.pipeline.store.chunk_checks": "which chunks of a store are already done (resuming encode)",
     "leakpipe.pipeline.engine.tboard": "TensorBoard event files: a log beside a result, never read back",
+    "leakpipe.pipeline.engine.attributor_schema": "checks an export's and a result's recorded values against what "
+    "their math can use: it refuses, never computes",
     "leakpipe.pipeline.engine.distributed": "schedules encode on dask workers, each calling encode's code",
     "leakpipe.stages.encode": "picks the rows to encode, resumes, reports failures: a row's latents are made "
     "by the code encode's CODE names, so a change here never re-encodes a cache",

@@ -148,11 +148,11 @@ def notes(b: dict) -> list[str]:
             "a logistic regression on codec, noise-residual and spectral statistics of the original files "
             "attributes these images better."
         )
-    d = b.get("head_minus_reconstruction")
-    if _below(d):
+    r = b.get("head_minus_reconstruction")
+    if _below(r):
         out.append(
             f"The model's top-1 is significantly below the reconstruction baseline's (difference "
-            f"{d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): how closely "
+            f"{r['difference']:+.3f}, 95% interval {r['ci'][0]:+.3f} to {r['ci'][1]:+.3f}): how closely "
             f"{', '.join(b['reconstruction_of']['autoencoders'])} reconstructs each image tells these generators "
             "apart better, a trace of the decoder (or of latent noise) that the encoder's mean z0 does not hold."
         )
