@@ -193,7 +193,8 @@ class Deferred:
     lock that lists them: a plan that finds nothing changed needs no more of it)."""
 
     def __init__(self, path: Path, n_rows: int, **read):
-        self._path, self._n, self._read, self._loaded = Path(path), n_rows, read, None
+        self._path, self._n, self._read = Path(path), n_rows, read
+        self._loaded: Manifest | None = None
 
     def __len__(self) -> int:
         return self._n

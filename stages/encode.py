@@ -13,6 +13,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -313,7 +314,8 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
         manifest = read_manifest(ws.manifest(split))
         rows, planned = _rows(manifest, hashes), True
     else:
-        manifest, planned = Deferred(ws.manifest(split), len(rows.names)), False
+        # a Deferred reads as the Manifest it loads on first use (a no-op never uses it)
+        manifest, planned = cast(Manifest, Deferred(ws.manifest(split), len(rows.names))), False
     vae_files = [[w.name, hashes.hash(w)] for w in source.weights] + [
         ["config.json", canonical_hash(vae_lib.model_config(source))]
     ]

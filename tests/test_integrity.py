@@ -5,6 +5,7 @@ other. Each case is one the issue found by hand."""
 import errno
 import json
 import re
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -181,7 +182,15 @@ def test_bad_images_and_unreadable_files_are_rows_not_aborts(ws, monkeypatch):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
+    real_os_open = os.open
+
+    def denied_fd(file, *args, **kwargs):  # the hash cache reads through file descriptors
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr("builtins.open", denied)
+    monkeypatch.setattr(os, "open", denied_fd)
     rows = (ws / "manifests" / "closed.csv").read_text().splitlines()
     first = rows[3]
     src = first.split(",")[0]

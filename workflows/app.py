@@ -116,7 +116,7 @@ def _quiet_path_refusals() -> None:
     for name in ("gradio.queueing", "gradio.routes", "gradio.route_utils"):
         module = importlib.import_module(name)
         if not isinstance(getattr(module, "traceback", None), (_Traceback, type(None))):
-            module.traceback = _Traceback(module.traceback)
+            module.traceback = _Traceback(module.traceback)  # type: ignore[attr-defined]
 
 
 def _stderr(msg: str) -> None:

@@ -96,7 +96,8 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None, va
     share = cfg.compute.memory_budget_gb * 2**30 / (3 if variants else 2)
     train_data, val_data = (LatentRows(lat.store, r, y, share) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
     if variants is not None:
-        train_data = with_variants(train_data, lat, tr_rows, variants, tc.variant_p, share)
+        # VariantRows reads as LatentRows does (the same methods), drawing a variant per image and epoch
+        train_data = with_variants(train_data, lat, tr_rows, variants, tc.variant_p, share)  # type: ignore[assignment]
     _check_sizes(cfg, lat.store, train_data.latent_shape)
     ddp, device = ddp_lib.setup(cfg.compute.device)
     log = log if ddp.is_main else (lambda msg: None)

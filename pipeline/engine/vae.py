@@ -343,7 +343,7 @@ def resolve_device(name: str):
 # scaling (its released config's scaling_factor and shift_factor; FLUX.2 normalises with batch-norm
 # statistics instead, seeded at random here); SD3 and FLUX.1 have no quant convolutions. The widths are
 # the caller's (block_out_channels): 4 blocks give the real 1/8 of the side.
-LIKE = {
+LIKE: dict[str, tuple[str, dict[str, Any]]] = {
     "sd21": ("AutoencoderKL", dict(latent_channels=4, scaling_factor=0.18215)),
     "sdxl": ("AutoencoderKL", dict(latent_channels=4, scaling_factor=0.13025)),
     "sd3": (

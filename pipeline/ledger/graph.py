@@ -13,6 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from leakpipe.pipeline.config import ADDED_KEYS, Config, canonical_hash
 from leakpipe.pipeline.config_files import from_dict
@@ -76,7 +77,7 @@ def resolved(cfg: Config, ws: Workspace) -> Config:
     a setting that changes nothing changes no result."""
     tv = variants_of(ws, cfg.train.variants, cfg.train.split)
     sv = variants_of(ws, cfg.score.variants, cfg.score.closed)
-    p = cfg.train.variant_p if tv else ADDED_KEYS["train.variant_p"]
+    p = cfg.train.variant_p if tv else cast(float, ADDED_KEYS["train.variant_p"])
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, variants=tv, variant_p=p),
@@ -246,8 +247,10 @@ def check_latents(lock_path: Path, lock: dict) -> tuple[list[str], list[int]]:
 
     bad: list[str] = []
     problems = locks.verify(lock_path, lock, deep=True, bad=bad)
-    files = next((rows for name, rows in lock["inputs"]["files"].items() if name.startswith("manifest ")), [])
-    rows = rows_of(bad, len(files), int(lock["inputs"]["config"].get("store.chunk_rows", 1))) if bad else []
+    # the manifest's rows: every row (format 2), or their count and digest (format 3)
+    listed = next((rows for name, rows in lock["inputs"]["files"].items() if name.startswith("manifest ")), [])
+    n_rows = listed["rows"] if isinstance(listed, dict) else len(listed)
+    rows = rows_of(bad, n_rows, int(lock["inputs"]["config"].get("store.chunk_rows", 1))) if bad else []
     if rows:
         record_damage(lock_path, rows, "verify")
     return problems, rows

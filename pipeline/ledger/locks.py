@@ -18,7 +18,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -334,11 +334,24 @@ def _write_rows(lock_path: Path, rows: dict) -> dict:
             arrays[f"{i}.stamps"] = np.asarray(r.stamps, np.int64)
         lists[key] = {"index": i, "rows": len(r.names), "listing": r.listing, "root": r.root}
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
     data = buf.getvalue()
     with atomic_path(rows_file(lock_path)) as tmp:
         tmp.write_bytes(data)
     return {"file": rows_file(lock_path).name, "blake2b": hash_bytes(data), "lists": lists}
+
+
+def forget_stamps(lock_path: Path) -> bool:
+    """Drop the stats a lock's rows were hashed with, keeping the rows: the next plan then reads its
+    manifest and asks the file-hash cache instead of trusting unchanged stats (what `verify --contents`
+    does for a file whose bytes changed under a kept size, inode and mtime). False: the lock holds no rows."""
+    lock = read_lock(lock_path)
+    rows = read_rows(lock_path, lock) if lock else None
+    if not lock or not rows:
+        return False
+    unstamped = {key: replace(r, stamps=None) for key, r in rows.items()}
+    atomic_write_json(lock_path, {**lock, "rows": _write_rows(lock_path, unstamped)})
+    return True
 
 
 def read_rows(lock_path: Path, lock: dict) -> dict | None:

@@ -28,7 +28,8 @@ def octave_bands(h: int, w: int, n: int = BANDS) -> np.ndarray:
 def band_power(a: np.ndarray, n: int = BANDS) -> np.ndarray:
     """log of the mean spectral power of `a` (C, H, W) in each octave band, per channel: (C n,), channel-major."""
     power = np.abs(np.fft.rfft2(np.asarray(a, np.float64), norm="ortho")) ** 2
-    band = octave_bands(*a.shape[-2:], n)
+    h, w = a.shape[-2:]
+    band = octave_bands(h, w, n)
     counts = np.bincount(band.ravel(), minlength=n)
     sums = np.stack([np.bincount(band.ravel(), p.ravel(), minlength=n) for p in power])
     return np.log(sums / np.maximum(counts, 1) + 1e-12).ravel()

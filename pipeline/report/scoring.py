@@ -7,7 +7,7 @@ everything here is computation."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -243,7 +243,7 @@ def _baselines(r: Reader, cfg: Config, train, test, classes: list[str]) -> dict:
         "forensic": bl.probe(pixels[0], ytr, pixels[1]) == yte,
         "z0_probe": bl.probe(z0[0], ytr, z0[1]) == yte,
     }
-    out = {
+    out: dict[str, Any] = {
         "chance": 1 / len(classes),
         "forensic_max_side": cfg.score.baseline_max_side,
         "z0_is_pixels": r.run_cfg.vae.source == "pixels",
