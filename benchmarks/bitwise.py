@@ -124,7 +124,8 @@ def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> str:
 def stale(code: Path, ws: Path) -> list[str]:
     """What `leakpipe status` with the package at `code` says is stale in ws, with its reasons."""
     entries = json.loads(leakpipe(code, ws, "status", "--json"))
-    return [f"{e['stage']} {e['name']}: {'; '.join(e.get('reasons', []))}" for e in entries if not e["up_to_date"]]
+    lines = [f"{e['stage']} {e['name']}: {'; '.join(e.get('reasons', []))}" for e in entries if not e["up_to_date"]]
+    return [line if len(line) < 400 else f"{line[:400]} ... ({len(line)} characters)" for line in lines]
 
 
 def cpu_model() -> str:
