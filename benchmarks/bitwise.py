@@ -122,9 +122,14 @@ def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> str:
 
 
 def stale(code: Path, ws: Path) -> list[str]:
-    """What `leakpipe status` with the package at `code` says is stale in ws, with its reasons."""
-    entries = json.loads(leakpipe(code, ws, "status", "--json"))
-    lines = [f"{e['stage']} {e['name']}: {'; '.join(e.get('reasons', []))}" for e in entries if not e["up_to_date"]]
+    """What `leakpipe status` with the package at `code` says is stale in ws, with its reasons: each run
+    as status sees it under its own profile, the stores under the first."""
+    lines = []
+    for run in RUNS:
+        for e in json.loads(leakpipe(code, ws, "status", "--json", "--profile", run)):
+            mine = e["name"].split("/")[0] == run if e["stage"] != "encode" else run == RUNS[0]
+            if mine and not e["up_to_date"]:
+                lines.append(f"{e['stage']} {e['name']}: {'; '.join(e.get('reasons', []))}")
     return [line if len(line) < 400 else f"{line[:400]} ... ({len(line)} characters)" for line in lines]
 
 
