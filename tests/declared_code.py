@@ -9,6 +9,7 @@ second: valid exactly while every unit the stage reaches is as it was at REV.
 """
 
 import ast
+import contextlib
 import io
 import json
 import subprocess
@@ -35,8 +36,9 @@ def declared_entries(rev: str, stage: str) -> tuple[str, ...]:
     raise SystemExit(f"stages/{stage}.py at {rev} declares no CODE")
 
 
-def identities_at(rev: str) -> dict:
-    """{stage: {"declared": ..., "derived": ...}} of the source at `rev`, read from a copy of it."""
+@contextlib.contextmanager
+def source_at(rev: str):
+    """Inside it, ledger/reach.py reads leakpipe's source as it was at git revision `rev` (a copy of it)."""
     archive = subprocess.run(["git", "archive", rev, *FOLDERS], capture_output=True, check=True, cwd=CHECKOUT).stdout
     with tempfile.TemporaryDirectory() as tmp:
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(tmp, filter="data")
@@ -44,13 +46,19 @@ def identities_at(rev: str) -> dict:
         reach._package_dir = lambda package: Path(tmp) / package.split(".", 1)[1]  # leakpipe.stages -> stages
         _forget()
         try:
-            return {
-                name: {"declared": code.declared_identity(declared_entries(rev, name)), "derived": code.identity(roots)}
-                for name, roots in ((name, stage.code) for name, stage in STAGES.items())
-            }
+            yield
         finally:
             reach._package_dir = saved
             _forget()
+
+
+def identities_at(rev: str) -> dict:
+    """{stage: {"declared": ..., "derived": ...}} of the source at `rev`, read from a copy of it."""
+    with source_at(rev):
+        return {
+            name: {"declared": code.declared_identity(declared_entries(rev, name)), "derived": code.identity(roots)}
+            for name, roots in ((name, stage.code) for name, stage in STAGES.items())
+        }
 
 
 def _forget() -> None:

@@ -3,6 +3,7 @@ what it leaves out and why, and how the source is read. tests/test_provenance.py
 `leakpipe status` on edited copies of the package and on a workspace of declared identities."""
 
 import itertools
+import json
 import subprocess
 import textwrap
 
@@ -157,3 +158,63 @@ def test_trail_says_how_a_stage_reaches_a_unit():
     chain = reach.trail(STAGES["train"].code, "leakpipe.pipeline.math.metrics:macro_auc", frozenset(code.NOT_OUTPUTS))
     assert chain[0] == "leakpipe.stages.train:work" and chain[-1] == "leakpipe.pipeline.math.metrics:macro_auc"
     assert "leakpipe.pipeline.engine.fit:fit" in chain
+
+
+# ---------------------------------------------------------------- upgrades (ledger/code_upgrades.json)
+CROP, FILL = "leakpipe.pipeline.engine.images:resize_crop", "leakpipe.pipeline.engine.images:mirror_fill"
+
+
+def _encode_status(ws) -> dict:
+    from tests.conftest import cli
+
+    r = cli(ws, "status", "--json")
+    assert r.exit_code == 0, r.output
+    return next(e for e in json.loads(r.output) if e["stage"] == "encode")
+
+
+def test_an_upgrade_carries_an_earlier_identity_to_the_current_one(ws, monkeypatch):
+    """A store encoded by an earlier leakpipe (its lock records the label of that code) is stale once a unit
+    it ran has changed, naming the unit, until an upgrade says the edit leaves every output the same: then
+    it is up to date in its folder, nothing re-encoded. An upgrade whose `before` is not the recorded code
+    leaves it stale."""
+    from tests.helpers import encode_closed
+
+    monkeypatch.setattr(code, "upgrades", lambda: [])
+    now = code.identity(STAGES["encode"].code)
+    monkeypatch.setitem(code.LEGACY, "encode-test", now)  # the label this leakpipe's locks record
+    encode_closed(ws)
+    assert _encode_status(ws)["up_to_date"]
+    old = {u: h for u, h in now.items() if u != FILL} | {CROP: "0" * 32}  # ... of the code it then stood for
+    monkeypatch.setitem(code.LEGACY, "encode-test", old)
+    stale = _encode_status(ws)
+    assert not stale["up_to_date"]
+    assert (
+        "code changed: leakpipe.pipeline.engine.images: mirror_fill (newly part of the stage), resize_crop"
+        in (stale["reasons"])
+    ), stale
+    upgrade = {"before": {CROP: "0" * 32, FILL: None}, "after": {CROP: now[CROP], FILL: now[FILL]}}
+    monkeypatch.setattr(code, "upgrades", lambda: [upgrade])
+    assert code.stored_form(now) == "encode-test" and code.recorded("encode-test") == now
+    assert _encode_status(ws)["up_to_date"]
+    monkeypatch.setattr(code, "upgrades", lambda: [{**upgrade, "before": {CROP: "1" * 32, FILL: None}}])
+    assert code.recorded("encode-test") == old and code.stored_form(now) == now
+    assert not _encode_status(ws)["up_to_date"]
+
+
+def test_each_upgrade_is_the_code_at_its_commit():
+    """An upgrade's `after` is what its stages derive from the source at its commit (None: a unit they no
+    longer reach): a change to how units are hashed or reached means the table must be made again."""
+    from tests.declared_code import source_at
+
+    by_commit: dict[str, list[dict]] = {}
+    for up in code.upgrades():
+        by_commit.setdefault(up["commit"], []).append(up)
+    for commit, ups in by_commit.items():
+        if subprocess.run(["git", "cat-file", "-e", commit], cwd=ROOT, capture_output=True).returncode:
+            pytest.skip(f"commit {commit[:12]} is not in this checkout's history")
+        with source_at(commit):
+            ids = {name: code.identity(STAGES[name].code) for up in ups for name in up["stages"]}
+        for up in ups:
+            assert up["why"] and all(code.derived(up[side]) for side in ("before", "after")), up
+            for name in up["stages"]:
+                assert {u: ids[name].get(u) for u in up["after"]} == up["after"], (commit, name)

@@ -437,12 +437,12 @@ def test_family_code_is_part_of_its_stores_identity_only(tiny_vae, tmp_path):
     assert STAGES["encode"].code_identity(kl) == STAGES["encode"].code_identity() == "encode-1"
     taef2 = resolve(VaeConfig(source="builtin:taef2"))
     ident = STAGES["encode"].code_identity(taef2)
-    assert "leakpipe.pipeline.nn.taesd" in ident and "leakpipe.pipeline.engine.autoencoders" in ident
-    assert code_id.changed(ident, {**ident, "leakpipe.pipeline.nn.taesd": "0" * 32}) == [
-        "code changed: leakpipe.pipeline.nn.taesd"
+    assert "leakpipe.pipeline.nn.taesd:encoder" in ident and "leakpipe.pipeline.engine.autoencoders:_taesd" in ident
+    assert code_id.changed(ident, {**ident, "leakpipe.pipeline.nn.taesd:encoder": "0" * 32}) == [
+        "code changed: leakpipe.pipeline.nn.taesd: encoder"
     ]
     sd3 = resolve(VaeConfig(source=str(save_random_vae(tmp_path / "sd3", (8, 16), like="sd3"))))
-    assert "leakpipe.pipeline.nn.latents" in STAGES["encode"].code_identity(sd3)
+    assert "leakpipe.pipeline.nn.latents:Shifted" in STAGES["encode"].code_identity(sd3)
 
 
 def test_pth_is_converted_never_unpickled_with_code(tmp_path):

@@ -18,9 +18,10 @@ from leakpipe.pipeline.engine.vae import PIXELS, VaeError, VaeSource
 
 # The code each family adds to stage one's own (stages/encode.py CODE, which loads SD's AutoencoderKL and
 # the pixels encoder): part of that family's code identity only, so existing stores of SD's VAE keep their
-# fingerprints. This whole module (its loaders and how it picks one) and the wrappers are declared.
-_CODE = ("leakpipe.pipeline.engine.autoencoders", "leakpipe.pipeline.nn.latents")
-FAMILY_CODE = {"kl-shift": _CODE, "kl-flux2": _CODE, "tiny": _CODE, "taesd": (*_CODE, "leakpipe.pipeline.nn.taesd")}
+# fingerprints. Roots of code identity (ledger/reach.py): "module:*" is every unit of this module (its loaders
+# and how it picks one) and of the wrappers; a bare module name would reach nothing.
+_CODE = ("leakpipe.pipeline.engine.autoencoders:*", "leakpipe.pipeline.nn.latents:*")
+FAMILY_CODE = {"kl-shift": _CODE, "kl-flux2": _CODE, "tiny": _CODE, "taesd": (*_CODE, "leakpipe.pipeline.nn.taesd:*")}
 
 
 def family_code(src: VaeSource) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ read, never imported, so `leakpipe status` stays fast.
 
 Locks written by earlier leakpipes hold earlier forms, each read as the identity that replaced it for as
 long as the code is the same: a code version label (`train-3`, LEGACY), and the identity of a hand-declared
-list of entries (whole modules and single functions; declared_code.json).
+list of entries (whole modules and single functions; declared_code.json). Upgrades (code_upgrades.json)
+then carry an identity across unit edits checked bitwise to leave every output the same.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from leakpipe.pipeline.errors import UserError
@@ -153,20 +155,50 @@ def _pairs() -> list[dict[str, dict[str, str]]]:
     return [pair for stages in declared().values() for pair in stages.values()]
 
 
+UPGRADES_FILE = Path(__file__).with_name("code_upgrades.json")
+
+
+@functools.lru_cache(maxsize=1)
+def upgrades() -> list[dict]:
+    """[{"before": {unit: hash, or None: absent}, "after": {...}, "why", "commit", "stages"}], in the order
+    they were recorded, made by tests/code_upgrade.py after benchmarks/bitwise.py found the outputs equal:
+    each says that these unit edits leave every output of the stages that run them the same."""
+    return json.loads(UPGRADES_FILE.read_text())
+
+
+def upgraded(code: dict[str, str]) -> dict[str, str]:
+    """A derived identity carried through each upgrade, in order, whose `before` units it holds as they
+    were (a unit `before` gives as None: one it does not hold); the others leave it alone."""
+    for up in upgrades():
+        if all(code.get(unit) == h for unit, h in up["before"].items()):
+            code = {unit: h for unit, h in {**code, **up["after"]}.items() if h is not None}
+    return code
+
+
 def recorded(lock_code) -> dict[str, str] | None:
     """The code identity a lock records, an earlier form read as the identity that replaced it (a legacy
-    label through LEGACY, then a declared identity through declared_code.json); None if unknown."""
+    label through LEGACY, then a declared identity through declared_code.json, then the upgrades since);
+    None if unknown."""
     code = LEGACY.get(lock_code) if isinstance(lock_code, str) else lock_code
     if not isinstance(code, dict):
         return None
-    return next((p["derived"] for p in _pairs() if p["declared"] == code), code)
+    code = next((p["derived"] for p in _pairs() if p["declared"] == code), code)
+    return upgraded(code) if derived(code) else code
+
+
+def _earlier_forms() -> Iterator[str | dict[str, str]]:
+    """What earlier leakpipes recorded, earliest first: legacy labels, declared identities, the derived
+    identities of the declared table's commits."""
+    yield from LEGACY
+    yield from (p["declared"] for p in _pairs())
+    yield from (p["derived"] for p in _pairs())
 
 
 def stored_form(current: dict[str, str]) -> str | dict[str, str]:
-    """What a lock (and a fingerprint) records for the current identity: the earlier form whose code it
-    still is, so that upgrading leakpipe keeps every stored output valid, else the identity itself."""
-    code = next((p["declared"] for p in _pairs() if p["derived"] == current), current)
-    return next((label for label, c in LEGACY.items() if c == code), code)
+    """What a lock (and a fingerprint, a store's folder name) records for the current identity: the
+    earliest form read as it (the code it stood for, upgraded), so that upgrading leakpipe keeps every
+    stored output valid, else the identity itself."""
+    return next((form for form in _earlier_forms() if recorded(form) == current), current)
 
 
 def derived(code: dict[str, str]) -> bool:
