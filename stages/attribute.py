@@ -22,7 +22,9 @@ from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id, runs
 from leakpipe.pipeline.ledger.graph import Graph
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, load_trained
+from leakpipe.pipeline.engine.trained import load_trained
+from leakpipe.pipeline.ledger.results import load_checked_scores
+from leakpipe.pipeline.report.scored import load_metrics, load_split
 from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report import decisions

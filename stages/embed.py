@@ -83,7 +83,7 @@ def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
     from leakpipe.pipeline.engine.data import LatentRows  # torch: imported when embedding runs
     from leakpipe.pipeline.engine.precision import channels_last, compiled
     from leakpipe.pipeline.engine.training import predict
-    from leakpipe.pipeline.ledger.results import load_trained
+    from leakpipe.pipeline.engine.trained import load_trained
     from leakpipe.pipeline.store import embeddings, latent_store
 
     e: Embedding = plan.data

@@ -126,7 +126,7 @@ class Reading:
         return tensors["prototypes"].numpy() if "prototypes" in tensors else None
 
     def split(self, name: str):
-        from leakpipe.pipeline.ledger.results import load_split
+        from leakpipe.pipeline.report.scored import load_split
 
         return load_split(self.g.ws, self.result, name, _latents(self.g, self.result, self.cfg, name).file_hashes)
 
@@ -146,7 +146,7 @@ class Reading:
         return _latents(self.g, self.result, self.cfg, name).file_hashes
 
     def stage_features(self, rows):
-        from leakpipe.pipeline.ledger.results import stage_features
+        from leakpipe.pipeline.engine.trained import stage_features
 
         return stage_features(
             self.result,
@@ -319,7 +319,7 @@ def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
     done = run_stage(p, g.cfg, log)
     if done.result is not None:
         return done.result
-    from leakpipe.pipeline.ledger.results import load_metrics  # torch: when scoring runs
+    from leakpipe.pipeline.report.scored import load_metrics  # torch: when scoring runs
 
     out = p.data.result
     return ScoreResult(

@@ -14,7 +14,8 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.graph import label_rows, run_config
 from leakpipe.pipeline.ledger.locks import read_lock
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, trained_bytes
+from leakpipe.pipeline.ledger.results import load_checked_scores, trained_bytes
+from leakpipe.pipeline.report.scored import load_metrics, load_split
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.math import bootstrap, metrics
