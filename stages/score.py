@@ -29,7 +29,7 @@ from leakpipe.pipeline.ledger.graph import (
     values,
 )
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
-from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.ledger.stage import Done, Instance, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.engine.vae import resolve_device
@@ -309,7 +309,17 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-STAGE = Stage("score", KEYS, CODE, plan, work)
+def instances(graph: Graph) -> list[Instance]:
+    """Each run name whose trained result was scored; its outputs are hashed when checked, as score,
+    export and attribute check them (small files)."""
+    return [
+        Instance(name, (name,), deep=True, facts={"result": result.name})
+        for name, result in runs.trained(graph.ws)
+        if (result / "score.lock.json").exists()
+    ]
+
+
+STAGE = Stage("score", KEYS, CODE, plan, work, instances=instances)
 
 
 def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
