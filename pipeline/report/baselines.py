@@ -139,7 +139,12 @@ def notes(b: dict) -> list[str]:
     """Plain words for the strongest learner, a model significantly below the forensic or the
     reconstruction baseline, a z0 probe at chance, and traces the forensic baseline finds in the files
     that neither the model nor the z0 probe sees."""
-    out = [strongest(b)]
+    return [strongest(b), *_below_notes(b), *_probe_note(b), *_unseen_traces_note(b)]
+
+
+def _below_notes(b: dict) -> list[str]:
+    """A model significantly below the forensic or the reconstruction baseline."""
+    out = []
     d = b.get("head_minus_forensic")
     if _below(d):
         out.append(
@@ -156,6 +161,12 @@ def notes(b: dict) -> list[str]:
             f"{', '.join(b['reconstruction_of']['autoencoders'])} reconstructs each image tells these generators "
             "apart better, a trace of the decoder (or of latent noise) that the encoder's mean z0 does not hold."
         )
+    return out
+
+
+def _probe_note(b: dict) -> list[str]:
+    """A linear probe on z0 at chance: what stage one may have lost."""
+    out = []
     chance, pixels = b["chance"], b.get("z0_is_pixels", False)
     z = b.get("z0_probe", {})
     lo, hi = z.get("ci", {}).get("top1", [np.nan, np.nan])
@@ -170,6 +181,13 @@ def notes(b: dict) -> list[str]:
                 "it (try another encoder, or `vae.source` of the real SD2.1 VAE)."
             )
         )
+    return out
+
+
+def _unseen_traces_note(b: dict) -> list[str]:
+    """Traces the forensic baseline finds in the files that neither the model nor the z0 probe sees."""
+    out, chance, pixels = [], b["chance"], b.get("z0_is_pixels", False)
+    z, d = b.get("z0_probe", {}), b.get("head_minus_reconstruction")  # as notes has always read it
     f = b.get("forensic", {})
     f_lo = f.get("ci", {}).get("top1", [np.nan])[0]
     if f_lo > chance and _below(b.get("z0_probe_minus_forensic")) and _below(d):
