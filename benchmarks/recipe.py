@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark  # noqa: E402
 from leakpipe.pipeline.config import PROFILES  # noqa: E402
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_split  # noqa: E402
+from leakpipe.pipeline.ledger.results import load_checked_scores  # noqa: E402
+from leakpipe.pipeline.report.scored import load_split  # noqa: E402
 from leakpipe.pipeline.engine.vae import save_random_vae  # noqa: E402
 from leakpipe.pipeline.ledger import runs  # noqa: E402
 from leakpipe.pipeline.math import bootstrap, metrics  # noqa: E402

@@ -35,7 +35,7 @@ from leakpipe.pipeline.bench import postprocess  # noqa: E402
 from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows, variant_rows, write_benchmark  # noqa: E402
 from leakpipe.pipeline.engine.vae import save_random_vae  # noqa: E402
 from leakpipe.pipeline.ledger import runs  # noqa: E402
-from leakpipe.pipeline.ledger.results import load_split  # noqa: E402
+from leakpipe.pipeline.report.scored import load_split  # noqa: E402
 from leakpipe.pipeline.report.evaluate import label_index  # noqa: E402
 from leakpipe.pipeline.workspace import Workspace  # noqa: E402
 from leakpipe.stages import encode, graph, score, train  # noqa: E402

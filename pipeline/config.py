@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.nn.zoo import BACKBONES
 
 
 class ConfigError(UserError):
@@ -96,7 +97,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101 | efficientnet_b4 | vit_b_16
+    backbone: str = "resnet18"  # a name of nn/zoo.py:BACKBONES
     init: str = ""  # a .safetensors state dict (torchvision names) to start the backbone from
     embed_dim: int = 128  # D
     prototypes: bool = True  # false: linear softmax head
@@ -276,7 +277,7 @@ CHOICES = {
     "features.dct_stats": ("per_channel", "per_coefficient"),
     "features.latent_stats": ("per_channel", "per_position"),
     "features.highpass": ("none", "residual"),
-    "model.backbone": ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16"),
+    "model.backbone": tuple(BACKBONES),
     "model.gate": ("linear", "mlp"),
     "model.stem": ("auto", "imagenet", "small"),
     "model.prototype_init": ("random", "kmeans"),

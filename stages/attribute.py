@@ -22,7 +22,9 @@ from leakpipe.pipeline.engine.vae import resolve_device
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id, runs
 from leakpipe.pipeline.ledger.graph import Graph
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, load_trained
+from leakpipe.pipeline.engine.trained import load_trained
+from leakpipe.pipeline.ledger.results import load_checked_scores
+from leakpipe.pipeline.report.scored import load_metrics, load_split
 from leakpipe.pipeline.math import calibration as calib, conformal
 from leakpipe.pipeline.math.kde import embedding
 from leakpipe.pipeline.report import decisions
@@ -272,67 +274,82 @@ def load_exported(
 
 
 def attribute(att, ws_cfg, paths: list[Path], top: int, label: str, preprocess=None) -> list[dict]:
+    """For each image of `paths`: its top generators, posterior, prediction set, Mahalanobis and KDE
+    scores, unseen-generator flag and explanation, as `attribute --json` prints them."""
+    cfg, model, classes = att.cfg, att.model, att.classes
+    o = _forward(att, paths, preprocess or cfg.preprocess)
+    s = _scores(att, ws_cfg, o)
+    _check_finite(s["probs"], paths, att.name)
+    protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
+    why = explain(o, classes, protos, float(model.tau.detach()), top)
+    return [_result(att, s, i, p, why[i], top, label) for i, p in enumerate(paths)]
+
+
+def _forward(att, paths: list[Path], preprocess):
+    """The model's output (on the CPU, in float32) for the images: encoded, noised by their hashes' eps."""
     import torch
 
     from leakpipe.pipeline.engine.data import eval_noise
     from leakpipe.pipeline.store import latent_store
 
-    cfg, model, build, classes = att.cfg, att.model, att.build, att.classes
-    device = build.device
-    images = load_images(paths, preprocess or cfg.preprocess)
-    mean, logvar = encode_images(images, cfg, device, att.base)
+    cfg, build = att.cfg, att.build
+    images = load_images(paths, preprocess)
+    mean, logvar = encode_images(images, cfg, build.device, att.base)
     hashes = latent_store.hash_rows([hash_file(Path(p)) for p in paths])
     with torch.inference_mode():
-        o = model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
-        o = type(o)(**{k: (v.float().cpu() if v is not None else None) for k, v in vars(o).items()})
+        o = att.model(build(mean, logvar, eval_noise(hashes, cfg.train.eval_seed, build.noise_shape(mean.shape[1:]))))
+        return type(o)(**{k: (v.float().cpu() if v is not None else None) for k, v in vars(o).items()})
+
+
+def _scores(att, ws_cfg, o) -> dict:
+    """The decisions on the images: posteriors (calibrated and not), prediction sets, Mahalanobis scores,
+    KDE log-densities, unseen p-values and flags; an attributor exported before the decisions (format 1
+    or 2) gives the posterior as trained and the old threshold."""
     maha, kde = att.comparators(ws_cfg.score)
-    u = att.threshold
-    emb = o.h_bar.double().numpy()
-    maha_s = maha.score(emb)
-    log_density = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
-    d, logits = att.decisions, o.logits.double().numpy()
-    raw = calib.scaled_posterior(logits, 1.0)
+    u, d = att.threshold, att.decisions
+    emb, logits = o.h_bar.double().numpy(), o.logits.double().numpy()
+    s = {"maha": maha.score(emb), "raw": calib.scaled_posterior(logits, 1.0)}
+    s["log_density"] = kde.score_samples(embedding(emb, o.w.double().numpy(), u["embedding"]))
     if d is not None:  # the calibrated posterior, the prediction sets and the unseen p-values of `score`
-        probs = calib.scaled_posterior(logits, d["calibration"]["temperature"])
-        sets = decisions.predict_sets(logits, d["conformal"]["score"], d["conformal"]["thresholds"])
-        p_value = conformal.p_values(att.val_scores, log_density)
-        unseen = p_value <= d["alpha"]
-    else:  # exported before the decisions (format 1 or 2): the posterior as trained, the old threshold
-        probs, sets, p_value = raw, None, None
-        unseen = log_density < u["log_density_threshold"]
-    _check_finite(probs, paths, att.name)
-    protos = model.prototypes.detach().float().cpu() if model.prototypes is not None else None
-    results = []
-    for i, (p, why) in enumerate(zip(paths, explain(o, classes, protos, float(model.tau.detach()), top))):
-        order = np.argsort(-probs[i], kind="stable")[:top]
-        results.append(
-            {
-                "image": str(p),
-                "converted": conversions(p),  # bits or frames preprocessing dropped, as encode drops them
-                "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
-                "posterior": dict(zip(classes, probs[i].tolist())),
-                "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
-                "calibration": d["calibration"] if d else {"method": "none", "temperature": 1.0},
-                "prediction_set": [classes[c] for c in np.nonzero(sets[i])[0]] if sets is not None else None,
-                "prediction_set_level": d["conformal"]["level"] if d else None,
-                "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
-                "kde_log_density": float(log_density[i]),  # the cut is -inf when no p-value can reach alpha: None
-                "unseen_threshold": u["log_density_threshold"] if np.isfinite(u["log_density_threshold"]) else None,
-                "unseen_p_value": float(p_value[i]) if p_value is not None else None,
-                "unseen_alpha": d["alpha"] if d else None,
-                "unseen_n_val": len(att.val_scores) if d else None,
-                "unseen_generator": bool(unseen[i]),
-                "warnings": d.get("warnings", []) if d else [],  # where the run's figures and decisions fail
-                "guarantee": d.get("population", "") if d else "",
-                "explanation": why,
-                "attributor": att.name,
-                "run": label,
-                "result": att.result,
-                "vae": cfg.vae.source,
-                "timesteps": cfg.diffusion.timesteps,
-            }
-        )
-    return results
+        s["probs"] = calib.scaled_posterior(logits, d["calibration"]["temperature"])
+        s["sets"] = decisions.predict_sets(logits, d["conformal"]["score"], d["conformal"]["thresholds"])
+        s["p_value"] = conformal.p_values(att.val_scores, s["log_density"])
+        s["unseen"] = s["p_value"] <= d["alpha"]
+    else:
+        s.update(probs=s["raw"], sets=None, p_value=None, unseen=s["log_density"] < u["log_density_threshold"])
+    return s
+
+
+def _result(att, s: dict, i: int, p: Path, why, top: int, label: str) -> dict:
+    """Image `i`'s entry of `attribute`'s results."""
+    cfg, classes, u, d = att.cfg, att.classes, att.threshold, att.decisions
+    probs, raw, sets, p_value, maha_s = s["probs"], s["raw"], s["sets"], s["p_value"], s["maha"]
+    order = np.argsort(-probs[i], kind="stable")[:top]
+    return {
+        "image": str(p),
+        "converted": conversions(p),  # bits or frames preprocessing dropped, as encode drops them
+        "top": [{"generator": classes[c], "probability": float(probs[i, c])} for c in order],
+        "posterior": dict(zip(classes, probs[i].tolist())),
+        "uncalibrated_posterior": dict(zip(classes, raw[i].tolist())),
+        "calibration": d["calibration"] if d else {"method": "none", "temperature": 1.0},
+        "prediction_set": [classes[c] for c in np.nonzero(sets[i])[0]] if sets is not None else None,
+        "prediction_set_level": d["conformal"]["level"] if d else None,
+        "mahalanobis": {"generator": classes[int(maha_s[i].argmax())], "score": float(maha_s[i].max())},
+        "kde_log_density": float(s["log_density"][i]),  # the cut is -inf when no p-value can reach alpha: None
+        "unseen_threshold": u["log_density_threshold"] if np.isfinite(u["log_density_threshold"]) else None,
+        "unseen_p_value": float(p_value[i]) if p_value is not None else None,
+        "unseen_alpha": d["alpha"] if d else None,
+        "unseen_n_val": len(att.val_scores) if d else None,
+        "unseen_generator": bool(s["unseen"][i]),
+        "warnings": d.get("warnings", []) if d else [],  # where the run's figures and decisions fail
+        "guarantee": d.get("population", "") if d else "",
+        "explanation": why,
+        "attributor": att.name,
+        "run": label,
+        "result": att.result,
+        "vae": cfg.vae.source,
+        "timesteps": cfg.diffusion.timesteps,
+    }
 
 
 def _check_finite(probs: np.ndarray, paths: list[Path], name: str) -> None:

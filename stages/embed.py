@@ -16,7 +16,7 @@ from leakpipe.pipeline.config import Config
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, Latents, ready_latents, run_config, trained_lock, values
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
-from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.ledger.stage import Done, Instance, Plan, Stage, run as run_stage
 from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.store.locking import shared
 from leakpipe.pipeline.engine.vae import resolve_device
@@ -83,7 +83,7 @@ def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
     from leakpipe.pipeline.engine.data import LatentRows  # torch: imported when embedding runs
     from leakpipe.pipeline.engine.precision import channels_last, compiled
     from leakpipe.pipeline.engine.training import predict
-    from leakpipe.pipeline.ledger.results import load_trained
+    from leakpipe.pipeline.engine.trained import load_trained
     from leakpipe.pipeline.store import embeddings, latent_store
 
     e: Embedding = plan.data
@@ -118,7 +118,17 @@ def work(plan: Plan, ws_cfg: Config, log, verdict: Verdict) -> Done:
     return Done(e.path, {"split": e.split}, e.split)
 
 
-STAGE = Stage("embed", KEYS, CODE, plan, work, implicit=True)
+def instances(graph: Graph) -> list[Instance]:
+    """The embedded splits of each run name's trained result."""
+    return [
+        Instance(f"{name}/{split}", (result, split, name))
+        for name, result in runs.trained(graph.ws)
+        for split in graph.ws.splits()
+        if (result / "embeddings" / f"{split}.lock.json").exists()
+    ]
+
+
+STAGE = Stage("embed", KEYS, CODE, plan, work, implicit=True, instances=instances)
 
 
 def run(graph: Graph, run: str = "default", log=print, splits=None) -> list[str]:

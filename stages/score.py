@@ -29,7 +29,7 @@ from leakpipe.pipeline.ledger.graph import (
     values,
 )
 from leakpipe.pipeline.ledger.locks import Inputs, Upstream, Verdict
-from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.ledger.stage import Done, Instance, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.atomic import sweep_orphans
 from leakpipe.pipeline.engine.vae import resolve_device
@@ -126,7 +126,7 @@ class Reading:
         return tensors["prototypes"].numpy() if "prototypes" in tensors else None
 
     def split(self, name: str):
-        from leakpipe.pipeline.ledger.results import load_split
+        from leakpipe.pipeline.report.scored import load_split
 
         return load_split(self.g.ws, self.result, name, _latents(self.g, self.result, self.cfg, name).file_hashes)
 
@@ -146,7 +146,7 @@ class Reading:
         return _latents(self.g, self.result, self.cfg, name).file_hashes
 
     def stage_features(self, rows):
-        from leakpipe.pipeline.ledger.results import stage_features
+        from leakpipe.pipeline.engine.trained import stage_features
 
         return stage_features(
             self.result,
@@ -309,7 +309,17 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-STAGE = Stage("score", KEYS, CODE, plan, work)
+def instances(graph: Graph) -> list[Instance]:
+    """Each run name whose trained result was scored; its outputs are hashed when checked, as score,
+    export and attribute check them (small files)."""
+    return [
+        Instance(name, (name,), deep=True, facts={"result": result.name})
+        for name, result in runs.trained(graph.ws)
+        if (result / "score.lock.json").exists()
+    ]
+
+
+STAGE = Stage("score", KEYS, CODE, plan, work, instances=instances)
 
 
 def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
@@ -319,7 +329,7 @@ def run(g: Graph, run: str = "default", log=print) -> ScoreResult:
     done = run_stage(p, g.cfg, log)
     if done.result is not None:
         return done.result
-    from leakpipe.pipeline.ledger.results import load_metrics  # torch: when scoring runs
+    from leakpipe.pipeline.report.scored import load_metrics  # torch: when scoring runs
 
     out = p.data.result
     return ScoreResult(

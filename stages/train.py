@@ -33,7 +33,7 @@ from leakpipe.pipeline.ledger.graph import (
     values,
 )
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
-from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
+from leakpipe.pipeline.ledger.stage import Done, Instance, Plan, Stage, run as run_stage
 from leakpipe.pipeline.store.atomic import atomic_write_json, sweep_orphans
 from leakpipe.pipeline.store.hashing import hash_file
 from leakpipe.pipeline.store.locking import shared
@@ -232,7 +232,17 @@ def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:
     )
 
 
-STAGE = Stage("train", KEYS, CODE, plan, work)
+def instances(graph: Graph) -> list[Instance]:
+    """One instance per run name, with what is wrong with the name itself (a dangling link, a folder
+    standing in for one)."""
+    out = []
+    for name in runs.names(graph.ws):
+        bad = runs.problem(graph.ws, name)
+        out.append(Instance(name, (name,), problems=(bad,) if bad else ()))
+    return out
+
+
+STAGE = Stage("train", KEYS, CODE, plan, work, instances=instances)
 
 
 def run(graph: Graph, run: str = "default", log=print, cfg: Config | None = None) -> TrainResult:

@@ -170,7 +170,7 @@ def _attribute_json(att: Path, images: Path, *names: str) -> list:
 
 
 def test_export_records_the_absolute_vae_and_the_gallery(exported):
-    from leakpipe.pipeline.ledger.results import load_split
+    from leakpipe.pipeline.report.scored import load_split
     from leakpipe.pipeline.ledger import runs
     from leakpipe.pipeline.manifest import read_manifest
     from leakpipe.pipeline.report.evaluate import label_index
@@ -369,7 +369,7 @@ def test_the_reference_holds_the_val_rows_and_an_export_without_them_still_attri
     comparator on them too); an export made before them (training rows only) attributes with the
     comparator on its training rows, and one with half of them is refused, saying what is missing."""
     from leakpipe.pipeline.ledger import runs
-    from leakpipe.pipeline.ledger.results import load_split
+    from leakpipe.pipeline.report.scored import load_split
     from leakpipe.pipeline.store.hashing import hash_file
     from safetensors.numpy import load_file, save_file
 

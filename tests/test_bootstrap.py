@@ -145,6 +145,9 @@ def test_the_real_photo_case_is_said_in_words():
         "z0_probe_minus_forensic": bl.paired_difference(pixel, pixel, w),
     }
     assert [n.split(":")[0] for n in bl.notes(good)] == ["Strongest learner on these test images"]
+    probe_wins = {**good, "z0_probe": bl.scored(pixel, w), "head_minus_z0_probe": bl.paired_difference(head, pixel, w)}
+    said = bl.notes(probe_wins)
+    assert len(said) == 2 and "significantly below a linear probe on the cached z0" in said[1]
     weak = {
         **b,
         "forensic": bl.scored(z0, w),

@@ -60,7 +60,7 @@ def test_a_stages_code_reaches_what_makes_its_outputs_and_no_more():
     from ledger/results.py:stage_features), and a function stays out of the stages that never call it."""
     ids = {name: code.identity(stage.code) for name, stage in STAGES.items()}
     assert "leakpipe.pipeline.math.metrics:macro_auc" in ids["train"]
-    assert "leakpipe.pipeline.ledger.results:stage_features" in ids["score"]
+    assert "leakpipe.pipeline.engine.trained:stage_features" in ids["score"]
     assert "leakpipe.pipeline.engine.images:load_image" in ids["encode"]
     assert "leakpipe.pipeline.engine.images:load_native" in ids["score"]
     assert "leakpipe.pipeline.engine.images:load_native" not in ids["encode"]  # the baselines' reader

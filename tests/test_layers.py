@@ -25,10 +25,10 @@ LAYERS = [
         "leakpipe.pipeline.manifest_columns",
         "leakpipe.pipeline.workspace",
     ),
+    ("leakpipe.pipeline.ledger",),  # bookkeeping, below the math it records: it builds and runs no model
     ("leakpipe.pipeline.bench",),
     ("leakpipe.pipeline.engine",),
     ("leakpipe.pipeline.report",),
-    ("leakpipe.pipeline.ledger",),
     ("leakpipe.stages",),
     ("leakpipe.workflows",),
     ("leakpipe.pipeline.cli_base",),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from leakpipe.pipeline.ledger.results import load_split
+from leakpipe.pipeline.report.scored import load_split
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.manifest import read_manifest

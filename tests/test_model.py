@@ -181,3 +181,18 @@ def test_small_prototype_init_starts_every_class_at_chance():
         with torch.no_grad():
             losses[std] = float(torch.nn.functional.cross_entropy(m(f).logits, y))
     assert abs(losses[0.01] - math.log(5)) < 0.05 < abs(losses[0.5] - math.log(5))
+
+
+def test_one_registry_names_the_backbones():
+    """nn/zoo.py lists each backbone once: `model.backbone`'s choices are its names, each has a family
+    that `build` knows (and a ResNet its depth), and another name is refused with the list."""
+    from leakpipe.pipeline.config import CHOICES
+    from leakpipe.pipeline.nn.backbones import FAMILIES, RESNETS, build
+    from leakpipe.pipeline.nn.zoo import BACKBONES
+
+    assert CHOICES["model.backbone"] == tuple(BACKBONES)
+    assert {BACKBONES[n] for n in BACKBONES} <= FAMILIES.keys()
+    assert {n for n, family in BACKBONES.items() if family == "resnet"} == RESNETS.keys()
+    assert isinstance(build("resnet18", 8, 32), ResNet)
+    with pytest.raises(ValueError, match="expected one of resnet18, resnet50"):
+        build("resnet19", 8, 32)

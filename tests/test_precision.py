@@ -71,7 +71,7 @@ def test_a_diverged_epoch_stops_training_with_what_to_do(tws):
 
 def test_half_precision_inference_agrees_with_fp32(tws):
     """A trained fp32 model's validation outputs under bf16/fp16 autocast (as embed computes them)."""
-    from leakpipe.pipeline.ledger.results import load_trained
+    from leakpipe.pipeline.engine.trained import load_trained
 
     train_run(tws, "fp32")
     model, build, classes, cfg = load_trained(train.run_dir(Workspace(tws), "fp32"), torch.device("cpu"))

@@ -205,7 +205,7 @@ def test_code_identity_comes_from_the_code(ws, tmp_path):
     assert all(e["up_to_date"] for e in cosmetic.values()), [e for e in cosmetic.values() if not e["up_to_date"]]
     diffusion.write_text(text.replace("(t + 0.008) / 1.008", "(t + 0.009) / 1.009"))
     edited = _status_with(pkg, ws)
-    # score's figure of the features at each stage (ledger/results.py:stage_features) diffuses z0 too
+    # score's figure of the features at each stage (engine/trained.py:stage_features) diffuses z0 too
     for key in (("train", "default"), ("embed", "default/closed"), ("embed", "default/open"), ("score", "default")):
         assert not edited[key]["up_to_date"]
         assert "code changed: leakpipe.pipeline.math.diffusion: betas" in edited[key]["reasons"], edited[key]

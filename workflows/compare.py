@@ -14,7 +14,8 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.graph import label_rows, run_config
 from leakpipe.pipeline.ledger.locks import read_lock
-from leakpipe.pipeline.ledger.results import load_checked_scores, load_metrics, load_split, trained_bytes
+from leakpipe.pipeline.ledger.results import load_checked_scores, trained_bytes
+from leakpipe.pipeline.report.scored import load_metrics, load_split
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.math import bootstrap, metrics
@@ -106,37 +107,11 @@ def audit_test_images(ws: Workspace, results: dict[str, Path]) -> str:
     each was scored on that split as the manifest is now, on the same test images, and none was trained
     on a test image that the split's own train and val partitions do not hold (which every run's scoring
     already leaves out). Otherwise an error says which runs, what differs and how many rows."""
-    hashes, problems, tests, split_of = HashCache(ws.hash_cache), [], {}, {}
-    for r, out in results.items():
-        split, rows = _rows(out / "score.lock.json")
-        path = ws.manifest(split)
-        now = label_rows(read_manifest(path, check_files=False)) if path.exists() else None
-        if now != rows:
-            change = locks.files_changed(rows, now) if now is not None else "the manifest is gone"
-            problems.append(
-                f"{r} was scored on another version of {path.name} ({change} since); run `leakpipe score --run {r}`"
-            )
-            continue
-        split_of[r] = split
-        tests[r] = [p for p, lpv in rows if lpv.split("|")[1] == "test"]
-    if problems:
-        raise UserError("cannot compare on the same test images:\n  " + "\n  ".join(problems))
+    hashes = HashCache(ws.hash_cache)
+    split_of, tests = _scored_splits(ws, results)
     first = next(iter(results))
     manifests = {s: read_manifest(ws.manifest(s), check_files=False) for s in set(split_of.values())}
-    content = {r: set(_contents(manifests[split_of[r]], tests[r], hashes).values()) for r in results}
-    base = content[first]
-    differ = [r for r in results if content[r] != base]
-    if differ:
-        raise UserError(
-            "the runs were not scored on the same test images: "
-            + "; ".join(
-                f"{r} on {split_of[r]} ({len(content[r])} test images, {len(content[r] & base)} of them among "
-                f"{first}'s {len(base)})"
-                for r in differ
-            )
-            + f". Score them on one split (`leakpipe score --run RUN "
-            f"--set score.closed={split_of[first]}`) and compare again"
-        )
+    base = _same_test_images(results, split_of, tests, manifests, hashes)
     split = split_of[first]
     m = manifests[split]
     fitted = [p for p, part in zip(m.column("path"), m.column("partition")) if part in ("train", "val")]
@@ -169,6 +144,47 @@ def audit_test_images(ws: Workspace, results: dict[str, Path]) -> str:
             "partitions keep these test images out"
         )
     return split
+
+
+def _scored_splits(ws: Workspace, results: dict[str, Path]) -> tuple[dict, dict]:
+    """({run: the split it was scored on}, {run: its test paths}), each run checked to have been scored on
+    its split's manifest as it is now."""
+    problems, tests, split_of = [], {}, {}
+    for r, out in results.items():
+        split, rows = _rows(out / "score.lock.json")
+        path = ws.manifest(split)
+        now = label_rows(read_manifest(path, check_files=False)) if path.exists() else None
+        if now != rows:
+            change = locks.files_changed(rows, now) if now is not None else "the manifest is gone"
+            problems.append(
+                f"{r} was scored on another version of {path.name} ({change} since); run `leakpipe score --run {r}`"
+            )
+            continue
+        split_of[r] = split
+        tests[r] = [p for p, lpv in rows if lpv.split("|")[1] == "test"]
+    if problems:
+        raise UserError("cannot compare on the same test images:\n  " + "\n  ".join(problems))
+    return split_of, tests
+
+
+def _same_test_images(results: dict, split_of: dict, tests: dict, manifests: dict, hashes) -> set:
+    """The contents of the first run's test images, checked to be every run's."""
+    first = next(iter(results))
+    content = {r: set(_contents(manifests[split_of[r]], tests[r], hashes).values()) for r in results}
+    base = content[first]
+    differ = [r for r in results if content[r] != base]
+    if differ:
+        raise UserError(
+            "the runs were not scored on the same test images: "
+            + "; ".join(
+                f"{r} on {split_of[r]} ({len(content[r])} test images, {len(content[r] & base)} of them among "
+                f"{first}'s {len(base)})"
+                for r in differ
+            )
+            + f". Score them on one split (`leakpipe score --run RUN "
+            f"--set score.closed={split_of[first]}`) and compare again"
+        )
+    return base
 
 
 def compare(ws: Workspace, names: list[str], cfg: Config | None = None) -> str:

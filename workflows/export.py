@@ -28,7 +28,8 @@ from leakpipe.pipeline.engine.images import allow_pixels
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.ledger.graph import Graph, run_config, trained_lock
-from leakpipe.pipeline.ledger.results import load_metrics, metrics_bytes, trained_bytes
+from leakpipe.pipeline.ledger.results import metrics_bytes, trained_bytes
+from leakpipe.pipeline.report.scored import load_metrics
 from leakpipe.pipeline.report.card import model_card
 from leakpipe.pipeline.store.atomic import atomic_write_bytes, atomic_write_text
 from leakpipe.pipeline.store.hashing import hash_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks, runs
 from leakpipe.pipeline.ledger.graph import Graph, one_line, ready_latents, values
 from leakpipe.pipeline.ledger.locks import Inputs, Verdict
-from leakpipe.pipeline.ledger.stage import Plan
+from leakpipe.pipeline.ledger.stage import Instance, Stage
 from leakpipe.pipeline.store import storage
 
 
@@ -18,43 +19,21 @@ def _entry(stage: str, name: str, verdict: Verdict, **facts) -> dict:
     return {"stage": stage, "name": name, **verdict.to_dict(), **{k: v for k, v in facts.items() if v and k in shown}}
 
 
-def _plan_entry(plan: Plan, **facts) -> dict:
-    return _entry(plan.stage.name, plan.target, plan.check(), **{**plan.facts, **facts})
-
-
-def _latents_entry(g: Graph, split: str) -> dict:
+def _instance_entry(g: Graph, stage: Stage, inst: Instance) -> dict:
     try:
-        return _plan_entry(g.plan("encode", split))
-    except UserError as exc:
-        return _entry("encode", split, Verdict(False, [one_line(exc)]))
-
-
-def _result_entries(g: Graph, name: str, result: Path) -> list[dict]:
-    out = []
-    try:
-        for split in g.ws.splits():
-            if (result / "embeddings" / f"{split}.lock.json").exists():
-                out.append(_entry("embed", f"{name}/{split}", g.plan("embed", result, split, name).check()))
-        if (result / "score.lock.json").exists():  # hashed, as score, export and attribute check it: small files
-            out.append(_entry("score", name, g.plan("score", name).check(deep=True), result=result.name))
-    except UserError as exc:  # what the result holds cannot be read (a config edited by hand): said, not raised
-        out.append(_entry("embed", f"{name}/*", Verdict(False, [one_line(exc)]), result=result.name))
-    return out
+        plan = g.plan(stage.name, *inst.args)
+        verdict = plan.check(deep=inst.deep)
+    except UserError as exc:  # what it holds cannot be read (a config edited by hand): said, not raised
+        return _entry(stage.name, inst.name, Verdict(False, [*inst.problems, one_line(exc)]), **inst.facts)
+    if inst.problems:
+        verdict = dataclasses.replace(verdict, up_to_date=False, reasons=[*inst.problems, *verdict.reasons])
+    return _entry(stage.name, inst.name, verdict, **{**plan.facts, **inst.facts})
 
 
 def entries(g: Graph) -> list[dict]:
-    """One entry per stage instance: encode per split, then train, embed and score per run name."""
-    out = [_latents_entry(g, split) for split in g.ws.splits()]
-    for name in runs.names(g.ws):
-        plan = g.plan("train", name)
-        out.append(_plan_entry(plan))
-        bad = runs.problem(g.ws, name)
-        if bad:  # the name itself: a dangling link, a folder standing in for one
-            out[-1].update(up_to_date=False, reasons=[bad, *out[-1]["reasons"]])
-        current = runs.pointed(g.ws, name)
-        if current is not None and locks.read_lock(current / "train.lock.json") is not None:
-            out += _result_entries(g, name, current)
-    return out
+    """One entry per stage instance, each stage asked for its own (`Stage.instances`): encode per split,
+    train per run name, embed and score per trained result."""
+    return [_instance_entry(g, stage, inst) for stage in g.stages.values() for inst in stage.instances(g)]
 
 
 def format_entries(items: list[dict]) -> str:

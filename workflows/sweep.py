@@ -14,7 +14,7 @@ from leakpipe.pipeline.config import PROFILES, Config
 from leakpipe.pipeline.engine.vae import VaeError
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import runs
-from leakpipe.pipeline.ledger.results import load_metrics
+from leakpipe.pipeline.report.scored import load_metrics
 from leakpipe.pipeline.manifest import read_manifest
 from leakpipe.pipeline.report.evaluate import HELD_OUT_NOTE
 from leakpipe.pipeline.report.render import with_ci

@@ -168,8 +168,62 @@ def from_folder(folder: Path, device) -> Attributor:
     from leakpipe.pipeline.engine.trained import model_from
     from leakpipe.pipeline.store.checkpoint import read_safetensors
 
-    record_path = folder / "attributor.json"
     again = "export the run again (`leakpipe export DIR --run RUN` in its workspace)"
+    record = _checked_record(folder / "attributor.json", again)
+    data = _checked_files(folder, record["files"], again)
+    tensors, meta = read_safetensors(data["model.safetensors"])
+    try:
+        cfg = from_dict(json.loads(data["config.json"]), str(folder / "config.json"))
+        model, build, classes, cfg = model_from(tensors, meta, cfg, device)
+    except (KeyError, RuntimeError, ValueError) as exc:  # a model that does not fit its config
+        raise UserError(f"{folder}: model.safetensors does not fit config.json ({exc}); {again}") from None
+    reference = {k: v for k, v in load(data["reference.safetensors"]).items()}
+    val = load(data[CALIBRATION]).get("unseen_val_scores")
+    if val is None or val.ndim != 1 or not np.isfinite(val).all():
+        raise UserError(f"{folder}: {CALIBRATION} lacks finite unseen_val_scores; {again}")
+    problems = [
+        *_fits_model(record, classes, cfg.model.embed_dim, reference),
+        *config_problems(record, cfg),
+        *calibration_problems(record, val),
+    ]
+    if problems:
+        raise UserError(f"{folder}: {'; '.join(problems)}; {again}")
+    return Attributor(
+        model,
+        build,
+        classes,
+        _recorded_vae(cfg, record),
+        reference,
+        record["unseen_threshold"],
+        f"attributor {folder}",
+        record["result"],
+        record["encoder"]["encoder_fingerprint"],
+        Path.cwd(),
+        record.get("code", {}),
+        folder=folder,
+        decisions=record.get("decisions"),
+        val_scores=val,
+        gallery=load(data[GALLERY]) if GALLERY in data else None,
+        score=record.get("score"),
+    )
+
+
+def _recorded_vae(cfg, record: dict):
+    """`cfg` with the VAE where the record says it is: absolute or a Hub id since exports record it so
+    (older ones: as trained)."""
+    return dataclasses.replace(
+        cfg,
+        vae=dataclasses.replace(
+            cfg.vae,
+            source=record["encoder"]["vae_source"],
+            config=record["encoder"].get("vae_config_file", cfg.vae.config),
+        ),
+    )
+
+
+def _checked_record(record_path: Path, again: str) -> dict:
+    """attributor.json, read and checked: an object of this format that matches its own checksum and
+    whose values are valid (attributor_schema.py)."""
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -199,7 +253,11 @@ def from_folder(folder: Path, device) -> Attributor:
     problems = record_problems(record)
     if problems:
         raise UserError(f"{record_path}: {'; '.join(problems)}; {again}")
-    listed = record["files"]
+    return record
+
+
+def _checked_files(folder: Path, listed: dict, again: str) -> dict[str, bytes]:
+    """The bytes of the folder's files, each required one listed and each listed one matching its checksum."""
     data = {n: (folder / n).read_bytes() for n in dict.fromkeys([*FILES, *listed]) if (folder / n).is_file()}
     bad = [
         n
@@ -210,50 +268,7 @@ def from_folder(folder: Path, device) -> Attributor:
         raise UserError(
             f"{folder}: {', '.join(bad)} missing or damaged (checksum mismatch with attributor.json); {again}"
         )
-    tensors, meta = read_safetensors(data["model.safetensors"])
-    try:
-        cfg = from_dict(json.loads(data["config.json"]), str(folder / "config.json"))
-        model, build, classes, cfg = model_from(tensors, meta, cfg, device)
-    except (KeyError, RuntimeError, ValueError) as exc:  # a model that does not fit its config
-        raise UserError(f"{folder}: model.safetensors does not fit config.json ({exc}); {again}") from None
-    reference = {k: v for k, v in load(data["reference.safetensors"]).items()}
-    val = load(data[CALIBRATION]).get("unseen_val_scores")
-    if val is None or val.ndim != 1 or not np.isfinite(val).all():
-        raise UserError(f"{folder}: {CALIBRATION} lacks finite unseen_val_scores; {again}")
-    problems = [
-        *_fits_model(record, classes, cfg.model.embed_dim, reference),
-        *config_problems(record, cfg),
-        *calibration_problems(record, val),
-    ]
-    if problems:
-        raise UserError(f"{folder}: {'; '.join(problems)}; {again}")
-    # where the VAE is: absolute or a Hub id since exports record it so (older ones: as trained)
-    cfg = dataclasses.replace(
-        cfg,
-        vae=dataclasses.replace(
-            cfg.vae,
-            source=record["encoder"]["vae_source"],
-            config=record["encoder"].get("vae_config_file", cfg.vae.config),
-        ),
-    )
-    return Attributor(
-        model,
-        build,
-        classes,
-        cfg,
-        reference,
-        record["unseen_threshold"],
-        f"attributor {folder}",
-        record["result"],
-        record["encoder"]["encoder_fingerprint"],
-        Path.cwd(),
-        record.get("code", {}),
-        folder=folder,
-        decisions=record.get("decisions"),
-        val_scores=val,
-        gallery=load(data[GALLERY]) if GALLERY in data else None,
-        score=record.get("score"),
-    )
+    return data
 
 
 def with_vae(att: Attributor, vae: str) -> Attributor:

@@ -90,124 +90,198 @@ def fit(lat: Source, cfg: Config, out: Path, fp: str, log, init: Path | None, va
     """Train the model of `cfg` on the train and val rows of `lat` into the result folder `out`
     (model.safetensors, history.json), resuming from out/checkpoint when it holds training `fp`; with
     `variants` (train.variants), each training image drawn per epoch from itself and its variants."""
-    result = Fitted()
-    tc = cfg.train
-    tr_rows, tr_y, va_rows, va_y, classes = rows_of(lat, tc.exclude)
-    share = cfg.compute.memory_budget_gb * 2**30 / (3 if variants else 2)
-    train_data, val_data = (LatentRows(lat.store, r, y, share) for r, y in ((tr_rows, tr_y), (va_rows, va_y)))
-    if variants is not None:
-        # VariantRows reads as LatentRows does (the same methods), drawing a variant per image and epoch
-        train_data = with_variants(train_data, lat, tr_rows, variants, tc.variant_p, share)  # type: ignore[assignment]
-    _check_sizes(cfg, lat.store, train_data.latent_shape)
-    ddp, device = ddp_lib.setup(cfg.compute.device)
-    log = log if ddp.is_main else (lambda msg: None)
-    result.world_size = ddp.world
-    torch.manual_seed(tc.seed)
-    net = build_model(cfg, len(classes), train_data.latent_shape)
-    if init is not None:  # a resumed checkpoint then replaces these weights
-        for note in init_backbone(net, init):
-            log(f"train: model.init: {note}")
-    wrapped = ddp_lib.wrap(channels_last(net.to(device), device, cfg.compute.precision), ddp, device)
-    model = ddp_lib.unwrap(wrapped)  # the same parameters; evaluation and saving use it directly
-    forward = compiled(wrapped, cfg.compute.compile, cfg.compute.compile_backend)
-    scaler = grad_scaler(device, cfg.compute.precision)
-    for data in (train_data, val_data):
-        data.place(device, cfg.compute.gpu_cache_gb * 2**30)
-    opt = optimizer(model, tc)
-    build = FeatureBuilder(cfg, device)
-    ckpt_dir = out / "checkpoint"
-    try:
-        loaded = load_checkpoint(ckpt_dir, model, opt, fp)
-    except DamagedCheckpoint as exc:  # checked before anything is loaded from it
-        log(f"train: the checkpoint in {ckpt_dir} is damaged ({exc}); training this result from the start")
-        loaded = None
-    steps = train_data.n_batches(tc.batch_size, tc.seed * 1_000_003 + 1, tc.shuffle_chunks)
-    average = None
-    if loaded:
-        state, best, extra = loaded
-        build.mean, build.std = best["feature_mean"].to(device), best["feature_std"].to(device)
-        result.resumed_from = state["epoch"]
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if tc.ema_half_life:
-            average = WeightAverage(model, tc.ema_half_life * steps, {k: v.to(device) for k, v in extra["ema"].items()})
-        log(f"train: resuming after epoch {state['epoch']} from {ckpt_dir}")
-    else:
-        state = {
-            "fingerprint": fp,
-            "epoch": 0,
-            "best_score": -float("inf"),
-            "best_auc": -1.0,
-            "best_epoch": 0,
-            "history": [],
-            "prototypes_placed": False,
-        }
-        best = {}
-        build.fit_statistics(train_data, cfg.compute.eval_batch_size)
-        average = WeightAverage(model, tc.ema_half_life * steps) if tc.ema_half_life else None
-    build.fix_dct(train_data.latent_shape)
-    stats = build.saved()  # saved with the model: embed and attribute use these, not today's code
-    log(
-        f"train: {len(tr_rows)} train / {len(va_rows)} val rows, {len(classes)} classes, on {device}"
-        + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
-        + f", {train_data.placement}"
-        + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
-        + (", compiled" if cfg.compute.compile else "")
-    )
-    log(latent_scale_note(cfg, build, train_data.latent_shape[0]))
-    board = None
-    if cfg.log.tensorboard and ddp.is_main:
-        from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
-
-        board = tboard.writer(out / "tensorboard" / "train", purge_step=state["epoch"] + 1)
-    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-        if tc.select != "last" and state["best_epoch"] and epoch - state["best_epoch"] > tc.patience:
+    run = _Recipe(cfg, out, fp, log)
+    run.setup_data(lat, variants)
+    run.setup_model(init)  # seeds torch, then builds: the order fixes the weights' first draw
+    run.setup_state()
+    run.announce()
+    for epoch in range(run.state["epoch"] + 1, cfg.train.epochs + 1):
+        if run.stops_early(epoch):
             break
-        with progress(len(tr_rows), f"train: epoch {epoch}", enabled=ddp.is_main, leave=False) as bar:
-            fit = train_epoch(
-                wrapped, opt, train_data, build, tc, epoch, bar, ddp, cfg.compute.precision, scaler, forward, average
+        run.epoch(epoch)
+    return run.finish()
+
+
+class _Recipe:
+    """One training of `fit`, set up in phases (data, model, state: fresh or resumed) that each read
+    what the earlier ones made, then stepped an epoch at a time; torchtune's recipe layout."""
+
+    def __init__(self, cfg: Config, out: Path, fp: str, log):
+        self.cfg, self.tc, self.out, self.fp, self.log = cfg, cfg.train, out, fp, log
+        self.result, self.ckpt_dir, self.board = Fitted(), out / "checkpoint", None
+
+    def setup_data(self, lat: Source, variants: Source | None) -> None:
+        """The train and val rows of `lat` as LatentRows, their share of compute.memory_budget_gb each."""
+        cfg, tc = self.cfg, self.tc
+        self.tr_rows, tr_y, self.va_rows, va_y, self.classes = rows_of(lat, tc.exclude)
+        share = cfg.compute.memory_budget_gb * 2**30 / (3 if variants else 2)
+        pairs = ((self.tr_rows, tr_y), (self.va_rows, va_y))
+        self.train_data, self.val_data = (LatentRows(lat.store, r, y, share) for r, y in pairs)
+        if variants is not None:
+            # VariantRows reads as LatentRows does (the same methods), drawing a variant per image and epoch
+            self.train_data = with_variants(  # type: ignore[assignment]
+                self.train_data, lat, self.tr_rows, variants, tc.variant_p, share
             )
-        _check_finite(fit["loss"], "training loss", epoch, cfg, device)
+        _check_sizes(cfg, lat.store, self.train_data.latent_shape)
+
+    def setup_model(self, init: Path | None) -> None:
+        """The processes (DDP), the model seeded by train.seed (model.init loaded), placed, compiled,
+        its optimiser, gradient scaler and feature path; the data placed on the device."""
+        cfg, tc = self.cfg, self.tc
+        self.ddp, self.device = ddp_lib.setup(cfg.compute.device)
+        self.log = self.log if self.ddp.is_main else (lambda msg: None)
+        self.result.world_size = self.ddp.world
+        torch.manual_seed(tc.seed)
+        net = build_model(cfg, len(self.classes), self.train_data.latent_shape)
+        if init is not None:  # a resumed checkpoint then replaces these weights
+            for note in init_backbone(net, init):
+                self.log(f"train: model.init: {note}")
+        self.wrapped = ddp_lib.wrap(
+            channels_last(net.to(self.device), self.device, cfg.compute.precision), self.ddp, self.device
+        )
+        self.model = ddp_lib.unwrap(self.wrapped)  # the same parameters; evaluation and saving use it directly
+        self.forward = compiled(self.wrapped, cfg.compute.compile, cfg.compute.compile_backend)
+        self.scaler = grad_scaler(self.device, cfg.compute.precision)
+        for data in (self.train_data, self.val_data):
+            data.place(self.device, cfg.compute.gpu_cache_gb * 2**30)
+        self.opt = optimizer(self.model, tc)
+        self.build = FeatureBuilder(cfg, self.device)
+
+    def setup_state(self) -> None:
+        """The state to start from: out/checkpoint's when it holds this training (and is undamaged), else
+        a fresh one with the feature statistics of the training rows; the weight average either way."""
+        tc, device = self.tc, self.device
+        try:
+            loaded = load_checkpoint(self.ckpt_dir, self.model, self.opt, self.fp)
+        except DamagedCheckpoint as exc:  # checked before anything is loaded from it
+            self.log(
+                f"train: the checkpoint in {self.ckpt_dir} is damaged ({exc}); training this result from the start"
+            )
+            loaded = None
+        steps = self.train_data.n_batches(tc.batch_size, tc.seed * 1_000_003 + 1, tc.shuffle_chunks)
+        self.average = None
+        if loaded:
+            self.state, self.best, extra = loaded
+            self.build.mean, self.build.std = self.best["feature_mean"].to(device), self.best["feature_std"].to(device)
+            self.result.resumed_from = self.state["epoch"]
+            if self.state.get("scaler"):
+                self.scaler.load_state_dict(self.state["scaler"])
+            if tc.ema_half_life:
+                ema = {k: v.to(device) for k, v in extra["ema"].items()}
+                self.average = WeightAverage(self.model, tc.ema_half_life * steps, ema)
+            self.log(f"train: resuming after epoch {self.state['epoch']} from {self.ckpt_dir}")
+        else:
+            self.state = {
+                "fingerprint": self.fp,
+                "epoch": 0,
+                "best_score": -float("inf"),
+                "best_auc": -1.0,
+                "best_epoch": 0,
+                "history": [],
+                "prototypes_placed": False,
+            }
+            self.best = {}
+            self.build.fit_statistics(self.train_data, self.cfg.compute.eval_batch_size)
+            self.average = WeightAverage(self.model, tc.ema_half_life * steps) if tc.ema_half_life else None
+        self.build.fix_dct(self.train_data.latent_shape)
+        self.stats = self.build.saved()  # saved with the model: embed and attribute use these, not today's code
+
+    def announce(self) -> None:
+        """What trains where, in the log; the TensorBoard writer when log.tensorboard asks for one."""
+        cfg, ddp = self.cfg, self.ddp
+        self.log(
+            f"train: {len(self.tr_rows)} train / {len(self.va_rows)} val rows, {len(self.classes)} classes, "
+            f"on {self.device}"
+            + (f" x {ddp.world} processes (DDP)" if ddp.active else "")
+            + f", {self.train_data.placement}"
+            + (f", {cfg.compute.precision}" if cfg.compute.precision != "fp32" else "")
+            + (", compiled" if cfg.compute.compile else "")
+        )
+        self.log(latent_scale_note(cfg, self.build, self.train_data.latent_shape[0]))
+        if cfg.log.tensorboard and ddp.is_main:
+            from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
+
+            self.board = tboard.writer(self.out / "tensorboard" / "train", purge_step=self.state["epoch"] + 1)
+
+    def stops_early(self, epoch: int) -> bool:
+        """train.patience epochs without a better kept epoch (never with train.select = last)."""
+        best_epoch = self.state["best_epoch"]
+        return self.tc.select != "last" and bool(best_epoch) and epoch - best_epoch > self.tc.patience
+
+    def epoch(self, epoch: int) -> None:
+        """One epoch: train, place the prototypes when due, validate when due (keeping the weights
+        train.select prefers), then the checkpoint."""
+        cfg, tc, state = self.cfg, self.tc, self.state
+        with progress(len(self.tr_rows), f"train: epoch {epoch}", enabled=self.ddp.is_main, leave=False) as bar:
+            fit = train_epoch(
+                self.wrapped,
+                self.opt,
+                self.train_data,
+                self.build,
+                tc,
+                epoch,
+                bar,
+                self.ddp,
+                cfg.compute.precision,
+                self.scaler,
+                self.forward,
+                self.average,
+            )
+        _check_finite(fit["loss"], "training loss", epoch, cfg, self.device)
         if _prototypes_due(cfg, state, epoch):
-            log(f"train: {_place_prototypes(model, opt, average, train_data, build, cfg)}")
+            self.log(
+                f"train: {_place_prototypes(self.model, self.opt, self.average, self.train_data, self.build, cfg)}"
+            )
             state["prototypes_placed"] = True
         line = f"epoch {epoch}: loss {fit['loss']:.4f} acc {fit['acc']:.3f}"
         if not _validation_due(cfg, epoch):
             state["history"].append({"epoch": epoch, **fit})
-            log(line)
+            self.log(line)
         else:
-            evaluated = average.averaged(model) if average is not None else model
-            record, val = _validate(evaluated, train_data, val_data, build, cfg, len(classes), epoch)
-            state["history"].append({"epoch": epoch, **fit, **record})
-            log(f"{line} val loss {record['val_loss']:.4f} val macro AUC {record['val_macro_auc']:.4f}")
-            if board is not None:
-                tboard.epoch(board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
-            score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[tc.select]
-            if score > state["best_score"]:
-                state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
-                best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **stats}.items()}
-        state["epoch"], state["scaler"] = epoch, scaler.state_dict() if scaler.is_enabled() else {}
-        if ddp.is_main:  # every rank holds the same weights; one writes them
-            save_checkpoint(ckpt_dir, model, opt, best, state, {"ema": average.state()} if average else {})
-        ddp.barrier()
-    if board is not None:
-        board.close()
-    result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
-    if not ddp.is_main:
+            self.validate(epoch, fit, line)
+        state["epoch"], state["scaler"] = epoch, self.scaler.state_dict() if self.scaler.is_enabled() else {}
+        if self.ddp.is_main:  # every rank holds the same weights; one writes them
+            ema = {"ema": self.average.state()} if self.average else {}
+            save_checkpoint(self.ckpt_dir, self.model, self.opt, self.best, state, ema)
+        self.ddp.barrier()
+
+    def validate(self, epoch: int, fit: dict, line: str) -> None:
+        """Validate the evaluated weights (the average, if any); keep them when train.select scores them best."""
+        cfg, state = self.cfg, self.state
+        evaluated = self.average.averaged(self.model) if self.average is not None else self.model
+        record, val = _validate(evaluated, self.train_data, self.val_data, self.build, cfg, len(self.classes), epoch)
+        state["history"].append({"epoch": epoch, **fit, **record})
+        self.log(f"{line} val loss {record['val_loss']:.4f} val macro AUC {record['val_macro_auc']:.4f}")
+        if self.board is not None:
+            from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
+
+            tboard.epoch(self.board, epoch, fit, val, record["val_macro_auc"], fit["lr"], cfg.diffusion.timesteps)
+        score = {"last": epoch, "val_auc": record["val_macro_auc"], "val_loss": -record["val_loss"]}[self.tc.select]
+        if score > state["best_score"]:
+            state["best_score"], state["best_auc"], state["best_epoch"] = score, record["val_macro_auc"], epoch
+            self.best = {k: v.detach().clone() for k, v in {**evaluated.state_dict(), **self.stats}.items()}
+
+    def finish(self) -> Fitted:
+        """The kept weights with what reads them (classes, config, z0's shape), and history.json."""
+        state, result = self.state, self.result
+        if self.board is not None:
+            self.board.close()
+        result.epochs, result.best_epoch, result.val_macro_auc = state["epoch"], state["best_epoch"], state["best_auc"]
+        if not self.ddp.is_main:
+            return result
+        save_tensors(
+            self.out / "model.safetensors",
+            self.best,
+            {
+                "classes": self.classes,
+                "config": self.cfg.to_dict(),
+                "best_epoch": state["best_epoch"],
+                "latent_shape": list(self.train_data.latent_shape),
+                "val_macro_auc": state["best_auc"],
+            },
+        )
+        atomic_write_json(self.out / "history.json", state["history"])
         return result
-    save_tensors(
-        out / "model.safetensors",
-        best,
-        {
-            "classes": classes,
-            "config": cfg.to_dict(),
-            "best_epoch": state["best_epoch"],
-            "latent_shape": list(train_data.latent_shape),
-            "val_macro_auc": state["best_auc"],
-        },
-    )
-    atomic_write_json(out / "history.json", state["history"])
-    return result
 
 
 def optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:

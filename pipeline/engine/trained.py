@@ -1,18 +1,22 @@
 """The model of a config, built or loaded: the backbone's starting weights (model.init), and a trained
-model with the feature path it was trained with, from a model file's tensors and metadata."""
+model with the feature path it was trained with, from a model file's tensors and metadata or a finished
+run's folder, and the backbone's features at each stage of a trained model (Fig. 3)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+import numpy as np
+import torch
 from leakpipe.pipeline.config import Config
-from leakpipe.pipeline.engine.data import FeatureBuilder
+from leakpipe.pipeline.engine.data import FeatureBuilder, LatentRows, eval_noise
 from leakpipe.pipeline.errors import UserError
+from leakpipe.pipeline.ledger.graph import run_config
+from leakpipe.pipeline.ledger.results import load_checked
 from leakpipe.pipeline.nn.backbones import adapt_state, resolve_stem
 from leakpipe.pipeline.nn.model import ProtoLeakNet, resolve_latent_readout
+from safetensors.torch import load_file
 
 
 def build_model(cfg: Config, n_classes: int, latent_shape: tuple[int, int, int]):
@@ -57,3 +61,32 @@ def model_from(tensors: dict, meta: dict, cfg: Config, device):
     model = build_model(cfg, len(meta["classes"]), meta.get("latent_shape", (4, 32, 32)))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("feature_")})
     return model.to(device).eval(), FeatureBuilder.from_saved(cfg, device, tensors), meta["classes"], cfg
+
+
+def load_trained(out: Path, device):
+    """(model in eval mode, FeatureBuilder with its statistics, classes, config) of a finished run."""
+    if not (out / "model.safetensors").exists():
+        raise UserError(f"no trained model in {out}; run `leakpipe train --run {out.name}` first")
+    tensors, meta = load_checked(out, "model.safetensors")
+    return model_from(tensors, meta, run_config(out), device)
+
+
+def stage_features(result: Path, store: str, rows: np.ndarray, device, batch_size: int = 64) -> dict:
+    """The paper's Fig. 3 data for `rows` of a latent store: the backbone's pooled features after each
+    stage, then h_bar and h_bar * w, each pooled over timesteps by a_t. {name: (n, dims)}."""
+    model, build, _, cfg = load_trained(result, device)
+    data = LatentRows(store, rows, rows * 0, 2**30)
+    parts: dict[str, list] = {}
+    with torch.inference_mode():
+        for pos, m, lv, _ in data.batches(build.eval_rows(batch_size, data.latent_shape), seed=None):
+            f = build(m, lv, eval_noise(data.hashes[pos], cfg.train.eval_seed, build.noise_shape(data.latent_shape)))
+            out = model(f)
+            b, t = f.shape[0], f.shape[-4]
+            tiles = f.shape[1] if f.dim() == 6 else 1  # train.crop: a stage's features averaged over tiles
+            stages = model.backbone.stages(f.reshape(-1, *f.shape[-3:]))
+            named = {f"stage {i + 1}": s.view(b, tiles, t, -1).mean(1) for i, s in enumerate(stages)}
+            pooled = {k: (v * out.a_t.unsqueeze(-1)).sum(1) for k, v in named.items()}
+            pooled.update({"h_bar": out.h_bar, "h_bar * w (gated)": out.h_bar * out.w})
+            for k, v in pooled.items():
+                parts.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -138,33 +138,11 @@ def train_epoch(
             continue
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(tc, epoch - 1 + (step + 1) / n_batches)
-        eps = torch.randn((len(pos), *shape), generator=gen, device=device)
-        part = ddp.shard(len(pos))
-        labels = to_device(y[part], device)
-        dropped = time_dropout_mask(len(pos), build.n_timesteps, tc.time_dropout, gen)
-        no_backbone = backbone_dropout_mask(len(pos), p_backbone, gen)
-        views = build.draw_views(len(pos), data.latent_shape, gen)
-        f = build(m[part], lv[part], eps[part], views=None if views is None else views[part])
-        with autocast(device, precision):
-            out = (forward or model)(
-                f, None if dropped is None else dropped[part], None if no_backbone is None else no_backbone[part]
-            )
-            loss = F.cross_entropy(out.logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing) * (
-                ddp.world / len(pos)
-            )
-            if tc.entropy_penalty > 0 and build.n_timesteps > 1:
-                loss = loss + tc.entropy_penalty * attention_entropy_penalty(out.a_t.float())
-            if tc.prototype_pull > 0 and out.distances is not None:
-                loss = loss + tc.prototype_pull * prototype_pull(out.distances.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # a disabled scaler (all but fp16) passes everything through
-        scaler.unscale_(opt)  # clip the true gradients
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if average is not None:
-            average.update(getattr(model, "module", model))
+        drawn = _draw(len(pos), shape, data.latent_shape, build, tc, p_backbone, gen)
+        out, loss, labels = _batch_loss(
+            forward or model, build, tc, (m, lv, y), drawn, ddp.shard(len(pos)), ddp.world / len(pos), precision
+        )
+        _optimiser_step(model, opt, scaler, loss, tc, average)
         total += len(labels)
         correct += (out.logits.detach().argmax(1) == labels).sum()
         loss_sum += loss.detach().double() * len(pos) / ddp.world
@@ -174,6 +152,44 @@ def train_epoch(
                 progress.set_postfix(loss=f"{loss_sum.item() / total:.3f}", acc=f"{correct.item() / total:.3f}")
     loss_sum, correct, total = ddp.sum([loss_sum.item(), int(correct.item()), total])
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1), "lr": opt.param_groups[0]["lr"]}
+
+
+def _draw(n: int, shape, latent_shape, build: FeatureBuilder, tc: TrainConfig, p_backbone: float, gen):
+    """A batch's random draws from the epoch's generator, in this order: eps, the time-dropout mask, the
+    backbone-dropout mask, the views (flips and crops)."""
+    eps = torch.randn((n, *shape), generator=gen, device=build.device)
+    dropped = time_dropout_mask(n, build.n_timesteps, tc.time_dropout, gen)
+    no_backbone = backbone_dropout_mask(n, p_backbone, gen)
+    return eps, dropped, no_backbone, build.draw_views(n, latent_shape, gen)
+
+
+def _batch_loss(forward, build: FeatureBuilder, tc: TrainConfig, batch, drawn, part, scale: float, precision: str):
+    """(output, loss, labels) of this rank's shard `part` of a batch: the summed cross-entropy (Eq. 12)
+    times `scale`, plus the entropy penalty and the prototype pull when they are on."""
+    (m, lv, y), (eps, dropped, no_backbone, views) = batch, drawn
+    labels = to_device(y[part], build.device)
+    f = build(m[part], lv[part], eps[part], views=None if views is None else views[part])
+    with autocast(build.device, precision):
+        out = forward(f, None if dropped is None else dropped[part], None if no_backbone is None else no_backbone[part])
+        loss = F.cross_entropy(out.logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing) * scale
+        if tc.entropy_penalty > 0 and build.n_timesteps > 1:
+            loss = loss + tc.entropy_penalty * attention_entropy_penalty(out.a_t.float())
+        if tc.prototype_pull > 0 and out.distances is not None:
+            loss = loss + tc.prototype_pull * prototype_pull(out.distances.float(), labels)
+    return out, loss, labels
+
+
+def _optimiser_step(model, opt, scaler, loss, tc: TrainConfig, average: WeightAverage | None) -> None:
+    """Backward through the scaler, the gradients clipped (train.grad_clip), the step, the average updated."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # a disabled scaler (all but fp16) passes everything through
+    scaler.unscale_(opt)  # clip the true gradients
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    if average is not None:
+        average.update(getattr(model, "module", model))
 
 
 def stratified_sample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:

@@ -13,11 +13,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from leakpipe.pipeline.config import ADDED_KEYS, Config, canonical_hash
 from leakpipe.pipeline.config_files import from_dict
-from leakpipe.pipeline.engine.vae import VaeSource
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import locks
 from leakpipe.pipeline.ledger.locks import Upstream, Verdict
@@ -26,6 +25,9 @@ from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.store.atomic import atomic_write_json
 from leakpipe.pipeline.store.hashing import HashCache
 from leakpipe.pipeline.workspace import Workspace
+
+if TYPE_CHECKING:  # a type only: the ledger sits below the engine that reads VAEs
+    from leakpipe.pipeline.engine.vae import VaeSource
 
 
 def section_keys(*sections: str) -> tuple[str, ...]:

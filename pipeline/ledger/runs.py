@@ -73,6 +73,12 @@ def names(ws: Workspace) -> list[str]:
     return sorted(p.name for p in root.iterdir() if NAME.fullmatch(p.name) and (p.is_symlink() or p.is_dir()))
 
 
+def trained(ws: Workspace) -> list[tuple[str, Path]]:
+    """(run name, the result it points at) of each run name whose result finished training."""
+    pairs = ((name, pointed(ws, name)) for name in names(ws))
+    return [(n, r) for n, r in pairs if r is not None and read_lock(r / "train.lock.json") is not None]
+
+
 def results(ws: Workspace) -> list[Path]:
     root = results_root(ws)
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []

@@ -23,6 +23,22 @@ from leakpipe.pipeline.ledger.locks import Inputs, Verdict
 from leakpipe.pipeline.store.locking import exclusive
 
 
+@dataclass
+class Instance:
+    """One instance of a stage that a workspace holds, as `status` lists it."""
+
+    name: str  # what status calls it: a split (encode), a run name (train, score), run/split (embed)
+    args: tuple  # what `Graph.plan` takes after the stage's name
+    deep: bool = False  # its outputs hashed when checked (small files: score's)
+    problems: tuple[str, ...] = ()  # found before any check: a run name's dangling link
+    facts: dict = field(default_factory=dict)  # shown beside its state: the result folder
+
+
+def per_split(graph) -> list[Instance]:
+    """One instance per split of the workspace (encode's)."""
+    return [Instance(split, (split,)) for split in graph.ws.splits()]
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage's declaration. `plan(ws, cfg, target, memo)` builds the Plan of one instance (its
@@ -40,6 +56,8 @@ class Stage:
     deep: bool = True
     # code one instance runs beyond `code`, from what it is made of (encode: the VAE family's, given its source)
     extra_code: Callable[[Any], tuple[str, ...]] | None = None
+    # the instances a workspace holds (Graph -> [Instance]), which `status` lists
+    instances: Callable[[Any], list[Instance]] = per_split
 
     def code_identity(self, instance: Any = None):
         """What a lock records of this stage's code (for `instance`, with its extra code): its legacy label

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leakpipe.pipeline.nn.zoo import BACKBONES
+
 
 # ------------------------------------------------------------------ ResNet 18/50/101
 class BasicBlock(nn.Module):
@@ -309,7 +311,15 @@ class VisionTransformer(nn.Module):
         return self.stages(x)[-1]
 
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "efficientnet_b4", "vit_b_16")
+# How each family of zoo.BACKBONES is built for (name, in_channels, side, stem); the ViT's patch size
+# adapts to `side` instead of taking a stem
+FAMILIES = {
+    "resnet": lambda name, in_channels, side, stem: ResNet(name, in_channels, stem=stem),
+    "efficientnet": lambda name, in_channels, side, stem: EfficientNet(in_channels, stem=stem),
+    "vit": lambda name, in_channels, side, stem: VisionTransformer(
+        in_channels, side, patch_size=4 if side <= 64 else 16
+    ),
+}
 
 
 SMALL_INPUT = 64  # stem "auto": z0 up to this side gets the small stem
@@ -322,16 +332,11 @@ def resolve_stem(stem: str, side: int) -> str:
 
 
 def build(name: str, in_channels: int, side: int, stem: str = "imagenet") -> nn.Module:
-    """A backbone of Table 4 for `in_channels` feature maps of side `side`, without its classifier. The
-    ViT's patch size adapts to `side` instead of taking a stem."""
-    stem = resolve_stem(stem, side)
-    if name in RESNETS:
-        return ResNet(name, in_channels, stem=stem)
-    if name == "efficientnet_b4":
-        return EfficientNet(in_channels, stem=stem)
-    if name == "vit_b_16":
-        return VisionTransformer(in_channels, side, patch_size=4 if side <= 64 else 16)
-    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    """A backbone of Table 4 (nn/zoo.py) for `in_channels` feature maps of side `side`, without its
+    classifier. The ViT's patch size adapts to `side` instead of taking a stem."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    return FAMILIES[BACKBONES[name]](name, in_channels, side, resolve_stem(stem, side))
 
 
 def adapt_state(state: dict, backbone: nn.Module) -> tuple[dict, list[str]]:

@@ -139,7 +139,12 @@ def notes(b: dict) -> list[str]:
     """Plain words for the strongest learner, a model significantly below the forensic or the
     reconstruction baseline, a z0 probe at chance, and traces the forensic baseline finds in the files
     that neither the model nor the z0 probe sees."""
-    out = [strongest(b)]
+    return [strongest(b), *_below_notes(b), *_probe_note(b), *_unseen_traces_note(b)]
+
+
+def _below_notes(b: dict) -> list[str]:
+    """A model significantly below the forensic baseline, the z0 probe or the reconstruction baseline."""
+    out = []
     d = b.get("head_minus_forensic")
     if _below(d):
         out.append(
@@ -147,6 +152,15 @@ def notes(b: dict) -> list[str]:
             f"(difference {d['difference']:+.3f}, 95% interval {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): "
             "a logistic regression on codec, noise-residual and spectral statistics of the original files "
             "attributes these images better."
+        )
+    p = b.get("head_minus_z0_probe")
+    if _below(p):
+        out.append(
+            f"The model's top-1 is significantly below a linear probe on the cached z0 (difference "
+            f"{p['difference']:+.3f}, 95% interval {p['ci'][0]:+.3f} to {p['ci'][1]:+.3f}): the generators' trace "
+            "is in z0 itself, linear in its statistics, and the probe reads it there directly; the model reads it "
+            "through z_t with diffusion noise and its DCT features, and learns it less well from these training "
+            "images. Quote the probe's figure for these generators, and compare the Mahalanobis row."
         )
     r = b.get("head_minus_reconstruction")
     if _below(r):
@@ -156,6 +170,12 @@ def notes(b: dict) -> list[str]:
             f"{', '.join(b['reconstruction_of']['autoencoders'])} reconstructs each image tells these generators "
             "apart better, a trace of the decoder (or of latent noise) that the encoder's mean z0 does not hold."
         )
+    return out
+
+
+def _probe_note(b: dict) -> list[str]:
+    """A linear probe on z0 at chance: what stage one may have lost."""
+    out = []
     chance, pixels = b["chance"], b.get("z0_is_pixels", False)
     z = b.get("z0_probe", {})
     lo, hi = z.get("ci", {}).get("top1", [np.nan, np.nan])
@@ -170,6 +190,13 @@ def notes(b: dict) -> list[str]:
                 "it (try another encoder, or `vae.source` of the real SD2.1 VAE)."
             )
         )
+    return out
+
+
+def _unseen_traces_note(b: dict) -> list[str]:
+    """Traces the forensic baseline finds in the files that neither the model nor the z0 probe sees."""
+    out, chance, pixels = [], b["chance"], b.get("z0_is_pixels", False)
+    z, d = b.get("z0_probe", {}), b.get("head_minus_forensic")
     f = b.get("forensic", {})
     f_lo = f.get("ci", {}).get("top1", [np.nan])[0]
     if f_lo > chance and _below(b.get("z0_probe_minus_forensic")) and _below(d):

@@ -27,6 +27,13 @@ def _gradio_version() -> str | None:
 
 
 def model_card(record: dict, m: dict, cfg: Config) -> str:
+    """README.md of an exported attributor: the Hub's front matter (model-index metrics, the Space keys),
+    what the model is, how well it did with intervals and chance, and how to use it."""
+    return "\n".join(_front_matter(record, m, cfg) + _summary(record, m, cfg) + _use(record, m))
+
+
+def _card_metrics(m: dict) -> list[str]:
+    """The model-index metrics: closed-set top-1 and macro AUC, open-set AUROC, prediction-set coverage."""
     head = m["closed"]["raw"]["head"]
     metrics = [
         *_metric("accuracy", "closed-set top-1", head["top1"], head.get("ci", {}).get("top1")),
@@ -43,7 +50,12 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
             sets["coverage"],
             sets.get("ci", {}).get("coverage"),
         )
-    enc = record["encoder"]
+    return metrics
+
+
+def _front_matter(record: dict, m: dict, cfg: Config) -> list[str]:
+    """The Hub's YAML front matter."""
+    metrics = _card_metrics(m)
     # the Space keys (sdk, app_file) let the folder be pushed as a Hugging Face Space unchanged (app.py)
     front = [
         "---",
@@ -64,6 +76,13 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
         "---",
         "",
     ]
+    return front
+
+
+def _summary(record: dict, m: dict, cfg: Config) -> list[str]:
+    """What the attributor is and how well it did (the random-VAE warning first, when it applies)."""
+    enc = record["encoder"]
+    head = m["closed"]["raw"]["head"]
     warn = (
         [
             "> **Random-weight VAE.** The encoder this was trained with has seeded random weights (the demo's "
@@ -101,8 +120,13 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
     for kind, r in m.get("open", {}).items():
         if kind != "dual":
             body.append(f"| open-set AUROC, {kind.replace('_', ' ')} | {with_ci(r, 'auroc')} | 0.500 |")
-    body += decision_rows(m)
-    body += [
+    return body + decision_rows(m)
+
+
+def _use(record: dict, m: dict) -> list[str]:
+    """The notes, then how to attribute with it and serve it."""
+    enc = record["encoder"]
+    return [
         "",
         *[f"> {n}" for n in m.get("notes", [])],
         "",
@@ -118,7 +142,6 @@ def model_card(record: dict, m: dict, cfg: Config) -> str:
         *decision_use(record),
         "",
     ]
-    return "\n".join(front + body)
 
 
 def decision_rows(m: dict) -> list[str]:

@@ -262,36 +262,49 @@ def prediction_sets(
             "set_size": float(sets.sum(1).mean()),
             "empty": float((sets.sum(1) == 0).mean()),
         }
-    raw = tests["raw"]
+    out["methods"] = _every_score(val, tests["raw"], classes, alpha, cfg.seed, levels)
+    out["notes"] += _too_few_notes(classes, counts, pop, alpha, mondrian, levels)
+    return out
+
+
+def _every_score(val: Split, raw: Split, classes: list[str], alpha: float, seed: int, levels: bool) -> dict:
+    """Coverage and mean set size (points) on the raw test rows of every score, with and without Mondrian."""
     yt = label_index(raw, classes)
-    out["methods"] = {}
+    out = {}
     for sc in conformal.SCORES:
         for mo in (False, True):
-            sets = predict_sets(raw.arrays["logits"], sc, fit_sets(val, classes, sc, alpha, mo, cfg.seed, levels)[0])
-            out["methods"][sc + ("_mondrian" if mo else "")] = {
+            sets = predict_sets(raw.arrays["logits"], sc, fit_sets(val, classes, sc, alpha, mo, seed, levels)[0])
+            out[sc + ("_mondrian" if mo else "")] = {
                 "coverage": metrics.point(metrics.coverage, sets, yt),
                 "set_size": metrics.point(metrics.set_size, sets),
             }
+    return out
+
+
+def _too_few_notes(classes: list[str], counts, pop: dict, alpha: float, mondrian: bool, levels: bool) -> list[str]:
+    """A note when the calibration rows (all, of a level, or of a class under Mondrian) are too few for a
+    finite threshold: every prediction set then holds every generator (or that class)."""
+    notes: list[str] = []
     need = int(np.ceil(1 / alpha - 1 - 1e-12))  # rows for a finite threshold: (n + 1)(1 - alpha) <= n
-    if len(y) < need:
-        out["notes"].append(
-            f"only {len(y)} validation images, fewer than the {need} that level {1 - alpha:.0%} "
+    if counts.sum() < need:
+        notes.append(
+            f"only {int(counts.sum())} validation images, fewer than the {need} that level {1 - alpha:.0%} "
             "needs: every prediction set holds every generator"
         )
     elif levels and min(pop["per_level"].values()) < need:
         short = [lv for lv, n in pop["per_level"].items() if n < need]
-        out["notes"].append(
+        notes.append(
             f"levels: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer than {need} calibration "
             "images, so every prediction set holds every generator"
         )
     elif mondrian and (counts < need).any():
         short = [c for c, n in zip(classes, counts) if n < need]
-        out["notes"].append(
+        notes.append(
             f"Mondrian: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer than {need} "
             f"validation images, so {'its' if len(short) == 1 else 'their'} threshold is infinite "
             "and every prediction set holds them"
         )
-    return out
+    return notes
 
 
 def unseen(val_scores: np.ndarray, closed: np.ndarray, opened: np.ndarray | None, cfg) -> dict:

@@ -20,6 +20,17 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
     """The figures, metrics.json, report.md and the open-set scores of one scoring; returns the files."""
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    m["figures"] = _write_figures(fig_dir, m, figs, cfg)
+    if cfg.log.tensorboard:
+        _write_tensorboard(run_dir, figs, prototypes)
+    atomic_write_json(run_dir / "metrics.json", m)
+    render.write_report(run_dir / "report.md", m)
+    files = [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]
+    return files + _write_scores(run_dir, figs)
+
+
+def _write_figures(fig_dir: Path, m: dict, figs: dict, cfg: Config) -> list[str]:
+    """Every figure that applies into `fig_dir` (an older one that no longer applies removed); their names."""
     test, classes = figs["test"], figs["classes"]
     y = label_index(test, classes)
     figures.confusion_figure(
@@ -61,27 +72,35 @@ def write_outputs(run_dir: Path, m: dict, figs: dict, cfg: Config, prototypes: n
         names.append("kde_scores.png")
     for stale in set(p.name for p in fig_dir.glob("*.png")) - set(names):
         (fig_dir / stale).unlink()
-    m["figures"] = sorted(names)
-    if cfg.log.tensorboard:
-        from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
+    return sorted(names)
 
-        board = tboard.writer(run_dir / "tensorboard" / "score", fresh=True)
-        opened = figs["open"]
-        tboard.score(
-            board,
-            metrics.softmax(test.arrays["logits"].astype(np.float64)),
-            y,
-            classes,
-            test.arrays["h_bar"],
-            opened.arrays["h_bar"] if opened is not None else np.zeros((0, 1)),
-            opened.labels if opened is not None else [],
-            prototypes,
-            fig_dir / "roc.png",
-        )
-        board.close()
-    atomic_write_json(run_dir / "metrics.json", m)
-    render.write_report(run_dir / "report.md", m)
-    files = [run_dir / "metrics.json", run_dir / "report.md", *(fig_dir / n for n in m["figures"])]
+
+def _write_tensorboard(run_dir: Path, figs: dict, prototypes: np.ndarray | None) -> None:
+    """The scoring's TensorBoard events (log.tensorboard): ROC, embeddings and prototypes."""
+    from leakpipe.pipeline.engine import tboard  # optional: needs leakpipe[tensorboard]
+
+    test, classes = figs["test"], figs["classes"]
+    y = label_index(test, classes)
+    fig_dir = run_dir / "figures"
+    board = tboard.writer(run_dir / "tensorboard" / "score", fresh=True)
+    opened = figs["open"]
+    tboard.score(
+        board,
+        metrics.softmax(test.arrays["logits"].astype(np.float64)),
+        y,
+        classes,
+        test.arrays["h_bar"],
+        opened.arrays["h_bar"] if opened is not None else np.zeros((0, 1)),
+        opened.labels if opened is not None else [],
+        prototypes,
+        fig_dir / "roc.png",
+    )
+    board.close()
+
+
+def _write_scores(run_dir: Path, figs: dict) -> list[Path]:
+    """The validation scores `attribute` ranks against, and the open-set scores `compare` pairs."""
+    test, files = figs["test"], []
     with atomic_path(run_dir / CALIBRATION) as tmp:  # what `attribute` ranks an image's KDE log-density among
         save_file({"unseen_val_scores": np.ascontiguousarray(figs["unseen_val_scores"], dtype=np.float64)}, str(tmp))
     files.append(run_dir / CALIBRATION)

@@ -44,6 +44,12 @@ def maha_name(fit: dict | None) -> str:
 
 
 def report_markdown(m: dict) -> str:
+    """report.md of a scored result's metrics.json: its sections (SECTIONS) in order."""
+    return "\n".join(line for section in SECTIONS for line in section(m))
+
+
+def _header(m: dict) -> list[str]:
+    """The result, warnings and notes first, then the generators, timesteps and head."""
     lines = [
         f"# leakpipe report: result `{m['result']}`",
         "",
@@ -60,9 +66,14 @@ def report_markdown(m: dict) -> str:
         f"Head: {m['head']}.",
         "",
     ]
+    return lines
+
+
+def _closed_set(m: dict) -> list[str]:
+    """Table 1: closed-set attribution with intervals and chance, then per-class AUC."""
     closed = m["closed"]
     cols = registry.tabled(registry.CLOSED)
-    lines += [
+    lines = [
         "## Table 1. Closed-set attribution (test partition, raw images)",
         "",
         "Each number with its 95% bootstrap interval over the test images; chance beside it.",
@@ -88,6 +99,12 @@ def report_markdown(m: dict) -> str:
             for v in closed
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _baselines(m: dict) -> list[str]:
+    """Chance, the forensic pixel baseline, the probe on z0 and the reconstruction baseline beside the model."""
+    lines = []
     b = m.get("baselines")
     if b and "skipped" not in b:
         lines += [
@@ -111,11 +128,23 @@ def report_markdown(m: dict) -> str:
         lines += reconstruction_lines(b)
     elif b:
         lines += ["", f"Baselines: {b['skipped']}."]
+    return lines
+
+
+def _prototypes_and_attention(m: dict) -> list[str]:
+    """What the prototypes hold (when saved) and the attention over timesteps."""
+    lines = []
     if m.get("prototypes"):
         lines += prototype_lines(m["prototypes"], m["classes"])
     lines += attention_lines(m["attention"], m["timesteps"])
+    return lines
+
+
+def _robustness(m: dict) -> list[str]:
+    """Table 2: the headline metrics per post-processing variant."""
+    closed = m["closed"]
     pair = registry.headline(registry.CLOSED)
-    lines += [
+    lines = [
         "",
         f"## Table 2. Robustness to post-processing ({' / '.join(m.label for m in pair)}, each with its 95% interval)",
         "",
@@ -128,7 +157,12 @@ def report_markdown(m: dict) -> str:
             + " | ".join(" / ".join(with_ci(closed[v][scorer], m.key) for m in pair) for v in closed)
             + " |"
         )
-    lines += ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
+    return lines
+
+
+def _open_set(m: dict) -> list[str]:
+    """Table 3: closed test against unseen generators (Eq. 16-17), OSCR, per generator, the dual warning."""
+    lines = ["", "## Table 3. Open set: closed test vs unseen generators (KDE log-density, Eq. 16-17)", ""]
     if m.get("open"):
         cols = registry.tabled(registry.OPEN)
         lines += [
@@ -173,10 +207,22 @@ def report_markdown(m: dict) -> str:
             ]
     else:
         lines.append(f"No open set: {m.get('open_missing', 'not available')}.")
+    return lines
+
+
+def _decisions_and_held_out(m: dict) -> list[str]:
+    """The decisions an examiner can sign, and the generators held out of training."""
+    lines = []
     if m.get("conformal"):
         lines += decision_lines(m)
     if m.get("held_out"):
         lines += held_out_lines(m["held_out"])
+    return lines
+
+
+def _leakage(m: dict) -> list[str]:
+    """Scored rows left out because the model saw them in training or selection."""
+    lines = []
     if m.get("leakage"):
         lines += [
             "",
@@ -191,18 +237,42 @@ def report_markdown(m: dict) -> str:
         lines += [
             f"| {k} | {v['rows']} | {v['content']} | {v['group']} | {v['source']} |" for k, v in m["leakage"].items()
         ]
-    lines += ["", "## Figures", ""]
+    return lines
+
+
+def _figures(m: dict) -> list[str]:
+    """The figures, each embedded by its file name."""
+    lines = ["", "## Figures", ""]
     for fig in m["figures"]:
         lines += [f"![{fig}](figures/{fig})", ""]
-    return "\n".join(lines)
+    return lines
+
+
+# report.md, section by section: each renders from metrics.json alone and is empty when it does not apply
+SECTIONS = (
+    _header,
+    _closed_set,
+    _baselines,
+    _prototypes_and_attention,
+    _robustness,
+    _open_set,
+    _decisions_and_held_out,
+    _leakage,
+    _figures,
+)
 
 
 def decision_lines(m: dict) -> list[str]:
     """The decisions an examiner can sign: the calibrated posterior (ECE before and after, per variant),
     the prediction sets' coverage and size against their guaranteed level (per variant and per class),
     and the unseen-generator flag's false alarms and detections at level alpha."""
-    c, s, u = m["calibration"], m["conformal"], m["unseen_threshold"]
-    closed, level = m["closed"], s["level"]
+    return calibration_lines(m) + prediction_set_lines(m) + class_coverage_lines(m) + unseen_lines(m)
+
+
+def calibration_lines(m: dict) -> list[str]:
+    """The calibrated posterior: ECE before and after per variant, and every calibration method."""
+    c, s, closed = m["calibration"], m["conformal"], m["closed"]
+    level = s["level"]
     t = c.get("fitted_temperature", c["temperature"])
     temp = f"T = {t:.3f}" if isinstance(t, float) else "T per class " + ", ".join(f"{x:.2f}" for x in t)
     lines = [
@@ -240,6 +310,14 @@ def decision_lines(m: dict) -> list[str]:
     lines += [
         "",
         "The reliability diagram (figures/reliability.png) shows the same before and after, per confidence bin.",
+    ]
+    return lines
+
+
+def prediction_set_lines(m: dict) -> list[str]:
+    """The prediction sets' coverage and size against their guaranteed level, per variant."""
+    s, level = m["conformal"], m["conformal"]["level"]
+    lines = [
         "",
         f"**Prediction sets** (split conformal, `score.conformal = {s['score']}`"
         + (", Mondrian: one threshold per class" if s["mondrian"] else "")
@@ -265,6 +343,13 @@ def decision_lines(m: dict) -> list[str]:
             f"On the {s['open']['n']} open-set images (unseen generators, whose true generator no set can "
             f"hold) the sets have mean size {fmt(s['open']['set_size'])} ({fmt(s['open']['empty'])} empty).",
         ]
+    return lines
+
+
+def class_coverage_lines(m: dict) -> list[str]:
+    """The prediction sets' coverage per class, and every conformal score with and without Mondrian."""
+    s = m["conformal"]
+    lines = []
     raw = s["variants"]["raw"]
     if raw.get("per_class_coverage") is not None:
         lines += [
@@ -291,8 +376,14 @@ def decision_lines(m: dict) -> list[str]:
         f"{fmt(r['coverage'])} | {fmt(r['set_size'])} |"
         for k, r in s["methods"].items()
     ]
+    return lines
+
+
+def unseen_lines(m: dict) -> list[str]:
+    """The unseen-generator flag's false alarms and detections at level alpha."""
+    u = m["unseen_threshold"]
     cut = u["log_density_threshold"]
-    lines += [
+    lines = [
         "",
         f"**Unseen-generator p-values.** An image's p-value is {u['p_value']} of its KDE log-density s on "
         f"`{u['embedding']}` against the {u['n_val']} closed validation images; `leakpipe attribute` flags it as "

@@ -6,6 +6,7 @@ everything here is computation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,51 +47,99 @@ class Reader(Protocol):
 
 def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple[dict, dict]:
     """(metrics, figure data) of the result `r` reads, under the `score` settings of `cfg`."""
-    run_cfg, split_of = r.run_cfg, r.split
+    run_cfg = r.run_cfg
     if r.random_vae:
         notes = [RANDOM_VAE_NOTE, *notes]
+    sets, attrs = _read_closed(r, cfg)
+    notes = [*notes, *_seen_variants(r, run_cfg.train.variants, sets.held_out, sets.seen)]
+    sets.tests = _test_sets(r, cfg, have, sets)
+    m = _closed_metrics(r, cfg, sets, attrs, notes)
+    figs = {"test": sets.tests["raw"], "classes": sets.classes, "open": None}
+    kde = _open_set(r, cfg, have, sets, m, figs, notes)
+    _decisions(r, cfg, have, sets, m, figs, kde)
+    if cfg.score.baselines:
+        m["baselines"] = _baselines(r, cfg, sets.by_part["train"], sets.tests["raw"], sets.classes)
+        m["notes"] = [*m["notes"], *bl.notes(m["baselines"])]
+    m["leakage"] = sets.leakage
+    m["notes"] = [*m["notes"], *_leakage_notes(sets.leakage)]
+    m["notes"] = [*m["notes"], *ev.chance_notes(m)]
+    m["warnings"] = failures.warnings(m)
+    prototypes = r.prototypes
+    if prototypes is not None and len(sets.by_part["train"]):
+        tr = sets.by_part["train"]
+        m["prototypes"] = {
+            **prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, sets.classes), prototypes),
+            "init": run_cfg.model.prototype_init,  # what the report's words on collapsed prototypes name
+            "std": run_cfg.model.prototype_std,
+        }
+    figs.update(_explanation_data(r, cfg, sets.by_part["train"], sets.tests["raw"], sets.classes, prototypes))
+    return m, figs
 
-    closed, attrs = split_of(cfg.score.closed)
-    classes, held_out = attrs["classes"], run_cfg.train.exclude
-    trained_on = ~np.isin(closed.labels, held_out)  # a held-out generator's rows are never trained on
-    by_part = {p: closed.select((closed.partition == p) & trained_on) for p in ("train", "val", "test")}
-    seen, leakage = ev.seen_in_training(by_part["train"], by_part["val"]), {}
-    notes = [*notes, *_seen_variants(r, run_cfg.train.variants, held_out, seen)]
 
-    def clean(s, name):
+@dataclass
+class _Sets:
+    """The closed split's rows as the phases of `evaluate` read them: by partition (held-out generators
+    left out), the tests by variant, and what the leakage audit left out of each set."""
+
+    closed: Any
+    classes: list[str]
+    held_out: list[str]
+    trained_on: np.ndarray
+    by_part: dict
+    seen: dict
+    leakage: dict = field(default_factory=dict)
+    tests: dict = field(default_factory=dict)
+
+    def clean(self, s, name):
         """The rows the model never saw in any form; the others are counted and left out."""
-        mask, leakage[name] = ev.leaked(s, seen)
+        mask, self.leakage[name] = ev.leaked(s, self.seen)
         return s.select(~mask)
 
-    tests = {"raw": clean(by_part["test"], "raw")}
+
+def _read_closed(r: Reader, cfg: Config) -> tuple[_Sets, dict]:
+    """The closed split by partition, and what the model saw in training (the audit's reference)."""
+    closed, attrs = r.split(cfg.score.closed)
+    held_out = r.run_cfg.train.exclude
+    trained_on = ~np.isin(closed.labels, held_out)  # a held-out generator's rows are never trained on
+    by_part = {p: closed.select((closed.partition == p) & trained_on) for p in ("train", "val", "test")}
+    seen = ev.seen_in_training(by_part["train"], by_part["val"])
+    return _Sets(closed, attrs["classes"], held_out, trained_on, by_part, seen), attrs
+
+
+def _test_sets(r: Reader, cfg: Config, have: list[str], sets: _Sets) -> dict:
+    """The test sets by variant (raw, then each post-processed manifest's), each cleaned by the audit."""
+    tests = {"raw": sets.clean(sets.by_part["test"], "raw")}
     for name in (s for s in cfg.score.postprocessed if s in have):
-        pp, _ = split_of(name)
+        pp, _ = r.split(name)
         clash = sorted(set(pp.variant) & tests.keys())
         if clash:
             raise UserError(
                 f"{r.manifest_path(name)}: variant(s) {', '.join(clash)} also come from another "
                 "scored manifest; give each post-processing step its own variant name"
             )
-        pp = pp.select(~np.isin(pp.labels, held_out))
-        tests.update({v: clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
+        pp = pp.select(~np.isin(pp.labels, sets.held_out))
+        tests.update({v: sets.clean(pp.select(pp.variant == v), v) for v in sorted(set(pp.variant))})
     tests = {v: s for v, s in tests.items() if v == "raw" or len(s)}  # a set the audit emptied: counted, not scored
     if len(tests["raw"]) == 0:
+        left = sets.leakage["raw"]["rows"]
         raise UserError(
             f"{r.manifest_path(cfg.score.closed)} has no valid test rows to score"
-            + (
-                f" ({leakage['raw']['rows']} test rows were seen in training and left out)"
-                if leakage["raw"]["rows"]
-                else ""
-            )
+            + (f" ({left} test rows were seen in training and left out)" if left else "")
         )
-    fit_rows = closed.select(np.isin(closed.partition, ev.MAHA_PARTS[cfg.score.maha_rows]) & trained_on)
+    return tests
+
+
+def _closed_metrics(r: Reader, cfg: Config, sets: _Sets, attrs: dict, notes: list[str]) -> dict:
+    """The closed-set part of metrics.json: attribution with its comparator, the attention by class."""
+    closed, classes, tests = sets.closed, sets.classes, sets.tests
+    fit_rows = closed.select(np.isin(closed.partition, ev.MAHA_PARTS[cfg.score.maha_rows]) & sets.trained_on)
     try:
-        m = {
+        return {
             "result": r.name,
             "classes": classes,
             "timesteps": attrs["timesteps"],
             "notes": notes,
-            "head": "prototypes" if run_cfg.model.prototypes else "linear",
+            "head": "prototypes" if r.run_cfg.model.prototypes else "linear",
             "closed": ev.closed_set(
                 ev.comparator(fit_rows, classes, cfg.score), tests, classes, cfg.score.bootstrap, cfg.score.seed
             ),
@@ -104,60 +153,57 @@ def evaluate(r: Reader, cfg: Config, have: list[str], notes: list[str]) -> tuple
         }
     except ValueError as exc:
         raise UserError(f"run {r.name}: {exc}") from None
-    figs = {"test": tests["raw"], "classes": classes, "open": None}
+
+
+def _open_set(r: Reader, cfg: Config, have: list[str], sets: _Sets, m: dict, figs: dict, notes: list[str]):
+    """The held-out generators and the open set (Eq. 16-17) into `m` and `figs`; returns the KDE of
+    score.kde_embedding, fitted on the training rows."""
+    closed, tests, train = sets.closed, sets.tests, sets.by_part["train"]
     kind = cfg.score.kde_embedding
-    key = ev.SETTING_OF[kind]
-    if held_out:
-        left_out = clean(closed.select((closed.partition == "test") & ~trained_on), "held_out")
-        m["held_out"] = ev.held_out(by_part["train"], tests["raw"], left_out, cfg.score)
-    if cfg.score.open in have:
-        opened = clean(split_of(cfg.score.open)[0], cfg.score.open)
-        correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], classes)
-        res = ev.open_set(by_part["train"], tests["raw"], opened, cfg.score, correct)
-        m["open"], kde = res.metrics, res.kdes[key]
-        figs.update(open=opened, kde_scores=res.scores)
-    else:
+    if sets.held_out:
+        left_out = sets.clean(closed.select((closed.partition == "test") & ~sets.trained_on), "held_out")
+        m["held_out"] = ev.held_out(train, tests["raw"], left_out, cfg.score)
+    if cfg.score.open not in have:
         m["open_missing"] = next((n for n in notes if n.startswith("open")), "no open split")
-        kde = ev.kde_for(by_part["train"], kind, cfg.score)
+        return ev.kde_for(train, kind, cfg.score)
+    opened = sets.clean(r.split(cfg.score.open)[0], cfg.score.open)
+    correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], sets.classes)
+    res = ev.open_set(train, tests["raw"], opened, cfg.score, correct)
+    m["open"] = res.metrics
+    figs.update(open=opened, kde_scores=res.scores)
+    return res.kdes[ev.SETTING_OF[kind]]
+
+
+def _decisions(r: Reader, cfg: Config, have: list[str], sets: _Sets, m: dict, figs: dict, kde) -> None:
+    """The decisions into `m`: the unseen-generator threshold, the calibration and the prediction sets."""
+    kind, tests = cfg.score.kde_embedding, sets.tests
     try:
-        unseen, figs["unseen_val_scores"] = ev.calibrate_unseen(kde, by_part["val"], kind)
+        unseen, figs["unseen_val_scores"] = ev.calibrate_unseen(kde, sets.by_part["val"], kind)
     except ValueError as exc:
         raise UserError(f"{r.manifest_path(cfg.score.closed)}: {exc}") from None
     s = (
-        figs["kde_scores"][key]
+        figs["kde_scores"][ev.SETTING_OF[kind]]
         if "kde_scores" in figs
         else {"closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
     )
     m["unseen_threshold"] = {**unseen, **decisions.unseen(figs["unseen_val_scores"], s["closed"], s["open"], cfg.score)}
-    cal, pop = _calibration_rows(r, cfg, have, by_part["val"], held_out)
-    m["calibration"] = decisions.calibration(cal, tests, classes, cfg.score)
-    m["conformal"] = decisions.prediction_sets(cal, tests, figs["open"], classes, cfg.score, pop)
+    cal, pop = _calibration_rows(r, cfg, have, sets.by_part["val"], sets.held_out)
+    m["calibration"] = decisions.calibration(cal, tests, sets.classes, cfg.score)
+    m["conformal"] = decisions.prediction_sets(cal, tests, figs["open"], sets.classes, cfg.score, pop)
     m["notes"] = [*m["notes"], *decisions.notes(m)]
-    if cfg.score.baselines:
-        m["baselines"] = _baselines(r, cfg, by_part["train"], tests["raw"], classes)
-        m["notes"] = [*m["notes"], *bl.notes(m["baselines"])]
-    m["leakage"] = leakage
+
+
+def _leakage_notes(leakage: dict) -> list[str]:
+    """A note naming the rows the leakage audit left out, per set, when it left out any."""
     leaks = {k: v["rows"] for k, v in leakage.items() if v["rows"]}
-    if leaks:
-        m["notes"] = [
-            *m["notes"],
-            "Leakage audit: rows the model saw in training in some form (the same file, "
-            "group or source image) were left out of every metric: "
-            + ", ".join(f"{k}: {n}" for k, n in leaks.items())
-            + ".",
-        ]
-    m["notes"] = [*m["notes"], *ev.chance_notes(m)]
-    m["warnings"] = failures.warnings(m)
-    prototypes = r.prototypes
-    if prototypes is not None and len(by_part["train"]):
-        tr = by_part["train"]
-        m["prototypes"] = {
-            **prototype_usage(tr.arrays["h_bar"], tr.arrays["w"], ev.label_index(tr, classes), prototypes),
-            "init": run_cfg.model.prototype_init,  # what the report's words on collapsed prototypes name
-            "std": run_cfg.model.prototype_std,
-        }
-    figs.update(_explanation_data(r, cfg, by_part["train"], tests["raw"], classes, prototypes))
-    return m, figs
+    if not leaks:
+        return []
+    return [
+        "Leakage audit: rows the model saw in training in some form (the same file, "
+        "group or source image) were left out of every metric: "
+        + ", ".join(f"{k}: {n}" for k, n in leaks.items())
+        + "."
+    ]
 
 
 def _seen_variants(r: Reader, name: str, held_out: list[str], seen: dict[str, set]) -> list[str]:
