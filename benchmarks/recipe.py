@@ -382,7 +382,7 @@ def table_learners(name: str, ds: DataSet, rows: list[Row], bases: dict) -> list
     lines = [
         f"### {name}: {ds.about}",
         "",
-        f"Closed test: {len(groups)} images; chance {1 / ds.spec.n_closed:.3f}; latent.scale = {ds.latent_scale}. "
+        f"Closed test: {len(bases[best])} images; chance {1 / ds.spec.n_closed:.3f}; latent.scale = {ds.latent_scale}. "
         "Baselines (fitted on the closed training rows, 95% interval over test images): "
         + "; ".join(f"{k} {ci(v, groups)}" for k, v in bases.items())
         + f". Strongest: {best}.",
