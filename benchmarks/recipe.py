@@ -198,7 +198,10 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
 
 def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: int, log) -> dict:
     """Train (or restore), embed and score one variant at one seed; per-row results of the closed test."""
-    sets = [f"latent.scale={ds.latent_scale}", *overrides, f"train.seed={seed}", "score.baselines=false"]
+    # raw training and calibration unless a variant says otherwise: robust.py writes closed-var into the same
+    # workspaces, which `auto` would then read (resolved, "" is what `auto` was without it: runs stay valid)
+    sets = [f"latent.scale={ds.latent_scale}", "train.variants=", "score.variants="]
+    sets += [*overrides, f"train.seed={seed}", "score.baselines=false"]
     cfg = ws.config(None, sets)
     run = f"{name}-seed{seed}"
     train.run(graph(ws, cfg), run, log=log)
