@@ -55,6 +55,8 @@ class DataSet:
 
 DEMO_TOML = "[model]\nembed_dim = 64\nprototypes_per_class = 2\n[train]\nepochs = 15\nbatch_size = 32\n"
 TAEF2_TOML = DEMO_TOML.replace("epochs = 15", "epochs = 10")
+# `leakpipe demo` today (workflows/demo.py DEMO_TOML): TAEF2_TOML, validating after the last epoch alone
+DEMO_TAEF2_TOML = TAEF2_TOML + "[log]\nvalidate_every = 0\n"
 
 
 def taef2_demo(size: int, about: str) -> DataSet:
@@ -123,7 +125,7 @@ SETS.update(
             (),
             0,
             1.0,
-            DEMO_TOML,
+            DEMO_TAEF2_TOML,
             "`leakpipe demo` on TAEF2: 10 generators x 40 images rendered through TAEF2, 64 px, difficulty 0.5, "
             "its config",
             TAEF2_SPLITS,
@@ -197,7 +199,10 @@ def workspace(root: Path, name: str, ds: DataSet, log) -> Workspace:
 
 def run_variant(ws: Workspace, ds: DataSet, name: str, overrides: tuple, seed: int, log) -> dict:
     """Train (or restore), embed and score one variant at one seed; per-row results of the closed test."""
-    sets = [f"latent.scale={ds.latent_scale}", *overrides, f"train.seed={seed}", "score.baselines=false"]
+    # raw training and calibration unless a variant says otherwise: robust.py writes closed-var into the same
+    # workspaces, which `auto` would then read (resolved, "" is what `auto` was without it: runs stay valid)
+    sets = [f"latent.scale={ds.latent_scale}", "train.variants=", "score.variants="]
+    sets += [*overrides, f"train.seed={seed}", "score.baselines=false"]
     cfg = ws.config(None, sets)
     run = f"{name}-seed{seed}"
     train.run(graph(ws, cfg), run, log=log)
@@ -381,7 +386,7 @@ def table_learners(name: str, ds: DataSet, rows: list[Row], bases: dict) -> list
     lines = [
         f"### {name}: {ds.about}",
         "",
-        f"Closed test: {len(groups)} images; chance {1 / ds.spec.n_closed:.3f}; latent.scale = {ds.latent_scale}. "
+        f"Closed test: {len(bases[best])} images; chance {1 / ds.spec.n_closed:.3f}; latent.scale = {ds.latent_scale}. "
         "Baselines (fitted on the closed training rows, 95% interval over test images): "
         + "; ".join(f"{k} {ci(v, groups)}" for k, v in bases.items())
         + f". Strongest: {best}.",
