@@ -151,11 +151,26 @@ def _trusted_chunks(p: Latents, group, lock: dict | None, hashes: HashCache):
 def _encode(
     p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None = None, hashes: HashCache | None = None
 ) -> None:
-    from leakpipe.pipeline.engine.encoding import decode_workers
-    from leakpipe.pipeline.engine.precision import channels_last, compiled
+    """Encode the rows of `p` that are not valid in its store (missing, changed or damaged)."""
+    group, want, pending = _pending_rows(p, cfg, result, log, lock, hashes)
+    if len(pending) == 0:
+        return
+    device = vae_lib.resolve_device(cfg.encode.device)
+    log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with {p.source.label} on {device}")
+    start = time.perf_counter()
+    with progress(len(pending), f"encode {p.manifest.name}") as bar:
+        if cfg.encode.workers or cfg.encode.scheduler:
+            _encode_on_dask(p, cfg, result, log, want, pending, bar)
+        else:
+            _encode_here(p, cfg, result, device, group, want, pending, bar)
+    result.seconds = time.perf_counter() - start
+    result.encoded = len(pending) - len(result.failures)
 
+
+def _pending_rows(p: Latents, cfg: Config, result: EncodeResult, log, lock: dict | None, hashes: HashCache | None):
+    """(the store, prepared: its rows laid out as the manifest's, every row's content hash, the indices of
+    the rows to encode); counts what was copied, reused and found damaged in `result`."""
     from leakpipe.pipeline.store import latent_store
-    from leakpipe.pipeline.engine.encoding import ChunkWriter, encode_pending
 
     want = latent_store.hash_rows(p.file_hashes)
     attrs = {
@@ -172,7 +187,6 @@ def _encode(
     # every reused row is read and checked, except in chunks unchanged since the lock vouched for them
     trusted = _trusted_chunks(p, group, lock, hashes) if hashes is not None else None
     valid, damaged = latent_store.row_states(group, want, trusted)
-    pending = np.nonzero(~valid)[0]
     result.reused = int(valid.sum()) - result.copied
     result.damaged = int(damaged.sum())
     if result.damaged:
@@ -180,52 +194,51 @@ def _encode(
             f"encode {p.manifest.name}: {result.damaged} rows damaged (their bytes do not match their "
             f"checksums, or their chunk is missing or undecodable); re-encoding them"
         )
-    if len(pending) == 0:
-        return
-    device = vae_lib.resolve_device(cfg.encode.device)
-    log(f"encode {p.manifest.name}: {len(pending)} of {len(want)} rows to encode with {p.source.label} on {device}")
-    paths = p.manifest.abspaths()
-    start = time.perf_counter()
-    with progress(len(pending), f"encode {p.manifest.name}") as bar:
-        if cfg.encode.workers or cfg.encode.scheduler:
-            from leakpipe.pipeline.engine import distributed
+    return group, want, np.nonzero(~valid)[0]
 
-            with distributed.connect(cfg.encode.workers, cfg.encode.scheduler) as client:
-                log(
-                    f"encode {p.manifest.name}: on dask {client.scheduler.address}, "
-                    f"{len(client.scheduler_info()['workers'])} workers"
-                )
-                _, result.failures = distributed.encode_pending(
-                    client, p.source, cfg, p.store, paths, pending, want, bar
-                )
-        else:
-            import torch
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(cfg.encode.torch_threads or threads)
-            try:
-                model = load_encoder(p.source, cfg.vae.dtype, device)
-                if p.source.kind != vae_lib.PIXELS:  # the pixels encoder has nothing to speed up
-                    channels_last(model, device)
-                    model.encode = compiled(model.encode, cfg.compute.compile, cfg.compute.compile_backend)
-                writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
-                result.waited = encode_pending(
-                    model,
-                    device,
-                    paths,
-                    pending,
-                    writer,
-                    cfg.preprocess,
-                    cfg.encode.batch_size,
-                    decode_workers(cfg.encode.num_workers, device),
-                    cfg.store.dtype,
-                    progress=bar,
-                )
-            finally:
-                torch.set_num_threads(threads)
-            result.failures = writer.failures
-    result.seconds = time.perf_counter() - start
-    result.encoded = len(pending) - len(result.failures)
+def _encode_on_dask(p: Latents, cfg: Config, result: EncodeResult, log, want, pending, bar) -> None:
+    """The pending rows on dask workers (encode.workers, encode.scheduler), a task per chunk."""
+    from leakpipe.pipeline.engine import distributed
+
+    with distributed.connect(cfg.encode.workers, cfg.encode.scheduler) as client:
+        workers = len(client.scheduler_info()["workers"])
+        log(f"encode {p.manifest.name}: on dask {client.scheduler.address}, {workers} workers")
+        _, result.failures = distributed.encode_pending(
+            client, p.source, cfg, p.store, p.manifest.abspaths(), pending, want, bar
+        )
+
+
+def _encode_here(p: Latents, cfg: Config, result: EncodeResult, device, group, want, pending, bar) -> None:
+    """The pending rows in this process, batch by batch, with encode.torch_threads threads."""
+    import torch
+
+    from leakpipe.pipeline.engine.encoding import ChunkWriter, decode_workers, encode_pending
+    from leakpipe.pipeline.engine.precision import channels_last, compiled
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.encode.torch_threads or threads)
+    try:
+        model = load_encoder(p.source, cfg.vae.dtype, device)
+        if p.source.kind != vae_lib.PIXELS:  # the pixels encoder has nothing to speed up
+            channels_last(model, device)
+            model.encode = compiled(model.encode, cfg.compute.compile, cfg.compute.compile_backend)
+        writer = ChunkWriter(group, cfg.store.chunk_rows, len(want), want, pending)
+        result.waited = encode_pending(
+            model,
+            device,
+            p.manifest.abspaths(),
+            pending,
+            writer,
+            cfg.preprocess,
+            cfg.encode.batch_size,
+            decode_workers(cfg.encode.num_workers, device),
+            cfg.store.dtype,
+            progress=bar,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    result.failures = writer.failures
 
 
 UNREADABLE = "0" * 32  # stands for a file that cannot be read: never a valid row
