@@ -697,6 +697,8 @@ def test_verify_contents_finds_an_image_changed_in_place_with_its_stat_kept(ws):
 
 KILL_AT_CHECKPOINT = """
 import os, signal, sys
+import torch
+torch.set_num_threads(int(sys.argv.pop(1)))  # the test process's: bitwise needs the same split of the work
 target, seen, real = int(sys.argv[1]), [0], os.replace
 def replace(src, dst, *args, **kwargs):
     if str(dst).endswith("checkpoint.safetensors"):
@@ -719,7 +721,10 @@ def test_a_training_killed_in_epoch_4_of_5_is_kept_by_gc_and_resumes_bitwise(ws,
     ref = tmp_path / "ref"
     shutil.copytree(ws, ref, symlinks=True)
     ok(ref, "train", *sets)  # uninterrupted
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_CHECKPOINT, "4", "train", *sets, "-C", str(ws)])
+    import torch
+
+    threads = str(torch.get_num_threads())
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_CHECKPOINT, threads, "4", "train", *sets, "-C", str(ws)])
     assert killed.returncode == -9
     result = runs.results(Workspace(ws))
     stopped = next(r for r in result if runs.interrupted(r))
