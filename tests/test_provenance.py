@@ -17,15 +17,8 @@ from leakpipe.pipeline.ledger import runs
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph, embed, encode, score, train
 from tests.conftest import TINY_BLOCKS, cli, synth_workspace, write_images
+from tests.helpers import TINY as FAST
 
-FAST = [
-    "train.epochs=1",
-    "model.embed_dim=8",
-    "model.prototypes_per_class=1",
-    "train.batch_size=16",
-    "score.kde_folds=2",
-    "score.postprocessed=",
-]
 HEX = re.compile(r"(?<![/\w])[0-9a-f]{12,}(?![\w.])")  # a bare hash, not part of a path
 
 
