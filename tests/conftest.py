@@ -1,4 +1,10 @@
 import os
+
+# `pytest -n N` (pytest-xdist, the README's test command): N worker processes share the machine's cores, so
+# each runs torch, and the subprocesses its tests start, on one thread instead of every worker on all of them
+# (set before torch is imported; tests that compare bitwise with a subprocess pass their thread count on)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 import signal
 import subprocess
 import sys
