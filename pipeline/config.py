@@ -226,6 +226,10 @@ class LogConfig:
     # the last, under train.select = last (val_loss and val_auc validate every epoch); 0: the last only.
     # The kept weights are the same at any value: history.json and the log show fewer epochs' val figures
     validate_every: int = 1
+    # a training checkpoint (weights, optimiser, the best weights and the average: 4x the model) after every
+    # epoch (0), or after the first epoch that ends this many seconds after the last checkpoint; a kill loses
+    # at most that much training. The weights are the same at any value
+    checkpoint_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -369,6 +373,7 @@ RANGES = [
     ("train.grad_clip", 0, None, ">= 0 and finite (0 = off)"),
     ("train.patience", 0, None, ">= 0"),
     ("log.validate_every", 0, None, ">= 0 (0 = after the last epoch only)"),
+    ("log.checkpoint_seconds", 0, None, ">= 0 and finite (0 = after every epoch)"),
     ("train.shuffle_chunks", 1, None, ">= 1"),
     ("train.time_dropout", 0, 0.95, "between 0 and 0.95"),
     ("train.backbone_dropout", 0, 0.95, "between 0 and 0.95"),

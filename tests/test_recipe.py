@@ -242,6 +242,28 @@ def test_validating_the_last_epoch_alone_keeps_the_weights(rws):
     assert [line.startswith("epoch") and "val" in line for line in logs if line.startswith("epoch")] == [0, 0, 1]
 
 
+def test_checkpointing_once_a_minute_keeps_the_weights_and_the_result(rws, monkeypatch):
+    """log.checkpoint_seconds: with an hour, a 2-epoch training writes no checkpoint (it would have
+    written 2) and ends with the same weights, bitwise, in the same result folder: an execution
+    setting. A negative value is refused, naming the key."""
+    from leakpipe.pipeline.engine import fit
+
+    saves = []
+    real = fit.save_checkpoint
+    monkeypatch.setattr(fit, "save_checkpoint", lambda folder, *a: (saves.append(folder), real(folder, *a)))
+    common = ["train.epochs=2", "model.stem=imagenet", "train.seed=7"]  # a training no other test makes
+    every, _, _ = _train(rws, "c-every", common)
+    assert len(saves) == 2
+    want = load_file(str(every.run_dir / "model.safetensors"))
+    shutil.rmtree(every.run_dir)
+    hourly, _, _ = _train(rws, "c-hourly", [*common, "log.checkpoint_seconds=3600"])
+    assert len(saves) == 2 and hourly.run_dir == every.run_dir  # none written, the same result
+    got = load_file(str(hourly.run_dir / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    with pytest.raises(ConfigError, match="log.checkpoint_seconds"):
+        Workspace(rws).config(None, ["log.checkpoint_seconds=-1"])
+
+
 def test_each_recipe_key_changes_the_trained_weights(rws):
     """Two epochs with each piece off (or on), against the same two epochs with the recipe: every key
     reaches the training and changes what it learns (the ImageNet stem throughout, the cheaper one on a

@@ -53,7 +53,9 @@ DEMO_TAEF2_SCALE = 1.0
 # random VAE's time; on TAEF2's latents validation macro AUC was 1.000 from the first epoch.
 DEMO_EPOCHS = 10
 # the demo validates after its last epoch alone (log.validate_every = 0): the same weights, bitwise, without
-# the precise-BatchNorm and validation passes after every epoch, over a quarter of its training time (py-spy)
+# the precise-BatchNorm and validation passes after every epoch, over a quarter of its training time (py-spy);
+# and checkpoints once a minute (log.checkpoint_seconds), not after each 3-s epoch: a checkpoint is 4x the
+# model (ResNet-18, its Adam state, best weights, average), and writing one per epoch took 8.4 s of 32 (py-spy)
 DEMO_TOML = """# written by `leakpipe demo`
 [vae]
 source = "{vae}"
@@ -70,6 +72,7 @@ epochs = {epochs}
 batch_size = 32
 [log]
 validate_every = 0
+checkpoint_seconds = 60
 """
 
 

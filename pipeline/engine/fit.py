@@ -5,6 +5,7 @@ bitwise. Everything here defines the trained weights, so all of it is part of th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +110,7 @@ class _Recipe:
     def __init__(self, cfg: Config, out: Path, fp: str, log):
         self.cfg, self.tc, self.out, self.fp, self.log = cfg, cfg.train, out, fp, log
         self.result, self.ckpt_dir, self.board = Fitted(), out / "checkpoint", None
+        self.saved_at = time.monotonic()  # of the last checkpoint, or the start
 
     def setup_data(self, lat: Source, variants: Source | None) -> None:
         """The train and val rows of `lat` as LatentRows, their share of compute.memory_budget_gb each."""
@@ -240,10 +242,17 @@ class _Recipe:
         else:
             self.validate(epoch, fit, line)
         state["epoch"], state["scaler"] = epoch, self.scaler.state_dict() if self.scaler.is_enabled() else {}
-        if self.ddp.is_main:  # every rank holds the same weights; one writes them
+        if self.ddp.is_main and self.checkpoint_due():  # every rank holds the same weights; one writes them
             ema = {"ema": self.average.state()} if self.average else {}
             save_checkpoint(self.ckpt_dir, self.model, self.opt, self.best, state, ema)
+            self.saved_at = time.monotonic()
         self.ddp.barrier()
+
+    def checkpoint_due(self) -> bool:
+        """After every epoch (log.checkpoint_seconds = 0), else once that long has passed since the last
+        checkpoint or the start: a kill then loses at most that much training, redone bitwise on resume,
+        and short epochs do not each pay for writing the whole state (a quarter of the demo's training)."""
+        return time.monotonic() - self.saved_at >= self.cfg.log.checkpoint_seconds
 
     def validate(self, epoch: int, fit: dict, line: str) -> None:
         """Validate the evaluated weights (the average, if any); keep them when train.select scores them best."""
