@@ -2,7 +2,7 @@
 by side on recipe.py's data sets, each arm x seed trained and scored through the stages.
 
     python benchmarks/robust.py [--sets demo,synth-b,synth-c] [--seeds 0,1,2] [--k 2] [--epochs N]
-                                [--arms a,b,c,levels,held-out] [--root build/robust]
+                                [--arms a,b,c,levels,held-out,cal,cal-levels] [--root build/robust]
 
 Each data set is recipe.py's, written with post-processed test copies (steps 1-3, closed-pp), test copies
 of one operation family alone (blur, closed-blur), K variants of every train and val image from all eight
@@ -12,10 +12,11 @@ a K other than the workspace's needs its own --root).
 
 Arms: a = today's default (raw training, raw calibration); b = variants in training; c = variants in
 training and in calibration (pooled); levels = c with one threshold per level (score.levels); held-out =
-c on closed-var7, so blur is never seen in training nor calibration. Per arm and test set (raw, step1-3,
-step1-blur), over the seeds: top-1, macro AUC, ECE of the applied posterior, coverage of the 90% sets,
-their mean size and the share of empty sets (mean +- sd); and the seed-averaged top-1 of each arm minus
-arm a's, paired on the same test images (95% bootstrap interval, p).
+c on closed-var7, so blur is never seen in training nor calibration; cal and cal-levels = arm a's training
+calibrated as c and levels are. Per arm and test set (raw, step1-3, step1-blur), over the seeds: top-1,
+macro AUC, ECE of the applied posterior, coverage of the 90% sets, their mean size and the share of empty
+sets (mean +- sd); and the seed-averaged top-1 of each arm minus arm a's, paired on the same test images
+(95% bootstrap interval, p).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ ARMS = {
     "c": ("train.variants=closed-var", "score.variants=closed-var"),
     "levels": ("train.variants=closed-var", "score.variants=closed-var", "score.levels=true"),
     "held-out": ("train.variants=closed-var7", "score.variants=closed-var7"),
+    # arm a's training (raw images only) calibrated on the variants: raw top-1 is arm a's by construction
+    "cal": ("train.variants=", "score.variants=closed-var"),
+    "cal-levels": ("train.variants=", "score.variants=closed-var", "score.levels=true"),
 }
 ABOUT = {
     "a": "today's default: raw training, raw calibration",
@@ -63,6 +67,8 @@ ABOUT = {
     "c": "variants in training and calibration (pooled)",
     "levels": "variants in training and calibration (one threshold per level)",
     "held-out": f"variants without {HELD_OUT} in training and calibration",
+    "cal": "raw training, variants in calibration (pooled)",
+    "cal-levels": "raw training, variants in calibration (one threshold per level)",
 }
 TESTS = ("raw", "step1", "step2", "step3", f"step1-{HELD_OUT}")
 SPLITS = ("closed", "closed-pp", f"closed-{HELD_OUT}", "closed-var", "closed-var7", "open")
