@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -117,11 +118,19 @@ def workspace(root: Path, name: str, k: int, log, held_out: bool = True) -> tupl
     _check_k(manifests, closed, k, [s for s in splits if s.startswith("closed-var")])
     ws, cost = Workspace(ws_root), {}
     for split in splits:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         res = encode.run(graph(ws, ws.config()), split, log=log)
         rows = len(mf.read_manifest(ws.manifest(split)))
-        cost[split] = (time.perf_counter() - start, _bytes(Path(res.store)), rows, written.get(split))
+        secs = (time.perf_counter() - start, _cpu_seconds() - cpu)
+        cost[split] = (secs, _bytes(Path(res.store)), rows, written.get(split))
     return ws, cost
+
+
+def _cpu_seconds() -> float:
+    """User + system seconds of this process and its finished children (decode workers): unlike wall time,
+    not stretched by other sessions' load nor by a SIGSTOP while the process waits."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _check_k(manifests: Path, closed: mf.Manifest, k: int, splits: list[str]) -> None:
@@ -226,9 +235,12 @@ def main():
     out = []
     for name in args.sets.split(","):
         ws, cost = workspace(Path(args.root).resolve(), name, args.k, log, "held-out" in args.arms.split(","))
-        for split, (secs, size, rows, wrote) in cost.items():
+        for split, ((secs, cpu), size, rows, wrote) in cost.items():
             made = f"; images written in {wrote:.0f} s" if wrote is not None else ""
-            print(f"{name} encode {split}: {rows} rows, {secs:.0f} s, {size / 2**20:.1f} MiB{made}", flush=True)
+            print(
+                f"{name} encode {split}: {rows} rows, {secs:.0f} s ({cpu:.0f} CPU s), {size / 2**20:.1f} MiB{made}",
+                flush=True,
+            )
         arms = {}
         for arm in [a for a in args.arms.split(",") if a]:  # --arms "": write and encode only (item 5's cost)
             arms[arm] = []
