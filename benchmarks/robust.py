@@ -2,24 +2,28 @@
 by side on recipe.py's data sets, each arm x seed trained and scored through the stages.
 
     python benchmarks/robust.py [--sets demo,synth-b,synth-c] [--seeds 0,1,2] [--k 2] [--epochs N]
-                                [--arms a,b,c,levels,held-out] [--root build/robust]
+                                [--arms a,b,c,levels,held-out,cal,cal-levels] [--root build/robust]
 
 Each data set is recipe.py's, written with post-processed test copies (steps 1-3, closed-pp), test copies
 of one operation family alone (blur, closed-blur), K variants of every train and val image from all eight
-families (closed-var) and K from the seven others (closed-var7, blur held out), all encoded once.
+families (closed-var) and K from the seven others (closed-var7, blur held out), all encoded once; the
+seconds and MiB of writing and encoding each are printed first. `--arms ""` stops there (the cost of K:
+a K other than the workspace's needs its own --root).
 
 Arms: a = today's default (raw training, raw calibration); b = variants in training; c = variants in
 training and in calibration (pooled); levels = c with one threshold per level (score.levels); held-out =
-c on closed-var7, so blur is never seen in training nor calibration. Per arm and test set (raw, step1-3,
-step1-blur), over the seeds: top-1, macro AUC, ECE of the applied posterior, coverage of the 90% sets,
-their mean size and the share of empty sets (mean +- sd); and the seed-averaged top-1 of each arm minus
-arm a's, paired on the same test images (95% bootstrap interval, p).
+c on closed-var7, so blur is never seen in training nor calibration; cal and cal-levels = arm a's training
+calibrated as c and levels are. Per arm and test set (raw, step1-3, step1-blur), over the seeds: top-1,
+macro AUC, ECE of the applied posterior, coverage of the 90% sets, their mean size and the share of empty
+sets (mean +- sd); and the seed-averaged top-1 of each arm minus arm a's, paired on the same test images
+(95% bootstrap interval, p).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,7 +36,13 @@ from recipe import SETS, arguments, fmt_diff, paired  # noqa: E402
 
 from leakpipe.pipeline import manifest as mf  # noqa: E402
 from leakpipe.pipeline.bench import postprocess  # noqa: E402
-from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows, variant_rows, write_benchmark  # noqa: E402
+from leakpipe.pipeline.bench.datasets import (  # noqa: E402
+    PP_COLUMNS,
+    VARIANT_PARTITIONS,
+    postprocess_rows,
+    variant_rows,
+    write_benchmark,
+)
 from leakpipe.pipeline.engine.vae import save_random_vae  # noqa: E402
 from leakpipe.pipeline.ledger import runs  # noqa: E402
 from leakpipe.pipeline.report.scored import load_split  # noqa: E402
@@ -48,6 +58,9 @@ ARMS = {
     "c": ("train.variants=closed-var", "score.variants=closed-var"),
     "levels": ("train.variants=closed-var", "score.variants=closed-var", "score.levels=true"),
     "held-out": ("train.variants=closed-var7", "score.variants=closed-var7"),
+    # arm a's training (raw images only) calibrated on the variants: raw top-1 is arm a's by construction
+    "cal": ("train.variants=", "score.variants=closed-var"),
+    "cal-levels": ("train.variants=", "score.variants=closed-var", "score.levels=true"),
 }
 ABOUT = {
     "a": "today's default: raw training, raw calibration",
@@ -55,6 +68,8 @@ ABOUT = {
     "c": "variants in training and calibration (pooled)",
     "levels": "variants in training and calibration (one threshold per level)",
     "held-out": f"variants without {HELD_OUT} in training and calibration",
+    "cal": "raw training, variants in calibration (pooled)",
+    "cal-levels": "raw training, variants in calibration (one threshold per level)",
 }
 TESTS = ("raw", "step1", "step2", "step3", f"step1-{HELD_OUT}")
 SPLITS = ("closed", "closed-pp", f"closed-{HELD_OUT}", "closed-var", "closed-var7", "open")
@@ -94,15 +109,40 @@ def workspace(root: Path, name: str, k: int, log, held_out: bool = True) -> tupl
         ),
     }
     splits = [s for s in SPLITS if held_out or s != "closed-var7"]
+    written = {}  # seconds of writing the post-processed images of a split (postprocess), where written now
     for split, rows in wanted.items():
         if split in splits and not (manifests / f"{split}.csv").exists():
+            start = time.perf_counter()
             mf.write_manifest(manifests / f"{split}.csv", data / split, rows(), PP_COLUMNS)
+            written[split] = time.perf_counter() - start
+    _check_k(manifests, closed, k, [s for s in splits if s.startswith("closed-var")])
     ws, cost = Workspace(ws_root), {}
     for split in splits:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         res = encode.run(graph(ws, ws.config()), split, log=log)
-        cost[split] = (time.perf_counter() - start, _bytes(Path(res.store)), len(mf.read_manifest(ws.manifest(split))))
+        rows = len(mf.read_manifest(ws.manifest(split)))
+        secs = (time.perf_counter() - start, _cpu_seconds() - cpu)
+        cost[split] = (secs, _bytes(Path(res.store)), rows, written.get(split))
     return ws, cost
+
+
+def _cpu_seconds() -> float:
+    """User + system seconds of this process and its finished children (decode workers): unlike wall time,
+    not stretched by other sessions' load nor by a SIGSTOP while the process waits."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _check_k(manifests: Path, closed: mf.Manifest, k: int, splits: list[str]) -> None:
+    """Refuse a workspace whose variants were written with another K (the manifests are written once)."""
+    images = sum(r["partition"] in VARIANT_PARTITIONS for r in closed.rows)
+    for split in splits:
+        rows = len(mf.read_manifest(manifests / f"{split}.csv").rows)
+        if rows != k * images:
+            raise SystemExit(
+                f"{manifests / split}.csv holds {rows} variants of {images} train and val images, not --k {k} "
+                f"x {images}: it was written with another K; pass that K, or another --root for this one"
+            )
 
 
 def _bytes(path: Path) -> int:
@@ -195,10 +235,14 @@ def main():
     out = []
     for name in args.sets.split(","):
         ws, cost = workspace(Path(args.root).resolve(), name, args.k, log, "held-out" in args.arms.split(","))
-        for split, (secs, size, rows) in cost.items():
-            print(f"{name} encode {split}: {rows} rows, {secs:.0f} s, {size / 2**20:.1f} MiB", flush=True)
+        for split, ((secs, cpu), size, rows, wrote) in cost.items():
+            made = f"; images written in {wrote:.0f} s" if wrote is not None else ""
+            print(
+                f"{name} encode {split}: {rows} rows, {secs:.0f} s ({cpu:.0f} CPU s), {size / 2**20:.1f} MiB{made}",
+                flush=True,
+            )
         arms = {}
-        for arm in args.arms.split(","):
+        for arm in [a for a in args.arms.split(",") if a]:  # --arms "": write and encode only (item 5's cost)
             arms[arm] = []
             for seed in [int(s) for s in args.seeds.split(",")]:
                 arms[arm].append(run_arm(ws, name, arm, seed, log, more))
@@ -211,8 +255,9 @@ def main():
                     + f"; load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
-        out += table(name, arms) + [""]
-        print("\n".join(table(name, arms)), flush=True)
+        if arms:
+            out += table(name, arms) + [""]
+            print("\n".join(table(name, arms)), flush=True)
     print("\n".join(out))
 
 
