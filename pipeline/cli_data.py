@@ -184,7 +184,7 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
 @click.option("--split", required=True, help="Manifest to copy from.")
 @click.option(
     "--partition",
-    help="Rows to copy ('all' for every row) [default: test; with --variants: train and val, always].",
+    help="Rows to copy ('all' for every row) [default: test; with --variants: train and val, or one of them].",
 )
 @click.option(
     "--steps",
@@ -199,9 +199,10 @@ def synth(ws, cfg, out, n_closed, n_open, per_generator, size, difficulty, seed,
     "k",
     default=0,
     show_default=True,
-    help="Write K variants of each train and val image instead, for training (train.variants) and "
-    "calibration (score.variants): variant j draws its step from --steps and its operations with its "
-    "own seed, never a test image's nor a test copy's.",
+    help="Write K variants of each train and val image instead (with --partition train or val: of that "
+    "partition's), for training (train.variants) and calibration (score.variants, which reads val's): "
+    "variant j draws its step from --steps and its operations with its own seed, never a test image's nor a "
+    "test copy's.",
 )
 @click.option(
     "--ops",
@@ -223,12 +224,13 @@ def postprocess(ws, cfg, split, partition, steps, k, ops, name, out, seed, worke
     from leakpipe.pipeline import manifest as mf
     from leakpipe.pipeline.bench import postprocess as pp
     from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows, variant_rows
+    from leakpipe.pipeline.bench.datasets import VARIANT_PARTITIONS as VARIANTS_OF
 
     try:
         among = pp.families(ops)
     except ValueError as exc:
         raise UserError(f"--ops {ops}: {exc}") from None
-    if k and partition is not None:
+    if k and partition not in (None, "train", "val"):
         raise UserError(
             f"--partition {partition} with --variants {k}: variants are made of the train and val images only "
             "(a variant of a test image would train on it); test copies come without --variants"
@@ -236,8 +238,8 @@ def postprocess(ws, cfg, split, partition, steps, k, ops, name, out, seed, worke
     m = mf.read_manifest(ws.manifest(split))
     name = name or f"{split}-{'var' if k else 'pp'}"
     out, workers = out or ws.root / "data" / name, workers or os.cpu_count() or 1
-    if k:
-        rows = variant_rows(m, out, k, _steps(steps), seed, workers, among)
+    if k:  # --partition val: variants to calibrate on alone (score.variants reads val's)
+        rows = variant_rows(m, out, k, _steps(steps), seed, workers, among, (partition,) if partition else VARIANTS_OF)
     else:
         partition = partition or "test"
         rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition, workers, among)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from leakpipe.pipeline.manifest import read_manifest
 from tests.conftest import TOML, cli
 
 TRAIN = [
@@ -157,6 +158,14 @@ def test_demo_small_end_to_end(tmp_path):
     assert "seeded random weights" not in report and "Table 3" in report
     history = json.loads((tmp_path / "cache" / "runs" / "default" / "history.json").read_text())
     assert ["val_loss" in h for h in history] == [False, True]  # the demo validates after its last epoch
+    # its decisions are calibrated on 2 variants of each val image (training stays raw), and say so
+    var = read_manifest(tmp_path / "manifests" / "closed-var.csv")
+    assert {r["partition"] for r in var.rows} == {"val"} and len(var) == 2 * sum(
+        r["partition"] == "val" for r in read_manifest(tmp_path / "manifests" / "closed.csv").rows
+    )
+    config = json.loads((tmp_path / "cache" / "runs" / "default" / "config.json").read_text())
+    assert config["train"]["variants"] == "" and 'variants = "closed-var"' in toml
+    assert "as `leakpipe postprocess --variants` draws them (closed-var)), its prediction set holds" in report
     before = snapshot(tmp_path)
     r = cli(tmp_path, *demo)
     assert r.exit_code == 0 and "nothing to do" in r.output

@@ -51,6 +51,10 @@ def test_variants_copy_train_and_val_images_only_with_their_own_seeds(vws):
     assert not {r["source"] for r in var.rows} & {r["source"] for r in pp.rows}  # never a test image
     r = cli(vws, "postprocess", "--split", "closed", "--variants", "2", "--partition", "test")
     assert r.exit_code != 0 and "variants are made of the train and val images only" in r.output
+    # --partition val: the same variants of the val images alone (what calibration reads), nothing else
+    ok(vws, "postprocess", "--split", "closed", "--variants", "2", "--partition", "val", "--name", "closed-valvar")
+    valvar = read_manifest(vws / "manifests" / "closed-valvar.csv")
+    assert valvar.rows == [r for r in var.rows if r["partition"] == "val"] and len(valvar) > 0
     ok(vws, "postprocess", "--split", "closed", "--steps", "1", "--ops", "blur", "--name", "closed-blur")
     blur = read_manifest(vws / "manifests" / "closed-blur.csv")
     assert {r["variant"] for r in blur.rows} == {"step1-blur"} and all(r["ops"].startswith("blur(") for r in blur.rows)

@@ -129,16 +129,24 @@ VARIANT_PARTITIONS = ("train", "val")  # variants train the model and calibrate 
 
 
 def variant_rows(
-    m: mf.Manifest, out: Path, k: int, steps, seed: int, workers: int, among=postprocess.OPS
+    m: mf.Manifest,
+    out: Path,
+    k: int,
+    steps,
+    seed: int,
+    workers: int,
+    among=postprocess.OPS,
+    partitions: tuple[str, ...] = VARIANT_PARTITIONS,
 ) -> list[dict]:
-    """`k` post-processed variants of each train and val row of `m` under out/v<j>/<path>, for training
-    (train.variants) and calibration (score.variants). Variant j of an image draws its step from
-    `steps` and its operations from `among` with its own seed (seed, "variant", j, path): never a test
-    row's, nor a test copy's seed (seed, "postprocess", step, path). The variant column is the step."""
+    """`k` post-processed variants of each row of `m` in `partitions` (train and val, or one of them) under
+    out/v<j>/<path>, for training (train.variants) and calibration (score.variants, which reads val's).
+    Variant j of an image draws its step from `steps` and its operations from `among` with its own seed
+    (seed, "variant", j, path): never a test row's, nor a test copy's seed (seed, "postprocess", step,
+    path). The variant column is the step."""
 
     def copies():
         for row in m.rows:
-            for j in range(k) if row["partition"] in VARIANT_PARTITIONS else ():
+            for j in range(k) if row["partition"] in partitions else ():
                 step, ops = postprocess.draw_variant(synth.rng_for(seed, "variant", j, row["path"]), steps, among)
                 yield row, f"v{j}/{row['path']}", f"step{step}", ops
 
