@@ -54,10 +54,10 @@ DEMO_TAEF2_SCALE = 1.0
 # random VAE's time; on TAEF2's latents validation macro AUC was 1.000 from the first epoch.
 DEMO_EPOCHS = 10
 # The temperature and the 90% sets are calibrated on the val images and K = 2 post-processed variants of each
-# (score.variants; training stays on raw images, train.variants = ""): on the demo's data, 3 seeds, the sets
-# then hold the true generator of 0.922, 0.869 and 0.872 of the step 1-3 copies (raw calibration: 0.758, 0.628,
-# 0.625) at 2.0-2.3 generators a set (1.0-1.1), with the same top-1; variants in training cost raw top-1 -0.075
-# [-0.119, -0.031] (benchmarks/RESULTS.md, issue 35). Only val's variants are read: 160 rows to encode.
+# (score.variants; training stays on raw images, train.variants = ""): on the demo's data and config, 3 seeds,
+# the sets then hold the true generator of 0.903, 0.842 and 0.850 of the step 1-3 copies (raw calibration:
+# 0.794, 0.678, 0.667) at 1.7-2.2 generators a set, with the same top-1; variants in training cost raw top-1
+# -0.075 [-0.119, -0.031] (benchmarks/RESULTS.md, issue 35). Only val's variants are read: 160 rows to encode.
 DEMO_CALIBRATION_VARIANTS = 2
 # An image whose h_t backbone dropout drops skips the backbone (train.backbone_dropout_mode = skip): half the
 # training FLOPs; on the demo's data, 3 seeds, head top-1 +0.014 [-0.011, +0.042] and open AUROC +0.023
