@@ -85,6 +85,43 @@ def test_the_paper_comparator_is_eq_13_on_the_training_rows(sws):
     assert "| Mahalanobis (Eq. 13, per-class diagonal, fitted on train rows" in (out / "report.md").read_text()
 
 
+def test_open_set_baselines_beside_the_kde(sws):
+    """Table 3's Mahalanobis (Lee et al. 2018) and max-softmax rows, recomputed from the stored embeddings:
+    AUROC of the closed test rows against the open rows, with their intervals and the note saying what they are."""
+    from scipy.special import softmax
+    from sklearn.covariance import ledoit_wolf
+    from sklearn.metrics import roc_auc_score
+
+    r = score(sws)
+    out = train.run_dir(Workspace(sws), "default")
+    m = json.loads((out / "metrics.json").read_text())
+    e = {s: embeddings.read(out / "embeddings" / f"{s}.zarr") for s in ("closed", "open")}
+    rows = read_manifest(sws / "manifests" / "closed.csv").rows
+    part, y = np.array([row["partition"] for row in rows]), y_all(m, rows)
+    h = {s: e[s]["h_bar"].astype(np.float64) for s in e}
+    tr, test = part == "train", part == "test"
+    mu = np.stack([h["closed"][tr & (y == c)].mean(0) for c in range(4)])
+    precision = np.linalg.inv(ledoit_wolf(h["closed"][tr] - mu[y[tr]], assume_centered=True)[0])
+
+    def nearest(x):
+        d = x[:, None] - mu[None]
+        return -np.einsum("ncd,de,nce->nc", d, precision, d).min(1)
+
+    known = np.r_[np.ones(test.sum()), np.zeros(len(h["open"]))]
+    for name, closed, opened in (
+        ("mahalanobis", nearest(h["closed"][test]), nearest(h["open"])),
+        ("max_softmax", softmax(e["closed"]["logits"][test], 1).max(1), softmax(e["open"]["logits"], 1).max(1)),
+    ):
+        o = m["open"][name]
+        assert o["auroc"] == pytest.approx(roc_auc_score(known, np.r_[closed, opened]), abs=1e-6), name
+        assert o["n_open"] == 80 and o["ci"]["auroc"][0] <= o["auroc"] <= o["ci"]["auroc"][1]
+        assert sorted(o["per_generator"]) == ["open00", "open01"] and "bandwidth" not in o
+        assert f"open set, {name}: AUROC {o['auroc']:.3f}" in r.output
+        assert f"| {name} | {test.sum()} | 80 | - | {o['auroc']:.3f}" in (out / "report.md").read_text()
+    assert "Rows mahalanobis and max_softmax are open-set baselines" in (out / "report.md").read_text()
+    assert m["unseen_threshold"]["embedding"] == "h_bar"  # the flag still reads the KDE
+
+
 def test_metrics_report_and_figures(sws):
     r = score(sws, "--json", "--set", "score.reconstruction=builtin:taef2")  # the default, left out of sws
     m = json.loads(r.stdout)

@@ -168,7 +168,7 @@ def _open_set(r: Reader, cfg: Config, have: list[str], sets: _Sets, m: dict, fig
         return ev.kde_for(train, kind, cfg.score)
     opened = sets.clean(r.split(cfg.score.open)[0], cfg.score.open)
     correct = tests["raw"].arrays["logits"].argmax(1) == ev.label_index(tests["raw"], sets.classes)
-    res = ev.open_set(train, tests["raw"], opened, cfg.score, correct)
+    res = ev.open_set(train, tests["raw"], opened, cfg.score, correct, sets.classes)
     m["open"] = res.metrics
     figs.update(open=opened, kde_scores=res.scores)
     return res.kdes[ev.SETTING_OF[kind]]
