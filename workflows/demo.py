@@ -14,7 +14,8 @@ from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine.autoencoders import load_autoencoder
 from leakpipe.pipeline.engine.vae_conventions import conventions
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
+from leakpipe.pipeline import manifest as mf
+from leakpipe.pipeline.bench.datasets import PP_COLUMNS, SynthSpec, variant_rows, write_benchmark
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
@@ -122,9 +123,6 @@ def setup(
 def write_calibration_variants(ws: Workspace, spec: SynthSpec) -> int:
     """DEMO_CALIBRATION_VARIANTS post-processed variants of each val image of the closed split (manifest
     closed-var, drawn as `postprocess --variants K --partition val` draws them); 0 without steps."""
-    from leakpipe.pipeline import manifest as mf
-    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, variant_rows
-
     if not spec.steps:
         return 0
     out, m = ws.root / "data" / "synth" / "closed-var", mf.read_manifest(ws.manifest("closed"))
