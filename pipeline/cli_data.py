@@ -223,8 +223,7 @@ def postprocess(ws, cfg, split, partition, steps, k, ops, name, out, seed, worke
     copies to score robustness, or (--variants K) training and calibration variants."""
     from leakpipe.pipeline import manifest as mf
     from leakpipe.pipeline.bench import postprocess as pp
-    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, postprocess_rows, variant_rows
-    from leakpipe.pipeline.bench.datasets import VARIANT_PARTITIONS as VARIANTS_OF
+    from leakpipe.pipeline.bench.datasets import PP_COLUMNS, VARIANT_PARTITIONS, postprocess_rows, variant_rows
 
     try:
         among = pp.families(ops)
@@ -239,7 +238,8 @@ def postprocess(ws, cfg, split, partition, steps, k, ops, name, out, seed, worke
     name = name or f"{split}-{'var' if k else 'pp'}"
     out, workers = out or ws.root / "data" / name, workers or os.cpu_count() or 1
     if k:  # --partition val: variants to calibrate on alone (score.variants reads val's)
-        rows = variant_rows(m, out, k, _steps(steps), seed, workers, among, (partition,) if partition else VARIANTS_OF)
+        partitions = (partition,) if partition else VARIANT_PARTITIONS
+        rows = variant_rows(m, out, k, _steps(steps), seed, workers, among, partitions)
     else:
         partition = partition or "test"
         rows = postprocess_rows(m, out, _steps(steps), seed, None if partition == "all" else partition, workers, among)

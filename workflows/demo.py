@@ -14,8 +14,7 @@ from leakpipe.pipeline.engine import vae as vae_lib
 from leakpipe.pipeline.engine.autoencoders import load_autoencoder
 from leakpipe.pipeline.engine.vae_conventions import conventions
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline import manifest as mf
-from leakpipe.pipeline.bench.datasets import PP_COLUMNS, SynthSpec, variant_rows, write_benchmark
+from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark, write_variants
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.workspace import Workspace
 from leakpipe.stages import graph
@@ -125,11 +124,8 @@ def write_calibration_variants(ws: Workspace, spec: SynthSpec) -> int:
     closed-var, drawn as `postprocess --variants K --partition val` draws them); 0 without steps."""
     if not spec.steps:
         return 0
-    out, m = ws.root / "data" / "synth" / "closed-var", mf.read_manifest(ws.manifest("closed"))
     k, workers = DEMO_CALIBRATION_VARIANTS, os.cpu_count() or 1
-    rows = variant_rows(m, out, k, spec.steps, spec.seed, workers, partitions=("val",))
-    mf.write_manifest(ws.manifest("closed-var"), out, rows, PP_COLUMNS)
-    return len(rows)
+    return write_variants(ws.root / "data" / "synth", ws.manifests, k, spec.steps, spec.seed, workers, ("val",))
 
 
 def _spec_file(ws: Workspace) -> Path:

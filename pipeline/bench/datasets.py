@@ -153,6 +153,17 @@ def variant_rows(
     return _write_copies(m, out, copies(), workers)
 
 
+def write_variants(
+    out: Path, manifests: Path, k: int, steps, seed: int, workers: int, partitions=VARIANT_PARTITIONS
+) -> int:
+    """variant_rows of the closed split's `partitions` under out/closed-var, with their manifest closed-var;
+    the number of rows."""
+    m = mf.read_manifest(mf.manifest_path(manifests, "closed"))
+    rows = variant_rows(m, Path(out) / "closed-var", k, steps, seed, workers, partitions=partitions)
+    mf.write_manifest(mf.manifest_path(manifests, "closed-var"), Path(out) / "closed-var", rows, PP_COLUMNS)
+    return len(rows)
+
+
 def _write_copies(m: mf.Manifest, out: Path, copies, workers: int) -> list[dict]:
     """The rows, and the images, of the copies `copies` yields as (source row, path, variant, ops)."""
     rows, tasks = [], []
@@ -181,10 +192,7 @@ def write_benchmark(out: Path, manifests: Path, spec: SynthSpec, workers: int | 
         mf.write_manifest(mf.manifest_path(manifests, "closed-pp"), out / "closed-pp", pp, PP_COLUMNS)
         written["closed-pp"] = len(pp)
     if spec.variants and spec.steps:
-        m = mf.read_manifest(mf.manifest_path(manifests, "closed"))
-        var = variant_rows(m, out / "closed-var", spec.variants, spec.steps, spec.seed, workers)
-        mf.write_manifest(mf.manifest_path(manifests, "closed-var"), out / "closed-var", var, PP_COLUMNS)
-        written["closed-var"] = len(var)
+        written["closed-var"] = write_variants(out, manifests, spec.variants, spec.steps, spec.seed, workers)
     if opened:
         write_generators(out / "open", opened, spec, workers, autoencoder)
         rows, _ = mf.build_rows(mf.scan_tree(out / "open"), None)
