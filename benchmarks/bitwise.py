@@ -1,4 +1,4 @@
-"""Bitwise: one small workspace encoded, trained and embedded by leakpipe at REV and by this checkout.
+"""Bitwise: one small workspace encoded, trained, embedded and scored by leakpipe at REV and by this checkout.
 
     nice -n 10 .venv/bin/python benchmarks/bitwise.py --before REV [--root build/bitwise] [--epochs 2]
 
@@ -8,10 +8,11 @@ images through `leakpipe synth`, a seeded random VAE through `leakpipe vae rando
 CPU) is made once by this checkout, then copied for each side; each side runs `leakpipe encode` (splits
 closed and open) and `leakpipe train` (runs `leakpipe` and `paper`, one per profile; train embeds every
 encoded split) in its own copy, REV's code a `git archive` snapshot first on PYTHONPATH, in a
-subprocess. REV's side also scores the run `leakpipe`. Printed: one line per artefact (each split's
-latent store arrays, each run's model.safetensors and embeddings), equal or differs with the largest
-absolute difference; then what this checkout's `leakpipe status` says of REV's workspace: the stages
-it would run again, and why. Exit status 1 if an artefact differs.
+subprocess, and each side scores the run `leakpipe`. Printed: one line per artefact (each split's
+latent store arrays, each run's model.safetensors and embeddings, the scored run's metrics.json,
+report.md, scores and figures as bytes), equal or differs with the largest absolute difference; then
+what this checkout's `leakpipe status` says of REV's workspace: the stages it would run again, and why.
+Exit status 1 if an artefact differs.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def make_workspace(code: Path, ws: Path, epochs: int) -> None:
     (ws / "leakpipe.toml").write_text(CONFIG.format(epochs=epochs))
 
 
-def run_side(code: Path, ws: Path, score: bool) -> None:
+def run_side(code: Path, ws: Path) -> None:
     leakpipe(code, ws, "encode", *(a for s in SPLITS for a in ("--split", s)))
     for run in RUNS:
         leakpipe(code, ws, "train", "--run", run, "--profile", run)
-    if score:
-        leakpipe(code, ws, "score", "--run", RUNS[0])
+    leakpipe(code, ws, "score", "--run", RUNS[0])
+
+
+SCORED = ("metrics.json", "report.md", "open_scores.safetensors", "calibration.safetensors")  # and figures/*
 
 
 def artefacts(ws: Path) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
@@ -94,6 +97,9 @@ def artefacts(ws: Path) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
         out[f"weights {run}"] = (result.name, load_file(str(result / "model.safetensors")))
         for split in SPLITS:
             out[f"embeddings {run} {split}"] = (result.name, _arrays(result / "embeddings" / f"{split}.zarr"))
+    result = (ws / "cache" / "runs" / RUNS[0]).resolve()  # score's files, as bytes
+    scored = [p for p in sorted(result.rglob("*")) if p.is_file() and (p.name in SCORED or p.parent.name == "figures")]
+    out[f"score {RUNS[0]}"] = (result.name, {str(p.relative_to(result)): np.fromfile(p, np.uint8) for p in scored})
     return out
 
 
@@ -151,7 +157,7 @@ def main() -> None:
     got = {}
     for side, code in codes.items():
         shutil.copytree(a.root / "base", a.root / side, symlinks=True)
-        run_side(code, a.root / side, score=side == "before")
+        run_side(code, a.root / side)
         got[side] = artefacts(a.root / side)
     differs = False
     for name, (folder, before) in got["before"].items():

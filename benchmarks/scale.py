@@ -290,13 +290,16 @@ class SyntheticReader:
 
         n = sum(parts.values())
         y = rng.integers(0, CLASSES, n) + offset
-        h = (centres[y] + rng.normal(0, 1, (n, 128))).astype(np.float32)
-        arrays = {
-            "h_bar": h,
-            "w": rng.uniform(0.5, 1, (n, 128)).astype(np.float32),
-            "logits": (4 * h @ centres[:CLASSES].T).astype(np.float32),
-            "a_t": np.full((n, 3), 1 / 3, np.float32),
-        }
+        # made in chunks of rows, from the same draws in the same order as whole arrays (what a store
+        # reads is float32; the float64 draws of 1 M rows would double this benchmark's own peak)
+        chunks = [slice(s, min(n, s + (1 << 16))) for s in range(0, n, 1 << 16)]
+        h, w, logits = (np.empty((n, d), np.float32) for d in (128, 128, CLASSES))
+        for c in chunks:
+            h[c] = centres[y[c]] + rng.normal(0, 1, (c.stop - c.start, 128))
+        for c in chunks:
+            w[c] = rng.uniform(0.5, 1, (c.stop - c.start, 128))
+            logits[c] = 4 * h[c] @ centres[:CLASSES].T
+        arrays = {"h_bar": h, "w": w, "logits": logits, "a_t": np.full((n, 3), 1 / 3, np.float32)}
         labels = np.array([f"g{c}" for c in y], dtype=object)
         partition = np.array([p for p, k in parts.items() for _ in range(k)], dtype=object)
         paths = np.array([f"{lab}/{i:07d}.png" for i, lab in enumerate(labels)], dtype=object)
@@ -313,10 +316,76 @@ class SyntheticReader:
         return {}
 
 
-def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
+class RssProfile:
+    """Where the memory goes: a thread that reads this process's RSS every `every` seconds and files
+    it under what the main thread is doing then, keeping each phase's lowest and highest RSS: the phase
+    by its outermost leakpipe frames (scoring's step, then what it calls) and by its innermost line.
+    Large arrays are mmap'd and unmapped when freed, so RSS follows the live arrays. Past `limit` MiB
+    it prints what it has and ends the process (exit status 3): a guard for a shared machine."""
+
+    def __init__(self, every: float = 0.01, limit: float = float("inf")):
+        import threading
+
+        self.every, self.limit, self.outer, self.inner = every, limit, {}, {}
+        self.main, self.stop = threading.main_thread().ident, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _frames(self) -> list[str]:
+        """The main thread's leakpipe frames, innermost first, as module.function:line."""
+        frame, names = sys._current_frames().get(self.main), []
+        while frame is not None:
+            mod = frame.f_globals.get("__name__", "")
+            if mod.startswith("leakpipe."):
+                names.append(f"{mod.rsplit('.', 1)[-1]}.{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return names
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            rss, names = self.rss_mib(), self._frames()
+            outer = " > ".join(n.split(":")[0] for n in names[::-1][1:4]) or "(outside leakpipe)"
+            for table, key in ((self.outer, outer), (self.inner, names[0] if names else outer)):
+                lo, hi, k = table.get(key, (rss, rss, 0))
+                table[key] = (min(lo, rss), max(hi, rss), k + 1)
+            if rss > self.limit:
+                print(f"{self.report()}\nRSS {rss:.0f} MiB, above the limit {self.limit:.0f}", file=sys.stderr)
+                os._exit(3)
+
+    def __enter__(self):
+        self.base = self.rss_mib()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def report(self, top: int = 12) -> str:
+        def rows(table):
+            return [f"  {lo:7.0f} {hi:7.0f} {k * self.every:7.2f} s  {p}" for p, (lo, hi, k) in table]
+
+        inner = sorted(self.inner.items(), key=lambda kv: -kv[1][1])[:top]
+        return "\n".join(
+            [f"RSS before evaluate: {self.base:.0f} MiB. By step (lowest, highest MiB; seconds sampled):"]
+            + rows(self.outer.items())
+            + ["By innermost line, highest first:"]
+            + rows(inner)
+        )
+
+
+def score_only(n_test: int, n_boot: int, kde_cap: int, profile: bool = False, dump: str = "") -> None:
     """Runs in its own process (the parent takes its peak RSS): stage three's numbers,
-    `report.scoring.evaluate`, on synthetic embeddings; without the pixel baselines (they read images)."""
+    `report.scoring.evaluate`, on synthetic embeddings; without the pixel baselines (they read images).
+    `profile`: an RssProfile of the run to stderr; `dump`: the whole metrics dict to that JSON file
+    (facts carry its digest either way, so that two runs can be compared number for number)."""
+    import contextlib
     import dataclasses
+    import hashlib
 
     from leakpipe.pipeline.config import Config
     from leakpipe.pipeline.report import scoring
@@ -328,14 +397,24 @@ def score_only(n_test: int, n_boot: int, kde_cap: int) -> None:
     )
     cfg = dataclasses.replace(base, score=score)
     start = time.perf_counter()
-    m, _ = scoring.evaluate(reader, cfg, ["closed", "open"], [])
+    limit = float(os.environ.get("LEAKPIPE_SCALE_RSS_LIMIT_MIB", "inf"))
+    with RssProfile(limit=limit) if profile else contextlib.nullcontext() as prof:
+        m, _ = scoring.evaluate(reader, cfg, ["closed", "open"], [])
+    if prof is not None:
+        print(prof.report(), file=sys.stderr, flush=True)
+    text = json.dumps(m, sort_keys=True, default=lambda x: np.asarray(x).tolist())
+    if dump:
+        Path(dump).write_text(text)
     head, off = m["closed"]["raw"]["head"], m["open"]["gating_off"]
     facts = {"seconds": time.perf_counter() - start, "top1": head["top1"], "top1_ci": head.get("ci", {}).get("top1")}
     facts.update({k: off[k] for k in ("auroc", "ovl")}, ovl_ci=off.get("ci", {}).get("ovl"))
+    facts["metrics_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     print(json.dumps(facts))
 
 
-def score(python: str, n_test: int, n_boot: int, kde_cap: int, timeout: float) -> tuple[float, float, dict]:
+def score(python: str, n_test: int, n_boot: int, kde_cap: int, timeout: float, extra=()) -> tuple:
+    """(wall seconds, peak RSS MiB, CPU seconds, facts, what the run wrote before its facts) of one
+    score run in its own process; `extra`: --score-profile, --score-dump."""
     cmd = [
         python,
         __file__,
@@ -345,9 +424,13 @@ def score(python: str, n_test: int, n_boot: int, kde_cap: int, timeout: float) -
         str(n_boot),
         "--score-kde-cap",
         str(kde_cap),
+        *extra,
     ]
     seconds, rss, out, cpu = timed(cmd, Path.cwd(), timeout)
-    return seconds, rss, cpu, json.loads(out.strip().splitlines()[-1]) if seconds < float("inf") else {}
+    if seconds == float("inf"):
+        return seconds, rss, cpu, {}, out
+    *before, last = out.strip().splitlines()
+    return seconds, rss, cpu, json.loads(last), "\n".join(before)
 
 
 def kde_cap_error(n: int = 8000, dim: int = 16, caps=(4000, 2000, 1000), seeds=(0, 1, 2)) -> str:
@@ -533,11 +616,13 @@ def main():
     )
     ap.add_argument("--ovl-error", action="store_true", help="only measure binned OVL against the exact one")
     ap.add_argument("--kde-error", action="store_true", help="only measure the capped KDE against the exact one")
+    ap.add_argument("--score-profile", action="store_true", help="print where each score run's memory goes")
+    ap.add_argument("--score-dump", help="write each score run's whole metrics to DIR/score-ROWS-BOOT-TAG.json")
     ap.add_argument("--score-only", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the workspaces (the images are kept in --workdir)")
     a = ap.parse_args()
     if a.score_only:
-        return score_only(a.score_only, int(a.score_bootstrap), a.score_kde_cap)
+        return score_only(a.score_only, int(a.score_bootstrap), a.score_kde_cap, a.score_profile, a.score_dump or "")
     if a.kde_error:
         return print(kde_cap_error())
     if a.ovl_error:
@@ -563,7 +648,13 @@ def main():
     for n_test in (int(s) for s in a.score_rows.split(",") if s):
         for n_boot in (int(b) for b in a.score_bootstrap.split(",") if b):
             for tag, python in pythons.items():
-                seconds, rss, cpu, facts = score(python, n_test, n_boot, a.score_kde_cap, a.score_timeout)
+                extra = ["--score-profile"] if a.score_profile else []
+                if a.score_dump:
+                    Path(a.score_dump).mkdir(parents=True, exist_ok=True)
+                    extra += ["--score-dump", str(Path(a.score_dump, f"score-{n_test}-{n_boot}-{tag}.json"))]
+                seconds, rss, cpu, facts, said = score(python, n_test, n_boot, a.score_kde_cap, a.score_timeout, extra)
+                if a.score_profile and said:
+                    print(said, flush=True)
                 print(
                     f"- score ({tag}), {n_test:,} closed test rows, score.bootstrap = {n_boot}, kde cap "
                     f"{a.score_kde_cap}: {seconds:.1f} s ({cpu:.1f} s cpu), peak RSS {rss:.0f} MiB; {json.dumps(facts)}"

@@ -249,3 +249,19 @@ def test_blocks_hand_out_the_same_resamples_however_often_asked():
             assert [len(b) for b in got] == [7] * 7 + [1] and all(b.flags["F_CONTIGUOUS"] for b in got)
             np.testing.assert_array_equal(np.concatenate(got), want)
     assert len(bootstrap._kept) == 2
+
+
+def test_kept_draws_stay_within_their_budget(monkeypatch):
+    """What is kept of the draws never exceeds KEPT_BYTES, old and new together, at any size: draws that
+    would not fit are handed out and forgotten, and room is made for those that fit before they are
+    drawn. The resamples are those of `weights` either way."""
+    bootstrap._kept.clear()
+    monkeypatch.setattr(bootstrap, "KEPT_BYTES", 300 * 50)  # one set of 300 rows x 50 resamples (a byte a count)
+    for n in (300, 200, 400, 300):
+        blocks = bootstrap.blocks(n, 50, 2, cells=n * 7)
+        got = []
+        for b in blocks:
+            got.append(b)
+            assert sum(x.nbytes for v in bootstrap._kept.values() for x in v) + n * 50 * (n <= 300) <= 300 * 50
+        np.testing.assert_array_equal(np.concatenate(got), bootstrap.weights(n, 50, seed=2))
+    assert list(bootstrap._kept) == [(300, 50, 2, 300 * 7, None)]  # 400 x 50 was not kept; 200 made room for 300

@@ -201,6 +201,30 @@ def test_an_upgrade_carries_an_earlier_identity_to_the_current_one(ws, monkeypat
     assert not _encode_status(ws)["up_to_date"]
 
 
+def test_an_upgrade_from_a_stages_own_identity_keeps_its_locks(ws, monkeypatch):
+    """A stage whose outputs changed since the declared table records its own identity (score: its numbers
+    changed). An upgrade recorded for it from that identity keeps what it wrote valid: its lock records the
+    identity the upgrade started from. The same edits recorded for another stage leave it stale."""
+    from tests.helpers import encode_closed
+
+    monkeypatch.setattr(code, "upgrades", lambda: [])
+    was = code.identity(STAGES["encode"].code)
+    assert code.stored_form(was, "encode") == was  # no table's form reads as it without the upgrades
+    encode_closed(ws)
+    assert _encode_status(ws)["up_to_date"]
+    now = {**was, CROP: "2" * 32}  # resize_crop edited since
+    identity = code.identity
+    monkeypatch.setattr(code, "identity", lambda roots: now if roots == STAGES["encode"].code else identity(roots))
+    stale = _encode_status(ws)
+    assert not stale["up_to_date"] and "code changed: leakpipe.pipeline.engine.images: resize_crop" in stale["reasons"]
+    upgrade = {"before": {CROP: was[CROP]}, "after": {CROP: now[CROP]}, "stages": ["encode"]}
+    monkeypatch.setattr(code, "upgrades", lambda: [upgrade])
+    assert code.stored_form(now, "encode") == was and code.stored_form(now) == now
+    assert _encode_status(ws)["up_to_date"]
+    monkeypatch.setattr(code, "upgrades", lambda: [{**upgrade, "stages": ["train"]}])
+    assert not _encode_status(ws)["up_to_date"]
+
+
 def test_each_upgrade_is_the_code_at_its_commit():
     """An upgrade's `after` is what its stages derive from the source at its commit (None: a unit they no
     longer reach): a change to how units are hashed or reached means the table must be made again."""

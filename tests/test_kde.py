@@ -141,3 +141,33 @@ def test_capped_reference_is_seeded_recorded_and_close_to_the_exact_kde():
     assert not np.array_equal(other.reference_.numpy(), capped.reference_.numpy())
     whole = GaussianKDE(bandwidth=0.5, max_reference=4000).fit(x)  # at or above N: every row, as before
     np.testing.assert_array_equal(whole.score_samples(q[:50]), GaussianKDE(bandwidth=0.5).fit(x).score_samples(q[:50]))
+
+
+def test_rows_read_in_blocks_give_the_numbers_of_all_rows_at_once(monkeypatch):
+    """Score reads a million rows' embeddings through EmbeddingRows, a block of rows at a time (memory:
+    one block, not a float64 copy of every row); the KDE (fitted capped or not, gated or not) and the
+    comparator's scores are the same, bit for bit, as from every row at once."""
+    from leakpipe.pipeline.math import kde as kde_lib, mahalanobis as maha_lib
+
+    r = np.random.default_rng(5)
+    h, w = r.normal(0, 1, (3000, 16)).astype(np.float32), r.uniform(0.5, 1, (3000, 16)).astype(np.float32)
+    y = r.integers(0, 3, 3000)
+    for kind in ("h_bar", "gated"):
+        whole, rows = kde_lib.embedding(h.astype(np.float64), w, kind), kde_lib.EmbeddingRows(h, w, kind)
+        np.testing.assert_array_equal(np.asarray(rows), whole)
+        np.testing.assert_array_equal(rows[[5, 2]], whole[[5, 2]])
+        for cap in (0, 300):
+            kde = GaussianKDE(bandwidth=0.7, block=64, max_reference=cap)
+            want = kde.fit(whole)._log_density(whole)  # every query in one call
+            monkeypatch.setattr(kde_lib, "QUERY_BLOCKS", 3)  # 16 calls of 192 rows
+            got = GaussianKDE(bandwidth=0.7, block=64, max_reference=cap).fit(rows)
+            np.testing.assert_array_equal(got.reference_.numpy(), kde.reference_.numpy())
+            np.testing.assert_array_equal(got.score_samples(rows), want)
+            monkeypatch.undo()
+        for shared in (0.0, 0.5, 1.0):
+            m = Mahalanobis(3, shared=shared).fit(whole, y)
+            monkeypatch.setattr(maha_lib, "SCORE_CELLS", 1)  # blocks of 1,024 rows
+            np.testing.assert_array_equal(m.score(rows), m._score(whole))
+            monkeypatch.undo()
+    mu = np.stack([h[y == c].mean(0) for c in range(3)]).astype(np.float64)
+    np.testing.assert_array_equal(maha_lib.deviations(h.astype(np.float64), mu, y, rows=100), h - mu[y])

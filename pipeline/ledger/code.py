@@ -194,11 +194,25 @@ def _earlier_forms() -> Iterator[str | dict[str, str]]:
     yield from (p["derived"] for p in _pairs())
 
 
-def stored_form(current: dict[str, str]) -> str | dict[str, str]:
-    """What a lock (and a fingerprint, a store's folder name) records for the current identity: the
-    earliest form read as it (the code it stood for, upgraded), so that upgrading leakpipe keeps every
-    stored output valid, else the identity itself."""
-    return next((form for form in _earlier_forms() if recorded(form) == current), current)
+def _undone(current: dict[str, str], stage: str | None) -> list[dict[str, str]]:
+    """The identities the upgrades recorded for `stage` carried to `current`, earliest first: each of them
+    whose `after` units it holds as they are, undone, the latest first. A stage whose code changed its
+    outputs since the declared table (score: its numbers) records its own identity, and its upgrades since
+    start from that."""
+    forms, code = [], current
+    for up in reversed(upgrades()):
+        if stage in up.get("stages", ()) and all(code.get(unit) == h for unit, h in up["after"].items()):
+            code = {unit: h for unit, h in {**code, **up["before"]}.items() if h is not None}
+            forms.append(code)
+    return forms[::-1]
+
+
+def stored_form(current: dict[str, str], stage: str | None = None) -> str | dict[str, str]:
+    """What a lock (and a fingerprint, a store's folder name) records for `stage`'s current identity: the
+    earliest form read as it (the code it stood for, upgraded: a table's, else the one `stage`'s upgrades
+    started from), so that upgrading leakpipe keeps every stored output valid, else the identity itself."""
+    forms = [*_earlier_forms(), *_undone(current, stage)]
+    return next((form for form in forms if recorded(form) == current), current)
 
 
 def derived(code: dict[str, str]) -> bool:

@@ -63,7 +63,7 @@ class Stage:
         """What a lock records of this stage's code (for `instance`, with its extra code): its legacy label
         or the identity (code.py)."""
         extra = self.extra_code(instance) if self.extra_code is not None and instance is not None else ()
-        return code_id.stored_form(code_id.identity(self.code + extra))
+        return code_id.stored_form(code_id.identity(self.code + extra), self.name)
 
 
 @dataclass

@@ -67,14 +67,29 @@ def blocks(n_rows: int, n_boot: int, seed: int, groups: np.ndarray | None = None
         _kept.move_to_end(key)
         yield from (b.astype(np.float64) for b in _kept[key])
         return
-    kept = []
+    # kept only if they fit (a count takes a byte, mostly), after room is made for them: the kept counts,
+    # old and new, never exceed KEPT_BYTES, whatever the rows
+    kept: list | None = [] if n_rows * n_boot <= KEPT_BYTES else None
+    if kept is not None:
+        _evict(KEPT_BYTES - n_rows * n_boot)
     for w in _draw(n_rows, n_boot, seed, groups, cells):
-        kept.append(_compact(w))
+        if kept is not None:
+            kept.append(_compact(w))
+            kept = kept if _nbytes(kept) <= KEPT_BYTES else None  # counts above 255: wider than planned
         yield w
-    if sum(b.nbytes for b in kept) <= KEPT_BYTES:
+    if kept is not None:
         _kept[key] = kept
-        while sum(b.nbytes for blocks_ in _kept.values() for b in blocks_) > KEPT_BYTES:
-            _kept.popitem(last=False)
+        _evict(KEPT_BYTES)
+
+
+def _nbytes(blocks_: list) -> int:
+    return sum(b.nbytes for b in blocks_)
+
+
+def _evict(room: int) -> None:
+    """Forgets the oldest kept draws until they take at most `room` bytes."""
+    while _kept and sum(_nbytes(b) for b in _kept.values()) > room:
+        _kept.popitem(last=False)
 
 
 def resampled(fn, n_rows: int, n_boot: int, seed: int, groups=None, cells: int = BLOCK_CELLS) -> np.ndarray:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from leakpipe.pipeline.math.rows import by_blocks
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+QUERY_BLOCKS = 64  # query blocks converted to the KDE's dtype at once (64 x 1024 x D values), whatever the rows
 
 
 def log_density(queries: torch.Tensor, reference: torch.Tensor, bandwidth: float, block: int = 1024) -> torch.Tensor:
@@ -88,17 +91,19 @@ class GaussianKDE:
     reference: dict = field(default_factory=dict)  # rows given, rows used, the cap, the seed
 
     def fit(self, x) -> "GaussianKDE":
-        x = np.asarray(x)
+        """x: an array, or EmbeddingRows (only the reference rows are made)."""
+        x = x if isinstance(x, EmbeddingRows) else np.asarray(x)
         self.reference = {
             "rows": int(len(x)),
             "used": int(len(x)),
             "max_reference": self.max_reference,
             "seed": self.seed,
         }
+        used = slice(None)
         if 0 < self.max_reference < len(x):
-            x = x[subsample(len(x), self.max_reference, self.seed)]
+            used = subsample(len(x), self.max_reference, self.seed)
             self.reference["used"] = self.max_reference
-        self.reference_ = torch.as_tensor(x, dtype=DTYPES[self.dtype], device=self.device)
+        self.reference_ = torch.as_tensor(np.asarray(x[used]), dtype=DTYPES[self.dtype], device=self.device)
         if len(self.reference_) < 2:
             raise ValueError(f"a KDE needs at least 2 reference samples, got {len(self.reference_)}")
         if self.bandwidth is None:
@@ -119,10 +124,33 @@ class GaussianKDE:
         return self
 
     def score_samples(self, q) -> np.ndarray:
+        """Log-densities of the rows of q (an array, or EmbeddingRows), QUERY_BLOCKS blocks of rows at a
+        time: the blocks `log_density` makes of all of them, so the same numbers."""
+        q = q if isinstance(q, EmbeddingRows) else np.asarray(q)
+        return by_blocks(self._log_density, q, self.block * QUERY_BLOCKS)
+
+    def _log_density(self, q) -> np.ndarray:
         q = torch.as_tensor(np.asarray(q), dtype=self.reference_.dtype, device=self.device)
         return log_density(q, self.reference_, self.bandwidth_, self.block).cpu().double().numpy()
 
 
-def embedding(h_bar: np.ndarray, w: np.ndarray, kind: str) -> np.ndarray:
+def embedding(h_bar: np.ndarray, w: np.ndarray | None, kind: str) -> np.ndarray:
     """What the open-set KDE reads (Eq. 16-17): h_bar (kind "h_bar", gating off) or h_bar * w ("gated")."""
     return h_bar * w if kind == "gated" else h_bar
+
+
+class EmbeddingRows:
+    """`embedding(h_bar, w, kind)` of the rows asked for (`rows[i:j]`, `rows[index]`), in float64, made
+    only then: a KDE or a comparator reads a million rows without a float64 copy of them all."""
+
+    def __init__(self, h_bar: np.ndarray, w: np.ndarray | None, kind: str):
+        self.h_bar, self.w, self.kind = h_bar, w, kind  # w: None where kind is "h_bar"
+
+    def __len__(self) -> int:
+        return len(self.h_bar)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return embedding(self.h_bar[rows].astype(np.float64), None if self.w is None else self.w[rows], self.kind)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)

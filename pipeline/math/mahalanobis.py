@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leakpipe.pipeline.math.rows import by_blocks
+
+SCORE_CELLS = 1 << 22  # rows x classes x dimensions scored at once (their temporaries: 32 MiB each), whatever N
+
 
 def class_moments(h: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class mean and (biased) variance of h, shapes (C, D); a class without rows raises."""
@@ -31,9 +35,19 @@ def ledoit_wolf(x: np.ndarray) -> np.ndarray:
     s = x.T @ x / n
     m = np.trace(s) / d
     dist = ((s - m * np.eye(d)) ** 2).sum() / d
-    spread = ((x * x).sum(1) ** 2).sum() / n - (s * s).sum()  # sum_k ||x_k x_k^T - S||_F^2 / n
+    norms = by_blocks(lambda b: (b * b).sum(1), x, 1 << 14)  # each row's own sum: no (n, D) square of x
+    spread = (norms**2).sum() / n - (s * s).sum()  # sum_k ||x_k x_k^T - S||_F^2 / n
     shrink = min(spread / (n * d), dist) / dist if dist > 0 else 1.0
     return (1 - shrink) * s + shrink * m * np.eye(d)
+
+
+def deviations(h: np.ndarray, mu: np.ndarray, labels: np.ndarray, rows: int = 1 << 14) -> np.ndarray:
+    """h - mu[labels]: each row's deviation from its class mean, a block of rows at a time (no (N, D)
+    array of the rows' means beside it)."""
+    out = np.empty_like(h)
+    for s in range(0, len(h), rows):
+        np.subtract(h[s : s + rows], mu[labels[s : s + rows]], out=out[s : s + rows])
+    return out
 
 
 def shared_scores(h: np.ndarray, mu: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -73,14 +87,20 @@ class Mahalanobis:
         self.mu_, self.var_ = class_moments(h, labels, self.n_classes)
         self.eps_ = self.floor * float(h.var(0).mean()) or self.floor
         if self.shared == 1:  # one precision for every class, inverted once here
-            self.precisions_ = np.linalg.pinv(ledoit_wolf(h - self.mu_[labels]), hermitian=True)[None]
+            self.precisions_ = np.linalg.pinv(ledoit_wolf(deviations(h, self.mu_, labels)), hermitian=True)[None]
         elif self.shared > 0:
-            cov = ledoit_wolf(h - self.mu_[labels])
+            cov = ledoit_wolf(deviations(h, self.mu_, labels))
             pooled = self.shared * cov + (1 - self.shared) * _diagonals(self.var_ + self.eps_)
             self.precisions_ = np.linalg.inv(pooled)
         return self
 
-    def score(self, h: np.ndarray) -> np.ndarray:
+    def score(self, h) -> np.ndarray:
+        """(N, C) class scores of the rows of h: an array, or rows sliced on demand (kde.EmbeddingRows),
+        a block of rows at a time (each row's score is its own: the same as all at once)."""
+        rows = max(1024, SCORE_CELLS // (len(self.mu_) * self.mu_.shape[1]))
+        return by_blocks(self._score, h, rows)
+
+    def _score(self, h) -> np.ndarray:
         h = np.asarray(h, np.float64)
         if self.shared == 0:
             return mahalanobis_scores(h, self.mu_, self.var_, self.eps_)

@@ -12,7 +12,7 @@ import numpy as np
 
 from leakpipe.pipeline.math import metrics
 from leakpipe.pipeline.report import registry
-from leakpipe.pipeline.math.kde import GaussianKDE, embedding
+from leakpipe.pipeline.math.kde import EmbeddingRows, GaussianKDE
 from leakpipe.pipeline.math.mahalanobis import Mahalanobis
 
 # the open-set settings and the embedding each one uses (Eq. 16-17 on h_bar, or on h_bar * w)
@@ -42,10 +42,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def select(self, mask: np.ndarray) -> "Split":
+    def select(self, mask: np.ndarray, arrays: tuple[str, ...] | None = None) -> "Split":
+        """The rows of `mask`; with `arrays`, only those arrays (the others are not copied)."""
         return Split(
             self.name,
-            {k: v[mask] for k, v in self.arrays.items()},
+            {k: v[mask] for k, v in self.arrays.items() if arrays is None or k in arrays},
             self.labels[mask],
             self.partition[mask],
             self.variant[mask],
@@ -60,7 +61,12 @@ class Split:
         return g if g is not None and len(g) and all(g) else None
 
     def embedding(self, kind: str) -> np.ndarray:
-        return embedding(self.arrays["h_bar"].astype(np.float64), self.arrays["w"], kind)
+        return self.embedding_rows(kind)[:]
+
+    def embedding_rows(self, kind: str) -> EmbeddingRows:
+        """`embedding(kind)` of the rows that what reads it (the KDE, the comparator's scores) asks for
+        at a time: no float64 copy of every row."""
+        return EmbeddingRows(self.arrays["h_bar"], self.arrays.get("w"), kind)
 
 
 def label_index(split: Split, classes: list[str]) -> np.ndarray:
@@ -91,7 +97,7 @@ def closed_set(maha: Mahalanobis, tests: dict[str, Split], classes: list[str], n
         out[variant] = {}
         for scorer, scores, posterior in (
             ("head", metrics.softmax(s.arrays["logits"].astype(np.float64)), True),
-            ("mahalanobis", maha.score(s.embedding("h_bar")), False),
+            ("mahalanobis", maha.score(s.embedding_rows("h_bar")), False),
         ):
             sample = registry.Closed(scores, y, len(classes), posterior)
             r = registry.evaluate(registry.CLOSED, sample, len(classes), n_boot, seed, s.groups) if len(y) else {}
@@ -103,23 +109,27 @@ def closed_set(maha: Mahalanobis, tests: dict[str, Split], classes: list[str], n
     return out
 
 
-def open_metrics(closed: np.ndarray, opened: np.ndarray, n_boot: int, seed: int) -> dict:
+def open_metrics(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int) -> list[dict]:
     """Every open-set metric of the registry (closed test positive, open negative) with its interval,
-    resampling closed and open images; OVL's interval is the basic one around the estimate (the
-    percentile interval covered a known overlap only 65% of the time, the basic one 91%)."""
-    r = registry.evaluate(registry.OPEN, registry.Open(closed, opened), 2, n_boot, seed)
-    return {"n_closed": int(len(closed)), "n_open": int(len(opened)), **r}
+    resampling closed and open images, of each (closed, open) pair of scores of the same rows (the same
+    resamples, drawn once); OVL's interval is the basic one around the estimate (the percentile interval
+    covered a known overlap only 65% of the time, the basic one 91%)."""
+    samples = [registry.Open(closed, opened) for closed, opened in pairs]
+    rs = registry.evaluate_all(registry.OPEN, samples, 2, n_boot, seed)
+    return [{"n_closed": int(len(c)), "n_open": int(len(o)), **r} for (c, o), r in zip(pairs, rs)]
 
 
-def per_generator(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cfg) -> dict:
-    """Open-set AUROC of each unseen generator against the whole closed test set, with its interval:
-    one easy generator cannot hide a hard one in the pooled number."""
-    out = {}
+def per_generator(pairs: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray, cfg) -> list[dict]:
+    """Open-set AUROC of each unseen generator against the whole closed test set, with its interval, for
+    each (closed, open) pair of scores of the same rows: one easy generator cannot hide a hard one in the
+    pooled number."""
+    outs: list[dict] = [{} for _ in pairs]
     for g in sorted(set(labels)):
-        sel = opened[labels == g]
-        r = registry.evaluate(registry.OPEN, registry.Open(closed, sel), 2, cfg.bootstrap, cfg.seed, only=("auroc",))
-        out[str(g)] = {"n": int(len(sel)), **{k: v for k, v in r.items() if k != "chance"}}
-    return out
+        samples = [registry.Open(closed, opened[labels == g]) for closed, opened in pairs]
+        rs = registry.evaluate_all(registry.OPEN, samples, 2, cfg.bootstrap, cfg.seed, only=("auroc",))
+        for out, r in zip(outs, rs):
+            out[str(g)] = {"n": int((labels == g).sum()), **{k: v for k, v in r.items() if k != "chance"}}
+    return outs
 
 
 HELD_OUT_NOTE = (
@@ -135,15 +145,14 @@ def held_out(train: Split, closed_test: Split, left_out: Split, cfg) -> dict:
     """Open-set AUROC (with its interval) of each held-out generator's test rows against the closed test
     rows of the generators trained on, per KDE setting (gating off and on)."""
     out: dict = {"note": HELD_OUT_NOTE}
-    for name, kind in GATING.items():
-        kde = kde_for(train, kind, cfg)
-        out[name] = per_generator(
-            kde.score_samples(closed_test.embedding(kind)),
-            kde.score_samples(left_out.embedding(kind)),
-            left_out.labels,
-            cfg,
-        )
-        for v in out[name].values():
+    kdes = {name: kde_for(train, kind, cfg) for name, kind in GATING.items()}
+    pairs = [
+        (kde.score_samples(closed_test.embedding_rows(kind)), kde.score_samples(left_out.embedding_rows(kind)))
+        for kde, kind in zip(kdes.values(), GATING.values())
+    ]
+    for (name, kde), r in zip(kdes.items(), per_generator(pairs, left_out.labels, cfg)):
+        out[name] = r
+        for v in r.values():
             v["bandwidth"], v["kde_reference"] = kde.bandwidth_, kde.reference
     return out
 
@@ -214,7 +223,7 @@ def kde_for(train: Split, kind: str, cfg) -> GaussianKDE:
         dtype=cfg.kde_dtype,
         max_reference=cfg.kde_max_reference,
     )
-    return kde.fit(train.embedding(kind))
+    return kde.fit(train.embedding_rows(kind))
 
 
 def open_set(
@@ -228,38 +237,38 @@ def open_set(
         kde = kde_for(train, kind, cfg)
         res.kdes[name] = kde
         res.scores[name] = {
-            "closed": kde.score_samples(closed_test.embedding(kind)),
-            "open": kde.score_samples(opened.embedding(kind)),
+            "closed": kde.score_samples(closed_test.embedding_rows(kind)),
+            "open": kde.score_samples(opened.embedding_rows(kind)),
         }
         res.metrics[name] = {"bandwidth": kde.bandwidth_, "kde_reference": kde.reference, "cv": kde.cv}
     if classes is not None:
         res.scores.update(open_baselines(train, closed_test, opened, classes))
-    for name, s in res.scores.items():
-        res.metrics[name] = {
-            **scored_open(s["closed"], s["open"], opened.labels, cfg, correct),
-            **res.metrics.get(name, {}),
-        }
+    for name, scored in scored_open(res.scores, opened.labels, cfg, correct).items():
+        res.metrics[name] = {**scored, **res.metrics.get(name, {})}
     if cfg.dual:
         closed, opened_ = dual_scores(closed_test.embedding("gated"), opened.embedding("h_bar"))
         res.metrics["dual"] = {
-            **open_metrics(closed, opened_, 0, cfg.seed),
+            **open_metrics([(closed, opened_)], 0, cfg.seed)[0],
             "warning": DUAL_WARNING,
             "as": "the authors' released open_set.py, mode 'dual'",
         }
     return res
 
 
-def scored_open(closed: np.ndarray, opened: np.ndarray, labels: np.ndarray, cfg, correct) -> dict:
-    """Every open-set metric of one score (higher: known), per unseen generator too, and its OSCR curve
-    when `correct` is given."""
-    out = {
-        **open_metrics(closed, opened, cfg.bootstrap, cfg.seed),
-        "per_generator": per_generator(closed, opened, labels, cfg),
-    }
-    if correct is not None:
-        fpr, ccr, area = metrics.oscr(closed, correct, opened)
-        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 101)).astype(int))
-        out["oscr"] = {"area": area, "fpr": fpr[keep].tolist(), "ccr": ccr[keep].tolist()}
+def scored_open(scores: dict, labels: np.ndarray, cfg, correct) -> dict:
+    """{name: every open-set metric of one score (higher: known), per unseen generator too, and its OSCR
+    curve when `correct` is given} for each of `scores` ({name: {"closed": ..., "open": ...}}, the same
+    rows scored each way: they share their resamples)."""
+    pairs = [(s["closed"], s["open"]) for s in scores.values()]
+    out = {}
+    for name, o, g, (closed, opened) in zip(
+        scores, open_metrics(pairs, cfg.bootstrap, cfg.seed), per_generator(pairs, labels, cfg), pairs
+    ):
+        out[name] = {**o, "per_generator": g}
+        if correct is not None:
+            fpr, ccr, area = metrics.oscr(closed, correct, opened)
+            keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 101)).astype(int))
+            out[name]["oscr"] = {"area": area, "fpr": fpr[keep].tolist(), "ccr": ccr[keep].tolist()}
     return out
 
 
@@ -278,7 +287,7 @@ def open_baselines(train: Split, closed_test: Split, opened: Split, classes: lis
     maha = Mahalanobis(len(classes), shared=1.0).fit(train.embedding("h_bar"), label_index(train, classes))
     out = {"mahalanobis": {}, "max_softmax": {}}
     for side, s in (("closed", closed_test), ("open", opened)):
-        out["mahalanobis"][side] = maha.score(s.embedding("h_bar")).max(1)
+        out["mahalanobis"][side] = maha.score(s.embedding_rows("h_bar")).max(1)
         out["max_softmax"][side] = metrics.softmax(s.arrays["logits"].astype(np.float64)).max(1)
     return out
 
@@ -313,7 +322,7 @@ def dual_scores(closed_gated: np.ndarray, open_plain: np.ndarray, folds: int = 5
 def calibrate_unseen(kde: GaussianKDE, val: Split, kind: str) -> tuple[dict, np.ndarray]:
     """(the unseen KDE's record, the closed validation images' log-densities): an image's conformal
     p-value is its log-density's rank among them (report/decisions.unseen)."""
-    scores = kde.score_samples(val.embedding(kind))
+    scores = kde.score_samples(val.embedding_rows(kind))
     if len(scores) == 0:
         raise ValueError("no validation embeddings to calibrate the unseen-generator flag on")
     return {

@@ -37,6 +37,10 @@ class Closed:
             self._auc_of, self._auc = w, metrics.per_class_auc(self.scores, self.labels, w)
         return self._auc
 
+    def forget(self) -> None:
+        """Drops what was computed once for a block of resamples (its metrics are done)."""
+        self._auc_of = self._auc = None
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -61,6 +65,10 @@ class Open:
         if getattr(self, "_roc_of", None) is not w:
             self._roc_of, self._roc = w, metrics.roc_counts(self.scores, self.positive, w)
         return self._roc
+
+    def forget(self) -> None:
+        """Drops the ROC of a block of resamples (its metrics are done): two (rows, block) arrays."""
+        self._roc_of = self._roc = None
 
     @cached_property
     def ovl_kernels(self):
@@ -218,17 +226,40 @@ def evaluate(
     """{key: value, "ci": {key: [low, high]}, "chance": {key: c}} of every metric of `registry` that
     applies to `sample` (or of `only` these keys), with 95% bootstrap intervals over `n_boot`
     resamples of its rows (whole groups when `groups`), drawn in blocks of bounded memory."""
-    chosen = [m for m in registry if m.applies(sample) and (only is None or m.key in only)]
-    unit = metrics.unit(len(sample))
-    out: dict = {m.key: _listed(m.fn(sample, unit)[0]) for m in chosen}
-    out["chance"] = {m.key: m.chance(n_classes) for m in chosen if m.chance(n_classes) is not None}
-    if n_boot and len(sample):
-        values = {m.key: [] for m in chosen}
-        for w in bootstrap.blocks(len(sample), n_boot, seed, groups):
-            for m in chosen:
-                values[m.key].append(m.fn(sample, w))
-        out["ci"] = {m.key: _interval(m, out[m.key], np.concatenate(values[m.key])) for m in chosen}
-    return out
+    return evaluate_all(registry, [sample], n_classes, n_boot, seed, groups, only)[0]
+
+
+def evaluate_all(
+    registry: tuple[Metric, ...],
+    samples: list,
+    n_classes: int = 2,
+    n_boot: int = 0,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    only: tuple[str, ...] | None = None,
+) -> list[dict]:
+    """`evaluate` of each of `samples`, which have as many rows (one scorer's or setting's scores of the
+    same rows, in the same order): they share the same resamples, and each block of them is drawn once
+    for all (at a million rows, drawing the resamples costs more than most metrics)."""
+    if len({len(s) for s in samples}) > 1:
+        raise ValueError(f"samples of {sorted({len(s) for s in samples})} rows cannot share resamples")
+    chosen = [[m for m in registry if m.applies(s) and (only is None or m.key in only)] for s in samples]
+    outs = []
+    for sample, ms in zip(samples, chosen):
+        unit = metrics.unit(len(sample))
+        out: dict = {m.key: _listed(m.fn(sample, unit)[0]) for m in ms}
+        out["chance"] = {m.key: m.chance(n_classes) for m in ms if m.chance(n_classes) is not None}
+        outs.append(out)
+    if n_boot and samples and len(samples[0]):
+        values = [{m.key: [] for m in ms} for ms in chosen]
+        for w in bootstrap.blocks(len(samples[0]), n_boot, seed, groups):
+            for sample, ms, v in zip(samples, chosen, values):
+                for m in ms:
+                    v[m.key].append(m.fn(sample, w))
+                getattr(sample, "forget", lambda: None)()
+        for out, ms, v in zip(outs, chosen, values):
+            out["ci"] = {m.key: _interval(m, out[m.key], np.concatenate(v[m.key])) for m in ms}
+    return outs
 
 
 def _interval(m: Metric, estimate, values: np.ndarray):

@@ -93,7 +93,7 @@ class _Sets:
     def clean(self, s, name):
         """The rows the model never saw in any form; the others are counted and left out."""
         mask, self.leakage[name] = ev.leaked(s, self.seen)
-        return s.select(~mask)
+        return s.select(~mask) if mask.any() else s  # no copy of a million clean rows
 
 
 def _read_closed(r: Reader, cfg: Config) -> tuple[_Sets, dict]:
@@ -132,7 +132,8 @@ def _test_sets(r: Reader, cfg: Config, have: list[str], sets: _Sets) -> dict:
 def _closed_metrics(r: Reader, cfg: Config, sets: _Sets, attrs: dict, notes: list[str]) -> dict:
     """The closed-set part of metrics.json: attribution with its comparator, the attention by class."""
     closed, classes, tests = sets.closed, sets.classes, sets.tests
-    fit_rows = closed.select(np.isin(closed.partition, ev.MAHA_PARTS[cfg.score.maha_rows]) & sets.trained_on)
+    fit = np.isin(closed.partition, ev.MAHA_PARTS[cfg.score.maha_rows]) & sets.trained_on
+    fit_rows = closed.select(fit, ("h_bar",))  # the comparator reads h_bar alone
     try:
         return {
             "result": r.name,
@@ -184,7 +185,7 @@ def _decisions(r: Reader, cfg: Config, have: list[str], sets: _Sets, m: dict, fi
     s = (
         figs["kde_scores"][ev.SETTING_OF[kind]]
         if "kde_scores" in figs
-        else {"closed": kde.score_samples(tests["raw"].embedding(kind)), "open": None}
+        else {"closed": kde.score_samples(tests["raw"].embedding_rows(kind)), "open": None}
     )
     m["unseen_threshold"] = {**unseen, **decisions.unseen(figs["unseen_val_scores"], s["closed"], s["open"], cfg.score)}
     cal, pop = _calibration_rows(r, cfg, have, sets.by_part["val"], sets.held_out)
