@@ -25,7 +25,7 @@ from leakpipe.pipeline.store import latent_store
 def build(path: Path, n: int, chunk: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     want = rng.integers(1, 255, (n, 16), dtype=np.uint8)
-    group = latent_store.create(str(path), n, (4, 32, 32), chunk, "float32", {})
+    group = latent_store.row_arrays(latent_store.create(str(path), n, (4, 32, 32), chunk, "float32", {}))
     for start, stop in latent_store.chunk_bounds(n, chunk):
         rows = np.arange(start, stop)
         latents = {k: rng.standard_normal((stop - start, 4, 32, 32), dtype=np.float32) for k in ("mean", "logvar")}

@@ -72,7 +72,7 @@ def _once(fn, device) -> float:
 def synthetic_store(path: Path, rows: int, chunk_rows: int = 256) -> Path:
     """A latent store of `rows` random SD-shaped latents (4 x 32 x 32), written as encode writes it."""
     rng = np.random.default_rng(0)
-    group = latent_store.create(str(path), rows, LATENT, chunk_rows, "float16", {})
+    group = latent_store.row_arrays(latent_store.create(str(path), rows, LATENT, chunk_rows, "float16", {}))
     for start, stop in latent_store.chunk_bounds(rows, chunk_rows):
         n = stop - start
         latents = {

@@ -5,8 +5,11 @@ import os
 # (set before torch is imported; tests that compare bitwise with a subprocess pass their thread count on)
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+import atexit
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -39,9 +42,22 @@ CPU_STEM = '[model]\nstem = "imagenet"\n'
 NO_RECONSTRUCTION = "[score]\nreconstruction = []\n"
 
 
-def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Path:
-    """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
-    chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from."""
+_MADE: dict = {}  # made_once's folders in this process, by key
+
+
+def made_once(key, make) -> Path:
+    """The folder `make(folder)` writes, made once per test process (in a temporary folder removed at exit)
+    for the test modules that start from a copy of it: writing a synthetic benchmark and a VAE, and encoding
+    it, takes seconds; copying them, a tenth of one."""
+    if key not in _MADE:
+        folder = Path(tempfile.mkdtemp(prefix="leakpipe-tests-")) / "ws"
+        atexit.register(shutil.rmtree, folder.parent, True)
+        make(folder)
+        _MADE[key] = folder
+    return _MADE[key]
+
+
+def _write_synth(root: Path, per_generator: int, n_open: int) -> None:
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
 
     spec = SynthSpec(3, n_open, per_generator, 32, 0.1, 0, ())
@@ -51,27 +67,40 @@ def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Pat
         '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n'
         "[encode]\nnum_workers = 0\n[store]\nchunk_rows = 8\n" + CPU_STEM + NO_RECONSTRUCTION
     )
+
+
+def synth_workspace(root: Path, per_generator: int = 16, n_open: int = 2) -> Path:
+    """3 generators x 16 images of 32 px (strong fingerprints) plus 2 unseen, the tiny VAE at ./vae,
+    chunks of 8 rows: the small workspace the provenance, integrity and fault tests start from (a copy
+    of one written once per test process)."""
+    made = made_once(("synth", per_generator, n_open), lambda f: _write_synth(f, per_generator, n_open))
+    shutil.copytree(made, root, symlinks=True, dirs_exist_ok=True)
     return root
 
 
-@pytest.fixture(scope="module")
-def tws(tmp_path_factory):
-    """4 generators x 40 images of 32 px with strong fingerprints (difficulty 0.1), encoded once: the
-    workspace of the training and precision tests (tests/helpers.py trains runs of it)."""
+def _encoded_training_set(root: Path) -> None:
     from leakpipe.pipeline.bench.datasets import SynthSpec, write_benchmark
     from leakpipe.pipeline.workspace import Workspace
     from leakpipe.stages import encode, graph
 
-    root = tmp_path_factory.mktemp("train-ws")
     write_benchmark(root / "data", root / "manifests", SynthSpec(4, 2, 40, 32, 0.1, 0, ()), workers=2)
     save_random_vae(root / "vae", TINY_BLOCKS, seed=0)
     (root / "leakpipe.toml").write_text(
-        f'[vae]\nsource = "{root / "vae"}"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
+        '[vae]\nsource = "./vae"\n[preprocess]\nsize = 32\n[encode]\nnum_workers = 0\n'
         "[train]\nbatch_size = 16\npatience = 10\n" + CPU_STEM
     )
     ws = Workspace(root)
     for split in ("closed", "open"):
         encode.run(graph(ws, ws.config()), split, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def tws(tmp_path_factory):
+    """4 generators x 40 images of 32 px with strong fingerprints (difficulty 0.1), encoded (once per test
+    process, copied for each module): the workspace of the training and precision tests (tests/helpers.py
+    trains runs of it)."""
+    root = tmp_path_factory.mktemp("train-ws")
+    shutil.copytree(made_once(("tws",), _encoded_training_set), root, symlinks=True, dirs_exist_ok=True)
     return root
 
 

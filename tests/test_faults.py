@@ -4,6 +4,7 @@ uninterrupted run from the same starting state. The default suite tries 2 kill p
 `pytest -m slow tests/test_faults.py` tries up to 12 spread over every commit of the stage."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from safetensors.torch import load_file
 
@@ -29,7 +31,9 @@ SETS = [
     for a in ("--set", s)
 ]
 KILLER = """
-import atexit, os, signal, sys
+import os, signal, sys
+import torch
+torch.set_num_threads(int(sys.argv.pop(1)))  # the test process's: bitwise needs the same split of the work
 target, count = int(sys.argv[1]), [0]
 real = os.replace
 def replace(*args, **kwargs):
@@ -38,7 +42,6 @@ def replace(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # just before the commit: its temporary file is left behind
     return real(*args, **kwargs)
 os.replace = replace
-atexit.register(lambda: print(f"COMMITS {count[0]}", file=sys.stderr))
 from leakpipe.pipeline.cli import main
 main(sys.argv[2:])
 """
@@ -51,15 +54,31 @@ STAGES = {  # stage: (state it starts from, command)
 }
 
 
-def run(ws, args, kill_at=0):
-    """The command in a fresh process, killed before commit `kill_at` (0: never); (returncode, commits)."""
+def killed(ws, args, kill_at: int) -> int:
+    """The command in a fresh process, SIGKILLed just before its commit `kill_at`: its return code."""
+    threads = str(torch.get_num_threads())
     r = subprocess.run(
-        [sys.executable, "-c", KILLER, str(kill_at), *args, "-C", str(ws)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KILLER, threads, str(kill_at), *args, "-C", str(ws)], capture_output=True, timeout=300
     )
-    commits = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("COMMITS ")]
-    if kill_at == 0:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r.returncode, commits[-1] if commits else None
+    return r.returncode
+
+
+def run(ws, args) -> int:
+    """The command to its end, in this process as `cli` runs every command (a process started for it would
+    import torch again): the commits it made."""
+    real, count = os.replace, [0]
+
+    def counting(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+
+    os.replace = counting
+    try:
+        r = cli(ws, *args)
+    finally:
+        os.replace = real
+    assert r.exit_code == 0, r.output
+    return count[0]
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +139,13 @@ def kill_and_resume(states, tmp_path, stage, n_points):
     start, args = STAGES[stage]
     ref = tmp_path / "ref"
     shutil.copytree(states[start], ref, symlinks=True)
-    _, commits = run(ref, args)
+    commits = run(ref, args)
     want = outputs(ref)
     tried = 0
     for k in kill_points(commits, n_points):
         ws = tmp_path / f"kill{k}"
         shutil.copytree(states[start], ws, symlinks=True)
-        code, _ = run(ws, args, kill_at=k)
+        code = killed(ws, args, k)
         assert code == -signal.SIGKILL, f"{stage}: not killed at commit {k} of {commits}"
         run(ws, args)
         assert_same(outputs(ws), want)

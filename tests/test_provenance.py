@@ -86,8 +86,23 @@ def trained(ws):
     do(ws, "score")
 
 
-def test_config_key_change(ws):
-    trained(ws)
+@pytest.fixture(scope="module")
+def trained_base(base, tmp_path_factory):
+    """base trained, embedded and scored once (`trained`): the tests that start there work on a copy."""
+    root = tmp_path_factory.mktemp("prov-trained") / "ws"
+    shutil.copytree(base, root, symlinks=True)
+    trained(root)
+    return root
+
+
+@pytest.fixture
+def trained_ws(trained_base, tmp_path):
+    shutil.copytree(trained_base, tmp_path / "ws", symlinks=True)
+    return tmp_path / "ws"
+
+
+def test_config_key_change(trained_ws):
+    ws = trained_ws  # trained, embedded and scored
     agree(ws, ("train", "default"))
     p = agree(ws, ("train", "default"), "model.embed_dim=4", want_reason="model.embed_dim: 8 -> 4")
     assert not p["restores_stored_result"]
@@ -110,8 +125,8 @@ def add_row(ws, split, folder, name):
     manifest.write_text("\n".join(rows + [first.replace(src, f"{folder}/{name}", 1)]) + "\n")
 
 
-def test_manifest_rows_and_file_bytes(ws):
-    trained(ws)
+def test_manifest_rows_and_file_bytes(trained_ws):
+    ws = trained_ws  # trained, embedded and scored
     add_row(ws, "closed", "closed00", "added.png")
     p = status(ws)[("train", "default")]
     assert p["blocked_by"] == ["leakpipe encode --split closed"]
@@ -122,8 +137,8 @@ def test_manifest_rows_and_file_bytes(ws):
     agree(ws, ("encode", "closed"), want_reason="manifest closed: 1 file changed")
 
 
-def test_upstream_redone_and_output_deleted(ws):
-    trained(ws)
+def test_upstream_redone_and_output_deleted(trained_ws):
+    ws = trained_ws  # trained, embedded and scored
     rows = (ws / "manifests" / "open.csv").read_text().splitlines()
     (ws / "manifests" / "open.csv").write_text("\n".join(rows[:-1]) + "\n")  # one open row removed
     assert status(ws)[("embed", "default/open")]["blocked_by"] == ["leakpipe encode --split open"]
@@ -179,12 +194,12 @@ def _edit(path: Path, old: str, new: str) -> str:
     return text
 
 
-def test_code_identity_comes_from_the_code(ws, tmp_path):
+def test_code_identity_comes_from_the_code(trained_ws, tmp_path):
     """Editing a function in a copy of the package makes status report every stage whose code reaches it
     stale, naming the module and the function, and no other stage; editing only comments, docstrings and layout
     does not. A stage's code is found through its imports: fit keeps the epoch of the best macro_auc, so
     train reaches metrics; encode reads images with load_image, never the baselines' load_native."""
-    trained(ws)
+    ws = trained_ws  # trained, embedded and scored
     pkg = _package_copy(tmp_path / "pkg")
     diffusion = pkg / "leakpipe" / "pipeline" / "math" / "diffusion.py"
     text = diffusion.read_text()
@@ -217,13 +232,13 @@ def test_code_identity_comes_from_the_code(ws, tmp_path):
     assert both[("encode", "closed")]["up_to_date"] and both[("embed", "default/closed")]["up_to_date"]
 
 
-def test_a_legacy_code_label_reads_as_its_code(ws, monkeypatch):
+def test_a_legacy_code_label_reads_as_its_code(trained_ws, monkeypatch):
     """A lock written with a code version label (before code identity) is valid while the code is the
     one LEGACY records for that label, and stale, naming the module, once it is not."""
     from leakpipe.pipeline.ledger import code as code_id
     from leakpipe.stages import STAGES
 
-    trained(ws)
+    ws = trained_ws  # trained, embedded and scored
     lock_path = runs.pointed(Workspace(ws), "default") / "score.lock.json"
     lock = json.loads(lock_path.read_text())
     identity = lock["inputs"]["code"]
@@ -310,8 +325,8 @@ def test_a_workspace_of_declared_code_stays_valid(ws, monkeypatch):
     assert "code changed: leakpipe.pipeline.math.metrics: macro_auc" in status(ws)[("train", "default")]["reasons"]
 
 
-def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypatch):
-    trained(ws)
+def test_runs_are_never_overwritten_and_come_back_without_training(trained_ws, monkeypatch):
+    ws = trained_ws  # trained, embedded and scored
     w = Workspace(ws)
     first = runs.pointed(w, "default")
     r = cli(ws, "train", *sets("model.embed_dim=4"))
@@ -330,8 +345,8 @@ def test_runs_are_never_overwritten_and_come_back_without_training(ws, monkeypat
     assert (ws / "cache" / "runs" / "default" / "report.md").exists()  # the old name's files are back
 
 
-def test_run_name_means_one_thing_to_every_command(ws):
-    trained(ws)
+def test_run_name_means_one_thing_to_every_command(trained_ws):
+    ws = trained_ws  # trained, embedded and scored
     cli(ws, "train", "--run", "p30", *sets("model.embed_dim=4"))
     r = cli(ws, "train", "--run", "p30", *sets())  # without the --set it was made with
     assert "model.embed_dim: 4 -> 8" in r.output
@@ -352,8 +367,8 @@ def test_run_name_means_one_thing_to_every_command(ws):
     assert st[("score", "p30")]["up_to_date"]
 
 
-def test_runs_lists_and_gc_frees_only_what_nothing_refers_to(ws):
-    trained(ws)
+def test_runs_lists_and_gc_frees_only_what_nothing_refers_to(trained_ws):
+    ws = trained_ws  # trained, embedded and scored
     w = Workspace(ws)
     kept = runs.pointed(w, "default")
     cli(ws, "train", *sets("model.embed_dim=4"))
@@ -450,11 +465,11 @@ def test_a_run_folder_from_leakpipe_0_1_is_kept(ws):
     assert old.is_symlink() and runs.pointed(Workspace(ws), "old") != kept[0]
 
 
-def test_gc_never_removes_what_is_in_use(ws):
+def test_gc_never_removes_what_is_in_use(trained_ws):
     """A result being trained has no run name until it is finished: gc must not pull it away."""
     from leakpipe.pipeline.store.locking import exclusive
 
-    trained(ws)
+    ws = trained_ws  # trained, embedded and scored
     w = Workspace(ws)
     first = runs.pointed(w, "default")
     cli(ws, "train", *sets("model.embed_dim=4"))  # `first` now has no name: gc would free it

@@ -244,8 +244,8 @@ def test_validating_the_last_epoch_alone_keeps_the_weights(rws):
 
 def test_checkpointing_once_a_minute_keeps_the_weights_and_the_result(rws, monkeypatch):
     """log.checkpoint_seconds: with an hour, a 2-epoch training writes no checkpoint (it would have
-    written 2) and ends with the same weights, bitwise, in the same result folder: an execution
-    setting. A negative value is refused, naming the key."""
+    written 1: none after the last epoch, whose result is written then) and ends with the same weights,
+    bitwise, in the same result folder: an execution setting. A negative value is refused, naming the key."""
     from leakpipe.pipeline.engine import fit
 
     saves = []
@@ -253,56 +253,68 @@ def test_checkpointing_once_a_minute_keeps_the_weights_and_the_result(rws, monke
     monkeypatch.setattr(fit, "save_checkpoint", lambda folder, *a: (saves.append(folder), real(folder, *a)))
     common = ["train.epochs=2", "model.stem=imagenet", "train.seed=7"]  # a training no other test makes
     every, _, _ = _train(rws, "c-every", common)
-    assert len(saves) == 2
+    assert len(saves) == 1
     want = load_file(str(every.run_dir / "model.safetensors"))
     shutil.rmtree(every.run_dir)
     hourly, _, _ = _train(rws, "c-hourly", [*common, "log.checkpoint_seconds=3600"])
-    assert len(saves) == 2 and hourly.run_dir == every.run_dir  # none written, the same result
+    assert len(saves) == 1 and hourly.run_dir == every.run_dir  # none written, the same result
     got = load_file(str(hourly.run_dir / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     with pytest.raises(ConfigError, match="log.checkpoint_seconds"):
         Workspace(rws).config(None, ["log.checkpoint_seconds=-1"])
 
 
-def test_each_recipe_key_changes_the_trained_weights(rws):
-    """Two epochs with each piece off (or on), against the same two epochs with the recipe: every key
-    reaches the training and changes what it learns (the ImageNet stem throughout, the cheaper one on a
-    CPU; the small stem is the default test's)."""
-    common = ["train.epochs=2", "model.stem=imagenet"]
-    base, _, _ = _train(rws, "k-base", common)
-    want = load_file(str(base.run_dir / "model.safetensors"))
-    for sets in (
-        ["train.ema_half_life=0"],
-        ["train.label_smoothing=0"],
-        ["model.prototype_init=kmeans"],
-        ["train.lr_schedule=constant"],
-        ["train.augment=hflip"],
-        ["train.prototype_pull=0.1"],
-        ["model.prototype_std=0.5"],
-        ["train.backbone_dropout=0"],
-        ["train.backbone_dropout_mode=skip"],
-        ["features.dct_stats=per_channel"],
-        ["model.dct_readout=none"],
-        ["model.latent_readout=none"],
-        ["features.latent_stats=per_channel"],
-    ):
-        other, _, _ = _train(rws, "k-" + sets[0].split("=")[0].split(".")[1], [*common, *sets])
-        assert other.run_dir != base.run_dir, sets  # a training input: its own result
-        got = load_file(str(other.run_dir / "model.safetensors"))
-        assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in got), sets
-        # without one of the two readouts, the readout reads the other's part alone
-        part = {"model.dct_readout=none": 4 * 16 * 16, "model.latent_readout=none": 4 * 8 * 8}.get(sets[0])
-        assert part is None or got["readout.weight"].shape == (16, part), sets
-        if sets == ["features.latent_stats=per_channel"]:  # one std per channel of z_t, over positions
-            z_std = got["feature_std"][:, :4]
-            assert torch.equal(z_std, z_std[..., :1, :1].expand_as(z_std))
+# Each piece of the recipe off (or on); one case each, so that pytest-xdist's workers share them
+RECIPE_KEYS = [
+    "train.ema_half_life=0",
+    "train.label_smoothing=0",
+    "model.prototype_init=kmeans",
+    "train.lr_schedule=constant",
+    "train.augment=hflip",
+    "train.prototype_pull=0.1",
+    "model.prototype_std=0.5",
+    "train.backbone_dropout=0",
+    "train.backbone_dropout_mode=skip",
+    "features.dct_stats=per_channel",
+    "model.dct_readout=none",
+    "model.latent_readout=none",
+    "features.latent_stats=per_channel",
+]
+KEYS_COMMON = ["train.epochs=2", "model.stem=imagenet"]  # the cheaper stem on a CPU; the default test's is small
+
+
+def _recipe_base(rws):
+    """The two epochs with the recipe (trained by the first case of a worker, restored by the others)."""
+    base, _, _ = _train(rws, "k-base", KEYS_COMMON)
+    return base, load_file(str(base.run_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("key", RECIPE_KEYS)
+def test_each_recipe_key_changes_the_trained_weights(rws, key):
+    """Two epochs with one piece off (or on), against the same two epochs with the recipe: every key
+    reaches the training and changes what it learns."""
+    base, want = _recipe_base(rws)
+    other, _, _ = _train(rws, "k-" + key.split("=")[0].split(".")[1], [*KEYS_COMMON, key])
+    assert other.run_dir != base.run_dir  # a training input: its own result
+    got = load_file(str(other.run_dir / "model.safetensors"))
+    assert got.keys() == want.keys() and any(not torch.equal(got[k], want[k]) for k in got)
+    # without one of the two readouts, the readout reads the other's part alone
+    part = {"model.dct_readout=none": 4 * 16 * 16, "model.latent_readout=none": 4 * 8 * 8}.get(key)
+    assert part is None or got["readout.weight"].shape == (16, part)
+    if key == "features.latent_stats=per_channel":  # one std per channel of z_t, over positions
+        z_std = got["feature_std"][:, :4]
+        assert torch.equal(z_std, z_std[..., :1, :1].expand_as(z_std))
+
+
+def test_the_recipe_reads_both_parts_and_keeps_the_epoch_train_select_names(rws):
+    _, want = _recipe_base(rws)
     # the default's readout reads the 4 x 8 x 8 DCT_low block and z_t (4 x 16 x 16) of the 16 x 16 latents
     assert want["readout.weight"].shape == (16, 4 * 8 * 8 + 4 * 16 * 16)
     # per-position statistics of z_t (features.latent_stats) and per-coefficient ones of the DCT map
     z_std = want["feature_std"][:, :4]
     assert z_std.shape[-2:] == (16, 16) and not torch.equal(z_std, z_std[..., :1, :1].expand_as(z_std))
     # which epoch is kept: the one of least validation loss, recorded with the model
-    kept, _, _ = _train(rws, "k-select", [*common, "train.select=val_loss"])
+    kept, _, _ = _train(rws, "k-select", [*KEYS_COMMON, "train.select=val_loss"])
     losses = [h["val_loss"] for h in json.loads((kept.run_dir / "history.json").read_text())]
     assert kept.best_epoch == 1 + int(np.argmin(losses))
     assert (

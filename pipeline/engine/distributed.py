@@ -83,10 +83,10 @@ def encode_chunk(
             means.append(m)
             logvars.append(lv)
     if done:
-        group = latent_store.open_store(store, "r+")
+        arrays = latent_store.row_arrays(latent_store.open_store(store, "r+"))
         idx = np.array(done)
         latent_store.write_chunk(
-            group,
+            arrays,
             start,
             stop,
             idx,

@@ -76,6 +76,7 @@ class ChunkWriter:
         self._parts: dict[int, list] = {c: [] for c in self._left}
         self._queue: queue.Queue = queue.Queue(maxsize=2)  # bounds memory; blocks compute if disk lags
         self._error: BaseException | None = None
+        self._arrays = latent_store.row_arrays(self.group)
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
@@ -112,7 +113,7 @@ class ChunkWriter:
         start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows)
         rows = np.concatenate([p[0] for p in parts])
         latents = {"mean": np.concatenate([p[1] for p in parts]), "logvar": np.concatenate([p[2] for p in parts])}
-        latent_store.write_chunk(self.group, start, stop, rows, latents, self.row_hashes[rows])
+        latent_store.write_chunk(self._arrays, start, stop, rows, latents, self.row_hashes[rows])
 
     def close(self) -> None:
         self._queue.put(None)

@@ -242,14 +242,16 @@ class _Recipe:
         else:
             self.validate(epoch, fit, line)
         state["epoch"], state["scaler"] = epoch, self.scaler.state_dict() if self.scaler.is_enabled() else {}
-        if self.ddp.is_main and self.checkpoint_due():  # every rank holds the same weights; one writes them
+        # every rank holds the same weights; one writes them. After the last epoch the result is written at
+        # once and its checkpoint removed unread: a kill before that redoes the last epoch, bitwise the same
+        if self.ddp.is_main and epoch < tc.epochs and self.checkpoint_due():
             ema = {"ema": self.average.state()} if self.average else {}
             save_checkpoint(self.ckpt_dir, self.model, self.opt, self.best, state, ema)
             self.saved_at = time.monotonic()
         self.ddp.barrier()
 
     def checkpoint_due(self) -> bool:
-        """After every epoch (log.checkpoint_seconds = 0), else once that long has passed since the last
+        """After every epoch but the last (log.checkpoint_seconds = 0), else once that long has passed since the last
         checkpoint or the start: a kill then loses at most that much training, redone bitwise on resume,
         and short epochs do not each pay for writing the whole state (a quarter of the demo's training)."""
         return time.monotonic() - self.saved_at >= self.cfg.log.checkpoint_seconds

@@ -99,7 +99,7 @@ class GaussianKDE:
             "max_reference": self.max_reference,
             "seed": self.seed,
         }
-        used = slice(None)
+        used: slice | np.ndarray = slice(None)
         if 0 < self.max_reference < len(x):
             used = subsample(len(x), self.max_reference, self.seed)
             self.reference["used"] = self.max_reference

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from leakpipe.pipeline.store.atomic import atomic_write_bytes
+from leakpipe.pipeline.store.atomic import atomic_path
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
-    """A safetensors file's bytes, the same for the same tensors and metadata: safetensors writes its
-    `__metadata__` in hash-map order (it differs from one call to the next), so the header is written
-    again with the metadata keys (and their JSON values' keys) sorted; the tensors are untouched."""
+def safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> tuple[bytes, memoryview]:
+    """A safetensors file's bytes as (length and header, tensor data), the same for the same tensors and
+    metadata: safetensors writes its `__metadata__` in hash-map order (it differs from one call to the
+    next), so the header is written again with the metadata keys (and their JSON values' keys) sorted;
+    the tensors are untouched, and not copied again (a checkpoint is four times the model)."""
     from safetensors.torch import save
 
     data = save(
@@ -27,12 +28,15 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = 
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + n :]
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Atomic safetensors write; `metadata` values are JSON-encoded into the header (deterministic bytes)."""
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+    head, body = safetensors_parts(tensors, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(head)
+        fh.write(body)
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:

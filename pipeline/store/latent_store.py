@@ -319,29 +319,39 @@ def prepare(
     return group, copied
 
 
+def row_arrays(group: zarr.Group) -> dict:
+    """The store's per-row arrays, opened once: each `group[name]` reads the array's metadata, which
+    cost a chunk writer most of its time at 1 M rows (benchmarks/scale.py)."""
+    return {name: group[name] for name in (*LATENT_ARRAYS, "latent_hash", "source_hash")}
+
+
 def write_chunk(
-    group: zarr.Group, start: int, stop: int, rows: np.ndarray, latents: dict[str, np.ndarray], row_hashes: np.ndarray
+    arrays: dict, start: int, stop: int, rows: np.ndarray, latents: dict[str, np.ndarray], row_hashes: np.ndarray
 ) -> None:
-    """Write `rows` (absolute indices inside [start, stop)) of one chunk: latents first, then hashes.
+    """Write `rows` (absolute indices inside [start, stop)) of one chunk into `arrays` (row_arrays):
+    latents first, then hashes.
 
     The whole chunk is rewritten (read-modify-write) so each chunk file is replaced atomically and
     rows of the chunk that are already valid keep their bytes.
     """
     local = rows - start
     full = len(local) == stop - start
+
+    def current(arr) -> np.ndarray:  # a chunk written whole needs none of its old rows
+        return np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else _block(arr, start, stop)
+
     blocks = {}
     for name in LATENT_ARRAYS:
-        arr = group[name]
-        block = np.empty((stop - start, *arr.shape[1:]), arr.dtype) if full else _block(arr, start, stop)
+        block = current(arrays[name])
         block[local] = latents[name]
-        arr[start:stop] = blocks[name] = block
+        arrays[name][start:stop] = blocks[name] = block
     for name, new in (
         ("latent_hash", content_hashes(blocks["mean"][local], blocks["logvar"][local])),
         ("source_hash", row_hashes),
     ):
-        hashes = _block(group[name], start, stop)
+        hashes = current(arrays[name])
         hashes[local] = new
-        group[name][start:stop] = hashes
+        arrays[name][start:stop] = hashes
 
 
 def _block(arr, start: int, stop: int) -> np.ndarray:
