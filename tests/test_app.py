@@ -28,7 +28,7 @@ from leakpipe.stages import encode, graph
 from tests.conftest import cli, synth_workspace
 
 FAST = [
-    "train.epochs=2",
+    "train.epochs=1",  # the app serves what attribute says, whatever the weights learned
     "model.embed_dim=8",
     "model.prototypes_per_class=2",
     "train.batch_size=16",

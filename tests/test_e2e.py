@@ -9,9 +9,9 @@ import pytest
 from leakpipe.pipeline.manifest import read_manifest
 from tests.conftest import TOML, cli
 
-TRAIN = [
+TRAIN = [  # one epoch: what is tested is what each command does, then that none does it again
     "--set",
-    "train.epochs=2",
+    "train.epochs=1",
     "--set",
     "model.embed_dim=16",
     "--set",
