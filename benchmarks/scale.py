@@ -19,8 +19,8 @@ bookkeeping: the manifest, the files' hashes, the plan, the store's writes and c
 workspace of its own (`--vae-sizes`).
 
 The stat floor of each size is the cost of stat-ing the manifest's files, measured beside the commands:
-Python's os.stat over the paths in one thread and in HASH_THREADS threads, and `find -printf` (C,
-fstatat); the floor is the fastest of the three. With `--baseline`, the earlier checkout's workspace
+Python's os.stat over the paths in one thread, in 4 threads and in two processes (half each, as
+store/stats.py does), and `find -printf` (C, fstatat); the floor is the fastest of the four. With `--baseline`, the earlier checkout's workspace
 is then handed to this one: its first `encode` must find the latents up to date (the lock's format
 is upgraded, nothing is encoded), and the no-op after it is timed.
 
@@ -216,7 +216,7 @@ def du(path: Path) -> int:
 
 def stat_floor(data: Path, threads: int = 4) -> dict:
     """Seconds to stat every image under `data` (best of 3 each): os.stat in one thread, in `threads`
-    threads, and `find -printf` (C: fstatat, no Python)."""
+    threads, in two processes (half each), and `find -printf` (C: fstatat, no Python)."""
     paths = sorted(str(p) for p in data.glob("g*/*.png"))
 
     def serial():
@@ -226,13 +226,28 @@ def stat_floor(data: Path, threads: int = 4) -> dict:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda k: list(map(os.stat, paths[k::threads])), range(threads)))
 
+    def processes():  # the other half in a forked copy, as hashing's stats do: no Python shared between them
+        half = len(paths) // 2
+        pid = os.fork()
+        if pid == 0:
+            list(map(os.stat, paths[half:]))
+            os._exit(0)
+        list(map(os.stat, paths[:half]))
+        os.waitpid(pid, 0)
+
     def find():
         subprocess.run(
             ["find", "-L", str(data), "-name", "*.png", "-printf", "%i %s %T@\n"], stdout=subprocess.DEVNULL, check=True
         )
 
     out = {}
-    for name, fn in (("python, 1 thread", serial), (f"python, {threads} threads", parallel), ("find -printf", find)):
+    ways = (
+        ("python, 1 thread", serial),
+        (f"python, {threads} threads", parallel),
+        ("python, 2 processes", processes),
+        ("find -printf", find),
+    )
+    for name, fn in ways:
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()

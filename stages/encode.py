@@ -37,7 +37,8 @@ from leakpipe.pipeline.ledger.stage import Done, Plan, Stage, run as run_stage
 from leakpipe.pipeline.manifest import Deferred, Manifest, read_manifest, root_of
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_write_text
-from leakpipe.pipeline.store.hashing import RACY_NS, HashCache, hash_bytes, stat_stamps
+from leakpipe.pipeline.store.hashing import RACY_NS, HashCache, hash_bytes
+from leakpipe.pipeline.store.stats import stat_stamps
 from leakpipe.pipeline.progress import progress
 
 KEYS = (*section_keys("vae", "preprocess"), "store.dtype", "store.chunk_rows")
@@ -301,8 +302,7 @@ def _unchanged(lock_path: Path, key: str, manifest_path: Path) -> Rows | None:
     rows = (read_rows(lock_path, lock) or {}).get(key)
     if rows is None or not rows.fresh(RACY_NS):
         return None
-    prefix = f"{root}/"
-    now, seen = stat_stamps([prefix + p for p in rows.names])
+    now, seen = stat_stamps(rows.paths(f"{root}/"))
     return rows if seen.all() and np.array_equal(now, rows.stamps[:, :4]) else None
 
 

@@ -257,17 +257,3 @@ def test_a_read_only_cache_is_read_not_written(state):
     assert after == before  # nothing written, nothing made
     if state != "never made":
         assert want == got["hashes"][:3]
-
-
-def test_stats_in_threads_are_the_stats_in_order(tmp_path, monkeypatch):
-    from leakpipe.pipeline.store import hashing
-
-    paths = [str(p) for p in files(tmp_path / "a", 20)]
-    paths.insert(7, str(tmp_path / "gone.png"))  # cannot be stat'ed: zeros, not seen
-    one = hashing._stamps(hashing._stat_all(paths))
-    monkeypatch.setattr(hashing, "STAT_PART", 3)
-    for waits_s in (0.0, 1.0):  # every stat "slow": the parts after the first in threads; "fast": in this one
-        parts = hashing.stat_stamps(paths, waits_s)
-        np.testing.assert_array_equal(parts[0], one[0])
-        np.testing.assert_array_equal(parts[1], one[1])
-        assert not parts[1][7] and parts[1].sum() == 20 and (parts[0][7] == 0).all()

@@ -46,6 +46,7 @@ NOT_OUTPUTS = {
     "leakpipe.pipeline.store.locking": "locks between processes",
     "leakpipe.pipeline.store.storage": "file access, local or at an fsspec URL",
     "leakpipe.pipeline.store.hashing": "checksums of inputs and outputs, and their cache",
+    "leakpipe.pipeline.store.stats": "stats of input files: whether they changed, never what a stage computes",
     "leakpipe.pipeline.store.chunk_checks": "which chunks of a store are already done (resuming encode)",
     "leakpipe.pipeline.engine.tboard": "TensorBoard event files: a log beside a result, never read back",
     "leakpipe.pipeline.engine.attributor_schema": "checks an export's and a result's recorded values against what "

@@ -13,11 +13,13 @@ that can tell from the stats alone that nothing did (stages/encode.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import numpy as np
 from leakpipe.pipeline.config import ADDED_KEYS, canonical_hash
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.ledger import code as code_id
+from leakpipe.pipeline.ledger.columns import ENCODING, Column
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_path, atomic_write_json
 from leakpipe.pipeline.store.hashing import hash_bytes, hash_stream
@@ -46,7 +49,7 @@ class Upstream:
     about: dict = field(default_factory=dict)  # readable facts (VAE, rows, when), for the reasons
 
 
-def rows_digest(names: list[str], values: list[str]) -> str:
+def rows_digest(names: Sequence[str], values: Sequence[str]) -> str:
     """blake2b-128 of two string columns, each as its strings' lengths and then their text: one
     digest per list, never the same for two different lists of pairs."""
     h = hashlib.blake2b(b"rows 1", digest_size=16)
@@ -64,8 +67,8 @@ class Rows:
     the blake2b of its bytes]; `root`: the folder the names are relative to. A lock records the list
     as its length and digest (the same digest for the same pairs, whatever the stamps)."""
 
-    names: list[str]
-    values: list[str]
+    names: Sequence[str]  # a list, or a Column read from a side file
+    values: Sequence[str]
     stamps: np.ndarray | None = None
     listing: list[str] | None = None
     root: str = ""
@@ -76,6 +79,11 @@ class Rows:
 
     def record(self) -> dict:
         return {"rows": len(self.names), "digest": self.digest}
+
+    def paths(self, prefix: str) -> list:
+        """prefix + each name, as os.stat takes them (bytes cut from a side file's column)."""
+        names = self.names
+        return names.prefixed(prefix) if isinstance(names, Column) else [prefix + p for p in names]
 
     def pairs(self) -> list[list[str]]:
         return [[n, v] for n, v in zip(self.names, self.values)]
@@ -318,11 +326,13 @@ def rows_file(lock_path: Path) -> Path:
     return Path(lock_path).with_name(Path(lock_path).name + ".rows")
 
 
-def _column(strings: list[str], what: str) -> np.ndarray:
+def _column(strings: Sequence[str], what: str) -> np.ndarray:
+    if isinstance(strings, Column):  # read from a side file, and written back as it was
+        return np.frombuffer(strings.raw, np.uint8)
     text = "\0".join(strings)
     if text.count("\0") != max(len(strings) - 1, 0):
         raise ValueError(f"{what}: an entry holds a NUL character, which no file name can")
-    return np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+    return np.frombuffer(text.encode(*ENCODING), np.uint8)
 
 
 def _write_rows(lock_path: Path, rows: dict) -> dict:
@@ -354,6 +364,10 @@ def forget_stamps(lock_path: Path) -> bool:
     return True
 
 
+def _member(z, name: str) -> bytes:
+    return z[name].tobytes()
+
+
 def read_rows(lock_path: Path, lock: dict) -> dict | None:
     """{name: Rows} of the lists a lock records by digest, from its side file; None when the side
     file is missing or does not match the lock's checksum of it."""
@@ -370,10 +384,7 @@ def read_rows(lock_path: Path, lock: dict) -> dict | None:
     out = {}
     for key, meta in record["lists"].items():
         i, n = meta["index"], meta["rows"]
-        names, values = (
-            z[f"{i}.{c}"].tobytes().decode("utf-8", "surrogatepass").split("\0") if n else []
-            for c in ("names", "values")
-        )
+        names, values = (Column(functools.partial(_member, z, f"{i}.{c}"), n) for c in ("names", "values"))
         stamps = z[f"{i}.stamps"] if f"{i}.stamps" in z.files else None
         digest = lock["inputs"]["files"][key]["digest"]
         out[key] = Rows(names, values, stamps, meta["listing"], meta["root"], digest)

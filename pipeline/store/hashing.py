@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import os
 import sqlite3
 import struct
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from leakpipe.pipeline.store.atomic import create_file
+from leakpipe.pipeline.store.stats import stat_or_none, stat_stamps
 
 HASH_BYTES = 16  # blake2b-128: the `source_hash` width in the latent store
 SCHEMA = 1  # PRAGMA user_version of the database
@@ -101,60 +101,6 @@ def _signed(v: int) -> int:
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     return _signed(st.st_dev), _signed(st.st_ino), st.st_size, st.st_mtime_ns
-
-
-def _stat_or_none(path: str):
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
-def _stat_all(paths: list[str]) -> list:
-    try:
-        return list(map(os.stat, paths))  # the common case, without a Python frame per file
-    except OSError:
-        return [_stat_or_none(p) for p in paths]
-
-
-STAT_THREADS, STAT_PART = 4, 16384
-# A stat answered from the kernel's cache costs 3.3 us of CPU, and threads only add contention for Python
-# (100,000 files, idle 2-core machine: 0.33 s in one thread, 0.82 s in four); one that waits on a disk or a
-# network file system releases Python meanwhile, so there threads overlap the waits. The first part says
-# which: slower than this per file, the rest goes to STAT_THREADS threads.
-STAT_WAITS_S = 20e-6
-
-
-def stat_stamps(paths: list[str], waits_s: float = STAT_WAITS_S) -> tuple[np.ndarray, np.ndarray]:
-    """((n, 4) int64 (device, inode, size, mtime_ns) of each file, (n,) bool: it could be stat'ed).
-    A long list is stat'ed in parts of STAT_PART, in this thread while a stat takes less than `waits_s`
-    (the first part's mean), else in STAT_THREADS threads (benchmarks/scale.py's stat floor measures
-    both ways)."""
-    start = time.perf_counter()
-    first = _stamps(_stat_all(paths[:STAT_PART]))
-    if len(paths) <= STAT_PART:
-        return first
-    parts = [paths[k : k + STAT_PART] for k in range(STAT_PART, len(paths), STAT_PART)]
-    if (time.perf_counter() - start) / STAT_PART < waits_s:
-        done = [first, *(_stamps(_stat_all(part)) for part in parts)]
-    else:
-        with ThreadPoolExecutor(STAT_THREADS) as pool:
-            done = [first, *pool.map(lambda part: _stamps(_stat_all(part)), parts)]
-    return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
-
-
-_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns")
-
-
-def _stamps(stats: list) -> tuple[np.ndarray, np.ndarray]:
-    """((n, 4) int64 stamps of the stat results, (n,) bool: the file could be stat'ed)."""
-    seen = np.array([s is not None for s in stats], bool) if None in stats else np.ones(len(stats), bool)
-    found = stats if seen.all() else [s for s in stats if s is not None]
-    stamps = np.zeros((len(stats), 4), np.int64)
-    # unsigned, as stat gives them; an inode or device number above 2**63 wraps to negative, as _signed
-    columns = [np.fromiter(map(operator.attrgetter(f), found), np.uint64, len(found)) for f in _FIELDS]
-    stamps[seen] = np.stack(columns, axis=1).view(np.int64) if found else 0
-    return stamps, seen
 
 
 def _folder_range(paths: list[str]) -> tuple[str, str]:
@@ -398,7 +344,7 @@ class HashCache:
         """Record hashes computed elsewhere (a lock's checksums), stamped with the files' current stat:
         `hashed_ns` is when they were hashed, so a file modified since then counts as racy."""
         for path, digest in zip(paths, digests):
-            st = _stat_or_none(os.fspath(path))
+            st = stat_or_none(os.fspath(path))
             if st is not None:
                 self._queue(os.path.abspath(path), _stamp(st), digest, hashed_ns)
 
@@ -452,7 +398,7 @@ class HashCache:
         kept = 0
         if isinstance(entries, dict):
             for key, entry in entries.items():
-                st = _stat_or_none(key) if isinstance(entry, list) and len(entry) == 4 else None
+                st = stat_or_none(key) if isinstance(entry, list) and len(entry) == 4 else None
                 if st is not None and [st.st_size, st.st_mtime_ns, st.st_ino] == entry[:3] and _is_hex(entry[3]):
                     self._queue(key, _stamp(st), entry[3], written)
                     kept += 1

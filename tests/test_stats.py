@@ -1,0 +1,83 @@
+"""Stat stamps of many files: in this thread, in threads (stats that wait on a disk) and halved with a forked
+copy of the process (stats from the kernel's cache), each the same stamps in the same order; a fork or a child
+that fails leaves the stats to this process."""
+
+import os
+
+import numpy as np
+import pytest
+
+from leakpipe.pipeline.store import stats
+from tests.test_hashing import files
+
+
+@pytest.fixture
+def paths(tmp_path):
+    out = [str(p) for p in files(tmp_path / "a", 20)]
+    out.insert(7, str(tmp_path / "gone.png"))  # cannot be stat'ed: zeros, not seen
+    out.insert(17, str(tmp_path / "gone too.png"))  # in the second half, which the child stats
+    return out
+
+
+def serial(paths):
+    return stats._stamps(stats._stat_all(paths))
+
+
+def same(got, want):
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert not got[1][[7, 17]].any() and got[1].sum() == 20 and (got[0][[7, 17]] == 0).all()
+
+
+@pytest.fixture
+def forks(monkeypatch):
+    """Parts of 3 files and a fork for anything longer, allowed on any machine; counts the forks."""
+    made = []
+    real = os.fork
+
+    def fork():
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(stats, "STAT_PART", 3)
+    monkeypatch.setattr(stats, "FORK_MIN", 2)
+    monkeypatch.setattr(stats, "_can_fork", lambda: True)
+    monkeypatch.setattr(os, "fork", fork)
+    return made
+
+
+def test_stats_in_threads_are_the_stats_in_order(paths, forks):
+    want = serial(paths)
+    same(stats.stat_stamps(paths, 0.0), want)  # every stat "slow": the parts after the first in threads
+    assert forks == []
+
+
+def test_stats_halved_with_a_forked_copy_are_the_stats_in_order(paths, forks):
+    want = serial(paths)
+    same(stats.stat_stamps(paths, 1.0), want)  # every stat "fast": the rest halved with a child
+    assert forks == [1]
+
+
+def test_without_a_fork_the_stats_are_taken_here(paths, forks, monkeypatch):
+    want = serial(paths)
+
+    def refused():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refused)
+    same(stats.stat_stamps(paths, 1.0), want)
+    monkeypatch.setattr(stats, "_can_fork", lambda: False)  # one core, or not Linux
+    same(stats.stat_stamps(paths, 1.0), want)
+
+
+def test_a_child_that_fails_leaves_its_half_to_this_process(paths, forks, monkeypatch):
+    want, parent, real = serial(paths), os.getpid(), stats._stat_all
+
+    def failing_in_the_child(part):
+        if os.getpid() != parent:
+            raise MemoryError("in the child")
+        return real(part)
+
+    monkeypatch.setattr(stats, "_stat_all", failing_in_the_child)
+    same(stats.stat_stamps(paths, 1.0), want)
+    assert forks == [1]
