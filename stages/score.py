@@ -244,7 +244,10 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
                 read_manifest(ws.manifest(split), check_files=False), extra
             )
     if cfg.score.baselines:
-        files.update({f"reconstruction autoencoder {a}": _autoencoder_files(g, a) for a in cfg.score.reconstruction})
+        before = ((locks.read_lock(out / "score.lock.json") or {}).get("inputs") or {}).get("files", {})
+        for a in cfg.score.reconstruction:
+            key = f"reconstruction autoencoder {a}"
+            files[key] = _as_recorded(_autoencoder_files(g, a), before.get(key))
     inputs = Inputs(values(cfg, KEYS), ups, files, STAGE.code_identity())
     return Plan(
         STAGE,
@@ -263,14 +266,26 @@ def plan(g: Graph, cfg: Config, run: str) -> Plan:
 
 
 def _autoencoder_files(g: Graph, source: str) -> list[list[str]]:
-    """[[path, hash], ...] of the weight and config files of a reconstruction autoencoder, or what is
-    wrong with the source (scoring then says the baseline was left out)."""
+    """[[file name, hash], ...] of the weight and config files of a reconstruction autoencoder, by name as
+    stage one records its VAE's, so that the same files elsewhere (another install's builtin:taef2, a
+    moved folder) are the same inputs; or what is wrong with the source (the baseline is then left out)."""
     try:
         src = resolve_vae(VaeConfig(source=source), g.ws.root)
-        paths = [*src.weights, *([src.decoder] if src.decoder else []), src.config_path]
-        return [[str(p), g.hashes.hash(p)] for p in paths if p.is_file()]
+        # a TAESD-format encoder file is its own config: once
+        paths = dict.fromkeys([*src.weights, *([src.decoder] if src.decoder else []), src.config_path])
+        return [[p.name, g.hashes.hash(p)] for p in paths if p.is_file()]
     except (OSError, UserError) as exc:
         return [[source, f"unavailable: {exc}"]]
+
+
+def _as_recorded(files: list[list[str]], recorded: list | None) -> list:
+    """`files` as the lock recorded them where that record names the same files with the same contents in
+    the earlier form (absolute paths, a TAESD file twice: leakpipe before 2026-12-06), so that upgrading
+    leakpipe does not rescore; `files` otherwise."""
+    if not recorded or any(len(r) != 2 for r in recorded):
+        return files
+    earlier = sorted({(Path(path).name, digest) for path, digest in recorded})
+    return recorded if earlier == sorted(map(tuple, files)) else files
 
 
 def work(plan: Plan, cfg: Config, log, verdict: Verdict) -> Done:

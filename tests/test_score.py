@@ -592,3 +592,27 @@ def test_seeds_train_one_run_each_and_report_mean_sd_and_pooled_interval(sws):
     assert f"{m['conformal']['variants']['raw']['coverage']:.3f} [" in row and " / " in row
     bad = cli(sws, "train", "--seeds", "3", *SETS)
     assert bad.exit_code != 0 and "at least two distinct seeds" in bad.output
+
+
+def test_the_reconstruction_autoencoder_is_recorded_by_its_files_not_where_they_are(sws, tmp_path, monkeypatch):
+    import shutil
+
+    from leakpipe.pipeline.engine import vae_files
+    from leakpipe.pipeline.ledger import locks
+    from leakpipe.stages.score import _as_recorded
+
+    taef2 = ("--set", "score.reconstruction=builtin:taef2")
+    score(sws, *taef2)
+    lock = locks.read_lock(train.run_dir(Workspace(sws), "default") / "score.lock.json")
+    files = lock["inputs"]["files"]["reconstruction autoencoder builtin:taef2"]
+    shipped = vae_files.BUILTINS["taef2"]
+    assert [name for name, _ in files] == list(shipped.sha256)  # each once, by name
+    # the same leakpipe installed elsewhere (another venv, another machine): up to date, nothing rescored
+    shutil.copytree(vae_files.ASSETS, tmp_path / "assets")
+    monkeypatch.setattr(vae_files, "ASSETS", tmp_path / "assets")
+    assert "up to date, nothing to do" in score(sws, *taef2).output
+    # a lock of the earlier form (absolute paths, the encoder twice) is kept while the contents are the same
+    earlier = [[str(vae_files.ASSETS / "taef2" / n), h] for n, h in [*files, files[0]]]
+    assert _as_recorded(files, earlier) is earlier and _as_recorded(files, None) is files
+    changed = [[n, "0" * 32 if i else h] for i, (n, h) in enumerate(files)]
+    assert _as_recorded(changed, earlier) is changed
