@@ -20,9 +20,10 @@ workspace of its own (`--vae-sizes`).
 
 The stat floor of each size is the cost of stat-ing the manifest's files, measured beside the commands:
 Python's os.stat over the paths in one thread, in 4 threads and in two processes (half each, as
-store/stats.py does), and `find -printf` (C, fstatat); the floor is the fastest of the four. With `--baseline`, the earlier checkout's workspace
-is then handed to this one: its first `encode` must find the latents up to date (the lock's format
-is upgraded, nothing is encoded), and the no-op after it is timed.
+store/stats.py does), and `find -printf` (C, fstatat); the floor is the fastest of the four.
+With `--baseline`, the earlier checkout's workspace is then handed to this one: its first `encode` must
+find the latents up to date (the lock's format is upgraded, nothing is encoded), and the no-op after it
+is timed.
 
 Every image has its own random pixels, so every file its own content hash, as in real data. They are
 written by a minimal PNG encoder (zlib + crc32), four times faster than Pillow for 8x8 images.

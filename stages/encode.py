@@ -338,7 +338,7 @@ def plan(graph: Graph, cfg: Config, split: str) -> Plan:
         manifest,
         source,
         encoder_fp,
-        rows.values,
+        cast(list[str], rows.values),  # a side file's Column reads as the list it holds, decoded when first used
         ws.latent_store(split, encoder_fp, cfg.store.url),
         lock,
         ws.store_lock(split, encoder_fp, "writer.lock"),

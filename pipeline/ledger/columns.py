@@ -23,7 +23,8 @@ class Column(Sequence[str]):
     no-op reads a side file's names and never its hashes)."""
 
     def __init__(self, raw: bytes | Callable[[], bytes], n: int):
-        self._raw, self._n, self._strings = raw, n, None
+        self._raw, self._n = raw, n
+        self._strings: list[str] | None = None
 
     @property
     def raw(self) -> bytes:

@@ -91,7 +91,8 @@ def _forked(paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]] | None:
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError:
-        os.close(read_end), os.close(write_end)
+        os.close(read_end)
+        os.close(write_end)
         return None
     if pid == 0:
         _child(paths[half:], read_end, write_end)
