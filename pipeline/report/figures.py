@@ -33,9 +33,12 @@ def _plt():
     return plt
 
 
+DPI = 110  # of the written figures
+
+
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
     _plt().close(fig)
     tmp.replace(path)
 
