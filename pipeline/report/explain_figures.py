@@ -20,12 +20,12 @@ def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    colours = _colours(len(classes))
+    colours = np.array(_colours(len(classes)))
+    for c, cname in enumerate(classes):  # the legend's entries; the points are one scatter per map, below
+        axes.flat[0].scatter([], [], s=6, color=colours[c], label=cname)
     for ax, name in zip(axes.flat, names):
         xy, xlim, ylim, beyond = onto_axes(project_2d(stages[name].astype(np.float64), "pca", 0))
-        for c, cname in enumerate(classes):
-            p = xy[labels == c]
-            ax.scatter(p[:, 0], p[:, 1], s=6, color=colours[c], label=cname)
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, color=colours[labels])
         ax.set(xlim=xlim, ylim=ylim, xticks=[], yticks=[], xlabel=beyond_note(beyond))
         ax.xaxis.label.set_fontsize(7)
         ax.set_title(f"{name} ({stages[name].shape[1]} dims)", fontsize=9)
