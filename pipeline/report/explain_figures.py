@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leakpipe.pipeline.report.figures import _colours, _plt, _save, beyond_note, onto_axes, project_2d
+from leakpipe.pipeline.report.figures import DPI, _colours, _plt, _save, beyond_note, onto_axes, project_2d
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.math.prototypes import weighted_distances
 
@@ -20,12 +20,12 @@ def stage_maps_figure(stages: dict[str, np.ndarray], labels: np.ndarray, classes
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    colours = _colours(len(classes))
+    colours = np.array(_colours(len(classes)))
+    for c, cname in enumerate(classes):  # the legend's entries; the points are one scatter per map, below
+        axes.flat[0].scatter([], [], s=6, color=colours[c], label=cname)
     for ax, name in zip(axes.flat, names):
         xy, xlim, ylim, beyond = onto_axes(project_2d(stages[name].astype(np.float64), "pca", 0))
-        for c, cname in enumerate(classes):
-            p = xy[labels == c]
-            ax.scatter(p[:, 0], p[:, 1], s=6, color=colours[c], label=cname)
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, color=colours[labels])
         ax.set(xlim=xlim, ylim=ylim, xticks=[], yticks=[], xlabel=beyond_note(beyond))
         ax.xaxis.label.set_fontsize(7)
         ax.set_title(f"{name} ({stages[name].shape[1]} dims)", fontsize=9)
@@ -115,37 +115,53 @@ def gallery_figure(thumbs: list[list[list[np.ndarray]]], classes: list[str], pat
     _save(gallery(thumbs, classes), path)
 
 
-def gallery(thumbs: list[list[list[np.ndarray]]], classes: list[str]):
-    """The gallery's figure. An empty cell hides its frame but keeps its axes on, so that the row's
-    generator name, the first cell's label, shows when prototype 0 wins no image."""
-    plt = _plt()
-    n_m, k = len(thumbs[0]), max(1, max(len(t) for row in thumbs for t in row))
-    fig, axes = plt.subplots(
-        len(classes), n_m * k, figsize=(0.9 * n_m * k + 1, 0.95 * len(classes) + 0.6), squeeze=False
-    )
+GAP = 14  # canvas px between thumbnails (white); a prototype's group is set off by twice that
+EDGE = 2  # canvas px around the cells: room for the frames
+
+
+def gallery_canvas(thumbs: list[list[list[np.ndarray]]], k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the gallery's picture: every thumbnail on one white uint8 canvas, each framed in black; (C, M,
+    k, 2) x, y of each cell's top-left corner in canvas px; a cell's side). Thumbnail j of prototype m
+    of class c sits in row c, column m * k + j, centred in its cell."""
+    n_c, n_m = len(thumbs), len(thumbs[0])
+    cell = max([THUMB] + [max(im.shape[:2]) for row in thumbs for ims in row for im in ims])
+    j, m = np.arange(k), np.arange(n_m)
+    x = EDGE + m[:, None] * (k * (cell + GAP) + GAP) + j[None] * (cell + GAP)
+    y = EDGE + np.arange(n_c) * (cell + GAP)
+    at = np.stack(np.broadcast_arrays(x[None], y[:, None, None]), axis=-1)
+    canvas = np.full((int(y[-1]) + cell + EDGE, int(x[-1, -1]) + cell + EDGE, 3), 255, np.uint8)
     for c, row in enumerate(thumbs):
+        for m_, images in enumerate(row):
+            for j_, im in enumerate(images[:k]):
+                h, w = im.shape[:2]
+                x0, y0 = at[c, m_, j_] + [(cell - w) // 2, (cell - h) // 2]
+                canvas[y0 - 1 : y0 + h + 1, x0 - 1 : x0 + w + 1] = 0  # the frame, one px outside
+                canvas[y0 : y0 + h, x0 : x0 + w] = im[..., :3]
+    return canvas, at, cell
+
+
+def gallery(thumbs: list[list[list[np.ndarray]]], classes: list[str]):
+    """The gallery's figure: one Axes showing one picture of every thumbnail (an Axes per thumbnail
+    made it the slowest figure of the report), the generator names, prototype headings and empty
+    prototypes' notes drawn as text where their rows and cells are."""
+    plt = _plt()
+    k = max(1, max(len(t) for row in thumbs for t in row))
+    canvas, at, cell = gallery_canvas(thumbs, k)
+    height, width = canvas.shape[0] / DPI, canvas.shape[1] / DPI  # written pixel for pixel
+    left, top = 1.2, 0.6  # inches for the names and the headings; savefig's tight box trims the rest
+    fig = plt.figure(figsize=(width + left, height + top))
+    ax = fig.add_axes((left / (width + left), 0, width / (width + left), height / (height + top)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for c, row in enumerate(thumbs):
+        ax.text(at[c, 0, 0, 0] - 8, at[c, 0, 0, 1] + cell / 2, classes[c], fontsize=7, ha="right", va="center")
         for m, images in enumerate(row):
-            for j in range(k):
-                ax = axes[c, m * k + j]
-                ax.set_xticks([]), ax.set_yticks([])
-                if j < len(images):
-                    ax.imshow(images[j])
-                else:
-                    ax.set_frame_on(False)
-                    if j == 0:  # a prototype that is nearest to none of its class's images
-                        ax.text(
-                            0.5,
-                            0.5,
-                            "wins no\ntraining\nimage",
-                            ha="center",
-                            va="center",
-                            fontsize=6,
-                            transform=ax.transAxes,
-                            color="0.4",
-                        )
-                if c == 0 and j == 0:
-                    ax.set_title(f"prototype {m}", fontsize=7, loc="left")
-            axes[c, m * k].set_ylabel(classes[c] if m == 0 else "", fontsize=7, rotation=0, ha="right", va="center")
+            x, y = at[c, m, 0]
+            if c == 0:
+                ax.text(x - 1, y - 8, f"prototype {m}", fontsize=7, ha="left", va="bottom")
+            if not images:  # a prototype that is nearest to none of its class's images
+                text = "wins no\ntraining\nimage"
+                ax.text(x + cell / 2, y + cell / 2, text, fontsize=6, ha="center", va="center", color="0.4")
     fig.suptitle(
         f"training images each prototype wins, nearest first (d_cm of Eq. 9; up to {k} per prototype)", fontsize=9
     )
