@@ -209,14 +209,25 @@ def top_k(scores: np.ndarray, labels: np.ndarray, k: int, w: np.ndarray) -> np.n
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, bins: int = 15) -> np.ndarray:
     """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| x the bin's share of
     the drawn rows, with confidence the largest class probability."""
+    return ece_of(calibration_terms(probs, labels, bins), w)
+
+
+def calibration_terms(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> np.ndarray:
+    """(n, 3 x the bins in use): each row's confidence bin as one-hot columns, then those times its
+    correctness, then times its confidence, so that one matrix product with the weights gives every bin's
+    weight, hits and confidence (built once for all the blocks of resamples of the same rows)."""
     conf, right = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    used = np.unique(which)
-    member = (which[:, None] == used[None]).astype(np.float64)  # (n, bins used): one matrix product for all
-    n, hits, confs = np.split(w @ np.hstack([member, member * right[:, None], member * conf[:, None]]), 3, axis=1)
+    member = (which[:, None] == np.unique(which)[None]).astype(np.float64)
+    return np.hstack([member, member * right[:, None], member * conf[:, None]])
+
+
+def ece_of(terms: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """expected_calibration_error from the rows' calibration_terms and the weights (B, n)."""
+    n, hits, confs = np.split(w @ terms, 3, axis=1)
     total = w.sum(axis=1)
     out = np.zeros(len(w))
-    for b in range(len(used)):
+    for b in range(n.shape[1]):
         gap = np.abs(_ratio(hits[:, b], n[:, b]) - _ratio(confs[:, b], n[:, b]))
         out += np.where(n[:, b] > 0, gap, 0.0) * _ratio(n[:, b], total)
     return np.where(total > 0, out, np.nan)

@@ -174,8 +174,9 @@ def ece_change(logits: np.ndarray, y: np.ndarray, t, cfg, groups) -> dict | None
         return None
     after, before = calib.scaled_posterior(logits, t), metrics.softmax(logits)
     ece = metrics.expected_calibration_error
+    terms = [metrics.calibration_terms(p, y) for p in (after, before)]  # once for every block of resamples
     diff = bootstrap.Resamples(cfg.bootstrap, cfg.seed, groups).of(
-        lambda w: ece(after, y, w) - ece(before, y, w), len(y)
+        lambda w: metrics.ece_of(terms[0], w) - metrics.ece_of(terms[1], w), len(y)
     )
     return bootstrap.paired(metrics.point(ece, after, y) - metrics.point(ece, before, y), diff)
 
