@@ -2,24 +2,24 @@
 after a change, side by side in one run, on the inputs of a scored workspace.
 
     leakpipe demo -C DIR     # once: a scored workspace
-    python benchmarks/figures.py --workspace DIR [--run default] [--before HEAD] [--rounds 3] [--reuse]
+    python benchmarks/figures.py --workspace DIR [--run default] [--before HEAD] [--rounds 3]
 
-The figures' inputs (metrics, embeddings, thumbnails, config) are taken once from a scoring of DIR's run
-(score's `work` up to its outputs, which are not written) and kept in a pickle under --root, which only
-this script writes and reads. Each side's code is a snapshot put first on PYTHONPATH (benchmarks/demo.py's
-`snapshot`: `git archive REF`, or this working tree). Each round runs both sides, alternating, each in
-its own process: `_write_figures` once to warm up (fonts, imports), then twice timed (see `worker`),
-every figure function wrapped in a timer. Printed: the best of the rounds per figure and for the whole
-`_write_figures`, with the ratio, the CPU and the load average.
+The figures' inputs (metrics, embeddings, thumbnails, config) are taken in each measuring process from a
+scoring of DIR's run (score's `work` up to its outputs, which are not written; the reconstruction baseline
+left out, no figure reads it), so nothing is kept between processes. Each side's code is a snapshot put
+first on PYTHONPATH (benchmarks/demo.py's `snapshot`: `git archive REF`, or this working tree). Each round
+runs both sides, alternating, each in its own process: `_write_figures` once to warm up (fonts, imports),
+then twice timed (see `worker`), every figure function wrapped in a timer. Printed: the best of the rounds
+per figure and for the whole `_write_figures`, with the ratio, the CPU and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -34,9 +34,9 @@ class _Taken(Exception):
     pass
 
 
-def capture(workspace: Path, run: str, dest: Path) -> None:
-    """Pickle (m, figs, cfg) as score's `work` hands them to `write_outputs`; nothing is written into
-    the workspace (write_outputs is replaced, and no stage runner takes a lock)."""
+def capture(workspace: Path, run: str) -> tuple:
+    """(m, figs, cfg) as score's `work` hands them to `write_outputs`; nothing is written into the
+    workspace (write_outputs is replaced, and no stage runner takes a lock)."""
     from leakpipe.pipeline.ledger.locks import Verdict
     from leakpipe.pipeline.report import outputs
     from leakpipe.pipeline.workspace import Workspace
@@ -44,28 +44,30 @@ def capture(workspace: Path, run: str, dest: Path) -> None:
 
     ws = Workspace(workspace)
     cfg = ws.config()
+    cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, reconstruction=[]))
     plan = graph(ws, cfg).plan("score", run)
+    taken: list = []
 
     def take(run_dir, m, figs, cfg, prototypes):
-        dest.write_bytes(pickle.dumps((m, figs, cfg)))
+        taken.append((m, figs, cfg))
         raise _Taken
 
     outputs.write_outputs = take
     try:
         score.work(plan, cfg, lambda line: None, Verdict(False, ["benchmarks/figures.py"]))
     except _Taken:
-        return
+        return taken[0]
     raise RuntimeError("score's work returned without handing over its outputs")
 
 
-def worker(inputs: Path, out: Path) -> dict[str, float]:
+def worker(workspace: Path, run: str, out: Path) -> dict[str, float]:
     """Seconds of each figure function, and of the whole `_write_figures`, after a warm-up pass. The
     figures are timed with the garbage collector off (a full collection between them, untimed): on, it
     runs where the allocations happen to cross its threshold, in whichever figure that is. The whole is
     timed with it on, as in `leakpipe score`."""
     from leakpipe.pipeline.report import explain_figures, figures, outputs
 
-    m, figs, cfg = pickle.loads(inputs.read_bytes())
+    m, figs, cfg = capture(workspace, run)
     seconds: dict[str, float] = {}
 
     def timed(name, fn):
@@ -94,9 +96,9 @@ def worker(inputs: Path, out: Path) -> dict[str, float]:
     return seconds
 
 
-def side(code: Path, inputs: Path, out: Path) -> dict:
+def side(code: Path, workspace: Path, run: str, out: Path) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", str(inputs), "--out", str(out)],
+        [sys.executable, __file__, "--worker", "--workspace", str(workspace), "--run", run, "--out", str(out)],
         env=env_for(code),
         capture_output=True,
         text=True,
@@ -112,23 +114,18 @@ def main() -> None:
     ap.add_argument("--before", default="HEAD", help="the commit measured beside this working tree")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--root", type=Path, default=REPO / "build" / "figures-bench")
-    ap.add_argument("--reuse", action="store_true", help="the inputs an earlier run took, if --root has them")
-    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.out)))
+        print(json.dumps(worker(args.workspace, args.run, args.out)))
         return
-    inputs = args.root / "inputs.pickle"
-    args.root.mkdir(parents=True, exist_ok=True)
-    if not (args.reuse and inputs.exists()):
-        capture(args.workspace, args.run, inputs)
     sides = {"before": snapshot(args.before, args.root / "before"), "after": snapshot("worktree", args.root / "after")}
     load = [os.getloadavg()]
     best: dict[str, dict[str, float]] = {s: {} for s in sides}
     for _ in range(args.rounds):
         for name, code in sides.items():
-            got = side(code, inputs, args.root / f"out-{name}")
+            got = side(code, args.workspace, args.run, args.root / f"out-{name}")
             assert got.pop("code").startswith(str(code)), "the snapshot is not what was imported"
             for fig, s in got.items():
                 best[name][fig] = min(s, best[name].get(fig, float("inf")))
