@@ -115,14 +115,15 @@ def test_a_noop_that_stats_in_two_processes_still_sees_a_changed_file(ws, monkey
     run(ws)
     forks = []
     real = stats._forked
-    monkeypatch.setattr(stats, "STAT_PART", 2)  # the first 2 files here, the other 10 halved with a child
+    monkeypatch.setattr(stats, "PROBE", 2)  # the first 2 files here, the other 10 halved with a child
     monkeypatch.setattr(stats, "FORK_MIN", 2)
     monkeypatch.setattr(stats, "STAT_WAITS_S", 1.0)  # every stat reads as one from the kernel's cache
     monkeypatch.setattr(stats, "_can_fork", lambda: True)
-    monkeypatch.setattr(stats, "_forked", lambda paths: forks.append(len(paths)) or real(paths))
+    # the side file's names as its bytes (stats.Joined): each process cuts the paths it stats
+    monkeypatch.setattr(stats, "_forked", lambda paths: forks.append((len(paths), type(paths))) or real(paths))
     calls = planned(monkeypatch)
     assert run(ws).up_to_date and "encode closed  up to date" in cli(ws, "status").output
-    assert calls == {"manifest": 0, "hash_many": 0} and forks == [10, 10]
+    assert calls == {"manifest": 0, "hash_many": 0} and forks == [(10, stats.Joined)] * 2
     last = read_manifest(ws / "manifests" / "closed.csv").abspaths()[-1]  # in the half the child stats
     os.utime(last, (when + 1, when + 1))
     assert "encode closed  up to date" in cli(ws, "status").output  # the stat changed, the bytes did not
@@ -139,9 +140,9 @@ def test_a_side_files_names_reach_os_stat_as_the_file_systems_bytes(tmp_path):
             f.write(b"x")
     utf8 = Column("\0".join(names[:2]).encode(*ENCODING), 2)
     assert utf8 == names[:2] and len(utf8) == 2 and utf8[1] == names[1]
-    assert utf8.prefixed(f"{tmp_path}/") == [os.fsencode(f"{tmp_path}/{n}") for n in names[:2]]
+    assert utf8.prefixed(f"{tmp_path}/").paths() == [os.fsencode(f"{tmp_path}/{n}") for n in names[:2]]
     escaped = Column("\0".join(names).encode(*ENCODING), 3)
     assert escaped.prefixed(f"{tmp_path}/") == [f"{tmp_path}/{n}" for n in names]  # strings: os.stat encodes
-    for col in (utf8, escaped):
-        assert [os.stat(p).st_size for p in col.prefixed(f"{tmp_path}/")] == [1] * len(col)
+    assert [os.stat(p).st_size for p in utf8.prefixed(f"{tmp_path}/").paths()] == [1, 1]
+    assert [os.stat(p).st_size for p in escaped.prefixed(f"{tmp_path}/")] == [1, 1, 1]
     assert locks.Rows(escaped, Column(b"h1\0h2\0h3", 3)).pairs() == [[n, f"h{i}"] for i, n in enumerate(names, 1)]

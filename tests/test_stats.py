@@ -31,7 +31,7 @@ def same(got, want):
 
 @pytest.fixture
 def forks(monkeypatch):
-    """Parts of 3 files and a fork for anything longer, allowed on any machine; counts the forks."""
+    """A probe and parts of 3 files and a fork for anything longer, allowed on any machine; counts the forks."""
     made = []
     real = os.fork
 
@@ -40,6 +40,7 @@ def forks(monkeypatch):
         return real()
 
     monkeypatch.setattr(stats, "STAT_PART", 3)
+    monkeypatch.setattr(stats, "PROBE", 3)
     monkeypatch.setattr(stats, "FORK_MIN", 2)
     monkeypatch.setattr(stats, "_can_fork", lambda: True)
     monkeypatch.setattr(os, "fork", fork)
@@ -80,4 +81,30 @@ def test_a_child_that_fails_leaves_its_half_to_this_process(paths, forks, monkey
 
     monkeypatch.setattr(stats, "_stat_all", failing_in_the_child)
     same(stats.stat_stamps(paths, 1.0), want)
+    assert forks == [1]
+
+
+def joined(paths, root):
+    """The paths as a lock's side file holds them: names under `root`, "\\0"-separated bytes."""
+    names = [os.path.relpath(p, root) for p in paths]
+    return stats.Joined(os.fsencode(f"{root}/"), "\0".join(names).encode(), len(names))
+
+
+def test_a_side_files_names_are_cut_into_the_same_paths_wherever_they_are_cut(paths, tmp_path):
+    names, want = joined(paths, tmp_path), [os.fsencode(p) for p in paths]
+    n = len(want)
+    assert names.paths() == want and stats.Joined(b"/x/", b"", 0).paths() == []
+    for k in (0, 1, 7, n - 1, n, n + 5):
+        head, rest = names.cut(k)
+        assert (head.paths(), rest.paths(), len(head), len(rest)) == (want[:k], want[k:], min(k, n), max(n - k, 0))
+    first, second = names.halves()
+    assert first.paths() + second.paths() == want and len(first) + len(second) == n
+    assert abs(len(first) - len(second)) <= 2  # names of about one length: about half the rows each
+
+
+def test_a_side_files_names_give_the_stamps_of_the_paths_in_threads_and_forked(paths, tmp_path, forks):
+    want = serial(paths)
+    same(stats.stat_stamps(joined(paths, tmp_path), 0.0), want)
+    assert forks == []
+    same(stats.stat_stamps(joined(paths, tmp_path), 1.0), want)  # each process cuts the half it stats
     assert forks == [1]

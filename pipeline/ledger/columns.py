@@ -3,7 +3,7 @@
 A no-op encode at a million rows reads the side file to compare each file's stat with the one recorded;
 decoding its million names and hashes into Python strings, and joining each name to its folder, took
 longer than a quarter of the stats themselves (benchmarks/RESULTS.md, issue 36). The column keeps the
-bytes as written, hands the stats their paths as bytes (`prefixed`), and decodes only when asked.
+bytes as written, hands the stats their paths as those bytes (`prefixed`), and decodes only when asked.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+
+from leakpipe.pipeline.store.stats import Joined
 
 ENCODING = ("utf-8", "surrogatepass")  # how the side file stores strings, whatever they hold
 # A name that was not UTF-8 reads as str with surrogate escapes, which surrogatepass stores as ED A0-BF ..;
@@ -51,12 +53,9 @@ class Column(Sequence[str]):
 
     __hash__ = None  # type: ignore[assignment]  # equal to a list, so unhashable like one
 
-    def prefixed(self, prefix: str) -> list[bytes] | list[str]:
-        """prefix + each string, as the paths os.stat takes: bytes cut from the column itself (two C calls,
-        no string per name decoded) where its bytes are the file system's, else the strings."""
-        if not self._n:
-            return []
+    def prefixed(self, prefix: str) -> Joined | list[str]:
+        """prefix + each string, as the paths os.stat takes: the column's own bytes (store/stats.py cuts
+        them into paths where they are stat'ed) where they are the file system's, else the strings."""
         if os.name != "posix" or _SURROGATE.search(self.raw):
             return [prefix + s for s in self.strings()]
-        head = os.fsencode(prefix)
-        return (head + self.raw.replace(b"\0", b"\0" + head)).split(b"\0")
+        return Joined(os.fsencode(prefix), self.raw, self._n)

@@ -32,6 +32,7 @@ from leakpipe.pipeline.ledger.columns import ENCODING, Column
 from leakpipe.pipeline.store import storage
 from leakpipe.pipeline.store.atomic import atomic_path, atomic_write_json
 from leakpipe.pipeline.store.hashing import hash_bytes, hash_stream
+from leakpipe.pipeline.store.stats import Joined
 
 # 2: named inputs (config keys, upstream identities, file lists, code version); 3: long file lists as
 # a digest (their rows in a side file), and `identity`, the inputs' hash with those lists as digests
@@ -80,8 +81,8 @@ class Rows:
     def record(self) -> dict:
         return {"rows": len(self.names), "digest": self.digest}
 
-    def paths(self, prefix: str) -> list:
-        """prefix + each name, as os.stat takes them (bytes cut from a side file's column)."""
+    def paths(self, prefix: str) -> list | Joined:
+        """prefix + each name, for store/stats.py's stat_stamps (a side file's column: as its bytes)."""
         names = self.names
         return names.prefixed(prefix) if isinstance(names, Column) else [prefix + p for p in names]
 
