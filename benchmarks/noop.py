@@ -8,7 +8,8 @@ Each side's code is a snapshot put first on PYTHONPATH (benchmarks/demo.py's `sn
 or this working tree), so both run in the same venv on the same workspace (DIR/ws-after-N, encoded and up
 to date). Each command is its own process, start-up included: wall time, and CPU seconds from wait4; one
 warm-up run of each, then --repeats alternating pairs. The stat floor (scale.py's `stat_floor`) is the
-fastest of os.stat in one thread, in 4 threads, in two processes and `find -printf`, best of 3 each.
+fastest of os.stat in one thread, in 4 threads and in two processes (each keeping or dropping its results)
+and `find -printf`, best of 3 each.
 """
 
 from __future__ import annotations

@@ -120,7 +120,9 @@ def test_a_noop_that_stats_in_two_processes_still_sees_a_changed_file(ws, monkey
     monkeypatch.setattr(stats, "STAT_WAITS_S", 1.0)  # every stat reads as one from the kernel's cache
     monkeypatch.setattr(stats, "_can_fork", lambda: True)
     # the side file's names as its bytes (stats.Joined): each process cuts the paths it stats
-    monkeypatch.setattr(stats, "_forked", lambda paths: forks.append((len(paths), type(paths))) or real(paths))
+    monkeypatch.setattr(
+        stats, "_forked", lambda paths, *out: forks.append((len(paths), type(paths))) or real(paths, *out)
+    )
     calls = planned(monkeypatch)
     assert run(ws).up_to_date and "encode closed  up to date" in cli(ws, "status").output
     assert calls == {"manifest": 0, "hash_many": 0} and forks == [(10, stats.Joined)] * 2

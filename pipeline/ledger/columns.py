@@ -56,6 +56,7 @@ class Column(Sequence[str]):
     def prefixed(self, prefix: str) -> Joined | list[str]:
         """prefix + each string, as the paths os.stat takes: the column's own bytes (store/stats.py cuts
         them into paths where they are stat'ed) where they are the file system's, else the strings."""
-        if os.name != "posix" or _SURROGATE.search(self.raw):
+        # memchr first: the regular expression takes 7x as long over a million names that have no ED byte
+        if os.name != "posix" or (b"\xed" in self.raw and _SURROGATE.search(self.raw)):
             return [prefix + s for s in self.strings()]
         return Joined(os.fsencode(prefix), self.raw, self._n)

@@ -10,6 +10,7 @@ file system releases Python meanwhile, and there threads overlap the waits.
 
 from __future__ import annotations
 
+import mmap
 import operator
 import os
 import sys
@@ -104,6 +105,15 @@ def _stamps(stats: list) -> tuple[np.ndarray, np.ndarray]:
     return stamps, seen
 
 
+def _stamp_into(paths: list, stamps: np.ndarray, seen: np.ndarray) -> None:
+    """Fill `stamps` and `seen` with the files' stamps, STAT_PART at a time: a stat result is about 0.7 kB
+    of Python objects, and 500,000 of them held at once took 90,000 page faults and a fifth more time than
+    parts that reuse the same memory (benchmarks/RESULTS.md, issue 36)."""
+    for k in range(0, len(paths), STAT_PART):
+        part_stamps, part_seen = _stamps(_stat_all(paths[k : k + STAT_PART]))
+        stamps[k : k + len(part_seen)], seen[k : k + len(part_seen)] = part_stamps, part_seen
+
+
 def stat_stamps(paths: Paths, waits_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """((n, 4) int64 (device, inode, size, mtime_ns) of each file, (n,) bool: it could be stat'ed).
     The first PROBE files are stat'ed here; if a stat took `waits_s` (STAT_WAITS_S) or more, the rest go to
@@ -119,10 +129,13 @@ def stat_stamps(paths: Paths, waits_s: float | None = None) -> tuple[np.ndarray,
         with ThreadPoolExecutor(STAT_THREADS) as pool:
             parts = pool.map(lambda k: _stamps(_stat_all(rest[k : k + STAT_PART])), range(0, len(rest), STAT_PART))
             done = [first, *parts]
-    else:
-        forked = _forked(rest) if len(rest) >= FORK_MIN and _can_fork() else None
-        done = [first, *(forked or [_stamps(_stat_all(_listed(rest)))])]
-    return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+    fork = len(rest) >= FORK_MIN and _can_fork()
+    stamps, seen = _shared(len(paths)) if fork else (np.zeros((len(paths), 4), np.int64), np.zeros(len(paths), bool))
+    stamps[: len(probe)], seen[: len(probe)] = first
+    if not (fork and _forked(rest, stamps[len(probe) :], seen[len(probe) :])):
+        _stamp_into(_listed(rest), stamps[len(probe) :], seen[len(probe) :])
+    return stamps, seen
 
 
 def _can_fork() -> bool:
@@ -130,46 +143,45 @@ def _can_fork() -> bool:
     return sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) >= 2
 
 
-def _forked(paths: Paths) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """[stamps of the first half, stamps of the second], the second half stat'ed by a forked copy of this
-    process and sent back through a pipe; None where the fork or the child failed (then stat them here)."""
+def _shared(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) int64 and (n,) bool zeros in memory that a forked copy of this process writes into for it
+    (anonymous, shared): the child's stamps need no pipe and no copy."""
+    memory = mmap.mmap(-1, 33 * n)
+    return np.frombuffer(memory, np.int64, 4 * n).reshape(n, 4), np.frombuffer(memory, bool, n, 32 * n)
+
+
+def _forked(paths: Paths, stamps: np.ndarray, seen: np.ndarray) -> bool:
+    """Fill the shared `stamps` and `seen` (_shared) with the files' stamps: the first half here, the second
+    by a forked copy of this process (here too where the child fails). False where there could be no fork
+    (then nothing is filled)."""
     mine, theirs = _halves(paths)
-    n = len(theirs)
-    read_end, write_end = os.pipe()
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns of a fork beside other threads (numpy's BLAS starts one at import): the
             # child could then find a lock held that it needs. It takes none: it stats, fills two arrays
-            # (malloc resets its locks at fork), writes them to the pipe and leaves with os._exit.
+            # (malloc resets its locks at fork) and leaves with os._exit.
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError:
-        os.close(read_end)
-        os.close(write_end)
-        return None
+        return False
+    half = len(mine)
     if pid == 0:
-        _child(theirs, read_end, write_end)
-    os.close(write_end)
+        _child(theirs, stamps[half:], seen[half:])
     try:
-        with os.fdopen(read_end, "rb") as pipe:  # closed on an interrupt here: the child's write then fails
-            stamped = _stamps(_stat_all(_listed(mine)))
-            data = pipe.read()
+        _stamp_into(_listed(mine), stamps[:half], seen[:half])
     finally:
         status = os.waitpid(pid, 0)[1]
-    if os.waitstatus_to_exitcode(status) != 0 or len(data) != 33 * n:
-        return None
-    return [stamped, (np.frombuffer(data, np.int64, 4 * n).reshape(n, 4), np.frombuffer(data, bool, n, 32 * n))]
+    if os.waitstatus_to_exitcode(status) != 0:
+        _stamp_into(_listed(theirs), stamps[half:], seen[half:])
+    return True
 
 
-def _child(paths: Paths, read_end: int, write_end: int) -> None:
-    """In the forked copy: the stamps and seen flags of `paths` down the pipe; never returns (exit status 0:
-    all sent). os._exit skips every cleanup the parent's objects would run."""
+def _child(paths: Paths, stamps: np.ndarray, seen: np.ndarray) -> None:
+    """In the forked copy: fill its part of the shared arrays; never returns (exit status 0: all filled).
+    os._exit skips every cleanup the parent's objects would run."""
     code = 1
     try:
-        os.close(read_end)
-        stamps, seen = _stamps(_stat_all(_listed(paths)))
-        with os.fdopen(write_end, "wb") as pipe:
-            pipe.write(stamps.tobytes() + seen.tobytes())
+        _stamp_into(_listed(paths), stamps, seen)
         code = 0
     finally:
         os._exit(code)
