@@ -69,3 +69,49 @@ def test_a_decoder_rendered_set_is_deterministic(tmp_path):
     assert rendered.make_leak("closed00", 0, 32, noise=False).noise == 0 < rendered.make_leak("closed00", 0, 32).noise
     odd = cli(tmp_path / "w4", "synth", "--family", "decoder", "--size", "36", "--closed", "2", "--open", "0")
     assert odd.exit_code != 0 and "multiple of 8" in odd.output
+
+
+def test_through_the_workspaces_own_encoder_the_baseline_takes_z0_from_stage_one(tmp_path, monkeypatch):
+    """Where score.reconstruction names the workspace's encoder (the demo: TAEF2) and stage one read the very
+    pixels the baseline reads, E(x) is stage one's cached z0: one encode an image (E(D(E(x)))), not two, and
+    the features of encoding again, up to float rounding (a batch of other images). Another encoder, a float16
+    store or other pixels: none."""
+    from leakpipe.pipeline.config import Config, PreprocessConfig, StoreConfig, VaeConfig
+    from leakpipe.pipeline.report import baselines, scoring
+    from leakpipe.stages import score as score_stage
+
+    demo = ["demo", "--closed", "2", "--open", "2", "--per-generator", "10", "--size", "64", "--epochs", "1"]
+    assert cli(tmp_path, *demo).exit_code == 0
+    encoded, features = [], []
+    real_load, real_matrix = score_stage.load_autoencoder, baselines.reconstruction_matrix
+
+    def load(src):
+        ae = real_load(src)
+        encode = ae.encode
+        ae.encode = lambda x: encoded.append(len(x)) or encode(x)
+        return ae
+
+    monkeypatch.setattr(score_stage, "load_autoencoder", load)
+    monkeypatch.setattr(baselines, "reconstruction_matrix", lambda *a: features.append(real_matrix(*a)) or features[-1])
+    assert cli(tmp_path, "score", "--set", "score.bootstrap=20").exit_code == 0
+    images = sum(len(f) for f in features)
+    assert images > 0 and sum(encoded) == images  # the round trip's second encode alone
+    reused, encoded[:], cached = features[:], [], scoring._cached_encoding
+    features.clear()
+    monkeypatch.setattr(scoring, "_cached_encoding", lambda *a: None)
+    assert cli(tmp_path, "score", "--set", "score.bootstrap=21").exit_code == 0
+    assert sum(encoded) == 2 * images and len(reused) == len(features) == 2  # train and test
+    for a, b in zip(reused, features):  # features up to about 10: 1e-5 apart where stage one's batches differ
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+    paths, z0 = [str(p) for p in sorted((tmp_path / "data").rglob("*.png"))[:2]], np.arange(2.0)[:, None]
+    taef2 = Config(vae=VaeConfig(source="builtin:taef2"), preprocess=PreprocessConfig(size=64))
+    for other in (
+        Config(vae=VaeConfig(source="builtin:taesd"), preprocess=taef2.preprocess),
+        Config(vae=taef2.vae, preprocess=taef2.preprocess, store=StoreConfig(dtype="float16")),
+    ):
+        assert cached(other, "builtin:taef2", paths, z0) is None
+    x = np.asarray(Image.open(paths[1]).convert("RGB"))
+    assert cached(taef2, "builtin:taef2", paths, z0)(1, x) == [1.0]
+    resized = Config(vae=taef2.vae, preprocess=PreprocessConfig(size=32))  # stage one read other pixels
+    assert cached(resized, "builtin:taef2", paths, z0)(1, x) is None

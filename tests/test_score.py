@@ -457,6 +457,7 @@ def test_export_then_attribute_from_a_fresh_directory(sws, tmp_path, monkeypatch
 
 
 def test_attribute_and_score_errors(sws, tmp_path):
+    score(sws)  # attribute reads a run scored with these settings (nothing to do where the last test left it so)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     r = cli(sws, "attribute", str(tmp_path / "missing.png"), str(bad))

@@ -46,30 +46,37 @@ RECONSTRUCTION_ABOUT = {
 RECONSTRUCTION_BATCH = 16  # images of one shape per autoencoder call
 
 
-def round_trips(paths: list, autoencoder, max_side: int, max_pixels: int):
+def round_trips(paths: list, autoencoder, max_side: int, max_pixels: int, cached=None):
     """Per file, in order: (x, D(E(x)), E(x), E(D(E(x)))) as float arrays, x (3, H, W) in [0, 1] the
     native centre crop of at most `max_side` on the 8-px grid (engine.images.load_native), never resized;
-    consecutive files of one shape go through the autoencoder together."""
+    consecutive files of one shape go through the autoencoder together. `cached(i, x)`: E(x) of file i as
+    stage one cached it, where that is this encoder's output for these very pixels (else None): the
+    first of the three passes is then not run again."""
     import torch
 
     from leakpipe.pipeline.engine.images import load_native
 
     pending: list[np.ndarray] = []
+    known: list[np.ndarray | None] = []
 
     def flush():
         x = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        todo = [k for k, z in enumerate(known) if z is None]
         with torch.inference_mode():
-            z = autoencoder.encode(x).latent_dist.mean
+            fresh = iter(autoencoder.encode(x[todo]).latent_dist.mean if todo else [])
+            z = torch.stack([torch.from_numpy(z) if z is not None else next(fresh) for z in known])
             y = autoencoder.decode(z).clamp(-1, 1)
             z2 = autoencoder.encode(y).latent_dist.mean
         pending.clear()
+        known.clear()
         return zip(*((t.float().numpy()) for t in ((x + 1) / 2, (y + 1) / 2, z, z2)))
 
-    for path in paths:
+    for i, path in enumerate(paths):
         arr = load_native(path, max_side, max_pixels)
         if pending and (arr.shape != pending[0].shape or len(pending) == RECONSTRUCTION_BATCH):
             yield from flush()
         pending.append(arr)
+        known.append(cached(i, arr) if cached else None)
     if pending:
         yield from flush()
 
@@ -80,12 +87,13 @@ def reconstruction_features(x, y, z, z2) -> np.ndarray:
     return np.concatenate([recon.band_errors(x, y), recon.ssim(x, y), recon.latent_distance(z, z2)])
 
 
-def reconstruction_matrix(paths: list, autoencoders: list, max_side: int, max_pixels: int) -> np.ndarray:
-    """(N, F) reconstruction features of the files through each autoencoder, side by side."""
+def reconstruction_matrix(paths: list, autoencoders: list, max_side: int, max_pixels: int, cached=None) -> np.ndarray:
+    """(N, F) reconstruction features of the files through each autoencoder, side by side. `cached`: for
+    each autoencoder, round_trips' `cached` or None."""
     return np.concatenate(
         [
-            np.stack([reconstruction_features(*t) for t in round_trips(paths, ae, max_side, max_pixels)])
-            for ae in autoencoders
+            np.stack([reconstruction_features(*t) for t in round_trips(paths, ae, max_side, max_pixels, known)])
+            for ae, known in zip(autoencoders, cached or [None] * len(autoencoders))
         ],
         axis=1,
     )
