@@ -61,10 +61,12 @@ def round_trips(paths: list, autoencoder, max_side: int, max_pixels: int, cached
 
     def flush():
         x = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        todo = [k for k, z in enumerate(known) if z is None]
         with torch.inference_mode():
-            fresh = iter(autoencoder.encode(x[todo]).latent_dist.mean if todo else [])
-            z = torch.stack([torch.from_numpy(z) if z is not None else next(fresh) for z in known])
+            z = (
+                _encoded(autoencoder, x, known)
+                if any(k is not None for k in known)
+                else autoencoder.encode(x).latent_dist.mean
+            )
             y = autoencoder.decode(z).clamp(-1, 1)
             z2 = autoencoder.encode(y).latent_dist.mean
         pending.clear()
@@ -79,6 +81,20 @@ def round_trips(paths: list, autoencoder, max_side: int, max_pixels: int, cached
         known.append(cached(i, arr) if cached else None)
     if pending:
         yield from flush()
+
+
+def _encoded(autoencoder, x, known: list):
+    """E(x) of a batch: the rows `known` holds as given, the others encoded; in the channels_last layout of
+    the encoder's own output (x is a view of images stored pixel by pixel), for the decoder takes a third
+    longer on latents stored channel by channel (25 against 33 ms an image, TAEF2 at 64 px)."""
+    import torch
+
+    todo = [k for k, z in enumerate(known) if z is None]
+    fresh = iter(
+        autoencoder.encode(x[todo].contiguous(memory_format=torch.channels_last)).latent_dist.mean if todo else []
+    )
+    z = torch.stack([torch.from_numpy(z) if z is not None else next(fresh) for z in known])
+    return z.contiguous(memory_format=torch.channels_last)
 
 
 def reconstruction_features(x, y, z, z2) -> np.ndarray:
