@@ -115,3 +115,13 @@ def test_through_the_workspaces_own_encoder_the_baseline_takes_z0_from_stage_one
     assert cached(taef2, "builtin:taef2", paths, z0)(1, x) == [1.0]
     resized = Config(vae=taef2.vae, preprocess=PreprocessConfig(size=32))  # stage one read other pixels
     assert cached(resized, "builtin:taef2", paths, z0)(1, x) is None
+    # a file stage one resized or cropped is not decoded a second time to find that out
+    from leakpipe.pipeline.engine import images
+
+    decoded, load = [], images.load_image
+    monkeypatch.setattr(images, "load_image", lambda *a: decoded.append(a[0]) or load(*a))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((64, 72, 3), np.uint8)).save(wide)
+    native = images.load_native(wide, 64, 10**8)  # 64 x 64: the baseline's crop at a 64-px side
+    assert cached(taef2, "builtin:taef2", [str(wide)], z0)(0, native) is None and decoded == []
+    assert cached(taef2, "builtin:taef2", paths, z0)(1, x) == [1.0] and decoded == [paths[1]]

@@ -3,6 +3,7 @@ copy of the process (stats from the kernel's cache), each the same stamps in the
 that fails leaves the stats to this process."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +117,43 @@ def test_a_side_files_names_give_the_stamps_of_the_paths_in_threads_and_forked(p
     assert forks == []
     same(stats.stat_stamps(joined(paths, tmp_path), 1.0), want)  # each process cuts the half it stats
     assert forks == [1]
+
+
+def test_the_probe_times_the_stats_not_the_cutting_of_a_long_list(paths, tmp_path, forks, monkeypatch):
+    """A million names take tens of milliseconds to cut off the probe: that is not the stats' speed, and
+    must not send stats from the kernel's cache to threads."""
+    real = stats.Joined.cut
+
+    def slow_cut(self, k):
+        time.sleep(0.1)  # 33 ms a probed file, were it counted
+        return real(self, k)
+
+    monkeypatch.setattr(stats.Joined, "cut", slow_cut)
+    same(stats.stat_stamps(joined(paths, tmp_path), 1e-3), serial(paths))  # a local stat: far below 1 ms
+    assert forks == [1]
+
+
+def test_an_interrupt_while_the_child_stats_kills_and_reaps_it(paths, forks, monkeypatch):
+    parent, real, children = os.getpid(), stats._stamp_into, []
+    fork = os.fork
+
+    def recorded():
+        pid = fork()
+        children.append(pid)
+        return pid
+
+    def interrupted(part, stamps, seen):
+        if os.getpid() != parent:
+            time.sleep(60)  # the child, still at work
+        elif len(part) > 3:  # this process's half (not the probe)
+            raise KeyboardInterrupt
+        return real(part, stamps, seen)
+
+    monkeypatch.setattr(os, "fork", recorded)
+    monkeypatch.setattr(stats, "_stamp_into", interrupted)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        stats.stat_stamps(paths, 1.0)
+    assert len(children) == 1 and time.perf_counter() - start < 30
+    with pytest.raises(ProcessLookupError):  # killed and reaped: no such process, not even a zombie
+        os.kill(children[0], 0)

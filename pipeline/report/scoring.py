@@ -336,14 +336,20 @@ def _cached_encoding(run_cfg: Config, source: str, paths: list, z0: np.ndarray):
     is that autoencoder (the same settings, stored in float32) and read the very pixels the baseline reads
     (the same decoded image, neither resized nor cropped otherwise); None where the encoder is another. A
     reconstruction through the workspace's own encoder then runs two passes an image, not three (the demo:
-    320 fewer encodes, about 4 s of its minute)."""
+    320 fewer encodes, 2-3 s of its minute). A store that stage one wrote on a GPU holds that device's
+    arithmetic (TF32 convolutions, PyTorch's default there), as the model's own z0 does."""
     from leakpipe.pipeline.config import VaeConfig
-    from leakpipe.pipeline.engine.images import load_image
+    from leakpipe.pipeline.engine.images import header_size, load_image
 
     if run_cfg.vae != VaeConfig(source=source) or run_cfg.store.dtype != "float32":
         return None
+    side = run_cfg.preprocess.size
 
     def cached(i: int, x: np.ndarray) -> np.ndarray | None:
+        # stage one's image is side x side, all of it only where the file is (else resized or cropped
+        # elsewhere): any other file is not decoded a second time
+        if x.shape[:2] != (side, side) or header_size(paths[i]) != (side, side):
+            return None
         try:
             same = np.array_equal(load_image(paths[i], run_cfg.preprocess), x)
         except BadImage:

@@ -10,9 +10,11 @@ file system releases Python meanwhile, and there threads overlap the waits.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import operator
 import os
+import signal
 import sys
 import time
 import warnings
@@ -119,12 +121,15 @@ def stat_stamps(paths: Paths, waits_s: float | None = None) -> tuple[np.ndarray,
     The first PROBE files are stat'ed here; if a stat took `waits_s` (STAT_WAITS_S) or more, the rest go to
     threads in parts of STAT_PART, else they are halved between this process and a forked copy of it (a
     long list, two cores), or stat'ed here."""
-    start = time.perf_counter()
     probe, rest = _cut(paths, PROBE)
-    first = _stamps(_stat_all(_listed(probe)))
+    probe = _listed(probe)
+    start = time.perf_counter()  # the stats alone: cutting a million names off the probe takes 50 ms
+    probed = _stat_all(probe)
+    per_file = (time.perf_counter() - start) / max(len(probe), 1)
+    first = _stamps(probed)
     if not len(rest):
         return first
-    if (time.perf_counter() - start) / len(probe) >= (STAT_WAITS_S if waits_s is None else waits_s):
+    if per_file >= (STAT_WAITS_S if waits_s is None else waits_s):
         rest = _listed(rest)
         with ThreadPoolExecutor(STAT_THREADS) as pool:
             parts = pool.map(lambda k: _stamps(_stat_all(rest[k : k + STAT_PART])), range(0, len(rest), STAT_PART))
@@ -153,8 +158,12 @@ def _shared(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _forked(paths: Paths, stamps: np.ndarray, seen: np.ndarray) -> bool:
     """Fill the shared `stamps` and `seen` (_shared) with the files' stamps: the first half here, the second
     by a forked copy of this process (here too where the child fails). False where there could be no fork
-    (then nothing is filled)."""
+    (then nothing is filled). An interrupt here kills and reaps the child before it goes on."""
     mine, theirs = _halves(paths)
+    half = len(mine)
+    # the child never takes a SIGINT (Ctrl-C reaches the whole process group): raised there, it would unwind
+    # this process's stack in the copy; this process takes it once the child exists, and reaps it
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns of a fork beside other threads (numpy's BLAS starts one at import): the
@@ -163,14 +172,20 @@ def _forked(paths: Paths, stamps: np.ndarray, seen: np.ndarray) -> bool:
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError:
-        return False
-    half = len(mine)
+        pid = -1
     if pid == 0:
         _child(theirs, stamps[half:], seen[half:])
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if pid < 0:
+        return False
     try:
         _stamp_into(_listed(mine), stamps[:half], seen[:half])
-    finally:
         status = os.waitpid(pid, 0)[1]
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
     if os.waitstatus_to_exitcode(status) != 0:
         _stamp_into(_listed(theirs), stamps[half:], seen[half:])
     return True
