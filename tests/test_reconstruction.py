@@ -119,7 +119,7 @@ def test_through_the_workspaces_own_encoder_the_baseline_takes_z0_from_stage_one
     from leakpipe.pipeline.engine import images
 
     decoded, load = [], images.load_image
-    monkeypatch.setattr(images, "load_image", lambda *a: decoded.append(a[0]) or load(*a))
+    monkeypatch.setattr(scoring, "load_image", lambda *a: decoded.append(a[0]) or load(*a))
     wide = tmp_path / "wide.png"
     Image.fromarray(np.zeros((64, 72, 3), np.uint8)).save(wide)
     native = images.load_native(wide, 64, 10**8)  # 64 x 64: the baseline's crop at a 64-px side

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from leakpipe.pipeline.config import Config
-from leakpipe.pipeline.engine.images import BadImage
+from leakpipe.pipeline.config import Config, VaeConfig
+from leakpipe.pipeline.engine.images import BadImage, header_size, load_image
 from leakpipe.pipeline.errors import UserError
 from leakpipe.pipeline.manifest import Manifest
 from leakpipe.pipeline.math import bootstrap
@@ -338,9 +338,6 @@ def _cached_encoding(run_cfg: Config, source: str, paths: list, z0: np.ndarray):
     reconstruction through the workspace's own encoder then runs two passes an image, not three (the demo:
     320 fewer encodes, 2-3 s of its minute). A store that stage one wrote on a GPU holds that device's
     arithmetic (TF32 convolutions, PyTorch's default there), as the model's own z0 does."""
-    from leakpipe.pipeline.config import VaeConfig
-    from leakpipe.pipeline.engine.images import header_size, load_image
-
     if run_cfg.vae != VaeConfig(source=source) or run_cfg.store.dtype != "float32":
         return None
     side = run_cfg.preprocess.size
