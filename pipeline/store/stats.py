@@ -125,22 +125,25 @@ def stat_stamps(paths: Paths, waits_s: float | None = None) -> tuple[np.ndarray,
     probe = _listed(probe)
     start = time.perf_counter()  # the stats alone: cutting a million names off the probe takes 50 ms
     probed = _stat_all(probe)
-    per_file = (time.perf_counter() - start) / max(len(probe), 1)
-    first = _stamps(probed)
-    if not len(rest):
-        return first
-    if per_file >= (STAT_WAITS_S if waits_s is None else waits_s):
-        rest = _listed(rest)
-        with ThreadPoolExecutor(STAT_THREADS) as pool:
-            parts = pool.map(lambda k: _stamps(_stat_all(rest[k : k + STAT_PART])), range(0, len(rest), STAT_PART))
-            done = [first, *parts]
-        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
-    fork = len(rest) >= FORK_MIN and _can_fork()
-    stamps, seen = _shared(len(paths)) if fork else (np.zeros((len(paths), 4), np.int64), np.zeros(len(paths), bool))
-    stamps[: len(probe)], seen[: len(probe)] = first
-    if not (fork and _forked(rest, stamps[len(probe) :], seen[len(probe) :])):
-        _stamp_into(_listed(rest), stamps[len(probe) :], seen[len(probe) :])
+    waits = (time.perf_counter() - start) / max(len(probe), 1) >= (STAT_WAITS_S if waits_s is None else waits_s)
+    fork = not waits and len(rest) >= FORK_MIN and _can_fork()
+    n = len(paths)
+    stamps, seen = _shared(n) if fork else (np.zeros((n, 4), np.int64), np.zeros(n, bool))
+    stamps[: len(probe)], seen[: len(probe)] = _stamps(probed)
+    out = stamps[len(probe) :], seen[len(probe) :]
+    if waits:
+        _threaded(_listed(rest), *out)
+    elif not (fork and _forked(rest, *out)):
+        _stamp_into(_listed(rest), *out)
     return stamps, seen
+
+
+def _threaded(paths: list, stamps: np.ndarray, seen: np.ndarray) -> None:
+    """_stamp_into in STAT_THREADS threads, a part of STAT_PART files each at a time: stats that wait on a
+    disk or a network release Python, and the waits overlap."""
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        parts = range(0, len(paths), STAT_PART)
+        list(pool.map(lambda k: _stamp_into(paths[k : k + STAT_PART], stamps[k:], seen[k:]), parts))
 
 
 def _can_fork() -> bool:
